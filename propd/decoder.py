@@ -1,0 +1,241 @@
+"""The decoding loop: size -> propose -> layers 0..n-1 -> prune -> layers n..L-1 -> verify -> commit -> learn.
+
+One loop serves every method. A 1-node tree is an autoregressive step; a chain with top-1 guesses is blockwise
+parallel decoding (Stern et al. 2018); a tree of head guesses is Medusa (Cai et al. 2023); pruning after an early
+layer and choosing the tree size online is ProPD (Zhong et al. 2024, arXiv 2402.13485). Which of these runs is
+decided only by which components are registered in this decoder's plugin manager.
+
+Batches: B prompts of different lengths share every forward pass; each row accepts its own number of tokens per
+step and stops on its own EOS or token budget; finished rows leave the batch (their cache rows are dropped).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from propd.errors import PropdError
+from propd.models.loading import LoadedModel
+from propd.plugins import Registry, step_manager
+from propd.presets import Spec, get_preset
+from propd.tree import DraftTree, survivors
+from propd.types import GenerationResult, StepContext, StepStats
+
+ComponentArg = str | Spec | Any  # a name, (name, options), or a ready component object
+
+
+class Decoder:
+    """Decode prompts with a combination of strategy components.
+
+    ``preset`` names a combination (``propd presets``); ``sizer``, ``proposer``, ``pruners`` and ``verifier``
+    override its roles by name, ``(name, options)``, or a component object. ``plugins`` adds plugin objects
+    (modules or instances implementing ``propd_register_components``) besides the installed entry points.
+    """
+
+    def __init__(self, model: LoadedModel, preset: str | None = "ar", *, sizer: ComponentArg | None = None,
+                 proposer: ComponentArg | None = None, pruners: Sequence[ComponentArg] | None = None,
+                 verifier: ComponentArg | None = None, plugins: Iterable[Any] = (), entry_points: bool = True):
+        self.model = model
+        self.registry = Registry(extra_plugins=plugins, entry_points=entry_points)
+        p = get_preset(preset) if preset is not None else None
+        choice = {
+            "sizer": sizer if sizer is not None else (p.sizer if p else None),
+            "proposer": proposer if proposer is not None else (p.proposer if p else None),
+            "verifier": verifier if verifier is not None else (p.verifier if p else ("greedy", {})),
+        }
+        chosen = [(role, self._build(role, arg)) for role, arg in choice.items() if arg is not None]
+        for arg in (pruners if pruners is not None else (p.pruners if p else ())):
+            chosen.append(("pruner", self._build("pruner", arg)))
+        self.components = chosen
+        self.pm = step_manager(chosen)
+        self.has_proposer = any(role == "proposer" for role, _ in chosen)
+        self.pm.hook.propd_setup(model=model)
+        L = model.config.num_layers
+        layers = sorted(set(self.pm.hook.propd_prune_layer()))
+        bad = [n for n in layers if not 1 <= n < L]
+        if bad:
+            raise PropdError(f"pruning layer(s) {bad} out of range: the model has {L} layers (use 1..{L - 1})")
+        self.prune_layers = layers
+
+    def _build(self, role: str, arg: ComponentArg) -> Any:
+        if isinstance(arg, str):
+            return self.registry.get(role, arg).build()
+        if isinstance(arg, tuple) and len(arg) == 2 and isinstance(arg[0], str):
+            return self.registry.get(role, arg[0]).build(arg[1])
+        return arg  # a component object
+
+    # ------------------------------------------------------------------------------------------ prompts
+
+    def encode(self, prompts: Sequence[str], chat: bool = True) -> list[list[int]]:
+        """Token ids for each prompt; through the tokenizer's chat template when it has one and ``chat``."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise PropdError("no prompts given")
+        tok = self.model.tokenizer
+        use_chat = chat and getattr(tok, "chat_template", None)
+        out = []
+        for i, text in enumerate(prompts):
+            if not isinstance(text, str) or not text.strip():
+                raise PropdError(f"prompt {i} is empty")
+            if use_chat:
+                text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                               add_generation_prompt=True)
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+            else:
+                ids = tok(text)["input_ids"]
+            out.append(list(ids))
+        return out
+
+    def generate(self, prompts: Sequence[str] | str, max_new_tokens: int = 128, batch_size: int | None = None,
+                 chat: bool = True, progress: bool = False) -> GenerationResult:
+        """Generate a continuation for each prompt (greedy with the greedy verifier)."""
+        ids = self.encode(prompts, chat=chat)
+        res = self.generate_ids(ids, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+        texts = [self.model.tokenizer.decode(t, skip_special_tokens=True) for t in res.token_ids]
+        return GenerationResult(texts=texts, token_ids=res.token_ids, steps=res.steps, wall_time_s=res.wall_time_s,
+                                stats=res.stats, row_wall_time_s=res.row_wall_time_s)
+
+    def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 128,
+                     batch_size: int | None = None, progress: bool = False) -> GenerationResult:
+        prompt_ids = [list(p) for p in prompt_ids]
+        self._check(prompt_ids, max_new_tokens)
+        bs = batch_size or len(prompt_ids)
+        if bs < 1:
+            raise PropdError(f"batch size must be >= 1, got {bs}")
+        n = len(prompt_ids)
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        steps = [0] * n
+        row_time = [0.0] * n
+        stats: list[StepStats] = []
+        t0 = time.perf_counter()
+        starts = range(0, n, bs)
+        if progress and len(starts) > 1:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="batches", unit="batch")
+        for s in starts:
+            rows = list(range(s, min(s + bs, n)))
+            self._decode_batch([prompt_ids[r] for r in rows], rows, max_new_tokens, tokens, steps, row_time, stats)
+        return GenerationResult(texts=[""] * n, token_ids=tokens, steps=steps, wall_time_s=time.perf_counter() - t0,
+                                stats=stats, row_wall_time_s=row_time)
+
+    def _check(self, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
+        if not prompt_ids:
+            raise PropdError("no prompts given")
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise PropdError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        cfg = self.model.config
+        for i, p in enumerate(prompt_ids):
+            if not p:
+                raise PropdError(f"prompt {i} is empty")
+            if len(p) + max_new_tokens > cfg.max_position_embeddings:
+                raise PropdError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
+                                 f"model's context of {cfg.max_position_embeddings} tokens")
+            if min(p) < 0 or max(p) >= cfg.vocab_size:
+                raise PropdError(f"prompt {i} has token ids outside the vocabulary (0..{cfg.vocab_size - 1})")
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    @torch.inference_mode()
+    def _decode_batch(self, prompts: list[list[int]], row_ids: list[int], max_new: int, out: list[list[int]],
+                      steps: list[int], row_time: list[float], stats: list[StepStats]) -> None:
+        model, m = self.model, self.model.model
+        eos = self.model.eos_token_ids
+        t_start = time.perf_counter()
+        cache = m.new_cache(len(prompts), max(len(p) for p in prompts) + max_new + 66)
+        last_hidden = m.prefill(cache, prompts)  # (B, H)
+        roots = m.logits(last_hidden).argmax(dim=-1)  # (B,)
+        first = roots.tolist()
+        live = list(row_ids)
+        for b, r in enumerate(live):
+            out[r].append(first[b])
+            steps[r] += 1
+        step = 0
+        while True:
+            done = [b for b, r in enumerate(live) if len(out[r]) >= max_new or out[r][-1] in eos]
+            if done:
+                now = time.perf_counter() - t_start
+                for b in done:
+                    row_time[live[b]] = now
+                keep = [b for b in range(len(live)) if b not in set(done)]
+                if not keep:
+                    return
+                cache.select_rows(keep)
+                idx = torch.tensor(keep, device=roots.device)
+                roots, last_hidden = roots[idx], last_hidden[idx]
+                live = [live[b] for b in keep]
+            t_step = time.perf_counter()
+            ctx = StepContext(step=step, row_ids=tuple(live), lengths=cache.lengths.clone(),
+                              host_lengths=tuple(cache.host_lengths), num_generated=tuple(len(out[r]) for r in live),
+                              roots=roots, last_hidden=last_hidden, heads=model.heads,
+                              early_heads=model.early_heads, vocab_size=model.config.vocab_size, device=m.device)
+            tree: DraftTree = self.pm.hook.propd_tree(ctx=ctx)
+            T = tree.num_nodes
+            if T > 1:
+                if not self.has_proposer:
+                    raise PropdError(f"the sizer chose a {T}-node tree but no proposer is registered")
+                tokens = self.pm.hook.propd_propose(ctx=ctx, tree=tree)  # (B, T)
+            else:
+                tokens = roots[:, None]
+            cache.reserve(max(cache.host_lengths) + T + 1)
+            B = len(live)
+            node_idx = torch.arange(T, device=m.device).expand(B, T)
+            valid = torch.ones(B, T, dtype=torch.bool, device=m.device)
+            attn = m.attention_inputs(cache, node_idx, tree.mask, tree.depths)
+            h = m.embed(tokens)  # (B, T, H)
+            start = 0
+            for layer in self.prune_layers if T > 1 else ():
+                h = m.run_layers(h, start, layer, cache, attn)
+                start = layer
+                keeps = [k for k in self.pm.hook.propd_prune(ctx=ctx, tree=tree, tokens=tokens, layer=layer, hidden=h,
+                                                             node_idx=node_idx, valid=valid) if k is not None]
+                if not keeps:
+                    continue
+                alive = torch.zeros(B, T + 1, dtype=torch.bool, device=m.device)
+                alive.scatter_(1, node_idx, valid)
+                keep = alive[:, :T]
+                for k in keeps:
+                    keep = keep & k
+                new_idx, valid = survivors(tree.keep_closure(keep), pad_index=T)
+                h = h.gather(1, _positions(node_idx, new_idx, T)[..., None].expand(-1, -1, h.shape[-1]))
+                node_idx = new_idx
+                attn = m.attention_inputs(cache, node_idx, tree.mask, tree.depths)
+            h = m.norm(m.run_layers(h, start, m.num_layers, cache, attn))  # (B, T', H)
+            logits = m.logits(h)  # (B, T', V)
+            acc = self.pm.hook.propd_verify(ctx=ctx, tree=tree, tokens=tokens, logits=logits, node_idx=node_idx,
+                                            valid=valid)
+            path = tree.paths_to[acc.best]  # (B, D+1) root .. best, padded with best
+            emitted = torch.cat([tokens.gather(1, path[:, 1:]), acc.bonus[:, None]], dim=1)  # (B, D+1)
+            info = torch.cat([acc.accept_len[:, None], valid.sum(1, keepdim=True), emitted], dim=1).tolist()  # sync
+            accepted = [row[0] for row in info]
+            cache.commit(path, acc.accept_len + 1, [a + 1 for a in accepted])
+            pos = _positions(node_idx, acc.best[:, None], T)  # (B, 1) where the best node sits in h
+            last_hidden = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))[:, 0]
+            roots = acc.bonus
+            gained = []
+            for b, r in enumerate(live):
+                a = accepted[b]
+                new = info[b][2: 2 + a] + [info[b][-1]]
+                for t in new:
+                    if len(out[r]) >= max_new:
+                        break
+                    out[r].append(t)
+                    if t in eos:
+                        break
+                steps[r] += 1
+                gained.append(a + 1)
+            st = StepStats(step=step, batch_size=B, tree_nodes=T, nodes_after_pruning=sum(row[1] for row in info) / B,
+                           accepted=tuple(gained), step_time_s=time.perf_counter() - t_step)
+            stats.append(st)
+            self.pm.hook.propd_after_step(ctx=ctx, tree=tree, acceptance=acc, stats=st)
+            step += 1
+
+
+def _positions(node_idx: torch.Tensor, wanted: torch.Tensor, T: int) -> torch.Tensor:
+    """Where each node of ``wanted`` (B, W) sits in the row layout ``node_idx`` (B, T') (padding maps anywhere)."""
+    inv = torch.zeros(node_idx.shape[0], T + 1, dtype=torch.long, device=node_idx.device)
+    inv.scatter_(1, node_idx, torch.arange(node_idx.shape[1], device=node_idx.device).expand_as(node_idx))
+    return inv.gather(1, wanted)

@@ -1,0 +1,1 @@
+"""Model core: the Llama forward, its KV cache, Medusa heads and loading."""

@@ -1,0 +1,76 @@
+"""A preallocated static KV cache with per-row lengths (after gpt-fast's ``KVCache``, extended for batches).
+
+Layout: ``k`` and ``v`` are (L, B, H_kv, S, D). Row b holds its committed tokens at positions ``0 .. lengths[b]-1``;
+everything at or beyond ``lengths[b]`` is scratch. A decoding step writes its tree nodes into scratch at
+``lengths[b] + node_index``; after verification :meth:`commit` gathers the accepted path to
+``lengths[b] .. lengths[b] + n - 1`` in one gather/scatter over all layers. Scratch is never attended (the attention
+mask only opens committed positions and the current tree's ancestors), so nothing stale can leak.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.host_lengths = [0] * batch  # mirror of ``lengths`` kept on the host, so shapes need no sync
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def reserve(self, capacity: int) -> None:
+        """Grow the buffers (rarely: only when a sizer picks a tree larger than the initial slack)."""
+        if capacity <= self.capacity:
+            return
+        pad = capacity + 64 - self.capacity
+        self.k = torch.nn.functional.pad(self.k, (0, 0, 0, pad))
+        self.v = torch.nn.functional.pad(self.v, (0, 0, 0, pad))
+
+    def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write (B, H, T, D) keys/values at cache positions ``pos`` (B, T)."""
+        idx = pos[:, None, :, None].expand_as(k)  # (B, H, T, D)
+        self.k[layer].scatter_(2, idx, k)
+        self.v[layer].scatter_(2, idx, v)
+
+    def view(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer, :, :, :length], self.v[layer, :, :, :length]
+
+    def commit(self, offsets: torch.Tensor, counts: torch.Tensor, host_counts: list[int]) -> None:
+        """Keep the accepted nodes of each row.
+
+        ``offsets`` (B, A): scratch offsets (node indices) of the accepted path, root first, ascending; ``counts`` (B,)
+        how many of them are real (the rest is padding and lands in scratch). They move to
+        ``lengths[b] + 0 .. counts[b]-1`` and ``lengths`` grows by ``counts``.
+        """
+        L, B, H, _, D = self.k.shape
+        A = offsets.shape[1]
+        src = (self.lengths[:, None] + offsets)[None, :, None, :, None].expand(L, B, H, A, D)
+        dst = (self.lengths[:, None] + torch.arange(A, device=offsets.device))[None, :, None, :, None]
+        dst = dst.expand(L, B, H, A, D)
+        for buf in (self.k, self.v):
+            moved = buf.gather(3, src)  # (L, B, H, A, D), read everything before writing
+            buf.scatter_(3, dst, moved)
+        self.advance(counts, host_counts)
+
+    def advance(self, counts: torch.Tensor, host_counts: list[int]) -> None:
+        self.lengths += counts
+        self.host_lengths = [a + b for a, b in zip(self.host_lengths, host_counts)]
+
+    def select_rows(self, rows: list[int]) -> None:
+        """Keep only the given batch rows (finished rows leave the batch and cost nothing more)."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.k.device)
+        self.k = self.k.index_select(1, idx)
+        self.v = self.v.index_select(1, idx)
+        self.lengths = self.lengths.index_select(0, idx)
+        self.host_lengths = [self.host_lengths[r] for r in rows]

@@ -1,0 +1,145 @@
+"""Medusa decoding heads (Cai et al. 2023, "Medusa: Simple LLM Inference Acceleration Framework with Multiple
+Decoding Heads", arXiv 2401.10774).
+
+Head i is ``num_layers`` residual blocks ``x + SiLU(W x + b)`` followed by a vocabulary projection: its own
+(Medusa-1 checkpoints) or the base model's ``lm_head`` (shared; the checkpoint is then a few MB). Applied to the final
+normed hidden state at position t, head i predicts the token at t + i + 2 (head 0: the token after next).
+
+Checkpoint format (Medusa's): ``medusa_lm_head.safetensors`` or ``medusa_lm_head.pt`` holding the state dict of a
+``ModuleList`` of ``Sequential(ResBlock * num_layers, [Linear])`` -- keys ``{i}.{j}.linear.weight``,
+``{i}.{j}.linear.bias`` and, for own projections, ``{i}.{num_layers}.weight`` -- plus ``config.json`` with
+``medusa_num_heads`` and ``medusa_num_layers``. When the config disagrees with the tensors, the tensors win.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from propd.errors import PropdError
+
+WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
+_KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
+
+
+class ResBlock(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, hidden)
+        nn.init.zeros_(self.linear.weight)  # starts as the identity, as Medusa does
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.silu(self.linear(x))
+
+
+class MedusaHeads(nn.Module):
+    """K heads; ``forward(hidden (.., H)) -> logits (.., K, V)``."""
+
+    def __init__(self, hidden: int, vocab: int, num_heads: int, num_layers: int = 1, own_lm_head: bool = False,
+                 shared_lm_head: nn.Linear | None = None):
+        super().__init__()
+        if num_heads < 1:
+            raise PropdError(f"need at least one Medusa head, got {num_heads}")
+        self.hidden, self.vocab, self.num_heads, self.num_layers = hidden, vocab, num_heads, num_layers
+        self.own_lm_head = own_lm_head
+        blocks = []
+        for _ in range(num_heads):
+            mods = [ResBlock(hidden) for _ in range(num_layers)]
+            if own_lm_head:
+                mods.append(nn.Linear(hidden, vocab, bias=False))
+            blocks.append(nn.Sequential(*mods))
+        self.heads = nn.ModuleList(blocks)
+        # the shared projection is the base model's; kept out of this module's parameters and state dict
+        self._shared = [shared_lm_head]
+
+    def attach(self, lm_head: nn.Linear) -> None:
+        self._shared = [lm_head]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for head in self.heads:
+            h = head(hidden)
+            if not self.own_lm_head:
+                if self._shared[0] is None:
+                    raise PropdError("these Medusa heads share the base model's lm_head, but none is attached")
+                h = self._shared[0](h)
+            outs.append(h)
+        return torch.stack(outs, dim=-2)  # (.., K, V)
+
+    # ----------------------------------------------------------------------------------- checkpoints
+
+    def save(self, directory: str | Path, dtype: torch.dtype | None = None, **extra_config: object) -> Path:
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
+        save_file(state, str(d / WEIGHT_FILES[0]))
+        config = {"medusa_num_heads": self.num_heads, "medusa_num_layers": self.num_layers,
+                  "hidden_size": self.hidden, "vocab_size": self.vocab, "own_lm_head": self.own_lm_head}
+        config.update(extra_config)
+        (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return d
+
+    @classmethod
+    def load(cls, path: str | Path, hidden: int, vocab: int, lm_head: nn.Linear | None = None) -> "MedusaHeads":
+        """Load a Medusa checkpoint (a directory or the weights file itself) for a model of this hidden/vocab size."""
+        p = Path(path).expanduser()
+        if p.is_dir():
+            files = [p / f for f in WEIGHT_FILES if (p / f).is_file()]
+            if not files:
+                raise PropdError(f"no Medusa heads in {p}: expected {' or '.join(WEIGHT_FILES)}")
+            weights = files[0]
+        elif p.is_file():
+            weights = p
+        else:
+            raise PropdError(f"heads checkpoint {p} does not exist")
+        state = _read_state(weights)
+        heads_idx, layers_idx, own = set(), set(), set()
+        for key in state:
+            m = _KEY.match(key)
+            if not m:
+                raise PropdError(f"{weights.name} is not a Medusa heads checkpoint (unexpected tensor {key!r})")
+            i, j, kind = int(m.group(1)), int(m.group(2)), m.group(3)
+            heads_idx.add(i)
+            (own if kind == "weight" else layers_idx).add(j if kind != "weight" else i)
+        num_heads = max(heads_idx) + 1
+        num_layers = max(layers_idx) + 1 if layers_idx else 0
+        config_file = weights.parent / "config.json"
+        if config_file.is_file():
+            cfg = json.loads(config_file.read_text())
+            if cfg.get("medusa_num_heads") not in (None, num_heads):
+                import warnings
+
+                warnings.warn(f"{config_file} says medusa_num_heads={cfg['medusa_num_heads']} but the checkpoint "
+                              f"holds {num_heads} heads; using {num_heads}", stacklevel=2)
+        for key, t in state.items():
+            if key.endswith("linear.weight") and tuple(t.shape) != (hidden, hidden):
+                raise PropdError(f"heads in {p} have hidden size {t.shape[-1]}, but the model's is {hidden}")
+            if key.endswith(f".{num_layers}.weight") and tuple(t.shape) != (vocab, hidden):
+                raise PropdError(f"heads in {p} project to a vocabulary of {t.shape[0]} (hidden {t.shape[1]}), "
+                                 f"but the model has {vocab} tokens (hidden {hidden})")
+        heads = cls(hidden, vocab, num_heads, num_layers, own_lm_head=bool(own), shared_lm_head=lm_head)
+        missing, unexpected = heads.heads.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+        if missing or unexpected:
+            raise PropdError(f"heads checkpoint {weights} is incomplete (missing {missing[:3]}...)")
+        return heads
+
+
+def _read_state(weights: Path) -> dict[str, torch.Tensor]:
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(weights))
+        state = torch.load(str(weights), map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or foreign file
+        raise PropdError(f"cannot read heads checkpoint {weights}: {exc}") from None
+    if not isinstance(state, dict):
+        raise PropdError(f"{weights} does not hold a state dict")
+    return state

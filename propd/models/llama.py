@@ -1,0 +1,200 @@
+"""A Llama-architecture causal LM forward for batched tree decoding.
+
+Implements the Llama architecture (Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models":
+RMSNorm, rotary position embeddings (Su et al. 2021, "RoFormer"), SwiGLU MLP, grouped-query attention) with what
+parallel decoding needs and ``transformers``' forward does not give:
+
+* B rows, each with its own committed length in a static KV cache (:class:`propd.models.cache.KVCache`);
+* T new tokens per row laid out as a token tree: per-row positions (``length + depth``) and an ancestor mask;
+* a layer range per call, so a pruner can drop tree nodes after layer n and layers n..L-1 only see survivors;
+* logits computed only for the hidden states the caller asks for.
+
+Parameter names follow ``transformers``' ``LlamaForCausalLM`` so its state dict loads as is.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from propd.models.cache import KVCache
+from propd.models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+@attrs.frozen
+class AttentionInputs:
+    """Where T query tokens sit and what they may see; shared by every layer of one call."""
+
+    cos: torch.Tensor  # (B, 1, T, D) rotary cos at each token's position
+    sin: torch.Tensor  # (B, 1, T, D)
+    write_pos: torch.Tensor  # (B, T) cache positions the tokens' keys/values go to
+    mask: torch.Tensor  # (B, 1, T, S) bool, True = may attend
+    key_len: int  # S: cache positions [0, S) are read
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        hq, hk, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, hq * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, hk * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, hk * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=cfg.attention_bias)
+
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, a: AttentionInputs) -> torch.Tensor:
+        B, T, _ = x.shape
+        c = self.cfg
+        q = self.q_proj(x).view(B, T, c.num_heads, c.head_dim).transpose(1, 2)  # (B, Hq, T, D)
+        k = self.k_proj(x).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hk, T, D)
+        v = self.v_proj(x).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hk, T, D)
+        q = q * a.cos + _rotate_half(q) * a.sin
+        k = k * a.cos + _rotate_half(k) * a.sin
+        cache.write(layer, a.write_pos, k, v)
+        keys, values = cache.view(layer, a.key_len)  # (B, Hk, S, D)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=a.mask,
+                                             enable_gqa=c.num_heads != c.num_kv_heads)  # (B, Hq, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, c.num_heads * c.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, a: AttentionInputs) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), layer, cache, a)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaModel(nn.Module):
+    """The causal LM. Use :meth:`embed`, :meth:`run_layers`, :meth:`norm` and :meth:`logits` in sequence."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
+
+    @property
+    def num_layers(self) -> int:
+        return self.cfg.num_layers
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        c = self.cfg
+        return KVCache(c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim, self.dtype, self.device)
+
+    def attention_inputs(self, cache: KVCache, node_idx: torch.Tensor, tree_mask: torch.Tensor,
+                         depths: torch.Tensor) -> AttentionInputs:
+        """Positions and masks for query nodes ``node_idx`` (B, Tq) of a tree of T nodes.
+
+        ``node_idx`` entries equal to T are padding (rows with fewer nodes than the widest row); they write to a
+        spare scratch slot and attend only to it, so they stay finite and invisible. ``tree_mask`` (T, T) and
+        ``depths`` (T,) describe the tree (``propd.tree.DraftTree``). Key length S = longest row + T + 1.
+        """
+        dev = node_idx.device
+        T = tree_mask.shape[0]
+        lengths = cache.lengths
+        S = max(cache.host_lengths) + T + 1
+        mask_ext = torch.zeros(T + 1, T + 1, dtype=torch.bool, device=dev)
+        mask_ext[:T, :T] = tree_mask
+        mask_ext[T, T] = True
+        depth_ext = torch.cat([depths, depths.new_zeros(1)])
+        rows = mask_ext[node_idx]  # (B, Tq, T+1)
+        rel = torch.arange(S, device=dev)[None, :] - lengths[:, None]  # (B, S) key pos relative to row length
+        in_tree = (rel >= 0) & (rel <= T)
+        tree_part = rows.gather(2, rel.clamp(0, T)[:, None, :].expand(-1, node_idx.shape[1], -1))  # (B, Tq, S)
+        mask = (tree_part & in_tree[:, None, :]) | (rel < 0)[:, None, :]
+        positions = lengths[:, None] + depth_ext[node_idx]  # (B, Tq)
+        freqs = positions[..., None].to(torch.float32) * self.inv_freq  # (B, Tq, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, Tq, D)
+        scale = self.cfg.rope_attention_scaling
+        return AttentionInputs(
+            cos=(emb.cos() * scale).to(self.dtype), sin=(emb.sin() * scale).to(self.dtype),
+            write_pos=lengths[:, None] + node_idx, mask=mask[:, None], key_len=S,
+        )
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(tokens)
+
+    def run_layers(self, h: torch.Tensor, start: int, end: int, cache: KVCache, a: AttentionInputs) -> torch.Tensor:
+        for i in range(start, end):
+            h = self.model.layers[i](h, i, cache, a)
+        return h
+
+    def norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(h)
+
+    def logits(self, h_normed: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h_normed)
+
+    def prefill(self, cache: KVCache, prompts: list[list[int]]) -> torch.Tensor:
+        """Run prompts of different lengths into an empty cache; return the normed last hidden state (B, H)."""
+        dev = self.device
+        n = len(prompts)
+        longest = max(len(p) for p in prompts)
+        tokens = torch.zeros(n, longest, dtype=torch.long, device=dev)
+        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        ar = torch.arange(longest, device=dev)
+        node_idx = torch.where(ar[None, :] < lens[:, None], ar[None, :], torch.full_like(tokens, longest))
+        causal = torch.tril(torch.ones(longest, longest, dtype=torch.bool, device=dev))
+        a = self.attention_inputs(cache, node_idx, causal, ar)
+        h = self.run_layers(self.embed(tokens), 0, self.num_layers, cache, a)
+        last = h[torch.arange(n, device=dev), lens - 1]  # (B, H)
+        cache.advance(lens, [len(p) for p in prompts])
+        return self.norm(last)

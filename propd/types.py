@@ -1,0 +1,79 @@
+"""The contracts between the decoder and its strategies."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import attrs
+import torch
+
+
+@attrs.frozen(eq=False)
+class StepContext:
+    """What a strategy may know about the current step. Tensors have one row per live batch row."""
+
+    step: int
+    row_ids: tuple[int, ...]  # index of each live row's prompt in the generate() call
+    lengths: torch.Tensor  # (B,) tokens committed in the KV cache
+    host_lengths: tuple[int, ...]
+    num_generated: tuple[int, ...]  # tokens generated so far per row (the root included)
+    roots: torch.Tensor  # (B,) the last verified token of each row, not yet in the cache
+    last_hidden: torch.Tensor  # (B, H) final normed hidden state that produced ``roots``
+    heads: Callable[[torch.Tensor], torch.Tensor] | None  # hidden (B, H) -> Medusa head logits (B, K, V)
+    early_heads: dict[int, Callable[[torch.Tensor], torch.Tensor]]  # layer n -> hidden (.., H) -> logits (.., V)
+    vocab_size: int
+    device: torch.device
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.row_ids)
+
+
+@attrs.frozen(eq=False)
+class Acceptance:
+    """A verifier's decision for every row."""
+
+    best: torch.Tensor  # (B,) the deepest accepted node
+    accept_len: torch.Tensor  # (B,) accepted guessed tokens (0 .. tree depth), the root and bonus not counted
+    bonus: torch.Tensor  # (B,) the token that follows the accepted path
+
+
+@attrs.frozen
+class StepStats:
+    """Per-step record, in ``GenerationResult.stats``."""
+
+    step: int
+    batch_size: int
+    tree_nodes: int  # nodes per row before pruning
+    nodes_after_pruning: float  # mean surviving nodes per row
+    accepted: tuple[int, ...]  # tokens gained per row this step (accepted guesses + bonus)
+    step_time_s: float
+
+    @property
+    def prune_rate(self) -> float:
+        return 1.0 - self.nodes_after_pruning / self.tree_nodes
+
+    def as_dict(self) -> dict[str, Any]:
+        d = attrs.asdict(self)
+        d["accepted"] = list(self.accepted)
+        return d
+
+
+@attrs.frozen
+class GenerationResult:
+    """What :meth:`propd.Decoder.generate` returns: per prompt, plus per-step statistics."""
+
+    texts: list[str]
+    token_ids: list[list[int]]  # generated ids only; ends with EOS when generation stopped on it
+    steps: list[int]  # forward passes per prompt, the prefill included (it yields the first token)
+    wall_time_s: float
+    stats: list[StepStats]
+    row_wall_time_s: list[float] = attrs.Factory(list)  # per prompt: from its batch's start until it finished
+
+    @property
+    def new_tokens(self) -> list[int]:
+        return [len(t) for t in self.token_ids]
+
+    def mean_accepted_tokens(self, i: int) -> float:
+        """Tokens gained per forward pass for prompt i, the bonus token counted (AR = 1.0)."""
+        return self.new_tokens[i] / max(self.steps[i], 1)
