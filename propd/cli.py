@@ -1,0 +1,166 @@
+"""The ``propd`` command line. Bad input exits with code 2 and a one-line ``propd: error: ...`` message."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from propd.errors import PropdError
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise PropdError(f"prompts file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".jsonl":
+            for n, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise PropdError(f"{path}:{n}: not JSON ({exc.msg})") from None
+                if isinstance(obj, str):
+                    prompts.append(obj)
+                elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+                    prompts.append(obj["prompt"])
+                elif isinstance(obj, dict) and obj.get("turns"):
+                    prompts.append(obj["turns"][0])  # Spec-Bench / MT-bench question format
+                else:
+                    raise PropdError(f"{path}:{n}: expected a string, or an object with 'prompt' or 'turns'")
+        else:
+            prompts.extend(line for line in text.splitlines() if line.strip())
+    if not prompts and not sys.stdin.isatty():
+        prompts.extend(line for line in sys.stdin.read().splitlines() if line.strip())
+    if not prompts:
+        raise PropdError("no prompts given: pass PROMPT arguments, --prompts-file, or lines on stdin")
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompts = _read_prompts(args)
+    if args.max_new_tokens <= 0:
+        raise PropdError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise PropdError(f"--batch-size must be positive, got {args.batch_size}")
+    from propd.decoder import Decoder
+    from propd.models.loading import load_model
+    from propd.presets import get_preset
+
+    get_preset(args.preset)  # fail fast, before loading anything
+    model = load_model(args.model, device=args.device, dtype=args.dtype, heads=args.heads)
+    decoder = Decoder(model, preset=args.preset)
+    res = decoder.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                           chat=not args.no_chat, progress=not args.json)
+    if args.json:
+        for i, text in enumerate(res.texts):
+            print(json.dumps({
+                "index": i, "text": text, "token_ids": res.token_ids[i], "new_tokens": res.new_tokens[i],
+                "steps": res.steps[i], "mean_accepted_tokens": round(res.mean_accepted_tokens(i), 4),
+                "wall_time_s": round(res.row_wall_time_s[i], 4), "preset": args.preset, "model": model.name,
+            }, ensure_ascii=False))
+    else:
+        for i, text in enumerate(res.texts):
+            if len(res.texts) > 1:
+                print(f"--- [{i}] {prompts[i][:60]}")
+            print(text)
+    total = sum(res.new_tokens)
+    steps = sum(res.steps)
+    print(f"propd: {total} tokens in {res.wall_time_s:.2f}s ({total / max(res.wall_time_s, 1e-9):.1f} tok/s), "
+          f"{total / max(steps, 1):.2f} tokens per forward pass per prompt, preset {args.preset}", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from propd.models.loading import KNOWN_MODELS, fetch_known_model
+
+    if args.action == "list":
+        for m in KNOWN_MODELS.values():
+            print(f"{m.name}\t{m.description}")
+        return 0
+    if args.name not in KNOWN_MODELS:
+        raise PropdError(f"unknown model {args.name!r} (known: {', '.join(KNOWN_MODELS)})")
+    print(fetch_known_model(args.name))
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from propd.presets import PRESETS
+
+    for p in PRESETS.values():
+        parts = [f"sizer={p.sizer[0]}{p.sizer[1] or ''}"]
+        if p.proposer:
+            parts.append(f"proposer={p.proposer[0]}")
+        parts += [f"pruner={n}{o or ''}" for n, o in p.pruners]
+        parts.append(f"verifier={p.verifier[0]}")
+        print(f"{p.name:10s} {p.description}\n{'':10s} {' '.join(parts)}")
+    return 0
+
+
+def cmd_components(args: argparse.Namespace) -> int:
+    import attrs
+
+    from propd.plugins import Registry
+
+    for c in Registry().all():
+        opts = ""
+        if c.config_cls is not None:
+            opts = " [" + ", ".join(f"{f.name}={f.default!r}" for f in attrs.fields(c.config_cls)) + "]"
+        print(f"{c.role:9s} {c.name:12s} {c.description}{opts}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from propd.models.loading import DEFAULT_MODEL, DTYPES
+
+    parser = argparse.ArgumentParser(prog="propd", description="Lossless parallel decoding for Llama-family LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text for prompts")
+    g.add_argument("prompt", nargs="*", help="prompt text (also --prompts-file, or one prompt per stdin line)")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=f"known name, HF directory, .gguf file or hub id "
+                                                          f"(default: {DEFAULT_MODEL})")
+    g.add_argument("--heads", help="Medusa heads checkpoint (directory or file) for the bpd/medusa presets")
+    g.add_argument("--preset", default="ar", help="strategy combination (see `propd presets`; default: ar)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--batch-size", type=int, default=None, help="prompts decoded together (default: all)")
+    g.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    g.add_argument("--no-chat", action="store_true", help="send the raw text, not the chat template")
+    g.add_argument("--prompts-file", help=".jsonl (strings, {'prompt'} or Spec-Bench {'turns'}) or .txt (a line each)")
+    g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("models", help="fetch or list known models")
+    msub = m.add_subparsers(dest="action", required=True)
+    f = msub.add_parser("fetch", help="fetch and convert a known model; print its HF directory")
+    f.add_argument("name")
+    msub.add_parser("list", help="known model names")
+    m.set_defaults(func=cmd_models)
+
+    sub.add_parser("presets", help="list presets").set_defaults(func=cmd_presets)
+    sub.add_parser("components", help="list registered components (built-in and plugins)").set_defaults(
+        func=cmd_components)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except PropdError as exc:
+        print(f"propd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("propd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from propd import DraftTree, PropdError
+from propd.strategies.trees import MC_SIM_7B_63, tree_paths as named_tree
+from propd.tree import survivors
+from strategies_ht import tree_paths
+
+
+def ancestors(paths, i):
+    allp = [()] + list(paths)
+    p = allp[i]
+    return {allp.index(p[:k]) for k in range(len(p) + 1)}
+
+
+@given(tree_paths())
+def test_mask_is_ancestor_closure(paths):
+    tree = DraftTree.from_paths(paths)
+    assert tree.num_nodes == len(paths) + 1
+    for i in range(tree.num_nodes):
+        want = ancestors(tree.paths, i)
+        assert set(torch.nonzero(tree.mask[i]).flatten().tolist()) == want
+        assert tree.depths[i] == len(want) - 1
+        # paths_to lists root .. node, then repeats the node
+        chain = tree.paths_to[i].tolist()
+        assert chain[: len(want)] == sorted(want) and set(chain[len(want):]) <= {i}
+        if i:
+            assert tree.parents[i] < i  # topological order
+
+
+@given(tree_paths(), st.integers(0, 2**31 - 1))
+def test_keep_closure_never_keeps_a_node_without_its_parent(paths, seed):
+    tree = DraftTree.from_paths(paths)
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(3, tree.num_nodes, generator=g) < 0.6
+    closed = tree.keep_closure(keep)
+    assert closed[:, 0].all()
+    for b in range(3):
+        for i in range(1, tree.num_nodes):
+            expect = all(keep[b, a] for a in ancestors(tree.paths, i) if a != 0)
+            assert bool(closed[b, i]) == expect
+    idx, valid = survivors(closed, pad_index=tree.num_nodes)
+    for b in range(3):
+        kept = idx[b][valid[b]].tolist()
+        assert kept == sorted(torch.nonzero(closed[b]).flatten().tolist())
+        assert (idx[b][~valid[b]] == tree.num_nodes).all()
+
+
+def test_named_trees():
+    tree = DraftTree.from_paths(named_tree("mc_sim_7b_63"))
+    assert tree.num_nodes == 64 and tree.max_depth == 4 and tree.max_rank == 9
+    assert len(MC_SIM_7B_63) == 63
+    chain = DraftTree.from_paths(named_tree("chain:3"))
+    assert chain.num_nodes == 4 and chain.parents.tolist() == [-1, 0, 1, 2]
+    assert DraftTree.chain(0).num_nodes == 1
+
+
+@pytest.mark.parametrize("bad", [[(0, 1)], [(-1,)]])
+def test_bad_paths_are_refused(bad):
+    with pytest.raises(PropdError):
+        DraftTree.from_paths(bad)
+
+
+@pytest.mark.parametrize("spec", ["nope", "chain:x", "chain:-2"])
+def test_bad_tree_names_are_refused(spec):
+    with pytest.raises(PropdError):
+        named_tree(spec)
