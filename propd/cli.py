@@ -76,6 +76,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(value: str | None, cast=str) -> tuple | None:
+    if value is None:
+        return None
+    try:
+        return tuple(cast(v.strip()) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise PropdError(f"bad list {value!r}: expected comma-separated values") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from propd.bench.runner import BenchConfig, run_bench
+
+    if args.per_category is not None and args.limit is not None:
+        raise PropdError("use --per-category or --limit, not both")
+    cfg = BenchConfig(
+        questions=args.questions, out=args.out, presets=_csv(args.presets) or (), baselines=_csv(args.baselines) or (),
+        batch_sizes=_csv(args.batch_sizes, int), categories=_csv(args.categories), per_category=args.per_category,
+        limit=args.limit, turns=args.turns, max_new_tokens=args.max_new_tokens, model=args.model, heads=args.heads,
+        dtype=args.dtype, device=args.device, warmup=args.warmup, resume=args.resume, chat=not args.no_chat,
+    )
+    if not cfg.presets and not cfg.baselines:
+        raise PropdError("nothing to run: give --presets and/or --baselines")
+    run_bench(cfg)
+    print((Path(args.out) / "summary.md").read_text())
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from propd.models.loading import KNOWN_MODELS, fetch_known_model
 
@@ -135,6 +162,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts-file", help=".jsonl (strings, {'prompt'} or Spec-Bench {'turns'}) or .txt (a line each)")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmark presets and transformers baselines on Spec-Bench-format questions")
+    b.add_argument("--questions", required=True, help="question.jsonl in Spec-Bench format")
+    b.add_argument("--out", required=True, help="output directory")
+    b.add_argument("--presets", default="ar", help="comma-separated presets (default: ar)")
+    b.add_argument("--baselines", default=None, help="comma-separated: hf, hf-pld")
+    b.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default: 1)")
+    b.add_argument("--categories", default=None, help="comma-separated categories (default: all)")
+    b.add_argument("--per-category", type=int, default=None, help="deterministic sample of N questions per category")
+    b.add_argument("--limit", type=int, default=None, help="first N questions")
+    b.add_argument("--turns", default="first", choices=["first", "all"])
+    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--model", default=DEFAULT_MODEL)
+    b.add_argument("--heads", default=None)
+    b.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per (method, batch size)")
+    b.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    b.add_argument("--no-chat", action="store_true")
+    b.set_defaults(func=cmd_bench)
 
     m = sub.add_parser("models", help="fetch or list known models")
     msub = m.add_subparsers(dest="action", required=True)

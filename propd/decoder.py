@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable, Sequence
 
+import attrs
 import torch
 
 from propd.errors import PropdError
@@ -95,8 +96,7 @@ class Decoder:
         ids = self.encode(prompts, chat=chat)
         res = self.generate_ids(ids, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
         texts = [self.model.tokenizer.decode(t, skip_special_tokens=True) for t in res.token_ids]
-        return GenerationResult(texts=texts, token_ids=res.token_ids, steps=res.steps, wall_time_s=res.wall_time_s,
-                                stats=res.stats, row_wall_time_s=res.row_wall_time_s)
+        return attrs.evolve(res, texts=texts)
 
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 128,
                      batch_size: int | None = None, progress: bool = False) -> GenerationResult:
@@ -107,7 +107,7 @@ class Decoder:
             raise PropdError(f"batch size must be >= 1, got {bs}")
         n = len(prompt_ids)
         tokens: list[list[int]] = [[] for _ in range(n)]
-        steps = [0] * n
+        accepts: list[list[int]] = [[] for _ in range(n)]
         row_time = [0.0] * n
         stats: list[StepStats] = []
         t0 = time.perf_counter()
@@ -118,9 +118,10 @@ class Decoder:
             starts = tqdm(starts, desc="batches", unit="batch")
         for s in starts:
             rows = list(range(s, min(s + bs, n)))
-            self._decode_batch([prompt_ids[r] for r in rows], rows, max_new_tokens, tokens, steps, row_time, stats)
-        return GenerationResult(texts=[""] * n, token_ids=tokens, steps=steps, wall_time_s=time.perf_counter() - t0,
-                                stats=stats, row_wall_time_s=row_time)
+            self._decode_batch([prompt_ids[r] for r in rows], rows, max_new_tokens, tokens, accepts, row_time, stats)
+        return GenerationResult(texts=[""] * n, token_ids=tokens, steps=[len(a) for a in accepts],
+                                wall_time_s=time.perf_counter() - t0, stats=stats, row_wall_time_s=row_time,
+                                accept_lengths=accepts)
 
     def _check(self, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
         if not prompt_ids:
@@ -141,7 +142,7 @@ class Decoder:
 
     @torch.inference_mode()
     def _decode_batch(self, prompts: list[list[int]], row_ids: list[int], max_new: int, out: list[list[int]],
-                      steps: list[int], row_time: list[float], stats: list[StepStats]) -> None:
+                      accepts: list[list[int]], row_time: list[float], stats: list[StepStats]) -> None:
         model, m = self.model, self.model.model
         eos = self.model.eos_token_ids
         t_start = time.perf_counter()
@@ -152,7 +153,7 @@ class Decoder:
         live = list(row_ids)
         for b, r in enumerate(live):
             out[r].append(first[b])
-            steps[r] += 1
+            accepts[r].append(1)
         step = 0
         while True:
             done = [b for b, r in enumerate(live) if len(out[r]) >= max_new or out[r][-1] in eos]
@@ -168,6 +169,7 @@ class Decoder:
                 roots, last_hidden = roots[idx], last_hidden[idx]
                 live = [live[b] for b in keep]
             t_step = time.perf_counter()
+            ctx_len = max(cache.host_lengths)
             ctx = StepContext(step=step, row_ids=tuple(live), lengths=cache.lengths.clone(),
                               host_lengths=tuple(cache.host_lengths), num_generated=tuple(len(out[r]) for r in live),
                               roots=roots, last_hidden=last_hidden, heads=model.heads,
@@ -218,16 +220,16 @@ class Decoder:
             gained = []
             for b, r in enumerate(live):
                 a = accepted[b]
-                new = info[b][2: 2 + a] + [info[b][-1]]
-                for t in new:
+                before = len(out[r])
+                for t in info[b][2: 2 + a] + [info[b][-1]]:
                     if len(out[r]) >= max_new:
                         break
                     out[r].append(t)
                     if t in eos:
                         break
-                steps[r] += 1
+                accepts[r].append(len(out[r]) - before)
                 gained.append(a + 1)
-            st = StepStats(step=step, batch_size=B, tree_nodes=T, nodes_after_pruning=sum(row[1] for row in info) / B,
+            st = StepStats(step=step, batch_size=B, row_ids=tuple(live), context_len=ctx_len, tree_nodes=T, nodes_after_pruning=sum(row[1] for row in info) / B,
                            accepted=tuple(gained), step_time_s=time.perf_counter() - t_step)
             stats.append(st)
             self.pm.hook.propd_after_step(ctx=ctx, tree=tree, acceptance=acc, stats=st)

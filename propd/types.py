@@ -44,6 +44,8 @@ class StepStats:
 
     step: int
     batch_size: int
+    row_ids: tuple[int, ...]  # prompt index of each live row, in the order of ``accepted``
+    context_len: int  # longest committed length in the batch when the step began
     tree_nodes: int  # nodes per row before pruning
     nodes_after_pruning: float  # mean surviving nodes per row
     accepted: tuple[int, ...]  # tokens gained per row this step (accepted guesses + bonus)
@@ -56,6 +58,7 @@ class StepStats:
     def as_dict(self) -> dict[str, Any]:
         d = attrs.asdict(self)
         d["accepted"] = list(self.accepted)
+        d["row_ids"] = list(self.row_ids)
         return d
 
 
@@ -69,6 +72,7 @@ class GenerationResult:
     wall_time_s: float
     stats: list[StepStats]
     row_wall_time_s: list[float] = attrs.Factory(list)  # per prompt: from its batch's start until it finished
+    accept_lengths: list[list[int]] = attrs.Factory(list)  # per prompt: tokens kept per forward pass (prefill first)
 
     @property
     def new_tokens(self) -> list[int]:

@@ -99,6 +99,9 @@ def test_stats_and_mean_accepted():
     res = Decoder(MODEL, preset="ar").generate_ids(prompts, max_new_tokens=10)
     assert res.mean_accepted_tokens(0) == 1.0 and res.steps == [10]
     assert all(s.tree_nodes == 1 and s.prune_rate == 0 for s in res.stats)
+    med = Decoder(MODEL, preset="medusa").generate_ids(prompts_from(2, [4, 7]), max_new_tokens=15)
+    for i, acc in enumerate(med.accept_lengths):
+        assert sum(acc) == med.new_tokens[i] and len(acc) == med.steps[i] and acc[0] == 1
 
 
 @pytest.mark.parametrize("kwargs, match", [

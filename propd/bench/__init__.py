@@ -1,0 +1,1 @@
+"""``propd bench``: Spec-Bench-style comparative runs of presets and transformers baselines."""

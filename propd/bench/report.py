@@ -1,0 +1,177 @@
+"""Summaries and plots of a bench directory, computed from its answers and steps files only (so a resumed or
+partial run reports what it holds).
+
+Definitions (Spec-Bench's): tokens/s = total new tokens / total wall time of the batches; speedup = tokens/s over
+the ``ar`` preset's at the same batch size in the same run; mean accepted tokens = new tokens / forward passes (the
+bonus token counted, so AR is 1.0); match rate = share of prompts whose token ids equal ``ar``'s at that batch size.
+Per-category tokens/s divide the category's tokens by the wall time of the rows' batches, so in batches they share
+time with other categories and are indicative only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def _load(out: Path) -> dict[tuple[str, int], list[dict]]:
+    from propd.bench.runner import _read_jsonl
+
+    data = {}
+    for f in sorted((out / "answers").glob("*.jsonl")):
+        method, _, bs = f.stem.rpartition("-b")
+        data[(method, int(bs))] = _read_jsonl(f)
+    return data
+
+
+def _steps(out: Path, method: str, bs: int) -> list[dict]:
+    from propd.bench.runner import _read_jsonl
+
+    return [s for r in _read_jsonl(out / "steps" / f"{method}-b{bs}.jsonl") for s in r["steps"]]
+
+
+def summarize(out: Path) -> list[dict]:
+    data = _load(out)
+    rows = []
+    for (method, bs), answers in data.items():
+        if not answers:
+            continue
+        ar = {a["question_id"]: a["choices"][0]["token_ids"] for a in data.get(("ar", bs), [])}
+        steps = [s for s in _steps(out, method, bs) if "step_time_s" in s]
+        groups = defaultdict(list)
+        for a in answers:
+            groups["all"].append(a)
+            groups[a["category"]].append(a)
+        for cat, items in groups.items():
+            ch = [a["choices"][0] for a in items]
+            tokens = sum(c["new_tokens"][0] for c in ch)
+            batches = {(a["batch_index"], c["batch_wall_time"]) for a, c in zip(items, ch)}
+            wall = sum(w for _, w in batches)
+            passes = [c["decoding_steps"][0] for c in ch]
+            row = {
+                "preset": method, "batch_size": bs, "category": cat, "prompts": len(items), "new_tokens": tokens,
+                "wall_time_s": round(wall, 4), "tokens_per_s": round(tokens / wall, 3) if wall else None,
+                "mean_accepted_tokens": (round(tokens / sum(passes), 4) if all(passes) and sum(passes) else None),
+                "match_rate_vs_ar": (round(sum(ar.get(a["question_id"]) == c["token_ids"] for a, c in zip(items, ch))
+                                           / len(items), 4) if ar else None),
+            }
+            if cat == "all":
+                row["mean_step_time_ms"] = (round(1000 * sum(s["step_time_s"] for s in steps) / len(steps), 3)
+                                            if steps else None)
+                row["mean_tree_nodes"] = round(sum(s["tree_nodes"] for s in steps) / len(steps), 2) if steps else None
+                row["mean_nodes_after_pruning"] = (round(sum(s["nodes_after_pruning"] for s in steps) / len(steps), 2)
+                                                   if steps else None)
+            rows.append(row)
+    base = {(r["batch_size"], r["category"]): r["tokens_per_s"] for r in rows if r["preset"] == "ar"}
+    for r in rows:
+        b = base.get((r["batch_size"], r["category"]))
+        r["speedup_vs_ar"] = round(r["tokens_per_s"] / b, 3) if b and r["tokens_per_s"] else None
+    return rows
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def write_report(out: str | Path) -> list[dict]:
+    out = Path(out)
+    rows = summarize(out)
+    (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    run = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+    cols = ["preset", "batch_size", "tokens_per_s", "speedup_vs_ar", "mean_accepted_tokens", "mean_step_time_ms",
+            "mean_tree_nodes", "mean_nodes_after_pruning", "match_rate_vs_ar", "new_tokens", "prompts"]
+    lines = [f"# propd bench: {run.get('model', '?')}", ""]
+    m, c = run.get("machine", {}), run.get("config", {})
+    lines.append(f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')} "
+                 f"({m.get('threads', '?')} threads){', ' + m['gpu'] if m.get('gpu') else ''}; dtype "
+                 f"{c.get('dtype', '?')}, device {c.get('device', '?')}, max_new_tokens {c.get('max_new_tokens', '?')}; "
+                 f"{m.get('date', '?')}.")
+    lines += ["", "## Overall", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    overall = sorted((r for r in rows if r["category"] == "all"), key=lambda r: (r["batch_size"], r["preset"]))
+    lines += ["| " + " | ".join(_fmt(r.get(k)) for k in cols) + " |" for r in overall]
+    not_run = json.loads((out / "not_run.json").read_text()) if (out / "not_run.json").is_file() else {}
+    if not_run:
+        lines += ["", "Not run: " + "; ".join(f"{k} ({v})" for k, v in sorted(not_run.items())) + "."]
+    cats = sorted({r["category"] for r in rows} - {"all"})
+    if cats:
+        ccols = ["preset", "batch_size", "category", "tokens_per_s", "speedup_vs_ar", "mean_accepted_tokens",
+                 "match_rate_vs_ar", "prompts"]
+        lines += ["", "## Per category", "", "| " + " | ".join(ccols) + " |", "|" + "---|" * len(ccols)]
+        per = sorted((r for r in rows if r["category"] != "all"),
+                     key=lambda r: (r["category"], r["batch_size"], r["preset"]))
+        lines += ["| " + " | ".join(_fmt(r.get(k)) for k in ccols) + " |" for r in per]
+    plots = _plots(out, rows)
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
+def _plots(out: Path, rows: list[dict]) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        (out / "PLOTS_MISSING.txt").write_text("matplotlib is not installed: pip install 'propd[bench]'\n")
+        return []
+    made = []
+    overall = [r for r in rows if r["category"] == "all" and r["tokens_per_s"]]
+    methods = sorted({r["preset"] for r in overall})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for meth in methods:
+        pts = sorted((r["batch_size"], r["tokens_per_s"]) for r in overall if r["preset"] == meth)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=meth)
+    ax.set(xlabel="batch size", ylabel="tokens/s", title="Throughput vs batch size (cf. ProPD Fig. 7)", xscale="log")
+    ax.legend()
+    made.append(_save(fig, out / "throughput_vs_batch.png"))
+    cat_rows = [r for r in rows if r["category"] != "all" and r["mean_accepted_tokens"]]
+    if cat_rows:
+        bs0 = min(r["batch_size"] for r in cat_rows)
+        cats = sorted({r["category"] for r in cat_rows})
+        meths = sorted({r["preset"] for r in cat_rows})
+        fig, ax = plt.subplots(figsize=(max(6, len(cats) * 0.8), 4))
+        w = 0.8 / max(len(meths), 1)
+        for k, meth in enumerate(meths):
+            vals = {r["category"]: r["mean_accepted_tokens"] for r in cat_rows
+                    if r["preset"] == meth and r["batch_size"] == bs0}
+            ax.bar([i + k * w for i in range(len(cats))], [vals.get(c, 0) for c in cats], w, label=meth)
+        ax.set_xticks([i + w * (len(meths) - 1) / 2 for i in range(len(cats))], cats, rotation=45, ha="right")
+        ax.set(ylabel="mean accepted tokens / step", title=f"Accepted length per category, batch {bs0} (cf. Fig. 3d)")
+        ax.legend()
+        made.append(_save(fig, out / "accepted_per_category.png"))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    any_steps = False
+    for meth in methods:
+        for bs in sorted({r["batch_size"] for r in overall if r["preset"] == meth}):
+            st = [s for s in _steps(out, meth, bs) if "step_time_s" in s]
+            if not st:
+                continue
+            any_steps = True
+            a1.scatter([s["nodes_after_pruning"] for s in st], [1000 * s["step_time_s"] for s in st], s=4,
+                       label=f"{meth} b={bs}")
+            a2.scatter([s["context_len"] for s in st], [1000 * s["step_time_s"] for s in st], s=4,
+                       label=f"{meth} b={bs}")
+    if any_steps:
+        a1.set(xlabel="tree nodes per row (after pruning)", ylabel="step time (ms)", title="Step time vs tree size (Fig. 3b)")
+        a2.set(xlabel="context length (tokens)", ylabel="step time (ms)", title="Step time vs context (Fig. 3c)")
+        a1.legend(fontsize=7)
+        made.append(_save(fig, out / "step_time.png"))
+    else:
+        plt.close(fig)
+    return made
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

@@ -1,0 +1,197 @@
+"""The benchmark runner: every (method, batch size) pair decodes the same prompts in the same order.
+
+Outputs in ``out``: ``run.json`` (configuration, machine), ``answers/<method>-b<B>.jsonl`` in Spec-Bench's answer
+format (plus ``token_ids``, ``batch_size`` and ``batch_wall_time``), ``steps/<method>-b<B>.jsonl`` (per-step
+statistics for the plots), then ``summary.json``, ``summary.md`` and plots (``propd.bench.report``). Answers are
+appended as each batch finishes, so an interrupted run leaves valid files and ``resume`` skips finished batches.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import attrs
+import torch
+
+from propd.bench.baselines import BASELINES, HFBaseline
+from propd.bench.questions import Question, load_questions
+from propd.errors import PropdError
+
+
+@attrs.frozen
+class BenchConfig:
+    questions: str
+    out: str
+    presets: tuple[str, ...] = ("ar",)
+    baselines: tuple[str, ...] = ()
+    batch_sizes: tuple[int, ...] = (1,)
+    categories: tuple[str, ...] | None = None
+    per_category: int | None = None
+    limit: int | None = None
+    turns: str = "first"
+    max_new_tokens: int = 128
+    model: str = "smollm2-135m-instruct"
+    heads: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    warmup: int = 1
+    resume: bool = False
+    chat: bool = True
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": sys.version.split()[0], "platform": platform.platform(),
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _slug(method: str, bs: int) -> str:
+    return f"{method}-b{bs}"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by an interruption: everything before it is complete
+    return rows
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Path:
+    from propd.decoder import Decoder
+    from propd.models.loading import load_model
+    from propd.presets import get_preset
+
+    log = log or (lambda m: print(f"propd: {m}", file=sys.stderr, flush=True))
+    for p in cfg.presets:
+        get_preset(p)
+    for b in cfg.baselines:
+        if b not in BASELINES:
+            raise PropdError(f"unknown baseline {b!r} (known: {', '.join(BASELINES)})")
+    if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
+        raise PropdError("batch sizes must be positive integers")
+    if cfg.max_new_tokens <= 0:
+        raise PropdError("--max-new-tokens must be positive")
+    questions = load_questions(cfg.questions, list(cfg.categories) if cfg.categories else None, cfg.per_category,
+                               cfg.limit, cfg.turns)
+    out = Path(cfg.out)
+    run_file = out / "run.json"
+    if run_file.is_file() and not cfg.resume and any((out / "answers").glob("*.jsonl")):
+        raise PropdError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, heads=cfg.heads)
+    decoders = {p: Decoder(model, preset=p) for p in cfg.presets}
+    prompt_ids = Decoder(model, preset="ar").encode([q.turn for q in questions], chat=cfg.chat)
+    (out / "answers").mkdir(parents=True, exist_ok=True)
+    (out / "steps").mkdir(exist_ok=True)
+    run_file.write_text(json.dumps({"config": attrs.asdict(cfg), "machine": machine_info(model.device),
+                                    "model": model.name, "num_prompts": len(questions)}, indent=2) + "\n")
+    runners: dict[str, Callable] = {}
+    for p, dec in decoders.items():
+        runners[p] = _preset_runner(dec)
+    for b in cfg.baselines:
+        runners[b] = _baseline_runner(HFBaseline(model, b))
+    skip_file = out / "not_run.json"
+    total = sum(-(-len(questions) // bs) for _ in runners for bs in cfg.batch_sizes)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="bench", unit="batch", file=sys.stderr, dynamic_ncols=True)
+    try:
+        for method, runner in runners.items():
+            for bs in cfg.batch_sizes:
+                reason = getattr(runner, "unsupported", lambda b: None)(bs)
+                if reason:
+                    log(f"{method} at batch size {bs}: not run ({reason})")
+                    skipped = json.loads(skip_file.read_text()) if skip_file.is_file() else {}
+                    skipped[_slug(method, bs)] = reason
+                    skip_file.write_text(json.dumps(skipped, indent=2) + "\n")
+                    bar.update(-(-len(questions) // bs))
+                    continue
+                _run_pair(method, runner, bs, questions, prompt_ids, cfg, out, model, bar)
+    finally:
+        bar.close()
+    from propd.bench.report import write_report
+
+    write_report(out)
+    log(f"results in {out} (summary.md, summary.json, answers/, plots)")
+    return out
+
+
+def _preset_runner(decoder):
+    def run(prompts, max_new):
+        res = decoder.generate_ids(prompts, max_new_tokens=max_new)
+        steps = [s.as_dict() for s in res.stats]
+        return res.token_ids, res.accept_lengths, res.wall_time_s, steps
+
+    return run
+
+
+def _baseline_runner(baseline: HFBaseline):
+    def run(prompts, max_new):
+        ids, calls, wall = baseline.generate_ids(prompts, max_new)
+        # transformers runs the batch in lockstep: every row takes part in every forward pass
+        accepts = [[] for _ in ids]
+        return ids, accepts, wall, [{"forward_passes": calls}]
+
+    run.unsupported = baseline.supports
+    return run
+
+
+def _run_pair(method: str, runner: Callable, bs: int, questions: list[Question], prompt_ids: list[list[int]],
+              cfg: BenchConfig, out: Path, model, bar) -> None:
+    slug = _slug(method, bs)
+    ans_path, step_path = out / "answers" / f"{slug}.jsonl", out / "steps" / f"{slug}.jsonl"
+    done = _read_jsonl(ans_path) if cfg.resume else []
+    done_batches = len({r["batch_index"] for r in done})
+    n_done = sum(1 for r in done if r["batch_index"] < done_batches)
+    # rewrite what is complete (drops a half-written tail), then append
+    ans_path.write_text("".join(json.dumps(r) + "\n" for r in done[:n_done]))
+    steps_done = [r for r in _read_jsonl(step_path) if r["batch_index"] < done_batches] if cfg.resume else []
+    step_path.write_text("".join(json.dumps(r) + "\n" for r in steps_done))
+    batches = [list(range(s, min(s + bs, len(questions)))) for s in range(0, len(questions), bs)]
+    bar.set_postfix_str(f"{method} b={bs}")
+    if done_batches < len(batches):
+        for _ in range(cfg.warmup):  # warm-up on the first batch, short and untimed
+            runner([prompt_ids[i] for i in batches[0]], min(cfg.max_new_tokens, 16))
+    bar.update(min(done_batches, len(batches)))
+    for bi, rows in enumerate(batches):
+        if bi < done_batches:
+            continue
+        ids, accepts, wall, steps = runner([prompt_ids[i] for i in rows], cfg.max_new_tokens)
+        lines = []
+        for k, i in enumerate(rows):
+            q = questions[i]
+            lines.append(json.dumps({
+                "question_id": q.question_id, "category": q.category, "answer_id": f"{slug}-{i}",
+                "model_id": f"{model.name}-{method}", "tstamp": time.time(), "batch_index": bi,
+                "choices": [{"index": 0, "turns": [model.tokenizer.decode(ids[k], skip_special_tokens=True)], "decoding_steps": [len(accepts[k]) or None],
+                             "new_tokens": [len(ids[k])], "wall_time": [wall], "accept_lengths": accepts[k],
+                             "token_ids": ids[k], "batch_size": bs, "batch_wall_time": wall}],
+            }))
+        with ans_path.open("a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        with step_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"batch_index": bi, "rows": rows, "steps": steps}) + "\n")
+        bar.update(1)
+

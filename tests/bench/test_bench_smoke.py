@@ -1,0 +1,88 @@
+"""``propd bench`` end to end on the tiny model: files, Spec-Bench fields, consistent numbers, resume."""
+
+import json
+
+import pytest
+
+from propd.cli import main
+
+CATS = ["writing", "math", "qa"]
+
+
+@pytest.fixture()
+def questions(tmp_path):
+    f = tmp_path / "question.jsonl"
+    rows = [{"question_id": 100 + i, "category": CATS[i % 3], "turns": [f"question number {i}?", "and a second turn"]}
+            for i in range(9)]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f
+
+
+def bench(tiny_dir, heads, questions, out, *extra):
+    return main(["bench", "--model", str(tiny_dir), "--heads", str(heads), "--questions", str(questions),
+                 "--per-category", "2", "--presets", "ar,medusa", "--batch-sizes", "1,2", "--max-new-tokens", "10",
+                 "--warmup", "1", "--out", str(out), *extra])
+
+
+def test_bench_smoke(tiny_dir, tiny_heads_dir, questions, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert bench(tiny_dir, tiny_heads_dir, questions, out) == 0
+    for name in ("run.json", "summary.json", "summary.md", "throughput_vs_batch.png", "step_time.png",
+                 "accepted_per_category.png"):
+        assert (out / name).is_file(), name
+    answers = {}
+    for slug in ("ar-b1", "ar-b2", "medusa-b1", "medusa-b2"):
+        rows = [json.loads(x) for x in (out / "answers" / f"{slug}.jsonl").read_text().splitlines()]
+        assert len(rows) == 6  # 2 per category x 3 categories, same prompts everywhere
+        for r in rows:
+            assert {"question_id", "category", "answer_id", "model_id", "choices"} <= set(r)
+            c = r["choices"][0]
+            assert {"index", "turns", "decoding_steps", "new_tokens", "wall_time", "accept_lengths"} <= set(c)
+            assert sum(c["accept_lengths"]) == c["new_tokens"][0] == len(c["token_ids"])
+            assert c["decoding_steps"][0] == len(c["accept_lengths"])
+        answers[slug] = rows
+    order = [r["question_id"] for r in answers["ar-b1"]]
+    assert all([r["question_id"] for r in rows] == order for rows in answers.values())
+    summary = json.loads((out / "summary.json").read_text())
+    overall = {(r["preset"], r["batch_size"]): r for r in summary if r["category"] == "all"}
+    for (preset, bs), r in overall.items():
+        assert {"tokens_per_s", "speedup_vs_ar", "mean_accepted_tokens", "match_rate_vs_ar"} <= set(r)
+        assert r["match_rate_vs_ar"] == 1.0  # fp32: every preset reproduces ar exactly
+        assert r["new_tokens"] == overall[("ar", 1)]["new_tokens"]  # identical outputs, identical counts
+        assert r["tokens_per_s"] > 0
+    assert overall[("ar", 1)]["speedup_vs_ar"] == 1.0 and overall[("ar", 1)]["mean_accepted_tokens"] == 1.0
+    assert {r["category"] for r in summary} == {"all", *CATS}
+    assert "| medusa | 2 |" in (out / "summary.md").read_text()
+
+
+def test_bench_resume_finishes_an_interrupted_run(tiny_dir, tiny_heads_dir, questions, tmp_path):
+    out = tmp_path / "run"
+    assert bench(tiny_dir, tiny_heads_dir, questions, out) == 0
+    full = (out / "answers" / "medusa-b2.jsonl").read_text().splitlines()
+    # simulate an interruption: one batch finished, the next half-written
+    (out / "answers" / "medusa-b2.jsonl").write_text("\n".join(full[:2]) + "\n" + full[2][:30])
+    assert bench(tiny_dir, tiny_heads_dir, questions, out) == 2  # refuses to overwrite without --resume
+    assert bench(tiny_dir, tiny_heads_dir, questions, out, "--resume") == 0
+    again = (out / "answers" / "medusa-b2.jsonl").read_text().splitlines()
+    assert len(again) == 6 and again[:2] == full[:2]  # finished work kept, not redone
+    assert [json.loads(x)["choices"][0]["token_ids"] for x in again] == [
+        json.loads(x)["choices"][0]["token_ids"] for x in full]
+
+
+def test_bench_bad_input(tiny_dir, tmp_path, capsys):
+    assert main(["bench", "--questions", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o"),
+                 "--model", str(tiny_dir)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_bench_transformers_baselines(tiny_dir, questions, tmp_path):
+    out = tmp_path / "run"
+    assert main(["bench", "--model", str(tiny_dir), "--questions", str(questions), "--limit", "3", "--presets", "ar",
+                 "--baselines", "hf,hf-pld", "--batch-sizes", "1,2", "--max-new-tokens", "8", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    overall = {(r["preset"], r["batch_size"]): r for r in summary if r["category"] == "all"}
+    assert overall[("hf", 1)]["match_rate_vs_ar"] == 1.0 and overall[("hf", 2)]["match_rate_vs_ar"] == 1.0
+    assert overall[("hf-pld", 1)]["match_rate_vs_ar"] == 1.0
+    assert ("hf-pld", 2) not in overall
+    assert "hf-pld-b2 (transformers' prompt lookup decoding supports batch size 1 only)" in (
+        out / "summary.md").read_text()
