@@ -103,6 +103,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_heads(args: argparse.Namespace) -> int:
+    from propd.training.trainer import TrainConfig, train_heads
+
+    cfg = TrainConfig(model=args.model, out=args.out, num_heads=args.num_heads,
+                      early_layers=_csv(args.early_layers, int) or (), max_prompts=args.max_prompts,
+                      max_new_tokens=args.max_new_tokens, epochs=args.epochs, device=args.device, seed=args.seed,
+                      data=args.data)
+    report = train_heads(cfg)
+    for h in report["medusa_heads"]:
+        print(f"medusa head {h['head']} ({h['predicts']}): top1 {h['top1']:.3f} top5 {h['top5']:.3f} "
+              f"top10 {h['top10']:.3f} top50 {h['top50']:.3f}")
+    for e in report["early_layers"]:
+        print(f"early layer {e['layer']}: top1 {e['top1']:.3f} top10 {e['top10']:.3f} top50 {e['top50']:.3f} "
+              f"top200 {e['top200']:.3f}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from propd.models.loading import KNOWN_MODELS, fetch_known_model
 
@@ -152,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="*", help="prompt text (also --prompts-file, or one prompt per stdin line)")
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"known name, HF directory, .gguf file or hub id "
                                                           f"(default: {DEFAULT_MODEL})")
-    g.add_argument("--heads", help="Medusa heads checkpoint (directory or file) for the bpd/medusa presets")
+    g.add_argument("--heads", help="Medusa heads checkpoint (directory or file) for the bpd/medusa presets; the "
+                                   "default model uses its shipped heads unless this is given ('none': no heads)")
     g.add_argument("--preset", default="ar", help="strategy combination (see `propd presets`; default: ar)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--batch-size", type=int, default=None, help="prompts decoded together (default: all)")
@@ -182,6 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     b.add_argument("--no-chat", action="store_true")
     b.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser("train-heads", help="self-distil Medusa heads and early-exit heads for a model")
+    t.add_argument("--model", default=DEFAULT_MODEL)
+    t.add_argument("--out", required=True, help="output directory (heads, report.json; work/ holds resumable state)")
+    t.add_argument("--num-heads", type=int, default=4)
+    t.add_argument("--early-layers", default="1,2,3,4,5,6", help="comma-separated layer counts n (1..L-1)")
+    t.add_argument("--max-prompts", type=int, default=400)
+    t.add_argument("--max-new-tokens", type=int, default=96)
+    t.add_argument("--epochs", type=int, default=2)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--data", default=None, help="training prompts folder (default: the nearest shared/data/train)")
+    t.set_defaults(func=cmd_train_heads)
 
     m = sub.add_parser("models", help="fetch or list known models")
     msub = m.add_subparsers(dest="action", required=True)

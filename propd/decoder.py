@@ -156,12 +156,12 @@ class Decoder:
             accepts[r].append(1)
         step = 0
         while True:
-            done = [b for b, r in enumerate(live) if len(out[r]) >= max_new or out[r][-1] in eos]
+            done = {b for b, r in enumerate(live) if len(out[r]) >= max_new or out[r][-1] in eos}
             if done:
                 now = time.perf_counter() - t_start
                 for b in done:
                     row_time[live[b]] = now
-                keep = [b for b in range(len(live)) if b not in set(done)]
+                keep = [b for b in range(len(live)) if b not in done]
                 if not keep:
                     return
                 cache.select_rows(keep)

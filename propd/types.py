@@ -23,10 +23,23 @@ class StepContext:
     early_heads: dict[int, Callable[[torch.Tensor], torch.Tensor]]  # layer n -> hidden (.., H) -> logits (.., V)
     vocab_size: int
     device: torch.device
+    _memo: dict = attrs.field(factory=dict, repr=False)
 
     @property
     def batch_size(self) -> int:
         return len(self.row_ids)
+
+    def head_topk(self, k: int) -> torch.Tensor:
+        """Token ids (B, K, k) of each Medusa head's k most likely guesses, computed once per step and shared by
+        every strategy that asks (the K vocabulary projections are a large part of a step's cost)."""
+        if self.heads is None:
+            raise ValueError("no Medusa heads are loaded")
+        have = self._memo.get("head_topk")
+        if have is None or have.shape[-1] < k:
+            logits = self.heads(self.last_hidden)  # (B, K, V)
+            have = logits.topk(max(k, 1), dim=-1).indices
+            self._memo["head_topk"] = have
+        return have[..., :k]
 
 
 @attrs.frozen(eq=False)

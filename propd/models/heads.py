@@ -143,3 +143,55 @@ def _read_state(weights: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise PropdError(f"{weights} does not hold a state dict")
     return state
+
+
+EARLY_FILE = "early_heads.safetensors"
+
+
+class EarlyHeads(nn.Module):
+    """Early-exit prediction heads (ProPD, Zhong et al. 2024, section 4.1): for layer n, a ResBlock on the hidden
+    state after n layers, followed by the base model's final norm and ``lm_head``, trained to predict the full
+    model's next token. ``blocks[str(n)]`` holds the ResBlock; :meth:`logits` applies the shared parts."""
+
+    def __init__(self, hidden: int, layers: list[int]):
+        super().__init__()
+        if not layers:
+            raise PropdError("early heads need at least one layer")
+        self.hidden = hidden
+        self.blocks = nn.ModuleDict({str(n): ResBlock(hidden) for n in sorted(set(layers))})
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(int(k) for k in self.blocks)
+
+    def logits(self, layer: int, hidden: torch.Tensor, norm: nn.Module, lm_head: nn.Module) -> torch.Tensor:
+        return lm_head(norm(self.blocks[str(layer)](hidden)))
+
+    def save(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in self.blocks.state_dict().items()}
+        save_file(state, str(d / EARLY_FILE), metadata={"early_layers": json.dumps(self.layers)})
+        return d / EARLY_FILE
+
+    @classmethod
+    def load(cls, path: str | Path, hidden: int, num_layers: int) -> "EarlyHeads":
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        f = p / EARLY_FILE if p.is_dir() else p
+        if not f.is_file():
+            raise PropdError(f"no early heads at {p} (expected {EARLY_FILE})")
+        state = load_file(str(f))
+        layers = sorted({int(k.split(".")[0]) for k in state})
+        for k, t in state.items():
+            if k.endswith("linear.weight") and tuple(t.shape) != (hidden, hidden):
+                raise PropdError(f"early heads in {f} have hidden size {t.shape[-1]}, but the model's is {hidden}")
+        bad = [n for n in layers if not 1 <= n < num_layers]
+        if bad:
+            raise PropdError(f"early heads in {f} are for layers {bad}, but the model has {num_layers} layers")
+        heads = cls(hidden, layers)
+        heads.blocks.load_state_dict({k: v.float() for k, v in state.items()})
+        return heads

@@ -183,18 +183,33 @@ class LlamaModel(nn.Module):
 
     def prefill(self, cache: KVCache, prompts: list[list[int]]) -> torch.Tensor:
         """Run prompts of different lengths into an empty cache; return the normed last hidden state (B, H)."""
+        final, _ = self.hidden_states(cache, prompts)
+        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self.device)
+        return final[torch.arange(len(prompts), device=self.device), lens - 1]
+
+    def hidden_states(self, cache: KVCache, seqs: list[list[int]], capture: tuple[int, ...] = ()
+                      ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Run whole sequences (different lengths) into an empty cache and advance it.
+
+        Returns the final normed hidden states (B, N, H) and, for each n in ``capture``, the hidden states after n
+        layers (B, N, H); positions past a row's length are padding.
+        """
         dev = self.device
-        n = len(prompts)
-        longest = max(len(p) for p in prompts)
+        n = len(seqs)
+        longest = max(len(p) for p in seqs)
         tokens = torch.zeros(n, longest, dtype=torch.long, device=dev)
-        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=dev)
-        for i, p in enumerate(prompts):
+        lens = torch.tensor([len(p) for p in seqs], dtype=torch.long, device=dev)
+        for i, p in enumerate(seqs):
             tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
         ar = torch.arange(longest, device=dev)
         node_idx = torch.where(ar[None, :] < lens[:, None], ar[None, :], torch.full_like(tokens, longest))
         causal = torch.tril(torch.ones(longest, longest, dtype=torch.bool, device=dev))
         a = self.attention_inputs(cache, node_idx, causal, ar)
-        h = self.run_layers(self.embed(tokens), 0, self.num_layers, cache, a)
-        last = h[torch.arange(n, device=dev), lens - 1]  # (B, H)
-        cache.advance(lens, [len(p) for p in prompts])
-        return self.norm(last)
+        h = self.embed(tokens)
+        captured, start = {}, 0
+        for layer in sorted(set(capture)):
+            h = self.run_layers(h, start, layer, cache, a)
+            captured[layer], start = h, layer
+        h = self.run_layers(h, start, self.num_layers, cache, a)
+        cache.advance(lens, [len(p) for p in seqs])
+        return self.norm(h), captured

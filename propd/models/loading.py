@@ -6,6 +6,7 @@ Weights, config and tokenizer come through ``transformers``; the forward is prop
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ import torch
 
 from propd.errors import PropdError
 from propd.models.config import ModelConfig
-from propd.models.heads import MedusaHeads
+from propd.models.heads import EARLY_FILE, EarlyHeads, MedusaHeads
 from propd.models.llama import LlamaModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,6 +44,13 @@ KNOWN_MODELS = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
+SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "heads"  # propd/heads/<model name>/
+
+
+def shipped_heads(name: str) -> Path | None:
+    """The heads trained by ``propd train-heads`` and shipped inside the package for a known model, if any."""
+    d = SHIPPED_HEADS / name
+    return d if (d / "medusa_lm_head.safetensors").is_file() else None
 
 
 @attrs.define
@@ -78,9 +86,21 @@ class LoadedModel:
         return ids | set(self.generation_eos)
 
     def load_heads(self, path: str | Path) -> MedusaHeads:
+        """Attach a Medusa heads checkpoint, and the early-exit heads saved beside it if there are any."""
         heads = MedusaHeads.load(path, self.config.hidden_size, self.config.vocab_size, lm_head=self.model.lm_head)
-        self.heads = heads.to(device=self.device, dtype=self.dtype).eval()
+        self.heads = heads.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        p = Path(path)
+        if (p if p.is_dir() else p.parent).joinpath(EARLY_FILE).is_file():
+            self.load_early_heads(p if p.is_dir() else p.parent)
         return self.heads
+
+    def load_early_heads(self, path: str | Path) -> EarlyHeads:
+        early = EarlyHeads.load(path, self.config.hidden_size, self.config.num_layers)
+        early = early.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        m = self.model
+        self.early_heads = {n: functools.partial(early.logits, n, norm=m.model.norm, lm_head=m.lm_head)
+                            for n in early.layers}
+        return early
 
 
 def cache_dir() -> Path:
@@ -237,7 +257,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
     """Load a Llama-family model for decoding.
 
     ``name_or_path``: a known name (``smollm2-135m-instruct``), a local HF directory, a ``.gguf`` file or a hub id.
-    ``heads``: a Medusa heads checkpoint (directory or file) to attach.
+    ``heads``: a Medusa heads checkpoint (directory or file) to attach; for a known model its shipped heads are
+    attached when this is None, and none when it is ``"none"``.
     """
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -267,6 +288,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
         eos = None
     gen_eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
     loaded = LoadedModel(name=name, model=model, tokenizer=tokenizer, path=path, generation_eos=gen_eos)
-    if heads is not None:
+    if heads is None and str(name_or_path) in KNOWN_MODELS:
+        heads = shipped_heads(str(name_or_path))
+    if heads is not None and str(heads) != "none":
         loaded.load_heads(heads)
     return loaded

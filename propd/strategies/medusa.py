@@ -28,8 +28,7 @@ class MedusaProposer:
     def propd_propose(self, ctx, tree):
         if tree.max_depth > self.num_heads:
             raise PropdError(f"the tree is {tree.max_depth} deep but only {self.num_heads} Medusa heads are loaded")
-        logits = ctx.heads(ctx.last_hidden)  # (B, K, V)
-        top = logits[:, : tree.max_depth].topk(tree.max_rank + 1, dim=-1).indices  # (B, D, R)
+        top = ctx.head_topk(tree.max_rank + 1)[:, : tree.max_depth]  # (B, D, R)
         flat = top.flatten(1)  # (B, D*R)
         idx = (tree.depths[1:] - 1) * (tree.max_rank + 1) + tree.ranks[1:]  # (T-1,)
         return torch.cat([ctx.roots[:, None], flat[:, idx]], dim=1)  # (B, T)

@@ -1,0 +1,1 @@
+"""Self-distilled Medusa heads and early-exit heads, trained on the model's own greedy answers."""

@@ -1,0 +1,248 @@
+"""``propd train-heads``: self-distillation of Medusa heads and early-exit heads on a frozen base model.
+
+Medusa-1 with self-distillation (Cai et al. 2023, section 3.2): the training targets are the model's own greedy
+answers to training prompts, so the heads learn what the model will actually say. Head i at position t predicts the
+token at t + i + 2 from the final normed hidden state at t: ``lm_head(ResBlock_i(h_t))``, lm_head shared and frozen.
+
+Early heads (ProPD, Zhong et al. 2024, section 4.1 and Fig. 3a): for layer n, ``lm_head(norm(ResBlock_n(h^n_t)))``
+predicts the full model's next token (the greedy answer's token at t + 1) from the hidden state after n layers.
+
+Stages, each cached in ``OUT/work`` so a rerun resumes: (1) answers, generated in batches on propd's own engine;
+(2) hidden states, computed once; (3) epochs over the cached features (a checkpoint per epoch); (4) validation
+accuracies (top-k) on held-out prompts, written to ``OUT/report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from propd.errors import PropdError
+from propd.models.heads import EarlyHeads, MedusaHeads
+
+MEDUSA_TOPK = (1, 5, 10, 50)
+EARLY_TOPK = (1, 5, 10, 50, 100, 200)
+
+
+@attrs.frozen
+class TrainConfig:
+    model: str
+    out: str
+    num_heads: int = 4
+    early_layers: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
+    max_prompts: int | None = 400
+    max_new_tokens: int = 96
+    epochs: int = 2
+    device: str = "cpu"
+    seed: int = 0
+    data: str | None = None
+    gen_batch_size: int = 16
+    train_batch_tokens: int = 256
+    lr: float = 1e-3
+    val_fraction: float = 0.1
+
+
+def _log(msg: str) -> None:
+    print(f"propd: {msg}", file=sys.stderr, flush=True)
+
+
+def train_heads(cfg: TrainConfig, log: Callable[[str], None] = _log) -> dict:
+    from tqdm import tqdm
+
+    from propd.decoder import Decoder
+    from propd.models.loading import load_model
+    from propd.training.data import find_train_dir, training_prompts
+
+    if cfg.num_heads < 1 or cfg.epochs < 1 or cfg.max_new_tokens < 1:
+        raise PropdError("--num-heads, --epochs and --max-new-tokens must be positive")
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    model = load_model(cfg.model, device=cfg.device, dtype="float32")
+    L = model.config.num_layers
+    bad = [n for n in cfg.early_layers if not 1 <= n < L]
+    if bad:
+        raise PropdError(f"early layers {bad} out of range (the model has {L} layers: use 1..{L - 1})")
+    prompts = training_prompts(find_train_dir(cfg.data), cfg.max_prompts, cfg.seed)
+    decoder = Decoder(model, preset="ar")
+    prompt_ids = decoder.encode(prompts)
+    cap = model.config.max_position_embeddings - cfg.max_new_tokens
+    prompt_ids = [p[-cap:] for p in prompt_ids]
+
+    # (1) answers: the model's own greedy continuations, appended per batch (resumable)
+    ans_file = work / "answers.jsonl"
+    answers = [json.loads(x) for x in ans_file.read_text().splitlines()] if ans_file.is_file() else []
+    answers = answers[: len(prompt_ids)]
+    todo = list(range(len(answers), len(prompt_ids)))
+    if todo:
+        log(f"[1/4] generating answers for {len(todo)} of {len(prompt_ids)} training prompts (greedy, batched)")
+        with ans_file.open("a") as f:
+            for s in tqdm(range(0, len(todo), cfg.gen_batch_size), desc="answers", unit="batch", file=sys.stderr):
+                rows = todo[s: s + cfg.gen_batch_size]
+                res = decoder.generate_ids([prompt_ids[i] for i in rows], max_new_tokens=cfg.max_new_tokens)
+                for ids in res.token_ids:
+                    f.write(json.dumps(ids) + "\n")
+                    answers.append(ids)
+                f.flush()
+    # (2) features, computed once
+    feats = _features(model, prompt_ids, answers, cfg, work, log)
+    n_seq = len(prompt_ids)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    perm = torch.randperm(n_seq, generator=gen)
+    n_val = max(1, int(round(n_seq * cfg.val_fraction)))
+    val_seqs = set(perm[:n_val].tolist())
+    is_val = torch.tensor([int(s) in val_seqs for s in feats["seq"].tolist()])
+    train_idx, val_idx = torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
+    log(f"{len(train_idx)} training and {len(val_idx)} validation positions ({n_seq - n_val}/{n_val} prompts)")
+
+    # (3) training
+    H, V = model.config.hidden_size, model.config.vocab_size
+    medusa = MedusaHeads(H, V, cfg.num_heads, 1, own_lm_head=False, shared_lm_head=model.model.lm_head)
+    early = EarlyHeads(H, list(cfg.early_layers))
+    params = list(medusa.parameters()) + list(early.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    steps_per_epoch = -(-len(train_idx) // cfg.train_batch_tokens)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps_per_epoch * cfg.epochs,
+                                                pct_start=0.05)
+    ckpt = work / "checkpoint.pt"
+    first_epoch, history = 0, []
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state.get("config") == attrs.asdict(cfg):
+            medusa.heads.load_state_dict(state["medusa"])
+            early.blocks.load_state_dict(state["early"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            first_epoch, history = state["epoch"], state["history"]
+            log(f"resuming after epoch {first_epoch}")
+    norm, lm_head = model.model.model.norm, model.model.lm_head
+    for epoch in range(first_epoch, cfg.epochs):
+        order = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed + epoch))]
+        total, count = 0.0, 0
+        bar = tqdm(range(0, len(order), cfg.train_batch_tokens), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   unit="batch", file=sys.stderr)
+        for s in bar:
+            idx = order[s: s + cfg.train_batch_tokens]
+            with torch.autocast("cpu" if model.device.type == "cpu" else "cuda", dtype=torch.bfloat16):
+                loss = _loss(medusa, early, feats, idx, norm, lm_head, model.device)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total, count = total + loss.item(), count + 1
+            bar.set_postfix(loss=f"{total / count:.3f}")
+        history.append({"epoch": epoch + 1, "train_loss": total / max(count, 1)})
+        torch.save({"config": attrs.asdict(cfg), "medusa": medusa.heads.state_dict(), "early": early.blocks.state_dict(),
+                    "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch + 1, "history": history}, ckpt)
+
+    # (4) validation accuracies and the shipped files
+    log("[4/4] measuring validation accuracy")
+    report = evaluate(medusa, early, feats, val_idx, norm, lm_head, model.device)
+    medusa.save(out, dtype=torch.bfloat16, base_model=model.name, trained_by="propd train-heads",
+                early_layers=list(early.layers))
+    early.save(out, dtype=torch.bfloat16)
+    report.update({"model": model.name, "config": attrs.asdict(cfg), "history": history,
+                   "train_positions": len(train_idx), "val_positions": len(val_idx),
+                   "wall_time_s": round(time.perf_counter() - t_start, 1)})
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(f"heads written to {out} ({report['wall_time_s']:.0f}s this run)")
+    return report
+
+
+def _features(model, prompt_ids, answers, cfg: TrainConfig, work: Path, log) -> dict:
+    """Per answer position t (the last prompt token and every answer token but the last): the final normed hidden
+    state, the hidden state after each early layer (bf16), and the targets: token t+1, then t+2 .. t+K+1."""
+    from tqdm import tqdm
+
+    path = work / "features.pt"
+    key = {"layers": list(cfg.early_layers), "heads": cfg.num_heads, "n": len(answers)}
+    if path.is_file():
+        feats = torch.load(path, map_location="cpu", weights_only=False)
+        if feats.get("key") == key:
+            return feats
+    log(f"[2/4] computing hidden states for {len(answers)} answers (once)")
+    K = cfg.num_heads
+    final, early, targets, seq = [], {n: [] for n in cfg.early_layers}, [], []
+    m = model.model
+    with torch.inference_mode():
+        for s in tqdm(range(0, len(answers), 8), desc="features", unit="batch", file=sys.stderr):
+            rows = list(range(s, min(s + 8, len(answers))))
+            seqs = [prompt_ids[i] + answers[i] for i in rows]
+            cache = m.new_cache(len(rows), max(len(x) for x in seqs) + 2)
+            h, cap = m.hidden_states(cache, seqs, tuple(cfg.early_layers))
+            for b, i in enumerate(rows):
+                P, full = len(prompt_ids[i]), seqs[b]
+                pos = list(range(P - 1, len(full) - 1))
+                if not pos:
+                    continue
+                final.append(h[b, pos].to(torch.bfloat16))
+                for n in cfg.early_layers:
+                    early[n].append(cap[n][b, pos].to(torch.bfloat16))
+                tgt = torch.full((len(pos), K + 1), -100, dtype=torch.long)
+                for j, t in enumerate(pos):
+                    for k in range(K + 1):
+                        if t + 1 + k < len(full):
+                            tgt[j, k] = full[t + 1 + k]
+                targets.append(tgt)
+                seq.append(torch.full((len(pos),), i, dtype=torch.long))
+    feats = {"key": key, "final": torch.cat(final), "early": {n: torch.cat(v) for n, v in early.items()},
+             "targets": torch.cat(targets), "seq": torch.cat(seq)}
+    torch.save(feats, path)
+    return feats
+
+
+def _loss(medusa, early, feats, idx, norm, lm_head, device) -> torch.Tensor:
+    x = feats["final"][idx].to(device=device, dtype=torch.float32)
+    y = feats["targets"][idx].to(device)
+    loss = x.new_zeros(())
+    for i, head in enumerate(medusa.heads):
+        loss = loss + F.cross_entropy(lm_head(head(x)).float(), y[:, i + 1], ignore_index=-100)
+    for n in early.layers:
+        xe = feats["early"][n][idx].to(device=device, dtype=torch.float32)
+        loss = loss + F.cross_entropy(lm_head(norm(early.blocks[str(n)](xe))).float(), y[:, 0])
+    return loss
+
+
+@torch.no_grad()
+def evaluate(medusa, early, feats, idx, norm, lm_head, device, chunk: int = 512) -> dict:
+    """Top-k accuracies on positions ``idx``: Medusa head i against token t+i+2; layer n against the full model's
+    next token (t+1)."""
+    hits_m = torch.zeros(len(medusa.heads), len(MEDUSA_TOPK))
+    count_m = torch.zeros(len(medusa.heads))
+    hits_e = {n: torch.zeros(len(EARLY_TOPK)) for n in early.layers}
+    count_e = 0
+    for s in range(0, len(idx), chunk):
+        sub = idx[s: s + chunk]
+        x = feats["final"][sub].to(device=device, dtype=torch.float32)
+        y = feats["targets"][sub].to(device)
+        for i, head in enumerate(medusa.heads):
+            logits = lm_head(head(x))
+            top = logits.topk(min(max(MEDUSA_TOPK), logits.shape[-1]), dim=-1).indices
+            ok = y[:, i + 1] != -100
+            for k_i, k in enumerate(MEDUSA_TOPK):
+                hits_m[i, k_i] += ((top[:, :k] == y[:, i + 1: i + 2]).any(-1) & ok).sum().item()
+            count_m[i] += ok.sum().item()
+        count_e += len(sub)
+        for n in early.layers:
+            xe = feats["early"][n][sub].to(device=device, dtype=torch.float32)
+            logits = lm_head(norm(early.blocks[str(n)](xe)))
+            top = logits.topk(min(max(EARLY_TOPK), logits.shape[-1]), dim=-1).indices
+            for k_i, k in enumerate(EARLY_TOPK):
+                hits_e[n][k_i] += (top[:, :k] == y[:, :1]).any(-1).sum().item()
+    return {
+        "medusa_heads": [{"head": i, "predicts": f"t+{i + 2}", "positions": int(count_m[i]),
+                          **{f"top{k}": round(float(hits_m[i, j] / max(count_m[i], 1)), 4)
+                             for j, k in enumerate(MEDUSA_TOPK)}} for i in range(len(medusa.heads))],
+        "early_layers": [{"layer": n, "positions": count_e,
+                          **{f"top{k}": round(float(hits_e[n][j] / max(count_e, 1)), 4)
+                             for j, k in enumerate(EARLY_TOPK)}} for n in early.layers],
+    }

@@ -1,0 +1,66 @@
+"""The head-training loop on the tiny model: loss goes down, the checkpoint round-trips, the report has its shape."""
+
+import json
+
+import pytest
+import torch
+
+from propd import Decoder, PropdError, load_model
+from propd.cli import main
+from propd.training.data import training_prompts
+from propd.training.trainer import EARLY_TOPK, MEDUSA_TOPK, TrainConfig, train_heads
+
+
+@pytest.fixture()
+def train_dir(tmp_path):
+    d = tmp_path / "train"
+    (d / "eagle_alpaca").mkdir(parents=True)
+    rows = [{"question_id": i, "turns": [f"tell me about item {i} and {i * 7}"]} for i in range(24)]
+    (d / "eagle_alpaca" / "question.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "awesome_chatgpt_prompts").mkdir()
+    (d / "awesome_chatgpt_prompts" / "prompts.csv").write_text(
+        'act,prompt,for_devs,type,contributor\nA,"act as a poet",FALSE,TEXT,x\nB,"{""json"": 1}",FALSE,JSON,y\n')
+    return d
+
+
+def test_prompts_skip_non_text_rows_and_refuse_bench(train_dir, tmp_path):
+    prompts = training_prompts(train_dir)
+    assert "act as a poet" in prompts and not any("json" in p for p in prompts) and len(prompts) == 25
+    bench = tmp_path / "bench" / "spec"
+    bench.mkdir(parents=True)
+    with pytest.raises(PropdError, match="never used for training"):
+        training_prompts(bench)
+
+
+def test_train_heads_on_tiny_model(tiny_dir, train_dir, tmp_path):
+    out = tmp_path / "heads"
+    cfg = TrainConfig(model=str(tiny_dir), out=str(out), num_heads=2, early_layers=(1, 2), max_prompts=None,
+                      max_new_tokens=24, epochs=4, data=str(train_dir), train_batch_tokens=32, lr=3e-3)
+    report = train_heads(cfg, log=lambda m: None)
+    losses = [h["train_loss"] for h in report["history"]]
+    assert len(losses) == 4 and losses[-1] < losses[0] * 0.9  # the loss goes down
+    assert [h["head"] for h in report["medusa_heads"]] == [0, 1]
+    assert [e["layer"] for e in report["early_layers"]] == [1, 2]
+    for h in report["medusa_heads"]:
+        acc = [h[f"top{k}"] for k in MEDUSA_TOPK]
+        assert acc == sorted(acc) and 0 <= acc[0] <= acc[-1] <= 1
+    for e in report["early_layers"]:
+        acc = [e[f"top{k}"] for k in EARLY_TOPK]
+        assert acc == sorted(acc) and acc[-1] > acc[0]
+    assert json.loads((out / "report.json").read_text())["val_positions"] == report["val_positions"] > 0
+    # the checkpoint round-trips: loaded heads (and early heads beside them) drive the medusa preset losslessly
+    model = load_model(str(tiny_dir), heads=out)
+    assert model.heads.num_heads == 2 and sorted(model.early_heads) == [1, 2]
+    ids = [[5, 6, 7, 8], [9, 10]]
+    ar = Decoder(model, preset="ar").generate_ids(ids, max_new_tokens=12).token_ids
+    assert Decoder(model, preset="medusa", sizer=("static", {"tree": [(0,), (1,), (0, 0)]})).generate_ids(
+        ids, max_new_tokens=12).token_ids == ar
+    # a rerun resumes from the cached answers, features and last checkpoint: same report, no retraining
+    again = train_heads(cfg, log=lambda m: None)
+    assert again["medusa_heads"] == report["medusa_heads"] and again["history"] == report["history"]
+
+
+def test_train_heads_cli_rejects_bad_layers(tiny_dir, train_dir, tmp_path, capsys):
+    code = main(["train-heads", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--early-layers", "9",
+                 "--data", str(train_dir)])
+    assert code == 2 and "out of range" in capsys.readouterr().err
