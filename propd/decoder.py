@@ -21,7 +21,7 @@ from propd.errors import PropdError
 from propd.models.loading import LoadedModel
 from propd.plugins import Registry, step_manager
 from propd.presets import Spec, get_preset
-from propd.tree import DraftTree, survivors
+from propd.tree import DraftTree, positions_of, survivors
 from propd.types import GenerationResult, StepContext, StepStats
 
 ComponentArg = str | Spec | Any  # a name, (name, options), or a ready component object
@@ -202,7 +202,7 @@ class Decoder:
                 for k in keeps:
                     keep = keep & k
                 new_idx, valid = survivors(tree.keep_closure(keep), pad_index=T)
-                h = h.gather(1, _positions(node_idx, new_idx, T)[..., None].expand(-1, -1, h.shape[-1]))
+                h = h.gather(1, positions_of(node_idx, new_idx, T)[..., None].expand(-1, -1, h.shape[-1]))
                 node_idx = new_idx
                 attn = m.attention_inputs(cache, node_idx, tree.mask, tree.depths)
             h = m.norm(m.run_layers(h, start, m.num_layers, cache, attn))  # (B, T', H)
@@ -214,7 +214,7 @@ class Decoder:
             info = torch.cat([acc.accept_len[:, None], valid.sum(1, keepdim=True), emitted], dim=1).tolist()  # sync
             accepted = [row[0] for row in info]
             cache.commit(path, acc.accept_len + 1, [a + 1 for a in accepted])
-            pos = _positions(node_idx, acc.best[:, None], T)  # (B, 1) where the best node sits in h
+            pos = positions_of(node_idx, acc.best[:, None], T)  # (B, 1) where the best node sits in h
             last_hidden = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))[:, 0]
             roots = acc.bonus
             gained = []
@@ -232,12 +232,5 @@ class Decoder:
             st = StepStats(step=step, batch_size=B, row_ids=tuple(live), context_len=ctx_len, tree_nodes=T, nodes_after_pruning=sum(row[1] for row in info) / B,
                            accepted=tuple(gained), step_time_s=time.perf_counter() - t_step)
             stats.append(st)
-            self.pm.hook.propd_after_step(ctx=ctx, tree=tree, acceptance=acc, stats=st)
+            self.pm.hook.propd_after_step(ctx=ctx, tree=tree, acceptance=acc, stats=st, tokens=tokens)
             step += 1
-
-
-def _positions(node_idx: torch.Tensor, wanted: torch.Tensor, T: int) -> torch.Tensor:
-    """Where each node of ``wanted`` (B, W) sits in the row layout ``node_idx`` (B, T') (padding maps anywhere)."""
-    inv = torch.zeros(node_idx.shape[0], T + 1, dtype=torch.long, device=node_idx.device)
-    inv.scatter_(1, node_idx, torch.arange(node_idx.shape[1], device=node_idx.device).expand_as(node_idx))
-    return inv.gather(1, wanted)

@@ -103,5 +103,7 @@ def propd_verify(ctx: "StepContext", tree: "DraftTree", tokens: "torch.Tensor", 
 
 
 @hookspec
-def propd_after_step(ctx: "StepContext", tree: "DraftTree", acceptance: "Acceptance", stats: "StepStats") -> None:
-    """Learn from a finished step: what was accepted, how many nodes ran, how long it took."""
+def propd_after_step(ctx: "StepContext", tree: "DraftTree", acceptance: "Acceptance", stats: "StepStats",
+                     tokens: "torch.Tensor") -> None:
+    """Learn from a finished step: the proposed ``tokens`` (B, T), what was accepted, how many nodes ran, how long
+    the step took (``stats.step_time_s``, wall clock, pruning included)."""

@@ -30,6 +30,12 @@ PRESETS = {
                sizer=("static", {"tree": "chain"}), proposer=("medusa", {})),
         Preset("medusa", "Medusa heads + the published mc_sim_7b_63 tree (Cai et al. 2023)",
                sizer=("static", {"tree": "mc_sim_7b_63"}), proposer=("medusa", {})),
+        Preset("propd", "ProPD: Medusa heads, early top-k pruning and dynamic tree sizing (Zhong et al. 2024)",
+               sizer=("propd-dynamic", {}), proposer=("medusa", {}), pruners=(("early-topk", {}),)),
+        Preset("propd-prune-only", "ablation: mc_sim_7b_63 with early top-k pruning, no dynamic sizing",
+               sizer=("static", {"tree": "mc_sim_7b_63"}), proposer=("medusa", {}), pruners=(("early-topk", {}),)),
+        Preset("propd-dynamic-only", "ablation: dynamic tree sizing, no pruning",
+               sizer=("propd-dynamic", {}), proposer=("medusa", {})),
     )
 }
 

@@ -46,6 +46,8 @@ class DraftTree:
     ranks: torch.Tensor
     mask: torch.Tensor
     paths_to: torch.Tensor
+    internal: torch.Tensor  # (I,) nodes that have children, ascending
+    parent_slot: torch.Tensor  # (T,) index in ``internal`` of each node's parent (0 for the root)
     max_depth: int
     max_rank: int
 
@@ -70,6 +72,9 @@ class DraftTree:
             chain = [index[p[:k]] for k in range(len(p) + 1)]  # root .. node
             mask[i, chain] = True
             paths_to[i] = torch.tensor(chain + [i] * (max_depth + 1 - len(chain)))
+        internal = sorted(set(parents[1:]))
+        slot = {n: i for i, n in enumerate(internal)}
+        parent_slot = [0] + [slot[p] for p in parents[1:]]
         dev = torch.device(device)
         return cls(
             paths=paths,
@@ -78,6 +83,8 @@ class DraftTree:
             ranks=torch.tensor(ranks, dtype=torch.long, device=dev),
             mask=mask.to(dev),
             paths_to=paths_to.to(dev),
+            internal=torch.tensor(internal, dtype=torch.long, device=dev),
+            parent_slot=torch.tensor(parent_slot, dtype=torch.long, device=dev),
             max_depth=max_depth,
             max_rank=max(ranks) if paths else 0,
         )
@@ -117,3 +124,14 @@ def survivors(keep: torch.Tensor, pad_index: int) -> tuple[torch.Tensor, torch.T
     valid = torch.arange(width, device=keep.device)[None, :] < counts[:, None]
     node_idx = torch.where(valid, order, torch.full_like(order, pad_index))
     return node_idx, valid
+
+
+def positions_of(node_idx: torch.Tensor, wanted: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """Where each node of ``wanted`` (B, W) sits in the row layout ``node_idx`` (B, T') of surviving nodes.
+
+    Entries of ``node_idx`` equal to ``num_nodes`` are padding; asking for a node that is not in the layout gives an
+    arbitrary position, so ask only for survivors.
+    """
+    inv = torch.zeros(node_idx.shape[0], num_nodes + 1, dtype=torch.long, device=node_idx.device)
+    inv.scatter_(1, node_idx, torch.arange(node_idx.shape[1], device=node_idx.device).expand_as(node_idx))
+    return inv.gather(1, wanted)

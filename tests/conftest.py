@@ -35,7 +35,8 @@ def tiny_hf(seed: int = 0, **overrides):
     return LlamaForCausalLM(hf_cfg).eval(), cfg
 
 
-def tiny_loaded(seed: int = 0, heads: int = 0, eos: frozenset = frozenset(), **overrides) -> LoadedModel:
+def tiny_loaded(seed: int = 0, heads: int = 0, eos: frozenset = frozenset(), early: tuple = (),
+                **overrides) -> LoadedModel:
     hf, cfg = tiny_hf(seed, **overrides)
     model = LlamaModel(cfg)
     model.load_state_dict(hf.state_dict(), strict=False)
@@ -43,6 +44,18 @@ def tiny_loaded(seed: int = 0, heads: int = 0, eos: frozenset = frozenset(), **o
     loaded = LoadedModel(name="tiny", model=model, tokenizer=None, generation_eos=eos)
     if heads:
         loaded.heads = random_heads(cfg, heads, seed=seed, lm_head=model.lm_head)
+    if early:
+        import functools
+
+        from propd.models.heads import EarlyHeads
+
+        torch.manual_seed(seed + 2)
+        blocks = EarlyHeads(cfg.hidden_size, list(early))
+        for p in blocks.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        blocks.eval().requires_grad_(False)
+        loaded.early_heads = {n: functools.partial(blocks.logits, n, norm=model.model.norm, lm_head=model.lm_head)
+                              for n in blocks.layers}
     return loaded
 
 

@@ -64,6 +64,7 @@ class LoadedModel:
     heads: MedusaHeads | None = None
     early_heads: dict[int, Any] = attrs.Factory(dict)
     generation_eos: frozenset[int] = frozenset()  # extra stop ids from generation_config.json
+    heads_path: Path | None = None  # the directory the heads came from (its report.json informs tree sizers)
 
     @property
     def config(self) -> ModelConfig:
@@ -90,6 +91,7 @@ class LoadedModel:
         heads = MedusaHeads.load(path, self.config.hidden_size, self.config.vocab_size, lm_head=self.model.lm_head)
         self.heads = heads.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         p = Path(path)
+        self.heads_path = p if p.is_dir() else p.parent
         if (p if p.is_dir() else p.parent).joinpath(EARLY_FILE).is_file():
             self.load_early_heads(p if p.is_dir() else p.parent)
         return self.heads

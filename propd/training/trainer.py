@@ -28,6 +28,7 @@ from propd.errors import PropdError
 from propd.models.heads import EarlyHeads, MedusaHeads
 
 MEDUSA_TOPK = (1, 5, 10, 50)
+CURVE_RANKS = 10  # cumulative top-1..10 per head, for tree construction (propd.strategies.tree_builder)
 EARLY_TOPK = (1, 5, 10, 50, 100, 200)
 
 
@@ -47,6 +48,7 @@ class TrainConfig:
     train_batch_tokens: int = 256
     lr: float = 1e-3
     val_fraction: float = 0.1
+    feature_dtype: str = "bfloat16"  # hidden states for training; the answers themselves come from the fp32 model
 
 
 def _log(msg: str) -> None:
@@ -164,15 +166,19 @@ def _features(model, prompt_ids, answers, cfg: TrainConfig, work: Path, log) -> 
     from tqdm import tqdm
 
     path = work / "features.pt"
-    key = {"layers": list(cfg.early_layers), "heads": cfg.num_heads, "n": len(answers)}
+    key = {"layers": list(cfg.early_layers), "heads": cfg.num_heads, "n": len(answers), "dtype": cfg.feature_dtype}
     if path.is_file():
         feats = torch.load(path, map_location="cpu", weights_only=False)
         if feats.get("key") == key:
             return feats
     log(f"[2/4] computing hidden states for {len(answers)} answers (once)")
+    import copy
+
+    from propd.models.loading import resolve_dtype
+
     K = cfg.num_heads
     final, early, targets, seq = [], {n: [] for n in cfg.early_layers}, [], []
-    m = model.model
+    m = copy.deepcopy(model.model).to(resolve_dtype(cfg.feature_dtype))
     with torch.inference_mode():
         for s in tqdm(range(0, len(answers), 8), desc="features", unit="batch", file=sys.stderr):
             rows = list(range(s, min(s + 8, len(answers))))
@@ -184,9 +190,9 @@ def _features(model, prompt_ids, answers, cfg: TrainConfig, work: Path, log) -> 
                 pos = list(range(P - 1, len(full) - 1))
                 if not pos:
                     continue
-                final.append(h[b, pos].to(torch.bfloat16))
+                final.append(h[b, pos].to(device="cpu", dtype=torch.bfloat16))
                 for n in cfg.early_layers:
-                    early[n].append(cap[n][b, pos].to(torch.bfloat16))
+                    early[n].append(cap[n][b, pos].to(device="cpu", dtype=torch.bfloat16))
                 tgt = torch.full((len(pos), K + 1), -100, dtype=torch.long)
                 for j, t in enumerate(pos):
                     for k in range(K + 1):
@@ -217,6 +223,7 @@ def evaluate(medusa, early, feats, idx, norm, lm_head, device, chunk: int = 512)
     """Top-k accuracies on positions ``idx``: Medusa head i against token t+i+2; layer n against the full model's
     next token (t+1)."""
     hits_m = torch.zeros(len(medusa.heads), len(MEDUSA_TOPK))
+    curve = torch.zeros(len(medusa.heads), CURVE_RANKS)
     count_m = torch.zeros(len(medusa.heads))
     hits_e = {n: torch.zeros(len(EARLY_TOPK)) for n in early.layers}
     count_e = 0
@@ -230,6 +237,8 @@ def evaluate(medusa, early, feats, idx, norm, lm_head, device, chunk: int = 512)
             ok = y[:, i + 1] != -100
             for k_i, k in enumerate(MEDUSA_TOPK):
                 hits_m[i, k_i] += ((top[:, :k] == y[:, i + 1: i + 2]).any(-1) & ok).sum().item()
+            match = (top[:, :CURVE_RANKS] == y[:, i + 1: i + 2]) & ok[:, None]  # (N, R)
+            curve[i] += match.cumsum(dim=1).sum(dim=0).float()
             count_m[i] += ok.sum().item()
         count_e += len(sub)
         for n in early.layers:
@@ -241,7 +250,9 @@ def evaluate(medusa, early, feats, idx, norm, lm_head, device, chunk: int = 512)
     return {
         "medusa_heads": [{"head": i, "predicts": f"t+{i + 2}", "positions": int(count_m[i]),
                           **{f"top{k}": round(float(hits_m[i, j] / max(count_m[i], 1)), 4)
-                             for j, k in enumerate(MEDUSA_TOPK)}} for i in range(len(medusa.heads))],
+                             for j, k in enumerate(MEDUSA_TOPK)},
+                          "topk_curve": [round(float(c / max(count_m[i], 1)), 4) for c in curve[i]]}
+                         for i in range(len(medusa.heads))],
         "early_layers": [{"layer": n, "positions": count_e,
                           **{f"top{k}": round(float(hits_e[n][j] / max(count_e, 1)), 4)
                              for j, k in enumerate(EARLY_TOPK)}} for n in early.layers],

@@ -1,0 +1,168 @@
+"""ProPD's components: early pruners, the tree builder, the cost regression and the dynamic sizer."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import tiny_loaded
+from propd import Decoder, DraftTree, PropdError
+from propd.strategies.dynamic import CostModel, DynamicConfig, DynamicSizer, weighted_line
+from propd.strategies.early_prune import EarlyProbConfig, EarlyProbPruner, EarlyTopKConfig, EarlyTopKPruner
+from propd.strategies.tree_builder import best_tree, rank_probabilities
+from strategies_ht import tree_paths
+
+MODEL = tiny_loaded(seed=4, heads=4, early=(1, 2))
+
+
+def prompts_from(seed, lens):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, MODEL.config.vocab_size, (n,), generator=g).tolist() for n in lens]
+
+
+def ar(prompts, n):
+    return Decoder(MODEL, preset="ar").generate_ids(prompts, max_new_tokens=n).token_ids
+
+
+@pytest.mark.parametrize("preset", ["propd", "propd-prune-only", "propd-dynamic-only"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_propd_presets_are_lossless(preset, batch):
+    prompts = prompts_from(batch, [3, 8, 5, 11][:batch])
+    overrides = {}
+    if preset != "propd-dynamic-only":
+        overrides["pruners"] = [("early-topk", {"layer": 2, "k": 8})]
+    res = Decoder(MODEL, preset=preset, **overrides).generate_ids(prompts, max_new_tokens=24)
+    assert res.token_ids == ar(prompts, 24)
+    if preset == "propd-prune-only":
+        assert any(s.nodes_after_pruning < s.tree_nodes for s in res.stats)  # it really pruned
+
+
+@given(paths=tree_paths(max_nodes=16), k=st.integers(1, 40), seed=st.integers(0, 1000),
+       threshold=st.sampled_from([1e-4, 1e-2, 0.2]), prob=st.booleans())
+def test_early_pruning_is_lossless_on_random_trees(paths, k, seed, threshold, prob):
+    prompts = prompts_from(seed, [2 + seed % 7, 5])
+    pruner = (("early-prob", {"layer": 1, "threshold": threshold}) if prob else ("early-topk", {"layer": 1, "k": k}))
+    dec = Decoder(MODEL, preset="medusa", sizer=("static", {"tree": tuple(paths)}), pruners=[pruner])
+    assert dec.generate_ids(prompts, max_new_tokens=10).token_ids == ar(prompts, 10)
+
+
+def _hidden_ctx(tree, batch=2, seed=0):
+    from propd.types import StepContext
+
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, tree.num_nodes, MODEL.config.hidden_size, generator=g)
+    ctx = StepContext(step=0, row_ids=tuple(range(batch)), lengths=torch.zeros(batch, dtype=torch.long),
+                      host_lengths=(0,) * batch, num_generated=(1,) * batch, roots=torch.zeros(batch, dtype=torch.long),
+                      last_hidden=hidden[:, 0], heads=None, early_heads=MODEL.early_heads, vocab_size=128,
+                      device=torch.device("cpu"))
+    node_idx = torch.arange(tree.num_nodes).expand(batch, -1)
+    return ctx, hidden, node_idx
+
+
+def test_topk_pruner_keeps_exactly_the_children_in_their_parents_topk():
+    tree = DraftTree.from_paths([(0,), (1,), (0, 0), (0, 1), (1, 0)])
+    ctx, hidden, node_idx = _hidden_ctx(tree)
+    logits = MODEL.early_heads[1](hidden)  # (B, T, V)
+    top3 = logits.topk(3, dim=-1).indices
+    tokens = torch.tensor([[5, int(top3[0, 0, 1]), 99, int(top3[0, 1, 2]), 7, 8],
+                           [5, int(top3[1, 0, 0]), int(top3[1, 0, 2]), 1, 2, int(top3[1, 2, 0])]])
+    pruner = EarlyTopKPruner(EarlyTopKConfig(layer=1, k=3))
+    keep = pruner.propd_prune(ctx, tree, tokens, 1, hidden, node_idx, torch.ones_like(tokens, dtype=torch.bool))
+    expect = torch.zeros_like(keep)
+    for b in range(2):
+        expect[b, 0] = True
+        for j in range(1, tree.num_nodes):
+            expect[b, j] = bool((top3[b, int(tree.parents[j])] == tokens[b, j]).any())
+    assert torch.equal(keep, expect)
+    assert pruner.propd_prune(ctx, tree, tokens, 2, hidden, node_idx, None) is None  # other layers: no opinion
+    closed = tree.keep_closure(keep)
+    for b in range(2):
+        for j in range(1, tree.num_nodes):
+            assert not closed[b, j] or closed[b, int(tree.parents[j])]  # never a node without its parent
+
+
+def test_prob_pruner_thresholds_path_probability():
+    tree = DraftTree.chain(3)
+    ctx, hidden, node_idx = _hidden_ctx(tree, batch=1)
+    logp = torch.log_softmax(MODEL.early_heads[1](hidden), dim=-1)[0]  # (T, V)
+    tokens = torch.tensor([[1, int(logp[0].argmax()), int(logp[1].argmax()), int(logp[2].argmin())]])
+    path = [0.0]
+    for j in range(1, 4):
+        path.append(path[-1] + float(logp[j - 1, tokens[0, j]]))
+    thr = math.exp((path[2] + path[3]) / 2)  # between the last two path probabilities
+    keep = EarlyProbPruner(EarlyProbConfig(layer=1, threshold=thr)).propd_prune(
+        ctx, tree, tokens, 1, hidden, node_idx, None)
+    assert keep[0].tolist() == [True, path[1] >= math.log(thr), True, False]
+    capped = EarlyProbPruner(EarlyProbConfig(layer=1, threshold=1e-30, max_nodes=2)).propd_prune(
+        ctx, tree, tokens, 1, hidden, node_idx, None)
+    assert capped[0].tolist() == [True, True, False, False]
+
+
+def test_pruners_need_their_early_head():
+    with pytest.raises(PropdError, match="early head for that layer"):
+        Decoder(MODEL, preset="propd-prune-only", pruners=[("early-topk", {"layer": 3})])
+    with pytest.raises(PropdError, match="out of range"):
+        Decoder(tiny_loaded(seed=4, heads=4, early=(1, 2), num_layers=2), preset="propd-prune-only",
+                pruners=[("early-topk", {"layer": 2})])
+    with pytest.raises(PropdError, match="bad options"):
+        Decoder(MODEL, preset="propd", pruners=[("early-topk", {"k": 0})])
+
+
+def test_best_tree_is_connected_and_greedy():
+    p = rank_probabilities([[0.6, 0.8, 0.9], [0.4, 0.6, 0.7], [0.3, 0.4, 0.5]])
+    assert [round(x, 6) for x in p[0]] == [0.6, 0.2, 0.1]
+    paths, values = best_tree(p, 10)
+    assert len(paths) == 9 and values == sorted(values, reverse=True)
+    assert paths[:3] == [(0,), (0, 0), (1,)]  # 0.6, 0.24, 0.2
+    DraftTree.from_paths(paths)  # every prefix present (raises otherwise)
+
+
+def test_weighted_regression_fits_known_lines():
+    x = torch.tensor([1.0, 4, 8, 16, 32], dtype=torch.float64)
+    b0, b1 = weighted_line(x, 0.02 + 0.003 * x, torch.ones(5, dtype=torch.float64))
+    assert b0 == pytest.approx(0.02) and b1 == pytest.approx(0.003)
+    y = 0.02 + 0.003 * x
+    y[0] = 5.0  # an outlier with (almost) no weight barely moves the fit
+    b0, b1 = weighted_line(x, y, torch.tensor([1e-9, 1, 1, 1, 1], dtype=torch.float64))
+    assert b0 == pytest.approx(0.02, abs=1e-6) and b1 == pytest.approx(0.003, abs=1e-7)
+    cm = CostModel(alpha=1.0, lam=0.5)
+    for s in (1, 8, 32):
+        cm.observe(s, 0.01 + 0.001 * s)
+    assert cm.estimate(16) == pytest.approx(0.026, rel=1e-3)
+
+
+def _drive(cost_per_node, steps=120):
+    """Feed the sizer synthetic step times t(i) = 10 ms + cost_per_node * i and perfect-ish acceptance."""
+    from propd.types import Acceptance, StepStats
+
+    sizer = DynamicSizer(DynamicConfig(sizes=(1, 4, 16, 64), explore_steps=2, refresh=4))
+    sizer.propd_setup(MODEL)
+    sizer.P = [[0.7, 0.8, 0.85, 0.9, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97]] * 4  # heads that are often right
+    ctx, _, _ = _hidden_ctx(DraftTree.chain(0), batch=1)
+    for step in range(steps):
+        tree = sizer.propd_tree(ctx)
+        stats = StepStats(step=step, batch_size=1, row_ids=(0,), context_len=0, tree_nodes=tree.num_nodes,
+                          nodes_after_pruning=tree.num_nodes, accepted=(1,),
+                          step_time_s=0.010 + cost_per_node * tree.num_nodes)
+        acc = Acceptance(best=torch.zeros(1, dtype=torch.long), accept_len=torch.zeros(1, dtype=torch.long),
+                         bonus=torch.zeros(1, dtype=torch.long))
+        cost = sizer.costs[sizer.key]
+        cost.observe(tree.num_nodes, stats.step_time_s)  # the cost half of propd_after_step
+    return sizer.history[-20:]
+
+
+def test_dynamic_sizer_picks_small_trees_when_cost_grows_fast_and_large_when_flat():
+    assert set(_drive(cost_per_node=0.050)) == {1}  # a node costs 5x a base step: l(i)/T(i) is best at 1
+    assert set(_drive(cost_per_node=0.00001)) == {64}  # nodes are nearly free: the biggest tree wins
+
+
+def test_dynamic_sizer_learns_acceptance_online():
+    dec = Decoder(MODEL, preset="propd-dynamic-only")
+    sizer = next(obj for role, obj in dec.components if role == "sizer")
+    before = [row[:] for row in sizer.P]
+    prompts = prompts_from(9, [4, 6])
+    assert dec.generate_ids(prompts, max_new_tokens=30).token_ids == ar(prompts, 30)
+    assert sizer.P != before and all(0.0 <= p <= 1.0 for row in sizer.P for p in row)
+    assert all(row == sorted(row) for row in sizer.P)  # cumulative top-k estimates stay monotone in k
