@@ -43,11 +43,25 @@ def test_ar_batch_equals_transformers_generate(model):
 @pytest.mark.parametrize("preset", ["bpd", "medusa"])
 def test_tree_presets_with_random_heads_equal_ar(model, preset, tmp_path):
     random_heads(model.config, 4, lm_head=model.model.lm_head).save(tmp_path)
-    model.load_heads(tmp_path)
+    other = load_model(DEFAULT_MODEL, heads=tmp_path)
     ar = Decoder(model, preset="ar").generate(PROMPTS, max_new_tokens=16)
-    tree = Decoder(model, preset=preset).generate(PROMPTS, max_new_tokens=16)
+    tree = Decoder(other, preset=preset).generate(PROMPTS, max_new_tokens=16)
     assert tree.token_ids == ar.token_ids
-    model.heads = None
+
+
+def test_shipped_heads_load_with_the_default_model(model):
+    assert model.heads is not None and model.heads.num_heads == 4
+    assert sorted(model.early_heads) == [1, 2, 3, 4, 5, 6]
+    assert load_model(DEFAULT_MODEL, heads="none").heads is None
+
+
+@pytest.mark.parametrize("preset", ["bpd", "medusa", "propd", "propd-prune-only", "propd-dynamic-only"])
+def test_presets_with_shipped_heads_equal_ar_and_accept_more_than_one(model, preset):
+    ar = Decoder(model, preset="ar").generate(PROMPTS, max_new_tokens=24)
+    res = Decoder(model, preset=preset).generate(PROMPTS, max_new_tokens=24)
+    assert res.token_ids == ar.token_ids
+    if preset in ("bpd", "medusa"):
+        assert sum(res.new_tokens) / sum(res.steps) > 1.0  # the trained heads are right some of the time
 
 
 def test_cli_json_on_default_model(capsys):

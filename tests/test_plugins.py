@@ -17,8 +17,9 @@ MODEL = tiny_loaded(seed=0, heads=2)
 
 def test_builtin_components_are_registered():
     reg = Registry(entry_points=False)
-    assert reg.names("sizer") == ["static"] and reg.names("proposer") == ["medusa"]
-    assert reg.names("verifier") == ["greedy"]
+    assert reg.names("sizer") == ["medusa-heuristic", "propd-dynamic", "static"]
+    assert reg.names("proposer") == ["medusa"] and reg.names("verifier") == ["greedy"]
+    assert reg.names("pruner") == ["early-prob", "early-topk"]
 
 
 def test_unknown_names_and_options_are_refused():

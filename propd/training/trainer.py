@@ -48,7 +48,7 @@ class TrainConfig:
     train_batch_tokens: int = 256
     lr: float = 1e-3
     val_fraction: float = 0.1
-    feature_dtype: str = "bfloat16"  # hidden states for training; the answers themselves come from the fp32 model
+    feature_dtype: str = "float32"  # dtype of the model pass that computes training features (stored as bf16)
 
 
 def _log(msg: str) -> None:
@@ -134,7 +134,9 @@ def train_heads(cfg: TrainConfig, log: Callable[[str], None] = _log) -> dict:
                    unit="batch", file=sys.stderr)
         for s in bar:
             idx = order[s: s + cfg.train_batch_tokens]
-            with torch.autocast("cpu" if model.device.type == "cpu" else "cuda", dtype=torch.bfloat16):
+            # bf16 autocast on CUDA only: on CPUs whose torch build lacks fast bf16 GEMMs (measured on this
+            # project's 2-core machine: several times slower than fp32) it would dominate the run
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
                 loss = _loss(medusa, early, feats, idx, norm, lm_head, model.device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -156,6 +158,9 @@ def train_heads(cfg: TrainConfig, log: Callable[[str], None] = _log) -> dict:
                    "train_positions": len(train_idx), "val_positions": len(val_idx),
                    "wall_time_s": round(time.perf_counter() - t_start, 1)})
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    from propd.training.plots import plot_early_topk
+
+    plot_early_topk(report, out / "early_topk.png")
     log(f"heads written to {out} ({report['wall_time_s']:.0f}s this run)")
     return report
 

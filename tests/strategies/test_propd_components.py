@@ -166,3 +166,20 @@ def test_dynamic_sizer_learns_acceptance_online():
     assert dec.generate_ids(prompts, max_new_tokens=30).token_ids == ar(prompts, 30)
     assert sizer.P != before and all(0.0 <= p <= 1.0 for row in sizer.P for p in row)
     assert all(row == sorted(row) for row in sizer.P)  # cumulative top-k estimates stay monotone in k
+
+
+def test_medusa_heuristic_builds_the_requested_tree_from_a_report(tmp_path):
+    import json
+
+    report = tmp_path / "report.json"
+    curves = [[0.5, 0.6, 0.7, 0.75, 0.8, 0.82, 0.84, 0.86, 0.88, 0.9], [0.3, 0.4, 0.5, 0.55, 0.6, 0.62, 0.64, 0.66,
+                                                                        0.68, 0.7]] * 2
+    report.write_text(json.dumps({"medusa_heads": [{"head": i, "topk_curve": c} for i, c in enumerate(curves)]}))
+    dec = Decoder(MODEL, preset="medusa", sizer=("medusa-heuristic", {"size": 12, "accuracies": str(report)}))
+    sizer = next(obj for role, obj in dec.components if role == "sizer")
+    assert len(sizer.paths) == 11 and sizer.paths[0] == (0,)
+    prompts = prompts_from(3, [5, 2])
+    res = dec.generate_ids(prompts, max_new_tokens=16)
+    assert res.token_ids == ar(prompts, 16) and all(s.tree_nodes == 12 for s in res.stats)
+    with pytest.raises(PropdError, match="top-k accuracies"):
+        Decoder(MODEL, preset="medusa", sizer=("medusa-heuristic", {"size": 12}))  # no report beside random heads
