@@ -58,8 +58,9 @@ class _EarlyPruner:
     def propd_prune_layer(self):
         return self.layer
 
-    def _parent_logits(self, ctx, tree, hidden, node_idx) -> torch.Tensor:
-        """Early-head logits (B, T-1, V) at each non-root node's parent, computed once per internal node."""
+    def _parent_logits(self, ctx, tree, hidden, node_idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """Early-head logits (B, I, V) of the I internal nodes, and the index (T-1,) of each non-root node's parent
+        among them: the projection runs once per internal node, not once per child."""
         B = hidden.shape[0]
         pos = positions_of(node_idx, tree.internal.expand(B, -1), tree.num_nodes)  # (B, I)
         h = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, I, H)
