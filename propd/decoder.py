@@ -182,7 +182,7 @@ class Decoder:
                 tokens = self.pm.hook.propd_propose(ctx=ctx, tree=tree)  # (B, T)
             else:
                 tokens = roots[:, None]
-            cache.reserve(max(cache.host_lengths) + T + 1)
+            cache.reserve(ctx_len + T + 1)
             B = len(live)
             node_idx = torch.arange(T, device=m.device).expand(B, T)
             valid = torch.ones(B, T, dtype=torch.bool, device=m.device)
@@ -229,8 +229,9 @@ class Decoder:
                         break
                 accepts[r].append(len(out[r]) - before)
                 gained.append(a + 1)
-            st = StepStats(step=step, batch_size=B, row_ids=tuple(live), context_len=ctx_len, tree_nodes=T, nodes_after_pruning=sum(row[1] for row in info) / B,
-                           accepted=tuple(gained), step_time_s=time.perf_counter() - t_step)
+            st = StepStats(step=step, batch_size=B, row_ids=tuple(live), context_len=ctx_len, tree_nodes=T,
+                           nodes_after_pruning=sum(row[1] for row in info) / B, accepted=tuple(gained),
+                           step_time_s=time.perf_counter() - t_step)
             stats.append(st)
             self.pm.hook.propd_after_step(ctx=ctx, tree=tree, acceptance=acc, stats=st, tokens=tokens)
             step += 1

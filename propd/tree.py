@@ -36,6 +36,13 @@ def _normalize_paths(paths: Iterable[Sequence[int]]) -> tuple[tuple[int, ...], .
     return tuple(sorted(uniq, key=lambda p: (len(p), p)))
 
 
+def chain_paths(length: int) -> tuple[tuple[int, ...], ...]:
+    """Paths of a chain of ``length`` top-1 guesses."""
+    if length < 0:
+        raise PropdError(f"chain length must be >= 0, got {length}")
+    return tuple((0,) * d for d in range(1, length + 1))
+
+
 @attrs.frozen(eq=False)
 class DraftTree:
     """The shape of a token tree (topology and head ranks), with its device tensors."""
@@ -92,12 +99,7 @@ class DraftTree:
     @classmethod
     def chain(cls, length: int, device: torch.device | str = "cpu") -> "DraftTree":
         """A chain of ``length`` guessed tokens (top-1 of each head): BPD (Stern et al. 2018)."""
-        if length < 0:
-            raise PropdError(f"chain length must be >= 0, got {length}")
-        return cls.from_paths([(0,) * d for d in range(1, length + 1)], device=device)
-
-    def to(self, device: torch.device | str) -> "DraftTree":
-        return DraftTree.from_paths(self.paths, device=device)
+        return cls.from_paths(chain_paths(length), device=device)
 
     def keep_closure(self, keep: torch.Tensor) -> torch.Tensor:
         """Close a (B, T) keep-mask under ancestry: a node survives only if it and all its ancestors do.

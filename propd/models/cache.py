@@ -25,10 +25,6 @@ class KVCache:
     def capacity(self) -> int:
         return self.k.shape[3]
 
-    @property
-    def batch(self) -> int:
-        return self.k.shape[1]
-
     def reserve(self, capacity: int) -> None:
         """Grow the buffers (rarely: only when a sizer picks a tree larger than the initial slack)."""
         if capacity <= self.capacity:

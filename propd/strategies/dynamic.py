@@ -179,15 +179,11 @@ class DynamicSizer:
         # a neutral prior (no pre-characterization): rank r of head i right with a chance that falls with both
         self.P = [[min(1.0, 0.5 / (i + 1) * (1 + k) / (1 + k + 1)) for k in range(R)] for i in range(K)]
 
-    def expected_lengths(self) -> tuple[list[tuple[int, ...]], list[float]]:
-        paths, values = best_tree(rank_probabilities(self.P), max(self.sizes))
-        return paths, values
-
-    def choose(self, cost: CostModel) -> int:
+    def choose(self, cost: CostModel, values: list[float]) -> int:
+        """The size maximizing l(i) / T_est(i); ``values`` are the node values of the largest best tree."""
         untried = [s for s in self.sizes if cost.n.get(s, 0) < self.cfg.explore_steps]
         if untried:
             return untried[0]
-        _, values = self.expected_lengths()
         best, best_rate = 1, -1.0
         for s in self.sizes:
             l_i = 1.0 + sum(values[: s - 1])
@@ -201,13 +197,15 @@ class DynamicSizer:
         key = (ctx.batch_size, max(ctx.host_lengths) // self.cfg.context_bucket)
         cost = self.costs.setdefault(key, CostModel(self.cfg.alpha, self.cfg.lam))
         exploring = any(cost.n.get(s, 0) < self.cfg.explore_steps for s in self.sizes)
+        # best-first search pops nodes in a fixed order, so the best tree of size s is the first s-1 paths of the
+        # largest one: one search serves both the choice and the tree
+        paths, values = best_tree(rank_probabilities(self.P), max(self.sizes))
         if key != self.key or self.since >= self.cfg.refresh or exploring:
             self.key, self.since = key, 0
-            self.size = self.choose(cost)
+            self.size = self.choose(cost, values)
         self.since += 1
         self.history.append(self.size)
-        paths, _ = best_tree(rank_probabilities(self.P), self.size)
-        return self.cache.get(paths, ctx.device)
+        return self.cache.get(paths[: self.size - 1], ctx.device)
 
     @hookimpl
     def propd_after_step(self, ctx, tree, acceptance, stats, tokens):

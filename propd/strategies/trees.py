@@ -8,6 +8,7 @@ top-10 guesses per head.
 from __future__ import annotations
 
 from propd.errors import PropdError
+from propd.tree import chain_paths
 
 MC_SIM_7B_63 = (
     (0,), (0, 0), (1,), (0, 1), (2,), (0, 0, 0), (1, 0), (0, 2), (3,), (0, 3), (4,), (0, 4), (2, 0), (0, 5),
@@ -34,5 +35,5 @@ def tree_paths(spec: str | list | tuple) -> tuple[tuple[int, ...], ...]:
             n = -1
         if n < 0:
             raise PropdError(f"bad chain tree {spec!r}: use chain:N with N >= 0")
-        return tuple((0,) * d for d in range(1, n + 1))
+        return chain_paths(n)
     raise PropdError(f"unknown tree {spec!r} (known: {', '.join(NAMED_TREES)}, chain:N, or a list of paths)")

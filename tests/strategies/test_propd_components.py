@@ -117,6 +117,10 @@ def test_best_tree_is_connected_and_greedy():
     assert len(paths) == 9 and values == sorted(values, reverse=True)
     assert paths[:3] == [(0,), (0, 0), (1,)]  # 0.6, 0.24, 0.2
     DraftTree.from_paths(paths)  # every prefix present (raises otherwise)
+    for size in range(1, 40):  # the dynamic sizer takes a size-s tree as a prefix of the largest search
+        small, small_values = best_tree(p, size)
+        big, big_values = best_tree(p, 40)
+        assert small == big[: size - 1] and small_values == big_values[: size - 1]
 
 
 def test_weighted_regression_fits_known_lines():
