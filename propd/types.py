@@ -29,17 +29,28 @@ class StepContext:
     def batch_size(self) -> int:
         return len(self.row_ids)
 
-    def head_topk(self, k: int) -> torch.Tensor:
-        """Token ids (B, K, k) of each Medusa head's k most likely guesses, computed once per step and shared by
-        every strategy that asks (the K vocabulary projections are a large part of a step's cost)."""
+    def head_logits(self) -> torch.Tensor:
+        """Logits (B, K, V) of the K Medusa heads on ``last_hidden``, computed at most once per step and shared by
+        every strategy that asks (the heads' vocabulary projection is a large part of a small model's step)."""
         if self.heads is None:
             raise ValueError("no Medusa heads are loaded")
+        logits = self._memo.get("head_logits")
+        if logits is None:
+            logits = self._memo["head_logits"] = self.heads(self.last_hidden)
+        return logits
+
+    def head_topk(self, k: int) -> torch.Tensor:
+        """Token ids (B, K, k) of each Medusa head's k most likely guesses (best first), from :meth:`head_logits`."""
         have = self._memo.get("head_topk")
         if have is None or have.shape[-1] < k:
-            logits = self.heads(self.last_hidden)  # (B, K, V)
-            have = logits.topk(max(k, 1), dim=-1).indices
+            logits = self.head_logits()
+            have = logits.topk(min(max(k, 16), logits.shape[-1]), dim=-1).indices  # one top-k serves all callers
             self._memo["head_topk"] = have
         return have[..., :k]
+
+    def heads_computed(self) -> bool:
+        """Whether some strategy already paid for the heads this step."""
+        return "head_logits" in self._memo
 
 
 @attrs.frozen(eq=False)

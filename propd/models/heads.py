@@ -61,15 +61,12 @@ class MedusaHeads(nn.Module):
         self._shared = [lm_head]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        outs = []
-        for head in self.heads:
-            h = head(hidden)
-            if not self.own_lm_head:
-                if self._shared[0] is None:
-                    raise PropdError("these Medusa heads share the base model's lm_head, but none is attached")
-                h = self._shared[0](h)
-            outs.append(h)
-        return torch.stack(outs, dim=-2)  # (.., K, V)
+        x = torch.stack([head(hidden) for head in self.heads], dim=-2)  # (.., K, H)
+        if self.own_lm_head:
+            return x  # each ResBlock ended in its own vocabulary projection
+        if self._shared[0] is None:
+            raise PropdError("these Medusa heads share the base model's lm_head, but none is attached")
+        return self._shared[0](x)  # one projection for all K heads: the weights are read once, not K times
 
     # ----------------------------------------------------------------------------------- checkpoints
 

@@ -9,13 +9,21 @@ size chosen to maximize expected accepted tokens per second:
 
 * acceptance: for head i and rank k, ``P_i^k <- (1 - alpha) P_i^k + alpha * 1(true token in TopK_i)``, updated
   from each verified token; ``p_i^k = P_i^k - P_i^{k-1}``; the best tree of size i holds the i most valuable nodes
-  and its expected accepted length is ``l(i) = 1 + sum of their values``;
+  and its expected accepted length is ``l(i) = 1 + c * sum of their values``, where c (1 in the paper) is the
+  measured / predicted accepted guesses of recent tree steps (see ``DynamicSizer.calibration``);
 * cost: ``T_perf^i <- (1 - alpha) T_perf^i + alpha * t_i`` for every size tried, and a weighted least-squares line
   ``T_est(i) = beta0 + beta1 * i`` with weights ``W_i = exp(-lambda * o_i)``, o_i the steps since size i was last
   measured (closed form);
 * the size in S maximizing ``l(i) / T_est(i)`` is chosen, again whenever the live batch size or the context-length
-  bucket changes and every ``refresh`` steps; each (batch size, bucket) keeps its own cost model, sizes not yet
-  measured are tried first, and the 1-node tree (a plain AR step) is always a candidate.
+  bucket changes and every ``refresh`` steps; the 1-node tree (a plain AR step) is always a candidate.
+
+Exploration is kept cheap, since on a small model every step spent on a bad size is lost time: the first
+(batch size, bucket) measures only ``explore`` sizes (one step each) before trusting the line; a new key starts
+from the previous key's measurements as a prior (replaced by the first fresh measurement of each size, and
+down-weighted by age) instead of exploring again. While the choice is the 1-node tree the heads are not run at
+all (their cost would otherwise be hidden outside T(1)); every ``probe_every`` steps one step of the other regime
+(a ``probe_size`` tree while at 1 node, a 1-node step while at a tree) keeps both estimates fresh. The line is
+fitted over tree sizes >= 2 only; the 1-node step's own measured time stands for T(1) (see ``CostModel``).
 
 Step times are the decoder's wall-clock times of whole steps, pruning included, so the two ProPD techniques compose.
 """
@@ -105,12 +113,15 @@ class MedusaHeuristicSizer:
 @attrs.frozen
 class DynamicConfig:
     sizes: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)  # S, nodes including the root
-    alpha: float = 0.05  # EMA rate of the acceptance and step-time estimates
+    alpha: float = 0.05  # EMA rate of the acceptance estimates
+    time_alpha: float = 0.3  # EMA rate of the per-size step times (steps are few per size)
     lam: float = 0.05  # lambda: weight decay of old step-time measurements, per step of age
     refresh: int = 16  # re-choose at least this often (steps)
     context_bucket: int = 256  # re-choose when the longest context crosses a multiple of this
     max_rank: int = 10
-    explore_steps: int = 2  # measurements of each size before trusting the line
+    explore: tuple[int, ...] = (1, 8, 64)  # sizes measured once before the first choice
+    probe_every: int = 32  # one step of the other regime (1 node vs a tree) this often
+    probe_size: int = 8
 
 
 class CostModel:
@@ -119,30 +130,42 @@ class CostModel:
     def __init__(self, alpha: float, lam: float):
         self.alpha, self.lam = alpha, lam
         self.t: dict[int, float] = {}  # T_perf^i
-        self.n: dict[int, int] = {}  # measurements per size
-        self.last: dict[int, int] = {}  # step of the last measurement
+        self.n: dict[int, int] = {}  # fresh measurements per size (0 for a prior inherited from another key)
+        self.last: dict[int, int] = {}  # clock of the last measurement
         self.clock = 0
+
+    def seeded_from(self, other: "CostModel") -> "CostModel":
+        """A copy of ``other``'s estimates as a prior: kept with their ages, replaced by fresh measurements."""
+        self.t, self.last, self.clock = dict(other.t), dict(other.last), other.clock
+        self.n = {s: 0 for s in other.t}
+        return self
 
     def observe(self, size: int, seconds: float) -> None:
         self.clock += 1
-        old = self.t.get(size)
-        self.t[size] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+        fresh = self.n.get(size, 0) == 0
+        self.t[size] = seconds if fresh else (1 - self.alpha) * self.t[size] + self.alpha * seconds
         self.n[size] = self.n.get(size, 0) + 1
         self.last[size] = self.clock
 
     def fit(self) -> tuple[float, float] | None:
-        """(beta0, beta1) of the weighted fit, or None with fewer than two sizes measured."""
-        if len(self.t) < 2:
+        """(beta0, beta1) of the weighted fit over tree sizes >= 2, or None with fewer than two measured."""
+        sizes = [s for s in self.t if s > 1]
+        if len(sizes) < 2:
             return None
-        xs = torch.tensor(list(self.t), dtype=torch.float64)
-        ys = torch.tensor([self.t[s] for s in self.t], dtype=torch.float64)
-        w = torch.tensor([math.exp(-self.lam * (self.clock - self.last[s])) for s in self.t], dtype=torch.float64)
+        xs = torch.tensor(sizes, dtype=torch.float64)
+        ys = torch.tensor([self.t[s] for s in sizes], dtype=torch.float64)
+        w = torch.tensor([math.exp(-self.lam * (self.clock - self.last[s])) for s in sizes], dtype=torch.float64)
         return weighted_line(xs, ys, w)
 
     def estimate(self, size: int) -> float:
+        """T_est(size). The 1-node step is not on the line: it runs no heads and no tree, and on CPUs its
+        matrix-vector products take a different (faster per row) kernel path than any tree's, so its measured time
+        is used as is. Tree sizes use the weighted line, never below half the fastest measured step."""
+        if size == 1 or size not in self.t and self.fit() is None:
+            return self.t.get(size, float("inf"))
         fit = self.fit()
         if fit is None:
-            return self.t.get(size, float("inf"))
+            return self.t[size]
         b0, b1 = fit
         floor = min(self.t.values()) * 0.5  # a line fitted through noise must not promise free steps
         return max(b0 + b1 * size, floor)
@@ -163,13 +186,27 @@ class DynamicSizer:
             raise PropdError("propd-dynamic needs candidate sizes >= 1")
         self.cfg = config
         self.sizes = sorted(set(config.sizes) | {1})
+        self.explore = [s for s in sorted(set(config.explore)) if s in self.sizes] or [1]
+        larger = [s for s in self.sizes if s > 1]
+        self.probe = min(larger, key=lambda s: abs(s - config.probe_size)) if larger else 1
         self.P: list[list[float]] = []  # P[i][k]: EMA of P(true token within head i's top k+1)
         self.costs: dict[tuple[int, int], CostModel] = {}
         self.key: tuple[int, int] | None = None
         self.size = 1
         self.since = 0
+        self.idle = 0  # steps since the last probe
         self.cache = _TreeCache()
-        self.history: list[int] = []  # size chosen at each step (for analysis)
+        self.history: list[int] = []  # tree size used at each step (for analysis)
+        self._best: tuple[list, list] | None = None  # best_tree() of the current acceptance estimates
+        self._gain = [0.0, 0.0]  # EMAs of measured and predicted accepted guesses per tree step
+
+    @property
+    def calibration(self) -> float:
+        """Measured / predicted accepted guesses on tree steps (1 until measured). The product-of-ranks model
+        assumes every head's guesses fit every path, but head i's guesses follow the most likely continuation, so
+        it over-promises for large trees of weak heads; scaling l(i) - 1 by this ratio keeps choices honest."""
+        measured, predicted = self._gain
+        return measured / predicted if predicted > 0 else 1.0
 
     @hookimpl
     def propd_setup(self, model):
@@ -179,14 +216,21 @@ class DynamicSizer:
         # a neutral prior (no pre-characterization): rank r of head i right with a chance that falls with both
         self.P = [[min(1.0, 0.5 / (i + 1) * (1 + k) / (1 + k + 1)) for k in range(R)] for i in range(K)]
 
+    def _exploring(self, cost: CostModel) -> int | None:
+        if len(self.costs) > 1 or any(n == 0 for n in cost.n.values()):
+            return None  # a later key: it has a prior
+        untried = [s for s in self.explore if cost.n.get(s, 0) == 0]
+        return untried[0] if untried else None
+
     def choose(self, cost: CostModel, values: list[float]) -> int:
         """The size maximizing l(i) / T_est(i); ``values`` are the node values of the largest best tree."""
-        untried = [s for s in self.sizes if cost.n.get(s, 0) < self.cfg.explore_steps]
-        if untried:
-            return untried[0]
+        first = self._exploring(cost)
+        if first is not None:
+            return first
         best, best_rate = 1, -1.0
+        c = self.calibration
         for s in self.sizes:
-            l_i = 1.0 + sum(values[: s - 1])
+            l_i = 1.0 + c * sum(values[: s - 1])
             rate = l_i / cost.estimate(s)
             if rate > best_rate:
                 best, best_rate = s, rate
@@ -195,25 +239,42 @@ class DynamicSizer:
     @hookimpl
     def propd_tree(self, ctx):
         key = (ctx.batch_size, max(ctx.host_lengths) // self.cfg.context_bucket)
-        cost = self.costs.setdefault(key, CostModel(self.cfg.alpha, self.cfg.lam))
-        exploring = any(cost.n.get(s, 0) < self.cfg.explore_steps for s in self.sizes)
+        cost = self.costs.get(key)
+        if cost is None:
+            cost = CostModel(self.cfg.time_alpha, self.cfg.lam)
+            if self.key in self.costs:
+                cost.seeded_from(self.costs[self.key])
+            self.costs[key] = cost
         # best-first search pops nodes in a fixed order, so the best tree of size s is the first s-1 paths of the
         # largest one: one search serves both the choice and the tree
-        paths, values = best_tree(rank_probabilities(self.P), max(self.sizes))
-        if key != self.key or self.since >= self.cfg.refresh or exploring:
+        if self._best is None:  # searched again only after the acceptance estimates moved
+            self._best = best_tree(rank_probabilities(self.P), max(self.sizes))
+        paths, values = self._best
+        if key != self.key or self.since >= self.cfg.refresh:
             self.key, self.since = key, 0
             self.size = self.choose(cost, values)
+            if self._exploring(cost) is not None:
+                self.since = self.cfg.refresh - 1  # an exploration step: choose again right after it
         self.since += 1
-        self.history.append(self.size)
-        return self.cache.get(paths[: self.size - 1], ctx.device)
+        size = self.size
+        self.idle += 1
+        if self.idle >= self.cfg.probe_every:  # keep the other regime's estimates fresh
+            size, self.idle = (self.probe if size == 1 else 1), 0
+        self.history.append(size)
+        return self.cache.get(paths[: size - 1], ctx.device)
 
     @hookimpl
     def propd_after_step(self, ctx, tree, acceptance, stats, tokens):
         cost = self.costs.get(self.key)
         if cost is not None:
             cost.observe(tree.num_nodes, stats.step_time_s)
-        if ctx.heads is None:
-            return
+        if ctx.heads is None or not ctx.heads_computed():
+            return  # a 1-node step ran no heads; running them here would cost time that T(1) never sees
+        if tree.num_nodes > 1 and self._best is not None:
+            predicted = sum(self._best[1][: tree.num_nodes - 1])
+            measured = sum(stats.accepted) / len(stats.accepted) - 1.0
+            a = self.cfg.alpha
+            self._gain = [(1 - a) * self._gain[0] + a * measured, (1 - a) * self._gain[1] + a * predicted]
         R, K = self.cfg.max_rank, len(self.P)
         top = ctx.head_topk(R)  # (B, K, R): the proposer's guesses this step (computed once, shared)
         path = tree.paths_to[acceptance.best]  # (B, D+1)
@@ -232,6 +293,7 @@ class DynamicSizer:
             count, obs = int(row[0]), row[1:]
             for _ in range(count):  # one EMA update per verified token
                 self.P[i] = [(1 - a) * p + a * o for p, o in zip(self.P[i], obs)]
+        self._best = None
 
 
 @hookimpl

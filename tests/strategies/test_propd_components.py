@@ -135,17 +135,19 @@ def test_weighted_regression_fits_known_lines():
     for s in (1, 8, 32):
         cm.observe(s, 0.01 + 0.001 * s)
     assert cm.estimate(16) == pytest.approx(0.026, rel=1e-3)
+    cm.observe(1, 0.5)  # the 1-node step is off the line (no heads, another kernel path): its own time stands
+    assert cm.estimate(1) == 0.5 and cm.estimate(16) == pytest.approx(0.026, rel=1e-3)
 
 
-def _drive(cost_per_node, steps=120):
+def _drive(cost_per_node, steps=120, probe_every=1000, batch=lambda step: 1):
     """Feed the sizer synthetic step times t(i) = 10 ms + cost_per_node * i and perfect-ish acceptance."""
     from propd.types import Acceptance, StepStats
 
-    sizer = DynamicSizer(DynamicConfig(sizes=(1, 4, 16, 64), explore_steps=2, refresh=4))
+    sizer = DynamicSizer(DynamicConfig(sizes=(1, 4, 16, 64), explore=(1, 16, 64), refresh=4, probe_every=probe_every))
     sizer.propd_setup(MODEL)
     sizer.P = [[0.7, 0.8, 0.85, 0.9, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97]] * 4  # heads that are often right
-    ctx, _, _ = _hidden_ctx(DraftTree.chain(0), batch=1)
     for step in range(steps):
+        ctx, _, _ = _hidden_ctx(DraftTree.chain(0), batch=batch(step))
         tree = sizer.propd_tree(ctx)
         stats = StepStats(step=step, batch_size=1, row_ids=(0,), context_len=0, tree_nodes=tree.num_nodes,
                           nodes_after_pruning=tree.num_nodes, accepted=(1,),
@@ -154,12 +156,50 @@ def _drive(cost_per_node, steps=120):
                          bonus=torch.zeros(1, dtype=torch.long))
         cost = sizer.costs[sizer.key]
         cost.observe(tree.num_nodes, stats.step_time_s)  # the cost half of propd_after_step
-    return sizer.history[-20:]
+    return sizer
 
 
 def test_dynamic_sizer_picks_small_trees_when_cost_grows_fast_and_large_when_flat():
-    assert set(_drive(cost_per_node=0.050)) == {1}  # a node costs 5x a base step: l(i)/T(i) is best at 1
-    assert set(_drive(cost_per_node=0.00001)) == {64}  # nodes are nearly free: the biggest tree wins
+    slow = _drive(cost_per_node=0.050)
+    assert slow.history[:3] == [1, 16, 64]  # the first key measures the explore sizes once each, then chooses
+    assert set(slow.history[-100:]) == {1}  # a node costs 5x a base step: l(i)/T(i) is best at 1
+    assert set(_drive(cost_per_node=0.00001).history[-100:]) == {64}  # nodes nearly free: the biggest tree wins
+
+
+def test_dynamic_sizer_probes_while_at_one_node_and_reuses_costs_for_a_new_batch_size():
+    sizer = _drive(cost_per_node=0.050, steps=200, probe_every=32)
+    tail = sizer.history[3:]
+    probes = [i for i, s in enumerate(tail) if s != 1]
+    assert probes and all(tail[i] == 4 for i in probes)  # the candidate nearest probe_size=8, below: 4 vs 16
+    assert all(b - a == 32 for a, b in zip(probes, probes[1:]))
+    fast = _drive(cost_per_node=0.00001, steps=200, probe_every=32).history
+    assert [i for i, s in enumerate(fast) if s != 64] == [0, 1] + list(range(31, 200, 32))  # 1-node probes
+    # batch size changes at step 100: the new key starts from the old measurements instead of exploring again
+    moved = _drive(cost_per_node=0.050, steps=140, batch=lambda step: 1 if step < 100 else 2)
+    assert set(moved.history[100:]) == {1} and len(moved.costs) == 2
+    assert moved.costs[(2, 0)].n[1] > 0 and moved.costs[(2, 0)].n.get(64) == 0  # 64 is a prior, never re-run
+
+
+def test_dynamic_sizer_runs_no_heads_on_one_node_steps():
+    dec = Decoder(MODEL, preset="propd-dynamic-only")
+    sizer = next(obj for role, obj in dec.components if role == "sizer")
+    calls = []
+    heads = MODEL.heads
+    MODEL.heads = lambda h: calls.append(h.shape) or heads(h)
+    try:
+        prompts = prompts_from(11, [5])
+        # explore first, then make the sizer believe trees never pay
+        dec.generate_ids(prompts, max_new_tokens=8)
+        for cost in sizer.costs.values():
+            cost.t = {s: 1.0 * s for s in cost.t}
+        sizer.since = sizer.cfg.refresh
+        calls.clear()
+        res = dec.generate_ids(prompts, max_new_tokens=12)
+    finally:
+        MODEL.heads = heads
+    one_node = sum(1 for s in res.stats if s.tree_nodes == 1)
+    assert res.token_ids == ar(prompts, 12) and one_node > 0
+    assert len(calls) == sum(1 for s in res.stats if s.tree_nodes > 1)
 
 
 def test_dynamic_sizer_learns_acceptance_online():
