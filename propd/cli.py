@@ -50,11 +50,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise PropdError(f"--batch-size must be positive, got {args.batch_size}")
     from propd.decoder import Decoder
     from propd.models.loading import load_model
-    from propd.presets import get_preset
+    from propd.presets import get_preset, parse_component
 
     get_preset(args.preset)  # fail fast, before loading anything
+    overrides = {role: parse_component(getattr(args, role)) for role in ("sizer", "proposer", "verifier")
+                 if getattr(args, role)}
+    if args.pruner:
+        overrides["pruners"] = [parse_component(p) for p in args.pruner if p != "none"]
     model = load_model(args.model, device=args.device, dtype=args.dtype, heads=args.heads)
-    decoder = Decoder(model, preset=args.preset)
+    decoder = Decoder(model, preset=args.preset, **overrides)
     res = decoder.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                            chat=not args.no_chat, progress=not args.json)
     if args.json:
@@ -63,6 +67,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "index": i, "text": text, "token_ids": res.token_ids[i], "new_tokens": res.new_tokens[i],
                 "steps": res.steps[i], "mean_accepted_tokens": round(res.mean_accepted_tokens(i), 4),
                 "wall_time_s": round(res.row_wall_time_s[i], 4), "preset": args.preset, "model": model.name,
+                "step_stats": res.row_stats(i),
             }, ensure_ascii=False))
     else:
         for i, text in enumerate(res.texts):
@@ -94,12 +99,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
         questions=args.questions, out=args.out, presets=_csv(args.presets) or (), baselines=_csv(args.baselines) or (),
         batch_sizes=_csv(args.batch_sizes, int), categories=_csv(args.categories), per_category=args.per_category,
         limit=args.limit, turns=args.turns, max_new_tokens=args.max_new_tokens, model=args.model, heads=args.heads,
+        variants=tuple(args.variant or ()),
         dtype=args.dtype, device=args.device, warmup=args.warmup, resume=args.resume, chat=not args.no_chat,
     )
-    if not cfg.presets and not cfg.baselines:
-        raise PropdError("nothing to run: give --presets and/or --baselines")
+    if not cfg.presets and not cfg.baselines and not cfg.variants:
+        raise PropdError("nothing to run: give --presets, --variant and/or --baselines")
     run_bench(cfg)
     print((Path(args.out) / "summary.md").read_text())
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from propd.bench.suite import SuiteConfig, run_suite
+
+    cfg = SuiteConfig(questions=args.questions, out=args.out, docs=None if args.no_docs else args.docs,
+                      only=_csv(args.only) or SuiteConfig.only)
+    if not Path(cfg.questions).is_file():
+        raise PropdError(f"questions file {cfg.questions} does not exist")
+    out = run_suite(cfg)
+    print((out / "tables.md").read_text())
     return 0
 
 
@@ -178,7 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     g.add_argument("--no-chat", action="store_true", help="send the raw text, not the chat template")
     g.add_argument("--prompts-file", help=".jsonl (strings, {'prompt'} or Spec-Bench {'turns'}) or .txt (a line each)")
-    g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+    g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout, with per-step stats")
+    for role in ("sizer", "proposer", "verifier"):
+        g.add_argument(f"--{role}", help=f"replace the preset's {role}: NAME or NAME:key=value,... "
+                                         "(see `propd components`)")
+    g.add_argument("--pruner", action="append", help="replace the preset's pruners (repeat to stack; 'none': no "
+                                                     "pruning): NAME or NAME:key=value,...")
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="benchmark presets and transformers baselines on Spec-Bench-format questions")
@@ -186,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="output directory")
     b.add_argument("--presets", default="ar", help="comma-separated presets (default: ar)")
     b.add_argument("--baselines", default=None, help="comma-separated: hf, hf-pld")
+    b.add_argument("--variant", action="append", help="a preset with roles replaced, run as its own method: "
+                                                      "LABEL=PRESET;ROLE=NAME:key=value,...  (repeatable), e.g. "
+                                                      "'l2-k100=propd-prune-only;pruner=early-topk:layer=2,k=100'")
     b.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default: 1)")
     b.add_argument("--categories", default=None, help="comma-separated categories (default: all)")
     b.add_argument("--per-category", type=int, default=None, help="deterministic sample of N questions per category")
@@ -200,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     b.add_argument("--no-chat", action="store_true")
     b.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("results", help="run every benchmark behind docs/results.md and regenerate its tables/plots")
+    r.add_argument("--questions", default="../shared/data/bench/spec_bench/question.jsonl")
+    r.add_argument("--out", default="out/results", help="bench directories (resumable; default: out/results)")
+    r.add_argument("--docs", default="docs", help="docs folder to update (default: docs)")
+    r.add_argument("--no-docs", action="store_true", help="leave docs/ alone")
+    r.add_argument("--only", default=None, help="comma-separated subset of: fp32, bf16, table2")
+    r.set_defaults(func=cmd_results)
 
     t = sub.add_parser("train-heads", help="self-distil Medusa heads and early-exit heads for a model")
     t.add_argument("--model", default=DEFAULT_MODEL)

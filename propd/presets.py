@@ -45,3 +45,89 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise PropdError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})") from None
+
+
+ROLES = ("sizer", "proposer", "pruner", "verifier")
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside brackets and quotes."""
+    parts, depth, quote, cur = [], 0, None, []
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[({":
+            depth += 1
+        elif ch in "])}":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
+def parse_component(text: str) -> Spec:
+    """``NAME`` or ``NAME:key=value,key=value`` -> (name, options); values are JSON when they parse as JSON
+    (numbers, booleans, ``[1,2,4]``), else strings. Example: ``early-topk:layer=2,k=100``."""
+    import json
+
+    name, _, rest = text.strip().partition(":")
+    if not name:
+        raise PropdError(f"bad component {text!r}: expected NAME or NAME:key=value,...")
+    options: dict[str, Any] = {}
+    for item in _split_top(rest, ",") if rest.strip() else []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise PropdError(f"bad option {item!r} in {text!r}: expected key=value")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value.strip()
+        if isinstance(options[key.strip()], list):
+            options[key.strip()] = tuple(options[key.strip()])
+    return name.strip(), options
+
+
+@attrs.frozen
+class Method:
+    """A named method for comparisons: a preset with some roles replaced.
+
+    Written ``LABEL=PRESET;ROLE=COMPONENT;...`` (``propd bench --variant``), e.g.
+    ``prune-l2-k100=propd-prune-only;pruner=early-topk:layer=2,k=100``; ``pruner=none`` removes the pruners and
+    repeating ``pruner=`` stacks several.
+    """
+
+    label: str
+    preset: str
+    overrides: dict[str, Any] = attrs.Factory(dict)
+
+    @classmethod
+    def parse(cls, text: str) -> "Method":
+        label, eq, rest = text.partition("=")
+        if not eq or not label.strip() or not rest.strip():
+            raise PropdError(f"bad method {text!r}: expected LABEL=PRESET[;ROLE=COMPONENT...]")
+        parts = _split_top(rest, ";")
+        preset = parts[0].strip()
+        get_preset(preset)
+        overrides: dict[str, Any] = {}
+        for part in parts[1:]:
+            role, eq, comp = part.partition("=")
+            role = role.strip()
+            if not eq or role not in ROLES:
+                raise PropdError(f"bad override {part!r} in {text!r}: expected ROLE=COMPONENT with ROLE one of "
+                                 f"{', '.join(ROLES)}")
+            if role == "pruner":
+                pruners = overrides.setdefault("pruners", [])
+                if comp.strip() != "none":
+                    pruners.append(parse_component(comp))
+            else:
+                overrides[role] = parse_component(comp)
+        return cls(label.strip(), preset, overrides)
+
+    def decoder_kwargs(self) -> dict[str, Any]:
+        return {"preset": self.preset, **self.overrides}

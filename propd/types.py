@@ -102,6 +102,17 @@ class GenerationResult:
     def new_tokens(self) -> list[int]:
         return [len(t) for t in self.token_ids]
 
+    def row_stats(self, i: int) -> list[dict[str, Any]]:
+        """Prompt i's view of the steps it took part in: tree size, surviving nodes (batch mean), tokens it gained,
+        step time, batch size and context length."""
+        out = []
+        for s in self.stats:
+            if i in s.row_ids:
+                out.append({"step": s.step, "tree_nodes": s.tree_nodes, "nodes_after_pruning": s.nodes_after_pruning,
+                            "accepted": s.accepted[s.row_ids.index(i)], "step_time_s": round(s.step_time_s, 6),
+                            "batch_size": s.batch_size, "context_len": s.context_len})
+        return out
+
     def mean_accepted_tokens(self, i: int) -> float:
         """Tokens gained per forward pass for prompt i, the bonus token counted (AR = 1.0)."""
         return self.new_tokens[i] / max(self.steps[i], 1)

@@ -86,9 +86,10 @@ def char_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    """A tiny Llama saved as an HF directory (config, safetensors, tokenizer), vocabulary 128."""
+    """A tiny Llama saved as an HF directory (config, safetensors, tokenizer), vocabulary 128, 6 layers (so that the
+    presets' default pruning layer 4 exists)."""
     d = tmp_path_factory.mktemp("tiny-llama")
-    hf, _ = tiny_hf(0, vocab_size=128)
+    hf, _ = tiny_hf(0, vocab_size=128, num_layers=6)
     hf.save_pretrained(str(d))
     char_tokenizer().save_pretrained(str(d))
     return d
@@ -98,4 +99,11 @@ def tiny_dir(tmp_path_factory) -> Path:
 def tiny_heads_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tiny-heads")
     random_heads(ModelConfig.tiny(), 4).save(d)
+    from propd.models.heads import EarlyHeads
+
+    torch.manual_seed(5)
+    early = EarlyHeads(ModelConfig.tiny().hidden_size, [1, 2, 3, 4])
+    for p in early.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    early.save(d)  # early-exit heads beside the Medusa heads, for the pruners
     return d

@@ -91,3 +91,23 @@ def test_no_prompts_exit_2_without_traceback(tiny_dir):
                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "propd: error: no prompts given: pass PROMPT arguments, --prompts-file, or lines on stdin"
+
+
+def test_generate_component_overrides_and_step_stats(capsys, tiny_dir, tiny_heads_dir):
+    base = ["generate", "--model", str(tiny_dir), "--heads", str(tiny_heads_dir), "--json", "--max-new-tokens", "10",
+            "--no-chat", "abc", "hello there"]
+    _, ar, _ = run(capsys, *base)
+    code, out, _ = run(capsys, *base, "--preset", "medusa", "--sizer", "static:tree=chain:2",
+                       "--pruner", "early-topk:layer=2,k=3")
+    assert code == 0
+    rows = [json.loads(x) for x in out.splitlines()]
+    assert [r["token_ids"] for r in rows] == [json.loads(x)["token_ids"] for x in ar.splitlines()]
+    for r in rows:
+        st = r["step_stats"]
+        assert st and all(s["tree_nodes"] == 3 and s["nodes_after_pruning"] <= 3 for s in st)
+        assert sum(s["accepted"] for s in st) + 1 >= r["new_tokens"]  # the prefill gives the first token
+        assert all(s["step_time_s"] > 0 and s["batch_size"] in (1, 2) for s in st)
+    code, _, err = run(capsys, *base, "--preset", "medusa", "--pruner", "early-topk:depth=2")
+    assert code == 2 and "has no option(s) ['depth']" in err
+    code, _, err = run(capsys, *base, "--verifier", "typical:temperature=0")
+    assert code == 2 and "temperature > 0" in err

@@ -146,6 +146,19 @@ def _plots(out: Path, rows: list[dict]) -> list[Path]:
         ax.set(ylabel="mean accepted tokens / step", title=f"Accepted length per category, batch {bs0} (cf. Fig. 3d)")
         ax.legend()
         made.append(_save(fig, out / "accepted_per_category.png"))
+    ablation = [m for m in ("medusa", "propd-prune-only", "propd-dynamic-only", "propd") if m in methods]
+    if len(ablation) >= 2:
+        sizes = sorted({r["batch_size"] for r in overall if r["preset"] in ablation})
+        fig, ax = plt.subplots(figsize=(max(6, len(sizes) * 1.4), 4))
+        w = 0.8 / len(ablation)
+        for k, meth in enumerate(ablation):
+            vals = {r["batch_size"]: r["speedup_vs_ar"] for r in overall if r["preset"] == meth}
+            ax.bar([i + k * w for i in range(len(sizes))], [vals.get(b) or 0 for b in sizes], w, label=meth)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xticks([i + w * (len(ablation) - 1) / 2 for i in range(len(sizes))], [f"b={b}" for b in sizes])
+        ax.set(ylabel="speed-up over ar", title="Ablation: pruning, dynamic sizing, both (cf. ProPD Table 3)")
+        ax.legend(fontsize=8)
+        made.append(_save(fig, out / "ablation.png"))
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     any_steps = False
     for meth in methods:

@@ -31,6 +31,7 @@ class BenchConfig:
     out: str
     presets: tuple[str, ...] = ("ar",)
     baselines: tuple[str, ...] = ()
+    variants: tuple[str, ...] = ()  # "LABEL=PRESET;ROLE=COMPONENT..." (propd.presets.Method)
     batch_sizes: tuple[int, ...] = (1,)
     categories: tuple[str, ...] | None = None
     per_category: int | None = None
@@ -82,11 +83,16 @@ def _read_jsonl(path: Path) -> list[dict]:
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Path:
     from propd.decoder import Decoder
     from propd.models.loading import load_model
-    from propd.presets import get_preset
+    from propd.presets import Method, get_preset
 
     log = log or (lambda m: print(f"propd: {m}", file=sys.stderr, flush=True))
     for p in cfg.presets:
         get_preset(p)
+    methods = [Method(p, p) for p in cfg.presets] + [Method.parse(v) for v in cfg.variants]
+    labels = [m.label for m in methods] + list(cfg.baselines)
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise PropdError(f"method name(s) {dup} used twice: give each variant its own label")
     for b in cfg.baselines:
         if b not in BASELINES:
             raise PropdError(f"unknown baseline {b!r} (known: {', '.join(BASELINES)})")
@@ -101,7 +107,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Pat
     if run_file.is_file() and not cfg.resume and any((out / "answers").glob("*.jsonl")):
         raise PropdError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, heads=cfg.heads)
-    decoders = {p: Decoder(model, preset=p) for p in cfg.presets}
+    decoders = {m.label: Decoder(model, **m.decoder_kwargs()) for m in methods}
     prompt_ids = Decoder(model, preset="ar").encode([q.turn for q in questions], chat=cfg.chat)
     (out / "answers").mkdir(parents=True, exist_ok=True)
     (out / "steps").mkdir(exist_ok=True)

@@ -86,3 +86,44 @@ def test_bench_transformers_baselines(tiny_dir, questions, tmp_path):
     assert ("hf-pld", 2) not in overall
     assert "hf-pld-b2 (transformers' prompt lookup decoding supports batch size 1 only)" in (
         out / "summary.md").read_text()
+
+
+def test_bench_variants_run_as_their_own_methods(tiny_dir, tiny_heads_dir, questions, tmp_path):
+    out = tmp_path / "run"
+    assert bench(tiny_dir, tiny_heads_dir, questions, out, "--variant",
+                 "l1-k4=propd-prune-only;pruner=early-topk:layer=1,k=4", "--variant",
+                 "dyn-small=propd;sizer=propd-dynamic:sizes=[1,2,4],explore=[1,4];pruner=none") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    overall = {(r["preset"], r["batch_size"]): r for r in summary if r["category"] == "all"}
+    for bs in (1, 2):
+        assert overall[("l1-k4", bs)]["match_rate_vs_ar"] == 1.0 == overall[("dyn-small", bs)]["match_rate_vs_ar"]
+        assert overall[("l1-k4", bs)]["mean_nodes_after_pruning"] < overall[("l1-k4", bs)]["mean_tree_nodes"] == 64
+        assert overall[("dyn-small", bs)]["mean_tree_nodes"] <= 4
+    assert (out / "ablation.png").is_file() is False  # medusa alone is no ablation
+    assert bench(tiny_dir, tiny_heads_dir, questions, tmp_path / "dup", "--variant", "ar=medusa") == 2
+    assert bench(tiny_dir, tiny_heads_dir, questions, tmp_path / "bad", "--variant", "x=medusa;shape=chain") == 2
+
+
+def test_results_suite_writes_tables_and_updates_docs(tiny_dir, tiny_heads_dir, questions, tmp_path):
+    from propd.bench.suite import BEGIN, END, SuiteConfig, run_suite
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.md").write_text(f"# Results\n\nprose stays\n\n{BEGIN}\nold numbers\n{END}\n\nmore prose\n")
+    cfg = SuiteConfig(questions=str(questions), out=str(tmp_path / "res"), docs=str(docs), per_category=1,
+                      max_new_tokens=6, batch_sizes=(1, 2), bf16_limit=2, bf16_batch_sizes=(1,), table2_tokens=6,
+                      model=str(tiny_dir), heads=str(tiny_heads_dir), table2_layers=(1, 2), table2_topk=(4, 16))
+    run_suite(cfg)
+    doc = (docs / "results.md").read_text()
+    assert "old numbers" not in doc and "prose stays" in doc and "more prose" in doc
+    assert "cf. ProPD Table 1 and Table 3" in doc and "cf. ProPD Table 2" in doc
+    assert "| propd | " in doc and "| 2 | " in doc  # ablation rows and the pruning grid's layer 2 row
+    assert (docs / "img" / "results" / "fp32-ablation.png").is_file()
+    assert (docs / "img" / "results" / "fp32-throughput_vs_batch.png").is_file()
+    fp32 = json.loads((tmp_path / "res" / "fp32" / "summary.json").read_text())
+    assert {r["preset"] for r in fp32} >= {"ar", "bpd", "medusa", "propd", "propd-prune-only", "propd-dynamic-only",
+                                           "hf", "hf-pld"}
+    assert all(r["match_rate_vs_ar"] == 1.0 for r in fp32 if r["category"] == "all")
+    before = (tmp_path / "res" / "tables.md").read_text()
+    run_suite(cfg)  # resumable: a second call redoes nothing and regenerates the same tables
+    assert (tmp_path / "res" / "tables.md").read_text() == before
