@@ -112,8 +112,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_results(args: argparse.Namespace) -> int:
     from propd.bench.suite import SuiteConfig, run_suite
 
-    cfg = SuiteConfig(questions=args.questions, out=args.out, docs=None if args.no_docs else args.docs,
-                      only=_csv(args.only) or SuiteConfig.only)
+    only = {"only": _csv(args.only)} if args.only else {}
+    cfg = SuiteConfig(questions=args.questions, out=args.out, docs=None if args.no_docs else args.docs, **only)
     if not Path(cfg.questions).is_file():
         raise PropdError(f"questions file {cfg.questions} does not exist")
     out = run_suite(cfg)

@@ -111,3 +111,10 @@ def test_generate_component_overrides_and_step_stats(capsys, tiny_dir, tiny_head
     assert code == 2 and "has no option(s) ['depth']" in err
     code, _, err = run(capsys, *base, "--verifier", "typical:temperature=0")
     assert code == 2 and "temperature > 0" in err
+
+
+def test_results_command_checks_its_input(capsys, tmp_path):
+    code, _, err = run(capsys, "results", "--only", "fp64", "--out", str(tmp_path / "r"))
+    assert code == 2 and "unknown run(s) ['fp64']" in err
+    code, _, err = run(capsys, "results", "--questions", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "r"))
+    assert code == 2 and "does not exist" in err
