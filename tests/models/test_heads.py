@@ -54,3 +54,33 @@ def test_missing_and_foreign_files_are_refused(tmp_path):
     save_file({"model.layers.0.weight": torch.zeros(2)}, str(tmp_path / "medusa_lm_head.safetensors"))
     with pytest.raises(PropdError, match="not a Medusa"):
         MedusaHeads.load(tmp_path, 64, 128)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 64, 300])
+def test_vocab_projection_equals_linear_for_every_row_count(rows):
+    from propd.models.llama import VocabProjection
+
+    torch.manual_seed(rows)
+    proj = VocabProjection(32, 500, bias=False)
+    x = torch.randn(rows, 3, 32)[:, 1]  # a non-contiguous input
+    want = torch.nn.functional.linear(x, proj.weight)
+    got = proj(x)
+    assert got.shape == want.shape == (rows, 500)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_medusa_heads_share_one_projection_call():
+    from propd.models.llama import VocabProjection
+
+    calls = []
+    lm_head = VocabProjection(16, 40, bias=False)
+    lm_head.register_forward_hook(lambda mod, inp, out: calls.append(tuple(inp[0].shape)))
+    heads = MedusaHeads(16, 40, num_heads=3, shared_lm_head=lm_head)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 16)
+    out = heads(x)
+    assert out.shape == (2, 3, 40) and calls == [(2, 3, 16)]  # one call for all heads: weights read once
+    for i, head in enumerate(heads.heads):  # the same as projecting each head on its own
+        torch.testing.assert_close(out[:, i], torch.nn.functional.linear(head(x), lm_head.weight))
