@@ -19,8 +19,9 @@ size chosen to maximize expected accepted tokens per second:
 
 Exploration is kept cheap, since on a small model every step spent on a bad size is lost time: the first
 (batch size, bucket) measures only ``explore`` sizes (one step each) before trusting the line; a new key starts
-from the previous key's measurements as a prior (replaced by the first fresh measurement of each size, and
-down-weighted by age) instead of exploring again. While the choice is the 1-node tree the heads are not run at
+from the previous key's measurements as a prior instead of exploring again: it measures one 1-node step, rescales
+the prior by the ratio of that step's time to the prior's, weights the prior at most ``CostModel.PRIOR_WEIGHT``
+in the line, and replaces each size's prior with its first fresh measurement. While the choice is the 1-node tree the heads are not run at
 all (their cost would otherwise be hidden outside T(1)); every ``probe_every`` steps one step of the other regime
 (a ``probe_size`` tree while at 1 node, a 1-node step while at a tree) keeps both estimates fresh. The line is
 fitted over tree sizes >= 2 only; the 1-node step's own measured time stands for T(1) (see ``CostModel``).
@@ -134,15 +135,31 @@ class CostModel:
         self.last: dict[int, int] = {}  # clock of the last measurement
         self.clock = 0
 
+    PRIOR_WEIGHT = 0.1  # a prior counts like a measurement this much older than the newest: exp(-lambda * age)
+
     def seeded_from(self, other: "CostModel") -> "CostModel":
-        """A copy of ``other``'s estimates as a prior: kept with their ages, replaced by fresh measurements."""
-        self.t, self.last, self.clock = dict(other.t), dict(other.last), other.clock
+        """A copy of ``other``'s estimates as a prior (another batch size or context bucket). Each size's first fresh
+        measurement replaces its prior; the first fresh 1-node time also rescales the remaining priors by its ratio
+        to the prior's (a bigger batch makes every step slower); and priors enter the line with weight
+        ``PRIOR_WEIGHT`` at most."""
+        self.t, self.clock = dict(other.t), other.clock
+        oldest = other.clock - math.ceil(math.log(1 / self.PRIOR_WEIGHT) / self.lam) if self.lam > 0 else other.clock
+        self.last = {s: min(t, oldest) for s, t in other.last.items()}
         self.n = {s: 0 for s in other.t}
         return self
+
+    @property
+    def seeded(self) -> bool:
+        return any(n == 0 for n in self.n.values())
 
     def observe(self, size: int, seconds: float) -> None:
         self.clock += 1
         fresh = self.n.get(size, 0) == 0
+        if fresh and size == 1 and self.t.get(1):
+            ratio = seconds / self.t[1]
+            for s in self.t:
+                if self.n.get(s, 0) == 0 and s != 1:
+                    self.t[s] *= ratio
         self.t[size] = seconds if fresh else (1 - self.alpha) * self.t[size] + self.alpha * seconds
         self.n[size] = self.n.get(size, 0) + 1
         self.last[size] = self.clock
@@ -217,8 +234,8 @@ class DynamicSizer:
         self.P = [[min(1.0, 0.5 / (i + 1) * (1 + k) / (1 + k + 1)) for k in range(R)] for i in range(K)]
 
     def _exploring(self, cost: CostModel) -> int | None:
-        if len(self.costs) > 1 or any(n == 0 for n in cost.n.values()):
-            return None  # a later key: it has a prior
+        if len(self.costs) > 1 or cost.seeded:  # a later key: it has a prior, rescaled by one fresh 1-node step
+            return 1 if cost.seeded and cost.n.get(1, 0) == 0 else None
         untried = [s for s in self.explore if cost.n.get(s, 0) == 0]
         return untried[0] if untried else None
 
@@ -253,8 +270,8 @@ class DynamicSizer:
         if key != self.key or self.since >= self.cfg.refresh:
             self.key, self.since = key, 0
             self.size = self.choose(cost, values)
-            if self._exploring(cost) is not None:
-                self.since = self.cfg.refresh - 1  # an exploration step: choose again right after it
+            if self._exploring(cost) is not None or cost.n.get(self.size, 0) == 0:
+                self.since = self.cfg.refresh - 1  # a first measurement of this size here: choose again after it
         self.since += 1
         size = self.size
         self.idle += 1

@@ -146,12 +146,13 @@ def _drive(cost_per_node, steps=120, probe_every=1000, batch=lambda step: 1):
     sizer = DynamicSizer(DynamicConfig(sizes=(1, 4, 16, 64), explore=(1, 16, 64), refresh=4, probe_every=probe_every))
     sizer.propd_setup(MODEL)
     sizer.P = [[0.7, 0.8, 0.85, 0.9, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97]] * 4  # heads that are often right
+    per_node = cost_per_node if callable(cost_per_node) else (lambda step: cost_per_node)
     for step in range(steps):
         ctx, _, _ = _hidden_ctx(DraftTree.chain(0), batch=batch(step))
         tree = sizer.propd_tree(ctx)
         stats = StepStats(step=step, batch_size=1, row_ids=(0,), context_len=0, tree_nodes=tree.num_nodes,
                           nodes_after_pruning=tree.num_nodes, accepted=(1,),
-                          step_time_s=0.010 + cost_per_node * tree.num_nodes)
+                          step_time_s=0.010 * batch(step) + per_node(step) * tree.num_nodes)
         acc = Acceptance(best=torch.zeros(1, dtype=torch.long), accept_len=torch.zeros(1, dtype=torch.long),
                          bonus=torch.zeros(1, dtype=torch.long))
         cost = sizer.costs[sizer.key]
@@ -178,6 +179,11 @@ def test_dynamic_sizer_probes_while_at_one_node_and_reuses_costs_for_a_new_batch
     moved = _drive(cost_per_node=0.050, steps=140, batch=lambda step: 1 if step < 100 else 2)
     assert set(moved.history[100:]) == {1} and len(moved.costs) == 2
     assert moved.costs[(2, 0)].n[1] > 0 and moved.costs[(2, 0)].n.get(64) == 0  # 64 is a prior, never re-run
+    # trees are nearly free at batch 1 but expensive at batch 8 (compute-bound): the new key must not trust the
+    # batch-1 prior; one fresh 1-node step rescales it, and only a few tree steps are spent finding out
+    flip = _drive(lambda step: 0.00001 if step < 100 else 0.4, steps=140, batch=lambda step: 1 if step < 100 else 8)
+    assert set(flip.history[90:100]) == {64} and flip.history[100] == 1
+    assert sum(1 for s in flip.history[100:] if s != 1) <= 2 and set(flip.history[-30:]) == {1}
 
 
 def test_dynamic_sizer_runs_no_heads_on_one_node_steps():
