@@ -113,7 +113,8 @@ def cmd_results(args: argparse.Namespace) -> int:
     from propd.bench.suite import SuiteConfig, run_suite
 
     only = {"only": _csv(args.only)} if args.only else {}
-    cfg = SuiteConfig(questions=args.questions, out=args.out, docs=None if args.no_docs else args.docs, **only)
+    cfg = SuiteConfig(questions=args.questions, out=args.out, docs=None if args.no_docs else args.docs,
+                      device=args.device, **only)
     if not Path(cfg.questions).is_file():
         raise PropdError(f"questions file {cfg.questions} does not exist")
     out = run_suite(cfg)
@@ -233,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--docs", default="docs", help="docs folder to update (default: docs)")
     r.add_argument("--no-docs", action="store_true", help="leave docs/ alone")
     r.add_argument("--only", default=None, help="comma-separated subset of: fp32, bf16, table2")
+    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
     r.set_defaults(func=cmd_results)
 
     t = sub.add_parser("train-heads", help="self-distil Medusa heads and early-exit heads for a model")

@@ -48,12 +48,14 @@ class SuiteConfig:
     model: str = "smollm2-135m-instruct"
     heads: str | None = None
     warmup: int = 1
+    device: str = "cpu"
     table2_layers: tuple[int, ...] = TABLE2_LAYERS
     table2_topk: tuple[int, ...] = TABLE2_TOPK
 
 
 def runs(cfg: SuiteConfig) -> dict[str, BenchConfig]:
-    base = dict(questions=cfg.questions, resume=True, model=cfg.model, heads=cfg.heads, warmup=cfg.warmup)
+    base = dict(questions=cfg.questions, resume=True, model=cfg.model, heads=cfg.heads, warmup=cfg.warmup,
+                device=cfg.device)
     out = Path(cfg.out)
     grid = tuple(f"l{n}-k{k}=propd-prune-only;pruner=early-topk:layer={n},k={k}"
                  for n in cfg.table2_layers for k in cfg.table2_topk)
@@ -95,11 +97,20 @@ def _rows(d: Path) -> list[dict]:
 
 
 def _machine(d: Path) -> str:
+    import datetime as dt
+
+    from propd.bench.runner import _read_jsonl
+
     run = json.loads((d / "run.json").read_text())
     m, c = run["machine"], run["config"]
     n = run.get("num_prompts", "?")
+    stamps = [a["tstamp"] for f in (d / "answers").glob("*.jsonl") for a in _read_jsonl(f)]
+    when = m["date"]
+    if stamps:  # a resumed run measured its pairs at different times: say when
+        fmt = lambda t: dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M")  # noqa: E731
+        when = f"measured {fmt(min(stamps))} to {fmt(max(stamps))} UTC"
     return (f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} threads), {c['dtype']}, "
-            f"{n} Spec-Bench prompts, {c['max_new_tokens']} new tokens, {m['date']}")
+            f"{n} Spec-Bench prompts, {c['max_new_tokens']} new tokens, {when}")
 
 
 def _cell(v, fmt="{:.2f}") -> str:
@@ -129,7 +140,7 @@ def tables(out: Path, layers=TABLE2_LAYERS, topk=TABLE2_TOPK) -> str:
         lines += _speed_table(rows, methods)
         lines += ["", f"Tokens/s ({name}):", ""] + _speed_table(rows, methods, "tokens_per_s", "{:.1f}")
         lines += ["", f"Mean accepted tokens per step ({name}; the bonus token counted, AR = 1):", ""]
-        lines += _speed_table(rows, [m for m in methods if not m.startswith("hf")], "mean_accepted_tokens")
+        lines += _speed_table(rows, [m for m in methods if not m.startswith("hf")], "mean_accepted_tokens", "{:.2f}")
         lines += ["", f"Mean tree nodes per row after pruning ({name}):", ""]
         lines += _speed_table(rows, [m for m in methods if not m.startswith("hf")], "mean_nodes_after_pruning",
                               "{:.1f}")
@@ -140,8 +151,10 @@ def tables(out: Path, layers=TABLE2_LAYERS, topk=TABLE2_TOPK) -> str:
                   + ", ".join(f"{m} {100 * v:.0f}%" for m, v in worst.items()) + ".", ""]
         if (d / "throughput_vs_batch.png").is_file():
             lines += [f"![throughput {name}](img/results/{name}-throughput_vs_batch.png)", ""]
-        if (d / "ablation.png").is_file():
-            lines += [f"![ablation {name}](img/results/{name}-ablation.png)", ""]
+        for png, what in (("ablation", "ablation"), ("step_time", "step time vs tree size and context (Fig. 3b, 3c)"),
+                          ("accepted_per_category", "accepted tokens per category (Fig. 3d)")):
+            if (d / f"{png}.png").is_file():
+                lines += [f"![{what}, {name}](img/results/{name}-{png}.png)", ""]
     rows = _rows(t2)
     if rows:
         by = {r["preset"]: r for r in rows}
