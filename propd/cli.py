@@ -110,11 +110,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from propd.bench.suite import SuiteConfig, run_suite
+    from propd.bench.suite import SuiteConfig, run_suite, runs
 
     only = {"only": _csv(args.only)} if args.only else {}
     cfg = SuiteConfig(questions=args.questions, out=args.out, docs=None if args.no_docs else args.docs,
                       device=args.device, **only)
+    runs(cfg)  # unknown run names first: they need no files
     if not Path(cfg.questions).is_file():
         raise PropdError(f"questions file {cfg.questions} does not exist")
     out = run_suite(cfg)

@@ -114,7 +114,9 @@ def test_generate_component_overrides_and_step_stats(capsys, tiny_dir, tiny_head
 
 
 def test_results_command_checks_its_input(capsys, tmp_path):
-    code, _, err = run(capsys, "results", "--only", "fp64", "--out", str(tmp_path / "r"))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question_id": 1, "category": "qa", "turns": ["hi"]}\n')
+    code, _, err = run(capsys, "results", "--only", "fp64", "--questions", str(questions), "--out", str(tmp_path / "r"))
     assert code == 2 and "unknown run(s) ['fp64']" in err
     code, _, err = run(capsys, "results", "--questions", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "r"))
     assert code == 2 and "does not exist" in err
