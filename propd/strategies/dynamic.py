@@ -21,10 +21,11 @@ Exploration is kept cheap, since on a small model every step spent on a bad size
 (batch size, bucket) measures only ``explore`` sizes (one step each) before trusting the line; a new key starts
 from the previous key's measurements as a prior instead of exploring again: it measures one 1-node step, rescales
 the prior by the ratio of that step's time to the prior's, weights the prior at most ``CostModel.PRIOR_WEIGHT``
-in the line, and replaces each size's prior with its first fresh measurement. While the choice is the 1-node tree the heads are not run at
-all (their cost would otherwise be hidden outside T(1)); every ``probe_every`` steps one step of the other regime
-(a ``probe_size`` tree while at 1 node, a 1-node step while at a tree) keeps both estimates fresh. The line is
-fitted over tree sizes >= 2 only; the 1-node step's own measured time stands for T(1) (see ``CostModel``).
+in the line, and replaces each size's prior with its first fresh measurement. While the choice is the 1-node tree
+the heads are not run at all (their cost would otherwise be hidden outside T(1)); every ``probe_every`` steps one
+step of the other regime (a ``probe_size`` tree while at 1 node, a 1-node step while at a tree) keeps both estimates
+fresh. The line is fitted over tree sizes >= 2 only; the 1-node step's own measured time stands for T(1) (see
+``CostModel``).
 
 Step times are the decoder's wall-clock times of whole steps, pruning included, so the two ProPD techniques compose.
 """
@@ -128,14 +129,14 @@ class DynamicConfig:
 class CostModel:
     """Step time against tree size: EMA per size and a weighted least-squares line through them."""
 
+    PRIOR_WEIGHT = 0.1  # a prior counts like a measurement this much older than the newest: exp(-lambda * age)
+
     def __init__(self, alpha: float, lam: float):
         self.alpha, self.lam = alpha, lam
         self.t: dict[int, float] = {}  # T_perf^i
         self.n: dict[int, int] = {}  # fresh measurements per size (0 for a prior inherited from another key)
         self.last: dict[int, int] = {}  # clock of the last measurement
         self.clock = 0
-
-    PRIOR_WEIGHT = 0.1  # a prior counts like a measurement this much older than the newest: exp(-lambda * age)
 
     def seeded_from(self, other: "CostModel") -> "CostModel":
         """A copy of ``other``'s estimates as a prior (another batch size or context bucket). Each size's first fresh
@@ -178,11 +179,9 @@ class CostModel:
         """T_est(size). The 1-node step is not on the line: it runs no heads and no tree, and on CPUs its
         matrix-vector products take a different (faster per row) kernel path than any tree's, so its measured time
         is used as is. Tree sizes use the weighted line, never below half the fastest measured step."""
-        if size == 1 or size not in self.t and self.fit() is None:
-            return self.t.get(size, float("inf"))
-        fit = self.fit()
+        fit = None if size == 1 else self.fit()
         if fit is None:
-            return self.t[size]
+            return self.t.get(size, float("inf"))
         b0, b1 = fit
         floor = min(self.t.values()) * 0.5  # a line fitted through noise must not promise free steps
         return max(b0 + b1 * size, floor)
