@@ -5,8 +5,8 @@ Runs (each an ordinary ``propd bench`` directory under ``--out``, resumable):
 * ``fp32``: ar, bpd, medusa, propd and its two ablations, with transformers' ``generate`` (hf) and prompt lookup
   decoding (hf-pld, batch 1 only), at batch sizes 1, 2, 4, 8, 16: the paper's Table 1 (speed-up over AR per batch
   size), Table 3 (ablation) and Fig. 7 analogues;
-* ``bf16``: ar, medusa, propd and hf at batch 1 and 4 (bf16 matrix products are slow on CPU builds of torch, so the
-  sample is smaller);
+* ``bf16``: ar, medusa, propd, its two ablations and hf at batch 1 and 4 (bf16 matrix products are slow on CPU
+  builds of torch, so the sample is smaller);
 * ``table2``: the early-pruning grid at batch 4, pruning after layer 1-4 with top-k 50/100/150/200 on the
   mc_sim_7b_63 tree, beside ar and medusa (the paper's Table 2).
 
@@ -63,7 +63,7 @@ def runs(cfg: SuiteConfig) -> dict[str, BenchConfig]:
         "fp32": BenchConfig(out=str(out / "fp32"), presets=("ar", "bpd") + ABLATION, baselines=("hf", "hf-pld"),
                             batch_sizes=cfg.batch_sizes, per_category=cfg.per_category,
                             max_new_tokens=cfg.max_new_tokens, dtype="float32", **base),
-        "bf16": BenchConfig(out=str(out / "bf16"), presets=("ar", "medusa", "propd"), baselines=("hf",),
+        "bf16": BenchConfig(out=str(out / "bf16"), presets=("ar",) + ABLATION, baselines=("hf",),
                             batch_sizes=cfg.bf16_batch_sizes, limit=cfg.bf16_limit,
                             max_new_tokens=cfg.table2_tokens, dtype="bfloat16", **base),
         "table2": BenchConfig(out=str(out / "table2"), presets=("ar", "medusa"), variants=grid, batch_sizes=(4,),
