@@ -21,7 +21,7 @@ from propd.errors import PropdError
 from propd.models.loading import LoadedModel
 from propd.plugins import Registry, step_manager
 from propd.presets import Spec, get_preset
-from propd.tree import DraftTree, positions_of, survivors
+from propd.tree import DraftTree, positions_of, survivor_mask, survivors
 from propd.types import GenerationResult, StepContext, StepStats
 
 ComponentArg = str | Spec | Any  # a name, (name, options), or a ready component object
@@ -196,9 +196,7 @@ class Decoder:
                                                              node_idx=node_idx, valid=valid) if k is not None]
                 if not keeps:
                     continue
-                alive = torch.zeros(B, T + 1, dtype=torch.bool, device=m.device)
-                alive.scatter_(1, node_idx, valid)
-                keep = alive[:, :T]
+                keep = survivor_mask(node_idx, valid, T)
                 for k in keeps:
                     keep = keep & k
                 new_idx, valid = survivors(tree.keep_closure(keep), pad_index=T)

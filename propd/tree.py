@@ -128,6 +128,13 @@ def survivors(keep: torch.Tensor, pad_index: int) -> tuple[torch.Tensor, torch.T
     return node_idx, valid
 
 
+def survivor_mask(node_idx: torch.Tensor, valid: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """The inverse of :func:`survivors`: a (B, T) mask of the nodes present in the row layout ``node_idx``."""
+    alive = torch.zeros(node_idx.shape[0], num_nodes + 1, dtype=torch.bool, device=node_idx.device)
+    alive.scatter_(1, node_idx, valid)  # padding entries (index num_nodes) land in the spare column
+    return alive[:, :num_nodes]
+
+
 def positions_of(node_idx: torch.Tensor, wanted: torch.Tensor, num_nodes: int) -> torch.Tensor:
     """Where each node of ``wanted`` (B, W) sits in the row layout ``node_idx`` (B, T') of surviving nodes.
 

@@ -20,7 +20,7 @@ import torch
 from propd.errors import PropdError
 from propd.hookspecs import hookimpl
 from propd.strategies.greedy import accept_from_correct
-from propd.tree import positions_of
+from propd.tree import positions_of, survivor_mask
 
 
 @attrs.frozen
@@ -62,9 +62,7 @@ class TypicalVerifier:
         T = tree.num_nodes
         p, allowed = typical_allowed(logits, self.cfg)  # (B, T', V) at the surviving nodes
         parents = tree.parents.clamp(min=0)[None, :].expand_as(tokens)  # (B, T)
-        alive = torch.zeros(tokens.shape[0], T + 1, dtype=torch.bool, device=tokens.device)
-        alive.scatter_(1, node_idx, valid)
-        alive = alive[:, :T]
+        alive = survivor_mask(node_idx, valid, T)  # (B, T)
         at_parent = positions_of(node_idx, parents, T)  # (B, T): the parent's row in the survivor layout
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         correct = allowed[rows[:, None], at_parent, tokens] & alive  # (B, T): token allowed at its parent
