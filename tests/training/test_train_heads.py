@@ -48,6 +48,8 @@ def test_train_heads_on_tiny_model(tiny_dir, train_dir, tmp_path):
         acc = [e[f"top{k}"] for k in EARLY_TOPK]
         assert acc == sorted(acc) and acc[-1] > acc[0]
     assert json.loads((out / "report.json").read_text())["val_positions"] == report["val_positions"] > 0
+    assert report["threads"] == torch.get_num_threads() and report["torch"] == torch.__version__
+    assert set(report["stage_wall_time_s"]) == {"answers", "features", "training"}
     # the checkpoint round-trips: loaded heads (and early heads beside them) drive the medusa preset losslessly
     model = load_model(str(tiny_dir), heads=out)
     assert model.heads.num_heads == 2 and sorted(model.early_heads) == [1, 2]
