@@ -123,6 +123,18 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from propd.bench.tune import TuneConfig, run_tune, runs
+
+    only = {"only": _csv(args.only)} if args.only else {}
+    cfg = TuneConfig(out=args.out, data=args.data, docs=args.docs, skip=args.skip, per_source=args.per_source,
+                     model=args.model, heads=args.heads, device=args.device, **only)
+    runs(cfg, "")  # unknown run names first: they need no files
+    out = run_tune(cfg)
+    print((out / "tuning.md").read_text())
+    return 0
+
+
 def cmd_train_heads(args: argparse.Namespace) -> int:
     from propd.training.trainer import TrainConfig, train_heads
 
@@ -237,6 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--only", default=None, help="comma-separated subset of: fp32, bf16, table2")
     r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
     r.set_defaults(func=cmd_results)
+
+    u = sub.add_parser("tune", help="choose ProPD's pruning layer/top-k and sizer rates on held-out training prompts")
+    u.add_argument("--out", default="out/tune", help="bench directories (resumable; default: out/tune)")
+    u.add_argument("--data", default=None, help="training prompts folder (default: the nearest shared/data/train)")
+    u.add_argument("--docs", default=None, help="docs folder whose propd.md tuning section to update")
+    u.add_argument("--skip", type=int, default=400,
+                   help="leading training prompts to leave out: those train-heads distilled from (default: 400)")
+    u.add_argument("--per-source", type=int, default=6, help="held-out prompts per training source (default: 6)")
+    u.add_argument("--only", default=None, help="comma-separated subset of: prune, sizer")
+    u.add_argument("--model", default=DEFAULT_MODEL)
+    u.add_argument("--heads", default=None)
+    u.add_argument("--device", default="cpu")
+    u.set_defaults(func=cmd_tune)
 
     t = sub.add_parser("train-heads", help="self-distil Medusa heads and early-exit heads for a model")
     t.add_argument("--model", default=DEFAULT_MODEL)

@@ -21,6 +21,11 @@ class Preset:
     pruners: tuple[Spec, ...] = ()
 
 
+# ProPD's pruning layer and top-k as chosen by `propd tune` for the default model on held-out training prompts
+# (docs/propd.md, "Parameters"): pruning after layer 2 was the fastest at every k, and k 50 at every layer. The
+# paper's own choice for Vicuna-7B (layer 4, k 50) stays the `early-topk` component's default.
+PROPD_PRUNER: Spec = ("early-topk", {"layer": 2, "k": 50})
+
 PRESETS = {
     p.name: p
     for p in (
@@ -31,9 +36,9 @@ PRESETS = {
         Preset("medusa", "Medusa heads + the published mc_sim_7b_63 tree (Cai et al. 2023)",
                sizer=("static", {"tree": "mc_sim_7b_63"}), proposer=("medusa", {})),
         Preset("propd", "ProPD: Medusa heads, early top-k pruning and dynamic tree sizing (Zhong et al. 2024)",
-               sizer=("propd-dynamic", {}), proposer=("medusa", {}), pruners=(("early-topk", {}),)),
+               sizer=("propd-dynamic", {}), proposer=("medusa", {}), pruners=(PROPD_PRUNER,)),
         Preset("propd-prune-only", "ablation: mc_sim_7b_63 with early top-k pruning, no dynamic sizing",
-               sizer=("static", {"tree": "mc_sim_7b_63"}), proposer=("medusa", {}), pruners=(("early-topk", {}),)),
+               sizer=("static", {"tree": "mc_sim_7b_63"}), proposer=("medusa", {}), pruners=(PROPD_PRUNER,)),
         Preset("propd-dynamic-only", "ablation: dynamic tree sizing, no pruning",
                sizer=("propd-dynamic", {}), proposer=("medusa", {})),
     )

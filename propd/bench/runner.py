@@ -124,8 +124,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Pat
 
     bar = tqdm(total=total, desc="bench", unit="batch", file=sys.stderr, dynamic_ncols=True)
     try:
-        for method, runner in runners.items():
-            for bs in cfg.batch_sizes:
+        for bs in cfg.batch_sizes:
+            pairs = []
+            for method, runner in runners.items():
                 reason = getattr(runner, "unsupported", lambda b: None)(bs)
                 if reason:
                     log(f"{method} at batch size {bs}: not run ({reason})")
@@ -134,7 +135,14 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Pat
                     skip_file.write_text(json.dumps(skipped, indent=2) + "\n")
                     bar.update(-(-len(questions) // bs))
                     continue
-                _run_pair(method, runner, bs, questions, prompt_ids, cfg, out, model, bar)
+                pairs.append(_Pair(method, runner, bs, questions, cfg, out))
+            # round robin over the methods, one batch each: a machine that slows down or speeds up during the run
+            # then shifts every method alike instead of whichever ran last, so the ratios stay fair
+            for pair in pairs:
+                pair.warm_up(prompt_ids, cfg, bar)
+            for bi in range(-(-len(questions) // bs)):
+                for pair in pairs:
+                    pair.run_batch(bi, prompt_ids, questions, cfg, model, bar)
     finally:
         bar.close()
     from propd.bench.report import write_report
@@ -164,40 +172,53 @@ def _baseline_runner(baseline: HFBaseline):
     return run
 
 
-def _run_pair(method: str, runner: Callable, bs: int, questions: list[Question], prompt_ids: list[list[int]],
-              cfg: BenchConfig, out: Path, model, bar) -> None:
-    slug = _slug(method, bs)
-    ans_path, step_path = out / "answers" / f"{slug}.jsonl", out / "steps" / f"{slug}.jsonl"
-    done = _read_jsonl(ans_path) if cfg.resume else []
-    done_batches = len({r["batch_index"] for r in done})
-    n_done = sum(1 for r in done if r["batch_index"] < done_batches)
-    # rewrite what is complete (drops a half-written tail), then append
-    ans_path.write_text("".join(json.dumps(r) + "\n" for r in done[:n_done]))
-    steps_done = [r for r in _read_jsonl(step_path) if r["batch_index"] < done_batches] if cfg.resume else []
-    step_path.write_text("".join(json.dumps(r) + "\n" for r in steps_done))
-    batches = [list(range(s, min(s + bs, len(questions)))) for s in range(0, len(questions), bs)]
-    bar.set_postfix_str(f"{method} b={bs}")
-    if done_batches < len(batches):
-        for _ in range(cfg.warmup):  # warm-up on the first batch, short and untimed
-            runner([prompt_ids[i] for i in batches[0]], min(cfg.max_new_tokens, 16))
-    bar.update(min(done_batches, len(batches)))
-    for bi, rows in enumerate(batches):
-        if bi < done_batches:
-            continue
-        ids, accepts, wall, steps = runner([prompt_ids[i] for i in rows], cfg.max_new_tokens)
+class _Pair:
+    """One (method, batch size): its answers and steps files, resumed batch by batch."""
+
+    def __init__(self, method: str, runner: Callable, bs: int, questions: list[Question], cfg: BenchConfig,
+                 out: Path):
+        self.method, self.runner, self.bs = method, runner, bs
+        slug = _slug(method, bs)
+        self.slug = slug
+        self.ans_path, self.step_path = out / "answers" / f"{slug}.jsonl", out / "steps" / f"{slug}.jsonl"
+        done = _read_jsonl(self.ans_path) if cfg.resume else []
+        self.done_batches = len({r["batch_index"] for r in done})
+        n_done = sum(1 for r in done if r["batch_index"] < self.done_batches)
+        # rewrite what is complete (drops a half-written tail), then append
+        self.ans_path.write_text("".join(json.dumps(r) + "\n" for r in done[:n_done]))
+        steps_done = ([r for r in _read_jsonl(self.step_path) if r["batch_index"] < self.done_batches]
+                      if cfg.resume else [])
+        self.step_path.write_text("".join(json.dumps(r) + "\n" for r in steps_done))
+        self.batches = [list(range(s, min(s + bs, len(questions)))) for s in range(0, len(questions), bs)]
+
+    def warm_up(self, prompt_ids: list[list[int]], cfg: BenchConfig, bar) -> None:
+        bar.set_postfix_str(f"{self.method} b={self.bs} warm-up")
+        if self.done_batches < len(self.batches):
+            for _ in range(cfg.warmup):  # warm-up on the first batch, short and untimed
+                self.runner([prompt_ids[i] for i in self.batches[0]], min(cfg.max_new_tokens, 16))
+        bar.update(min(self.done_batches, len(self.batches)))
+
+    def run_batch(self, bi: int, prompt_ids: list[list[int]], questions: list[Question], cfg: BenchConfig, model,
+                  bar) -> None:
+        if bi < self.done_batches:
+            return
+        rows = self.batches[bi]
+        bar.set_postfix_str(f"{self.method} b={self.bs}")
+        ids, accepts, wall, steps = self.runner([prompt_ids[i] for i in rows], cfg.max_new_tokens)
         lines = []
         for k, i in enumerate(rows):
             q = questions[i]
             lines.append(json.dumps({
-                "question_id": q.question_id, "category": q.category, "answer_id": f"{slug}-{i}",
-                "model_id": f"{model.name}-{method}", "tstamp": time.time(), "batch_index": bi,
-                "choices": [{"index": 0, "turns": [model.tokenizer.decode(ids[k], skip_special_tokens=True)], "decoding_steps": [len(accepts[k]) or None],
+                "question_id": q.question_id, "category": q.category, "answer_id": f"{self.slug}-{i}",
+                "model_id": f"{model.name}-{self.method}", "tstamp": time.time(), "batch_index": bi,
+                "choices": [{"index": 0, "turns": [model.tokenizer.decode(ids[k], skip_special_tokens=True)],
+                             "decoding_steps": [len(accepts[k]) or None],
                              "new_tokens": [len(ids[k])], "wall_time": [wall], "accept_lengths": accepts[k],
-                             "token_ids": ids[k], "batch_size": bs, "batch_wall_time": wall}],
+                             "token_ids": ids[k], "batch_size": self.bs, "batch_wall_time": wall}],
             }))
-        with ans_path.open("a", encoding="utf-8") as f:
+        with self.ans_path.open("a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
-        with step_path.open("a", encoding="utf-8") as f:
+        with self.step_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"batch_index": bi, "rows": rows, "steps": steps}) + "\n")
+        self.done_batches = bi + 1
         bar.update(1)
-

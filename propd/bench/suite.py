@@ -96,7 +96,7 @@ def _rows(d: Path) -> list[dict]:
     return [r for r in json.loads(f.read_text()) if r["category"] == "all"] if f.is_file() else []
 
 
-def _machine(d: Path) -> str:
+def _machine(d: Path, prompts: str = "Spec-Bench prompts") -> str:
     import datetime as dt
 
     from propd.bench.runner import _read_jsonl
@@ -110,7 +110,7 @@ def _machine(d: Path) -> str:
         fmt = lambda t: dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M")  # noqa: E731
         when = f"measured {fmt(min(stamps))} to {fmt(max(stamps))} UTC"
     return (f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} threads), {c['dtype']}, "
-            f"{n} Spec-Bench prompts, {c['max_new_tokens']} new tokens, {when}")
+            f"{n} {prompts}, {c['max_new_tokens']} new tokens, {when}")
 
 
 def _cell(v, fmt="{:.2f}") -> str:
@@ -157,28 +157,33 @@ def tables(out: Path, layers=TABLE2_LAYERS, topk=TABLE2_TOPK) -> str:
                 lines += [f"![{what}, {name}](img/results/{name}-{png}.png)", ""]
     rows = _rows(t2)
     if rows:
-        by = {r["preset"]: r for r in rows}
-        lines += ["### Early pruning grid at batch 4 (cf. ProPD Table 2)", "", f"Machine: {_machine(t2)}.", "",
-                  "Each cell: prune rate / mean accepted tokens / speed-up over `ar` (mc_sim_7b_63 tree, 64 nodes).",
-                  "", "| layer | " + " | ".join(f"top-{k}" for k in topk) + " |",
-                  "|---|" + "---|" * len(topk)]
-        for n in layers:
-            cells = []
-            for k in topk:
-                r = by.get(f"l{n}-k{k}")
-                if r is None or not r.get("mean_tree_nodes"):
-                    cells.append("-")
-                    continue
-                rate = 1 - r["mean_nodes_after_pruning"] / r["mean_tree_nodes"]
-                cells.append(f"{100 * rate:.0f}% / {_cell(r['mean_accepted_tokens'])} / "
-                             f"{_cell(r['speedup_vs_ar'], '{:.2f}x')}")
-            lines.append(f"| {n} | " + " | ".join(cells) + " |")
-        if "medusa" in by:
-            m = by["medusa"]
-            lines += ["", f"No pruning (medusa): accepted {_cell(m['mean_accepted_tokens'])}, speed-up "
-                          f"{_cell(m['speedup_vs_ar'], '{:.2f}x')}."]
+        lines += ["### Early pruning grid at batch 4 (cf. ProPD Table 2)", "", f"Machine: {_machine(t2)}.", ""]
+        lines += prune_grid(rows, layers, topk)
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def prune_grid(rows: list[dict], layers, topk, label="l{n}-k{k}") -> list[str]:
+    """Table 2's grid: per (layer, top-k) cell, prune rate / mean accepted tokens / speed-up over ``ar``."""
+    by = {r["preset"]: r for r in rows}
+    lines = ["Each cell: prune rate / mean accepted tokens / speed-up over `ar` (mc_sim_7b_63 tree, 64 nodes).", "",
+             "| layer | " + " | ".join(f"top-{k}" for k in topk) + " |", "|---|" + "---|" * len(topk)]
+    for n in layers:
+        cells = []
+        for k in topk:
+            r = by.get(label.format(n=n, k=k))
+            if r is None or not r.get("mean_tree_nodes"):
+                cells.append("-")
+                continue
+            rate = 1 - r["mean_nodes_after_pruning"] / r["mean_tree_nodes"]
+            cells.append(f"{100 * rate:.0f}% / {_cell(r['mean_accepted_tokens'])} / "
+                         f"{_cell(r['speedup_vs_ar'], '{:.2f}x')}")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    if "medusa" in by:
+        m = by["medusa"]
+        lines += ["", f"No pruning (medusa): accepted {_cell(m['mean_accepted_tokens'])}, speed-up "
+                      f"{_cell(m['speedup_vs_ar'], '{:.2f}x')}."]
+    return lines
 
 
 def _publish(out: Path, docs: Path, text: str) -> None:

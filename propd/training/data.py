@@ -32,25 +32,47 @@ def find_train_dir(explicit: str | Path | None = None) -> Path:
     raise PropdError("no training data found: pass --data DIR (the shared/data/train folder)")
 
 
-def training_prompts(data_dir: str | Path, max_prompts: int | None = None, seed: int = 0) -> list[str]:
+def training_examples(data_dir: str | Path, seed: int = 0) -> list[tuple[str, str]]:
+    """Every training prompt as ``(source, text)`` in the seeded shuffled order that ``train-heads`` consumes."""
     d = Path(data_dir)
     if "bench" in d.resolve().parts:
         raise PropdError(f"refusing to train on {d}: benchmark data is never used for training")
-    prompts: list[str] = []
+    examples: list[tuple[str, str]] = []
     awesome = d / "awesome_chatgpt_prompts" / "prompts.csv"
     if awesome.is_file():
         csv.field_size_limit(sys.maxsize)
         with awesome.open(newline="", encoding="utf-8") as f:
             for row in csv.DictReader(f):
                 if row.get("type") == "TEXT" and row.get("prompt", "").strip():
-                    prompts.append(row["prompt"].strip()[:MAX_PROMPT_CHARS])
+                    examples.append(("awesome_chatgpt_prompts", row["prompt"].strip()[:MAX_PROMPT_CHARS]))
     for name in ("eagle_alpaca", "vicuna_bench"):
         q = d / name / "question.jsonl"
         if q.is_file():
             for line in q.read_text(encoding="utf-8").splitlines():
                 if line.strip():
-                    prompts.append(json.loads(line)["turns"][0][:MAX_PROMPT_CHARS])
-    if not prompts:
+                    examples.append((name, json.loads(line)["turns"][0][:MAX_PROMPT_CHARS]))
+    if not examples:
         raise PropdError(f"no training prompts found in {d}")
-    random.Random(seed).shuffle(prompts)
+    random.Random(seed).shuffle(examples)
+    return examples
+
+
+def training_prompts(data_dir: str | Path, max_prompts: int | None = None, seed: int = 0) -> list[str]:
+    """The prompts ``train-heads`` distils from: the first ``max_prompts`` of :func:`training_examples`."""
+    prompts = [text for _, text in training_examples(data_dir, seed)]
     return prompts[:max_prompts] if max_prompts else prompts
+
+
+def held_out_questions(data_dir: str | Path, skip: int, limit: int, seed: int = 0) -> list[dict]:
+    """Training prompts that ``train-heads --max-prompts skip`` did not see, in Spec-Bench question format
+    (category = source), for choosing parameters without touching the benchmark. Up to ``limit`` per source, taken
+    in shuffled order, so the small sources are represented beside awesome-chatgpt-prompts."""
+    rest = training_examples(data_dir, seed)[skip:]
+    if not rest:
+        raise PropdError(f"no held-out training prompts: only {skip} or fewer exist")
+    per_source: dict[str, list[str]] = {}
+    for source, text in rest:
+        if len(per_source.setdefault(source, [])) < limit:
+            per_source[source].append(text)
+    return [{"question_id": f"{source}-{i}", "category": source, "turns": [text]}
+            for source, texts in sorted(per_source.items()) for i, text in enumerate(texts)]

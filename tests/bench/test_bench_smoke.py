@@ -42,6 +42,9 @@ def test_bench_smoke(tiny_dir, tiny_heads_dir, questions, tmp_path, capsys):
             assert c["decoding_steps"][0] == len(c["accept_lengths"])
         answers[slug] = rows
     order = [r["question_id"] for r in answers["ar-b1"]]
+    # methods take turns batch by batch, so drift in the machine's speed hits them alike
+    when = {slug: [r["tstamp"] for r in rows] for slug, rows in answers.items()}
+    assert when["ar-b1"][0] < when["medusa-b1"][0] < when["ar-b1"][1] < when["medusa-b1"][1]
     assert all([r["question_id"] for r in rows] == order for rows in answers.values())
     summary = json.loads((out / "summary.json").read_text())
     overall = {(r["preset"], r["batch_size"]): r for r in summary if r["category"] == "all"}
@@ -127,3 +130,43 @@ def test_results_suite_writes_tables_and_updates_docs(tiny_dir, tiny_heads_dir, 
     before = (tmp_path / "res" / "tables.md").read_text()
     run_suite(cfg)  # resumable: a second call redoes nothing and regenerates the same tables
     assert (tmp_path / "res" / "tables.md").read_text() == before
+
+
+def test_tune_uses_only_held_out_training_prompts_and_fills_its_doc_section(tiny_dir, tiny_heads_dir, tmp_path):
+    from propd.bench.tune import BEGIN, END, TuneConfig, run_tune
+    from propd.training.data import training_prompts
+
+    data = tmp_path / "train"
+    for src in ("eagle_alpaca", "vicuna_bench"):
+        (data / src).mkdir(parents=True)
+        rows = [{"question_id": i, "turns": [f"{src} question {i}?"]} for i in range(6)]
+        (data / src / "question.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "propd.md").write_text(f"# ProPD\n\nprose stays\n\n{BEGIN}\nold\n{END}\n")
+    cfg = TuneConfig(out=str(tmp_path / "tune"), data=str(data), docs=str(docs), skip=8, per_source=2,
+                     max_new_tokens=6, layers=(1, 2), topk=(4, 16), alphas=(0.05, 0.2), lams=(0.05,),
+                     prune_batch_size=2, model=str(tiny_dir), heads=str(tiny_heads_dir))
+    run_tune(cfg)
+    asked = [json.loads(line) for line in (tmp_path / "tune" / "question.jsonl").read_text().splitlines()]
+    trained = set(training_prompts(data, 8))
+    assert len(asked) == 4 and not {q["turns"][0] for q in asked} & trained  # the 4 prompts heads never saw
+    prune = json.loads((tmp_path / "tune" / "prune" / "summary.json").read_text())
+    sizer = json.loads((tmp_path / "tune" / "sizer" / "summary.json").read_text())
+    assert {r["preset"] for r in prune} == {"ar", "medusa", "l1-k4", "l1-k16", "l2-k4", "l2-k16"}
+    assert {r["preset"] for r in sizer} == {"ar", "propd", "a0.05-l0.05", "a0.2-l0.05", "S-small"}
+    assert {r["batch_size"] for r in prune} == {2} and {r["batch_size"] for r in sizer} == {1}
+    assert all(r["match_rate_vs_ar"] == 1.0 for r in prune + sizer if r["category"] == "all")
+    doc = (docs / "propd.md").read_text()
+    assert "old" not in doc and "prose stays" in doc and "| 2 | " in doc and "| 0.2 | " in doc
+    assert doc.count("Fastest cell: ") == 2
+
+
+def test_tune_rejects_unknown_runs_and_too_few_prompts(tiny_dir, tmp_path, capsys):
+    assert main(["tune", "--only", "grid", "--out", str(tmp_path / "t")]) == 2
+    assert "unknown run(s) ['grid']" in capsys.readouterr().err
+    data = tmp_path / "train" / "eagle_alpaca"
+    data.mkdir(parents=True)
+    (data / "question.jsonl").write_text(json.dumps({"question_id": 1, "turns": ["hi"]}) + "\n")
+    assert main(["tune", "--data", str(data.parent), "--model", str(tiny_dir), "--out", str(tmp_path / "t")]) == 2
+    assert "no held-out training prompts" in capsys.readouterr().err
