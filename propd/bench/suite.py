@@ -192,11 +192,15 @@ def _publish(out: Path, docs: Path, text: str) -> None:
     for name in ("fp32", "bf16", "table2"):
         for png in sorted((out / name).glob("*.png")):
             shutil.copy(png, img / f"{name}-{png.name}")
-    results = docs / "results.md"
-    if not results.is_file():
+    replace_block(docs / "results.md", BEGIN, END, text)
+
+
+def replace_block(doc_path: Path, begin: str, end: str, text: str) -> None:
+    """Replace what lies between the ``begin`` and ``end`` marker lines of a doc (if it has them) with ``text``."""
+    if not doc_path.is_file():
         return
-    doc = results.read_text()
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        results.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
+    doc = doc_path.read_text()
+    if begin in doc and end in doc:
+        head, rest = doc.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        doc_path.write_text(f"{head}{begin}\n{text}{end}{tail}")

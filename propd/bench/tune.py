@@ -27,7 +27,7 @@ from pathlib import Path
 import attrs
 
 from propd.bench.runner import BenchConfig, run_bench
-from propd.bench.suite import _cell, _machine, _rows, prune_grid
+from propd.bench.suite import _cell, _machine, _rows, prune_grid, replace_block
 from propd.errors import PropdError
 
 BEGIN, END = "<!-- tuning:begin -->", "<!-- tuning:end -->"
@@ -106,7 +106,7 @@ def run_tune(cfg: TuneConfig) -> Path:
     text = tables(out, cfg)
     (out / "tuning.md").write_text(text)
     if cfg.docs:
-        _publish(Path(cfg.docs) / "propd.md", text)
+        replace_block(Path(cfg.docs) / "propd.md", BEGIN, END, text)
     return out
 
 
@@ -150,12 +150,3 @@ def tables(out: Path, cfg: TuneConfig) -> str:
         lines.append("")
     return "\n".join(lines) + "\n"
 
-
-def _publish(doc_path: Path, text: str) -> None:
-    if not doc_path.is_file():
-        return
-    doc = doc_path.read_text()
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        doc_path.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
