@@ -193,6 +193,7 @@ def cmd_components(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from propd.models.loading import DEFAULT_MODEL, DTYPES
+    from propd.training.data import DEFAULT_MAX_PROMPTS
 
     parser = argparse.ArgumentParser(prog="propd", description="Lossless parallel decoding for Llama-family LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -254,8 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", default="out/tune", help="bench directories (resumable; default: out/tune)")
     u.add_argument("--data", default=None, help="training prompts folder (default: the nearest shared/data/train)")
     u.add_argument("--docs", default=None, help="docs folder whose propd.md tuning section to update")
-    u.add_argument("--skip", type=int, default=400,
-                   help="leading training prompts to leave out: those train-heads distilled from (default: 400)")
+    u.add_argument("--skip", type=int, default=DEFAULT_MAX_PROMPTS,
+                   help="leading training prompts to leave out: those train-heads distilled from "
+                        f"(default: {DEFAULT_MAX_PROMPTS})")
     u.add_argument("--per-source", type=int, default=6, help="held-out prompts per training source (default: 6)")
     u.add_argument("--only", default=None, help="comma-separated subset of: prune, sizer")
     u.add_argument("--model", default=DEFAULT_MODEL)
@@ -268,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output directory (heads, report.json; work/ holds resumable state)")
     t.add_argument("--num-heads", type=int, default=4)
     t.add_argument("--early-layers", default="1,2,3,4,5,6", help="comma-separated layer counts n (1..L-1)")
-    t.add_argument("--max-prompts", type=int, default=400)
+    t.add_argument("--max-prompts", type=int, default=DEFAULT_MAX_PROMPTS)
     t.add_argument("--max-new-tokens", type=int, default=96)
     t.add_argument("--epochs", type=int, default=2)
     t.add_argument("--device", default="cpu")

@@ -178,8 +178,7 @@ class _Pair:
     def __init__(self, method: str, runner: Callable, bs: int, questions: list[Question], cfg: BenchConfig,
                  out: Path):
         self.method, self.runner, self.bs = method, runner, bs
-        slug = _slug(method, bs)
-        self.slug = slug
+        self.slug = slug = _slug(method, bs)
         self.ans_path, self.step_path = out / "answers" / f"{slug}.jsonl", out / "steps" / f"{slug}.jsonl"
         done = _read_jsonl(self.ans_path) if cfg.resume else []
         self.done_batches = len({r["batch_index"] for r in done})

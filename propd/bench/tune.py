@@ -29,6 +29,7 @@ import attrs
 from propd.bench.runner import BenchConfig, run_bench
 from propd.bench.suite import _cell, _machine, _rows, prune_grid, replace_block
 from propd.errors import PropdError
+from propd.training.data import DEFAULT_MAX_PROMPTS
 
 BEGIN, END = "<!-- tuning:begin -->", "<!-- tuning:end -->"
 SMALL_SIZES = (1, 2, 4, 8, 16)
@@ -39,7 +40,7 @@ class TuneConfig:
     out: str
     data: str | None = None
     docs: str | None = None
-    skip: int = 400  # train-heads' default --max-prompts: those prompts trained the heads
+    skip: int = DEFAULT_MAX_PROMPTS  # train-heads' default --max-prompts: those prompts trained the heads
     per_source: int = 6
     max_new_tokens: int = 32
     layers: tuple[int, ...] = (2, 3, 4)
@@ -110,9 +111,13 @@ def run_tune(cfg: TuneConfig) -> Path:
     return out
 
 
-def _best(rows: list[dict], labels: list[str]) -> dict | None:
+def _fastest(rows: list[dict], labels: list[str]) -> list[str]:
+    """The grid cell with the most tokens/s, as a line for the table (none when nothing was measured)."""
     cand = [r for r in rows if r["preset"] in labels and r.get("tokens_per_s")]
-    return max(cand, key=lambda r: r["tokens_per_s"]) if cand else None
+    if not cand:
+        return []
+    best = max(cand, key=lambda r: r["tokens_per_s"])
+    return ["", f"Fastest cell: {best['preset']} ({_cell(best['speedup_vs_ar'], '{:.2f}x')} `ar`)."]
 
 
 def tables(out: Path, cfg: TuneConfig) -> str:
@@ -123,9 +128,7 @@ def tables(out: Path, cfg: TuneConfig) -> str:
         lines += [f"#### Early pruning at batch {cfg.prune_batch_size}", "",
                   f"Machine: {_machine(out / 'prune', what)}.", ""]
         lines += prune_grid(rows, cfg.layers, cfg.topk)
-        best = _best(rows, [f"l{n}-k{k}" for n in cfg.layers for k in cfg.topk])
-        if best:
-            lines += ["", f"Fastest cell: {best['preset']} ({_cell(best['speedup_vs_ar'], '{:.2f}x')} `ar`)."]
+        lines += _fastest(rows, [f"l{n}-k{k}" for n in cfg.layers for k in cfg.topk])
         lines.append("")
     rows = _rows(out / "sizer")
     if rows:
@@ -144,9 +147,7 @@ def tables(out: Path, cfg: TuneConfig) -> str:
         lines += ["", f"Candidate sizes {list(SMALL_SIZES)} (alpha, lambda defaults): {fmt(by.get('S-small'))}; "
                       f"the `propd` preset as shipped (a second measurement of its defaults, for the noise): "
                       f"{fmt(by.get('propd'))}."]
-        best = _best(rows, [sizer_label(a, lam) for a in cfg.alphas for lam in cfg.lams] + ["S-small"])
-        if best:
-            lines += ["", f"Fastest cell: {best['preset']} ({_cell(best['speedup_vs_ar'], '{:.2f}x')} `ar`)."]
+        lines += _fastest(rows, [sizer_label(a, lam) for a in cfg.alphas for lam in cfg.lams] + ["S-small"])
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from propd.errors import PropdError
 
+DEFAULT_MAX_PROMPTS = 400  # train-heads distils from this many; propd tune holds out the rest
 MAX_PROMPT_CHARS = 1500  # some awesome-chatgpt-prompts rows run to 144k characters
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from propd.errors import PropdError
 from propd.models.heads import EarlyHeads, MedusaHeads
+from propd.training.data import DEFAULT_MAX_PROMPTS
 
 MEDUSA_TOPK = (1, 5, 10, 50)
 CURVE_RANKS = 10  # cumulative top-1..10 per head, for tree construction (propd.strategies.tree_builder)
@@ -38,7 +39,7 @@ class TrainConfig:
     out: str
     num_heads: int = 4
     early_layers: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
-    max_prompts: int | None = 400
+    max_prompts: int | None = DEFAULT_MAX_PROMPTS
     max_new_tokens: int = 96
     epochs: int = 2
     device: str = "cpu"
