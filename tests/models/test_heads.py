@@ -56,25 +56,27 @@ def test_missing_and_foreign_files_are_refused(tmp_path):
         MedusaHeads.load(tmp_path, 64, 128)
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 2, 5, 64, 300])
-def test_vocab_projection_equals_linear_for_every_row_count(rows):
-    from propd.models.llama import VocabProjection
+def test_linear_equals_f_linear_for_every_row_count(rows, bias):
+    from propd.models.llama import Linear
 
     torch.manual_seed(rows)
-    proj = VocabProjection(32, 500, bias=False)
+    proj = Linear(32, 500, bias=bias)
     x = torch.randn(rows, 3, 32)[:, 1]  # a non-contiguous input
-    want = torch.nn.functional.linear(x, proj.weight)
+    want = torch.nn.functional.linear(x, proj.weight, proj.bias)
     got = proj(x)
     assert got.shape == want.shape == (rows, 500)
+    assert got.is_contiguous()  # row-major like F.linear's: attention's fused CPU kernel needs contiguous heads
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
 def test_medusa_heads_share_one_projection_call():
-    from propd.models.llama import VocabProjection
+    from propd.models.llama import Linear
 
     calls = []
-    lm_head = VocabProjection(16, 40, bias=False)
+    lm_head = Linear(16, 40, bias=False)
     lm_head.register_forward_hook(lambda mod, inp, out: calls.append(tuple(inp[0].shape)))
     heads = MedusaHeads(16, 40, num_heads=3, shared_lm_head=lm_head)
     for p in heads.parameters():

@@ -77,6 +77,10 @@ def test_topk_pruner_keeps_exactly_the_children_in_their_parents_topk():
             expect[b, j] = bool((top3[b, int(tree.parents[j])] == tokens[b, j]).any())
     assert torch.equal(keep, expect)
     assert pruner.propd_prune(ctx, tree, tokens, 2, hidden, node_idx, None) is None  # other layers: no opinion
+    small = EarlyTopKPruner(EarlyTopKConfig(layer=1, k=3, min_nodes=tree.num_nodes + 1))
+    assert small.propd_prune(ctx, tree, tokens, 1, hidden, node_idx, None) is None  # below min_nodes: left whole
+    at_min = EarlyTopKPruner(EarlyTopKConfig(layer=1, k=3, min_nodes=tree.num_nodes))
+    assert torch.equal(at_min.propd_prune(ctx, tree, tokens, 1, hidden, node_idx, None), keep)
     closed = tree.keep_closure(keep)
     for b in range(2):
         for j in range(1, tree.num_nodes):
@@ -137,13 +141,22 @@ def test_weighted_regression_fits_known_lines():
     assert cm.estimate(16) == pytest.approx(0.026, rel=1e-3)
     cm.observe(1, 0.5)  # the 1-node step is off the line (no heads, another kernel path): its own time stands
     assert cm.estimate(1) == 0.5 and cm.estimate(16) == pytest.approx(0.026, rel=1e-3)
+    cm.observe(4, 0.011)  # a measured size's own time stands too (CPU kernels make T(i) far from linear) ...
+    assert cm.estimate(4) == 0.011
+    assert cm.estimate(8) == pytest.approx(0.018, rel=1e-3)  # ... and the line prices the sizes never measured
+    prior = CostModel(alpha=1.0, lam=0.5).seeded_from(cm)  # another key: inherited times are not measurements
+    assert prior.estimate(4) != pytest.approx(0.011)  # the line through the (down-weighted) priors prices it
+    prior.observe(4, 0.02)
+    assert prior.estimate(4) == 0.02  # until it is measured at this key
 
 
-def _drive(cost_per_node, steps=120, probe_every=1000, batch=lambda step: 1):
-    """Feed the sizer synthetic step times t(i) = 10 ms + cost_per_node * i and perfect-ish acceptance."""
+def _drive(cost_per_node, steps=120, probe_every=1000, batch=lambda step: 1, time_of=None, sizes=(1, 4, 16, 64),
+           explore=(1, 16, 64)):
+    """Feed the sizer synthetic step times t(i) = 10 ms + cost_per_node * i (or ``time_of(i)``) and perfect-ish
+    acceptance."""
     from propd.types import Acceptance, StepStats
 
-    sizer = DynamicSizer(DynamicConfig(sizes=(1, 4, 16, 64), explore=(1, 16, 64), refresh=4, probe_every=probe_every))
+    sizer = DynamicSizer(DynamicConfig(sizes=sizes, explore=explore, refresh=4, probe_every=probe_every))
     sizer.propd_setup(MODEL)
     sizer.P = [[0.7, 0.8, 0.85, 0.9, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97]] * 4  # heads that are often right
     per_node = cost_per_node if callable(cost_per_node) else (lambda step: cost_per_node)
@@ -152,7 +165,8 @@ def _drive(cost_per_node, steps=120, probe_every=1000, batch=lambda step: 1):
         tree = sizer.propd_tree(ctx)
         stats = StepStats(step=step, batch_size=1, row_ids=(0,), context_len=0, tree_nodes=tree.num_nodes,
                           nodes_after_pruning=tree.num_nodes, accepted=(1,),
-                          step_time_s=0.010 * batch(step) + per_node(step) * tree.num_nodes)
+                          step_time_s=(time_of(tree.num_nodes) if time_of else
+                                       0.010 * batch(step) + per_node(step) * tree.num_nodes))
         acc = Acceptance(best=torch.zeros(1, dtype=torch.long), accept_len=torch.zeros(1, dtype=torch.long),
                          bonus=torch.zeros(1, dtype=torch.long))
         cost = sizer.costs[sizer.key]
@@ -165,6 +179,17 @@ def test_dynamic_sizer_picks_small_trees_when_cost_grows_fast_and_large_when_fla
     assert slow.history[:3] == [1, 16, 64]  # the first key measures the explore sizes once each, then chooses
     assert set(slow.history[-100:]) == {1}  # a node costs 5x a base step: l(i)/T(i) is best at 1
     assert set(_drive(cost_per_node=0.00001).history[-100:]) == {64}  # nodes nearly free: the biggest tree wins
+
+
+def test_dynamic_sizer_finds_a_cheap_size_off_the_line():
+    # CPU-like costs: up to 4 nodes cost about a 1-node step (memory-bound), larger trees grow steeply; a line
+    # through the large sizes would price 4 nodes like 8. The sizer must use the 4-node tree's measured time.
+    def time_of(nodes):
+        return 0.010 if nodes <= 4 else 0.010 + 0.004 * nodes
+
+    sizer = _drive(None, time_of=time_of, sizes=(1, 2, 4, 8, 16, 64), explore=(1, 2, 4, 8, 16, 64))
+    assert sizer.history[:6] == [1, 2, 4, 8, 16, 64]
+    assert set(sizer.history[-100:]) == {4}
 
 
 def test_dynamic_sizer_probes_while_at_one_node_and_reuses_costs_for_a_new_batch_size():
