@@ -241,15 +241,25 @@ class DynamicSizer:
         # a neutral prior (no pre-characterization): rank r of head i right with a chance that falls with both
         self.P = [[min(1.0, 0.5 / (i + 1) * (1 + k) / (1 + k + 1)) for k in range(R)] for i in range(K)]
 
-    def _exploring(self, cost: CostModel) -> int | None:
+    def _exploring(self, cost: CostModel, values: list[float]) -> int | None:
+        """The next size to measure before the first choice at this key, or None.
+
+        Sizes are explored smallest first, and exploration stops early once a measured tree step takes at least
+        l(largest) times a 1-node step: then no tree that large or larger can pay, even with every guess of the
+        largest tree counted, and measuring one (a 64-node tree is 256 rows at batch 4) costs many AR steps."""
         if len(self.costs) > 1 or cost.seeded:  # a later key: it has a prior, rescaled by one fresh 1-node step
             return 1 if cost.seeded and cost.n.get(1, 0) == 0 else None
         untried = [s for s in self.explore if cost.n.get(s, 0) == 0]
+        if untried and cost.n.get(1, 0) > 0:
+            most = 1.0 + self.calibration * sum(values[: max(self.sizes) - 1])
+            hopeless = [s for s in cost.t if s > 1 and cost.n.get(s, 0) > 0 and cost.t[s] >= most * cost.t[1]]
+            if hopeless:
+                untried = [s for s in untried if s < min(hopeless)]
         return untried[0] if untried else None
 
     def choose(self, cost: CostModel, values: list[float]) -> int:
         """The size maximizing l(i) / T_est(i); ``values`` are the node values of the largest best tree."""
-        first = self._exploring(cost)
+        first = self._exploring(cost, values)
         if first is not None:
             return first
         best, best_rate = 1, -1.0
@@ -278,7 +288,7 @@ class DynamicSizer:
         if key != self.key or self.since >= self.cfg.refresh:
             self.key, self.since = key, 0
             self.size = self.choose(cost, values)
-            if self._exploring(cost) is not None or cost.n.get(self.size, 0) == 0:
+            if self._exploring(cost, values) is not None or cost.n.get(self.size, 0) == 0:
                 self.since = self.cfg.refresh - 1  # a first measurement of this size here: choose again after it
         self.since += 1
         size = self.size
