@@ -1,0 +1,66 @@
+"""Why ``propd.models.llama.Linear`` computes ``(W @ x^T)^T`` for 2-256 rows on CPU (docs/architecture.md).
+
+Part 1 times both forms on the default model's 30 layers of projection shapes with distinct random weights (425 MB,
+so they stream from memory as in a forward pass). Part 2 times whole forward passes of the default model at several
+tree sizes, alternating the kernel choice on and off, and prints the medians.
+
+    python benchmarks/linear_kernel.py            # about 3 minutes on 2 CPU cores
+"""
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from propd.models.llama import Linear
+from propd.models.loading import load_model
+
+SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def streamed_matmuls() -> None:
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    weights = [torch.randn(o, i) for _ in range(30) for o, i in shapes]
+    print("rows  F.linear ms  (W @ x^T)^T ms   (30 layers of SmolLM2-135M projections, best of 5)")
+    for m in SIZES:
+        xs = {w.shape[1]: torch.randn(m, w.shape[1]) for w in weights}
+        best = {}
+        for name, fn in (("linear", lambda w, x: F.linear(x, w)), ("wx", lambda w, x: (w @ x.t()).t().contiguous())):
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                for w in weights:
+                    fn(w, xs[w.shape[1]])
+                times.append(time.perf_counter() - t)
+            best[name] = min(times) * 1000
+        print(f"{m:4d}  {best['linear']:11.1f}  {best['wx']:13.1f}")
+
+
+def forward_passes(reps: int = 12) -> None:
+    lm = load_model("smollm2-135m-instruct", dtype="float32")
+    m = lm.model
+    on, off = Linear.SKINNY_ROWS, (10**9, 0)
+    res: dict[tuple[int, str], list[float]] = {}
+    cache = m.new_cache(1, 600)
+    m.prefill(cache, [list(range(100, 400))])  # a 300-token context
+    for _ in range(reps):
+        for T in SIZES:
+            mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+            node_idx, tok = torch.arange(T).expand(1, T), torch.randint(0, 49000, (1, T))
+            for name, rows in (("on", on), ("off", off)):
+                Linear.SKINNY_ROWS = rows
+                t = time.perf_counter()
+                a = m.attention_inputs(cache, node_idx, mask, torch.arange(T))
+                m.logits(m.norm(m.run_layers(m.embed(tok), 0, m.num_layers, cache, a)))
+                res.setdefault((T, name), []).append(time.perf_counter() - t)
+    Linear.SKINNY_ROWS = on
+    print("nodes  with ms  F.linear ms   (default model, fp32, batch 1, median of", reps, "alternating passes)")
+    for T in SIZES:
+        med = {n: sorted(res[(T, n)])[reps // 2] * 1000 for n in ("on", "off")}
+        print(f"{T:5d}  {med['on']:7.1f}  {med['off']:11.1f}")
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        streamed_matmuls()
+        forward_passes()
