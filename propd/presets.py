@@ -25,7 +25,7 @@ class Preset:
 # (docs/propd.md, "Parameters"): pruning after layer 2 was the fastest at every k, and k 50 at every layer. The
 # paper's own choice for Vicuna-7B (layer 4, k 50) stays the `early-topk` component's default. Trees under 16 nodes
 # are left whole: on the same held-out prompts, pruning the 2-4 node trees that the dynamic sizer picks on a CPU
-# lowered the accepted length (1.36 -> 1.21 at batch 1) and saved no time (docs/propd.md, "Parameters").
+# lowered the accepted length (1.34 -> 1.21 at batch 1) and saved no time (docs/propd.md, "Parameters").
 PROPD_PRUNER: Spec = ("early-topk", {"layer": 2, "k": 50, "min_nodes": 16})
 
 PRESETS = {
