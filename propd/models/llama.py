@@ -44,7 +44,8 @@ class Linear(nn.Linear):
     rows ran 1.4-2.9x slower than ``(W @ x^T)^T`` on the (49152 x 576) SmolLM2 ``lm_head``, and 1.1-2.1x slower on its
     layers' matrices when the weights stream from memory as they do in a forward pass (30 layers' q/k/v/o and MLP
     matrices, 425 MB: 60 vs 29 ms at M = 2, 69 vs 56 ms at M = 8, 130 vs 74 ms at M = 32; equal from M = 192; measured
-    on the 2-core AMD EPYC of docs/results.md, torch 2.13.0+cpu). At M = 1 both are one matrix-vector product.
+    on the 2-core AMD EPYC of docs/results.md, torch 2.13.0+cpu; ``python benchmarks/linear_kernel.py`` repeats it).
+    At M = 1 both are one matrix-vector product.
     Results equal ``F.linear``'s up to float summation order. On other devices this is ``nn.Linear``.
     """
 
