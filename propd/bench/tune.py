@@ -9,7 +9,9 @@ heads, so propd measures them per model:
 * ``prune``: ``propd-prune-only`` (mc_sim_7b_63 + early-topk) for every (layer, k) of the grid at batch 4, beside
   ``ar`` and ``medusa`` (the paper's Table 2 procedure);
 * ``sizer``: ``propd`` with every (alpha, lambda) of the grid and a smaller candidate set, at batch 1, beside ``ar``
-  and the ``propd`` preset itself, which has the default values and so shows the run-to-run noise.
+  and the ``propd`` preset itself, which has the default values and so shows the run-to-run noise; in the same run,
+  ``propd`` with the pruner's ``min_nodes`` (the smallest tree that is pruned) set to each value of its grid, and
+  ``propd-dynamic-only`` (no pruning at all), since the trees the sizer picks decide whether pruning pays.
 
 The prompts are the training prompts that ``propd train-heads --max-prompts SKIP`` did not distil from
 (:func:`propd.training.data.held_out_questions`), written to ``OUT/question.jsonl``. Each run is an ordinary
@@ -29,6 +31,7 @@ import attrs
 from propd.bench.runner import BenchConfig, run_bench
 from propd.bench.suite import _cell, _machine, _rows, prune_grid, replace_block
 from propd.errors import PropdError
+from propd.presets import PROPD_PRUNER
 from propd.training.data import DEFAULT_MAX_PROMPTS
 
 BEGIN, END = "<!-- tuning:begin -->", "<!-- tuning:end -->"
@@ -47,6 +50,7 @@ class TuneConfig:
     topk: tuple[int, ...] = (50, 100, 200)
     alphas: tuple[float, ...] = (0.02, 0.05, 0.1)
     lams: tuple[float, ...] = (0.02, 0.05, 0.2)
+    min_nodes: tuple[int, ...] = (2, 8)  # besides the preset's own value
     prune_batch_size: int = 4
     sizer_batch_size: int = 1
     model: str = "smollm2-135m-instruct"
@@ -73,11 +77,14 @@ def runs(cfg: TuneConfig, questions: str) -> dict[str, BenchConfig]:
     sizer = tuple(f"{sizer_label(a, lam)}=propd;sizer=propd-dynamic:alpha={a},lam={lam}"
                   for a in cfg.alphas for lam in cfg.lams)
     sizer += (f"S-small=propd;sizer=propd-dynamic:sizes={list(SMALL_SIZES)}".replace(" ", ""),)
+    pruner, opts = PROPD_PRUNER
+    keep = ",".join(f"{k}={v}" for k, v in opts.items() if k != "min_nodes")
+    sizer += tuple(f"m{m}=propd;pruner={pruner}:{keep},min_nodes={m}" for m in cfg.min_nodes)
     all_runs = {
         "prune": BenchConfig(out=str(out / "prune"), presets=("ar", "medusa"), variants=prune,
                              batch_sizes=(cfg.prune_batch_size,), **base),
-        "sizer": BenchConfig(out=str(out / "sizer"), presets=("ar", "propd"), variants=sizer,
-                             batch_sizes=(cfg.sizer_batch_size,), **base),
+        "sizer": BenchConfig(out=str(out / "sizer"), presets=("ar", "propd", "propd-dynamic-only"),
+                             variants=sizer, batch_sizes=(cfg.sizer_batch_size,), **base),
     }
     unknown = sorted(set(cfg.only) - set(all_runs))
     if unknown:
@@ -148,6 +155,14 @@ def tables(out: Path, cfg: TuneConfig) -> str:
                       f"the `propd` preset as shipped (a second measurement of its defaults, for the noise): "
                       f"{fmt(by.get('propd'))}."]
         lines += _fastest(rows, [sizer_label(a, lam) for a in cfg.alphas for lam in cfg.lams] + ["S-small"])
+        preset_min = PROPD_PRUNER[1].get("min_nodes")
+        cells = [(f"{m}", by.get(f"m{m}")) for m in cfg.min_nodes]
+        cells += [(f"{preset_min} (`propd`)", by.get("propd")),
+                  ("never (`propd-dynamic-only`)", by.get("propd-dynamic-only"))]
+        lines += ["", f"Smallest tree that `{PROPD_PRUNER[0]}` prunes (`min_nodes`), alpha and lambda defaults, "
+                      "same run:", "",
+                  "| min_nodes | speed-up / accepted / nodes per step |", "|---|---|"]
+        lines += [f"| {label} | {fmt(r)} |" for label, r in cells]
         lines.append("")
     return "\n".join(lines) + "\n"
 

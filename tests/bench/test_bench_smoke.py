@@ -146,7 +146,7 @@ def test_tune_uses_only_held_out_training_prompts_and_fills_its_doc_section(tiny
     (docs / "propd.md").write_text(f"# ProPD\n\nprose stays\n\n{BEGIN}\nold\n{END}\n")
     cfg = TuneConfig(out=str(tmp_path / "tune"), data=str(data), docs=str(docs), skip=8, per_source=2,
                      max_new_tokens=6, layers=(1, 2), topk=(4, 16), alphas=(0.05, 0.2), lams=(0.05,),
-                     prune_batch_size=2, model=str(tiny_dir), heads=str(tiny_heads_dir))
+                     min_nodes=(2,), prune_batch_size=2, model=str(tiny_dir), heads=str(tiny_heads_dir))
     run_tune(cfg)
     asked = [json.loads(line) for line in (tmp_path / "tune" / "question.jsonl").read_text().splitlines()]
     trained = set(training_prompts(data, 8))
@@ -154,12 +154,14 @@ def test_tune_uses_only_held_out_training_prompts_and_fills_its_doc_section(tiny
     prune = json.loads((tmp_path / "tune" / "prune" / "summary.json").read_text())
     sizer = json.loads((tmp_path / "tune" / "sizer" / "summary.json").read_text())
     assert {r["preset"] for r in prune} == {"ar", "medusa", "l1-k4", "l1-k16", "l2-k4", "l2-k16"}
-    assert {r["preset"] for r in sizer} == {"ar", "propd", "a0.05-l0.05", "a0.2-l0.05", "S-small"}
+    assert {r["preset"] for r in sizer} == {"ar", "propd", "propd-dynamic-only", "a0.05-l0.05", "a0.2-l0.05",
+                                            "S-small", "m2"}
     assert {r["batch_size"] for r in prune} == {2} and {r["batch_size"] for r in sizer} == {1}
     assert all(r["match_rate_vs_ar"] == 1.0 for r in prune + sizer if r["category"] == "all")
     doc = (docs / "propd.md").read_text()
     assert "old" not in doc and "prose stays" in doc and "| 2 | " in doc and "| 0.2 | " in doc
     assert doc.count("Fastest cell: ") == 2
+    assert "| 2 | " in doc.split("min_nodes")[-1] and "| never (`propd-dynamic-only`) | " in doc
 
 
 def test_tune_rejects_unknown_runs_and_too_few_prompts(tiny_dir, tmp_path, capsys):
