@@ -5,8 +5,10 @@ so they stream from memory as in a forward pass). Part 2 times whole forward pas
 tree sizes, alternating the kernel choice on and off, and prints the medians.
 
     python benchmarks/linear_kernel.py            # about 3 minutes on 2 CPU cores
+    python benchmarks/linear_kernel.py bfloat16   # part 1 only, in bf16: why the choice is made for fp32 only
 """
 
+import sys
 import time
 
 import torch
@@ -18,12 +20,12 @@ from propd.models.loading import load_model
 SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
-def streamed_matmuls() -> None:
+def streamed_matmuls(dtype: torch.dtype = torch.float32, sizes=SIZES) -> None:
     shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
-    weights = [torch.randn(o, i) for _ in range(30) for o, i in shapes]
-    print("rows  F.linear ms  (W @ x^T)^T ms   (30 layers of SmolLM2-135M projections, best of 5)")
-    for m in SIZES:
-        xs = {w.shape[1]: torch.randn(m, w.shape[1]) for w in weights}
+    weights = [torch.randn(o, i, dtype=dtype) for _ in range(30) for o, i in shapes]
+    print(f"rows  F.linear ms  (W @ x^T)^T ms   (30 layers of SmolLM2-135M projections, {dtype}, best of 5)")
+    for m in sizes:
+        xs = {w.shape[1]: torch.randn(m, w.shape[1], dtype=dtype) for w in weights}
         best = {}
         for name, fn in (("linear", lambda w, x: F.linear(x, w)), ("wx", lambda w, x: (w @ x.t()).t().contiguous())):
             times = []
@@ -62,5 +64,8 @@ def forward_passes(reps: int = 12) -> None:
 
 if __name__ == "__main__":
     with torch.inference_mode():
-        streamed_matmuls()
-        forward_passes()
+        if sys.argv[1:] == ["bfloat16"]:
+            streamed_matmuls(torch.bfloat16, SIZES + (128, 256))
+        else:
+            streamed_matmuls()
+            forward_passes()

@@ -45,17 +45,23 @@ class Linear(nn.Linear):
     layers' matrices when the weights stream from memory as they do in a forward pass (30 layers' q/k/v/o and MLP
     matrices, 425 MB: 60 vs 29 ms at M = 2, 69 vs 56 ms at M = 8, 130 vs 74 ms at M = 32; equal from M = 192; measured
     on the 2-core AMD EPYC of docs/results.md, torch 2.13.0+cpu; ``python benchmarks/linear_kernel.py`` repeats it).
-    At M = 1 both are one matrix-vector product.
+    At M = 1 both are one matrix-vector product. In bfloat16 the choice does not pay (the same matrices: 28.5 against
+    24.4 ms at M = 2, 511 against 347 ms at M = 32, never faster; ``python benchmarks/linear_kernel.py bfloat16``,
+    same machine, 2026-11-22), so it is made for float32 only.
     Results equal ``F.linear``'s up to float summation order. On other devices this is ``nn.Linear``.
     """
 
     SKINNY_ROWS = (2, 256)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
+    def skinny(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` computes ``(W @ x^T)^T`` (float32 on CPU, 2-256 rows) rather than ``F.linear``."""
         lo, hi = self.SKINNY_ROWS
-        if x.device.type != "cpu" or not lo <= rows <= hi:
+        return x.device.type == "cpu" and x.dtype == torch.float32 and lo <= x.numel() // x.shape[-1] <= hi
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.skinny(x):
             return F.linear(x, self.weight, self.bias)
+        rows = x.numel() // x.shape[-1]
         y = (self.weight @ x.reshape(rows, x.shape[-1]).t()).t()  # (rows, out), column-major
         y = y.contiguous()  # row-major, as F.linear returns (attention kernels want contiguous heads)
         if self.bias is not None:
