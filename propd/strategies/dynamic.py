@@ -258,10 +258,8 @@ class DynamicSizer:
         return untried[0] if untried else None
 
     def choose(self, cost: CostModel, values: list[float]) -> int:
-        """The size maximizing l(i) / T_est(i); ``values`` are the node values of the largest best tree."""
-        first = self._exploring(cost, values)
-        if first is not None:
-            return first
+        """The size maximizing l(i) / T_est(i); ``values`` are the node values of the largest best tree. The caller
+        has checked that nothing is left to explore at this key."""
         best, best_rate = 1, -1.0
         c = self.calibration
         for s in self.sizes:
@@ -287,8 +285,9 @@ class DynamicSizer:
         paths, values = self._best
         if key != self.key or self.since >= self.cfg.refresh:
             self.key, self.since = key, 0
-            self.size = self.choose(cost, values)
-            if self._exploring(cost, values) is not None or cost.n.get(self.size, 0) == 0:
+            first = self._exploring(cost, values)
+            self.size = first if first is not None else self.choose(cost, values)
+            if first is not None or cost.n.get(self.size, 0) == 0:
                 self.since = self.cfg.refresh - 1  # a first measurement of this size here: choose again after it
         self.since += 1
         size = self.size
