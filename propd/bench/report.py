@@ -6,6 +6,12 @@ the ``ar`` preset's at the same batch size in the same run; mean accepted tokens
 bonus token counted, so AR is 1.0); match rate = share of prompts whose token ids equal ``ar``'s at that batch size.
 Per-category tokens/s divide the category's tokens by the wall time of the rows' batches, so in batches they share
 time with other categories and are indicative only.
+
+``speedup_ci90`` is a 90% paired bootstrap interval of the speed-up: the methods take turns batch by batch, so each
+batch index gives a pair of (tokens, wall time) for the method and for ``ar``; resampling batch indices with
+replacement (2,000 draws, fixed seed) and recomputing the ratio of sums shows how much of a ratio is the machine's
+noise during the run (Efron & Tibshirani 1993, ch. 13). It needs two batches or more, and covers only the noise inside
+one run, not drift between runs.
 """
 
 from __future__ import annotations
@@ -67,12 +73,44 @@ def summarize(out: Path) -> list[dict]:
     for r in rows:
         b = base.get((r["batch_size"], r["category"]))
         r["speedup_vs_ar"] = round(r["tokens_per_s"] / b, 3) if b and r["tokens_per_s"] else None
+        if r["category"] == "all":
+            r["speedup_ci90"] = speedup_interval(_per_batch(data.get((r["preset"], r["batch_size"]), [])),
+                                                 _per_batch(data.get(("ar", r["batch_size"]), [])))
     return rows
+
+
+def _per_batch(answers: list[dict]) -> dict[int, tuple[int, float]]:
+    """batch index -> (new tokens, wall time) of one (method, batch size)."""
+    out: dict[int, tuple[int, float]] = {}
+    for a in answers:
+        c = a["choices"][0]
+        tokens, _ = out.get(a["batch_index"], (0, 0.0))
+        out[a["batch_index"]] = (tokens + c["new_tokens"][0], c["batch_wall_time"])
+    return out
+
+
+def speedup_interval(method: dict[int, tuple[int, float]], ar: dict[int, tuple[int, float]], level: float = 0.9,
+                     draws: int = 2000, seed: int = 0) -> list[float] | None:
+    """Paired bootstrap interval [lo, hi] of (sum tokens_m / sum wall_m) / (sum tokens_ar / sum wall_ar) over the
+    batch indices both hold; None with fewer than two."""
+    import numpy as np
+
+    idx = sorted(set(method) & set(ar))
+    if len(idx) < 2:
+        return None
+    m = np.array([method[i] for i in idx], dtype=np.float64)  # (n, 2): tokens, wall
+    a = np.array([ar[i] for i in idx], dtype=np.float64)
+    pick = np.random.default_rng(seed).integers(0, len(idx), size=(draws, len(idx)))
+    ratio = (m[pick, 0].sum(1) / m[pick, 1].sum(1)) / (a[pick, 0].sum(1) / a[pick, 1].sum(1))
+    lo, hi = np.quantile(ratio, [(1 - level) / 2, (1 + level) / 2])
+    return [round(float(lo), 3), round(float(hi), 3)]
 
 
 def _fmt(v) -> str:
     if v is None:
         return "-"
+    if isinstance(v, list):
+        return "-".join(_fmt(x) for x in v)
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}"
     return str(v)
@@ -83,7 +121,8 @@ def write_report(out: str | Path) -> list[dict]:
     rows = summarize(out)
     (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     run = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
-    cols = ["preset", "batch_size", "tokens_per_s", "speedup_vs_ar", "mean_accepted_tokens", "mean_step_time_ms",
+    cols = ["preset", "batch_size", "tokens_per_s", "speedup_vs_ar", "speedup_ci90", "mean_accepted_tokens",
+            "mean_step_time_ms",
             "mean_tree_nodes", "mean_nodes_after_pruning", "match_rate_vs_ar", "new_tokens", "prompts"]
     lines = [f"# propd bench: {run.get('model', '?')}", ""]
     m, c = run.get("machine", {}), run.get("config", {})

@@ -114,6 +114,8 @@ def _machine(d: Path, prompts: str = "Spec-Bench prompts") -> str:
 
 
 def _cell(v, fmt="{:.2f}") -> str:
+    if isinstance(v, list):  # an interval
+        return "-" if not v else "-".join(fmt.format(x).rstrip("x") for x in v) + ("x" if fmt.endswith("x") else "")
     return "-" if v is None else fmt.format(v)
 
 
@@ -138,6 +140,9 @@ def tables(out: Path, layers=TABLE2_LAYERS, topk=TABLE2_TOPK) -> str:
         lines += [f"### Speed-up over `ar` per batch size, {name} (cf. ProPD Table 1 and Table 3)", "",
                   f"Machine: {_machine(d)}.", ""]
         lines += _speed_table(rows, methods)
+        lines += ["", f"90% paired bootstrap interval of the speed-up over batches ({name}; the noise inside this run, "
+                  "not between runs; '-' where the prompts fill one batch):", ""]
+        lines += _speed_table(rows, [m for m in methods if m != "ar"], "speedup_ci90")
         lines += ["", f"Tokens/s ({name}):", ""] + _speed_table(rows, methods, "tokens_per_s", "{:.1f}")
         lines += ["", f"Mean accepted tokens per step ({name}; the bonus token counted, AR = 1):", ""]
         lines += _speed_table(rows, [m for m in methods if not m.startswith("hf")], "mean_accepted_tokens", "{:.2f}")

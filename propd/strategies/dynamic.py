@@ -23,8 +23,13 @@ from the previous key's measurements as a prior instead of exploring again: it m
 the prior by the ratio of that step's time to the prior's, weights the prior at most ``CostModel.PRIOR_WEIGHT``
 in the line, and replaces each size's prior with its first fresh measurement. While the choice is the 1-node tree
 the heads are not run at all (their cost would otherwise be hidden outside T(1)); every ``probe_every`` steps one
-step of the other regime (a ``probe_size`` tree while at 1 node, a 1-node step while at a tree) keeps both estimates
-fresh. The line is fitted over tree sizes >= 2 only, and it prices only sizes not yet measured at this key: a
+step of the other regime (a ``probe_size`` tree while at 1 node, by default the cheapest tree; a 1-node step while at
+a tree) keeps both estimates fresh, and the choice is made again right after it. While probes keep confirming the
+1-node choice, the gap between them doubles (up to ``probe_max`` steps): where no tree pays, as for a small model at
+batch >= 2 on a CPU, every probe is a loss. Estimates age: a size's old time counts ``(1 - time_alpha) *
+exp(-lambda * age)`` against a new measurement (the paper's regression weight applied to T_perf^i itself), with age
+in steps of the whole sizer, since the machine's speed drifts while other keys run; and on returning to a key whose
+1-node time is older than ``refresh`` steps, one 1-node step is measured before choosing. The line is fitted over tree sizes >= 2 only, and it prices only sizes not yet measured at this key: a
 measured size's own time T_perf^i stands for it, since on CPUs step time is far from linear in the tree size (see
 ``CostModel.estimate``).
 
@@ -123,8 +128,9 @@ class DynamicConfig:
     context_bucket: int = 256  # re-choose when the longest context crosses a multiple of this
     max_rank: int = 10
     explore: tuple[int, ...] = (1, 2, 4, 8, 16, 64)  # sizes measured once before the first choice
-    probe_every: int = 32  # one step of the other regime (1 node vs a tree) this often
-    probe_size: int = 8
+    probe_every: int = 32  # one step of the other regime (1 node vs a tree) this often ...
+    probe_max: int = 256  # ... and, while probes keep confirming 1-node steps, up to this often (doubling)
+    probe_size: int = 2  # the probe tree while at 1 node: the candidate nearest this, above 1
 
 
 class CostModel:
@@ -154,17 +160,27 @@ class CostModel:
     def seeded(self) -> bool:
         return any(n == 0 for n in self.n.values())
 
-    def observe(self, size: int, seconds: float) -> None:
-        self.clock += 1
+    def observe(self, size: int, seconds: float, now: int | None = None) -> None:
+        """Record one step of ``size`` nodes. ``now`` is the sizer's step clock (shared by all keys, so that an
+        estimate left behind while other keys ran counts as old); without it, this model's own clock ticks."""
+        self.clock = self.clock + 1 if now is None else now
         fresh = self.n.get(size, 0) == 0
         if fresh and size == 1 and self.t.get(1):
             ratio = seconds / self.t[1]
             for s in self.t:
                 if self.n.get(s, 0) == 0 and s != 1:
                     self.t[s] *= ratio
-        self.t[size] = seconds if fresh else (1 - self.alpha) * self.t[size] + self.alpha * seconds
+        if fresh:
+            self.t[size] = seconds
+        else:  # the old estimate's weight decays with its age, like the line's weights W_i = exp(-lambda * o_i)
+            keep = (1 - self.alpha) * math.exp(-self.lam * max(0, self.clock - self.last[size] - 1))
+            self.t[size] = keep * self.t[size] + (1 - keep) * seconds
         self.n[size] = self.n.get(size, 0) + 1
         self.last[size] = self.clock
+
+    def age(self, size: int, now: int) -> float:
+        """Steps since ``size`` was last measured at this key (infinite if never)."""
+        return now - self.last[size] if self.n.get(size, 0) > 0 else math.inf
 
     def fit(self) -> tuple[float, float] | None:
         """(beta0, beta1) of the weighted fit over tree sizes >= 2, or None with fewer than two measured."""
@@ -220,6 +236,9 @@ class DynamicSizer:
         self.size = 1
         self.since = 0
         self.idle = 0  # steps since the last probe
+        self.gap = config.probe_every  # steps between probes (doubles while probes confirm 1-node steps)
+        self.probed = False  # the last step was a probe: choose again with what it measured
+        self.clock = 0  # steps decoded by this sizer, over all keys
         self.cache = _TreeCache()
         self.history: list[int] = []  # tree size used at each step (for analysis)
         self._best: tuple[list, list] | None = None  # best_tree() of the current acceptance estimates
@@ -241,14 +260,19 @@ class DynamicSizer:
         # a neutral prior (no pre-characterization): rank r of head i right with a chance that falls with both
         self.P = [[min(1.0, 0.5 / (i + 1) * (1 + k) / (1 + k + 1)) for k in range(R)] for i in range(K)]
 
-    def _exploring(self, cost: CostModel, values: list[float]) -> int | None:
+    def _exploring(self, cost: CostModel, values: list[float], entering: bool = False) -> int | None:
         """The next size to measure before the first choice at this key, or None.
+
+        On ``entering`` a key seen before whose 1-node time is older than ``refresh`` steps, one 1-node step is
+        measured first: the machine's speed drifts, and fresh tree times against a stale 1-node time pick trees that
+        do not pay.
 
         Sizes are explored smallest first, and exploration stops early once a measured tree step takes at least
         l(largest) times a 1-node step: then no tree that large or larger can pay, even with every guess of the
         largest tree counted, and measuring one (a 64-node tree is 256 rows at batch 4) costs many AR steps."""
         if len(self.costs) > 1 or cost.seeded:  # a later key: it has a prior, rescaled by one fresh 1-node step
-            return 1 if cost.seeded and cost.n.get(1, 0) == 0 else None
+            fresh_prior = cost.seeded and cost.n.get(1, 0) == 0
+            return 1 if fresh_prior or (entering and cost.age(1, self.clock) > self.cfg.refresh) else None
         untried = [s for s in self.explore if cost.n.get(s, 0) == 0]
         if untried and cost.n.get(1, 0) > 0:
             most = 1.0 + self.calibration * sum(values[: max(self.sizes) - 1])
@@ -283,17 +307,23 @@ class DynamicSizer:
         if self._best is None:  # searched again only after the acceptance estimates moved
             self._best = best_tree(rank_probabilities(self.P), max(self.sizes))
         paths, values = self._best
-        if key != self.key or self.since >= self.cfg.refresh:
+        if key != self.key or self.since >= self.cfg.refresh or self.probed:
+            entering, was = key != self.key, self.size
             self.key, self.since = key, 0
-            first = self._exploring(cost, values)
+            first = self._exploring(cost, values, entering)
             self.size = first if first is not None else self.choose(cost, values)
-            if first is not None or cost.n.get(self.size, 0) == 0:
-                self.since = self.cfg.refresh - 1  # a first measurement of this size here: choose again after it
+            if self.probed and first is None:  # back off while probes keep confirming that no tree pays
+                confirmed = not entering and was == self.size == 1
+                self.gap = min(2 * self.gap, self.cfg.probe_max) if confirmed else self.cfg.probe_every
+            self.probed = False
+            if first is not None or cost.age(self.size, self.clock) > self.cfg.refresh:
+                self.since = self.cfg.refresh - 1  # a first (or stale) measurement of this size: choose again after it
         self.since += 1
         size = self.size
         self.idle += 1
-        if self.idle >= self.cfg.probe_every:  # keep the other regime's estimates fresh
-            size, self.idle = (self.probe if size == 1 else 1), 0
+        if self.idle >= self.gap:  # keep the other regime's estimates fresh
+            size, self.idle, self.probed = (self.probe if size == 1 else 1), 0, True
+        self.clock += 1
         self.history.append(size)
         return self.cache.get(paths[: size - 1], ctx.device)
 
@@ -301,7 +331,7 @@ class DynamicSizer:
     def propd_after_step(self, ctx, tree, acceptance, stats, tokens):
         cost = self.costs.get(self.key)
         if cost is not None:
-            cost.observe(tree.num_nodes, stats.step_time_s)
+            cost.observe(tree.num_nodes, stats.step_time_s, now=self.clock)
         if ctx.heads is None or not ctx.heads_computed():
             return  # a 1-node step ran no heads; running them here would cost time that T(1) never sees
         if tree.num_nodes > 1 and self._best is not None:

@@ -54,8 +54,24 @@ def test_bench_smoke(tiny_dir, tiny_heads_dir, questions, tmp_path, capsys):
         assert r["new_tokens"] == overall[("ar", 1)]["new_tokens"]  # identical outputs, identical counts
         assert r["tokens_per_s"] > 0
     assert overall[("ar", 1)]["speedup_vs_ar"] == 1.0 and overall[("ar", 1)]["mean_accepted_tokens"] == 1.0
+    assert overall[("ar", 1)]["speedup_ci90"] == [1.0, 1.0]  # ar against itself, batch by batch
+    lo, hi = overall[("medusa", 2)]["speedup_ci90"]  # 3 batches of 2 prompts
+    assert lo <= overall[("medusa", 2)]["speedup_vs_ar"] <= hi
     assert {r["category"] for r in summary} == {"all", *CATS}
     assert "| medusa | 2 |" in (out / "summary.md").read_text()
+
+
+def test_speedup_interval_is_a_paired_bootstrap_over_batches():
+    from propd.bench.report import speedup_interval
+
+    ar = {0: (48, 1.0), 1: (48, 2.0), 2: (48, 1.5)}  # the machine's speed changes from batch to batch ...
+    twice = {i: (t, w / 2) for i, (t, w) in ar.items()}  # ... and a method twice as fast in every batch
+    assert speedup_interval(twice, ar) == [2.0, 2.0]  # pairing removes the machine's drift entirely
+    assert speedup_interval({0: (48, 0.5)}, ar) is None  # one shared batch: no interval
+    noisy = {0: (48, 0.5), 1: (48, 2.0), 2: (48, 1.5)}  # 2x faster in one batch only
+    lo, hi = speedup_interval(noisy, ar)
+    point = (144 / 4.0) / (144 / 4.5)
+    assert 1.0 <= lo < point < hi <= 2.0
 
 
 def test_bench_resume_finishes_an_interrupted_run(tiny_dir, tiny_heads_dir, questions, tmp_path):
@@ -121,6 +137,7 @@ def test_results_suite_writes_tables_and_updates_docs(tiny_dir, tiny_heads_dir, 
     assert "old numbers" not in doc and "prose stays" in doc and "more prose" in doc
     assert "cf. ProPD Table 1 and Table 3" in doc and "cf. ProPD Table 2" in doc
     assert "| propd | " in doc and "| 2 | " in doc  # ablation rows and the pruning grid's layer 2 row
+    assert "90% paired bootstrap interval" in doc
     assert (docs / "img" / "results" / "fp32-ablation.png").is_file()
     assert (docs / "img" / "results" / "fp32-throughput_vs_batch.png").is_file()
     fp32 = json.loads((tmp_path / "res" / "fp32" / "summary.json").read_text())

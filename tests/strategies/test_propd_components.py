@@ -150,13 +150,23 @@ def test_weighted_regression_fits_known_lines():
     assert prior.estimate(4) == 0.02  # until it is measured at this key
 
 
+def test_cost_estimates_age():
+    cm = CostModel(alpha=0.3, lam=0.05)
+    cm.observe(1, 0.10, now=1)
+    cm.observe(1, 0.05, now=2)  # measured again next step: the usual EMA
+    assert cm.t[1] == pytest.approx(0.7 * 0.10 + 0.3 * 0.05)
+    assert cm.age(1, now=10) == 8 and cm.age(4, now=10) == float("inf")
+    cm.observe(1, 0.05, now=102)  # 100 steps later (other keys ran): the old estimate keeps 0.7 * exp(-0.05 * 99)
+    assert cm.t[1] == pytest.approx(0.05, rel=0.01)
+
+
 def _drive(cost_per_node, steps=120, probe_every=1000, batch=lambda step: 1, time_of=None, sizes=(1, 4, 16, 64),
-           explore=(1, 16, 64)):
+           explore=(1, 16, 64), **config):
     """Feed the sizer synthetic step times t(i) = 10 ms + cost_per_node * i (or ``time_of(i)``) and perfect-ish
     acceptance."""
     from propd.types import Acceptance, StepStats
 
-    sizer = DynamicSizer(DynamicConfig(sizes=sizes, explore=explore, refresh=4, probe_every=probe_every))
+    sizer = DynamicSizer(DynamicConfig(sizes=sizes, explore=explore, refresh=4, probe_every=probe_every, **config))
     sizer.propd_setup(MODEL)
     sizer.P = [[0.7, 0.8, 0.85, 0.9, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97]] * 4  # heads that are often right
     per_node = cost_per_node if callable(cost_per_node) else (lambda step: cost_per_node)
@@ -170,7 +180,7 @@ def _drive(cost_per_node, steps=120, probe_every=1000, batch=lambda step: 1, tim
         acc = Acceptance(best=torch.zeros(1, dtype=torch.long), accept_len=torch.zeros(1, dtype=torch.long),
                          bonus=torch.zeros(1, dtype=torch.long))
         cost = sizer.costs[sizer.key]
-        cost.observe(tree.num_nodes, stats.step_time_s)  # the cost half of propd_after_step
+        cost.observe(tree.num_nodes, stats.step_time_s, now=sizer.clock)  # the cost half of propd_after_step
     return sizer
 
 
@@ -195,13 +205,20 @@ def test_dynamic_sizer_finds_a_cheap_size_off_the_line():
 
 
 def test_dynamic_sizer_probes_while_at_one_node_and_reuses_costs_for_a_new_batch_size():
-    sizer = _drive(cost_per_node=0.050, steps=200, probe_every=32)
+    sizer = _drive(cost_per_node=0.050, steps=600, probe_every=32)
     tail = sizer.history[3:]
     probes = [i for i, s in enumerate(tail) if s != 1]
-    assert probes and all(tail[i] == 4 for i in probes)  # the candidate nearest probe_size=8, below: 4 vs 16
-    assert all(b - a == 32 for a, b in zip(probes, probes[1:]))
+    assert probes and all(tail[i] == 4 for i in probes)  # the cheapest tree: the candidate nearest probe_size=2
+    # each probe confirms that no tree pays, so the gap doubles: 32 (the first), 64, 128, 256 (probe_max)
+    assert [b - a for a, b in zip(probes, probes[1:])] == [64, 128, 256]
+    capped = _drive(cost_per_node=0.050, steps=300, probe_every=32, probe_max=64).history[3:]
+    probes = [i for i, s in enumerate(capped) if s != 1]
+    assert [b - a for a, b in zip(probes, probes[1:])] == [64] * 4
     fast = _drive(cost_per_node=0.00001, steps=200, probe_every=32).history
-    assert [i for i, s in enumerate(fast) if s != 64] == [0, 1] + list(range(31, 200, 32))  # 1-node probes
+    assert [i for i, s in enumerate(fast) if s != 64] == [0, 1] + list(range(31, 200, 32))  # 1-node probes, no backoff
+    # back at a key whose 1-node time is older than `refresh` steps: one fresh 1-node step before choosing
+    back = _drive(cost_per_node=0.00001, steps=130, batch=lambda step: 1 if step < 50 or step >= 100 else 2).history
+    assert back[100:103] == [1, 64, 64] and back[50] == 1
     # batch size changes at step 100: the new key starts from the old measurements instead of exploring again
     moved = _drive(cost_per_node=0.050, steps=140, batch=lambda step: 1 if step < 100 else 2)
     assert set(moved.history[100:]) == {1} and len(moved.costs) == 2
