@@ -122,8 +122,8 @@ def write_report(out: str | Path) -> list[dict]:
     (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     run = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
     cols = ["preset", "batch_size", "tokens_per_s", "speedup_vs_ar", "speedup_ci90", "mean_accepted_tokens",
-            "mean_step_time_ms",
-            "mean_tree_nodes", "mean_nodes_after_pruning", "match_rate_vs_ar", "new_tokens", "prompts"]
+            "mean_step_time_ms", "mean_tree_nodes", "mean_nodes_after_pruning", "match_rate_vs_ar", "new_tokens",
+            "prompts"]
     lines = [f"# propd bench: {run.get('model', '?')}", ""]
     m, c = run.get("machine", {}), run.get("config", {})
     lines.append(f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')} "

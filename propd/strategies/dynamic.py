@@ -29,9 +29,9 @@ a tree) keeps both estimates fresh, and the choice is made again right after it.
 batch >= 2 on a CPU, every probe is a loss. Estimates age: a size's old time counts ``(1 - time_alpha) *
 exp(-lambda * age)`` against a new measurement (the paper's regression weight applied to T_perf^i itself), with age
 in steps of the whole sizer, since the machine's speed drifts while other keys run; and on returning to a key whose
-1-node time is older than ``refresh`` steps, one 1-node step is measured before choosing. The line is fitted over tree sizes >= 2 only, and it prices only sizes not yet measured at this key: a
-measured size's own time T_perf^i stands for it, since on CPUs step time is far from linear in the tree size (see
-``CostModel.estimate``).
+1-node time is older than ``refresh`` steps, one 1-node step is measured before choosing. The line is fitted over
+tree sizes >= 2 only, and it prices only sizes not yet measured at this key: a measured size's own time T_perf^i
+stands for it, since on CPUs step time is far from linear in the tree size (see ``CostModel.estimate``).
 
 Step times are the decoder's wall-clock times of whole steps, pruning included, so the two ProPD techniques compose.
 """
@@ -317,7 +317,7 @@ class DynamicSizer:
                 self.gap = min(2 * self.gap, self.cfg.probe_max) if confirmed else self.cfg.probe_every
             self.probed = False
             if first is not None or cost.age(self.size, self.clock) > self.cfg.refresh:
-                self.since = self.cfg.refresh - 1  # a first (or stale) measurement of this size: choose again after it
+                self.since = self.cfg.refresh - 1  # a first (or stale) measurement of this size: choose again next
         self.since += 1
         size = self.size
         self.idle += 1
