@@ -31,6 +31,7 @@ from propd.training.data import DEFAULT_MAX_PROMPTS
 MEDUSA_TOPK = (1, 5, 10, 50)
 CURVE_RANKS = 10  # cumulative top-1..10 per head, for tree construction (propd.strategies.tree_builder)
 EARLY_TOPK = (1, 5, 10, 50, 100, 200)
+_FEATURE_BATCH = 8  # answers per hidden-state forward pass
 
 
 @attrs.frozen
@@ -179,21 +180,31 @@ def _features(model, prompt_ids, answers, cfg: TrainConfig, work: Path, log) -> 
 
     path = work / "features.pt"
     key = {"layers": list(cfg.early_layers), "heads": cfg.num_heads, "n": len(answers), "dtype": cfg.feature_dtype}
+    final, early, targets, seq = [], {n: [] for n in cfg.early_layers}, [], []
+    done = 0
     if path.is_file():
         feats = torch.load(path, map_location="cpu", weights_only=False)
-        if feats.get("key") == key:
+        old = dict(feats.get("key") or {})
+        if old == key:
             return feats
-    log(f"[2/4] computing hidden states for {len(answers)} answers (once)")
+        n_old = old.pop("n", None)
+        # a longer prompt list extends the cached features: the first n_old answers are the same (the seeded order
+        # only grows), and batches of _FEATURE_BATCH starting at a multiple of it match a run from scratch
+        if old == {k: v for k, v in key.items() if k != "n"} and n_old and n_old < len(answers) \
+                and n_old % _FEATURE_BATCH == 0:
+            done = n_old
+            final, targets, seq = [feats["final"]], [feats["targets"]], [feats["seq"]]
+            early = {n: [feats["early"][n]] for n in cfg.early_layers}
+    log(f"[2/4] computing hidden states for {len(answers) - done} answers (once; {done} cached)")
     import copy
 
     from propd.models.loading import resolve_dtype
 
     K = cfg.num_heads
-    final, early, targets, seq = [], {n: [] for n in cfg.early_layers}, [], []
     m = copy.deepcopy(model.model).to(resolve_dtype(cfg.feature_dtype))
     with torch.inference_mode():
-        for s in tqdm(range(0, len(answers), 8), desc="features", unit="batch", file=sys.stderr):
-            rows = list(range(s, min(s + 8, len(answers))))
+        for s in tqdm(range(done, len(answers), _FEATURE_BATCH), desc="features", unit="batch", file=sys.stderr):
+            rows = list(range(s, min(s + _FEATURE_BATCH, len(answers))))
             seqs = [prompt_ids[i] + answers[i] for i in rows]
             cache = m.new_cache(len(rows), max(len(x) for x in seqs) + 2)
             h, cap = m.hidden_states(cache, seqs, tuple(cfg.early_layers))

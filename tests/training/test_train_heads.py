@@ -66,3 +66,22 @@ def test_train_heads_cli_rejects_bad_layers(tiny_dir, train_dir, tmp_path, capsy
     code = main(["train-heads", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--early-layers", "9",
                  "--data", str(train_dir)])
     assert code == 2 and "out of range" in capsys.readouterr().err
+
+
+def test_more_prompts_extend_the_cached_answers_and_features(tiny_dir, train_dir, tmp_path):
+    """Raising --max-prompts reuses the cached answers and hidden states; the result equals a run from scratch."""
+    common = dict(model=str(tiny_dir), num_heads=2, early_layers=(1, 2), max_new_tokens=8, epochs=1,
+                  data=str(train_dir), train_batch_tokens=64)
+    grown = tmp_path / "grown"
+    logs = []
+    train_heads(TrainConfig(out=str(grown), max_prompts=16, **common), log=lambda m: None)
+    train_heads(TrainConfig(out=str(grown), max_prompts=None, **common), log=logs.append)
+    assert any("computing hidden states for 9 answers (once; 16 cached)" in m for m in logs)
+    scratch = tmp_path / "scratch"
+    train_heads(TrainConfig(out=str(scratch), max_prompts=None, **common), log=lambda m: None)
+    assert (grown / "work" / "answers.jsonl").read_text() == (scratch / "work" / "answers.jsonl").read_text()
+    a, b = (torch.load(d / "work" / "features.pt", weights_only=False) for d in (grown, scratch))
+    assert a["key"] == b["key"] and a["key"]["n"] == 25
+    for name in ("final", "targets", "seq"):
+        assert torch.equal(a[name], b[name]), name
+    assert all(torch.equal(a["early"][n], b["early"][n]) for n in (1, 2))
