@@ -138,7 +138,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_train_heads(args: argparse.Namespace) -> int:
     from propd.training.trainer import TrainConfig, train_heads
 
-    cfg = TrainConfig(model=args.model, out=args.out, num_heads=args.num_heads,
+    cfg = TrainConfig(model=args.model, out=args.out, num_heads=args.num_heads, head_layers=args.head_layers,
                       early_layers=_csv(args.early_layers, int) or (), max_prompts=args.max_prompts,
                       max_new_tokens=args.max_new_tokens, epochs=args.epochs, device=args.device, seed=args.seed,
                       data=args.data)
@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default=DEFAULT_MODEL)
     t.add_argument("--out", required=True, help="output directory (heads, report.json; work/ holds resumable state)")
     t.add_argument("--num-heads", type=int, default=4)
+    t.add_argument("--head-layers", type=int, default=1, help="ResBlocks per Medusa head (default: 1, as Medusa-1)")
     t.add_argument("--early-layers", default="1,2,3,4,5,6", help="comma-separated layer counts n (1..L-1)")
     t.add_argument("--max-prompts", type=int, default=DEFAULT_MAX_PROMPTS)
     t.add_argument("--max-new-tokens", type=int, default=96)

@@ -39,6 +39,7 @@ class TrainConfig:
     model: str
     out: str
     num_heads: int = 4
+    head_layers: int = 1  # ResBlocks per Medusa head (Medusa-1: 1)
     early_layers: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
     max_prompts: int | None = DEFAULT_MAX_PROMPTS
     max_new_tokens: int = 96
@@ -64,8 +65,8 @@ def train_heads(cfg: TrainConfig, log: Callable[[str], None] = _log) -> dict:
     from propd.models.loading import load_model
     from propd.training.data import find_train_dir, training_prompts
 
-    if cfg.num_heads < 1 or cfg.epochs < 1 or cfg.max_new_tokens < 1:
-        raise PropdError("--num-heads, --epochs and --max-new-tokens must be positive")
+    if min(cfg.num_heads, cfg.head_layers, cfg.epochs, cfg.max_new_tokens) < 1:
+        raise PropdError("--num-heads, --head-layers, --epochs and --max-new-tokens must be positive")
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
@@ -112,7 +113,7 @@ def train_heads(cfg: TrainConfig, log: Callable[[str], None] = _log) -> dict:
 
     # (3) training
     H, V = model.config.hidden_size, model.config.vocab_size
-    medusa = MedusaHeads(H, V, cfg.num_heads, 1, own_lm_head=False, shared_lm_head=model.model.lm_head)
+    medusa = MedusaHeads(H, V, cfg.num_heads, cfg.head_layers, own_lm_head=False, shared_lm_head=model.model.lm_head)
     early = EarlyHeads(H, list(cfg.early_layers))
     params = list(medusa.parameters()) + list(early.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)

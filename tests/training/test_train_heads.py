@@ -85,3 +85,20 @@ def test_more_prompts_extend_the_cached_answers_and_features(tiny_dir, train_dir
     for name in ("final", "targets", "seq"):
         assert torch.equal(a[name], b[name]), name
     assert all(torch.equal(a["early"][n], b["early"][n]) for n in (1, 2))
+
+
+def test_head_layers_train_deeper_heads_that_load_back(tiny_dir, train_dir, tmp_path):
+    out = tmp_path / "deep"
+    cfg = TrainConfig(model=str(tiny_dir), out=str(out), num_heads=2, head_layers=2, early_layers=(1,),
+                      max_prompts=8, max_new_tokens=8, epochs=1, data=str(train_dir), train_batch_tokens=64)
+    assert train_heads(cfg, log=lambda m: None)["config"]["head_layers"] == 2
+    assert json.loads((out / "config.json").read_text())["medusa_num_layers"] == 2
+    model = load_model(str(tiny_dir), heads=out)
+    assert model.heads.num_layers == 2
+    ids = [[5, 6, 7, 8], [9, 10]]
+    ar = Decoder(model, preset="ar").generate_ids(ids, max_new_tokens=10).token_ids
+    assert Decoder(model, preset="medusa", sizer=("static", {"tree": [(0,), (1,), (0, 0)]})).generate_ids(
+        ids, max_new_tokens=10).token_ids == ar
+    code = main(["train-heads", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--head-layers", "0",
+                 "--data", str(train_dir)])
+    assert code == 2
