@@ -185,14 +185,13 @@ def _features(model, prompt_ids, answers, cfg: TrainConfig, work: Path, log) -> 
     done = 0
     if path.is_file():
         feats = torch.load(path, map_location="cpu", weights_only=False)
-        old = dict(feats.get("key") or {})
+        old = feats.get("key") or {}
         if old == key:
             return feats
-        n_old = old.pop("n", None)
+        n_old = old.get("n", 0)
         # a longer prompt list extends the cached features: the first n_old answers are the same (the seeded order
         # only grows), and batches of _FEATURE_BATCH starting at a multiple of it match a run from scratch
-        if old == {k: v for k, v in key.items() if k != "n"} and n_old and n_old < len(answers) \
-                and n_old % _FEATURE_BATCH == 0:
+        if {**old, "n": key["n"]} == key and 0 < n_old < key["n"] and n_old % _FEATURE_BATCH == 0:
             done = n_old
             final, targets, seq = [feats["final"]], [feats["targets"]], [feats["seq"]]
             early = {n: [feats["early"][n]] for n in cfg.early_layers}
