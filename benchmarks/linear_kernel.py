@@ -1,10 +1,11 @@
 """Why ``propd.models.llama.Linear`` computes ``(W @ x^T)^T`` for 2-256 rows on CPU (docs/architecture.md).
 
-Part 1 times both forms on the default model's 30 layers of projection shapes with distinct random weights (425 MB,
-so they stream from memory as in a forward pass). Part 2 times whole forward passes of the default model at several
-tree sizes, alternating the kernel choice on and off, and prints the medians.
+Part 1 times ``F.linear``, ``(W @ x^T)^T`` and, as a tried alternative that is not used, oneDNN's inner product on
+weights packed once into its blocked layout, on the default model's 30 layers of projection shapes with distinct
+random weights (425 MB, so they stream from memory as in a forward pass). Part 2 times whole forward passes of the
+default model at several tree sizes, alternating the kernel choice on and off, and prints the medians.
 
-    python benchmarks/linear_kernel.py            # about 3 minutes on 2 CPU cores
+    python benchmarks/linear_kernel.py            # about 4 minutes on 2 CPU cores
     python benchmarks/linear_kernel.py bfloat16   # part 1 only, in bf16: why the choice is made for fp32 only
 """
 
@@ -23,19 +24,30 @@ SIZES = (1, 2, 4, 8, 16, 32, 64)
 def streamed_matmuls(dtype: torch.dtype = torch.float32, sizes=SIZES) -> None:
     shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
     weights = [torch.randn(o, i, dtype=dtype) for _ in range(30) for o, i in shapes]
-    print(f"rows  F.linear ms  (W @ x^T)^T ms   (30 layers of SmolLM2-135M projections, {dtype}, best of 5)")
+    forms = {
+        "F.linear": lambda w, p, x: F.linear(x, w),
+        "(W @ x^T)^T": lambda w, p, x: (w @ x.t()).t().contiguous(),
+        "oneDNN packed": lambda w, p, x: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""),
+    }
+    try:
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 64) for w in weights]
+    except RuntimeError as e:  # e.g. bf16 on a CPU without AVX-512 BW/VL/DQ
+        print(f"no oneDNN packing for {dtype}: {str(e).splitlines()[0]}")
+        packed = None
+        del forms["oneDNN packed"]
+    print("rows" + "".join(f"{n:>15}" for n in forms), f"  ms (30 layers of SmolLM2-135M projections, {dtype}, best of 5)")
     for m in sizes:
         xs = {w.shape[1]: torch.randn(m, w.shape[1], dtype=dtype) for w in weights}
         best = {}
-        for name, fn in (("linear", lambda w, x: F.linear(x, w)), ("wx", lambda w, x: (w @ x.t()).t().contiguous())):
+        for name, fn in forms.items():
             times = []
             for _ in range(5):
                 t = time.perf_counter()
-                for w in weights:
-                    fn(w, xs[w.shape[1]])
+                for i, w in enumerate(weights):
+                    fn(w, packed[i] if packed else None, xs[w.shape[1]])
                 times.append(time.perf_counter() - t)
             best[name] = min(times) * 1000
-        print(f"{m:4d}  {best['linear']:11.1f}  {best['wx']:13.1f}")
+        print(f"{m:4d}" + "".join(f"{best[n]:15.1f}" for n in forms))
 
 
 def forward_passes(reps: int = 12) -> None:
