@@ -15,6 +15,7 @@ accuracies (top-k) on held-out prompts, written to ``OUT/report.json``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -150,8 +151,9 @@ def train_heads(cfg: TrainConfig, log: Callable[[str], None] = _log) -> dict:
             total, count = total + loss.item(), count + 1
             bar.set_postfix(loss=f"{total / count:.3f}")
         history.append({"epoch": epoch + 1, "train_loss": total / max(count, 1)})
-        torch.save({"config": attrs.asdict(cfg), "medusa": medusa.heads.state_dict(), "early": early.blocks.state_dict(),
-                    "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch + 1, "history": history}, ckpt)
+        _save(ckpt, {"config": attrs.asdict(cfg), "medusa": medusa.heads.state_dict(),
+                     "early": early.blocks.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                     "epoch": epoch + 1, "history": history})
 
     stage_s["training"] = time.perf_counter() - t_start - sum(stage_s.values())
     # (4) validation accuracies and the shipped files
@@ -225,8 +227,16 @@ def _features(model, prompt_ids, answers, cfg: TrainConfig, work: Path, log) -> 
                 seq.append(torch.full((len(pos),), i, dtype=torch.long))
     feats = {"key": key, "final": torch.cat(final), "early": {n: torch.cat(v) for n, v in early.items()},
              "targets": torch.cat(targets), "seq": torch.cat(seq)}
-    torch.save(feats, path)
+    _save(path, feats)
     return feats
+
+
+def _save(path: Path, obj) -> None:
+    """``torch.save`` beside ``path``, then renamed over it: a run stopped mid-write (Ctrl-C, out of disk) leaves the
+    previous file whole, so the next run resumes from it instead of failing on half a pickle."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def _loss(medusa, early, feats, idx, norm, lm_head, device) -> torch.Tensor:

@@ -102,3 +102,31 @@ def test_head_layers_train_deeper_heads_that_load_back(tiny_dir, train_dir, tmp_
     code = main(["train-heads", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--head-layers", "0",
                  "--data", str(train_dir)])
     assert code == 2
+
+
+def test_a_run_stopped_while_saving_keeps_the_last_whole_checkpoint(tiny_dir, train_dir, tmp_path, monkeypatch):
+    """Epoch 2's save is cut off half-written (as by Ctrl-C): epoch 1's checkpoint still loads, and a rerun resumes
+    (the cached features go through the same write-then-rename)."""
+    import propd.training.trainer as trainer
+
+    cfg = TrainConfig(model=str(tiny_dir), out=str(tmp_path / "h"), num_heads=2, early_layers=(1,), max_prompts=8,
+                      max_new_tokens=8, epochs=2, data=str(train_dir), train_batch_tokens=64)
+    real_save, saves = torch.save, []
+
+    def save_then_stop(obj, path):
+        saves.append(obj.get("epoch"))  # None: the cached features
+        if obj.get("epoch") == 2:
+            with open(path, "wb") as f:
+                f.write(b"half a checkpoint")
+            raise KeyboardInterrupt
+        real_save(obj, path)
+
+    monkeypatch.setattr(trainer.torch, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_heads(cfg, log=lambda m: None)
+    monkeypatch.setattr(trainer.torch, "save", real_save)
+    assert saves == [None, 1, 2]
+    assert torch.load(tmp_path / "h" / "work" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    logs = []
+    report = train_heads(cfg, log=logs.append)
+    assert "resuming after epoch 1" in logs and len(report["history"]) == 2
