@@ -37,7 +37,7 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` with a CPU kernel choice for few rows: ``(W @ x^T)^T`` instead of ``x @ W^T`` for 2-256 rows.
+    """``nn.Linear`` with a CPU kernel choice for few rows: ``(W @ x^T)^T`` instead of ``x @ W^T`` for 1-256 rows.
 
     A tree step multiplies every weight matrix by 2-64 rows (one per tree node and row of the batch), and the Medusa
     heads project K rows more onto the vocabulary. On CPU builds of torch with MKL, ``F.linear`` for 2 <= M <= 256
@@ -45,16 +45,19 @@ class Linear(nn.Linear):
     layers' matrices when the weights stream from memory as they do in a forward pass (30 layers' q/k/v/o and MLP
     matrices, 425 MB: 60 vs 29 ms at M = 2, 69 vs 56 ms at M = 8, 130 vs 74 ms at M = 32; equal from M = 192; measured
     on the 2-core AMD EPYC of docs/results.md, torch 2.13.0+cpu; ``python benchmarks/linear_kernel.py`` repeats it).
-    At M = 1 both are one matrix-vector product. In bfloat16 the choice does not pay (the same matrices: 28.5 against
-    24.4 ms at M = 2, 511 against 347 ms at M = 32, never faster; ``python benchmarks/linear_kernel.py bfloat16``,
-    same machine, 2026-11-22), so it is made for float32 only.
+    At M = 1 both are one matrix-vector product, and the matrix-matrix product of the row stacked twice is faster
+    still (30 layers: 24 against 33 ms; the ``lm_head``: 5.2 against 9.2 ms; a whole forward pass of the default
+    model at batch 1: 46 against 54 ms; same machine, 2026-11-23), so one row is computed that way. In bfloat16 the
+    choice does not pay (the same matrices: 28.5 against 24.4 ms at M = 2, 511 against 347 ms at M = 32, never faster;
+    and 26 against 12.5 ms at M = 1; ``python benchmarks/linear_kernel.py bfloat16``, same machine, 2026-11-22), so it
+    is made for float32 only.
     Results equal ``F.linear``'s up to float summation order. On other devices this is ``nn.Linear``.
     """
 
-    SKINNY_ROWS = (2, 256)
+    SKINNY_ROWS = (1, 256)
 
     def skinny(self, x: torch.Tensor) -> bool:
-        """Whether ``forward(x)`` computes ``(W @ x^T)^T`` (float32 on CPU, 2-256 rows) rather than ``F.linear``."""
+        """Whether ``forward(x)`` computes ``(W @ x^T)^T`` (float32 on CPU, 1-256 rows) rather than ``F.linear``."""
         lo, hi = self.SKINNY_ROWS
         return x.device.type == "cpu" and x.dtype == torch.float32 and lo <= x.numel() // x.shape[-1] <= hi
 
@@ -62,7 +65,10 @@ class Linear(nn.Linear):
         if not self.skinny(x):
             return F.linear(x, self.weight, self.bias)
         rows = x.numel() // x.shape[-1]
-        y = (self.weight @ x.reshape(rows, x.shape[-1]).t()).t()  # (rows, out), column-major
+        x2 = x.reshape(rows, x.shape[-1])
+        if rows == 1:  # a matrix-matrix product of two copies beats the matrix-vector product (class docstring)
+            x2 = torch.cat([x2, x2])
+        y = (self.weight @ x2.t())[:, :rows].t()  # (rows, out), column-major
         y = y.contiguous()  # row-major, as F.linear returns (attention kernels want contiguous heads)
         if self.bias is not None:
             y += self.bias

@@ -72,12 +72,12 @@ def test_linear_equals_f_linear_for_every_row_count(rows, bias):
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
-def test_linear_kernel_choice_is_float32_cpu_with_2_to_256_rows():
+def test_linear_kernel_choice_is_float32_cpu_with_1_to_256_rows():
     from propd.models.llama import Linear
 
     proj = Linear(32, 50)
     assert proj.skinny(torch.randn(8, 32)) and proj.skinny(torch.randn(2, 4, 32))  # 8 rows either way
-    assert not proj.skinny(torch.randn(1, 32))  # one row: a matrix-vector product either way
+    assert proj.skinny(torch.randn(1, 32)) and proj.skinny(torch.randn(1, 1, 32))  # one row: padded to two
     assert not proj.skinny(torch.randn(300, 32))  # many rows: F.linear is as fast
     assert not proj.skinny(torch.randn(8, 32, dtype=torch.bfloat16))  # bf16: F.linear was never slower
     got = proj.to(torch.bfloat16)(torch.randn(8, 32, dtype=torch.bfloat16))
