@@ -58,7 +58,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.pruner:
         overrides["pruners"] = [parse_component(p) for p in args.pruner if p != "none"]
     model = load_model(args.model, device=args.device, dtype=args.dtype, heads=args.heads)
-    decoder = Decoder(model, preset=args.preset, **overrides)
+    decoder = Decoder(model, preset=args.preset, draft_vocab=args.draft_vocab, **overrides)
     res = decoder.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                            chat=not args.no_chat, progress=not args.json)
     if args.json:
@@ -142,7 +142,13 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
                       early_layers=_csv(args.early_layers, int) or (), max_prompts=args.max_prompts,
                       max_new_tokens=args.max_new_tokens, epochs=args.epochs, device=args.device, seed=args.seed,
                       data=args.data)
-    report = train_heads(cfg)
+    report = train_heads(cfg, draft_vocab_only=args.draft_vocab_only)
+    if args.draft_vocab_only:
+        dv = report["draft_vocab"]
+        cover = ", ".join(f"{n}: {c:.3f}" for n, c in dv["val_coverage"].items())
+        print(f"draft vocabulary: {dv['tokens']} tokens; share of validation answer tokens covered by the top N: "
+              f"{cover}")
+        return 0
     for h in report["medusa_heads"]:
         print(f"medusa head {h['head']} ({h['predicts']}): top1 {h['top1']:.3f} top5 {h['top5']:.3f} "
               f"top10 {h['top10']:.3f} top50 {h['top50']:.3f}")
@@ -217,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(see `propd components`)")
     g.add_argument("--pruner", action="append", help="replace the preset's pruners (repeat to stack; 'none': no "
                                                      "pruning): NAME or NAME:key=value,...")
+    g.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                   help="Medusa heads guess among the N most frequent tokens of their draft_vocab.json (default: "
+                        "all it lists; 0: the whole vocabulary). Never changes the output, only the speed")
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="benchmark presets and transformers baselines on Spec-Bench-format questions")
@@ -226,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--baselines", default=None, help="comma-separated: hf, hf-pld")
     b.add_argument("--variant", action="append", help="a preset with roles replaced, run as its own method: "
                                                       "LABEL=PRESET;ROLE=NAME:key=value,...  (repeatable), e.g. "
-                                                      "'l2-k100=propd-prune-only;pruner=early-topk:layer=2,k=100'")
+                                                      "'l2-k100=propd-prune-only;pruner=early-topk:layer=2,k=100'; "
+                                                      "draft_vocab=N sets the heads' draft vocabulary")
     b.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default: 1)")
     b.add_argument("--categories", default=None, help="comma-separated categories (default: all)")
     b.add_argument("--per-category", type=int, default=None, help="deterministic sample of N questions per category")
@@ -277,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--data", default=None, help="training prompts folder (default: the nearest shared/data/train)")
+    t.add_argument("--draft-vocab-only", action="store_true",
+                   help="only (re)write OUT/draft_vocab.json, the tokens the heads may guess, from the answers to "
+                        "the same training prompts (for heads trained before it existed, or by others)")
     t.set_defaults(func=cmd_train_heads)
 
     m = sub.add_parser("models", help="fetch or list known models")

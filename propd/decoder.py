@@ -33,12 +33,21 @@ class Decoder:
     ``preset`` names a combination (``propd presets``); ``sizer``, ``proposer``, ``pruners`` and ``verifier``
     override its roles by name, ``(name, options)``, or a component object. ``plugins`` adds plugin objects
     (modules or instances implementing ``propd_register_components``) besides the installed entry points.
+    ``draft_vocab`` is how many of the most frequent tokens the Medusa heads guess from: None (default) all of their
+    ``draft_vocab.json`` if they have one, else the whole vocabulary; 0 the whole vocabulary (see
+    :mod:`propd.models.heads`). The output never depends on it, only how often guesses are right and what they cost.
     """
 
     def __init__(self, model: LoadedModel, preset: str | None = "ar", *, sizer: ComponentArg | None = None,
                  proposer: ComponentArg | None = None, pruners: Sequence[ComponentArg] | None = None,
-                 verifier: ComponentArg | None = None, plugins: Iterable[Any] = (), entry_points: bool = True):
+                 verifier: ComponentArg | None = None, plugins: Iterable[Any] = (), entry_points: bool = True,
+                 draft_vocab: int | None = None):
         self.model = model
+        if draft_vocab is not None:
+            if model.heads is None:
+                raise PropdError(f"draft_vocab={draft_vocab} is for Medusa heads, but none are loaded")
+            model.heads.draft_size(draft_vocab)  # refuses sizes the heads cannot serve
+        self.draft_vocab = draft_vocab
         self.registry = Registry(extra_plugins=plugins, entry_points=entry_points)
         p = get_preset(preset) if preset is not None else None
         choice = {
@@ -173,7 +182,8 @@ class Decoder:
             ctx = StepContext(step=step, row_ids=tuple(live), lengths=cache.lengths.clone(),
                               host_lengths=tuple(cache.host_lengths), num_generated=tuple(len(out[r]) for r in live),
                               roots=roots, last_hidden=last_hidden, heads=model.heads,
-                              early_heads=model.early_heads, vocab_size=model.config.vocab_size, device=m.device)
+                              early_heads=model.early_heads, vocab_size=model.config.vocab_size, device=m.device,
+                              draft_vocab=self.draft_vocab)
             tree: DraftTree = self.pm.hook.propd_tree(ctx=ctx)
             T = tree.num_nodes
             if T > 1:

@@ -107,7 +107,7 @@ class Method:
 
     Written ``LABEL=PRESET;ROLE=COMPONENT;...`` (``propd bench --variant``), e.g.
     ``prune-l2-k100=propd-prune-only;pruner=early-topk:layer=2,k=100``; ``pruner=none`` removes the pruners and
-    repeating ``pruner=`` stacks several.
+    repeating ``pruner=`` stacks several; ``draft_vocab=N`` sets the Decoder's draft vocabulary size.
     """
 
     label: str
@@ -126,9 +126,15 @@ class Method:
         for part in parts[1:]:
             role, eq, comp = part.partition("=")
             role = role.strip()
+            if eq and role == "draft_vocab":
+                try:
+                    overrides["draft_vocab"] = int(comp)
+                except ValueError:
+                    raise PropdError(f"bad override {part!r} in {text!r}: draft_vocab takes a whole number") from None
+                continue
             if not eq or role not in ROLES:
                 raise PropdError(f"bad override {part!r} in {text!r}: expected ROLE=COMPONENT with ROLE one of "
-                                 f"{', '.join(ROLES)}")
+                                 f"{', '.join(ROLES)}, or draft_vocab=N")
             if role == "pruner":
                 pruners = overrides.setdefault("pruners", [])
                 if comp.strip() != "none":

@@ -23,6 +23,7 @@ class StepContext:
     early_heads: dict[int, Callable[[torch.Tensor], torch.Tensor]]  # layer n -> hidden (.., H) -> logits (.., V)
     vocab_size: int
     device: torch.device
+    draft_vocab: int | None = None  # the Medusa heads guess among this many frequent tokens (MedusaHeads.topk)
     _memo: dict = attrs.field(factory=dict, repr=False)
 
     @property
@@ -40,17 +41,25 @@ class StepContext:
         return logits
 
     def head_topk(self, k: int) -> torch.Tensor:
-        """Token ids (B, K, k) of each Medusa head's k most likely guesses (best first), from :meth:`head_logits`."""
+        """Token ids (B, K, k) of each Medusa head's k most likely guesses (best first), computed at most once per
+        step; heads with a draft vocabulary guess within it (``MedusaHeads.topk`` and ``draft_vocab``)."""
         have = self._memo.get("head_topk")
         if have is None or have.shape[-1] < k:
-            logits = self.head_logits()
-            have = logits.topk(min(max(k, 16), logits.shape[-1]), dim=-1).indices  # one top-k serves all callers
+            if self.heads is None:
+                raise ValueError("no Medusa heads are loaded")
+            want = max(k, 16)  # one top-k serves all callers
+            topk = getattr(self.heads, "topk", None)
+            if topk is not None and "head_logits" not in self._memo:
+                have = topk(self.last_hidden, want, draft_vocab=self.draft_vocab)
+            else:
+                logits = self.head_logits()
+                have = logits.topk(min(want, logits.shape[-1]), dim=-1).indices
             self._memo["head_topk"] = have
         return have[..., :k]
 
     def heads_computed(self) -> bool:
         """Whether some strategy already paid for the heads this step."""
-        return "head_logits" in self._memo
+        return "head_logits" in self._memo or "head_topk" in self._memo
 
 
 @attrs.frozen(eq=False)

@@ -9,6 +9,13 @@ Checkpoint format (Medusa's): ``medusa_lm_head.safetensors`` or ``medusa_lm_head
 ``ModuleList`` of ``Sequential(ResBlock * num_layers, [Linear])`` -- keys ``{i}.{j}.linear.weight``,
 ``{i}.{j}.linear.bias`` and, for own projections, ``{i}.{num_layers}.weight`` -- plus ``config.json`` with
 ``medusa_num_heads`` and ``medusa_num_layers``. When the config disagrees with the tensors, the tensors win.
+
+Draft vocabulary (propd's addition, after FR-Spec: Zhao et al. 2025, "FR-Spec: Accelerating Large-Vocabulary Language
+Models via Frequency-Ranked Speculative Sampling", arXiv 2502.14856): an optional ``draft_vocab.json`` beside the
+weights lists token ids, most frequent first, counted in the base model's own greedy answers to training prompts.
+When it is loaded, :meth:`MedusaHeads.topk` projects the heads onto those tokens only (the rows of the shared
+``lm_head`` gathered once), so their guesses cost a fraction of a full vocabulary projection. A token outside it is
+never guessed; verification by the base model is unchanged, so the output is too.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from torch import nn
 from propd.errors import PropdError
 
 WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
+DRAFT_VOCAB_FILE = "draft_vocab.json"
 _KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
 
 
@@ -56,6 +64,20 @@ class MedusaHeads(nn.Module):
         self.heads = nn.ModuleList(blocks)
         # the shared projection is the base model's; kept out of this module's parameters and state dict
         self._shared = [shared_lm_head]
+        self.register_buffer("draft_ids", None, persistent=False)  # (N,) token ids the heads may guess, or None
+        self._draft_proj: dict[tuple, nn.Module] = {}  # (lm_head weight state, N) -> its N gathered rows
+
+    def set_draft_vocab(self, ids: torch.Tensor | list[int] | None) -> None:
+        """Restrict :meth:`topk` to these token ids (None: the whole vocabulary). See the module docstring."""
+        if ids is not None:
+            ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+            if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.vocab:
+                raise PropdError(f"a draft vocabulary needs 1 or more token ids in 0..{self.vocab - 1}")
+            if ids.unique().numel() != ids.numel():
+                raise PropdError("the draft vocabulary lists a token id twice")
+            ids = ids.to(next(self.parameters(), torch.empty(0)).device)
+        self.draft_ids = ids
+        self._draft_proj = {}
 
     def attach(self, lm_head: nn.Linear) -> None:
         self._shared = [lm_head]
@@ -67,6 +89,55 @@ class MedusaHeads(nn.Module):
         if self._shared[0] is None:
             raise PropdError("these Medusa heads share the base model's lm_head, but none is attached")
         return self._shared[0](x)  # one projection for all K heads: the weights are read once, not K times
+
+    def topk(self, hidden: torch.Tensor, k: int, draft_vocab: int | None = None) -> torch.Tensor:
+        """Token ids (.., K, k) of each head's k most likely guesses, best first.
+
+        ``draft_vocab``: None guesses within the whole draft vocabulary when one is set (then only its rows of the
+        shared ``lm_head`` are multiplied), else within the whole vocabulary; 0 within the whole vocabulary; N > 0
+        within the draft vocabulary's N most frequent tokens. When fewer than k tokens are allowed, the last one is
+        repeated up to k."""
+        n = self.draft_size(draft_vocab)
+        if n == 0:
+            logits = self(hidden)
+            top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+        else:
+            x = torch.stack([head(hidden) for head in self.heads], dim=-2)  # (.., K, H)
+            top = self.draft_ids[self._draft_projection(n)(x).topk(min(k, n), dim=-1).indices]
+        if top.shape[-1] < k:  # fewer tokens than ranks asked for: repeat the last (a wasted sibling, never wrong)
+            top = torch.cat([top, top[..., -1:].expand(*top.shape[:-1], k - top.shape[-1])], dim=-1)
+        return top
+
+    def draft_size(self, draft_vocab: int | None = None) -> int:
+        """How many tokens ``topk(..., draft_vocab)`` guesses from (0: the whole vocabulary); refuses impossible
+        requests."""
+        have = 0 if self.draft_ids is None or self.own_lm_head else self.draft_ids.numel()
+        if draft_vocab is None:
+            return have
+        if draft_vocab < 0:
+            raise PropdError(f"draft_vocab must be 0 (whole vocabulary) or positive, got {draft_vocab}")
+        if draft_vocab > have:
+            why = ("these heads have their own vocabulary projections" if self.own_lm_head else
+                   f"these heads have no {DRAFT_VOCAB_FILE}" if not have else f"their {DRAFT_VOCAB_FILE} lists {have}")
+            raise PropdError(f"draft_vocab={draft_vocab} needs that many ranked tokens, but {why}")
+        return draft_vocab
+
+    def _draft_projection(self, n: int) -> nn.Module:
+        from propd.models.llama import Linear
+
+        lm_head = self._shared[0]
+        if lm_head is None:
+            raise PropdError("these Medusa heads share the base model's lm_head, but none is attached")
+        w = lm_head.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device, self.draft_ids.data_ptr(), n)
+        proj = self._draft_proj.get(key)
+        if proj is None:
+            if len(self._draft_proj) >= 4:  # a few sizes at once (a comparison run); stale keys go
+                self._draft_proj.clear()
+            proj = Linear(w.shape[1], n, bias=False, device=w.device, dtype=w.dtype).requires_grad_(False)
+            proj.weight.data = w.index_select(0, self.draft_ids[:n].to(w.device)).contiguous()  # gathered once
+            self._draft_proj[key] = proj
+        return proj
 
     # ----------------------------------------------------------------------------------- checkpoints
 
@@ -85,7 +156,8 @@ class MedusaHeads(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, hidden: int, vocab: int, lm_head: nn.Linear | None = None) -> "MedusaHeads":
-        """Load a Medusa checkpoint (a directory or the weights file itself) for a model of this hidden/vocab size."""
+        """Load a Medusa checkpoint (a directory or the weights file itself) for a model of this hidden/vocab size,
+        with the ``draft_vocab.json`` beside it if there is one."""
         p = Path(path).expanduser()
         if p.is_dir():
             files = [p / f for f in WEIGHT_FILES if (p / f).is_file()]
@@ -125,7 +197,41 @@ class MedusaHeads(nn.Module):
         missing, unexpected = heads.heads.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
         if missing or unexpected:
             raise PropdError(f"heads checkpoint {weights} is incomplete (missing {missing[:3]}...)")
+        ids = None if heads.own_lm_head else read_draft_vocab(weights.parent, vocab)
+        if ids is not None:
+            heads.set_draft_vocab(ids)
         return heads
+
+
+def read_draft_vocab(directory: Path, vocab: int) -> list[int] | None:
+    """The ranked token ids of ``directory/draft_vocab.json``, or None when there is no such file."""
+    f = Path(directory) / DRAFT_VOCAB_FILE
+    if not f.is_file():
+        return None
+    try:
+        ids = json.loads(f.read_text())["ids"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise PropdError(f"{f} is not a draft vocabulary (a JSON object with a list \"ids\"): {e}") from None
+    if not ids or not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
+        raise PropdError(f"{f} lists token ids outside this model's vocabulary of {vocab}")
+    return ids
+
+
+def write_draft_vocab(directory: str | Path, answers: list[list[int]], vocab: int, source: str,
+                      then: list[list[int]] = ()) -> Path:
+    """Write ``draft_vocab.json``: the tokens of ``answers`` (the base model's greedy answers) by count, most frequent
+    first (ties by id), followed by the other tokens of ``then`` (e.g. the prompts' text) by their count; only tokens
+    that occur are listed."""
+
+    def ranked(seqs, skip=frozenset()):
+        counts = torch.bincount(torch.tensor([t for a in seqs for t in a], dtype=torch.long), minlength=vocab).tolist()
+        return sorted((i for i in range(vocab) if counts[i] > 0 and i not in skip), key=lambda i: (-counts[i], i))
+
+    first = ranked(answers)
+    order = first + ranked(then, frozenset(first))
+    f = Path(directory) / DRAFT_VOCAB_FILE
+    f.write_text(json.dumps({"source": source, "from_answers": len(first), "ids": order}) + "\n")
+    return f
 
 
 def _read_state(weights: Path) -> dict[str, torch.Tensor]:

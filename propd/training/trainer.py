@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from propd.errors import PropdError
-from propd.models.heads import EarlyHeads, MedusaHeads
+from propd.models.heads import DRAFT_VOCAB_FILE, EarlyHeads, MedusaHeads, write_draft_vocab
 from propd.training.data import DEFAULT_MAX_PROMPTS
 
 MEDUSA_TOPK = (1, 5, 10, 50)
@@ -59,7 +59,10 @@ def _log(msg: str) -> None:
     print(f"propd: {msg}", file=sys.stderr, flush=True)
 
 
-def train_heads(cfg: TrainConfig, log: Callable[[str], None] = _log) -> dict:
+def train_heads(cfg: TrainConfig, log: Callable[[str], None] = _log, draft_vocab_only: bool = False) -> dict:
+    """Train heads into ``cfg.out`` (see the module docstring) and return the report. ``draft_vocab_only``: run
+    stage (1) alone and write ``draft_vocab.json`` (and its entry in ``report.json``) for heads already in
+    ``cfg.out``; the same config gives the same prompts, answers and split as the training run."""
     from tqdm import tqdm
 
     from propd.decoder import Decoder
@@ -85,29 +88,21 @@ def train_heads(cfg: TrainConfig, log: Callable[[str], None] = _log) -> dict:
     prompt_ids = [p[-cap:] for p in prompt_ids]
 
     # (1) answers: the model's own greedy continuations, appended per batch (resumable)
-    ans_file = work / "answers.jsonl"
-    answers = [json.loads(x) for x in ans_file.read_text().splitlines()] if ans_file.is_file() else []
-    answers = answers[: len(prompt_ids)]
-    todo = list(range(len(answers), len(prompt_ids)))
-    if todo:
-        log(f"[1/4] generating answers for {len(todo)} of {len(prompt_ids)} training prompts (greedy, batched)")
-        with ans_file.open("a") as f:
-            for s in tqdm(range(0, len(todo), cfg.gen_batch_size), desc="answers", unit="batch", file=sys.stderr):
-                rows = todo[s: s + cfg.gen_batch_size]
-                res = decoder.generate_ids([prompt_ids[i] for i in rows], max_new_tokens=cfg.max_new_tokens)
-                for ids in res.token_ids:
-                    f.write(json.dumps(ids) + "\n")
-                    answers.append(ids)
-                f.flush()
+    answers = _answers(decoder, prompt_ids, cfg, work, log)
     stage_s = {"answers": time.perf_counter() - t_start}
+    n_seq = len(prompt_ids)
+    val_seqs = _val_seqs(n_seq, cfg)
+    if draft_vocab_only:
+        report_file = out / "report.json"
+        report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+        report["draft_vocab"] = _draft_vocab(out, answers, prompt_ids, val_seqs, model.config.vocab_size, model.name)
+        report_file.write_text(json.dumps(report, indent=2) + "\n")
+        log(f"{out / DRAFT_VOCAB_FILE} written ({report['draft_vocab']['tokens']} tokens)")
+        return report
     # (2) features, computed once
     feats = _features(model, prompt_ids, answers, cfg, work, log)
     stage_s["features"] = time.perf_counter() - t_start - sum(stage_s.values())
-    n_seq = len(prompt_ids)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    perm = torch.randperm(n_seq, generator=gen)
-    n_val = max(1, int(round(n_seq * cfg.val_fraction)))
-    val_seqs = set(perm[:n_val].tolist())
+    n_val = len(val_seqs)
     is_val = torch.tensor([int(s) in val_seqs for s in feats["seq"].tolist()])
     train_idx, val_idx = torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
     log(f"{len(train_idx)} training and {len(val_idx)} validation positions ({n_seq - n_val}/{n_val} prompts)")
@@ -162,6 +157,7 @@ def train_heads(cfg: TrainConfig, log: Callable[[str], None] = _log) -> dict:
     medusa.save(out, dtype=torch.bfloat16, base_model=model.name, trained_by="propd train-heads",
                 early_layers=list(early.layers))
     early.save(out, dtype=torch.bfloat16)
+    report["draft_vocab"] = _draft_vocab(out, answers, prompt_ids, val_seqs, V, model.name)
     report.update({"model": model.name, "config": attrs.asdict(cfg), "history": history,
                    "train_positions": len(train_idx), "val_positions": len(val_idx),
                    # what bit-identical reproduction depends on besides the config: float summation order
@@ -174,6 +170,48 @@ def train_heads(cfg: TrainConfig, log: Callable[[str], None] = _log) -> dict:
     plot_early_topk(report, out / "early_topk.png")
     log(f"heads written to {out} ({report['wall_time_s']:.0f}s this run)")
     return report
+
+
+def _answers(decoder, prompt_ids: list[list[int]], cfg: TrainConfig, work: Path, log) -> list[list[int]]:
+    from tqdm import tqdm
+
+    ans_file = work / "answers.jsonl"
+    answers = [json.loads(x) for x in ans_file.read_text().splitlines()] if ans_file.is_file() else []
+    answers = answers[: len(prompt_ids)]
+    todo = list(range(len(answers), len(prompt_ids)))
+    if todo:
+        log(f"[1/4] generating answers for {len(todo)} of {len(prompt_ids)} training prompts (greedy, batched)")
+        with ans_file.open("a") as f:
+            for s in tqdm(range(0, len(todo), cfg.gen_batch_size), desc="answers", unit="batch", file=sys.stderr):
+                rows = todo[s: s + cfg.gen_batch_size]
+                res = decoder.generate_ids([prompt_ids[i] for i in rows], max_new_tokens=cfg.max_new_tokens)
+                for ids in res.token_ids:
+                    f.write(json.dumps(ids) + "\n")
+                    answers.append(ids)
+                f.flush()
+    return answers
+
+
+def _val_seqs(n_seq: int, cfg: TrainConfig) -> set[int]:
+    """The prompts held out for validation: a seeded ``val_fraction`` of them."""
+    perm = torch.randperm(n_seq, generator=torch.Generator().manual_seed(cfg.seed))
+    return set(perm[: max(1, int(round(n_seq * cfg.val_fraction)))].tolist())
+
+
+def _draft_vocab(out: Path, answers: list[list[int]], prompt_ids: list[list[int]], val_seqs: set[int], vocab: int,
+                 name: str) -> dict:
+    """Write ``draft_vocab.json`` from the training prompts (their answers' tokens first, then the other tokens of
+    the prompts themselves); report how much of the validation answers' text its N most frequent tokens cover (a
+    guess outside them is impossible, see :mod:`propd.models.heads`)."""
+    train = [i for i in range(len(answers)) if i not in val_seqs]
+    f = write_draft_vocab(out, [answers[i] for i in train], vocab, then=[prompt_ids[i] for i in train],
+                          source=f"greedy answers of {name} to {len(train)} training prompts, then the prompts' "
+                                 "tokens (propd train-heads)")
+    rank = {t: r for r, t in enumerate(json.loads(f.read_text())["ids"])}
+    val = [rank.get(t, vocab) for i, a in enumerate(answers) if i in val_seqs for t in a]
+    sizes = [n for n in (1024, 2048, 4096, 8192, 16384) if n < len(rank)] + [len(rank)]
+    return {"tokens": len(rank), "val_tokens": len(val),
+            "val_coverage": {str(n): round(sum(r < n for r in val) / max(len(val), 1), 4) for n in sizes}}
 
 
 def _features(model, prompt_ids, answers, cfg: TrainConfig, work: Path, log) -> dict:

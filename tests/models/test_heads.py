@@ -98,3 +98,54 @@ def test_medusa_heads_share_one_projection_call():
     assert out.shape == (2, 3, 40) and calls == [(2, 3, 16)]  # one call for all heads: weights read once
     for i, head in enumerate(heads.heads):  # the same as projecting each head on its own
         torch.testing.assert_close(out[:, i], torch.nn.functional.linear(head(x), lm_head.weight))
+
+
+def test_draft_vocab_topk_is_the_full_topk_restricted_to_its_tokens():
+    lm = torch.nn.Linear(CFG.hidden_size, CFG.vocab_size, bias=False)
+    heads = random_heads(CFG, 3, lm_head=lm)
+    x = torch.randn(2, CFG.hidden_size)
+    full = heads(x)  # (2, 3, V)
+    torch.testing.assert_close(heads.topk(x, 5), full.topk(5, dim=-1).indices)  # no draft vocabulary
+    ids = torch.randperm(CFG.vocab_size, generator=torch.Generator().manual_seed(0))[:40]
+    heads.set_draft_vocab(ids)
+    got = heads.topk(x, 5)
+    want = ids[full[..., ids].topk(5, dim=-1).indices]
+    assert torch.equal(got, want) and torch.isin(got, ids).all()
+    more = heads.topk(x, 100)  # more ranks than tokens: the last token is repeated
+    assert torch.equal(more[..., :40].sort(-1).values, ids.sort().values.expand(2, 3, 40))
+    assert (more[..., 40:] == more[..., 39:40]).all()
+    with torch.no_grad():
+        lm.weight.mul_(-1)  # the gathered rows follow a change of the shared projection
+    torch.testing.assert_close(heads.topk(x, 5), ids[heads(x)[..., ids].topk(5, dim=-1).indices])
+    heads.set_draft_vocab(None)
+    torch.testing.assert_close(heads.topk(x, 5), heads(x).topk(5, dim=-1).indices)
+
+
+def test_draft_vocab_file_roundtrip_and_errors(tmp_path):
+    from propd.models.heads import read_draft_vocab, write_draft_vocab
+
+    lm = torch.nn.Linear(CFG.hidden_size, CFG.vocab_size, bias=False)
+    random_heads(CFG, 2, lm_head=lm).save(tmp_path)
+    plain = MedusaHeads.load(tmp_path, CFG.hidden_size, CFG.vocab_size, lm_head=lm)
+    assert plain.draft_ids is None and plain.draft_size() == plain.draft_size(0) == 0
+    with pytest.raises(PropdError, match="no draft_vocab.json"):
+        plain.draft_size(3)
+    write_draft_vocab(tmp_path, [[5, 7, 7, 9], [9, 9, 1]], CFG.vocab_size, source="test", then=[[2, 9, 3, 3, 3]])
+    assert read_draft_vocab(tmp_path, CFG.vocab_size) == [9, 7, 1, 5, 3, 2]  # answers by count (ties by id), then
+    heads = MedusaHeads.load(tmp_path, CFG.hidden_size, CFG.vocab_size, lm_head=lm)  # the rest of the prompts
+    assert heads.draft_ids.tolist() == [9, 7, 1, 5, 3, 2] and heads.draft_size() == 6 and heads.draft_size(2) == 2
+    x = torch.randn(3, CFG.hidden_size)
+    assert set(heads.topk(x, 4, draft_vocab=2).flatten().tolist()) == {9, 7}
+    assert heads.topk(x, 8, draft_vocab=0).shape == (3, 2, 8)  # 0: the whole vocabulary
+    with pytest.raises(PropdError, match="lists 6"):
+        heads.draft_size(7)
+    with pytest.raises(PropdError, match="0 .whole vocabulary. or positive"):
+        heads.draft_size(-1)
+    (tmp_path / "draft_vocab.json").write_text(json.dumps({"ids": [1, CFG.vocab_size]}))
+    with pytest.raises(PropdError, match="outside this model's vocabulary"):
+        MedusaHeads.load(tmp_path, CFG.hidden_size, CFG.vocab_size, lm_head=lm)
+    (tmp_path / "draft_vocab.json").write_text("[1, 2]")
+    with pytest.raises(PropdError, match="not a draft vocabulary"):
+        MedusaHeads.load(tmp_path, CFG.hidden_size, CFG.vocab_size, lm_head=lm)
+    with pytest.raises(PropdError, match="twice"):
+        random_heads(CFG, 2, lm_head=lm).set_draft_vocab([3, 3])

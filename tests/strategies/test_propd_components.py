@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from conftest import tiny_loaded
 from propd import Decoder, DraftTree, PropdError
+from propd.hookspecs import hookimpl
 from propd.strategies.dynamic import CostModel, DynamicConfig, DynamicSizer, weighted_line
 from propd.strategies.early_prune import EarlyProbConfig, EarlyProbPruner, EarlyTopKConfig, EarlyTopKPruner
 from propd.strategies.tree_builder import best_tree, rank_probabilities
@@ -277,3 +278,31 @@ def test_medusa_heuristic_builds_the_requested_tree_from_a_report(tmp_path):
     assert res.token_ids == ar(prompts, 16) and all(s.tree_nodes == 12 for s in res.stats)
     with pytest.raises(PropdError, match="top-k accuracies"):
         Decoder(MODEL, preset="medusa", sizer=("medusa-heuristic", {"size": 12}))  # no report beside random heads
+
+
+@pytest.mark.parametrize("preset", ["medusa", "propd"])
+def test_presets_with_a_draft_vocabulary_are_lossless_and_guess_only_from_it(preset):
+    model = tiny_loaded(seed=4, heads=4, early=(1, 2))
+    refs = ar(prompts_from(9, [3, 8, 5]), 24)
+    ids = torch.tensor([t for r in refs for t in r[::2]]).unique()  # half of the right tokens can be guessed
+    model.heads.set_draft_vocab(ids)
+    seen = []
+
+    class Spy:
+        @hookimpl
+        def propd_after_step(self, ctx, tree, acceptance, stats, tokens):
+            seen.append(tokens[:, 1:].flatten())
+
+    pruners = [("early-topk", {"layer": 2, "k": 8})] if preset == "propd" else None
+    for n in (None, 5):  # all of it, and its 5 most frequent tokens (here: the first 5 ids given)
+        seen.clear()
+        dec = Decoder(model, preset=preset, pruners=pruners, draft_vocab=n)
+        dec.pm.register(Spy())
+        res = dec.generate_ids(prompts_from(9, [3, 8, 5]), max_new_tokens=24)
+        assert res.token_ids == refs
+        guesses = torch.cat(seen)
+        assert guesses.numel() > 0 and torch.isin(guesses, ids[:n]).all()
+    with pytest.raises(PropdError, match="lists"):
+        Decoder(model, preset=preset, draft_vocab=ids.numel() + 1)
+    with pytest.raises(PropdError, match="none are loaded"):
+        Decoder(tiny_loaded(seed=4), preset="ar", draft_vocab=5)

@@ -50,16 +50,27 @@ def test_train_heads_on_tiny_model(tiny_dir, train_dir, tmp_path):
     assert json.loads((out / "report.json").read_text())["val_positions"] == report["val_positions"] > 0
     assert report["threads"] == torch.get_num_threads() and report["torch"] == torch.__version__
     assert set(report["stage_wall_time_s"]) == {"answers", "features", "training"}
+    dv = report["draft_vocab"]  # ranked from the training answers, measured on the validation answers
+    cover = list(dv["val_coverage"].values())
+    assert dv["tokens"] > 0 and dv["val_tokens"] > 0 and cover == sorted(cover) and 0 < cover[-1] <= 1
     # the checkpoint round-trips: loaded heads (and early heads beside them) drive the medusa preset losslessly
     model = load_model(str(tiny_dir), heads=out)
     assert model.heads.num_heads == 2 and sorted(model.early_heads) == [1, 2]
+    assert model.heads.draft_size() == dv["tokens"]
     ids = [[5, 6, 7, 8], [9, 10]]
     ar = Decoder(model, preset="ar").generate_ids(ids, max_new_tokens=12).token_ids
-    assert Decoder(model, preset="medusa", sizer=("static", {"tree": [(0,), (1,), (0, 0)]})).generate_ids(
-        ids, max_new_tokens=12).token_ids == ar
+    for n in (None, 0):  # guessing from the draft vocabulary, and from the whole vocabulary
+        assert Decoder(model, preset="medusa", sizer=("static", {"tree": [(0,), (1,), (0, 0)]}),
+                       draft_vocab=n).generate_ids(ids, max_new_tokens=12).token_ids == ar
     # a rerun resumes from the cached answers, features and last checkpoint: same report, no retraining
     again = train_heads(cfg, log=lambda m: None)
     assert again["medusa_heads"] == report["medusa_heads"] and again["history"] == report["history"]
+    # --draft-vocab-only rewrites the draft vocabulary alone, the same one, and keeps the rest of the report
+    first = (out / "draft_vocab.json").read_text()
+    (out / "draft_vocab.json").unlink()
+    only = train_heads(cfg, log=lambda m: None, draft_vocab_only=True)
+    assert (out / "draft_vocab.json").read_text() == first and only["draft_vocab"] == dv
+    assert json.loads((out / "report.json").read_text())["medusa_heads"] == report["medusa_heads"]
 
 
 def test_train_heads_cli_rejects_bad_layers(tiny_dir, train_dir, tmp_path, capsys):
