@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from propd import PropdError
 from propd.cli import main
 
 
@@ -79,11 +80,23 @@ def test_bad_input_one_line_exit_2(capsys, tiny_dir, args, message):
         import torch
 
         if torch.cuda.is_available():
-            args = [a.replace("cuda:7", "cuda:99") for a in args]
+            args, message = [a.replace("cuda:7", "cuda:99") for a in args], "CUDA device"
     code, out, err = run(capsys, *args)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("propd: error: ") and message in lines[0], err
+
+
+def test_a_cuda_device_beyond_the_machines_is_refused(monkeypatch):
+    import torch
+
+    from propd.models.loading import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0") and resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(PropdError, match=r"has 1 CUDA device \(cuda:0..cuda:0\)"):
+        resolve_device("cuda:3")
 
 
 def test_no_prompts_exit_2_without_traceback(tiny_dir):

@@ -131,6 +131,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise PropdError(f"unknown device {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise PropdError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise PropdError(f"device {device!r} requested but this machine has {n} CUDA device{'s' * (n != 1)} "
+                         f"(cuda:0..cuda:{n - 1})")
     return dev
 
 
