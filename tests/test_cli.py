@@ -94,7 +94,8 @@ def test_a_cuda_device_beyond_the_machines_is_refused(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert resolve_device("cuda:0") == torch.device("cuda:0") and resolve_device("cuda") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert resolve_device("cuda:0") == resolve_device("cuda") == torch.device("cuda:0")  # as its tensors report
     with pytest.raises(PropdError, match=r"has 1 CUDA device \(cuda:0..cuda:0\)"):
         resolve_device("cuda:3")
 

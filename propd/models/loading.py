@@ -124,7 +124,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -135,6 +135,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         n = torch.cuda.device_count()
         raise PropdError(f"device {device!r} requested but this machine has {n} CUDA device{'s' * (n != 1)} "
                          f"(cuda:0..cuda:{n - 1})")
+    if dev.type == "cuda" and dev.index is None:  # the device its tensors will report, so comparisons hold
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 

@@ -24,6 +24,7 @@ class StaticSizer:
         if self.paths is not None:
             DraftTree.from_paths(self.paths)  # validate early
         self._tree: DraftTree | None = None
+        self._tree_device: str | None = None
 
     @hookimpl
     def propd_setup(self, model):
@@ -34,8 +35,11 @@ class StaticSizer:
 
     @hookimpl
     def propd_tree(self, ctx):
-        if self._tree is None or self._tree.parents.device != ctx.device:
-            self._tree = DraftTree.from_paths(self.paths, device=ctx.device)  # built once, cached on the device
+        # built once, cached on the device; keyed by the device asked for, since a tensor on torch.device("cuda")
+        # reports "cuda:0", and comparing the two would rebuild the tree (host work and copies) every step
+        if self._tree is None or self._tree_device != str(ctx.device):
+            self._tree = DraftTree.from_paths(self.paths, device=ctx.device)
+            self._tree_device = str(ctx.device)
         return self._tree
 
 

@@ -306,3 +306,14 @@ def test_presets_with_a_draft_vocabulary_are_lossless_and_guess_only_from_it(pre
         Decoder(model, preset=preset, draft_vocab=ids.numel() + 1)
     with pytest.raises(PropdError, match="none are loaded"):
         Decoder(tiny_loaded(seed=4), preset="ar", draft_vocab=5)
+
+
+def test_static_sizer_builds_its_tree_once_per_device():
+    from types import SimpleNamespace
+
+    from propd.strategies.static import StaticConfig, StaticSizer
+
+    sizer = StaticSizer(StaticConfig(tree="chain:3"))
+    ctx = SimpleNamespace(device=torch.device("cpu", 0))  # its tensors report "cpu", as "cuda" ones report "cuda:0"
+    first = sizer.propd_tree(ctx=ctx)
+    assert sizer.propd_tree(ctx=ctx) is first and first.num_nodes == 4
