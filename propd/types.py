@@ -48,8 +48,8 @@ class StepContext:
             if self.heads is None:
                 raise ValueError("no Medusa heads are loaded")
             want = max(k, 16)  # one top-k serves all callers
-            topk = getattr(self.heads, "topk", None)
-            if topk is not None and "head_logits" not in self._memo:
+            topk = getattr(self.heads, "topk", None)  # MedusaHeads: within the draft vocabulary, if any
+            if topk is not None:
                 have = topk(self.last_hidden, want, draft_vocab=self.draft_vocab)
             else:
                 logits = self.head_logits()

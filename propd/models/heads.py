@@ -86,9 +86,12 @@ class MedusaHeads(nn.Module):
         x = torch.stack([head(hidden) for head in self.heads], dim=-2)  # (.., K, H)
         if self.own_lm_head:
             return x  # each ResBlock ended in its own vocabulary projection
+        return self._lm_head()(x)  # one projection for all K heads: the weights are read once, not K times
+
+    def _lm_head(self) -> nn.Module:
         if self._shared[0] is None:
             raise PropdError("these Medusa heads share the base model's lm_head, but none is attached")
-        return self._shared[0](x)  # one projection for all K heads: the weights are read once, not K times
+        return self._shared[0]
 
     def topk(self, hidden: torch.Tensor, k: int, draft_vocab: int | None = None) -> torch.Tensor:
         """Token ids (.., K, k) of each head's k most likely guesses, best first.
@@ -125,10 +128,7 @@ class MedusaHeads(nn.Module):
     def _draft_projection(self, n: int) -> nn.Module:
         from propd.models.llama import Linear
 
-        lm_head = self._shared[0]
-        if lm_head is None:
-            raise PropdError("these Medusa heads share the base model's lm_head, but none is attached")
-        w = lm_head.weight
+        w = self._lm_head().weight
         key = (w.data_ptr(), w._version, w.dtype, w.device, self.draft_ids.data_ptr(), n)
         proj = self._draft_proj.get(key)
         if proj is None:

@@ -189,3 +189,12 @@ def test_tune_rejects_unknown_runs_and_too_few_prompts(tiny_dir, tmp_path, capsy
     (data / "question.jsonl").write_text(json.dumps({"question_id": 1, "turns": ["hi"]}) + "\n")
     assert main(["tune", "--data", str(data.parent), "--model", str(tiny_dir), "--out", str(tmp_path / "t")]) == 2
     assert "no held-out training prompts" in capsys.readouterr().err
+
+
+def test_variant_sets_the_draft_vocabulary():
+    from propd import PropdError
+    from propd.presets import Method
+
+    assert Method.parse("m0=medusa;draft_vocab=0").decoder_kwargs() == {"preset": "medusa", "draft_vocab": 0}
+    with pytest.raises(PropdError, match="whole number"):
+        Method.parse("m=medusa;draft_vocab=lots")
