@@ -45,10 +45,9 @@ class StepContext:
         step; heads with a draft vocabulary guess within it (``MedusaHeads.topk`` and ``draft_vocab``)."""
         have = self._memo.get("head_topk")
         if have is None or have.shape[-1] < k:
-            if self.heads is None:
-                raise ValueError("no Medusa heads are loaded")
             want = max(k, 16)  # one top-k serves all callers
             topk = getattr(self.heads, "topk", None)  # MedusaHeads: within the draft vocabulary, if any
+            # (without heads, head_logits below raises)
             if topk is not None:
                 have = topk(self.last_hidden, want, draft_vocab=self.draft_vocab)
             else:

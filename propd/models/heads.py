@@ -83,10 +83,14 @@ class MedusaHeads(nn.Module):
         self._shared = [lm_head]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = torch.stack([head(hidden) for head in self.heads], dim=-2)  # (.., K, H)
+        x = self._blocks(hidden)
         if self.own_lm_head:
             return x  # each ResBlock ended in its own vocabulary projection
         return self._lm_head()(x)  # one projection for all K heads: the weights are read once, not K times
+
+    def _blocks(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Every head's ResBlocks (and own projection, if any) on ``hidden``: (.., K, H) or (.., K, V)."""
+        return torch.stack([head(hidden) for head in self.heads], dim=-2)
 
     def _lm_head(self) -> nn.Module:
         if self._shared[0] is None:
@@ -105,8 +109,7 @@ class MedusaHeads(nn.Module):
             logits = self(hidden)
             top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
         else:
-            x = torch.stack([head(hidden) for head in self.heads], dim=-2)  # (.., K, H)
-            top = self.draft_ids[self._draft_projection(n)(x).topk(min(k, n), dim=-1).indices]
+            top = self.draft_ids[self._draft_projection(n)(self._blocks(hidden)).topk(min(k, n), dim=-1).indices]
         if top.shape[-1] < k:  # fewer tokens than ranks asked for: repeat the last (a wasted sibling, never wrong)
             top = torch.cat([top, top[..., -1:].expand(*top.shape[:-1], k - top.shape[-1])], dim=-1)
         return top
