@@ -20,7 +20,7 @@ import torch
 from propd.errors import PropdError
 from propd.models.loading import LoadedModel
 from propd.plugins import Registry, step_manager
-from propd.presets import Spec, get_preset
+from propd.presets import Spec, get_preset, parse_component
 from propd.tree import DraftTree, positions_of, survivor_mask, survivors
 from propd.types import GenerationResult, StepContext, StepStats
 
@@ -31,8 +31,9 @@ class Decoder:
     """Decode prompts with a combination of strategy components.
 
     ``preset`` names a combination (``propd presets``); ``sizer``, ``proposer``, ``pruners`` and ``verifier``
-    override its roles by name, ``(name, options)``, or a component object. ``plugins`` adds plugin objects
-    (modules or instances implementing ``propd_register_components``) besides the installed entry points.
+    override its roles by name, ``"name:key=value,..."`` (as on the command line), ``(name, options)``, or a
+    component object. ``plugins`` adds plugin objects (modules or instances implementing
+    ``propd_register_components``) besides the installed entry points.
     ``draft_vocab`` is how many of the most frequent tokens the Medusa heads guess from: None (default) all of their
     ``draft_vocab.json`` if they have one, else the whole vocabulary; 0 the whole vocabulary (see
     :mod:`propd.models.heads`). The output never depends on it, only how often guesses are right and what they cost.
@@ -70,8 +71,9 @@ class Decoder:
         self.prune_layers = layers
 
     def _build(self, role: str, arg: ComponentArg) -> Any:
-        if isinstance(arg, str):
-            return self.registry.get(role, arg).build()
+        if isinstance(arg, str):  # NAME or NAME:key=value,... as on the command line
+            name, options = parse_component(arg)
+            return self.registry.get(role, name).build(options)
         if isinstance(arg, tuple) and len(arg) == 2 and isinstance(arg[0], str):
             return self.registry.get(role, arg[0]).build(arg[1])
         return arg  # a component object

@@ -127,3 +127,16 @@ def test_tree_deeper_than_heads_is_refused():
     dec = Decoder(model, preset="medusa")
     with pytest.raises(PropdError, match="deep"):
         dec.generate_ids([[1, 2, 3]], max_new_tokens=4)
+
+
+def test_components_take_command_line_strings():
+    """``sizer="NAME:key=value"`` in Python means what ``--sizer NAME:key=value`` means on the command line."""
+    model = tiny_loaded(seed=3, heads=4, early=(1,))
+    dec = Decoder(model, preset="medusa", sizer="static:tree=chain:3", pruners=["early-topk:layer=1,k=3"])
+    sizer = dict(dec.components)["sizer"]
+    assert sizer.spec == "chain:3"
+    assert dec.prune_layers == [1]
+    with pytest.raises(PropdError, match="unknown sizer 'nope'"):
+        Decoder(MODEL, preset="medusa", sizer="nope:size=4")
+    with pytest.raises(PropdError, match="size"):
+        Decoder(MODEL, preset="medusa", sizer="static:size=4")
