@@ -1,9 +1,11 @@
-"""Why ``propd.models.llama.Linear`` computes ``(W @ x^T)^T`` for 1-256 rows on CPU (docs/architecture.md).
+"""Why ``propd.models.llama.Linear`` picks its CPU kernels for few rows (docs/architecture.md, "Model core").
 
-Part 1 times ``F.linear``, ``(W @ x^T)^T`` (at 1 row, of the row stacked twice) and, as a tried alternative that is not used, oneDNN's inner product on
-weights packed once into its blocked layout, on the default model's 30 layers of projection shapes with distinct
-random weights (425 MB, so they stream from memory as in a forward pass). Part 2 times whole forward passes of the
-default model at several tree sizes, alternating the kernel choice on and off, and prints the medians.
+Part 1 times ``F.linear``, ``(W @ x^T)^T`` (at 1 row, of the row stacked twice), propd's packed AVX2 kernel
+(:mod:`propd.models.cpu_kernel`) and, as a tried alternative that is not used, oneDNN's inner product on weights
+packed once into its blocked layout, on the default model's 30 layers of projection shapes with distinct random
+weights (425 MB, so they stream from memory as in a forward pass) plus its (49152 x 576) ``lm_head``. Part 2 times
+whole forward passes of the default model at several tree sizes, alternating the three choices of ``Linear`` (packed
+kernel, ``(W @ x^T)^T``, ``F.linear``), and prints the medians.
 
     python benchmarks/linear_kernel.py            # about 1 minute on 2 CPU cores
     python benchmarks/linear_kernel.py bfloat16   # part 1 only, in bf16: why the choice is made for fp32 only
@@ -15,10 +17,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+from propd.models import cpu_kernel
 from propd.models.llama import Linear
 from propd.models.loading import load_model
 
-SIZES = (1, 2, 4, 8, 16, 32, 64)
+SIZES = (1, 2, 4, 8, 12, 16, 32, 64)
 
 
 def _two_rows(x: torch.Tensor) -> torch.Tensor:
@@ -28,19 +31,23 @@ def _two_rows(x: torch.Tensor) -> torch.Tensor:
 
 def streamed_matmuls(dtype: torch.dtype = torch.float32, sizes=SIZES) -> None:
     shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
-    weights = [torch.randn(o, i, dtype=dtype) for _ in range(30) for o, i in shapes]
+    weights = [torch.randn(o, i, dtype=dtype) for _ in range(30) for o, i in shapes] + [torch.randn(49152, 576, dtype=dtype)]
     forms = {
         "F.linear": lambda w, p, x: F.linear(x, w),
         "(W @ x^T)^T": lambda w, p, x: (w @ _two_rows(x).t())[:, : x.shape[0]].t().contiguous(),
         "oneDNN packed": lambda w, p, x: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""),
     }
+    ours = [cpu_kernel.pack(w) for w in weights] if dtype == torch.float32 else []
+    if ours and all(p is not None for p in ours):
+        forms["propd packed"] = lambda w, p, x: cpu_kernel.linear(x, ours[idx[id(w)]], w.shape[0])
+    idx = {id(w): i for i, w in enumerate(weights)}
     try:
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, 64) for w in weights]
     except (RuntimeError, AttributeError) as e:  # e.g. bf16 on a CPU without AVX-512 BW/VL/DQ, or no oneDNN
         print(f"no oneDNN packing for {dtype}: {str(e).splitlines()[0]}")
         packed = [None] * len(weights)
         del forms["oneDNN packed"]
-    print("rows" + "".join(f"{n:>15}" for n in forms), f"  ms (30 layers of SmolLM2-135M projections, {dtype}, best of 5)")
+    print("rows" + "".join(f"{n:>15}" for n in forms), f"  ms (SmolLM2-135M's 30 layers of projections and lm_head, {dtype}, best of 5)")
     for m in sizes:
         xs = {w.shape[1]: torch.randn(m, w.shape[1], dtype=dtype) for w in weights}
         best = {}
@@ -58,7 +65,8 @@ def streamed_matmuls(dtype: torch.dtype = torch.float32, sizes=SIZES) -> None:
 def forward_passes(reps: int = 12) -> None:
     lm = load_model("smollm2-135m-instruct", dtype="float32")
     m = lm.model
-    on, off = Linear.SKINNY_ROWS, (10**9, 0)
+    rows_on, packed_on = Linear.SKINNY_ROWS, cpu_kernel.MAX_ROWS
+    choices = {"packed": (rows_on, packed_on), "(W@x^T)^T": (rows_on, 0), "F.linear": ((10**9, 0), 0)}
     res: dict[tuple[int, str], list[float]] = {}
     cache = m.new_cache(1, 600)
     m.prefill(cache, [list(range(100, 400))])  # a 300-token context
@@ -66,17 +74,17 @@ def forward_passes(reps: int = 12) -> None:
         for T in SIZES:
             mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
             node_idx, tok = torch.arange(T).expand(1, T), torch.randint(0, 49000, (1, T))
-            for name, rows in (("on", on), ("off", off)):
-                Linear.SKINNY_ROWS = rows
+            for name, (rows, packed) in choices.items():
+                Linear.SKINNY_ROWS, cpu_kernel.MAX_ROWS = rows, packed
                 t = time.perf_counter()
                 a = m.attention_inputs(cache, node_idx, mask, torch.arange(T))
                 m.logits(m.norm(m.run_layers(m.embed(tok), 0, m.num_layers, cache, a)))
                 res.setdefault((T, name), []).append(time.perf_counter() - t)
-    Linear.SKINNY_ROWS = on
-    print("nodes  with ms  F.linear ms   (default model, fp32, batch 1, median of", reps, "alternating passes)")
+    Linear.SKINNY_ROWS, cpu_kernel.MAX_ROWS = rows_on, packed_on
+    print("nodes" + "".join(f"{n:>12}" for n in choices), "  ms (default model, fp32, batch 1, median of", reps,
+          "alternating passes)")
     for T in SIZES:
-        med = {n: sorted(res[(T, n)])[reps // 2] * 1000 for n in ("on", "off")}
-        print(f"{T:5d}  {med['on']:7.1f}  {med['off']:11.1f}")
+        print(f"{T:5d}" + "".join(f"{sorted(res[(T, n)])[reps // 2] * 1000:12.1f}" for n in choices))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from propd.models import cpu_kernel
 from propd.models.cache import KVCache
 from propd.models.config import ModelConfig
 
@@ -37,39 +38,64 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` with a CPU kernel choice for few rows: ``(W @ x^T)^T`` instead of ``x @ W^T`` for 1-256 rows.
+    """``nn.Linear`` with CPU kernel choices for the few rows of a decoding step.
 
-    A tree step multiplies every weight matrix by 2-64 rows (one per tree node and row of the batch), and the Medusa
-    heads project K rows more onto the vocabulary. On CPU builds of torch with MKL, ``F.linear`` for 2 <= M <= 256
-    rows ran 1.4-2.9x slower than ``(W @ x^T)^T`` on the (49152 x 576) SmolLM2 ``lm_head``, and 1.1-2.1x slower on its
-    layers' matrices when the weights stream from memory as they do in a forward pass (30 layers' q/k/v/o and MLP
-    matrices, 425 MB: 60 vs 29 ms at M = 2, 69 vs 56 ms at M = 8, 130 vs 74 ms at M = 32; equal from M = 192; measured
-    on the 2-core AMD EPYC of docs/results.md, torch 2.13.0+cpu; ``python benchmarks/linear_kernel.py`` repeats it).
-    At M = 1 both are one matrix-vector product, and the matrix-matrix product of the row stacked twice is faster
-    still (30 layers: 24 against 33 ms; the ``lm_head``: 5.2 against 9.2 ms; a whole forward pass of the default
-    model at batch 1: 46 against 54 ms; same machine, 2026-11-23), so one row is computed that way. In bfloat16 the
-    choice does not pay (the same matrices: 28.5 against 24.4 ms at M = 2, 511 against 347 ms at M = 32, never faster;
-    and 26 against 12.5 ms at M = 1; ``python benchmarks/linear_kernel.py bfloat16``, same machine, 2026-11-22), so it
-    is made for float32 only.
+    A tree step multiplies every weight matrix by 2-64 rows (one per tree node and row of the batch), and an AR step
+    by one per row; MKL's general matrix product runs these far below the memory bandwidth. In float32 on CPU:
+
+    * 1-16 rows go to propd's packed AVX2 kernel (:mod:`propd.models.cpu_kernel`) where it is available: the weight is
+      packed once into 16-row panels and streamed once per call. ``python benchmarks/linear_kernel.py`` compares it
+      with the MKL forms below on the default model's matrices.
+    * Otherwise 1-256 rows compute ``(W @ x^T)^T`` instead of ``x @ W^T``: on CPU builds of torch with MKL,
+      ``F.linear`` for 2 <= M <= 256 rows ran 1.4-2.9x slower than that on the (49152 x 576) SmolLM2 ``lm_head``,
+      and 1.1-2.1x slower on its layers' matrices when the weights stream from memory as they do in a forward pass
+      (30 layers' q/k/v/o and MLP matrices, 425 MB: 60 vs 29 ms at M = 2, 69 vs 56 ms at M = 8, 130 vs 74 ms at
+      M = 32; equal from M = 192; 2-core AMD EPYC of docs/results.md, torch 2.13.0+cpu, 2026-11-22). At M = 1 the
+      row is stacked twice, since MKL's matrix-matrix product beats its matrix-vector one (30 layers: 24 against
+      33 ms).
+    * In bfloat16 neither pays on a CPU without native bf16 arithmetic (the same matrices: 28.5 against 24.4 ms at
+      M = 2, 511 against 347 ms at M = 32; ``python benchmarks/linear_kernel.py bfloat16``), so it is ``F.linear``.
+
     Results equal ``F.linear``'s up to float summation order. On other devices this is ``nn.Linear``.
     """
 
     SKINNY_ROWS = (1, 256)
 
+    def _rows(self, x: torch.Tensor) -> int:
+        return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
     def skinny(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` computes ``(W @ x^T)^T`` (float32 on CPU, 1-256 rows) rather than ``F.linear``."""
         lo, hi = self.SKINNY_ROWS
-        return x.device.type == "cpu" and x.dtype == torch.float32 and lo <= x.numel() // x.shape[-1] <= hi
+        return x.device.type == "cpu" and x.dtype == torch.float32 and lo <= self._rows(x) <= hi
+
+    def packed(self) -> torch.Tensor | None:
+        """The weight packed for the CPU kernel, or None: packed on first use, and again when the weight is replaced or
+        changed in place (``load_state_dict``)."""
+        w = self.weight
+        # inference tensors have no version counter; they cannot be changed in place outside inference mode
+        key = (w.data_ptr(), None if w.is_inference() else w._version, tuple(w.shape))
+        cached = getattr(self, "_packed", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        p = cpu_kernel.pack(w)
+        self._packed = (key, p)
+        return p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.skinny(x):
             return F.linear(x, self.weight, self.bias)
-        rows = x.numel() // x.shape[-1]
+        rows = self._rows(x)
         x2 = x.reshape(rows, x.shape[-1])
-        if rows == 1:  # a matrix-matrix product of two copies beats the matrix-vector product (class docstring)
-            x2 = torch.cat([x2, x2])
-        y = (self.weight @ x2.t())[:, :rows].t()  # (rows, out), column-major
-        y = y.contiguous()  # row-major, as F.linear returns (attention kernels want contiguous heads)
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        packed = self.packed() if rows <= cpu_kernel.MAX_ROWS and not grad else None  # the kernel has no backward
+        if packed is not None:
+            y = cpu_kernel.linear(x2.contiguous(), packed, self.out_features)
+        else:
+            if rows == 1:  # a matrix-matrix product of two copies beats the matrix-vector product (class docstring)
+                x2 = torch.cat([x2, x2])
+            y = (self.weight @ x2.t())[:, :rows].t()  # (rows, out), column-major
+            y = y.contiguous()  # row-major, as F.linear returns (attention kernels want contiguous heads)
         if self.bias is not None:
             y += self.bias
         return y.view(*x.shape[:-1], self.out_features)

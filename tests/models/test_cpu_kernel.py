@@ -1,0 +1,75 @@
+"""propd's packed CPU kernel for few-row float32 linear layers (propd.models.cpu_kernel)."""
+
+import platform
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from propd.models import cpu_kernel
+from propd.models.llama import Linear
+
+X86_AVX2 = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in (
+    "AVX2", "AVX512")
+
+
+def test_the_kernel_builds_where_it_can_run():
+    """On an x86-64 CPU with AVX2 (this project's CI machine) the extension must compile and load: a broken build
+    would otherwise pass every other test silently on the MKL fallback."""
+    if not X86_AVX2:
+        assert cpu_kernel.extension() is None
+        return
+    assert cpu_kernel.extension() is not None
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 20), k=st.integers(1, 70), out=st.integers(1, 70), seed=st.integers(0, 1000))
+def test_packed_product_equals_matmul_and_each_row_alone(rows, k, out, seed):
+    if not X86_AVX2:  # nothing to run; test_the_kernel_builds_where_it_can_run checks that it is refused
+        return
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(rows, k, generator=g), torch.randn(out, k, generator=g)
+    packed = cpu_kernel.pack(w)
+    y = cpu_kernel.linear(x, packed, out)
+    assert y.shape == (rows, out) and y.is_contiguous()
+    torch.testing.assert_close(y, x.double().matmul(w.double().t()).float(), rtol=1e-5, atol=1e-4)
+    for r in range(rows):  # batch invariance: a row's result does not depend on the other rows, bit for bit
+        assert torch.equal(cpu_kernel.linear(x[r:r + 1].contiguous(), packed, out)[0], y[r])
+
+
+def test_linear_uses_the_kernel_for_few_rows_and_repacks_after_a_weight_change():
+    torch.manual_seed(0)
+    proj = Linear(40, 70, bias=True)
+    with torch.no_grad():
+        x = torch.randn(5, 40)
+        first = proj(x)
+        p = proj.packed()
+        if not X86_AVX2:
+            assert p is None
+            torch.testing.assert_close(first, torch.nn.functional.linear(x, proj.weight, proj.bias))
+            return
+        assert p is not None and proj.packed() is p  # packed once, then reused
+        torch.testing.assert_close(first, torch.nn.functional.linear(x, proj.weight, proj.bias), rtol=1e-5, atol=1e-5)
+        assert torch.equal(first, cpu_kernel.linear(x, p, 70) + proj.bias)  # the kernel computed it
+        proj.weight.mul_(2)  # in-place change (as load_state_dict does): the packed copy is stale
+        torch.testing.assert_close(proj(x) - proj.bias, 2 * (first - proj.bias), rtol=1e-5, atol=1e-5)
+        assert proj.packed() is not p
+
+
+def test_linear_keeps_autograd_and_falls_back_when_turned_off(monkeypatch):
+    torch.manual_seed(1)
+    proj = Linear(24, 30, bias=False)
+    x = torch.randn(3, 24, requires_grad=True)
+    proj(x).sum().backward()  # the kernel has no backward: with gradients on, the MKL path runs
+    torch.testing.assert_close(x.grad, proj.weight.sum(0).expand(3, 24))
+    monkeypatch.setenv("PROPD_CPU_KERNEL", "0")
+    assert not cpu_kernel.enabled()
+
+
+def test_memory_cap_refuses_to_pack(monkeypatch):
+    monkeypatch.setenv("PROPD_CPU_KERNEL_MAX_GB", "0")
+    assert cpu_kernel.pack(torch.randn(32, 32)) is None
+    proj = Linear(32, 32, bias=False)
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(proj(x), x @ proj.weight.t(), rtol=1e-5, atol=1e-5)  # MKL serves instead
