@@ -132,7 +132,8 @@ class MedusaHeads(nn.Module):
         from propd.models.llama import Linear
 
         w = self._lm_head().weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device, self.draft_ids.data_ptr(), n)
+        version = None if w.is_inference() else w._version  # inference tensors have no version counter
+        key = (w.data_ptr(), version, w.dtype, w.device, self.draft_ids.data_ptr(), n)
         proj = self._draft_proj.get(key)
         if proj is None:
             if len(self._draft_proj) >= 4:  # a few sizes at once (a comparison run); stale keys go

@@ -20,6 +20,7 @@ import attrs
 import torch
 
 from propd.errors import PropdError
+from propd.models import cpu_kernel
 from propd.models.config import ModelConfig
 from propd.models.heads import EARLY_FILE, EarlyHeads, MedusaHeads
 from propd.models.llama import LlamaModel
@@ -290,6 +291,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
         model.lm_head.weight = model.model.embed_tokens.weight
     model = model.to(device=dev, dtype=dt).eval()
     model.requires_grad_(False)
+    if dev.type == "cpu" and dt == torch.float32:
+        cpu_kernel.extension()  # build (or load) the few-row kernel now, not inside the first timed step
     try:
         eos = GenerationConfig.from_pretrained(str(path)).eos_token_id
     except OSError:  # no generation_config.json
