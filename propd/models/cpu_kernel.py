@@ -4,8 +4,9 @@ A decoding step multiplies every weight matrix by only a handful of rows (one pe
 where MKL's general matrix product runs far below the machine's memory bandwidth. ``csrc/packed_linear.cpp`` packs
 each weight once into panels of 16 output rows and computes the product with an AVX2/FMA register-blocked
 micro-kernel (BLIS-style: Van Zee and van de Geijn, ACM TOMS 2015), streaming each weight once per call. On the
-2-core AMD EPYC of docs/results.md it took the default model's 30 layers of projections plus its ``lm_head`` from
-1.4x to 1.8x less time than ``propd.models.llama.Linear``'s MKL path for 1-12 rows (``python benchmarks/linear_kernel.py``).
+2-core AMD EPYC of docs/results.md it multiplied the default model's 30 layers of matrices plus its ``lm_head`` by
+1-12 rows 1.3-1.7x faster than MKL's best form, and lost from 16 rows on (``python benchmarks/linear_kernel.py``;
+docs/architecture.md, "Model core").
 Every output row is computed in the same order whatever the other rows are (batch invariance).
 
 The extension is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about a minute; cached
