@@ -129,11 +129,10 @@ class MedusaHeads(nn.Module):
         return draft_vocab
 
     def _draft_projection(self, n: int) -> nn.Module:
-        from propd.models.llama import Linear
+        from propd.models.llama import Linear, tensor_version
 
         w = self._lm_head().weight
-        version = None if w.is_inference() else w._version  # inference tensors have no version counter
-        key = (w.data_ptr(), version, w.dtype, w.device, self.draft_ids.data_ptr(), n)
+        key = (w.data_ptr(), tensor_version(w), w.dtype, w.device, self.draft_ids.data_ptr(), n)
         proj = self._draft_proj.get(key)
         if proj is None:
             if len(self._draft_proj) >= 4:  # a few sizes at once (a comparison run); stale keys go

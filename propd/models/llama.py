@@ -37,13 +37,19 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def tensor_version(t: torch.Tensor) -> int | None:
+    """``t``'s in-place change counter, for caches derived from it; None for inference tensors, which have none (and
+    cannot be changed in place outside inference mode)."""
+    return None if t.is_inference() else t._version
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` with CPU kernel choices for the few rows of a decoding step.
 
     A tree step multiplies every weight matrix by 2-64 rows (one per tree node and row of the batch), and an AR step
     by one per row; MKL's general matrix product runs these far below the memory bandwidth. In float32 on CPU:
 
-    * 1-16 rows go to propd's packed AVX2 kernel (:mod:`propd.models.cpu_kernel`) where it is available: the weight is
+    * 1-12 rows go to propd's packed AVX2 kernel (:mod:`propd.models.cpu_kernel`) where it is available: the weight is
       packed once into 16-row panels and streamed once per call. ``python benchmarks/linear_kernel.py`` compares it
       with the MKL forms below on the default model's matrices.
     * Otherwise 1-256 rows compute ``(W @ x^T)^T`` instead of ``x @ W^T``: on CPU builds of torch with MKL,
@@ -73,8 +79,7 @@ class Linear(nn.Linear):
         """The weight packed for the CPU kernel, or None: packed on first use, and again when the weight is replaced or
         changed in place (``load_state_dict``)."""
         w = self.weight
-        # inference tensors have no version counter; they cannot be changed in place outside inference mode
-        key = (w.data_ptr(), None if w.is_inference() else w._version, tuple(w.shape))
+        key = (w.data_ptr(), tensor_version(w), tuple(w.shape))
         cached = getattr(self, "_packed", None)
         if cached is not None and cached[0] == key:
             return cached[1]
