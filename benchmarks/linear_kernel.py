@@ -37,10 +37,10 @@ def streamed_matmuls(dtype: torch.dtype = torch.float32, sizes=SIZES) -> None:
         "(W @ x^T)^T": lambda w, p, x: (w @ _two_rows(x).t())[:, : x.shape[0]].t().contiguous(),
         "oneDNN packed": lambda w, p, x: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""),
     }
+    idx = {id(w): i for i, w in enumerate(weights)}
     ours = [cpu_kernel.pack(w) for w in weights] if dtype == torch.float32 else []
     if ours and all(p is not None for p in ours):
         forms["propd packed"] = lambda w, p, x: cpu_kernel.linear(x, ours[idx[id(w)]], w.shape[0])
-    idx = {id(w): i for i, w in enumerate(weights)}
     try:
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, 64) for w in weights]
     except (RuntimeError, AttributeError) as e:  # e.g. bf16 on a CPU without AVX-512 BW/VL/DQ, or no oneDNN

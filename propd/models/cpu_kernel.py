@@ -1,4 +1,4 @@
-"""A CPU kernel for float32 linear layers applied to few rows: ``x @ W^T`` for 1-16 rows of ``x``.
+"""A CPU kernel for float32 linear layers applied to few rows: ``x @ W^T`` for 1-12 rows of ``x``.
 
 A decoding step multiplies every weight matrix by only a handful of rows (one per tree node and row of the batch),
 where MKL's general matrix product runs far below the machine's memory bandwidth. ``csrc/packed_linear.cpp`` packs
@@ -6,15 +6,15 @@ each weight once into panels of 16 output rows and computes the product with an 
 micro-kernel (BLIS-style: Van Zee and van de Geijn, ACM TOMS 2015), streaming each weight once per call. On the
 2-core AMD EPYC of docs/results.md it multiplied the default model's 30 layers of matrices plus its ``lm_head`` by
 1-12 rows 1.3-1.7x faster than MKL's best form, and lost from 16 rows on (``python benchmarks/linear_kernel.py``;
-docs/architecture.md, "Model core").
-Every output row is computed in the same order whatever the other rows are (batch invariance).
+docs/architecture.md, "Model core"). Every output row is computed in the same order whatever the other rows are
+(batch invariance).
 
 The extension is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about a minute; cached
 under ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``). It needs an x86-64 CPU with AVX2 and FMA, a C++
-compiler and ninja (the ``ninja`` package, a dependency, provides it); where any is missing, or ``PROPD_CPU_KERNEL=0`` is set, :func:`extension` returns None and
-``Linear`` uses MKL, with one line on stderr saying why (except when turned off). The packed copy costs as much
-memory as the weights it packs, at most ``PROPD_CPU_KERNEL_MAX_GB`` (default 4) GiB in all; matrices beyond that use
-MKL.
+compiler and ninja (the ``ninja`` package, a dependency, provides it); where any is missing, or
+``PROPD_CPU_KERNEL=0`` is set, :func:`extension` returns None and ``Linear`` uses MKL, with one line on stderr saying
+why (except when turned off). The packed copy costs as much memory as the weights it packs, at most
+``PROPD_CPU_KERNEL_MAX_GB`` (default 4) GiB in all; matrices beyond that use MKL.
 """
 
 from __future__ import annotations
@@ -38,16 +38,19 @@ def _note(msg: str) -> None:
     print(f"propd: {msg}", file=sys.stderr, flush=True)
 
 
-def enabled() -> bool:
-    """Whether the kernel may be used: ``PROPD_CPU_KERNEL`` is not 0, the CPU is x86-64 with AVX2 (and FMA)."""
-    if os.environ.get("PROPD_CPU_KERNEL", "1").strip() in ("0", "false", "no", "off"):
-        return False
+def supported() -> bool:
+    """Whether this CPU can run the kernel: x86-64 with AVX2 (torch's AVX2 level includes FMA)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     try:
         return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
     except AttributeError:  # torch < 2.2
         return False
+
+
+def enabled() -> bool:
+    """Whether the kernel may be used: the CPU supports it and ``PROPD_CPU_KERNEL`` is not 0."""
+    return os.environ.get("PROPD_CPU_KERNEL", "1").strip() not in ("0", "false", "no", "off") and supported()
 
 
 def extension():

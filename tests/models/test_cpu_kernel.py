@@ -1,7 +1,5 @@
 """propd's packed CPU kernel for few-row float32 linear layers (propd.models.cpu_kernel)."""
 
-import platform
-
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,8 +7,7 @@ from hypothesis import strategies as st
 from propd.models import cpu_kernel
 from propd.models.llama import Linear
 
-X86_AVX2 = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in (
-    "AVX2", "AVX512")
+X86_AVX2 = cpu_kernel.supported()
 
 
 def test_the_kernel_builds_where_it_can_run():
