@@ -21,7 +21,7 @@ from propd.models import cpu_kernel
 from propd.models.llama import Linear
 from propd.models.loading import load_model
 
-SIZES = (1, 2, 4, 8, 12, 16, 32, 64)
+SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
 
 def _two_rows(x: torch.Tensor) -> torch.Tensor:

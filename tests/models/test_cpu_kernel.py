@@ -20,7 +20,7 @@ def test_the_kernel_builds_where_it_can_run():
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 20), k=st.integers(1, 70), out=st.integers(1, 70), seed=st.integers(0, 1000))
+@given(rows=st.integers(1, 70), k=st.integers(1, 70), out=st.integers(1, 70), seed=st.integers(0, 1000))
 def test_packed_product_equals_matmul_and_each_row_alone(rows, k, out, seed):
     if not X86_AVX2:  # nothing to run; test_the_kernel_builds_where_it_can_run checks that it is refused
         return

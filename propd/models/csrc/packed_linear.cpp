@@ -4,7 +4,9 @@
 // so that for each k one 64-byte load feeds 16 outputs; each panel is streamed from memory once per call, and the rows
 // of x are taken in balanced blocks of at most 6 (12 accumulator registers), the register-blocked outer-product
 // scheme of BLIS-style GEMM micro-kernels (Van Zee and van de Geijn, "BLIS: A Framework for Rapidly Instantiating BLAS
-// Functionality", ACM TOMS 2015). Every y[m, o] is one chain of fused multiply-adds over k in order, whatever the
+// Functionality", ACM TOMS 2015). With more than one block per panel, the later blocks read the panel from cache and
+// the memory bus would idle; so each block also prefetches its share of the next panel, which keeps 7-24 rows about as
+// cheap as one row's memory stream (benchmarks/linear_kernel.py). Every y[m, o] is one chain of fused multiply-adds over k in order, whatever the
 // number of rows or their blocking: a row's result does not depend on the other rows (batch invariance).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -17,16 +19,31 @@ namespace {
 constexpr int64_t kPanel = 16;
 constexpr int64_t kMaxBlock = 6;
 
+// Lines of the next panel to prefetch while this block runs: one every `every` values of k, from `next` on.
+struct Prefetch {
+    const float* next = nullptr;
+    int64_t every = 0;  // 0: none
+};
+
+// Every loop over r is fully unrolled so that the accumulators live in registers; a rolled loop makes GCC keep them in
+// a stack array and store all 12 each k, which halves the speed.
 template <int MR>
 inline void micro(const float* __restrict__ panel, const float* __restrict__ x, int64_t K, float* __restrict__ y,
-                  int64_t ldy, int64_t width) {
+                  int64_t ldy, int64_t width, Prefetch pf) {
     __m256 a0[MR], a1[MR];
+#pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
         a0[r] = _mm256_setzero_ps();
         a1[r] = _mm256_setzero_ps();
     }
+    int64_t count = 0;
     for (int64_t k = 0; k < K; ++k) {
         const __m256 w0 = _mm256_loadu_ps(panel + kPanel * k), w1 = _mm256_loadu_ps(panel + kPanel * k + 8);
+        if (pf.every && ++count == pf.every) {
+            count = 0;
+            _mm_prefetch(reinterpret_cast<const char*>(pf.next), _MM_HINT_T0);
+            pf.next += kPanel;
+        }
 #pragma GCC unroll 8
         for (int r = 0; r < MR; ++r) {
             const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
@@ -35,12 +52,14 @@ inline void micro(const float* __restrict__ panel, const float* __restrict__ x, 
         }
     }
     if (width == kPanel) {
+#pragma GCC unroll 8
         for (int r = 0; r < MR; ++r) {
             _mm256_storeu_ps(y + r * ldy, a0[r]);
             _mm256_storeu_ps(y + r * ldy + 8, a1[r]);
         }
     } else {  // the last panel of a matrix whose row count is not a multiple of 16
         alignas(32) float tmp[kPanel];
+#pragma GCC unroll 8
         for (int r = 0; r < MR; ++r) {
             _mm256_store_ps(tmp, a0[r]);
             _mm256_store_ps(tmp + 8, a1[r]);
@@ -49,14 +68,14 @@ inline void micro(const float* __restrict__ panel, const float* __restrict__ x, 
     }
 }
 
-void block(int64_t mr, const float* panel, const float* x, int64_t K, float* y, int64_t ldy, int64_t width) {
+void block(int64_t mr, const float* panel, const float* x, int64_t K, float* y, int64_t ldy, int64_t width, Prefetch pf) {
     switch (mr) {
-        case 6: micro<6>(panel, x, K, y, ldy, width); break;
-        case 5: micro<5>(panel, x, K, y, ldy, width); break;
-        case 4: micro<4>(panel, x, K, y, ldy, width); break;
-        case 3: micro<3>(panel, x, K, y, ldy, width); break;
-        case 2: micro<2>(panel, x, K, y, ldy, width); break;
-        default: micro<1>(panel, x, K, y, ldy, width); break;
+        case 6: micro<6>(panel, x, K, y, ldy, width, pf); break;
+        case 5: micro<5>(panel, x, K, y, ldy, width, pf); break;
+        case 4: micro<4>(panel, x, K, y, ldy, width, pf); break;
+        case 3: micro<3>(panel, x, K, y, ldy, width, pf); break;
+        case 2: micro<2>(panel, x, K, y, ldy, width, pf); break;
+        default: micro<1>(panel, x, K, y, ldy, width, pf); break;
     }
 }
 
@@ -88,11 +107,18 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
         for (int64_t p = begin; p < end; ++p) {
             const float* panel = pp + p * K * kPanel;
             const int64_t width = std::min<int64_t>(kPanel, O - kPanel * p);
+            const int64_t nblocks = (M + kMaxBlock - 1) / kMaxBlock, share = (K + nblocks - 1) / nblocks;
             int64_t m = 0;
-            while (m < M) {  // balanced blocks of at most 6 rows: 8 rows run as 4 + 4, not 6 + 2
+            for (int64_t j = 0; m < M; ++j) {  // balanced blocks of at most 6 rows: 8 rows run as 4 + 4, not 6 + 2
                 const int64_t left = M - m, blocks = (left + kMaxBlock - 1) / kMaxBlock;
                 const int64_t mr = (left + blocks - 1) / blocks;
-                block(mr, panel, xp + m * K, K, yp + m * O + kPanel * p, O, width);
+                Prefetch pf;  // block j fetches lines [j * share, (j + 1) * share) of the next panel of this thread
+                const int64_t lines = std::min(share, K - j * share);
+                if (nblocks > 1 && p + 1 < end && lines > 0) {
+                    pf.next = panel + K * kPanel + j * share * kPanel;
+                    pf.every = std::max<int64_t>(1, K / lines);
+                }
+                block(mr, panel, xp + m * K, K, yp + m * O + kPanel * p, O, width, pf);
                 m += mr;
             }
         }
