@@ -8,7 +8,7 @@ whole forward passes of the default model at several tree sizes, alternating the
 kernel, ``(W @ x^T)^T``, ``F.linear``), and prints the medians.
 
     python benchmarks/linear_kernel.py            # about 1 minute on 2 CPU cores
-    python benchmarks/linear_kernel.py bfloat16   # part 1 only, in bf16: why the choice is made for fp32 only
+    python benchmarks/linear_kernel.py bfloat16   # part 1 only, bf16 weights (the kernel widens them to fp32)
 """
 
 import sys
@@ -38,7 +38,7 @@ def streamed_matmuls(dtype: torch.dtype = torch.float32, sizes=SIZES) -> None:
         "oneDNN packed": lambda w, p, x: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""),
     }
     idx = {id(w): i for i, w in enumerate(weights)}
-    ours = [cpu_kernel.pack(w) for w in weights] if dtype == torch.float32 else []
+    ours = [cpu_kernel.pack(w) for w in weights] if dtype in cpu_kernel.DTYPES else []
     if ours and all(p is not None for p in ours):
         forms["propd packed"] = lambda w, p, x: cpu_kernel.linear(x, ours[idx[id(w)]], w.shape[0])
     try:
@@ -90,7 +90,7 @@ def forward_passes(reps: int = 12) -> None:
 if __name__ == "__main__":
     with torch.inference_mode():
         if sys.argv[1:] == ["bfloat16"]:
-            streamed_matmuls(torch.bfloat16, SIZES + (128, 256))
+            streamed_matmuls(torch.bfloat16)
         else:
             streamed_matmuls()
             forward_passes()

@@ -1,16 +1,19 @@
-"""A CPU kernel for float32 linear layers applied to few rows: ``x @ W^T`` for 1-12 rows of ``x``.
+"""A CPU kernel for float32 and bfloat16 linear layers applied to few rows: ``x @ W^T`` for 1-64 rows of ``x``.
 
 A decoding step multiplies every weight matrix by only a handful of rows (one per tree node and row of the batch),
 where MKL's general matrix product runs far below the machine's memory bandwidth. ``csrc/packed_linear.cpp`` packs
 each weight once into panels of 16 output rows and computes the product with an AVX2/FMA register-blocked
-micro-kernel (BLIS-style: Van Zee and van de Geijn, ACM TOMS 2015), streaming each weight once per call. On the
-2-core AMD EPYC of docs/results.md it multiplied the default model's 30 layers of matrices plus its ``lm_head`` by
-1-12 rows 1.3-1.7x faster than MKL's best form, and lost from 16 rows on (``python benchmarks/linear_kernel.py``;
-docs/architecture.md, "Model core"). Every output row is computed in the same order whatever the other rows are
-(batch invariance).
+micro-kernel (BLIS-style: Van Zee and van de Geijn, ACM TOMS 2015), streaming each weight from memory once per call;
+with more than 6 rows, the row blocks after the first read the panel from cache while prefetching the next one. On
+the 2-core AMD EPYC of docs/results.md, the default model's 30 layers of matrices plus its ``lm_head`` took 17.4 ms
+at 1 row, 22.1 ms at 12 and 48.3 ms at 32, 1.5-2.1x faster than the best of MKL and oneDNN at every row count from 1
+to 64 (``python benchmarks/linear_kernel.py``; docs/architecture.md, "Model core"). bfloat16 weights are streamed as
+they are and widened to float32 in registers (sums in float32, one rounding at the end), since this class of CPU has
+no bf16 arithmetic and torch's bf16 products at a few rows run several times slower than float32 ones. Every output
+row is computed in the same order whatever the other rows are (batch invariance).
 
 The extension is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about a minute; cached
-under ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``). It needs an x86-64 CPU with AVX2 and FMA, a C++
+under ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``, once per version of the source). It needs an x86-64 CPU with AVX2 and FMA, a C++
 compiler and ninja (the ``ninja`` package, a dependency, provides it); where any is missing, or
 ``PROPD_CPU_KERNEL=0`` is set, :func:`extension` returns None and ``Linear`` uses MKL, with one line on stderr saying
 why (except when turned off). The packed copy costs as much memory as the weights it packs, at most
@@ -19,6 +22,7 @@ why (except when turned off). The packed copy costs as much memory as the weight
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import shutil
@@ -68,14 +72,16 @@ def extension():
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
+        # one build per version of the source, so that a changed kernel is announced and rebuilt, never stale
+        name = "propd_packed_linear_" + hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:12]
         try:
-            built = any(Path(cpp_extension._get_build_directory("propd_packed_linear", verbose=False)).glob("*.so"))
+            built = any(Path(cpp_extension._get_build_directory(name, verbose=False)).glob("*.so"))
         except Exception:  # a private helper; only decides whether to announce the build
             built = False
         if not built:
             _note("compiling the CPU linear kernel once (about a minute; PROPD_CPU_KERNEL=0 skips it)")
         _state["ext"] = cpp_extension.load(
-            "propd_packed_linear", [str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            name, [str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
             extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: MKL serves instead
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -97,7 +103,7 @@ def pack(weight: torch.Tensor) -> torch.Tensor | None:
     ext = extension()
     if ext is None:
         return None
-    size = weight.numel() * 4 + 64 * weight.shape[1]
+    size = (weight.numel() + 16 * weight.shape[1]) * weight.element_size()
     if _state["packed_bytes"] + size > _limit_bytes():
         return None
     with torch.no_grad():
@@ -111,6 +117,10 @@ def _release(size: int) -> None:
     _state["packed_bytes"] -= size
 
 
+DTYPES = (torch.float32, torch.bfloat16)  # weight types the kernel packs
+
+
 def linear(x2: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """``x2 @ W^T`` for a contiguous (rows, K) float32 ``x2`` and ``packed = pack(W)``."""
+    """``x2 @ W^T`` for a contiguous (rows, K) ``x2`` of ``W``'s dtype (float32 or bfloat16) and ``packed = pack(W)``.
+    bfloat16 is computed in float32 and rounded once at the end."""
     return _state["ext"].packed_linear(x2, packed, out_features)

@@ -49,9 +49,9 @@ class Linear(nn.Linear):
     A tree step multiplies every weight matrix by 2-64 rows (one per tree node and row of the batch), and an AR step
     by one per row; MKL's general matrix product runs these far below the memory bandwidth. In float32 on CPU:
 
-    * 1-12 rows go to propd's packed AVX2 kernel (:mod:`propd.models.cpu_kernel`) where it is available: the weight is
-      packed once into 16-row panels and streamed once per call. ``python benchmarks/linear_kernel.py`` compares it
-      with the MKL forms below on the default model's matrices.
+    * 1-64 rows (``cpu_kernel.MAX_ROWS``) go to propd's packed AVX2 kernel (:mod:`propd.models.cpu_kernel`) where it
+      is available: the weight is packed once into 16-row panels and streamed once per call.
+      ``python benchmarks/linear_kernel.py`` compares it with the MKL forms below on the default model's matrices.
     * Otherwise 1-256 rows compute ``(W @ x^T)^T`` instead of ``x @ W^T``: on CPU builds of torch with MKL,
       ``F.linear`` for 2 <= M <= 256 rows ran 1.4-2.9x slower than that on the (49152 x 576) SmolLM2 ``lm_head``,
       and 1.1-2.1x slower on its layers' matrices when the weights stream from memory as they do in a forward pass
@@ -88,15 +88,18 @@ class Linear(nn.Linear):
         return p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.skinny(x):
-            return F.linear(x, self.weight, self.bias)
         rows = self._rows(x)
-        x2 = x.reshape(rows, x.shape[-1])
-        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        packed = self.packed() if rows <= cpu_kernel.MAX_ROWS and not grad else None  # the kernel has no backward
-        if packed is not None:
-            y = cpu_kernel.linear(x2.contiguous(), packed, self.out_features)
-        else:
+        y = None
+        if (x.device.type == "cpu" and x.dtype == self.weight.dtype and x.dtype in cpu_kernel.DTYPES
+                and 1 <= rows <= cpu_kernel.MAX_ROWS
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):  # no backward
+            packed = self.packed()
+            if packed is not None:
+                y = cpu_kernel.linear(x.reshape(rows, x.shape[-1]).contiguous(), packed, self.out_features)
+        if y is None:
+            if not self.skinny(x):
+                return F.linear(x, self.weight, self.bias)
+            x2 = x.reshape(rows, x.shape[-1])
             if rows == 1:  # a matrix-matrix product of two copies beats the matrix-vector product (class docstring)
                 x2 = torch.cat([x2, x2])
             y = (self.weight @ x2.t())[:, :rows].t()  # (rows, out), column-major

@@ -291,7 +291,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
         model.lm_head.weight = model.model.embed_tokens.weight
     model = model.to(device=dev, dtype=dt).eval()
     model.requires_grad_(False)
-    if dev.type == "cpu" and dt == torch.float32:
+    if dev.type == "cpu" and dt in cpu_kernel.DTYPES:
         cpu_kernel.extension()  # build (or load) the few-row kernel now, not inside the first timed step
     try:
         eos = GenerationConfig.from_pretrained(str(path)).eos_token_id

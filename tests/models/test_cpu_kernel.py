@@ -1,4 +1,4 @@
-"""propd's packed CPU kernel for few-row float32 linear layers (propd.models.cpu_kernel)."""
+"""propd's packed CPU kernel for few-row float32 and bfloat16 linear layers (propd.models.cpu_kernel)."""
 
 import torch
 from hypothesis import given, settings
@@ -19,17 +19,22 @@ def test_the_kernel_builds_where_it_can_run():
     assert cpu_kernel.extension() is not None
 
 
-@settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 70), k=st.integers(1, 70), out=st.integers(1, 70), seed=st.integers(0, 1000))
-def test_packed_product_equals_matmul_and_each_row_alone(rows, k, out, seed):
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 70), k=st.integers(1, 70), out=st.integers(1, 70), seed=st.integers(0, 1000),
+       dtype=st.sampled_from(cpu_kernel.DTYPES))
+def test_packed_product_equals_matmul_and_each_row_alone(rows, k, out, seed, dtype):
     if not X86_AVX2:  # nothing to run; test_the_kernel_builds_where_it_can_run checks that it is refused
         return
     g = torch.Generator().manual_seed(seed)
-    x, w = torch.randn(rows, k, generator=g), torch.randn(out, k, generator=g)
+    x, w = torch.randn(rows, k, generator=g).to(dtype), torch.randn(out, k, generator=g).to(dtype)
     packed = cpu_kernel.pack(w)
     y = cpu_kernel.linear(x, packed, out)
-    assert y.shape == (rows, out) and y.is_contiguous()
-    torch.testing.assert_close(y, x.double().matmul(w.double().t()).float(), rtol=1e-5, atol=1e-4)
+    assert y.shape == (rows, out) and y.is_contiguous() and y.dtype == dtype
+    exact = x.double().matmul(w.double().t())
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, exact.float(), rtol=1e-5, atol=1e-4)
+    else:  # float32 products and sums of the bf16 values, rounded once: within one bf16 rounding of the exact result
+        torch.testing.assert_close(y.double(), exact, rtol=2**-8, atol=1e-3)
     for r in range(rows):  # batch invariance: a row's result does not depend on the other rows, bit for bit
         assert torch.equal(cpu_kernel.linear(x[r:r + 1].contiguous(), packed, out)[0], y[r])
 
@@ -70,3 +75,19 @@ def test_memory_cap_refuses_to_pack(monkeypatch):
     x = torch.randn(2, 32)
     with torch.no_grad():
         torch.testing.assert_close(proj(x), x @ proj.weight.t(), rtol=1e-5, atol=1e-5)  # MKL serves instead
+
+
+def test_bfloat16_linear_uses_the_kernel():
+    torch.manual_seed(2)
+    proj = Linear(48, 40, bias=True).to(torch.bfloat16)
+    x = torch.randn(3, 48).to(torch.bfloat16)
+    with torch.no_grad():
+        y = proj(x)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.double(), x.double() @ proj.weight.double().t() + proj.bias.double(),
+                                   rtol=2**-7, atol=2e-2)
+        p = proj.packed()
+        if not X86_AVX2:
+            assert p is None
+            return
+        assert p.dtype == torch.bfloat16 and torch.equal(y, cpu_kernel.linear(x, p, 40) + proj.bias)
