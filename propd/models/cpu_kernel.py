@@ -33,7 +33,15 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "packed_linear.cpp"
-MAX_ROWS = 64  # faster than MKL and oneDNN at 1-64 rows on the default model (benchmarks/linear_kernel.py)
+MAX_ROWS = 64  # float32: faster than MKL and oneDNN at 1-64 rows on the default model (benchmarks/linear_kernel.py)
+# bfloat16: torch's products on CPUs without bf16 arithmetic were 6x slower than the kernel at 64, 256 and 1024 rows
+# alike (benchmarks/linear_kernel.py bfloat16), so the kernel serves every row count, prefill included
+MAX_ROWS_BF16 = 1 << 62
+
+
+def max_rows(dtype: torch.dtype) -> int:
+    """The most rows of ``x`` that ``Linear`` sends to the kernel for weights of ``dtype``."""
+    return MAX_ROWS_BF16 if dtype == torch.bfloat16 else MAX_ROWS
 
 _state: dict = {"ext": None, "tried": False, "packed_bytes": 0}
 

@@ -50,7 +50,8 @@ class Linear(nn.Linear):
     by one per row; MKL's general matrix product runs these far below the memory bandwidth. In float32 on CPU:
 
     * 1-64 rows (``cpu_kernel.MAX_ROWS``) go to propd's packed AVX2 kernel (:mod:`propd.models.cpu_kernel`) where it
-      is available: the weight is packed once into 16-row panels and streamed once per call.
+      is available: the weight is packed once into 16-row panels and streamed once per call. bfloat16 weights go to
+      it at any row count (torch's bf16 products are far slower on CPUs without bf16 arithmetic).
       ``python benchmarks/linear_kernel.py`` compares it with the MKL forms below on the default model's matrices.
     * Otherwise 1-256 rows compute ``(W @ x^T)^T`` instead of ``x @ W^T``: on CPU builds of torch with MKL,
       ``F.linear`` for 2 <= M <= 256 rows ran 1.4-2.9x slower than that on the (49152 x 576) SmolLM2 ``lm_head``,
@@ -59,8 +60,8 @@ class Linear(nn.Linear):
       M = 32; equal from M = 192; 2-core AMD EPYC of docs/results.md, torch 2.13.0+cpu, 2026-11-22). At M = 1 the
       row is stacked twice, since MKL's matrix-matrix product beats its matrix-vector one (30 layers: 24 against
       33 ms).
-    * In bfloat16 neither pays on a CPU without native bf16 arithmetic (the same matrices: 28.5 against 24.4 ms at
-      M = 2, 511 against 347 ms at M = 32; ``python benchmarks/linear_kernel.py bfloat16``), so it is ``F.linear``.
+    * In bfloat16 without the kernel, ``(W @ x^T)^T`` does not pay on a CPU without native bf16 arithmetic (the same
+      matrices: 28.5 against 24.4 ms at M = 2, 511 against 347 ms at M = 32), so it is ``F.linear``.
 
     Results equal ``F.linear``'s up to float summation order. On other devices this is ``nn.Linear``.
     """
@@ -91,7 +92,7 @@ class Linear(nn.Linear):
         rows = self._rows(x)
         y = None
         if (x.device.type == "cpu" and x.dtype == self.weight.dtype and x.dtype in cpu_kernel.DTYPES
-                and 1 <= rows <= cpu_kernel.MAX_ROWS
+                and 1 <= rows <= cpu_kernel.max_rows(x.dtype)
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):  # no backward
             packed = self.packed()
             if packed is not None:

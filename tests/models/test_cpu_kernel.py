@@ -91,3 +91,5 @@ def test_bfloat16_linear_uses_the_kernel():
             assert p is None
             return
         assert p.dtype == torch.bfloat16 and torch.equal(y, cpu_kernel.linear(x, p, 40) + proj.bias)
+        many = torch.randn(200, 48).to(torch.bfloat16)  # bf16 goes to the kernel at any row count (prefill too)
+        assert torch.equal(proj(many), cpu_kernel.linear(many, p, 40) + proj.bias)
