@@ -1,4 +1,4 @@
-"""A CPU kernel for float32 and bfloat16 linear layers applied to few rows: ``x @ W^T`` for 1-64 rows of ``x``.
+"""A CPU kernel for float32 and bfloat16 linear layers: ``x @ W^T`` for 1-64 rows of ``x`` in float32, any in bf16.
 
 A decoding step multiplies every weight matrix by only a handful of rows (one per tree node and row of the batch),
 where MKL's general matrix product runs far below the machine's memory bandwidth. ``csrc/packed_linear.cpp`` packs
@@ -8,13 +8,13 @@ with more than 6 rows, the row blocks after the first read the panel from cache 
 the 2-core AMD EPYC of docs/results.md, the default model's 30 layers of matrices plus its ``lm_head`` took 17.4 ms
 at 1 row, 22.1 ms at 12 and 48.3 ms at 32, 1.5-2.1x faster than the best of MKL and oneDNN at every row count from 1
 to 64 (``python benchmarks/linear_kernel.py``; docs/architecture.md, "Model core"). bfloat16 weights are streamed as
-they are and widened to float32 in registers (sums in float32, one rounding at the end), since this class of CPU has
-no bf16 arithmetic and torch's bf16 products at a few rows run several times slower than float32 ones. Every output
-row is computed in the same order whatever the other rows are (batch invariance).
+they are and widened to float32 in registers (sums in float32, one rounding at the end); on CPUs without bf16
+arithmetic torch's own bf16 products were 6x slower at every row count tried (1-1024), so bf16 always goes here.
+Every output row is computed in the same order whatever the other rows are (batch invariance).
 
-The extension is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about a minute; cached
-under ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``, once per version of the source). It needs an x86-64 CPU with AVX2 and FMA, a C++
-compiler and ninja (the ``ninja`` package, a dependency, provides it); where any is missing, or
+The extension is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about a minute, once per
+version of the source; cached under ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``). It needs an x86-64
+CPU with AVX2 and FMA, a C++ compiler and ninja (the ``ninja`` package, a dependency, provides it); where any is missing, or
 ``PROPD_CPU_KERNEL=0`` is set, :func:`extension` returns None and ``Linear`` uses MKL, with one line on stderr saying
 why (except when turned off). The packed copy costs as much memory as the weights it packs, at most
 ``PROPD_CPU_KERNEL_MAX_GB`` (default 4) GiB in all; matrices beyond that use MKL.
@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "packed_linear.cpp"
+DTYPES = (torch.float32, torch.bfloat16)  # weight types the kernel packs
 MAX_ROWS = 64  # float32: faster than MKL and oneDNN at 1-64 rows on the default model (benchmarks/linear_kernel.py)
 # bfloat16: torch's products on CPUs without bf16 arithmetic were 6x slower than the kernel at 64, 256 and 1024 rows
 # alike (benchmarks/linear_kernel.py bfloat16), so the kernel serves every row count, prefill included
@@ -123,9 +124,6 @@ def pack(weight: torch.Tensor) -> torch.Tensor | None:
 
 def _release(size: int) -> None:
     _state["packed_bytes"] -= size
-
-
-DTYPES = (torch.float32, torch.bfloat16)  # weight types the kernel packs
 
 
 def linear(x2: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
