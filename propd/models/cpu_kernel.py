@@ -14,9 +14,9 @@ Every output row is computed in the same order whatever the other rows are (batc
 
 The extension is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about a minute, once per
 version of the source; cached under ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``). It needs an x86-64
-CPU with AVX2 and FMA, a C++ compiler and ninja (the ``ninja`` package, a dependency, provides it); where any is missing, or
-``PROPD_CPU_KERNEL=0`` is set, :func:`extension` returns None and ``Linear`` uses MKL, with one line on stderr saying
-why (except when turned off). The packed copy costs as much memory as the weights it packs, at most
+CPU with AVX2 and FMA, a C++ compiler and ninja (the ``ninja`` package, a dependency, provides it); where any is
+missing, or ``PROPD_CPU_KERNEL=0`` is set, :func:`extension` returns None and ``Linear`` uses MKL, with one line on
+stderr saying why (except when turned off). The packed copy costs as much memory as the weights it packs, at most
 ``PROPD_CPU_KERNEL_MAX_GB`` (default 4) GiB in all; matrices beyond that use MKL.
 """
 
