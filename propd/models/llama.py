@@ -88,16 +88,21 @@ class Linear(nn.Linear):
         self._packed = (key, p)
         return p
 
+    def _kernel_weight(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
+        """The packed weight if ``forward(x)`` goes to the packed CPU kernel: a CPU input of the weight's dtype, one
+        the kernel takes, within its row bound, and no gradient wanted (the kernel has no backward); else None."""
+        if (x.device.type != "cpu" or x.dtype != self.weight.dtype or x.dtype not in cpu_kernel.DTYPES
+                or not 1 <= rows <= cpu_kernel.max_rows(x.dtype)
+                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            return None
+        return self.packed()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self._rows(x)
-        y = None
-        if (x.device.type == "cpu" and x.dtype == self.weight.dtype and x.dtype in cpu_kernel.DTYPES
-                and 1 <= rows <= cpu_kernel.max_rows(x.dtype)
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):  # no backward
-            packed = self.packed()
-            if packed is not None:
-                y = cpu_kernel.linear(x.reshape(rows, x.shape[-1]).contiguous(), packed, self.out_features)
-        if y is None:
+        packed = self._kernel_weight(x, rows)
+        if packed is not None:
+            y = cpu_kernel.linear(x.reshape(rows, x.shape[-1]).contiguous(), packed, self.out_features)
+        else:
             if not self.skinny(x):
                 return F.linear(x, self.weight, self.bias)
             x2 = x.reshape(rows, x.shape[-1])
