@@ -242,7 +242,13 @@ class DynamicSizer:
         self.cache = _TreeCache()
         self.history: list[int] = []  # tree size used at each step (for analysis)
         self._best: tuple[list, list] | None = None  # best_tree() of the current acceptance estimates
-        self._gain = [0.0, 0.0]  # EMAs of measured and predicted accepted guesses per tree step
+        # EMAs of measured and predicted accepted guesses per tree step, starting from a prior of c = 1
+        self._gain = [self.CALIBRATION_PRIOR, self.CALIBRATION_PRIOR]
+
+    # The calibration's EMAs start at this many accepted guesses each (c = 1, the paper's l(i)), so that the first
+    # few tree steps move c gradually: without it, a first tree step that accepted nothing set c to 0, every tree
+    # looked worthless (l(i) = 1), exploration stopped and only rare probes could revive it.
+    CALIBRATION_PRIOR = 0.5
 
     @property
     def calibration(self) -> float:
@@ -251,6 +257,11 @@ class DynamicSizer:
         it over-promises for large trees of weak heads; scaling l(i) - 1 by this ratio keeps choices honest."""
         measured, predicted = self._gain
         return measured / predicted if predicted > 0 else 1.0
+
+    def calibrate(self, measured: float, predicted: float) -> None:
+        """One tree step's accepted guesses (mean over rows) and what the estimates predicted for its tree."""
+        a = self.cfg.alpha
+        self._gain = [(1 - a) * self._gain[0] + a * measured, (1 - a) * self._gain[1] + a * predicted]
 
     @hookimpl
     def propd_setup(self, model):
@@ -336,9 +347,7 @@ class DynamicSizer:
             return  # a 1-node step ran no heads; running them here would cost time that T(1) never sees
         if tree.num_nodes > 1 and self._best is not None:
             predicted = sum(self._best[1][: tree.num_nodes - 1])
-            measured = sum(stats.accepted) / len(stats.accepted) - 1.0
-            a = self.cfg.alpha
-            self._gain = [(1 - a) * self._gain[0] + a * measured, (1 - a) * self._gain[1] + a * predicted]
+            self.calibrate(sum(stats.accepted) / len(stats.accepted) - 1.0, predicted)
         R, K = self.cfg.max_rank, len(self.P)
         top = ctx.head_topk(R)  # (B, K, R): the proposer's guesses this step (computed once, shared)
         path = tree.paths_to[acceptance.best]  # (B, D+1)

@@ -317,3 +317,20 @@ def test_static_sizer_builds_its_tree_once_per_device():
     ctx = SimpleNamespace(device=torch.device("cpu", 0))  # its tensors report "cpu", as "cuda" ones report "cuda:0"
     first = sizer.propd_tree(ctx=ctx)
     assert sizer.propd_tree(ctx=ctx) is first and first.num_nodes == 4
+
+
+def test_one_unlucky_tree_step_does_not_stop_exploration():
+    """The calibration c of l(i) starts at 1 and moves with the tree steps: a first tree step that accepts nothing
+    must not make every tree look worthless (c = 0 stopped exploration after the 2-node tree on the default model)."""
+    sizer = DynamicSizer(DynamicConfig(sizes=(1, 2, 4, 8), explore=(1, 2, 4, 8)))
+    sizer.propd_setup(MODEL)
+    cost = CostModel(alpha=0.3, lam=0.05)
+    cost.observe(1, 0.040, now=1)
+    cost.observe(2, 0.044, now=2)  # a 2-node tree, 10% dearer than a 1-node step ...
+    sizer.calibrate(measured=0.0, predicted=0.6)  # ... that accepted nothing
+    assert 0.9 < sizer.calibration < 1.0
+    values = best_tree(rank_probabilities(sizer.P), 8)[1]
+    assert sizer._exploring(cost, values) == 4  # the 4-node tree is still measured
+    for _ in range(200):  # heads that deliver a third of what the estimates promise
+        sizer.calibrate(measured=0.2, predicted=0.6)
+    assert sizer.calibration == pytest.approx(1 / 3, rel=0.01)
