@@ -126,6 +126,35 @@ def _release(size: int) -> None:
     _state["packed_bytes"] -= size
 
 
+# attention: steps of at most this many query tokens per row (AR steps and trees of up to 16 nodes) go to the kernel;
+# bigger trees and prefill go to SDPA, whose matrix-product blocking wins from about 16-32 queries (at 200-300 keys,
+# one layer of the default model: 0.6x SDPA's time at 16 queries and B = 1, 0.9x at B = 4; 1.2x at 48 queries)
+ATTENTION_MAX_QUERIES = 16
+
+
+def attention_fits(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether :func:`attention` serves these (B, Hq, T, D) queries and (B, Hk, S, D) keys."""
+    return (q.device.type == "cpu" and q.dtype in DTYPES and keys.dtype == q.dtype and q.shape[2] <= ATTENTION_MAX_QUERIES
+            and q.shape[-1] % 8 == 0 and q.shape[1] % keys.shape[1] == 0 and keys.stride(-1) == 1
+            and not (torch.is_grad_enabled() and q.requires_grad) and extension() is not None)
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+              scale: float) -> torch.Tensor:
+    """Softmax attention of few queries over cached keys: q (B, Hq, T, D), keys and values (B, Hk, S, D) (views of the
+    cache, Hq a multiple of Hk), mask (B, T, S) bool, true where a query may attend. Returns (B, T, Hq * D).
+
+    Each query row is computed on its own, by the same sequence of operations whatever T, S (masked keys add exact
+    zeros or are skipped) or the batch, so a token's attention in a small tree step equals its attention in an AR step
+    bit for bit. The rows that share a key head are taken in blocks that walk the keys in tiles of 64, so a tile is
+    read from memory once per block. Scores and sums are float32 (bfloat16 inputs are widened, the output rounded
+    once); the softmax's exp is a polynomial within about 2 ulp of ``expf``. On the 2-core AMD EPYC of
+    docs/results.md (2026-11-23), one layer of the default model (9 query heads, 3 key heads, D 64) over 200 keys took
+    10-15 us for one query against 50-85 us for ``F.scaled_dot_product_attention`` (with the same mask and output
+    layout), and 44 against 100 us for 8 queries (``python benchmarks/attention.py``)."""
+    return _state["ext"].tree_attention(q, keys, values, mask, scale)
+
+
 def linear(x2: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """``x2 @ W^T`` for a contiguous (rows, K) ``x2`` of ``W``'s dtype (float32 or bfloat16) and ``packed = pack(W)``.
     bfloat16 is computed in float32 and rounded once at the end."""

@@ -158,6 +158,8 @@ class Attention(nn.Module):
         k = k * a.cos + _rotate_half(k) * a.sin
         cache.write(layer, a.write_pos, k, v)
         keys, values = cache.view(layer, a.key_len)  # (B, Hk, S, D)
+        if cpu_kernel.attention_fits(q, keys):  # decoding steps on CPU (cpu_kernel.attention)
+            return self.o_proj(cpu_kernel.attention(q, keys, values, a.mask[:, 0], c.head_dim ** -0.5))
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=a.mask,
                                              enable_gqa=c.num_heads != c.num_kv_heads)  # (B, Hq, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, c.num_heads * c.head_dim))

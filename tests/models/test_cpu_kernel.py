@@ -111,3 +111,36 @@ def test_a_decoder_packs_the_weights_before_the_first_step():
         return
     for m in linears + [proj]:  # packed now, and the same packed copy serves the forward later
         assert m._packed[1] is not None and m.packed() is m._packed[1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 3), hk=st.integers(1, 3), group=st.integers(1, 3), t=st.integers(1, 12),
+       s=st.integers(1, 40), d=st.sampled_from([8, 16, 64, 72, 128]), seed=st.integers(0, 1000),
+       dtype=st.sampled_from(cpu_kernel.DTYPES))
+def test_attention_equals_sdpa_and_each_query_alone(b, hk, group, t, s, d, seed, dtype):
+    if not X86_AVX2:
+        return
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    S = s + t
+    kc, vc = torch.randn(b, hk, S + 9, d, generator=g).to(dtype), torch.randn(b, hk, S + 9, d, generator=g).to(dtype)
+    kc[:, :, S:] = vc[:, :, S:] = float("nan")  # slots past the keys read: must never leak into the result
+    q = torch.randn(b, hk * group, t, d, generator=g).to(dtype)
+    mask = torch.rand(b, t, S, generator=g) > 0.4
+    mask[..., 0] = True  # every query sees at least one key
+    k, v = kc[:, :, :S], vc[:, :, :S]
+    assert cpu_kernel.attention_fits(q, k)
+    out = cpu_kernel.attention(q, k, v, mask, d ** -0.5)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask[:, None],
+                                         enable_gqa=True).transpose(1, 2).reshape(b, t, -1)
+    assert out.shape == (b, t, hk * group * d) and out.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=2e-2)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    # bit for bit: a query alone, a row alone, and more keys that are all masked give the same result
+    for i in range(t):
+        alone = cpu_kernel.attention(q[:, :, i:i + 1].contiguous(), k, v, mask[:, i:i + 1], d ** -0.5)
+        assert torch.equal(alone[:, 0], out[:, i])
+    assert torch.equal(cpu_kernel.attention(q[-1:].contiguous(), k[-1:], v[-1:], mask[-1:], d ** -0.5), out[-1:])
+    wider = torch.cat([mask, torch.zeros(b, t, 9, dtype=torch.bool)], dim=-1)
+    assert torch.equal(cpu_kernel.attention(q, kc, vc, wider, d ** -0.5), out)

@@ -20,7 +20,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -131,7 +133,210 @@ void run(const float* xp, const W* pp, float* yp, int64_t M, int64_t K, int64_t 
 
 bool kernel_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16; }
 
+// ---------------------------------------------------------------------------------------------------- attention
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+inline __m256 load8(const uint16_t* p) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+inline float hsum(__m256 v) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// exp(x) for x <= 0, 8 at a time: x = n ln2 + r, exp(x) = 2^n p(r) with Cephes' degree-6 polynomial for exp(r) on
+// |r| <= ln2 / 2 (Moshier, "Methods and Programs for Mathematical Functions", 1989; the expf of cephes/avx_mathfun),
+// within about 2 ulp of expf. Inputs below -87.3 return about 1e-38, never 0: callers zero masked entries themselves.
+inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts, for an exact r
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// Scores of one query against keys [s0, s1): scale * q.k_s where allowed, -inf elsewhere; returns their max. Four keys
+// at a time (four independent chains of FMAs; one chain would wait on each FMA's latency); every key's score is the
+// same sequence of operations however the keys are grouped.
+template <typename KV>
+float score_keys(const float* q, const KV* k, int64_t sk, const bool* allowed, int64_t s0, int64_t s1, int64_t D,
+                 float scale, float* scores) {
+    float top = -INFINITY;
+    int64_t s = s0;
+    for (; s + 4 <= s1; s += 4) {
+        if (!(allowed[s] | allowed[s + 1] | allowed[s + 2] | allowed[s + 3])) {
+            scores[s] = scores[s + 1] = scores[s + 2] = scores[s + 3] = -INFINITY;
+            continue;
+        }
+        const KV* k0 = k + s * sk;
+        __m256 q8 = load8(q);
+        __m256 a0 = _mm256_mul_ps(q8, load8(k0)), a1 = _mm256_mul_ps(q8, load8(k0 + sk));
+        __m256 a2 = _mm256_mul_ps(q8, load8(k0 + 2 * sk)), a3 = _mm256_mul_ps(q8, load8(k0 + 3 * sk));
+        for (int64_t d = 8; d < D; d += 8) {
+            q8 = load8(q + d);
+            a0 = _mm256_fmadd_ps(q8, load8(k0 + d), a0);
+            a1 = _mm256_fmadd_ps(q8, load8(k0 + sk + d), a1);
+            a2 = _mm256_fmadd_ps(q8, load8(k0 + 2 * sk + d), a2);
+            a3 = _mm256_fmadd_ps(q8, load8(k0 + 3 * sk + d), a3);
+        }
+        const float x[4] = {hsum(a0) * scale, hsum(a1) * scale, hsum(a2) * scale, hsum(a3) * scale};
+        for (int j = 0; j < 4; ++j) {
+            scores[s + j] = allowed[s + j] ? x[j] : -INFINITY;
+            if (allowed[s + j]) top = std::max(top, x[j]);
+        }
+    }
+    for (; s < s1; ++s) {
+        if (!allowed[s]) {
+            scores[s] = -INFINITY;
+            continue;
+        }
+        const KV* ks = k + s * sk;
+        __m256 acc = _mm256_mul_ps(load8(q), load8(ks));
+        for (int64_t d = 8; d < D; d += 8) acc = _mm256_fmadd_ps(load8(q + d), load8(ks + d), acc);
+        const float x = hsum(acc) * scale;
+        scores[s] = x;
+        top = std::max(top, x);
+    }
+    return top;
+}
+
+// scores (S8 = S rounded up to 8, the tail -inf) -> exp(score - top), exact 0 where -inf; returns 1 / their sum,
+// summed in 8 lanes by s mod 8.
+inline float softmax_weights(float* scores, int64_t S8, float top) {
+    const __m256 m = _mm256_set1_ps(top), ninf = _mm256_set1_ps(-INFINITY);
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t s = 0; s < S8; s += 8) {
+        const __m256 x = _mm256_loadu_ps(scores + s);
+        const __m256 p = _mm256_andnot_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ), exp8(_mm256_sub_ps(x, m)));
+        _mm256_storeu_ps(scores + s, p);
+        total = _mm256_add_ps(total, p);
+    }
+    return 1.0f / hsum(total);
+}
+
+// out (D) += sum over s in [s0, s1) of p_s v_s, s in order; keys of weight 0 (disallowed: their value rows may hold
+// anything) are skipped. 64 values of d at a time in 8 registers.
+template <typename KV>
+void accumulate_values(float* out, const float* p, const KV* v, int64_t sv, int64_t s0, int64_t s1, int64_t D) {
+    int64_t d0 = 0;
+    for (; d0 + 64 <= D; d0 += 64) {
+        __m256 acc[8];
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_loadu_ps(out + d0 + 8 * j);
+        for (int64_t s = s0; s < s1; ++s) {
+            if (p[s] == 0.0f) continue;
+            const __m256 w = _mm256_set1_ps(p[s]);
+            const KV* vs = v + s * sv + d0;
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(w, load8(vs + 8 * j), acc[j]);
+        }
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + d0 + 8 * j, acc[j]);
+    }
+    for (; d0 < D; d0 += 8) {
+        __m256 acc = _mm256_loadu_ps(out + d0);
+        for (int64_t s = s0; s < s1; ++s) {
+            if (p[s] != 0.0f) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), load8(v + s * sv + d0), acc);
+        }
+        _mm256_storeu_ps(out + d0, acc);
+    }
+}
+
+constexpr int64_t kKeyTile = 64;  // keys per tile: a tile's keys (or values) stay in L1 while every row of a block uses them
+constexpr int64_t kRowBlock = 8;  // query rows (of one key head) per block
+
+// Query rows that share one key head (the heads of its group times the T tokens, GQA): in blocks of kRowBlock, each
+// block walks the keys tile by tile. A row's result is the same as it would be alone: its sums run over s in order.
+template <typename KV>
+void attend(const float* q, const KV* k, const KV* v, const bool* mask, float* out, int64_t B, int64_t Hq,
+            int64_t Hk, int64_t T, int64_t S, int64_t D, const int64_t* ks, const int64_t* vs, float scale) {
+    const int64_t group = Hq / Hk, S8 = (S + 7) / 8 * 8, rows = group * T;
+    const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
+    at::parallel_for(0, B * Hk * blocks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> buf(kRowBlock * S8);
+        const float* qr[kRowBlock];
+        const bool* mr[kRowBlock];
+        float* orow[kRowBlock];
+        float top[kRowBlock], inv[kRowBlock];
+        for (int64_t i = begin; i < end; ++i) {
+            const int64_t b = i / (Hk * blocks), g = (i / blocks) % Hk, r0 = (i % blocks) * kRowBlock;
+            const int64_t R = std::min(kRowBlock, rows - r0);
+            const KV* kb = k + b * ks[0] + g * ks[1];
+            const KV* vb = v + b * vs[0] + g * vs[1];
+            for (int64_t r = 0; r < R; ++r) {  // row r0 + r: query head g * group + (r0 + r) / T, token (r0 + r) % T
+                const int64_t h = g * group + (r0 + r) / T, t = (r0 + r) % T;
+                qr[r] = q + ((b * Hq + h) * T + t) * D;
+                mr[r] = mask + (b * T + t) * S;
+                orow[r] = out + ((b * T + t) * Hq + h) * D;
+                top[r] = -INFINITY;
+                std::fill(buf.begin() + r * S8 + S, buf.begin() + (r + 1) * S8, -INFINITY);
+                std::fill(orow[r], orow[r] + D, 0.0f);
+            }
+            for (int64_t s0 = 0; s0 < S; s0 += kKeyTile) {
+                const int64_t s1 = std::min(S, s0 + kKeyTile);
+                for (int64_t r = 0; r < R; ++r)
+                    top[r] = std::max(top[r], score_keys(qr[r], kb, ks[2], mr[r], s0, s1, D, scale, &buf[r * S8]));
+            }
+            for (int64_t r = 0; r < R; ++r) inv[r] = softmax_weights(&buf[r * S8], S8, top[r]);
+            for (int64_t s0 = 0; s0 < S; s0 += kKeyTile) {
+                const int64_t s1 = std::min(S, s0 + kKeyTile);
+                for (int64_t r = 0; r < R; ++r) accumulate_values(orow[r], &buf[r * S8], vb, vs[2], s0, s1, D);
+            }
+            for (int64_t r = 0; r < R; ++r) {
+                const __m256 w = _mm256_set1_ps(inv[r]);
+                for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(orow[r] + d, _mm256_mul_ps(_mm256_loadu_ps(orow[r] + d), w));
+            }
+        }
+    });
+}
+
 }  // namespace
+
+// Attention of T query tokens per row over S cached keys, for decoding steps (few queries): q (B, Hq, T, D), keys and
+// values (B, Hk, S, D) with unit stride in D (views of the cache), mask (B, T, S) bool (true: may attend). Returns
+// (B, T, Hq * D), the layout the output projection takes. D must be a multiple of 8; Hq a multiple of Hk (grouped-
+// query attention). float32, or bfloat16 (computed in float32, rounded once).
+torch::Tensor tree_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                             const torch::Tensor& mask, double scale) {
+    TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 3, "tree_attention: bad ranks");
+    const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hk = k.size(1), S = k.size(2);
+    TORCH_CHECK(kernel_dtype(q.scalar_type()) && k.scalar_type() == q.scalar_type() &&
+                v.scalar_type() == q.scalar_type() && q.device().is_cpu() && k.device().is_cpu() &&
+                v.device().is_cpu() && mask.device().is_cpu(), "tree_attention: float32 or bfloat16 CPU tensors");
+    TORCH_CHECK(D % 8 == 0 && Hk > 0 && Hq % Hk == 0 && k.size(0) == B && v.size(0) == B && v.size(1) == Hk &&
+                v.size(2) == S && k.size(3) == D && v.size(3) == D && k.stride(3) == 1 && v.stride(3) == 1,
+                "tree_attention: shapes do not fit");
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.size(0) == B && mask.size(1) == T && mask.size(2) == S,
+                "tree_attention: mask must be (B, T, S) bool");
+    const auto qf = q.to(at::kFloat).contiguous();
+    const auto m = mask.contiguous();
+    auto out = torch::empty({B, T, Hq * D}, qf.options());
+    const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)}, vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
+    if (B * T * Hq > 0 && S > 0) {
+        if (q.scalar_type() == at::kBFloat16) {
+            attend(qf.data_ptr<float>(), reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>()),
+                   reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>()), m.data_ptr<bool>(),
+                   out.data_ptr<float>(), B, Hq, Hk, T, S, D, ks, vs, static_cast<float>(scale));
+        } else {
+            attend(qf.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), m.data_ptr<bool>(),
+                   out.data_ptr<float>(), B, Hq, Hk, T, S, D, ks, vs, static_cast<float>(scale));
+        }
+    }
+    return q.scalar_type() == at::kBFloat16 ? out.to(at::kBFloat16) : out;
+}
 
 // (O, K) float32 or bfloat16 -> (ceil(O/16), K, 16) of the same type, zero-padded.
 torch::Tensor pack(const torch::Tensor& w) {
@@ -169,4 +374,5 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("pack", &pack, "pack a (O, K) float32 or bfloat16 weight into 16-row panels");
     m.def("packed_linear", &packed_linear, "x @ w.T for few rows of x, w packed by pack()");
+    m.def("tree_attention", &tree_attention, "attention of a few query tokens per row over cached keys");
 }
