@@ -39,6 +39,10 @@ class KVCache:
         self.k[layer].scatter_(2, idx, k)
         self.v[layer].scatter_(2, idx, v)
 
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's whole (B, H, capacity, D) key and value buffers, for writers that index them themselves."""
+        return self.k[layer], self.v[layer]
+
     def view(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer, :, :, :length], self.v[layer, :, :, :length]
 

@@ -34,6 +34,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "packed_linear.cpp"
 DTYPES = (torch.float32, torch.bfloat16)  # weight types the kernel packs
+# no contraction of a * b + c into an FMA where the source does not ask for one: rope_and_cache must round as torch does
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"]
 MAX_ROWS = 64  # float32: faster than MKL and oneDNN at 1-64 rows on the default model (benchmarks/linear_kernel.py)
 # bfloat16: torch's products on CPUs without bf16 arithmetic were 6x slower than the kernel at 64, 256 and 1024 rows
 # alike (benchmarks/linear_kernel.py bfloat16), so the kernel serves every row count, prefill included
@@ -82,7 +84,7 @@ def extension():
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
         # one build per version of the source, so that a changed kernel is announced and rebuilt, never stale
-        name = "propd_packed_linear_" + hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:12]
+        name = "propd_packed_linear_" + hashlib.sha1(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
         try:
             built = any(Path(cpp_extension._get_build_directory(name, verbose=False)).glob("*.so"))
         except Exception:  # a private helper; only decides whether to announce the build
@@ -90,7 +92,7 @@ def extension():
         if not built:
             _note("compiling the CPU linear kernel once (about a minute; PROPD_CPU_KERNEL=0 skips it)")
         _state["ext"] = cpp_extension.load(
-            name, [str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            name, [str(SOURCE)], extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: MKL serves instead
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -153,6 +155,37 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
     10-15 us for one query against 50-85 us for ``F.scaled_dot_product_attention`` (with the same mask and output
     layout), and 44 against 100 us for 8 queries (``python benchmarks/attention.py``)."""
     return _state["ext"].tree_attention(q, keys, values, mask, scale)
+
+
+def rope_fits(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
+    """Whether :func:`rope_and_cache` serves these projections and this cache layer."""
+    return (q.device.type == "cpu" and q.dtype in DTYPES and cache_k.dtype == q.dtype and cache_k.stride(-1) == 1
+            and not (torch.is_grad_enabled() and q.requires_grad) and extension() is not None)
+
+
+def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   cache_k: torch.Tensor, cache_v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of the new tokens' queries and keys, and the cache write of their keys and values, in one call
+    (in place of about twenty small torch ops per layer). q (B, T, Hq * D), k and v (B, T, Hk * D); cos and sin
+    (B, T, D); ``cache_k``/``cache_v`` one layer's (B, Hk, capacity, D); pos (B, T). Returns the rotated queries
+    (B, Hq, T, D). Equal bit for bit to ``x * cos + rotate_half(x) * sin`` and a scatter."""
+    return _state["ext"].rope_and_cache(q.contiguous(), k.contiguous(), v.contiguous(), cos.contiguous(),
+                                        sin.contiguous(), cache_k, cache_v, pos.contiguous())
+
+
+def rms_norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`rms_norm` serves this input and weight."""
+    return (x.device.type == "cpu" and x.dtype in DTYPES and weight.dtype == x.dtype and x.shape[-1] % 8 == 0
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and extension() is not None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension in one call (in place of about eight small torch ops): float32 arithmetic, the
+    normalized row rounded to x's type, then scaled by ``weight``, as ``propd.models.llama.RMSNorm`` computes it; the
+    sum of squares runs in a fixed order per row, so a row's result does not depend on the others (it may differ from
+    torch's reduction in the last bit, so it serves every call alike: prefill, every step and every method)."""
+    return _state["ext"].rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(), eps).view(x.shape)
 
 
 def linear(x2: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:

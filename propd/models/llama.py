@@ -31,6 +31,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernel.rms_norm_fits(x, self.weight):  # one call, on CPU (cpu_kernel.rms_norm)
+            return cpu_kernel.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -151,12 +153,17 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, a: AttentionInputs) -> torch.Tensor:
         B, T, _ = x.shape
         c = self.cfg
-        q = self.q_proj(x).view(B, T, c.num_heads, c.head_dim).transpose(1, 2)  # (B, Hq, T, D)
-        k = self.k_proj(x).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hk, T, D)
-        v = self.v_proj(x).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hk, T, D)
-        q = q * a.cos + _rotate_half(q) * a.sin
-        k = k * a.cos + _rotate_half(k) * a.sin
-        cache.write(layer, a.write_pos, k, v)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        cache_k, cache_v = cache.layer(layer)
+        if cpu_kernel.rope_fits(q, cache_k):  # the same values as below, in one call (cpu_kernel.rope_and_cache)
+            q = cpu_kernel.rope_and_cache(q, k, v, a.cos, a.sin, cache_k, cache_v, a.write_pos)  # (B, Hq, T, D)
+        else:
+            q = q.view(B, T, c.num_heads, c.head_dim).transpose(1, 2)  # (B, Hq, T, D)
+            k = k.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hk, T, D)
+            v = v.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hk, T, D)
+            q = q * a.cos + _rotate_half(q) * a.sin
+            k = k * a.cos + _rotate_half(k) * a.sin
+            cache.write(layer, a.write_pos, k, v)
         keys, values = cache.view(layer, a.key_len)  # (B, Hk, S, D)
         if cpu_kernel.attention_fits(q, keys):  # decoding steps on CPU (cpu_kernel.attention)
             return self.o_proj(cpu_kernel.attention(q, keys, values, a.mask[:, 0], c.head_dim ** -0.5))

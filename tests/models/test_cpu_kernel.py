@@ -144,3 +144,48 @@ def test_attention_equals_sdpa_and_each_query_alone(b, hk, group, t, s, d, seed,
     assert torch.equal(cpu_kernel.attention(q[-1:].contiguous(), k[-1:], v[-1:], mask[-1:], d ** -0.5), out[-1:])
     wider = torch.cat([mask, torch.zeros(b, t, 9, dtype=torch.bool)], dim=-1)
     assert torch.equal(cpu_kernel.attention(q, kc, vc, wider, d ** -0.5), out)
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 3), t=st.integers(1, 20), hk=st.integers(1, 3), group=st.integers(1, 3),
+       d=st.sampled_from([4, 16, 64]), seed=st.integers(0, 1000), dtype=st.sampled_from(cpu_kernel.DTYPES))
+def test_rope_and_cache_equals_torch_bit_for_bit(b, t, hk, group, d, seed, dtype):
+    if not X86_AVX2:
+        return
+    from propd.models.llama import _rotate_half
+
+    g = torch.Generator().manual_seed(seed)
+    hq, cap = hk * group, t + 10
+    q, k, v = (torch.randn(b, t, h * d, generator=g).to(dtype) for h in (hq, hk, hk))
+    cos, sin = (torch.randn(b, 1, t, d, generator=g).to(dtype) for _ in range(2))
+    pos = torch.stack([torch.randperm(cap, generator=g)[:t] for _ in range(b)])
+    kc, vc = torch.randn(2, b, hk, cap, d, generator=g).to(dtype)
+    kc2, vc2 = kc.clone(), vc.clone()
+    out = cpu_kernel.rope_and_cache(q, k, v, cos, sin, kc, vc, pos)
+    # torch's element-wise ops, as Attention computes them without the kernel
+    qt, kt, vt = (x.view(b, t, -1, d).transpose(1, 2) for x in (q, k, v))
+    ref_q = qt * cos + _rotate_half(qt) * sin
+    ref_k = kt * cos + _rotate_half(kt) * sin
+    idx = pos[:, None, :, None].expand_as(ref_k)
+    kc2.scatter_(2, idx, ref_k)
+    vc2.scatter_(2, idx, vt)
+    assert out.shape == (b, hq, t, d) and torch.equal(out, ref_q)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 70), n=st.sampled_from([8, 64, 576]), seed=st.integers(0, 1000),
+       dtype=st.sampled_from(cpu_kernel.DTYPES))
+def test_rms_norm_matches_the_module_and_each_row_alone(rows, n, seed, dtype):
+    if not X86_AVX2:
+        return
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, n, generator=g) * 3).to(dtype)
+    w = torch.randn(n, generator=g).to(dtype)
+    y = cpu_kernel.rms_norm(x, w, 1e-5)
+    xf = x.double()
+    ref = w.double() * (xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-6, atol=1e-2)
+    torch.testing.assert_close(y.double(), ref, **tol)
+    for r in range(rows):  # a row's result does not depend on the other rows, bit for bit
+        assert torch.equal(cpu_kernel.rms_norm(x[r:r + 1], w, 1e-5)[0], y[r])

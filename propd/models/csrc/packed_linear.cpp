@@ -371,8 +371,124 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
     return bf16 ? y.to(at::kBFloat16) : y;
 }
 
+namespace {
+
+inline float widen(float x) { return x; }
+inline float widen(at::BFloat16 x) { return static_cast<float>(x); }
+template <typename E> inline E narrow(float x) { return static_cast<E>(x); }  // bfloat16: round to nearest even
+
+// Rotary embedding of one head vector, as torch computes ``x * cos + rotate_half(x) * sin`` element by element in
+// type E: each product rounded to E, then the sum (this file is built with -ffp-contract=off, so no FMA merges them).
+template <typename E>
+inline void rotate(const E* x, const E* c, const E* sn, E* out, int64_t D) {
+    const int64_t h = D / 2;
+    for (int64_t i = 0; i < h; ++i) {
+        const float x1 = widen(x[i]), x2 = widen(x[i + h]);
+        const float a = widen(narrow<E>(x1 * widen(c[i]))), b = widen(narrow<E>(-x2 * widen(sn[i])));
+        out[i] = narrow<E>(a + b);
+        const float a2 = widen(narrow<E>(x2 * widen(c[i + h]))), b2 = widen(narrow<E>(x1 * widen(sn[i + h])));
+        out[i + h] = narrow<E>(a2 + b2);
+    }
+}
+
+template <typename E>
+void rope_cache_impl(const E* q, const E* k, const E* v, const E* cos, const E* sin, E* kc, E* vc, const int64_t* pos,
+                     E* qout, int64_t B, int64_t T, int64_t Hq, int64_t Hk, int64_t D, const int64_t* cs) {
+    at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const int64_t b = i / T, t = i % T, p = pos[i];
+            const E* c = cos + i * D;
+            const E* sn = sin + i * D;
+            for (int64_t h = 0; h < Hq; ++h) rotate(q + (i * Hq + h) * D, c, sn, qout + ((b * Hq + h) * T + t) * D, D);
+            for (int64_t h = 0; h < Hk; ++h) {
+                const int64_t at = b * cs[0] + h * cs[1] + p * cs[2];
+                rotate(k + (i * Hk + h) * D, c, sn, kc + at, D);
+                std::copy(v + (i * Hk + h) * D, v + (i * Hk + h + 1) * D, vc + at);
+            }
+        }
+    });
+}
+
+}  // namespace
+
+// Rotary position embedding (Su et al. 2021) for q and k of T new tokens per row, and the cache write of k and v.
+// q: (B, T, Hq * D), k and v: (B, T, Hk * D), the projections' outputs; cos and sin: (B, T, D) at each token's
+// position; k_cache and v_cache: one layer's (B, Hk, capacity, D) with unit stride in D; pos: (B, T) cache positions.
+// Writes the rotated keys and the values at pos and returns the rotated queries as (B, Hq, T, D). The values equal
+// torch's element-wise ``x * cos + rotate_half(x) * sin`` bit for bit (float32 or bfloat16).
+torch::Tensor rope_and_cache(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                             const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& k_cache,
+                             torch::Tensor& v_cache, const torch::Tensor& pos) {
+    const auto dt = q.scalar_type();
+    TORCH_CHECK(kernel_dtype(dt) && k.scalar_type() == dt && v.scalar_type() == dt && cos.scalar_type() == dt &&
+                sin.scalar_type() == dt && k_cache.scalar_type() == dt && v_cache.scalar_type() == dt &&
+                pos.scalar_type() == at::kLong, "rope_and_cache: float32 or bfloat16 tensors of one type, int64 pos");
+    TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && cos.is_contiguous() &&
+                sin.is_contiguous() && pos.is_contiguous() && k_cache.stride(3) == 1 &&
+                k_cache.strides() == v_cache.strides() && k_cache.sizes() == v_cache.sizes(),
+                "rope_and_cache: contiguous inputs, caches of one layout");
+    const int64_t B = q.size(0), T = q.size(1), Hk = k_cache.size(1), D = k_cache.size(3), cap = k_cache.size(2);
+    TORCH_CHECK(D % 2 == 0 && q.size(2) % D == 0 && k.size(2) == Hk * D && v.size(2) == Hk * D && k_cache.size(0) == B &&
+                cos.numel() == B * T * D && sin.numel() == B * T * D && pos.numel() == B * T,
+                "rope_and_cache: shapes do not fit");
+    if (B * T > 0) {
+        const int64_t lo = pos.min().item<int64_t>(), hi = pos.max().item<int64_t>();
+        TORCH_CHECK(lo >= 0 && hi < cap, "rope_and_cache: a position is outside the cache");
+    }
+    const int64_t Hq = q.size(2) / D;
+    auto out = torch::empty({B, Hq, T, D}, q.options());
+    const int64_t cs[3] = {k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
+    if (dt == at::kBFloat16) {
+        using E = at::BFloat16;
+        rope_cache_impl(q.data_ptr<E>(), k.data_ptr<E>(), v.data_ptr<E>(), cos.data_ptr<E>(), sin.data_ptr<E>(),
+                        k_cache.data_ptr<E>(), v_cache.data_ptr<E>(), pos.data_ptr<int64_t>(), out.data_ptr<E>(), B, T,
+                        Hq, Hk, D, cs);
+    } else {
+        rope_cache_impl(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), cos.data_ptr<float>(),
+                        sin.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                        pos.data_ptr<int64_t>(), out.data_ptr<float>(), B, T, Hq, Hk, D, cs);
+    }
+    return out;
+}
+
+// RMSNorm (Zhang and Sennrich 2019) of each row of x (R, N), N a multiple of 8: y = w * (x / sqrt(mean(x^2) + eps)),
+// computed in float32 (sum of squares in 8 lanes, in order), the normalized row rounded to x's type before the
+// weight is applied, as the torch module does. Each row on its own: the result does not depend on the other rows.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+    const auto dt = x.scalar_type();
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.is_contiguous() && kernel_dtype(dt) && w.scalar_type() == dt &&
+                w.numel() == x.size(1) && x.size(1) % 8 == 0, "rms_norm: contiguous (R, N) x, N % 8 == 0, weight (N)");
+    const int64_t R = x.size(0), N = x.size(1);
+    auto y = torch::empty_like(x);
+    const float e = static_cast<float>(eps);
+    auto body = [&](auto tag) {
+        using E = decltype(tag);
+        const E* xp = x.data_ptr<E>();
+        const E* wp = w.data_ptr<E>();
+        E* yp = y.data_ptr<E>();
+        at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+            std::vector<float> row(N);
+            for (int64_t r = begin; r < end; ++r) {
+                const E* xr = xp + r * N;
+                for (int64_t i = 0; i < N; ++i) row[i] = widen(xr[i]);
+                __m256 acc = _mm256_setzero_ps();
+                for (int64_t i = 0; i < N; i += 8) {
+                    const __m256 v = _mm256_loadu_ps(row.data() + i);
+                    acc = _mm256_fmadd_ps(v, v, acc);
+                }
+                const float inv = 1.0f / std::sqrt(hsum(acc) / static_cast<float>(N) + e);
+                for (int64_t i = 0; i < N; ++i) yp[r * N + i] = narrow<E>(widen(wp[i]) * widen(narrow<E>(row[i] * inv)));
+            }
+        });
+    };
+    if (dt == at::kBFloat16) body(at::BFloat16()); else body(0.0f);
+    return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("pack", &pack, "pack a (O, K) float32 or bfloat16 weight into 16-row panels");
     m.def("packed_linear", &packed_linear, "x @ w.T for few rows of x, w packed by pack()");
     m.def("tree_attention", &tree_attention, "attention of a few query tokens per row over cached keys");
+    m.def("rope_and_cache", &rope_and_cache, "rotary embedding of q and k, and the cache write of k and v");
+    m.def("rms_norm", &rms_norm, "RMSNorm of each row");
 }
