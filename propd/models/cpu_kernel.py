@@ -188,6 +188,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _state["ext"].rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(), eps).view(x.shape)
 
 
+def decoder_layer(x: torch.Tensor, weights: list[torch.Tensor], outs: list[int], cos: torch.Tensor, sin: torch.Tensor,
+                  cache_k: torch.Tensor, cache_v: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, eps: float,
+                  scale: float) -> torch.Tensor:
+    """A whole Llama decoder layer of a decoding step in one call: :func:`rms_norm`, the q/k/v products,
+    :func:`rope_and_cache`, :func:`attention`, the output product and residual, :func:`rms_norm`, gate and up,
+    ``silu(gate) * up`` (torch's ops), down and residual, in ``DecoderLayer.forward``'s order and with its functions,
+    so the result is the same bit for bit; what goes is the Python between the parts (see
+    ``DecoderLayer._fused_weights`` for when it is used)."""
+    return _state["ext"].decoder_layer(x, weights, outs, cos.contiguous(), sin.contiguous(), cache_k, cache_v,
+                                       pos.contiguous(), mask.contiguous(), eps, scale)
+
+
 def linear(x2: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """``x2 @ W^T`` for a contiguous (rows, K) ``x2`` of ``W``'s dtype (float32 or bfloat16) and ``packed = pack(W)``.
     bfloat16 is computed in float32 and rounded once at the end."""

@@ -192,8 +192,36 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, a: AttentionInputs) -> torch.Tensor:
+        cache_k, cache_v = cache.layer(layer)
+        fused = self._fused_weights(x, cache_k)
+        if fused is not None:  # the same computation in one call (cpu_kernel.decoder_layer)
+            weights, outs = fused
+            return cpu_kernel.decoder_layer(x, weights, outs, a.cos, a.sin, cache_k, cache_v, a.write_pos, a.mask[:, 0],
+                                            self.input_layernorm.eps, self.self_attn.cfg.head_dim ** -0.5)
         x = x + self.self_attn(self.input_layernorm(x), layer, cache, a)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _fused_weights(self, x: torch.Tensor, cache_k: torch.Tensor) -> tuple[list, list] | None:
+        """The packed weights and output sizes for :func:`cpu_kernel.decoder_layer` if every part of this call would
+        go to the CPU extension anyway (decoding steps of up to ``ATTENTION_MAX_QUERIES`` tokens, rows within the
+        linear kernel's bound, no biases, no gradient), else None."""
+        B, T, H = x.shape
+        attn, mlp = self.self_attn, self.mlp
+        c = attn.cfg
+        if (x.device.type != "cpu" or x.dtype not in cpu_kernel.DTYPES or T > cpu_kernel.ATTENTION_MAX_QUERIES
+                or not 1 <= B * T <= cpu_kernel.max_rows(x.dtype) or torch.is_grad_enabled()
+                or c.attention_bias or c.mlp_bias or c.head_dim % 8 or H % 8 or cache_k.stride(-1) != 1
+                or cache_k.dtype != x.dtype or self.input_layernorm.weight.dtype != x.dtype
+                or self.post_attention_layernorm.weight.dtype != x.dtype or cpu_kernel.extension() is None):
+            return None
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if any(lin.weight.dtype != x.dtype for lin in linears):
+            return None
+        packed = [lin.packed() for lin in linears]
+        if any(p is None for p in packed):  # over the packing memory cap
+            return None
+        weights = [self.input_layernorm.weight, *packed[:4], self.post_attention_layernorm.weight, *packed[4:]]
+        return weights, [lin.out_features for lin in linears]
 
 
 class Backbone(nn.Module):

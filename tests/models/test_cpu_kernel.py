@@ -189,3 +189,41 @@ def test_rms_norm_matches_the_module_and_each_row_alone(rows, n, seed, dtype):
     torch.testing.assert_close(y.double(), ref, **tol)
     for r in range(rows):  # a row's result does not depend on the other rows, bit for bit
         assert torch.equal(cpu_kernel.rms_norm(x[r:r + 1], w, 1e-5)[0], y[r])
+
+
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(1, 3), t=st.integers(1, 16), seed=st.integers(0, 1000), dtype=st.sampled_from(cpu_kernel.DTYPES))
+def test_fused_decoder_layer_equals_the_module_path_bit_for_bit(b, t, seed, dtype):
+    """A decoding step through ``cpu_kernel.decoder_layer`` (one call per layer) gives the same hidden states and the
+    same cache as the same step through the modules, bit for bit."""
+    if not X86_AVX2:
+        return
+
+    from conftest import tiny_loaded
+    from propd.models.llama import DecoderLayer
+    from propd.tree import DraftTree
+
+    model = tiny_loaded(seed=seed % 7).model.to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 128, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (b,), generator=g)]
+    tree = DraftTree.chain(t - 1)
+    tokens = torch.randint(0, 128, (b, t), generator=g)
+    outs = []
+    for fused in (True, False):
+        cache = model.new_cache(b, 40)
+        with torch.inference_mode():
+            model.prefill(cache, prompts)
+            a = model.attention_inputs(cache, torch.arange(t).expand(b, t), tree.mask, tree.depths)
+            if fused:
+                assert model.model.layers[0]._fused_weights(model.embed(tokens), cache.layer(0)[0]) is not None
+                h = model.run_layers(model.embed(tokens), 0, model.num_layers, cache, a)
+            else:
+                original = DecoderLayer._fused_weights
+                DecoderLayer._fused_weights = lambda self, x, k: None
+                try:
+                    h = model.run_layers(model.embed(tokens), 0, model.num_layers, cache, a)
+                finally:
+                    DecoderLayer._fused_weights = original
+        outs.append((h, cache.k.clone(), cache.v.clone()))
+    (h1, k1, v1), (h2, k2, v2) = outs
+    assert torch.equal(h1, h2) and torch.equal(k1, k2) and torch.equal(v1, v2)
