@@ -90,7 +90,34 @@ class MedusaHeads(nn.Module):
 
     def _blocks(self, hidden: torch.Tensor) -> torch.Tensor:
         """Every head's ResBlocks (and own projection, if any) on ``hidden``: (.., K, H) or (.., K, V)."""
-        return torch.stack([head(hidden) for head in self.heads], dim=-2)
+        first = self._first_blocks() if not (torch.is_grad_enabled() or self.own_lm_head) else None
+        if first is None:
+            return torch.stack([head(hidden) for head in self.heads], dim=-2)
+        # every head's first ResBlock reads the same hidden state: one (K*H x H) product instead of K small ones
+        x = hidden[..., None, :] + F.silu(first(hidden).view(*hidden.shape[:-1], self.num_heads, self.hidden))
+        for j in range(1, self.num_layers):
+            x = torch.stack([head[j](x[..., i, :]) for i, head in enumerate(self.heads)], dim=-2)
+        return x
+
+    def _first_blocks(self) -> nn.Module | None:
+        """The K heads' first ResBlock linears stacked into one ``Linear`` (built once per weight version; None on
+        devices other than the CPU, where the K products are not the cost)."""
+        lins = [head[0].linear for head in self.heads]
+        w = lins[0].weight
+        if w.device.type != "cpu":
+            return None
+        from propd.models.llama import Linear, tensor_version
+
+        key = tuple((lin.weight.data_ptr(), tensor_version(lin.weight), lin.bias.data_ptr(), tensor_version(lin.bias))
+                    for lin in lins)
+        cached = getattr(self, "_first", None)
+        if cached is None or cached[0] != key:
+            fused = Linear(self.hidden, self.num_heads * self.hidden, bias=True, device=w.device, dtype=w.dtype)
+            fused.requires_grad_(False)
+            fused.weight.data = torch.cat([lin.weight.detach() for lin in lins]).contiguous()
+            fused.bias.data = torch.cat([lin.bias.detach() for lin in lins]).contiguous()
+            cached = self._first = (key, fused)
+        return cached[1]
 
     def _lm_head(self) -> nn.Module:
         if self._shared[0] is None:
@@ -117,6 +144,10 @@ class MedusaHeads(nn.Module):
     def prepare(self, draft_vocab: int | None = None) -> None:
         """Build (and pack, where the CPU kernel serves it) the projection :meth:`topk` will use, ahead of the first
         call."""
+        if not self.own_lm_head:
+            first = self._first_blocks()
+            if first is not None:
+                first.prepare()
         n = self.draft_size(draft_vocab)
         if n and not self.own_lm_head and self._shared[0] is not None:
             proj = self._draft_projection(n)

@@ -149,3 +149,23 @@ def test_draft_vocab_file_roundtrip_and_errors(tmp_path):
         MedusaHeads.load(tmp_path, CFG.hidden_size, CFG.vocab_size, lm_head=lm)
     with pytest.raises(PropdError, match="twice"):
         random_heads(CFG, 2, lm_head=lm).set_draft_vocab([3, 3])
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_heads_first_resblocks_run_as_one_product_with_the_same_result(layers):
+    cfg = ModelConfig.tiny()
+    torch.manual_seed(3)
+    heads = MedusaHeads(cfg.hidden_size, cfg.vocab_size, 3, layers, shared_lm_head=torch.nn.Linear(64, 128, bias=False))
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(5, cfg.hidden_size)
+    with torch.no_grad():
+        fused = heads._blocks(x)
+        assert heads._first_blocks() is not None  # the stacked product served this call
+        each = torch.stack([head(x) for head in heads.heads], dim=-2)
+        torch.testing.assert_close(fused, each, rtol=1e-5, atol=1e-5)
+        heads.heads[1][0].linear.weight.mul_(2)  # changed in place: the stacked copy is rebuilt
+        torch.testing.assert_close(heads._blocks(x), torch.stack([head(x) for head in heads.heads], dim=-2),
+                                   rtol=1e-5, atol=1e-5)
+    heads._blocks(x).sum().backward()  # with gradients on (training), the per-head modules run and learn
+    assert all(head[0].linear.weight.grad is not None for head in heads.heads)
