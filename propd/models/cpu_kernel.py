@@ -1,6 +1,16 @@
-"""A CPU kernel for float32 and bfloat16 linear layers: ``x @ W^T`` for 1-64 rows of ``x`` in float32, any in bf16.
+"""propd's CPU extension for decoding steps (float32 and bfloat16, x86-64 with AVX2 and FMA).
 
-A decoding step multiplies every weight matrix by only a handful of rows (one per tree node and row of the batch),
+* :func:`linear`: ``x @ W^T`` for 1-64 rows of ``x`` in float32, any number in bf16 (below);
+* :func:`attention`: softmax attention of up to 16 query tokens per row over the KV cache, each query row computed on
+  its own (the same bits whatever the tree size or batch);
+* :func:`rope_and_cache` and :func:`rms_norm`: a layer's rotary embedding plus cache write, and RMSNorm, each in one
+  call instead of about twenty and eight small torch ops;
+* :func:`decoder_layer`: all of the above for one decoder layer of a step in one call (``DecoderLayer.forward``
+  uses it when every part would go to the extension anyway); on the default model this cut a 1-16 token step's 30
+  layers to about two thirds of their time with torch's element-wise ops and SDPA (``python
+  benchmarks/fused_layer.py``; docs/architecture.md, "Model core").
+
+The linear kernel: a decoding step multiplies every weight matrix by only a handful of rows (one per tree node and row of the batch),
 where MKL's general matrix product runs far below the machine's memory bandwidth. ``csrc/packed_linear.cpp`` packs
 each weight once into panels of 16 output rows and computes the product with an AVX2/FMA register-blocked
 micro-kernel (BLIS-style: Van Zee and van de Geijn, ACM TOMS 2015), streaming each weight from memory once per call;
@@ -15,8 +25,8 @@ Every output row is computed in the same order whatever the other rows are (batc
 The extension is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about a minute, once per
 version of the source; cached under ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``). It needs an x86-64
 CPU with AVX2 and FMA, a C++ compiler and ninja (the ``ninja`` package, a dependency, provides it); where any is
-missing, or ``PROPD_CPU_KERNEL=0`` is set, :func:`extension` returns None and ``Linear`` uses MKL, with one line on
-stderr saying why (except when turned off). The packed copy costs as much memory as the weights it packs, at most
+missing, or ``PROPD_CPU_KERNEL=0`` is set, :func:`extension` returns None and torch serves instead (MKL products,
+SDPA, element-wise ops), with one line on stderr saying why (except when turned off). The packed copy costs as much memory as the weights it packs, at most
 ``PROPD_CPU_KERNEL_MAX_GB`` (default 4) GiB in all; matrices beyond that use MKL.
 """
 
@@ -90,13 +100,13 @@ def extension():
         except Exception:  # a private helper; only decides whether to announce the build
             built = False
         if not built:
-            _note("compiling the CPU linear kernel once (about a minute; PROPD_CPU_KERNEL=0 skips it)")
+            _note("compiling the CPU extension once (about a minute; PROPD_CPU_KERNEL=0 skips it)")
         _state["ext"] = cpp_extension.load(
             name, [str(SOURCE)], extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: MKL serves instead
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        _note(f"CPU linear kernel unavailable, using MKL ({type(exc).__name__}: {first[:200]})")
+        _note(f"CPU extension unavailable, using torch's kernels ({type(exc).__name__}: {first[:200]})")
         _state["ext"] = None
     return _state["ext"]
 

@@ -1,5 +1,8 @@
-// propd: a CPU kernel for linear layers applied to few rows (AVX2 + FMA), float32 or bfloat16 weights.
+// propd's CPU extension for decoding steps (AVX2 + FMA), float32 or bfloat16: a kernel for linear layers applied to
+// few rows (below), attention of a few query tokens over the KV cache (tree_attention), rotary embedding with the cache
+// write (rope_and_cache), RMSNorm (rms_norm), and a whole decoder layer of a step in one call (decoder_layer).
 //
+// The linear kernel:
 // y[m, o] = sum_k x[m, k] * w[o, k]. The weight is packed once into panels of 16 output rows, (ceil(O/16), K, 16),
 // so that for each k one load feeds 16 outputs; each panel is streamed from memory once per call, and the rows of x
 // are taken in balanced blocks of at most 6 (12 accumulator registers), the register-blocked outer-product scheme of
