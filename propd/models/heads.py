@@ -150,9 +150,7 @@ class MedusaHeads(nn.Module):
                 first.prepare()
         n = self.draft_size(draft_vocab)
         if n and not self.own_lm_head and self._shared[0] is not None:
-            proj = self._draft_projection(n)
-            if hasattr(proj, "prepare"):
-                proj.prepare()
+            self._draft_projection(n).prepare()
 
     def draft_size(self, draft_vocab: int | None = None) -> int:
         """How many tokens ``topk(..., draft_vocab)`` guesses from (0: the whole vocabulary); refuses impossible
