@@ -139,16 +139,24 @@ def _release(size: int) -> None:
 
 
 # attention: steps of at most this many query tokens per row (AR steps and trees of up to 16 nodes) go to the kernel;
-# bigger trees and prefill go to SDPA, whose matrix-product blocking wins from about 16-32 queries (at 200-300 keys,
-# one layer of the default model: 0.6x SDPA's time at 16 queries and B = 1, 0.9x at B = 4; 1.2x at 48 queries)
+# bigger trees and prefill go to SDPA, whose matrix-product blocking wins from about 16-32 queries (one layer of the
+# default model, `python benchmarks/attention.py` at 14:57 UTC, a60efaf: 0.76x SDPA's time at 16 queries and B = 1,
+# 1.04x at B = 4; 0.87x at 32 queries and 1.24x at 64, B = 1)
 ATTENTION_MAX_QUERIES = 16
+
+
+def serves(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """What every op of the extension needs: ``x`` a CPU tensor of a type it takes, ``others`` of the same type, no
+    gradient wanted through any of them (the extension has no backward), and the extension built."""
+    return (x.device.type == "cpu" and x.dtype in DTYPES and all(t.dtype == x.dtype for t in others)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others)))
+            and extension() is not None)
 
 
 def attention_fits(q: torch.Tensor, keys: torch.Tensor) -> bool:
     """Whether :func:`attention` serves these (B, Hq, T, D) queries and (B, Hk, S, D) keys."""
-    return (q.device.type == "cpu" and q.dtype in DTYPES and keys.dtype == q.dtype and q.shape[2] <= ATTENTION_MAX_QUERIES
-            and q.shape[-1] % 8 == 0 and q.shape[1] % keys.shape[1] == 0 and keys.stride(-1) == 1
-            and not (torch.is_grad_enabled() and q.requires_grad) and extension() is not None)
+    return (q.shape[2] <= ATTENTION_MAX_QUERIES and q.shape[-1] % 8 == 0 and q.shape[1] % keys.shape[1] == 0
+            and keys.stride(-1) == 1 and serves(q, keys))
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
@@ -161,16 +169,15 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
     bit for bit. The rows that share a key head are taken in blocks that walk the keys in tiles of 64, so a tile is
     read from memory once per block. Scores and sums are float32 (bfloat16 inputs are widened, the output rounded
     once); the softmax's exp is a polynomial within about 2 ulp of ``expf``. On the 2-core AMD EPYC of
-    docs/results.md (2026-11-23), one layer of the default model (9 query heads, 3 key heads, D 64) over 200 keys took
-    10-15 us for one query against 50-85 us for ``F.scaled_dot_product_attention`` (with the same mask and output
-    layout), and 44 against 100 us for 8 queries (``python benchmarks/attention.py``)."""
+    docs/results.md (2026-11-23 14:57 UTC, commit a60efaf), one layer of the default model (9 query heads, 3 key heads,
+    D 64) over 200 keys took 17 us for one query against 81 us for ``F.scaled_dot_product_attention`` (with the same
+    mask and output layout), and 54 against 98 us for 8 queries (``python benchmarks/attention.py``)."""
     return _state["ext"].tree_attention(q, keys, values, mask, scale)
 
 
 def rope_fits(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
     """Whether :func:`rope_and_cache` serves these projections and this cache layer."""
-    return (q.device.type == "cpu" and q.dtype in DTYPES and cache_k.dtype == q.dtype and cache_k.stride(-1) == 1
-            and not (torch.is_grad_enabled() and q.requires_grad) and extension() is not None)
+    return cache_k.stride(-1) == 1 and serves(q, cache_k)
 
 
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -185,9 +192,7 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
 
 def rms_norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`rms_norm` serves this input and weight."""
-    return (x.device.type == "cpu" and x.dtype in DTYPES and weight.dtype == x.dtype and x.shape[-1] % 8 == 0
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and extension() is not None)
+    return x.shape[-1] % 8 == 0 and serves(x, weight)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -100,9 +100,7 @@ class Linear(nn.Linear):
     def _kernel_weight(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
         """The packed weight if ``forward(x)`` goes to the packed CPU kernel: a CPU input of the weight's dtype, one
         the kernel takes, within its row bound, and no gradient wanted (the kernel has no backward); else None."""
-        if (x.device.type != "cpu" or x.dtype != self.weight.dtype or x.dtype not in cpu_kernel.DTYPES
-                or not 1 <= rows <= cpu_kernel.max_rows(x.dtype)
-                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+        if not (1 <= rows <= cpu_kernel.max_rows(x.dtype) and cpu_kernel.serves(x, self.weight)):
             return None
         return self.packed()
 
@@ -208,14 +206,12 @@ class DecoderLayer(nn.Module):
         B, T, H = x.shape
         attn, mlp = self.self_attn, self.mlp
         c = attn.cfg
-        if (x.device.type != "cpu" or x.dtype not in cpu_kernel.DTYPES or T > cpu_kernel.ATTENTION_MAX_QUERIES
-                or not 1 <= B * T <= cpu_kernel.max_rows(x.dtype) or torch.is_grad_enabled()
-                or c.attention_bias or c.mlp_bias or c.head_dim % 8 or H % 8 or cache_k.stride(-1) != 1
-                or cache_k.dtype != x.dtype or self.input_layernorm.weight.dtype != x.dtype
-                or self.post_attention_layernorm.weight.dtype != x.dtype or cpu_kernel.extension() is None):
-            return None
         linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if any(lin.weight.dtype != x.dtype for lin in linears):
+        if (T > cpu_kernel.ATTENTION_MAX_QUERIES or not 1 <= B * T <= cpu_kernel.max_rows(x.dtype)
+                or torch.is_grad_enabled() or c.attention_bias or c.mlp_bias or c.head_dim % 8 or H % 8
+                or cache_k.stride(-1) != 1
+                or not cpu_kernel.serves(x, cache_k, self.input_layernorm.weight, self.post_attention_layernorm.weight,
+                                         *(lin.weight for lin in linears))):
             return None
         packed = [lin.packed() for lin in linears]
         if any(p is None for p in packed):  # over the packing memory cap
