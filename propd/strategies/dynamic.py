@@ -34,6 +34,12 @@ tree sizes >= 2 only, and it prices only sizes not yet measured at this key: a m
 stands for it, since on CPUs step time is far from linear in the tree size (see ``CostModel.estimate``).
 
 Step times are the decoder's wall-clock times of whole steps, pruning included, so the two ProPD techniques compose.
+
+The cost model above is the paper's (``cost="paper"``, ``CostModel``). By default (``cost="drift"``,
+``DriftCostModel``) each step time is split into the machine's current speed, shared by all sizes, and the size's
+cost relative to a 1-node step, so that a size measured in a slow (or fast) moment is priced at the speed of now; the
+paper's weighted line prices the unmeasured sizes from the relative costs. On a shared CPU the speed drifts by more
+than the differences between small trees, and the paper's T_perf^i kept such stale times (see ``DriftCostModel``).
 """
 
 from __future__ import annotations
@@ -130,11 +136,14 @@ class DynamicConfig:
     explore: tuple[int, ...] = (1, 2, 4, 8, 16, 64)  # sizes measured once before the first choice
     probe_every: int = 32  # one step of the other regime (1 node vs a tree) this often ...
     probe_max: int = 256  # ... and, while probes keep confirming 1-node steps, up to this often (doubling)
-    probe_size: int = 2  # the probe tree while at 1 node: the candidate nearest this, above 1
+    probe_size: int = 2  # the probe tree while at 1 node: the candidate nearest this, above 1; 0: the best tree
+    # "drift": step time = speed x relative cost of the size (DriftCostModel); "paper": the EMA T_perf^i (CostModel)
+    cost: str = attrs.field(default="drift", validator=attrs.validators.in_(("drift", "paper")))
 
 
 class CostModel:
-    """Step time against tree size: EMA per size and a weighted least-squares line through them."""
+    """The paper's step-time model (ProPD sec. 4.2, ``cost="paper"``): an EMA T_perf^i per size and a weighted
+    least-squares line through them."""
 
     PRIOR_WEIGHT = 0.1  # a prior counts like a measurement this much older than the newest: exp(-lambda * age)
 
@@ -212,6 +221,140 @@ class CostModel:
         return max(b0 + b1 * size, floor)
 
 
+class DriftCostModel:
+    """Step time as machine speed x relative cost of the size, each tracked with its own uncertainty.
+
+    The paper's T_perf^i (``CostModel``) assumes the machine's speed holds still, but on a shared CPU it drifts by more
+    than the differences between tree sizes: in ``benchmarks/sizer_trace.py`` the 4- and 8-node times measured once in
+    a slow moment (49 and 57 ms) stood while 1-node steps fell to 29-34 ms, pricing those trees at 1.5-1.9 AR steps
+    where they cost 1.19-1.28. So each step time is modelled as
+
+        log t = u + r_i + noise,    u: log of the 1-node step time now (a random walk; r_1 = 0),
+                                    r_i: log of size i's cost relative to a 1-node step (nearly constant),
+
+    and a step of size i splits its innovation e = log t - u - r_i between u and r_i in proportion to their variances,
+    as a Kalman filter (Kalman 1960) does, with the two kept independent (a diagonal covariance). The full filter's
+    cross-covariance revises old relative costs whenever the speed changes ("the 1-node steps got faster, so the tree
+    measured before must have been dearer"), which on a machine whose speed jumps is the wrong explanation. A slow
+    moment then moves u, which every size shares, and leaves the relative costs alone, so a size measured minutes ago
+    is priced at today's speed: T_est(i) = exp(u + r_i). The speed drifts ``q = R * alpha^2 / (1 - alpha)`` in
+    variance per step (for which the steady-state gain of a speed measured every step is the EMA rate alpha,
+    ``time_alpha``, of ``CostModel``); relative costs drift ``REL_DRIFT`` times as fast, so during a long run of one
+    tree size most of a slowdown goes to the speed. An innovation is clipped at ``CLIP`` standard deviations:
+    interference on a shared machine makes single steps several times slower, and one such step must not price a size
+    for the rest of the run.
+
+    On 30 held-out training prompts (``propd bench --questions out/ho30/question.jsonl --out out/drift1 --presets
+    ar,propd --variant 'propd-paper=propd;sizer=propd-dynamic:cost=paper' --batch-sizes 1,2,4 --max-new-tokens 48``,
+    AMD EPYC 2 cores, fp32, 2026-11-23 16:05-16:13 UTC) ``propd`` ran 2.68 nodes per step at b=1 against 1.62 with the
+    paper's model, for 1.05x ``ar`` (0.90 bootstrap interval 1.01-1.09) against 1.03x (0.995-1.07); at b=2 and 4 it
+    stayed at 1-node steps (1.01x and 0.98x, against 1.03x and 0.97x): differences within this machine's noise.
+
+    Sizes never measured are priced by the paper's weighted least-squares line through the measured relative costs
+    exp(r_i) (sizes >= 2, weights ``W_i = exp(-lambda * o_i)``), times exp(u). Another key's estimates are a prior
+    (``seeded_from``): its relative costs with ``PRIOR_VAR`` more variance and its speed unknown, so that the first
+    1-node step at the new key sets the speed and every inherited price follows it; when an inherited size is first
+    measured, ``PRIOR_SHARED`` of its correction moves the other inherited sizes too (a batch size moves the whole
+    cost curve)."""
+
+    R = 0.01  # variance of log step time between steps at a steady speed (about 10% jitter)
+    REL_DRIFT = 0.02  # relative costs drift this much as fast as the speed (in variance)
+    UNKNOWN_VAR = 100.0  # variance of a quantity never measured (log scale)
+    PRIOR_VAR = 1.0  # extra variance of a relative cost inherited from another key: a batch size can change it e-fold
+    PRIOR_SHARED = 0.8  # the share of an inherited size's first correction applied to the other inherited sizes
+    CLIP = 3.0  # innovations beyond this many standard deviations are clipped
+
+    def __init__(self, alpha: float, lam: float):
+        self.lam = lam
+        self.q = self.R * alpha * alpha / max(1e-9, 1.0 - alpha)
+        self.u, self.vu = 0.0, self.UNKNOWN_VAR  # log speed (1-node step time) and its variance
+        self.r: dict[int, float] = {}  # log relative cost of each tree size
+        self.vr: dict[int, float] = {}
+        self.n: dict[int, int] = {}  # fresh measurements per size at this key (0 for an inherited prior)
+        self.last: dict[int, int] = {}  # clock of the last measurement
+        self.clock = 0
+        self.tick = 0  # clock of the last drift step
+
+    def seeded_from(self, other: "DriftCostModel") -> "DriftCostModel":
+        """``other``'s relative costs as a prior (another batch size or context bucket); the speed starts unknown."""
+        self.u, self.vu = other.u, self.UNKNOWN_VAR
+        self.r = dict(other.r)
+        self.vr = {s: v + self.PRIOR_VAR for s, v in other.vr.items()}
+        self.clock = self.tick = other.clock
+        oldest = other.clock - math.ceil(math.log(1 / CostModel.PRIOR_WEIGHT) / self.lam) if self.lam > 0 else \
+            other.clock
+        self.last = {s: min(t, oldest) for s, t in other.last.items()}
+        self.n = {s: 0 for s in other.n}
+        return self
+
+    @property
+    def seeded(self) -> bool:
+        return any(n == 0 for n in self.n.values())
+
+    def observe(self, size: int, seconds: float, now: int | None = None) -> None:
+        """Record one step of ``size`` nodes (``now``: the sizer's step clock, shared by all keys)."""
+        self.clock = self.clock + 1 if now is None else now
+        steps = max(0, self.clock - self.tick)  # the speed and the relative costs drift while steps pass
+        self.tick = self.clock
+        self.vu += self.q * steps
+        for s in self.vr:
+            self.vr[s] += self.q * self.REL_DRIFT * steps
+        if size != 1 and size not in self.r:
+            self.r[size], self.vr[size] = 0.0, self.UNKNOWN_VAR
+        vr = self.vr[size] if size != 1 else 0.0
+        S = self.vu + vr + self.R
+        e = math.log(max(seconds, 1e-9)) - self.u - self.r.get(size, 0.0)
+        bound = self.CLIP * math.sqrt(S)
+        e = min(max(e, -bound), bound)
+        ku, kr = self.vu / S, vr / S
+        self.u += ku * e
+        if size == 1:  # only a 1-node step measures the speed alone; a tree step leaves its uncertainty growing
+            self.vu *= 1 - ku
+        else:
+            if self.n.get(size) == 0:  # an inherited size's first measurement here moves the other inherited ones
+                for s in self.r:
+                    if s != size and self.n.get(s) == 0:
+                        self.r[s] += self.PRIOR_SHARED * kr * e
+            self.r[size] += kr * e
+            self.vr[size] *= 1 - kr
+        self.n[size] = self.n.get(size, 0) + 1
+        self.last[size] = self.clock
+
+    def age(self, size: int, now: int) -> float:
+        """Steps since ``size`` was last measured at this key (infinite if never)."""
+        return now - self.last[size] if self.n.get(size, 0) > 0 else math.inf
+
+    def fit(self) -> tuple[float, float] | None:
+        """(beta0, beta1) of the weighted line through the relative costs exp(r_i) of tree sizes >= 2, or None with
+        fewer than two."""
+        sizes = sorted(self.r)
+        if len(sizes) < 2:
+            return None
+        xs = torch.tensor(sizes, dtype=torch.float64)
+        ys = torch.tensor([math.exp(self.r[s]) for s in sizes], dtype=torch.float64)
+        w = torch.tensor([math.exp(-self.lam * (self.clock - self.last[s])) for s in sizes], dtype=torch.float64)
+        return weighted_line(xs, ys, w)
+
+    def estimate(self, size: int) -> float:
+        """T_est(size): exp(u + r_size) for a size measured here or inherited, else exp(u) times the line."""
+        if 1 not in self.n and not self.r:
+            return float("inf")
+        speed = math.exp(self.u)
+        if size == 1 or size in self.r:
+            return speed * math.exp(self.r.get(size, 0.0))
+        fit = self.fit()
+        if fit is None:
+            return float("inf")
+        b0, b1 = fit
+        floor = 0.5 * min([1.0] + [math.exp(r) for r in self.r.values()])  # a line through noise promises no free steps
+        return speed * max(b0 + b1 * size, floor)
+
+    @property
+    def t(self) -> dict[int, float]:
+        """The current price of every size measured here or inherited."""
+        return {s: self.estimate(s) for s in self.n}
+
+
 def weighted_line(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
     """Closed-form weighted least squares for y = b0 + b1 x."""
     sw = w.sum()
@@ -271,7 +414,7 @@ class DynamicSizer:
         # a neutral prior (no pre-characterization): rank r of head i right with a chance that falls with both
         self.P = [[min(1.0, 0.5 / (i + 1) * (1 + k) / (1 + k + 1)) for k in range(R)] for i in range(K)]
 
-    def _exploring(self, cost: CostModel, values: list[float], entering: bool = False) -> int | None:
+    def _exploring(self, cost: CostModel | DriftCostModel, values: list[float], entering: bool = False) -> int | None:
         """The next size to measure before the first choice at this key, or None.
 
         On ``entering`` a key seen before whose 1-node time is older than ``refresh`` steps, one 1-node step is
@@ -292,12 +435,12 @@ class DynamicSizer:
                 untried = [s for s in untried if s < min(hopeless)]
         return untried[0] if untried else None
 
-    def choose(self, cost: CostModel, values: list[float]) -> int:
+    def choose(self, cost: CostModel, values: list[float], trees_only: bool = False) -> int:
         """The size maximizing l(i) / T_est(i); ``values`` are the node values of the largest best tree. The caller
-        has checked that nothing is left to explore at this key."""
+        has checked that nothing is left to explore at this key. With ``trees_only``, the best size above 1."""
         best, best_rate = 1, -1.0
         c = self.calibration
-        for s in self.sizes:
+        for s in self.sizes[1:] if trees_only and len(self.sizes) > 1 else self.sizes:
             l_i = 1.0 + c * sum(values[: s - 1])
             rate = l_i / cost.estimate(s)
             if rate > best_rate:
@@ -309,7 +452,7 @@ class DynamicSizer:
         key = (ctx.batch_size, max(ctx.host_lengths) // self.cfg.context_bucket)
         cost = self.costs.get(key)
         if cost is None:
-            cost = CostModel(self.cfg.time_alpha, self.cfg.lam)
+            cost = (DriftCostModel if self.cfg.cost == "drift" else CostModel)(self.cfg.time_alpha, self.cfg.lam)
             if self.key in self.costs:
                 cost.seeded_from(self.costs[self.key])
             self.costs[key] = cost
@@ -333,7 +476,11 @@ class DynamicSizer:
         size = self.size
         self.idle += 1
         if self.idle >= self.gap:  # keep the other regime's estimates fresh
-            size, self.idle, self.probed = (self.probe if size == 1 else 1), 0, True
+            if size > 1:
+                size = 1
+            else:
+                size = self.probe if self.cfg.probe_size else self.choose(cost, values, trees_only=True)
+            self.idle, self.probed = 0, True
         self.clock += 1
         self.history.append(size)
         return self.cache.get(paths[: size - 1], ctx.device)

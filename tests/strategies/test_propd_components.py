@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from conftest import tiny_loaded
 from propd import Decoder, DraftTree, PropdError
 from propd.hookspecs import hookimpl
-from propd.strategies.dynamic import CostModel, DynamicConfig, DynamicSizer, weighted_line
+from propd.strategies.dynamic import CostModel, DriftCostModel, DynamicConfig, DynamicSizer, weighted_line
 from propd.strategies.early_prune import EarlyProbConfig, EarlyProbPruner, EarlyTopKConfig, EarlyTopKPruner
 from propd.strategies.tree_builder import best_tree, rank_probabilities
 from strategies_ht import tree_paths
@@ -161,6 +161,66 @@ def test_cost_estimates_age():
     assert cm.t[1] == pytest.approx(0.05, rel=0.01)
 
 
+def test_drift_cost_model_prices_sizes_at_todays_speed():
+    """Step time = speed x relative cost: a size measured in a slow moment is priced at today's speed, where the
+    paper's T_perf^i keeps the slow time until that size runs again (benchmarks/sizer_trace.py saw exactly that)."""
+    drift, paper = DriftCostModel(alpha=0.3, lam=0.05), CostModel(alpha=0.3, lam=0.05)
+    clock = 0
+
+    def run(size, seconds, times=1):
+        nonlocal clock
+        for _ in range(times):
+            clock += 1
+            drift.observe(size, seconds, now=clock)
+            paper.observe(size, seconds, now=clock)
+
+    run(1, 0.040, 5)  # a slow moment: 1-node steps take 40 ms and the 8-node tree 52 ms (1.3 AR steps)
+    run(8, 0.052)
+    run(1, 0.040)
+    run(1, 0.030, 40)  # the machine is 25% faster from now on, and only 1-node steps run
+    assert drift.estimate(1) == pytest.approx(0.030, rel=0.01)
+    assert drift.estimate(8) == pytest.approx(0.039, rel=0.05)  # still 1.3 AR steps
+    assert paper.estimate(8) == pytest.approx(0.052)  # 1.73 AR steps: the tree no longer looks worth running
+
+
+def test_drift_cost_model_attributes_a_slowdown_during_a_long_tree_run_to_the_machine():
+    cm = DriftCostModel(alpha=0.3, lam=0.05)
+    clock = 0
+    for _ in range(4):  # 8 nodes cost 1.25 AR steps
+        for size, t in ((1, 0.032), (8, 0.040)):
+            clock += 1
+            cm.observe(size, t, now=clock)
+    for step in range(30):  # then only 8-node trees run while the machine slows down by half
+        clock += 1
+        cm.observe(8, 0.040 * (1 + 0.5 * (step + 1) / 30), now=clock)
+    clock += 1
+    cm.observe(1, 0.048, now=clock)  # a 1-node probe confirms the slowdown
+    assert cm.estimate(8) / cm.estimate(1) == pytest.approx(1.25, rel=0.08)  # the relative cost held
+    assert cm.estimate(8) == pytest.approx(0.060, rel=0.08)  # and the slowdown is not counted twice
+
+
+def test_drift_cost_model_clips_a_single_stalled_step_and_fits_the_line_to_relative_costs():
+    cm = DriftCostModel(alpha=0.3, lam=0.05)
+    for clock, (size, t) in enumerate([(1, 0.010), (2, 0.012), (8, 0.018), (32, 0.042)] * 5, start=1):
+        cm.observe(size, t, now=clock)
+    assert cm.estimate(8) == pytest.approx(0.018, rel=0.02)
+    cm.observe(8, 0.090, now=21)  # another process stalled one step five-fold
+    assert 0.018 < cm.estimate(8) < 0.025
+    cm.observe(1, 0.010, now=22)
+    # a size never measured is priced by the weighted line through the relative costs (1.2, 1.8 and 4.2 AR steps)
+    b0, b1 = weighted_line(torch.tensor([2.0, 8, 32], dtype=torch.float64),
+                           torch.tensor([1.2, 1.8, 4.2], dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    assert cm.estimate(16) == pytest.approx(cm.estimate(1) * (b0 + 16 * b1), rel=0.1)
+    prior = DriftCostModel(alpha=0.3, lam=0.05).seeded_from(cm)  # another key: the speed is unknown until measured
+    assert prior.estimate(1) == pytest.approx(0.010, rel=0.2)
+    prior.observe(1, 0.040, now=30)  # a bigger batch: a 1-node step takes 4x as long ...
+    assert prior.estimate(1) == pytest.approx(0.040, rel=0.01)
+    relative = cm.estimate(32) / cm.estimate(1)
+    assert prior.estimate(32) == pytest.approx(0.040 * relative, rel=0.01)  # ... and the inherited prices follow
+    prior.observe(8, 0.200, now=31)  # trees cost far more at this batch size: one step moves every inherited price
+    assert prior.estimate(8) > 0.15 and prior.estimate(32) > 2 * 0.040 * relative
+
+
 def _drive(cost_per_node, steps=120, probe_every=1000, batch=lambda step: 1, time_of=None, sizes=(1, 4, 16, 64),
            explore=(1, 16, 64), **config):
     """Feed the sizer synthetic step times t(i) = 10 ms + cost_per_node * i (or ``time_of(i)``) and perfect-ish
@@ -242,7 +302,7 @@ def test_dynamic_sizer_runs_no_heads_on_one_node_steps():
         # explore first, then make the sizer believe trees never pay
         dec.generate_ids(prompts, max_new_tokens=8)
         for cost in sizer.costs.values():
-            cost.t = {s: 1.0 * s for s in cost.t}
+            cost.estimate = lambda size: 1.0 * size
         sizer.since = sizer.cfg.refresh
         calls.clear()
         res = dec.generate_ids(prompts, max_new_tokens=12)
