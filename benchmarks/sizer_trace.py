@@ -22,7 +22,7 @@ choose = dynamic.DynamicSizer.choose
 def traced(self, cost, values):
     size = choose(self, cost, values)
     c = self.calibration
-    cells = " ".join(f"{i}:{1 + c * sum(values[:i - 1]):.2f}/{1000 * cost.estimate(i):.0f}"
+    cells = " ".join(f"{i}:{self._l(i, values):.2f}/{1000 * cost.estimate(i):.0f}"
                      f"{'' if cost.n.get(i, 0) else '*'}({cost.n.get(i, 0)})" for i in self.sizes if i <= 16)
     print(f"step {self.clock:4d}  c={c:.2f}  choose {size:2d} | {cells}")
     return size

@@ -385,8 +385,10 @@ class DynamicSizer:
         self.cache = _TreeCache()
         self.history: list[int] = []  # tree size used at each step (for analysis)
         self._best: tuple[list, list] | None = None  # best_tree() of the current acceptance estimates
-        # EMAs of measured and predicted accepted guesses per tree step, starting from a prior of c = 1
-        self._gain = [self.CALIBRATION_PRIOR, self.CALIBRATION_PRIOR]
+        # EMAs of measured and predicted accepted guesses per tree step, starting from a prior of c = 1: one pair for
+        # whole trees and one for the sizes a pruner cuts (``pruned``), whose acceptance also pays for the pruning
+        self._gain = {False: [self.CALIBRATION_PRIOR] * 2, True: [self.CALIBRATION_PRIOR] * 2}
+        self.pruned: set[int] = set()  # tree sizes whose steps a pruner has cut
 
     # The calibration's EMAs start at this many accepted guesses each (c = 1, the paper's l(i)), so that the first
     # few tree steps move c gradually: without it, a first tree step that accepted nothing set c to 0, every tree
@@ -395,16 +397,28 @@ class DynamicSizer:
 
     @property
     def calibration(self) -> float:
-        """Measured / predicted accepted guesses on tree steps (1 until measured). The product-of-ranks model
+        """Measured / predicted accepted guesses on whole-tree steps (1 until measured). The product-of-ranks model
         assumes every head's guesses fit every path, but head i's guesses follow the most likely continuation, so
         it over-promises for large trees of weak heads; scaling l(i) - 1 by this ratio keeps choices honest."""
-        measured, predicted = self._gain
+        return self.calibration_for(pruned=False)
+
+    def calibration_for(self, pruned: bool) -> float:
+        """The calibration of whole trees, or (``pruned``) of the sizes a pruner cuts. Kept apart because a pruned
+        tree accepts less than its whole self: in the ``propd`` preset only trees of 16+ nodes are pruned, and one
+        shared ratio let the explored 64-node tree's pruning losses (predicted 0.9 accepted guesses, about 0.4
+        measured) mark the unpruned 2- to 8-node trees down too, so the sizer settled on 1-node steps at b=1 (fp32
+        run of results.md at commit a6f81b5: 1.3 nodes per step against 5.7 for ``propd-dynamic-only``)."""
+        measured, predicted = self._gain[pruned]
         return measured / predicted if predicted > 0 else 1.0
 
-    def calibrate(self, measured: float, predicted: float) -> None:
-        """One tree step's accepted guesses (mean over rows) and what the estimates predicted for its tree."""
-        a = self.cfg.alpha
-        self._gain = [(1 - a) * self._gain[0] + a * measured, (1 - a) * self._gain[1] + a * predicted]
+    def calibrate(self, measured: float, predicted: float, pruned: bool = False) -> None:
+        """One tree step's accepted guesses (mean over rows) and what the estimates predicted for its whole tree."""
+        a, g = self.cfg.alpha, self._gain[pruned]
+        self._gain[pruned] = [(1 - a) * g[0] + a * measured, (1 - a) * g[1] + a * predicted]
+
+    def _l(self, size: int, values: list[float]) -> float:
+        """l(size): 1 + the calibrated sum of the best ``size``-node tree's node values."""
+        return 1.0 + self.calibration_for(size in self.pruned) * sum(values[: size - 1])
 
     @hookimpl
     def propd_setup(self, model):
@@ -429,7 +443,7 @@ class DynamicSizer:
             return 1 if fresh_prior or (entering and cost.age(1, self.clock) > self.cfg.refresh) else None
         untried = [s for s in self.explore if cost.n.get(s, 0) == 0]
         if untried and cost.n.get(1, 0) > 0:
-            most = 1.0 + self.calibration * sum(values[: max(self.sizes) - 1])
+            most = self._l(max(self.sizes), values)
             hopeless = [s for s in cost.t if s > 1 and cost.n.get(s, 0) > 0 and cost.t[s] >= most * cost.t[1]]
             if hopeless:
                 untried = [s for s in untried if s < min(hopeless)]
@@ -439,10 +453,8 @@ class DynamicSizer:
         """The size maximizing l(i) / T_est(i); ``values`` are the node values of the largest best tree. The caller
         has checked that nothing is left to explore at this key. With ``trees_only``, the best size above 1."""
         best, best_rate = 1, -1.0
-        c = self.calibration
         for s in self.sizes[1:] if trees_only and len(self.sizes) > 1 else self.sizes:
-            l_i = 1.0 + c * sum(values[: s - 1])
-            rate = l_i / cost.estimate(s)
+            rate = self._l(s, values) / cost.estimate(s)
             if rate > best_rate:
                 best, best_rate = s, rate
         return best
@@ -493,8 +505,10 @@ class DynamicSizer:
         if ctx.heads is None or not ctx.heads_computed():
             return  # a 1-node step ran no heads; running them here would cost time that T(1) never sees
         if tree.num_nodes > 1 and self._best is not None:
+            if stats.nodes_after_pruning < tree.num_nodes:
+                self.pruned.add(tree.num_nodes)
             predicted = sum(self._best[1][: tree.num_nodes - 1])
-            self.calibrate(sum(stats.accepted) / len(stats.accepted) - 1.0, predicted)
+            self.calibrate(sum(stats.accepted) / len(stats.accepted) - 1.0, predicted, tree.num_nodes in self.pruned)
         R, K = self.cfg.max_rank, len(self.P)
         top = ctx.head_topk(R)  # (B, K, R): the proposer's guesses this step (computed once, shared)
         path = tree.paths_to[acceptance.best]  # (B, D+1)

@@ -394,3 +394,27 @@ def test_one_unlucky_tree_step_does_not_stop_exploration():
     for _ in range(200):  # heads that deliver a third of what the estimates promise
         sizer.calibrate(measured=0.2, predicted=0.6)
     assert sizer.calibration == pytest.approx(1 / 3, rel=0.01)
+
+
+def test_pruned_trees_do_not_mark_whole_trees_down():
+    """Pruning costs a tree some accepted guesses. The calibration of the sizes a pruner cuts is kept apart from that of
+    whole trees: with one shared ratio the pruned 64-node tree's losses made every small tree look worthless."""
+    def sized(pruned_losses_shared: bool) -> int:
+        sizer = DynamicSizer(DynamicConfig(sizes=(1, 2, 4, 8, 16, 64)))
+        sizer.propd_setup(MODEL)
+        values = best_tree(rank_probabilities(sizer.P), 64)[1]
+        cost = DriftCostModel(alpha=0.3, lam=0.05)
+        for clock, (size, t) in enumerate([(1, 0.030), (2, 0.032), (4, 0.034), (8, 0.037), (16, 0.060), (64, 0.1)]):
+            cost.observe(size, t, now=clock + 1)
+        if not pruned_losses_shared:
+            sizer.pruned.update({16, 64})
+        for _ in range(200):  # pruned trees keep 1 of every 5 guesses the estimates promise
+            sizer.calibrate(measured=0.2 * sum(values[:63]), predicted=sum(values[:63]),
+                            pruned=not pruned_losses_shared)
+        return sizer, sizer.choose(cost, values)
+
+    apart, choice = sized(pruned_losses_shared=False)
+    assert apart.calibration == 1.0 and apart.calibration_for(pruned=True) == pytest.approx(0.2, rel=0.01)
+    assert choice in (2, 4, 8)
+    shared, choice = sized(pruned_losses_shared=True)
+    assert shared.calibration == pytest.approx(0.2, rel=0.01) and choice == 1
