@@ -141,11 +141,35 @@ class DynamicConfig:
     cost: str = attrs.field(default="drift", validator=attrs.validators.in_(("drift", "paper")))
 
 
-class CostModel:
-    """The paper's step-time model (ProPD sec. 4.2, ``cost="paper"``): an EMA T_perf^i per size and a weighted
-    least-squares line through them."""
+class _Measured:
+    """What both cost models keep about their measurements: per size, how many were fresh at this key and when."""
 
     PRIOR_WEIGHT = 0.1  # a prior counts like a measurement this much older than the newest: exp(-lambda * age)
+    lam: float
+    n: dict[int, int]  # fresh measurements per size (0 for a prior inherited from another key)
+    last: dict[int, int]  # clock of the last measurement
+    clock: int
+
+    def _inherit(self, other: "_Measured") -> None:
+        """Take ``other``'s sizes as priors: none counts as measured here, and each is dated at least
+        ``log(1 / PRIOR_WEIGHT) / lambda`` steps back, so that its line weight is at most ``PRIOR_WEIGHT``."""
+        self.clock = other.clock
+        oldest = other.clock - math.ceil(math.log(1 / self.PRIOR_WEIGHT) / self.lam) if self.lam > 0 else other.clock
+        self.last = {s: min(t, oldest) for s, t in other.last.items()}
+        self.n = {s: 0 for s in other.n}
+
+    @property
+    def seeded(self) -> bool:
+        return any(n == 0 for n in self.n.values())
+
+    def age(self, size: int, now: int) -> float:
+        """Steps since ``size`` was last measured at this key (infinite if never)."""
+        return now - self.last[size] if self.n.get(size, 0) > 0 else math.inf
+
+
+class CostModel(_Measured):
+    """The paper's step-time model (ProPD sec. 4.2, ``cost="paper"``): an EMA T_perf^i per size and a weighted
+    least-squares line through them."""
 
     def __init__(self, alpha: float, lam: float):
         self.alpha, self.lam = alpha, lam
@@ -159,15 +183,9 @@ class CostModel:
         measurement replaces its prior; the first fresh 1-node time also rescales the remaining priors by its ratio
         to the prior's (a bigger batch makes every step slower); and priors enter the line with weight
         ``PRIOR_WEIGHT`` at most."""
-        self.t, self.clock = dict(other.t), other.clock
-        oldest = other.clock - math.ceil(math.log(1 / self.PRIOR_WEIGHT) / self.lam) if self.lam > 0 else other.clock
-        self.last = {s: min(t, oldest) for s, t in other.last.items()}
-        self.n = {s: 0 for s in other.t}
+        self.t = dict(other.t)
+        self._inherit(other)
         return self
-
-    @property
-    def seeded(self) -> bool:
-        return any(n == 0 for n in self.n.values())
 
     def observe(self, size: int, seconds: float, now: int | None = None) -> None:
         """Record one step of ``size`` nodes. ``now`` is the sizer's step clock (shared by all keys, so that an
@@ -186,10 +204,6 @@ class CostModel:
             self.t[size] = keep * self.t[size] + (1 - keep) * seconds
         self.n[size] = self.n.get(size, 0) + 1
         self.last[size] = self.clock
-
-    def age(self, size: int, now: int) -> float:
-        """Steps since ``size`` was last measured at this key (infinite if never)."""
-        return now - self.last[size] if self.n.get(size, 0) > 0 else math.inf
 
     def fit(self) -> tuple[float, float] | None:
         """(beta0, beta1) of the weighted fit over tree sizes >= 2, or None with fewer than two measured."""
@@ -221,7 +235,7 @@ class CostModel:
         return max(b0 + b1 * size, floor)
 
 
-class DriftCostModel:
+class DriftCostModel(_Measured):
     """Step time as machine speed x relative cost of the size, each tracked with its own uncertainty.
 
     The paper's T_perf^i (``CostModel``) assumes the machine's speed holds still, but on a shared CPU it drifts by more
@@ -280,16 +294,9 @@ class DriftCostModel:
         self.u, self.vu = other.u, self.UNKNOWN_VAR
         self.r = dict(other.r)
         self.vr = {s: v + self.PRIOR_VAR for s, v in other.vr.items()}
-        self.clock = self.tick = other.clock
-        oldest = other.clock - math.ceil(math.log(1 / CostModel.PRIOR_WEIGHT) / self.lam) if self.lam > 0 else \
-            other.clock
-        self.last = {s: min(t, oldest) for s, t in other.last.items()}
-        self.n = {s: 0 for s in other.n}
+        self._inherit(other)
+        self.tick = self.clock
         return self
-
-    @property
-    def seeded(self) -> bool:
-        return any(n == 0 for n in self.n.values())
 
     def observe(self, size: int, seconds: float, now: int | None = None) -> None:
         """Record one step of ``size`` nodes (``now``: the sizer's step clock, shared by all keys)."""
@@ -319,10 +326,6 @@ class DriftCostModel:
             self.vr[size] *= 1 - kr
         self.n[size] = self.n.get(size, 0) + 1
         self.last[size] = self.clock
-
-    def age(self, size: int, now: int) -> float:
-        """Steps since ``size`` was last measured at this key (infinite if never)."""
-        return now - self.last[size] if self.n.get(size, 0) > 0 else math.inf
 
     def fit(self) -> tuple[float, float] | None:
         """(beta0, beta1) of the weighted line through the relative costs exp(r_i) of tree sizes >= 2, or None with
