@@ -145,10 +145,22 @@ class _Measured:
     """What both cost models keep about their measurements: per size, how many were fresh at this key and when."""
 
     PRIOR_WEIGHT = 0.1  # a prior counts like a measurement this much older than the newest: exp(-lambda * age)
-    lam: float
-    n: dict[int, int]  # fresh measurements per size (0 for a prior inherited from another key)
-    last: dict[int, int]  # clock of the last measurement
-    clock: int
+
+    def __init__(self, lam: float):
+        self.lam = lam
+        self.n: dict[int, int] = {}  # fresh measurements per size (0 for a prior inherited from another key)
+        self.last: dict[int, int] = {}  # clock of the last measurement
+        self.clock = 0
+
+    def _tick(self, now: int | None) -> None:
+        """Set the clock for a measurement: ``now`` is the sizer's step clock (shared by all keys, so that an
+        estimate left behind while other keys ran counts as old); without it, this model's own clock ticks."""
+        self.clock = self.clock + 1 if now is None else now
+
+    def _count(self, size: int) -> None:
+        """Count a fresh measurement of ``size`` at the current clock."""
+        self.n[size] = self.n.get(size, 0) + 1
+        self.last[size] = self.clock
 
     def _inherit(self, other: "_Measured") -> None:
         """Take ``other``'s sizes as priors: none counts as measured here, and each is dated at least
@@ -172,11 +184,9 @@ class CostModel(_Measured):
     least-squares line through them."""
 
     def __init__(self, alpha: float, lam: float):
-        self.alpha, self.lam = alpha, lam
+        super().__init__(lam)
+        self.alpha = alpha
         self.t: dict[int, float] = {}  # T_perf^i
-        self.n: dict[int, int] = {}  # fresh measurements per size (0 for a prior inherited from another key)
-        self.last: dict[int, int] = {}  # clock of the last measurement
-        self.clock = 0
 
     def seeded_from(self, other: "CostModel") -> "CostModel":
         """A copy of ``other``'s estimates as a prior (another batch size or context bucket). Each size's first fresh
@@ -188,9 +198,8 @@ class CostModel(_Measured):
         return self
 
     def observe(self, size: int, seconds: float, now: int | None = None) -> None:
-        """Record one step of ``size`` nodes. ``now`` is the sizer's step clock (shared by all keys, so that an
-        estimate left behind while other keys ran counts as old); without it, this model's own clock ticks."""
-        self.clock = self.clock + 1 if now is None else now
+        """Record one step of ``size`` nodes (``now``: see ``_tick``)."""
+        self._tick(now)
         fresh = self.n.get(size, 0) == 0
         if fresh and size == 1 and self.t.get(1):
             ratio = seconds / self.t[1]
@@ -202,8 +211,7 @@ class CostModel(_Measured):
         else:  # the old estimate's weight decays with its age, like the line's weights W_i = exp(-lambda * o_i)
             keep = (1 - self.alpha) * math.exp(-self.lam * max(0, self.clock - self.last[size] - 1))
             self.t[size] = keep * self.t[size] + (1 - keep) * seconds
-        self.n[size] = self.n.get(size, 0) + 1
-        self.last[size] = self.clock
+        self._count(size)
 
     def fit(self) -> tuple[float, float] | None:
         """(beta0, beta1) of the weighted fit over tree sizes >= 2, or None with fewer than two measured."""
@@ -258,18 +266,19 @@ class DriftCostModel(_Measured):
     interference on a shared machine makes single steps several times slower, and one such step must not price a size
     for the rest of the run.
 
-    On 30 held-out training prompts (``propd bench --questions out/ho30/question.jsonl --out out/drift1 --presets
-    ar,propd --variant 'propd-paper=propd;sizer=propd-dynamic:cost=paper' --batch-sizes 1,2,4 --max-new-tokens 48``,
-    AMD EPYC 2 cores, fp32, 2026-11-23 16:05-16:13 UTC) ``propd`` ran 2.68 nodes per step at b=1 against 1.62 with the
-    paper's model, for 1.05x ``ar`` (0.90 bootstrap interval 1.01-1.09) against 1.03x (0.995-1.07); at b=2 and 4 it
-    stayed at 1-node steps (1.01x and 0.98x, against 1.03x and 0.97x): differences within this machine's noise.
-
     Sizes never measured are priced by the paper's weighted least-squares line through the measured relative costs
     exp(r_i) (sizes >= 2, weights ``W_i = exp(-lambda * o_i)``), times exp(u). Another key's estimates are a prior
     (``seeded_from``): its relative costs with ``PRIOR_VAR`` more variance and its speed unknown, so that the first
     1-node step at the new key sets the speed and every inherited price follows it; when an inherited size is first
     measured, ``PRIOR_SHARED`` of its correction moves the other inherited sizes too (a batch size moves the whole
-    cost curve)."""
+    cost curve).
+
+    On 30 held-out training prompts (``propd bench --questions out/ho30/question.jsonl --out out/drift1 --presets
+    ar,propd --variant 'propd-paper=propd;sizer=propd-dynamic:cost=paper' --variant
+    'propd-pbest=propd;sizer=propd-dynamic:probe_size=0' --batch-sizes 1,2,4 --max-new-tokens 48``,
+    AMD EPYC 2 cores, fp32, 2026-11-23 16:05-16:13 UTC) ``propd`` ran 2.68 nodes per step at b=1 against 1.62 with the
+    paper's model, for 1.05x ``ar`` (0.90 bootstrap interval 1.01-1.09) against 1.03x (0.995-1.07); at b=2 and 4 it
+    stayed at 1-node steps (1.01x and 0.98x, against 1.03x and 0.97x): differences within this machine's noise."""
 
     R = 0.01  # variance of log step time between steps at a steady speed (about 10% jitter)
     REL_DRIFT = 0.02  # relative costs drift this much as fast as the speed (in variance)
@@ -279,14 +288,11 @@ class DriftCostModel(_Measured):
     CLIP = 3.0  # innovations beyond this many standard deviations are clipped
 
     def __init__(self, alpha: float, lam: float):
-        self.lam = lam
+        super().__init__(lam)
         self.q = self.R * alpha * alpha / max(1e-9, 1.0 - alpha)
         self.u, self.vu = 0.0, self.UNKNOWN_VAR  # log speed (1-node step time) and its variance
         self.r: dict[int, float] = {}  # log relative cost of each tree size
         self.vr: dict[int, float] = {}
-        self.n: dict[int, int] = {}  # fresh measurements per size at this key (0 for an inherited prior)
-        self.last: dict[int, int] = {}  # clock of the last measurement
-        self.clock = 0
         self.tick = 0  # clock of the last drift step
 
     def seeded_from(self, other: "DriftCostModel") -> "DriftCostModel":
@@ -299,8 +305,8 @@ class DriftCostModel(_Measured):
         return self
 
     def observe(self, size: int, seconds: float, now: int | None = None) -> None:
-        """Record one step of ``size`` nodes (``now``: the sizer's step clock, shared by all keys)."""
-        self.clock = self.clock + 1 if now is None else now
+        """Record one step of ``size`` nodes (``now``: see ``_tick``)."""
+        self._tick(now)
         steps = max(0, self.clock - self.tick)  # the speed and the relative costs drift while steps pass
         self.tick = self.clock
         self.vu += self.q * steps
@@ -324,8 +330,7 @@ class DriftCostModel(_Measured):
                         self.r[s] += self.PRIOR_SHARED * kr * e
             self.r[size] += kr * e
             self.vr[size] *= 1 - kr
-        self.n[size] = self.n.get(size, 0) + 1
-        self.last[size] = self.clock
+        self._count(size)
 
     def fit(self) -> tuple[float, float] | None:
         """(beta0, beta1) of the weighted line through the relative costs exp(r_i) of tree sizes >= 2, or None with
