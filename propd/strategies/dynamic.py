@@ -18,7 +18,8 @@ size chosen to maximize expected accepted tokens per second:
   bucket changes and every ``refresh`` steps; the 1-node tree (a plain AR step) is always a candidate.
 
 Exploration is kept cheap, since on a small model every step spent on a bad size is lost time: the first
-(batch size, bucket) measures only ``explore`` sizes (one step each) before trusting the line; a new key starts
+(batch size, bucket) measures only ``explore`` sizes (two steps per tree size, ``explore_repeat``) before trusting
+the line; a new key starts
 from the previous key's measurements as a prior instead of exploring again: it measures one 1-node step, rescales
 the prior by the ratio of that step's time to the prior's, weights the prior at most ``CostModel.PRIOR_WEIGHT``
 in the line, and replaces each size's prior with its first fresh measurement. While the choice is the 1-node tree
@@ -133,7 +134,8 @@ class DynamicConfig:
     refresh: int = 16  # re-choose at least this often (steps)
     context_bucket: int = 256  # re-choose when the longest context crosses a multiple of this
     max_rank: int = 10
-    explore: tuple[int, ...] = (1, 2, 4, 8, 16, 64)  # sizes measured once before the first choice
+    explore: tuple[int, ...] = (1, 2, 4, 8, 16, 64)  # sizes measured before the first choice ...
+    explore_repeat: int = 2  # ... each tree size this many times (DriftCostModel keeps the faster of its first two)
     probe_every: int = 32  # one step of the other regime (1 node vs a tree) this often ...
     probe_max: int = 256  # ... and, while probes keep confirming 1-node steps, up to this often (doubling)
     probe_size: int = 2  # the probe tree while at 1 node: the candidate nearest this, above 1; 0: the best tree
@@ -264,7 +266,11 @@ class DriftCostModel(_Measured):
     ``time_alpha``, of ``CostModel``); relative costs drift ``REL_DRIFT`` times as fast, so during a long run of one
     tree size most of a slowdown goes to the speed. An innovation is clipped at ``CLIP`` standard deviations:
     interference on a shared machine makes single steps several times slower, and one such step must not price a size
-    for the rest of the run.
+    for the rest of the run. A size's first step cannot be clipped (nothing is known to clip it against), so its second
+    step at a key only ever lowers its relative cost, to the faster of the two: interference slows steps and never
+    speeds them up, and a size priced too dear is never chosen, so never measured again, where one priced too cheap is
+    chosen and corrected. In ``benchmarks/sizer_trace.py`` at commit c35ee64 the 8-node tree's single exploration step
+    took 69 ms against 47 ms for a 1-node step, and the sizer ran 2-node trees from then on.
 
     Sizes never measured are priced by the paper's weighted least-squares line through the measured relative costs
     exp(r_i) (sizes >= 2, weights ``W_i = exp(-lambda * o_i)``), times exp(u). Another key's estimates are a prior
@@ -317,6 +323,12 @@ class DriftCostModel(_Measured):
         vr = self.vr[size] if size != 1 else 0.0
         S = self.vu + vr + self.R
         e = math.log(max(seconds, 1e-9)) - self.u - self.r.get(size, 0.0)
+        if size != 1 and self.n.get(size) == 1:  # a tree size's second step here: keep the faster of its first two
+            if e < 0:
+                self.r[size] += e
+            self.vr[size] *= 1 - vr / S  # as certain as an ordinary second measurement would leave it
+            self._count(size)
+            return
         bound = self.CLIP * math.sqrt(S)
         e = min(max(e, -bound), bound)
         ku, kr = self.vu / S, vr / S
@@ -443,16 +455,21 @@ class DynamicSizer:
         measured first: the machine's speed drifts, and fresh tree times against a stale 1-node time pick trees that
         do not pay.
 
-        Sizes are explored smallest first, and exploration stops early once a measured tree step takes at least
+        Sizes are explored smallest first, each tree size ``explore_repeat`` times in a row (one stalled step must not
+        price a size for the rest of the run, see ``DriftCostModel``), and exploration stops early once a measured tree step takes at least
         l(largest) times a 1-node step: then no tree that large or larger can pay, even with every guess of the
-        largest tree counted, and measuring one (a 64-node tree is 256 rows at batch 4) costs many AR steps."""
+        largest tree counted, and measuring one (a 64-node tree is 256 rows at batch 4) costs many AR steps. Before
+        its last exploration step a size must take twice that to stop exploration."""
         if len(self.costs) > 1 or cost.seeded:  # a later key: it has a prior, rescaled by one fresh 1-node step
             fresh_prior = cost.seeded and cost.n.get(1, 0) == 0
             return 1 if fresh_prior or (entering and cost.age(1, self.clock) > self.cfg.refresh) else None
-        untried = [s for s in self.explore if cost.n.get(s, 0) == 0]
+        repeat = max(1, self.cfg.explore_repeat)
+        untried = [s for s in self.explore if cost.n.get(s, 0) < (1 if s == 1 else repeat)]
         if untried and cost.n.get(1, 0) > 0:
+            # a size measured fewer than ``repeat`` times is hopeless only at twice the bar: its step may have stalled
             most = self._l(max(self.sizes), values)
-            hopeless = [s for s in cost.t if s > 1 and cost.n.get(s, 0) > 0 and cost.t[s] >= most * cost.t[1]]
+            hopeless = [s for s, t in cost.t.items() if s > 1 and cost.n.get(s, 0) > 0
+                        and t >= most * cost.t[1] * (1 if cost.n[s] >= repeat else 2)]
             if hopeless:
                 untried = [s for s in untried if s < min(hopeless)]
         return untried[0] if untried else None
