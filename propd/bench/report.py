@@ -2,7 +2,10 @@
 partial run reports what it holds).
 
 Definitions (Spec-Bench's): tokens/s = total new tokens / total wall time of the batches; speedup = tokens/s over
-the ``ar`` preset's at the same batch size in the same run; mean accepted tokens = new tokens / forward passes (the
+the ``ar`` preset's at the same batch size in the same run; ``decode_speedup_vs_ar`` is the same ratio over the
+decoding steps alone: new tokens after each row's first (which the prefill yields) divided by the summed step times, so
+that the prefill, identical work for every method, does not dilute it (None for baselines that record no step times);
+mean accepted tokens = new tokens / forward passes (the
 bonus token counted, so AR is 1.0); match rate = share of prompts whose token ids equal ``ar``'s at that batch size.
 Per-category tokens/s divide the category's tokens by the wall time of the rows' batches, so in batches they share
 time with other categories and are indicative only.
@@ -63,6 +66,8 @@ def summarize(out: Path) -> list[dict]:
                                            / len(items), 4) if ar else None),
             }
             if cat == "all":
+                decode_s = sum(s["step_time_s"] for s in steps)
+                row["decode_tokens_per_s"] = round((tokens - len(items)) / decode_s, 3) if decode_s > 0 else None
                 row["mean_step_time_ms"] = (round(1000 * sum(s["step_time_s"] for s in steps) / len(steps), 3)
                                             if steps else None)
                 row["mean_tree_nodes"] = round(sum(s["tree_nodes"] for s in steps) / len(steps), 2) if steps else None
@@ -74,6 +79,10 @@ def summarize(out: Path) -> list[dict]:
         b = base.get((r["batch_size"], r["category"]))
         r["speedup_vs_ar"] = round(r["tokens_per_s"] / b, 3) if b and r["tokens_per_s"] else None
         if r["category"] == "all":
+            d = next((x.get("decode_tokens_per_s") for x in rows if x["preset"] == "ar" and x["category"] == "all"
+                      and x["batch_size"] == r["batch_size"]), None)
+            r["decode_speedup_vs_ar"] = (round(r["decode_tokens_per_s"] / d, 3)
+                                         if d and r.get("decode_tokens_per_s") else None)
             r["speedup_ci90"] = speedup_interval(_per_batch(data.get((r["preset"], r["batch_size"]), [])),
                                                  _per_batch(data.get(("ar", r["batch_size"]), [])))
     return rows
@@ -121,7 +130,8 @@ def write_report(out: str | Path) -> list[dict]:
     rows = summarize(out)
     (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     run = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
-    cols = ["preset", "batch_size", "tokens_per_s", "speedup_vs_ar", "speedup_ci90", "mean_accepted_tokens",
+    cols = ["preset", "batch_size", "tokens_per_s", "speedup_vs_ar", "speedup_ci90", "decode_speedup_vs_ar",
+            "mean_accepted_tokens",
             "mean_step_time_ms", "mean_tree_nodes", "mean_nodes_after_pruning", "match_rate_vs_ar", "new_tokens",
             "prompts"]
     lines = [f"# propd bench: {run.get('model', '?')}", ""]

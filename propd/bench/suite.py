@@ -143,6 +143,9 @@ def tables(out: Path, layers=TABLE2_LAYERS, topk=TABLE2_TOPK) -> str:
         lines += ["", f"90% paired bootstrap interval of the speed-up over batches ({name}; the noise inside this run, "
                   "not between runs; '-' where the prompts fill one batch):", ""]
         lines += _speed_table(rows, [m for m in methods if m != "ar"], "speedup_ci90")
+        lines += ["", f"Speed-up over `ar` of the decoding steps alone ({name}; the prefill, the same work for every "
+                  "method, left out of both):", ""]
+        lines += _speed_table(rows, [m for m in methods if not m.startswith("hf")], "decode_speedup_vs_ar")
         lines += ["", f"Tokens/s ({name}):", ""] + _speed_table(rows, methods, "tokens_per_s", "{:.1f}")
         lines += ["", f"Mean accepted tokens per step ({name}; the bonus token counted, AR = 1):", ""]
         lines += _speed_table(rows, [m for m in methods if not m.startswith("hf")], "mean_accepted_tokens", "{:.2f}")

@@ -57,6 +57,15 @@ def test_bench_smoke(tiny_dir, tiny_heads_dir, questions, tmp_path, capsys):
     assert overall[("ar", 1)]["speedup_ci90"] == [1.0, 1.0]  # ar against itself, batch by batch
     lo, hi = overall[("medusa", 2)]["speedup_ci90"]  # 3 batches of 2 prompts
     assert lo <= overall[("medusa", 2)]["speedup_vs_ar"] <= hi
+    # the decode-only ratio: new tokens after each row's first over the summed step times, prefill left out
+    steps = [st for line in (out / "steps" / "medusa-b2.jsonl").read_text().splitlines()
+             for st in json.loads(line)["steps"]]
+    m = overall[("medusa", 2)]
+    assert m["decode_tokens_per_s"] == pytest.approx((m["new_tokens"] - m["prompts"])
+                                                     / sum(st["step_time_s"] for st in steps), rel=1e-3)
+    assert m["decode_speedup_vs_ar"] == pytest.approx(m["decode_tokens_per_s"] / overall[("ar", 2)][
+        "decode_tokens_per_s"], rel=1e-2)
+    assert overall[("ar", 1)]["decode_speedup_vs_ar"] == 1.0
     assert {r["category"] for r in summary} == {"all", *CATS}
     assert "| medusa | 2 |" in (out / "summary.md").read_text()
 
