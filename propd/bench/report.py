@@ -68,19 +68,19 @@ def summarize(out: Path) -> list[dict]:
             if cat == "all":
                 decode_s = sum(s["step_time_s"] for s in steps)
                 row["decode_tokens_per_s"] = round((tokens - len(items)) / decode_s, 3) if decode_s > 0 else None
-                row["mean_step_time_ms"] = (round(1000 * sum(s["step_time_s"] for s in steps) / len(steps), 3)
-                                            if steps else None)
+                row["mean_step_time_ms"] = round(1000 * decode_s / len(steps), 3) if steps else None
                 row["mean_tree_nodes"] = round(sum(s["tree_nodes"] for s in steps) / len(steps), 2) if steps else None
                 row["mean_nodes_after_pruning"] = (round(sum(s["nodes_after_pruning"] for s in steps) / len(steps), 2)
                                                    if steps else None)
             rows.append(row)
     base = {(r["batch_size"], r["category"]): r["tokens_per_s"] for r in rows if r["preset"] == "ar"}
+    decode_base = {r["batch_size"]: r.get("decode_tokens_per_s") for r in rows
+                   if r["preset"] == "ar" and r["category"] == "all"}
     for r in rows:
         b = base.get((r["batch_size"], r["category"]))
         r["speedup_vs_ar"] = round(r["tokens_per_s"] / b, 3) if b and r["tokens_per_s"] else None
         if r["category"] == "all":
-            d = next((x.get("decode_tokens_per_s") for x in rows if x["preset"] == "ar" and x["category"] == "all"
-                      and x["batch_size"] == r["batch_size"]), None)
+            d = decode_base.get(r["batch_size"])
             r["decode_speedup_vs_ar"] = (round(r["decode_tokens_per_s"] / d, 3)
                                          if d and r.get("decode_tokens_per_s") else None)
             r["speedup_ci90"] = speedup_interval(_per_batch(data.get((r["preset"], r["batch_size"]), [])),

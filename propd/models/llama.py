@@ -332,8 +332,9 @@ class LlamaModel(nn.Module):
         tokens and were padded to 9,971, and at batch 16 the prefill took 34 of `ar`'s 38 s (docs/results.md)."""
         if max(cache.host_lengths, default=0) > 0:
             raise PropdError("prefill runs prompts into an empty cache")
-        groups = prefill_groups([len(p) for p in prompts], self.PREFILL_WASTE)
-        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self.device)
+        host_lens = [len(p) for p in prompts]
+        groups = prefill_groups(host_lens, self.PREFILL_WASTE)
+        lens = torch.tensor(host_lens, dtype=torch.long, device=self.device)
         if len(groups) == 1:
             final, _ = self.hidden_states(cache, prompts)
             return final[torch.arange(len(prompts), device=self.device), lens - 1]
@@ -347,7 +348,7 @@ class LlamaModel(nn.Module):
             cache.k[:, idx, :, :longest] = part.k[:, :, :, :longest]
             cache.v[:, idx, :, :longest] = part.v[:, :, :, :longest]
             last[idx] = final[torch.arange(len(rows), device=self.device), lens[idx] - 1]
-        cache.advance(lens, [len(p) for p in prompts])
+        cache.advance(lens, host_lens)
         return last
 
     def hidden_states(self, cache: KVCache, seqs: list[list[int]], capture: tuple[int, ...] = ()
