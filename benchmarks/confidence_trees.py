@@ -46,10 +46,9 @@ with torch.inference_mode():
         cache = lm.model.new_cache(1, len(seq) + 2)
         h, _ = lm.model.hidden_states(cache, [seq], ())
         pos = list(range(len(p) - 1, len(seq) - 1))  # hidden state at t predicts t+1 (the root), heads t+2..
-        n = lm.heads.draft_size()
-        logits = lm.heads._draft_projection(n)(lm.heads._blocks(h[0, pos]))  # (P, D, n)
+        logits, ids = lm.heads.draft_logits(h[0, pos])  # (P, D, n)
         top = logits.log_softmax(-1).topk(RANKS, dim=-1)
-        toks = lm.heads.draft_ids[top.indices]
+        toks = top.indices if ids is None else ids[top.indices]
         truth = torch.full((len(pos), D), -1, dtype=torch.long)
         for j, t in enumerate(pos):
             for d in range(D):
@@ -93,7 +92,7 @@ p = rank_probabilities([h["topk_curve"] for h in report["medusa_heads"]])
 print(f"{len(qs)} held-out prompts, {sum(map(len, hits))} positions; accepted tokens per step, walk / all")
 print("| nodes | fixed tree | by confidence |\n|---|---|---|")
 for size in (2, 3, 4, 6, 8, 12, 16, 32, 64):
-    fixed = [q for q in best_tree(p, size)[0]]
+    fixed = list(best_tree(p, size)[0])
     fw, fa = measure(lambda _logp, fixed=fixed: fixed)
     cw, ca = measure(lambda logp, size=size: confident(logp, size))
     print(f"| {size} | {fw:.3f} / {fa:.3f} | {cw:.3f} / {ca:.3f} |", flush=True)

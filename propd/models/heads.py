@@ -131,15 +131,22 @@ class MedusaHeads(nn.Module):
         shared ``lm_head`` are multiplied), else within the whole vocabulary; 0 within the whole vocabulary; N > 0
         within the draft vocabulary's N most frequent tokens. When fewer than k tokens are allowed, the last one is
         repeated up to k."""
-        n = self.draft_size(draft_vocab)
-        if n == 0:
-            logits = self(hidden)
-            top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
-        else:
-            top = self.draft_ids[self._draft_projection(n)(self._blocks(hidden)).topk(min(k, n), dim=-1).indices]
+        logits, ids = self.draft_logits(hidden, draft_vocab)
+        top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+        if ids is not None:
+            top = ids[top]
         if top.shape[-1] < k:  # fewer tokens than ranks asked for: repeat the last (a wasted sibling, never wrong)
             top = torch.cat([top, top[..., -1:].expand(*top.shape[:-1], k - top.shape[-1])], dim=-1)
         return top
+
+    def draft_logits(self, hidden: torch.Tensor, draft_vocab: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each head's logits (.., K, n) over the tokens :meth:`topk` guesses from (``draft_vocab`` as there), and
+        the token id of each of the n columns (None: column i is token i, the whole vocabulary)."""
+        n = self.draft_size(draft_vocab)
+        if n == 0:
+            return self(hidden), None
+        return self._draft_projection(n)(self._blocks(hidden)), self.draft_ids[:n]
 
     def prepare(self, draft_vocab: int | None = None) -> None:
         """Build (and pack, where the CPU kernel serves it) the projection :meth:`topk` will use, ahead of the first
