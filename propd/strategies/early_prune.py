@@ -60,6 +60,10 @@ class _EarlyPruner:
 
     @hookimpl
     def propd_setup(self, model):
+        L = model.config.num_layers
+        if not 1 <= self.layer < L:
+            raise PropdError(f"pruning after layer {self.layer} is out of range: the model has {L} layers "
+                             f"(use layer=1..{L - 1})")
         if self.layer not in model.early_heads:
             have = sorted(model.early_heads) or "none"
             raise PropdError(f"pruning after layer {self.layer} needs an early head for that layer (loaded: {have}); "
