@@ -11,25 +11,29 @@ from pathlib import Path
 import attrs
 
 from propd.errors import PropdError
+from propd.files import read_text_file
 
 
 @attrs.frozen
 class Question:
     question_id: int | str
     category: str
-    turn: str
+    turns: tuple[str, ...]  # asked in order, as one conversation (each turn sees the earlier turns and answers)
+
+    @property
+    def turn(self) -> str:
+        return self.turns[0]
 
 
 def load_questions(path: str | Path, categories: list[str] | None = None, per_category: int | None = None,
-                   limit: int | None = None, turns: str = "first", seed: int = 0) -> list[Question]:
+                   limit: int | None = None, turns: str = "all", seed: int = 0) -> list[Question]:
     """Read a question file and take a deterministic sample: ``per_category`` questions of each category (drawn
-    with a fixed seed, in file order), or the first ``limit`` after that. ``turns="all"`` makes one prompt per turn
-    (each turn asked on its own)."""
+    with a fixed seed, in file order), or the first ``limit`` after that. ``turns="all"`` keeps every turn of a question,
+    asked as one conversation as Spec-Bench's runners do (MT-bench's second turns follow the model's first answers);
+    ``"first"`` keeps the first turn only."""
     p = Path(path)
-    if not p.is_file():
-        raise PropdError(f"questions file {p} does not exist")
     rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(read_text_file(p, "questions file").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -57,8 +61,9 @@ def load_questions(path: str | Path, categories: list[str] | None = None, per_ca
         raise PropdError(f"--turns must be 'first' or 'all', got {turns!r}")
     out = []
     for qid, cat, ts in picked:
-        for t in ts if turns == "all" else ts[:1]:
-            out.append(Question(qid, cat, t))
+        if not ts or not all(isinstance(t, str) and t.strip() for t in ts):
+            raise PropdError(f"{p}: question {qid!r} has an empty or non-text turn")
+        out.append(Question(qid, cat, tuple(ts) if turns == "all" else tuple(ts[:1])))
     if not out:
         raise PropdError(f"no questions selected from {p}")
     return out

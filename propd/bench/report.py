@@ -1,17 +1,28 @@
 """Summaries and plots of a bench directory, computed from its answers and steps files only (so a resumed or
 partial run reports what it holds).
 
-Definitions (Spec-Bench's): tokens/s = total new tokens / total wall time of the batches; speedup = tokens/s over
-the ``ar`` preset's at the same batch size in the same run; ``decode_speedup_vs_ar`` is the same ratio over the
-decoding steps alone: new tokens after each row's first (which the prefill yields) divided by the summed step times, so
-that the prefill, identical work for every method, does not dilute it (None for baselines that record no step times);
-mean accepted tokens = new tokens / forward passes (the
-bonus token counted, so AR is 1.0); match rate = share of prompts whose token ids equal ``ar``'s at that batch size.
-Per-category tokens/s divide the category's tokens by the wall time of the rows' batches, so in batches they share
-time with other categories and are indicative only.
+propd's aggregate figures (every turn of every question counted):
 
-``speedup_ci90`` is a 90% paired bootstrap interval of the speed-up: the methods take turns batch by batch, so each
-batch index gives a pair of (tokens, wall time) for the method and for ``ar``; resampling batch indices with
+* ``tokens_per_s`` = total new tokens / total wall time of the batches; ``speedup_vs_ar`` = that over the ``ar``
+  preset's at the same batch size in the same run (a ratio of sums).
+* ``decode_speedup_vs_ar``: the same ratio over the decoding steps alone: new tokens after each turn's first (which
+  the prefill yields) divided by the summed step times, so that the prefill, identical work for every method, does
+  not dilute it (None for baselines that record no step times).
+* ``mean_accepted_tokens`` = new tokens / forward passes, the prefill counted as a pass (AR is 1.0).
+* ``match_rate_vs_ar`` = share of questions whose token ids (every turn) equal ``ar``'s at that batch size.
+* Per-category tokens/s divide the category's tokens by the wall time of the rows' batches, so in batches they share
+  time with other categories and are indicative only.
+
+Spec-Bench's figures (Xia et al. 2024, ``evaluation/speed.py``), computed the same way from the same answers:
+
+* ``specbench_tokens_per_s`` = the mean over questions of (a question's new tokens, all turns) / (its wall time,
+  all turns): a mean of per-question rates, not a ratio of sums; ``specbench_speedup`` = that over ``ar``'s. (Spec-Bench
+  counts the baseline's tokens by re-tokenizing its text and subtracting a BOS; here both sides count generated ids.)
+* ``specbench_accept_length`` = the mean of every decoding step's accept length (accepted tokens + the bonus token),
+  the prefill not counted (``#Mean accepted tokens``).
+
+``speedup_ci90`` is a 90% paired bootstrap interval of ``speedup_vs_ar``: the methods take turns batch by batch, so
+each batch index gives a pair of (tokens, wall time) for the method and for ``ar``; resampling batch indices with
 replacement (2,000 draws, fixed seed) and recomputing the ratio of sums shows how much of a ratio is the machine's
 noise during the run (Efron & Tibshirani 1993, ch. 13). It needs two batches or more, and covers only the noise inside
 one run, not drift between runs.
@@ -54,31 +65,41 @@ def summarize(out: Path) -> list[dict]:
             groups[a["category"]].append(a)
         for cat, items in groups.items():
             ch = [a["choices"][0] for a in items]
-            tokens = sum(c["new_tokens"][0] for c in ch)
+            tokens = sum(sum(c["new_tokens"]) for c in ch)
             batches = {(a["batch_index"], c["batch_wall_time"]) for a, c in zip(items, ch)}
             wall = sum(w for _, w in batches)
-            passes = [c["decoding_steps"][0] for c in ch]
+            passes = [p for c in ch for p in c.get("forward_passes", c["decoding_steps"])]
+            accepts = [x for c in ch for x in c["accept_lengths"]]
+            rates = specbench_rates(items)
             row = {
                 "preset": method, "batch_size": bs, "category": cat, "prompts": len(items), "new_tokens": tokens,
                 "wall_time_s": round(wall, 4), "tokens_per_s": round(tokens / wall, 3) if wall else None,
                 "mean_accepted_tokens": (round(tokens / sum(passes), 4) if all(passes) and sum(passes) else None),
+                "specbench_tokens_per_s": round(sum(rates) / len(rates), 3) if rates else None,
+                "specbench_accept_length": round(sum(accepts) / len(accepts), 4) if accepts else None,
                 "match_rate_vs_ar": (round(sum(ar.get(a["question_id"]) == c["token_ids"] for a, c in zip(items, ch))
                                            / len(items), 4) if ar else None),
             }
             if cat == "all":
                 decode_s = sum(s["step_time_s"] for s in steps)
-                row["decode_tokens_per_s"] = round((tokens - len(items)) / decode_s, 3) if decode_s > 0 else None
+                first_tokens = sum(len(c["new_tokens"]) for c in ch)  # one per turn, from its prefill
+                row["decode_tokens_per_s"] = (round((tokens - first_tokens) / decode_s, 3) if decode_s > 0
+                                              else None)
                 row["mean_step_time_ms"] = round(1000 * decode_s / len(steps), 3) if steps else None
                 row["mean_tree_nodes"] = round(sum(s["tree_nodes"] for s in steps) / len(steps), 2) if steps else None
                 row["mean_nodes_after_pruning"] = (round(sum(s["nodes_after_pruning"] for s in steps) / len(steps), 2)
                                                    if steps else None)
             rows.append(row)
     base = {(r["batch_size"], r["category"]): r["tokens_per_s"] for r in rows if r["preset"] == "ar"}
+    spec_base = {(r["batch_size"], r["category"]): r["specbench_tokens_per_s"] for r in rows if r["preset"] == "ar"}
     decode_base = {r["batch_size"]: r.get("decode_tokens_per_s") for r in rows
                    if r["preset"] == "ar" and r["category"] == "all"}
     for r in rows:
         b = base.get((r["batch_size"], r["category"]))
         r["speedup_vs_ar"] = round(r["tokens_per_s"] / b, 3) if b and r["tokens_per_s"] else None
+        sb = spec_base.get((r["batch_size"], r["category"]))
+        r["specbench_speedup"] = (round(r["specbench_tokens_per_s"] / sb, 3) if sb and r["specbench_tokens_per_s"]
+                                  else None)
         if r["category"] == "all":
             d = decode_base.get(r["batch_size"])
             r["decode_speedup_vs_ar"] = (round(r["decode_tokens_per_s"] / d, 3)
@@ -88,13 +109,23 @@ def summarize(out: Path) -> list[dict]:
     return rows
 
 
+def specbench_rates(answers: list[dict]) -> list[float]:
+    """Spec-Bench's per-question rates: (new tokens of all turns) / (wall time of all turns), one per answer."""
+    out = []
+    for a in answers:
+        c = a["choices"][0]
+        if sum(c["wall_time"]) > 0:
+            out.append(sum(c["new_tokens"]) / sum(c["wall_time"]))
+    return out
+
+
 def _per_batch(answers: list[dict]) -> dict[int, tuple[int, float]]:
     """batch index -> (new tokens, wall time) of one (method, batch size)."""
     out: dict[int, tuple[int, float]] = {}
     for a in answers:
         c = a["choices"][0]
         tokens, _ = out.get(a["batch_index"], (0, 0.0))
-        out[a["batch_index"]] = (tokens + c["new_tokens"][0], c["batch_wall_time"])
+        out[a["batch_index"]] = (tokens + sum(c["new_tokens"]), c["batch_wall_time"])
     return out
 
 
@@ -131,7 +162,7 @@ def write_report(out: str | Path) -> list[dict]:
     (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     run = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
     cols = ["preset", "batch_size", "tokens_per_s", "speedup_vs_ar", "speedup_ci90", "decode_speedup_vs_ar",
-            "mean_accepted_tokens",
+            "specbench_speedup", "mean_accepted_tokens", "specbench_accept_length",
             "mean_step_time_ms", "mean_tree_nodes", "mean_nodes_after_pruning", "match_rate_vs_ar", "new_tokens",
             "prompts"]
     lines = [f"# propd bench: {run.get('model', '?')}", ""]
@@ -140,6 +171,9 @@ def write_report(out: str | Path) -> list[dict]:
                  f"({m.get('threads', '?')} threads){', ' + m['gpu'] if m.get('gpu') else ''}; dtype "
                  f"{c.get('dtype', '?')}, device {c.get('device', '?')}, max_new_tokens {c.get('max_new_tokens', '?')}; "
                  f"{m.get('date', '?')}.")
+    lines.append(f"Turns: {c.get('turns', '?')}. Definitions: propd.bench.report (speedup_vs_ar: a ratio of "
+                 f"total tokens over total time; specbench_speedup: Spec-Bench's mean of per-question rates; "
+                 f"mean_accepted_tokens counts the prefill as a pass, specbench_accept_length does not).")
     lines += ["", "## Overall", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     overall = sorted((r for r in rows if r["category"] == "all"), key=lambda r: (r["batch_size"], r["preset"]))
     lines += ["| " + " | ".join(_fmt(r.get(k)) for k in cols) + " |" for r in overall]

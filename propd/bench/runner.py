@@ -1,9 +1,16 @@
 """The benchmark runner: every (method, batch size) pair decodes the same prompts in the same order.
 
 Outputs in ``out``: ``run.json`` (configuration, machine), ``answers/<method>-b<B>.jsonl`` in Spec-Bench's answer
-format (plus ``token_ids``, ``batch_size`` and ``batch_wall_time``), ``steps/<method>-b<B>.jsonl`` (per-step
-statistics for the plots), then ``summary.json``, ``summary.md`` and plots (``propd.bench.report``). Answers are
-appended as each batch finishes, so an interrupted run leaves valid files and ``resume`` skips finished batches.
+format, ``steps/<method>-b<B>.jsonl`` (per-step statistics for the plots), then ``summary.json``, ``summary.md`` and
+plots (``propd.bench.report``). Answers are appended as each batch finishes, so an interrupted run leaves valid files
+and ``resume`` skips finished batches.
+
+An answer holds, per turn, exactly what Spec-Bench's runners record (``evaluation/eval.py``): ``turns`` (the text,
+stripped), ``decoding_steps`` and ``accept_lengths`` of the decoding steps (the prefill, which yields each turn's
+first token, is not a step there), ``new_tokens`` and ``wall_time`` (this question's own time, from its batch's start
+until its row finished, prefill included). A question's turns are one conversation: turn j is asked after turns
+0..j-1 and the model's answers to them. propd adds ``token_ids`` (per turn), ``forward_passes`` (per turn, prefill
+included), ``batch_index``, ``batch_size`` and ``batch_wall_time`` (the batch's time, all turns).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import torch
 
 from propd.bench.baselines import BASELINES, HFBaseline
 from propd.bench.questions import Question, load_questions
+from propd.chat import conversation
 from propd.errors import PropdError
 
 
@@ -36,7 +44,7 @@ class BenchConfig:
     categories: tuple[str, ...] | None = None
     per_category: int | None = None
     limit: int | None = None
-    turns: str = "first"
+    turns: str = "all"  # "all": every turn of a question as one conversation (Spec-Bench); "first": turn 1 only
     max_new_tokens: int = 128
     model: str = "smollm2-135m-instruct"
     heads: str | None = None
@@ -108,7 +116,14 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Pat
         raise PropdError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, heads=cfg.heads)
     decoders = {m.label: Decoder(model, **m.decoder_kwargs()) for m in methods}
-    prompt_ids = Decoder(model, preset="ar").encode([q.turn for q in questions], chat=cfg.chat)
+    encoder = Decoder(model, preset="ar")
+    if not cfg.chat and any(len(q.turns) > 1 for q in questions):
+        raise PropdError("multi-turn questions need the chat template: drop --no-chat, or pass --turns first")
+
+    def encode(messages: list[list[dict]]) -> list[list[int]]:
+        return encoder.encode(messages, chat=cfg.chat)
+
+    prompt_ids = encode([conversation(q.turns[:1], []) for q in questions])  # first turns: warm-ups, early errors
     (out / "answers").mkdir(parents=True, exist_ok=True)
     (out / "steps").mkdir(exist_ok=True)
     run_file.write_text(json.dumps({"config": attrs.asdict(cfg), "machine": machine_info(model.device),
@@ -135,14 +150,14 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Pat
                     skip_file.write_text(json.dumps(skipped, indent=2) + "\n")
                     bar.update(-(-len(questions) // bs))
                     continue
-                pairs.append(_Pair(method, runner, bs, questions, cfg, out))
+                pairs.append(_Pair(method, runner, bs, questions, cfg, out, encode))
             # round robin over the methods, one batch each: a machine that slows down or speeds up during the run
             # then shifts every method alike instead of whichever ran last, so the ratios stay fair
             for pair in pairs:
                 pair.warm_up(prompt_ids, cfg, bar)
             for bi in range(-(-len(questions) // bs)):
                 for pair in pairs:
-                    pair.run_batch(bi, prompt_ids, questions, cfg, model, bar)
+                    pair.run_batch(bi, questions, cfg, model, bar)
     finally:
         bar.close()
     from propd.bench.report import write_report
@@ -152,21 +167,31 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Pat
     return out
 
 
+@attrs.frozen
+class _Run:
+    """One batch of prompts decoded by one method."""
+
+    token_ids: list[list[int]]
+    accept_lengths: list[list[int]]  # per row: tokens kept per forward pass, the prefill's first (empty: unknown)
+    wall_time_s: float  # the batch
+    row_wall_time_s: list[float]  # per row: from the batch's start until the row finished
+    steps: list[dict]
+
+
 def _preset_runner(decoder):
-    def run(prompts, max_new):
+    def run(prompts, max_new) -> _Run:
         res = decoder.generate_ids(prompts, max_new_tokens=max_new)
-        steps = [s.as_dict() for s in res.stats]
-        return res.token_ids, res.accept_lengths, res.wall_time_s, steps
+        return _Run(res.token_ids, res.accept_lengths, res.wall_time_s, res.row_wall_time_s,
+                    [s.as_dict() for s in res.stats])
 
     return run
 
 
 def _baseline_runner(baseline: HFBaseline):
-    def run(prompts, max_new):
+    def run(prompts, max_new) -> _Run:
         ids, calls, wall = baseline.generate_ids(prompts, max_new)
-        # transformers runs the batch in lockstep: every row takes part in every forward pass
-        accepts = [[] for _ in ids]
-        return ids, accepts, wall, [{"forward_passes": calls}]
+        # transformers runs the batch in lockstep: every row takes part in every forward pass until the last ends
+        return _Run(ids, [[] for _ in ids], wall, [wall] * len(ids), [{"forward_passes": calls}])
 
     run.unsupported = baseline.supports
     return run
@@ -176,8 +201,8 @@ class _Pair:
     """One (method, batch size): its answers and steps files, resumed batch by batch."""
 
     def __init__(self, method: str, runner: Callable, bs: int, questions: list[Question], cfg: BenchConfig,
-                 out: Path):
-        self.method, self.runner, self.bs = method, runner, bs
+                 out: Path, encode: Callable[[list[list[dict]]], list[list[int]]]):
+        self.method, self.runner, self.bs, self.encode = method, runner, bs, encode
         self.slug = slug = _slug(method, bs)
         self.ans_path, self.step_path = out / "answers" / f"{slug}.jsonl", out / "steps" / f"{slug}.jsonl"
         done = _read_jsonl(self.ans_path) if cfg.resume else []
@@ -197,27 +222,42 @@ class _Pair:
                 self.runner([prompt_ids[i] for i in self.batches[0]], min(cfg.max_new_tokens, 16))
         bar.update(min(self.done_batches, len(self.batches)))
 
-    def run_batch(self, bi: int, prompt_ids: list[list[int]], questions: list[Question], cfg: BenchConfig, model,
-                  bar) -> None:
+    def run_batch(self, bi: int, questions: list[Question], cfg: BenchConfig, model, bar) -> None:
+        """Decode batch ``bi``, turn by turn: the rows still holding a turn j decode it together, each as the
+        conversation so far."""
         if bi < self.done_batches:
             return
         rows = self.batches[bi]
         bar.set_postfix_str(f"{self.method} b={self.bs}")
-        ids, accepts, wall, steps = self.runner([prompt_ids[i] for i in rows], cfg.max_new_tokens)
+        rec = {i: {k: [] for k in ("turns", "decoding_steps", "new_tokens", "wall_time", "accept_lengths",
+                                   "token_ids", "forward_passes")} for i in rows}
+        batch_wall, step_lines = 0.0, []
+        for j in range(max(len(questions[i].turns) for i in rows)):
+            active = [i for i in rows if len(questions[i].turns) > j]
+            prompts = self.encode([conversation(questions[i].turns[:j + 1], rec[i]["turns"]) for i in active])
+            run = self.runner(prompts, cfg.max_new_tokens)
+            batch_wall += run.wall_time_s
+            step_lines.append({"batch_index": bi, "turn": j, "rows": active, "steps": run.steps})
+            for k, i in enumerate(active):
+                r, acc = rec[i], run.accept_lengths[k]
+                r["turns"].append(model.tokenizer.decode(run.token_ids[k], skip_special_tokens=True).strip())
+                r["token_ids"].append(run.token_ids[k])
+                r["new_tokens"].append(len(run.token_ids[k]))
+                r["wall_time"].append(run.row_wall_time_s[k])
+                r["accept_lengths"] += acc[1:]  # decoding steps only: acc[0] is the prefill's token
+                r["decoding_steps"].append(len(acc) - 1 if acc else None)
+                r["forward_passes"].append(len(acc) or None)
         lines = []
-        for k, i in enumerate(rows):
+        for i in rows:
             q = questions[i]
             lines.append(json.dumps({
                 "question_id": q.question_id, "category": q.category, "answer_id": f"{self.slug}-{i}",
                 "model_id": f"{model.name}-{self.method}", "tstamp": time.time(), "batch_index": bi,
-                "choices": [{"index": 0, "turns": [model.tokenizer.decode(ids[k], skip_special_tokens=True)],
-                             "decoding_steps": [len(accepts[k]) or None],
-                             "new_tokens": [len(ids[k])], "wall_time": [wall], "accept_lengths": accepts[k],
-                             "token_ids": ids[k], "batch_size": self.bs, "batch_wall_time": wall}],
+                "choices": [{"index": 0, **rec[i], "batch_size": self.bs, "batch_wall_time": batch_wall}],
             }))
         with self.ans_path.open("a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
         with self.step_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"batch_index": bi, "rows": rows, "steps": steps}) + "\n")
+            f.write("".join(json.dumps(x) + "\n" for x in step_lines))
         self.done_batches = bi + 1
         bar.update(1)

@@ -38,8 +38,14 @@ def test_bench_smoke(tiny_dir, tiny_heads_dir, questions, tmp_path, capsys):
             assert {"question_id", "category", "answer_id", "model_id", "choices"} <= set(r)
             c = r["choices"][0]
             assert {"index", "turns", "decoding_steps", "new_tokens", "wall_time", "accept_lengths"} <= set(c)
-            assert sum(c["accept_lengths"]) == c["new_tokens"][0] == len(c["token_ids"])
-            assert c["decoding_steps"][0] == len(c["accept_lengths"])
+            # both turns answered, as Spec-Bench's runners do; per-turn lists
+            assert len(c["turns"]) == len(c["new_tokens"]) == len(c["wall_time"]) == len(c["token_ids"]) == 2
+            assert c["new_tokens"] == [len(t) for t in c["token_ids"]]
+            # accept lengths cover the decoding steps only: each turn's first token comes from its prefill
+            assert sum(c["accept_lengths"]) == sum(c["new_tokens"]) - 2
+            assert sum(c["decoding_steps"]) == len(c["accept_lengths"])
+            assert c["forward_passes"] == [d + 1 for d in c["decoding_steps"]]
+            assert all(0 < w <= c["batch_wall_time"] for w in c["wall_time"])  # the row's own time
         answers[slug] = rows
     order = [r["question_id"] for r in answers["ar-b1"]]
     # methods take turns batch by batch, so drift in the machine's speed hits them alike
@@ -61,13 +67,39 @@ def test_bench_smoke(tiny_dir, tiny_heads_dir, questions, tmp_path, capsys):
     steps = [st for line in (out / "steps" / "medusa-b2.jsonl").read_text().splitlines()
              for st in json.loads(line)["steps"]]
     m = overall[("medusa", 2)]
-    assert m["decode_tokens_per_s"] == pytest.approx((m["new_tokens"] - m["prompts"])
+    assert m["decode_tokens_per_s"] == pytest.approx((m["new_tokens"] - 2 * m["prompts"])  # 2 turns, 2 prefills
                                                      / sum(st["step_time_s"] for st in steps), rel=1e-3)
     assert m["decode_speedup_vs_ar"] == pytest.approx(m["decode_tokens_per_s"] / overall[("ar", 2)][
         "decode_tokens_per_s"], rel=1e-2)
     assert overall[("ar", 1)]["decode_speedup_vs_ar"] == 1.0
+    # Spec-Bench's own figures, recomputed from its definition (evaluation/speed.py) on the answer files
+    for bs in (1, 2):
+        for cat in ("all", *CATS):
+            sb = specbench_speed(out / "answers" / f"medusa-b{bs}.jsonl", out / "answers" / f"ar-b{bs}.jsonl", cat)
+            r = next(r for r in summary if (r["preset"], r["batch_size"], r["category"]) == ("medusa", bs, cat))
+            assert r["specbench_speedup"] == pytest.approx(sb["speedup"], abs=2e-3)
+            assert r["specbench_tokens_per_s"] == pytest.approx(sb["tokens_per_s"], abs=2e-3)
+            assert r["specbench_accept_length"] == pytest.approx(sb["accept_length"], abs=1e-4)
     assert {r["category"] for r in summary} == {"all", *CATS}
     assert "| medusa | 2 |" in (out / "summary.md").read_text()
+
+
+def specbench_speed(method_file, base_file, category):
+    """Spec-Bench's speed computation written from its definition: per question, its new tokens over its wall time,
+    summed over turns; the mean of those rates for the method over the baseline's; the mean accept length over every
+    decoding step of every question."""
+    def load(path):
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        return [r for r in rows if category == "all" or r["category"] == category]
+
+    def rate(rows):
+        speeds = [sum(r["choices"][0]["new_tokens"]) / sum(r["choices"][0]["wall_time"]) for r in rows]
+        return sum(speeds) / len(speeds)
+
+    method, base = load(method_file), load(base_file)
+    accepts = [x for r in method for x in r["choices"][0]["accept_lengths"]]
+    return {"tokens_per_s": rate(method), "speedup": rate(method) / rate(base),
+            "accept_length": sum(accepts) / len(accepts)}
 
 
 def test_speedup_interval_is_a_paired_bootstrap_over_batches():
