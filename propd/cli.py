@@ -175,8 +175,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_presets(args: argparse.Namespace) -> int:
     from propd.presets import PRESETS
 
-    print(f"{'auto':10s} the default: propd with Medusa and early heads, propd-dynamic-only with Medusa heads "
-          f"alone, else ar\n")
+    print(f"{'auto':10s} the default: on a GPU propd with Medusa and early heads, propd-dynamic-only with Medusa "
+          f"heads alone; ar without heads and on a CPU\n")
     for p in PRESETS.values():
         parts = [f"sizer={p.sizer[0]}{p.sizer[1] or ''}"]
         if p.proposer:

@@ -31,7 +31,8 @@ class Decoder:
     """Decode prompts with a combination of strategy components.
 
     ``preset`` names a combination (``propd presets``); the default ``auto`` picks the fastest lossless one the
-    model supports (:func:`propd.presets.auto_preset`: ``propd`` with heads and early heads, ``ar`` without heads).
+    model supports on its device (:func:`propd.presets.auto_preset`: ``propd`` on a GPU with heads and early heads,
+    ``ar`` without heads and on a CPU).
     ``sizer``, ``proposer``, ``pruners`` and ``verifier`` override its roles by name, ``"name:key=value,..."`` (as on the command line), ``(name, options)``, or a
     component object. ``plugins`` adds plugin objects (modules or instances implementing
     ``propd_register_components``) besides the installed entry points.

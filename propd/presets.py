@@ -52,14 +52,18 @@ AUTO = "auto"
 
 
 def auto_preset(model: Any) -> str:
-    """The preset ``auto`` stands for: the fastest lossless combination this model supports.
+    """The preset ``auto`` stands for: the fastest lossless combination this model supports on its device.
 
-    The rule: ``propd`` when the model has Medusa heads and the early head its pruner reads (layer
-    ``PROPD_PRUNER``'s), else ``propd-dynamic-only`` when it has Medusa heads, else ``ar``. The dynamic sizer prices
-    tree sizes on the machine as it decodes and falls back to 1-node (``ar``) steps where trees do not pay, so with
-    heads it is never far below ``ar`` and above it wherever the heads' guesses are worth their cost.
+    The rule: on a GPU, ``propd`` when the model has Medusa heads and the early head its pruner reads, else
+    ``propd-dynamic-only`` with Medusa heads alone; ``ar`` without heads and on a CPU. On a CPU a tree step costs
+    well above an AR step (an 8-node step about 1.3 AR steps in fp32) and the shipped heads accept too few tokens to
+    repay it: ``propd`` measured 0.91x ``ar`` on the quick-start prompt, its exploration steps included, and
+    0.95x-1.06x on the Spec-Bench sample at batch 1-16 (docs/results.md). On a GPU a 64-node step costs about
+    1.2 AR steps, so trees can pay.
     """
-    if getattr(model, "heads", None) is None:
+    if getattr(model, "heads", None) is None or getattr(model, "device", None) is None:
+        return "ar"
+    if model.device.type == "cpu":
         return "ar"
     if PROPD_PRUNER[1]["layer"] in getattr(model, "early_heads", {}):
         return "propd"

@@ -239,3 +239,26 @@ def test_variant_sets_the_draft_vocabulary():
     assert Method.parse("m0=medusa;draft_vocab=0").decoder_kwargs() == {"preset": "medusa", "draft_vocab": 0}
     with pytest.raises(PropdError, match="whole number"):
         Method.parse("m=medusa;draft_vocab=lots")
+
+
+def test_second_turns_continue_the_conversation(tiny_dir, questions, tmp_path):
+    """Turn 2 is asked after turn 1 and the model's answer to it, as Spec-Bench's runners ask MT-bench."""
+    from propd import Decoder
+    from propd.chat import conversation
+    from propd.models.loading import load_model
+
+    out = tmp_path / "run"
+    assert main(["bench", "--model", str(tiny_dir), "--questions", str(questions), "--limit", "2", "--presets", "ar",
+                 "--max-new-tokens", "6", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in (out / "answers" / "ar-b1.jsonl").read_text().splitlines()]
+    dec = Decoder(load_model(str(tiny_dir)), preset="ar")
+    qs = {q["question_id"]: q for q in map(json.loads, questions.read_text().splitlines())}
+    for r in rows:
+        c, q = r["choices"][0], qs[r["question_id"]]
+        second = dec.generate([conversation(q["turns"], c["turns"][:1])], max_new_tokens=6).token_ids[0]
+        assert c["token_ids"][1] == second
+    flat = main(["bench", "--model", str(tiny_dir), "--questions", str(questions), "--limit", "2", "--presets", "ar",
+                 "--max-new-tokens", "6", "--turns", "first", "--out", str(tmp_path / "first")])
+    assert flat == 0
+    first = [json.loads(x) for x in (tmp_path / "first" / "answers" / "ar-b1.jsonl").read_text().splitlines()]
+    assert all(len(r["choices"][0]["turns"]) == 1 for r in first)
