@@ -173,11 +173,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from propd.presets import PRESETS
+    from propd.presets import all_presets
 
     print(f"{'auto':10s} the default: on a GPU propd with Medusa and early heads, propd-dynamic-only with Medusa "
           f"heads alone; ar without heads and on a CPU\n")
-    for p in PRESETS.values():
+    for p in all_presets().values():
         parts = [f"sizer={p.sizer[0]}{p.sizer[1] or ''}"]
         if p.proposer:
             parts.append(f"proposer={p.proposer[0]}")

@@ -21,8 +21,8 @@ from propd.errors import PropdError
 from propd.models.loading import LoadedModel
 from propd.plugins import Registry, step_manager
 from propd.presets import AUTO, Spec, auto_preset, get_preset, parse_component
-from propd.tree import DraftTree, positions_of, survivor_mask, survivors
-from propd.types import Acceptance, GenerationResult, StepContext, StepStats
+from propd.tree import DraftTree, RowTrees, positions_of, survivors
+from propd.types import Acceptance, Draft, GenerationResult, LiveNodes, RowsBegin, StepContext, StepStats
 
 ComponentArg = str | Spec | Any  # a name, (name, options), or a ready component object
 
@@ -56,7 +56,7 @@ class Decoder:
         if preset == AUTO:
             preset = auto_preset(model)
         self.preset = preset  # the preset's name (``auto`` resolved), or None for explicit components only
-        p = get_preset(preset) if preset is not None else None
+        p = get_preset(preset, self.registry) if preset is not None else None
         choice = {
             "sizer": sizer if sizer is not None else (p.sizer if p else None),
             "proposer": proposer if proposer is not None else (p.proposer if p else None),
@@ -72,18 +72,29 @@ class Decoder:
         self.has_proposer = any(role == "proposer" for role, _ in chosen)
         self.pm.hook.propd_setup(model=model)
         L = model.config.num_layers
-        layers = sorted(set(self.pm.hook.propd_prune_layer()))
-        bad = [n for n in layers if not 1 <= n < L]
+        declared = {id(impl.plugin): impl.function() for impl in self.pm.hook.propd_prune_layer.get_hookimpls()}
+        self._pruners_at: dict[int, list] = {}
+        for impl in self.pm.hook.propd_prune.get_hookimpls():
+            if id(impl.plugin) not in declared:
+                label = self._labels.get(id(impl.plugin), type(impl.plugin).__name__)
+                raise PropdError(f"{label} implements propd_prune but declares no layer (propd_prune_layer)")
+            self._pruners_at.setdefault(declared[id(impl.plugin)], []).append(impl)
+        bad = sorted(n for n in self._pruners_at if not (isinstance(n, int) and 1 <= n < L))
         if bad:
             raise PropdError(f"pruning layer(s) {bad} out of range: the model has {L} layers (use 1..{L - 1})")
-        self.prune_layers = layers
+        self.prune_layers = sorted(self._pruners_at)
+        self._single_trees: dict[str, DraftTree] = {}
 
     def _build(self, role: str, arg: ComponentArg) -> Any:
-        if isinstance(arg, str):  # NAME or NAME:key=value,... as on the command line
-            name, options = parse_component(arg)
-            obj = self.registry.get(role, name).build(options)
-        elif isinstance(arg, tuple) and len(arg) == 2 and isinstance(arg[0], str):
-            name, obj = arg[0], self.registry.get(role, arg[0]).build(arg[1])
+        if isinstance(arg, str) or (isinstance(arg, tuple) and len(arg) == 2 and isinstance(arg[0], str)):
+            name, options = parse_component(arg) if isinstance(arg, str) else (arg[0], dict(arg[1] or {}))
+            comp = self.registry.get(role, name)
+            if (self.draft_vocab is not None and comp.config_cls is not None and "draft_vocab" not in options
+                    and "draft_vocab" in attrs.fields_dict(comp.config_cls)):
+                options["draft_vocab"] = self.draft_vocab  # the Decoder's draft_vocab= reaches Medusa proposers
+            obj = comp.build(options)
+            if callable(getattr(obj, "bind_registry", None)):  # components made of components (composite)
+                obj.bind_registry(self.registry)
         else:  # a component object
             name, obj = type(arg).__name__, arg
         self._labels[id(obj)] = f"{role} {name!r}"
@@ -182,38 +193,71 @@ class Decoder:
     def _fault(self, role: str, what: str) -> PropdError:
         return PropdError(f"{self._role_label.get(role, role)} returned {what}")
 
-    def _check_tokens(self, tokens: Any, roots: torch.Tensor, T: int) -> None:
-        """A proposal must be (B, T) int64 token ids inside the vocabulary with column 0 equal to the roots."""
-        B, V = roots.shape[0], self.model.config.vocab_size
-        if not isinstance(tokens, torch.Tensor):
-            raise self._fault("proposer", f"{_kind(tokens)} from propd_propose, not a (B, T) tensor of token ids")
-        if tokens.shape != (B, T) or tokens.dtype != torch.long or tokens.device != roots.device:
-            raise self._fault("proposer", f"tokens of shape {tuple(tokens.shape)}, {tokens.dtype} on "
-                                          f"{tokens.device}; expected ({B}, {T}) torch.int64 on {roots.device}")
-        bad = ((tokens < 0) | (tokens >= V)).any() | (tokens[:, 0] != roots).any()
-        if bad.item():
-            if bool(((tokens < 0) | (tokens >= V)).any()):
-                raise self._fault("proposer", f"token ids outside the vocabulary (0..{V - 1})")
+    def _as_draft(self, out: Any, budget: DraftTree, roots: torch.Tensor) -> Draft:
+        """The proposer's result as a checked :class:`Draft`: tokens (B, T) int64 inside the vocabulary with column 0
+        equal to the roots, T within the budget, a tree of T nodes (shared, or one per row), optional fields of
+        matching shapes."""
+        B, V, dev = roots.shape[0], self.model.config.vocab_size, roots.device
+        if isinstance(out, torch.Tensor):
+            if out.dim() != 2 or out.shape[1] != budget.num_nodes:
+                raise self._fault("proposer", f"tokens of shape {tuple(out.shape)} for a {budget.num_nodes}-node "
+                                              f"tree; expected ({B}, {budget.num_nodes})")
+            out = Draft(tokens=out, tree=budget)
+        if not isinstance(out, Draft):
+            raise self._fault("proposer", f"{_kind(out)} from propd_propose, not a Draft or a (B, T) tensor")
+        tokens, T = out.tokens, None
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            raise self._fault("proposer", f"Draft.tokens of {_kind(tokens)}, not a (B, T) tensor of token ids")
+        T = tokens.shape[1]
+        if tokens.shape[0] != B or tokens.dtype != torch.long or tokens.device != dev or not 1 <= T:
+            raise self._fault("proposer", f"Draft.tokens of shape {tuple(tokens.shape)}, {tokens.dtype} on "
+                                          f"{tokens.device}; expected ({B}, T) torch.int64 on {dev}")
+        if T > budget.num_nodes:
+            raise self._fault("proposer", f"a {T}-node draft; the sizer's budget is {budget.num_nodes} nodes")
+        tree = out.tree
+        if isinstance(tree, DraftTree):
+            n = tree.num_nodes
+        elif isinstance(tree, RowTrees):
+            n = tree.num_nodes
+            if tree.batch_size != B:
+                raise self._fault("proposer", f"RowTrees for {tree.batch_size} rows; the batch has {B}")
+        else:
+            raise self._fault("proposer", f"Draft.tree of {_kind(tree)}, not a DraftTree or RowTrees")
+        if n != T:
+            raise self._fault("proposer", f"a Draft whose tree has {n} nodes but whose tokens have {T} columns")
+        for field, shape in (("present", (B, T)), ("probs", (B, T)), ("confidence", (B, T))):
+            t = getattr(out, field)
+            if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape):
+                got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else _kind(t)
+                raise self._fault("proposer", f"Draft.{field} of {got}; expected {shape}")
+        if out.present is not None and out.present.dtype != torch.bool:
+            raise self._fault("proposer", f"Draft.present of {out.present.dtype}; expected torch.bool")
+        if out.dists is not None and (not isinstance(out.dists, torch.Tensor) or out.dists.shape[:2] != (B, T)):
+            raise self._fault("proposer", f"Draft.dists not of shape ({B}, {T}, V)")
+        bad_ids = ((tokens < 0) | (tokens >= V)).any()
+        bad_root = (tokens[:, 0] != roots).any()
+        bad_present = (~out.present[:, 0]).any() if out.present is not None else torch.zeros((), dtype=torch.bool)
+        flags = torch.stack([bad_ids, bad_root, bad_present.to(dev)]).tolist()  # one sync for the three checks
+        if flags[0]:
+            raise self._fault("proposer", f"token ids outside the vocabulary (0..{V - 1})")
+        if flags[1]:
             raise self._fault("proposer", "tokens whose column 0 is not the step's roots (ctx.roots)")
+        if flags[2]:
+            raise self._fault("proposer", "a Draft whose root (node 0) is not present")
+        return out
 
-    def _check_keeps(self, keeps: list, shape: tuple[int, int], prune_kw: dict) -> None:
-        """Keep-masks must be (B, T) bool; on a bad one, find which pruner returned it."""
-        def good(k):
-            return isinstance(k, torch.Tensor) and k.dtype == torch.bool and tuple(k.shape) == shape
+    def _checked_keep(self, impl: Any, k: Any, shape: tuple[int, int]) -> torch.Tensor:
+        """A pruner's keep-mask must be (B, T) bool."""
+        if isinstance(k, torch.Tensor) and k.dtype == torch.bool and tuple(k.shape) == shape:
+            return k
+        label = self._labels.get(id(impl.plugin), type(impl.plugin).__name__)
+        got = f"{tuple(k.shape)} {k.dtype}" if isinstance(k, torch.Tensor) else _kind(k)
+        raise PropdError(f"pruner {label.removeprefix('pruner ')} returned {got} from propd_prune; "
+                         f"expected a {shape} torch.bool keep-mask or None")
 
-        if all(good(k) for k in keeps):
-            return
-        for impl in self.pm.hook.propd_prune.get_hookimpls():
-            k = impl.function(**prune_kw)
-            if k is not None and not good(k):
-                label = self._labels.get(id(impl.plugin), type(impl.plugin).__name__)
-                got = f"{tuple(k.shape)} {k.dtype}" if isinstance(k, torch.Tensor) else _kind(k)
-                raise PropdError(f"pruner {label.removeprefix('pruner ')} returned {got} from propd_prune; "
-                                 f"expected a {shape} torch.bool keep-mask or None")
-
-    def _acceptance_ok(self, acc: Any, tree: DraftTree, node_idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Per row: the best node survived, accept_len is its depth, the bonus is in the vocabulary (B,) int64."""
-        B, T, V = node_idx.shape[0], tree.num_nodes, self.model.config.vocab_size
+    def _acceptance_ok(self, acc: Any, rows: RowTrees, nodes: LiveNodes) -> torch.Tensor:
+        """Per row: the best node is live, accept_len is its depth, the bonus is in the vocabulary (B,) int64."""
+        B, T, V = nodes.node_idx.shape[0], rows.num_nodes, self.model.config.vocab_size
         if not isinstance(acc, Acceptance):
             raise self._fault("verifier", f"{_kind(acc)} from propd_verify, not an Acceptance")
         for field in ("best", "accept_len", "bonus"):
@@ -222,8 +266,8 @@ class Decoder:
                 got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else _kind(t)
                 raise self._fault("verifier", f"Acceptance.{field} of {got}; expected ({B},) torch.int64")
         best = acc.best.clamp(0, T - 1)
-        alive = survivor_mask(node_idx, valid, T).gather(1, best[:, None])[:, 0]
-        ok = ((acc.best >= 0) & (acc.best < T) & alive & (acc.accept_len == tree.depths[best])
+        alive = nodes.alive().gather(1, best[:, None])[:, 0]
+        ok = ((acc.best >= 0) & (acc.best < T) & alive & (acc.accept_len == rows.depth_at(best))
               & (acc.bonus >= 0) & (acc.bonus < V))
         return ok.long()
 
@@ -234,10 +278,27 @@ class Decoder:
                       accepts: list[list[int]], row_time: list[float], stats: list[StepStats]) -> None:
         model, m = self.model, self.model.model
         eos = self.model.eos_token_ids
+        dev = m.device
         t_start = time.perf_counter()
-        cache = m.new_cache(len(prompts), max(len(p) for p in prompts) + max_new + 66)
-        last_hidden = m.prefill(cache, prompts)  # (B, H)
+        longest = max(len(p) for p in prompts)
+        cache = m.new_cache(len(prompts), longest + max_new + 66)
+        begin = bool(self.pm.hook.propd_rows_begin.get_hookimpls())
+        if begin:
+            last_hidden, prompt_hidden = m.prefill(cache, prompts, keep_hidden=True)  # (B, H), (B, P, H)
+        else:
+            last_hidden = m.prefill(cache, prompts)  # (B, H)
         roots = m.logits(last_hidden).argmax(dim=-1)  # (B,)
+        # token history: the prompt, then every generated token; the root sits at index lengths[b]
+        history = torch.zeros(len(prompts), cache.capacity + 1, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            history[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+        history = history.to(dev)
+        history.scatter_(1, cache.lengths[:, None], roots[:, None])
+        if begin:
+            self.pm.hook.propd_rows_begin(rows=RowsBegin(
+                row_ids=tuple(row_ids), prompt_ids=history[:, :longest], prompt_lengths=cache.lengths.clone(),
+                hidden=prompt_hidden, roots=roots))
+        acc_hidden, acc_counts = last_hidden[:, None], torch.ones(len(prompts), dtype=torch.long, device=dev)
         first = roots.tolist()
         live = list(row_ids)
         for b, r in enumerate(live):
@@ -251,59 +312,76 @@ class Decoder:
                 for b in done:
                     row_time[live[b]] = now
                 keep = [b for b in range(len(live)) if b not in done]
+                self.pm.hook.propd_rows_leave(keep=keep, left=tuple(live[b] for b in sorted(done)))
                 if not keep:
                     return
                 cache.select_rows(keep)
-                idx = torch.tensor(keep, device=roots.device)
-                roots, last_hidden = roots[idx], last_hidden[idx]
+                idx = torch.tensor(keep, device=dev)
+                roots, last_hidden, history = roots[idx], last_hidden[idx], history[idx]
+                acc_hidden, acc_counts = acc_hidden[idx], acc_counts[idx]
                 live = [live[b] for b in keep]
             t_step = time.perf_counter()
             ctx_len = max(cache.host_lengths)
             ctx = StepContext(step=step, row_ids=tuple(live), lengths=cache.lengths.clone(),
                               host_lengths=tuple(cache.host_lengths), num_generated=tuple(len(out[r]) for r in live),
-                              roots=roots, last_hidden=last_hidden, heads=model.heads,
-                              early_heads=model.early_heads, vocab_size=model.config.vocab_size, device=m.device,
-                              draft_vocab=self.draft_vocab)
-            tree: DraftTree = self.pm.hook.propd_tree(ctx=ctx)
-            if not isinstance(tree, DraftTree):
-                raise self._fault("sizer", f"{_kind(tree)} from propd_tree, not a DraftTree")
-            T = tree.num_nodes
-            if T > 1:
+                              roots=roots, last_hidden=last_hidden, vocab_size=model.config.vocab_size, device=dev,
+                              history=history, accepted_hidden=acc_hidden, accepted_counts=acc_counts)
+            budget: DraftTree = self.pm.hook.propd_tree(ctx=ctx)
+            if not isinstance(budget, DraftTree):
+                raise self._fault("sizer", f"{_kind(budget)} from propd_tree, not a DraftTree")
+            draft = None
+            if budget.num_nodes > 1:
                 if not self.has_proposer:
-                    raise PropdError(f"the sizer chose a {T}-node tree but no proposer is registered")
-                tokens = self.pm.hook.propd_propose(ctx=ctx, tree=tree)  # (B, T)
-                self._check_tokens(tokens, roots, T)
-            else:
-                tokens = roots[:, None]
-            cache.reserve(ctx_len + T + 1)
+                    raise PropdError(f"the sizer chose a {budget.num_nodes}-node tree but no proposer is registered")
+                draft = self._as_draft(self.pm.hook.propd_propose(ctx=ctx, tree=budget), budget, roots)
             B = len(live)
-            node_idx = torch.arange(T, device=m.device).expand(B, T)
-            valid = torch.ones(B, T, dtype=torch.bool, device=m.device)
-            attn = m.attention_inputs(cache, node_idx, tree.mask, tree.depths)
-            h = m.embed(tokens)  # (B, T, H)
+            if draft is None:  # a plain AR step
+                draft = Draft(tokens=roots[:, None], tree=self._single(dev))
+            tokens, rows_tree = draft.tokens, draft.rows
+            T = tokens.shape[1]
+            cache.reserve(ctx_len + T + 1)
+            if history.shape[1] < ctx_len + T + 2:
+                history = torch.nn.functional.pad(history, (0, ctx_len + T + 66 - history.shape[1]))
+            shared = rows_tree.shared
+            tree_mask, tree_depths = (shared.mask, shared.depths) if shared is not None else (rows_tree.mask,
+                                                                                               rows_tree.depths)
+            if draft.present is not None:
+                node_idx, valid = survivors(rows_tree.keep_closure(draft.present), pad_index=T)
+                h = m.embed(torch.cat([tokens, tokens[:, :1]], dim=1).gather(1, node_idx))  # (B, T', H)
+            else:
+                node_idx = torch.arange(T, device=dev).expand(B, T)
+                valid = torch.ones(B, T, dtype=torch.bool, device=dev)
+                h = m.embed(tokens)  # (B, T, H)
+            attn = m.attention_inputs(cache, node_idx, tree_mask, tree_depths)
             start = 0
             for layer in self.prune_layers if T > 1 else ():
                 h = m.run_layers(h, start, layer, cache, attn)
                 start = layer
-                prune_kw = dict(ctx=ctx, tree=tree, tokens=tokens, layer=layer, hidden=h, node_idx=node_idx,
-                                valid=valid)
-                keeps = [k for k in self.pm.hook.propd_prune(**prune_kw) if k is not None]
+                nodes = LiveNodes(node_idx, valid, T)
+                kw = dict(ctx=ctx, draft=draft, nodes=nodes, hidden=h, layer=layer, tree=draft.tree, tokens=tokens,
+                          node_idx=node_idx, valid=valid)
+                keeps = []
+                for impl in self._pruners_at[layer]:
+                    k = impl.function(**{a: kw[a] for a in impl.argnames})
+                    if k is not None:
+                        keeps.append(self._checked_keep(impl, k, (B, T)))
                 if not keeps:
                     continue
-                self._check_keeps(keeps, (B, T), prune_kw)
-                keep = survivor_mask(node_idx, valid, T)
+                keep = nodes.alive()
                 for k in keeps:
                     keep = keep & k
-                new_idx, valid = survivors(tree.keep_closure(keep), pad_index=T)
+                new_idx, valid = survivors(rows_tree.keep_closure(keep), pad_index=T)
                 h = h.gather(1, positions_of(node_idx, new_idx, T)[..., None].expand(-1, -1, h.shape[-1]))
                 node_idx = new_idx
-                attn = m.attention_inputs(cache, node_idx, tree.mask, tree.depths)
+                attn = m.attention_inputs(cache, node_idx, tree_mask, tree_depths)
             h = m.norm(m.run_layers(h, start, m.num_layers, cache, attn))  # (B, T', H)
             logits = m.logits(h)  # (B, T', V)
-            acc = self.pm.hook.propd_verify(ctx=ctx, tree=tree, tokens=tokens, logits=logits, node_idx=node_idx,
-                                            valid=valid)
-            ok = self._acceptance_ok(acc, tree, node_idx, valid)  # (B,) checked with the step's one sync below
-            path = tree.paths_to[acc.best.clamp(0, T - 1)]  # (B, D+1) root .. best, padded with best
+            nodes = LiveNodes(node_idx, valid, T)
+            acc = self.pm.hook.propd_verify(ctx=ctx, draft=draft, nodes=nodes, logits=logits,
+                                            tree=draft.tree, tokens=tokens,
+                                            node_idx=node_idx, valid=valid)
+            ok = self._acceptance_ok(acc, rows_tree, nodes)  # (B,) checked with the step's one sync below
+            path = rows_tree.path_to(acc.best.clamp(0, T - 1))  # (B, D+1) root .. best, padded with best
             emitted = torch.cat([tokens.gather(1, path[:, 1:]), acc.bonus[:, None]], dim=1)  # (B, D+1)
             info = torch.cat([acc.accept_len[:, None], valid.sum(1, keepdim=True), ok[:, None], emitted],
                              dim=1).tolist()  # sync
@@ -314,9 +392,13 @@ class Decoder:
             for row in info:
                 del row[2]
             accepted = [row[0] for row in info]
+            # the history gains the accepted tokens and the bonus (entries past them are scratch)
+            gained_ids = emitted.scatter(1, acc.accept_len[:, None], acc.bonus[:, None])
+            history.scatter_(1, cache.lengths[:, None] + 1 + torch.arange(emitted.shape[1], device=dev), gained_ids)
             cache.commit(path, acc.accept_len + 1, [a + 1 for a in accepted])
-            pos = positions_of(node_idx, acc.best[:, None], T)  # (B, 1) where the best node sits in h
-            last_hidden = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))[:, 0]
+            acc_hidden = nodes.gather(h, path)  # (B, D+1, H): root .. best, padded with best
+            acc_counts = acc.accept_len + 1
+            last_hidden = acc_hidden.gather(1, acc.accept_len[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
             roots = acc.bonus
             gained = []
             for b, r in enumerate(live):
@@ -334,8 +416,15 @@ class Decoder:
                            nodes_after_pruning=sum(row[1] for row in info) / B, accepted=tuple(gained),
                            step_time_s=time.perf_counter() - t_step)
             stats.append(st)
-            self.pm.hook.propd_after_step(ctx=ctx, tree=tree, acceptance=acc, stats=st, tokens=tokens)
+            self.pm.hook.propd_after_step(ctx=ctx, draft=draft, acceptance=acc, stats=st, tree=budget, tokens=tokens)
             step += 1
+
+    def _single(self, device: torch.device) -> DraftTree:
+        """The 1-node tree of a plain AR step, on ``device``."""
+        key = str(device)
+        if key not in self._single_trees:
+            self._single_trees[key] = DraftTree.from_paths((), device=device)
+        return self._single_trees[key]
 
 
 def _kind(obj: Any) -> str:

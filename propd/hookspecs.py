@@ -1,7 +1,8 @@
 """The hook specifications: one hook per role of a decoding step, plus registration and lifecycle hooks.
 
-A step runs: TreeSizer -> Proposer -> model layers 0..n-1 -> Pruner(s) -> layers n..L-1 -> Verifier -> commit ->
-after-step. Components implement the hooks of their role with ``@propd.hookimpl``; the decoder calls them through
+A step runs: TreeSizer (a budget) -> Proposer (a draft) -> model layers 0..n-1 -> Pruner(s) -> layers n..L-1 ->
+Verifier -> commit -> after-step; rows begin after their prefill and leave when finished. Shapes: B live rows, T draft
+nodes, T' live nodes after pruning, H hidden size, V vocabulary. Components implement the hooks of their role with ``@propd.hookimpl``; the decoder calls them through
 its own ``pluggy.PluginManager`` and never looks at a component's name.
 """
 
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
     import torch
 
     from propd.tree import DraftTree
-    from propd.types import Acceptance, StepContext, StepStats
+    from propd.types import Acceptance, Draft, LiveNodes, RowsBegin, StepContext, StepStats
 
 hookspec = pluggy.HookspecMarker("propd")
 hookimpl = pluggy.HookimplMarker("propd")
@@ -34,6 +35,13 @@ def propd_register_components(register: Callable[..., None]) -> None:
     """
 
 
+@hookspec
+def propd_register_presets(register: Callable[..., None]) -> None:
+    """Register named combinations: ``register(name, description, sizer, proposer=None, pruners=(),
+    verifier=("greedy", {}))``, each role a component name or ``(name, options)``. They appear in ``propd presets``
+    and take ``--preset NAME`` like the built-in ones; a name may not shadow another preset."""
+
+
 # ---------------------------------------------------------------------------------------------- lifecycle
 
 
@@ -41,9 +49,26 @@ def propd_register_components(register: Callable[..., None]) -> None:
 def propd_setup(model: Any) -> None:
     """Called once when a Decoder is built, with the :class:`propd.models.loading.LoadedModel`.
 
-    Check what the component needs (heads, early heads) and raise :class:`propd.PropdError` with a one-line
-    reason when it is missing. Every registered component may implement it.
+    Take what the component needs from the model here and raise :class:`propd.PropdError` with a one-line reason
+    when it is missing: ``model.heads`` (Medusa heads), ``model.early_heads`` (layer n -> a callable from hidden
+    states after n layers (.., H) to next-token logits (.., V): the documented route to early-exit heads for pruners),
+    ``model.config``, ``model.model`` (the forward: embeddings, ``lm_head``). Every registered component may
+    implement it.
     """
+
+
+@hookspec
+def propd_rows_begin(rows: "RowsBegin") -> None:
+    """Rows start decoding: their prompts ran (``rows.hidden``: every prompt position's final hidden state) and their
+    first token is ``rows.roots``. Called once per batch, before its first step; a stateful drafter fills its own
+    per-row state (EAGLE's draft KV cache) here."""
+
+
+@hookspec
+def propd_rows_leave(keep: list[int], left: tuple[int, ...]) -> None:
+    """Rows leave the batch (finished): ``keep`` lists the batch positions that stay, in their new order; ``left``
+    the prompt indices of the rows that left. Called before the next step (and with ``keep == []`` when the batch
+    ends), so per-row state can drop the same rows the KV cache drops."""
 
 
 # ---------------------------------------------------------------------------------------------- TreeSizer
@@ -51,9 +76,10 @@ def propd_setup(model: Any) -> None:
 
 @hookspec(firstresult=True)
 def propd_tree(ctx: "StepContext") -> "DraftTree":
-    """TreeSizer: the tree shape for this step (shared by all rows). A 1-node tree is a plain AR step.
+    """TreeSizer: this step's budget as a tree: its node count (the root included) and depth bound the draft, and
+    its shape is a suggestion a proposer may follow (Medusa fills it) or not (a lookup builds its own chains).
 
-    firstresult; exactly one sizer is registered.
+    A 1-node tree is a plain AR step (no proposer runs). firstresult; exactly one sizer is registered.
     """
 
 
@@ -61,8 +87,10 @@ def propd_tree(ctx: "StepContext") -> "DraftTree":
 
 
 @hookspec(firstresult=True)
-def propd_propose(ctx: "StepContext", tree: "DraftTree") -> "torch.Tensor":
-    """Proposer: candidate tokens (B, T) for every node of ``tree``; column 0 must be ``ctx.roots``.
+def propd_propose(ctx: "StepContext", tree: "DraftTree") -> "Draft | torch.Tensor":
+    """Proposer: a :class:`propd.types.Draft` within the budget ``tree`` (at most ``tree.num_nodes`` nodes per row
+    and ``tree.max_depth`` deep), or just tokens (B, T) for the nodes of ``tree`` itself. Column 0 must be
+    ``ctx.roots``.
 
     firstresult; at most one proposer is registered, and one is needed for trees of more than one node.
     """
@@ -73,17 +101,20 @@ def propd_propose(ctx: "StepContext", tree: "DraftTree") -> "torch.Tensor":
 
 @hookspec
 def propd_prune_layer() -> int:
-    """Pruner: the number of layers n after which this pruner acts (1 <= n < L)."""
+    """Pruner: the number of layers n after which this pruner acts (1 <= n < L); it is called there only."""
 
 
 @hookspec
-def propd_prune(ctx: "StepContext", tree: "DraftTree", tokens: "torch.Tensor", layer: int,
-                hidden: "torch.Tensor", node_idx: "torch.Tensor", valid: "torch.Tensor") -> "torch.Tensor | None":
-    """Pruner: a keep-mask (B, T) over all tree nodes after ``layer`` layers, or None when not acting here.
+def propd_prune(ctx: "StepContext", draft: "Draft", nodes: "LiveNodes", hidden: "torch.Tensor", layer: int,
+                tree: Any, tokens: "torch.Tensor", node_idx: "torch.Tensor", valid: "torch.Tensor"
+                ) -> "torch.Tensor | None":
+    """Pruner: a keep-mask (B, T) over the draft's nodes after ``layer`` layers (its declared layer), or None.
 
-    ``hidden`` (B, T', H) are the hidden states of the live nodes ``node_idx`` (B, T') (entries where ``valid`` is
-    False are padding). Several pruners stack: a node survives if every pruner keeps it; the decoder then drops
-    every node whose parent was dropped and never drops the root, so pruning only changes the work, not the output.
+    ``hidden`` (B, T', H) are the hidden states of the live ``nodes`` (``nodes.gather(hidden, ids)`` picks tree nodes'
+    rows). Several pruners stack: a node survives if every pruner keeps it; the decoder then drops every node whose
+    parent was dropped and never drops the root, so pruning only changes the work, not the output.
+    ``tree``, ``tokens``, ``node_idx`` and ``valid`` are ``draft.tree``, ``draft.tokens``, ``nodes.node_idx`` and
+    ``nodes.valid``.
     """
 
 
@@ -91,11 +122,12 @@ def propd_prune(ctx: "StepContext", tree: "DraftTree", tokens: "torch.Tensor", l
 
 
 @hookspec(firstresult=True)
-def propd_verify(ctx: "StepContext", tree: "DraftTree", tokens: "torch.Tensor", logits: "torch.Tensor",
-                 node_idx: "torch.Tensor", valid: "torch.Tensor") -> "Acceptance":
+def propd_verify(ctx: "StepContext", draft: "Draft", nodes: "LiveNodes", logits: "torch.Tensor", tree: Any,
+                 tokens: "torch.Tensor", node_idx: "torch.Tensor", valid: "torch.Tensor") -> "Acceptance":
     """Verifier: the accepted path and bonus token of every row.
 
-    ``logits`` (B, T', V) belong to the surviving nodes ``node_idx`` (B, T'). firstresult; exactly one verifier.
+    ``logits`` (B, T', V) belong to the live ``nodes``. The best node must be live and ``accept_len`` its depth.
+    firstresult; exactly one verifier.
     """
 
 
@@ -103,7 +135,9 @@ def propd_verify(ctx: "StepContext", tree: "DraftTree", tokens: "torch.Tensor", 
 
 
 @hookspec
-def propd_after_step(ctx: "StepContext", tree: "DraftTree", acceptance: "Acceptance", stats: "StepStats",
-                     tokens: "torch.Tensor") -> None:
-    """Learn from a finished step: the proposed ``tokens`` (B, T), what was accepted, how many nodes ran, how long
-    the step took (``stats.step_time_s``, wall clock, pruning included)."""
+def propd_after_step(ctx: "StepContext", draft: "Draft", acceptance: "Acceptance", stats: "StepStats",
+                     tree: Any, tokens: "torch.Tensor") -> None:
+    """Learn from a finished step: the ``draft`` (a 1-node draft of the roots when the sizer chose a plain AR step and
+    no proposer ran), what was accepted, how many nodes ran, how
+    long the step took (``stats.step_time_s``, wall clock, pruning included). ``tree`` is the sizer's budget for this
+    step and ``tokens`` the draft's tokens (the root alone for a 1-node step)."""

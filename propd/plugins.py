@@ -20,7 +20,8 @@ from propd.errors import PropdError
 ROLES = ("sizer", "proposer", "pruner", "verifier")
 ROLE_HOOKS = {"sizer": "propd_tree", "proposer": "propd_propose", "pruner": "propd_prune", "verifier": "propd_verify"}
 DEFAULT_PLUGINS = ("propd.strategies.static", "propd.strategies.medusa", "propd.strategies.greedy",
-                   "propd.strategies.early_prune", "propd.strategies.dynamic", "propd.strategies.typical")
+                   "propd.strategies.early_prune", "propd.strategies.dynamic", "propd.strategies.typical",
+                   "propd.strategies.composite")
 
 
 @attrs.frozen
@@ -114,6 +115,18 @@ class Registry:
             pm.register(plugin)
         self._components: dict[tuple[str, str], Component] = {}
         pm.hook.propd_register_components(register=self._register)
+        self.presets: dict[str, Any] = {}  # presets registered by plugins (the built-in ones: propd.presets.PRESETS)
+        pm.hook.propd_register_presets(register=self._register_preset)
+
+    def _register_preset(self, name: str, description: str, sizer: Any, proposer: Any = None, pruners: Any = (),
+                         verifier: Any = ("greedy", {})) -> None:
+        from propd.presets import AUTO, PRESETS, Preset, as_spec
+
+        if name in PRESETS or name in self.presets or name == AUTO:
+            raise PropdError(f"two plugins register a preset named {name!r}")
+        self.presets[name] = Preset(name, description, sizer=as_spec(sizer), verifier=as_spec(verifier),
+                                    proposer=None if proposer is None else as_spec(proposer),
+                                    pruners=tuple(as_spec(p) for p in pruners))
 
     def _register(self, role: str, name: str, factory: Callable[[Any], Any], config_cls: type | None = None,
                   description: str = "") -> None:

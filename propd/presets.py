@@ -70,11 +70,31 @@ def auto_preset(model: Any) -> str:
     return "propd-dynamic-only"
 
 
-def get_preset(name: str) -> Preset:
-    try:
+def as_spec(arg: Any) -> Spec:
+    """A component given as ``NAME``, ``NAME:key=value,...`` or ``(name, options)``, as ``(name, options)``."""
+    if isinstance(arg, str):
+        return parse_component(arg)
+    name, options = arg
+    return name, dict(options or {})
+
+
+def all_presets(registry: Any = None) -> dict[str, Preset]:
+    """The built-in presets and those registered by installed plugins (``propd_register_presets``)."""
+    if registry is None:
+        from propd.plugins import Registry
+
+        registry = Registry()
+    return {**PRESETS, **registry.presets}
+
+
+def get_preset(name: str, registry: Any = None) -> Preset:
+    if name in PRESETS:
         return PRESETS[name]
+    known = all_presets(registry)
+    try:
+        return known[name]
     except KeyError:
-        raise PropdError(f"unknown preset {name!r} (known: {AUTO}, {', '.join(PRESETS)})") from None
+        raise PropdError(f"unknown preset {name!r} (known: {AUTO}, {', '.join(known)})") from None
 
 
 def check_preset(name: str) -> None:

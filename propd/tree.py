@@ -57,6 +57,7 @@ class DraftTree:
     parent_slot: torch.Tensor  # (T,) index in ``internal`` of each node's parent (0 for the root)
     max_depth: int
     max_rank: int
+    _rows: dict = attrs.field(factory=dict, repr=False)  # batch size -> RowTrees views (as_rows)
 
     @property
     def num_nodes(self) -> int:
@@ -144,3 +145,150 @@ def positions_of(node_idx: torch.Tensor, wanted: torch.Tensor, num_nodes: int) -
     inv = torch.zeros(node_idx.shape[0], num_nodes + 1, dtype=torch.long, device=node_idx.device)
     inv.scatter_(1, node_idx, torch.arange(node_idx.shape[1], device=node_idx.device).expand_as(node_idx))
     return inv.gather(1, wanted)
+
+
+@attrs.frozen(eq=False)
+class RowTrees:
+    """Token trees with one topology per batch row (EAGLE-2's per-row trees, lookup matches that differ per row).
+
+    Node 0 of every row is its root; nodes are in topological order (``parents[b, i] < i``). A row with fewer real
+    nodes than the widest row pads with nodes that the draft marks absent (``Draft.present``); they may hang anywhere.
+
+    * ``parents``  (B, T)      parent index, -1 for the root
+    * ``depths``   (B, T)      0 for the root
+    * ``mask``     (B, T, T)   ``mask[b, i, j]``: j is i or an ancestor of i in row b (the tree attention mask)
+    * ``paths_to`` (B, T, D+1) node indices from the root down to each node, padded with the node itself
+    * ``shared``   the :class:`DraftTree` all rows share, when they do (then the tensors are expanded views of it)
+    """
+
+    parents: torch.Tensor
+    depths: torch.Tensor
+    mask: torch.Tensor
+    paths_to: torch.Tensor
+    max_depth: int
+    shared: DraftTree | None = None
+
+    @property
+    def num_nodes(self) -> int:
+        return self.parents.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.parents.shape[0]
+
+    @classmethod
+    def from_parents(cls, parents: torch.Tensor) -> "RowTrees":
+        """Per-row trees from parent indices (B, T), on their device: the ancestor mask by repeated squaring of the
+        parent relation (log2 T boolean products, no host loop), the depths from it, and one host sync for the
+        depth (the width of ``paths_to``)."""
+        parents = parents.long()
+        B, T = parents.shape
+        if T == 0 or bool((parents[:, 0] != -1).any()):
+            raise PropdError("every row's node 0 must be its root (parent -1)")
+        idx = torch.arange(T, device=parents.device)
+        if bool(((parents[:, 1:] < 0) | (parents[:, 1:] >= idx[1:])).any()):
+            raise PropdError("tree nodes must come after their parents (0 <= parents[b, i] < i for i >= 1)")
+        eye = torch.eye(T, dtype=torch.float32, device=parents.device).expand(B, T, T)
+        up = torch.zeros(B, T, T, dtype=torch.float32, device=parents.device)
+        up.scatter_(2, parents.clamp(min=0)[..., None], 1.0)
+        up[:, 0, 0] = 0.0
+        mask = ((eye + up) > 0).float()  # reach within 1 step; squaring doubles the reach
+        for _ in range(max(1, (T - 1).bit_length())):
+            mask = (torch.bmm(mask, mask) > 0).float()
+        mask = mask > 0
+        depths = mask.sum(dim=2) - 1
+        D = int(depths.max())
+        paths_to = idx.expand(B, T)[..., None].repeat(1, 1, D + 1)  # padded with the node itself
+        slot = torch.where(mask, depths[:, None, :], D + 1)  # (B, T, T): ancestor j's depth, D+1 if not an ancestor
+        spill = torch.cat([paths_to, paths_to[..., :1]], dim=2)  # a spare column takes the non-ancestors
+        spill.scatter_(2, slot, idx.expand(B, T, T).contiguous())  # ancestor j of i lands at column depth(j)
+        paths_to = spill[..., : D + 1]
+        return cls(parents=parents, depths=depths, mask=mask, paths_to=paths_to, max_depth=D)
+
+    def keep_closure(self, keep: torch.Tensor) -> torch.Tensor:
+        """As :meth:`DraftTree.keep_closure`, per row."""
+        if self.shared is not None:
+            return self.shared.keep_closure(keep)
+        keep = keep.clone()
+        keep[:, 0] = True
+        dropped = (~keep).to(torch.float32)[..., None]  # (B, T, 1)
+        return torch.bmm(self.mask.to(torch.float32), dropped)[..., 0] == 0
+
+    def depth_at(self, node: torch.Tensor) -> torch.Tensor:
+        """Depth (B,) of one node (B,) per row."""
+        return self.depths.gather(1, node[:, None])[:, 0]
+
+    def path_to(self, node: torch.Tensor) -> torch.Tensor:
+        """Node indices (B, D+1) from the root down to one node (B,) per row, padded with that node."""
+        return self.paths_to.gather(1, node[:, None, None].expand(-1, 1, self.max_depth + 1))[:, 0]
+
+    def sibling_ranks(self) -> torch.Tensor:
+        """Each node's rank among its siblings (B, T), in node order (the root: 0): the proposer's preference order."""
+        if self.shared is not None:
+            return self.shared.ranks.expand(self.batch_size, -1)
+        same = self.parents[:, :, None] == self.parents[:, None, :]  # (B, T, T)
+        earlier = torch.ones(self.num_nodes, self.num_nodes, dtype=torch.bool, device=self.parents.device).tril(-1)
+        return (same & earlier).sum(dim=2)
+
+
+def as_rows(tree: "DraftTree | RowTrees", batch: int) -> RowTrees:
+    """Any tree as per-row tensors: a shared :class:`DraftTree` becomes expanded views (no copies)."""
+    if isinstance(tree, RowTrees):
+        return tree
+    cached = tree._rows.get(batch)
+    if cached is None:
+        B = batch
+        cached = tree._rows[batch] = RowTrees(
+            parents=tree.parents.expand(B, -1), depths=tree.depths.expand(B, -1), mask=tree.mask.expand(B, -1, -1),
+            paths_to=tree.paths_to.expand(B, -1, -1), max_depth=tree.max_depth, shared=tree)
+    return cached
+
+
+class TrieRows:
+    """Builds per-row token tries on the host, for proposers whose candidates are token sequences (lookup matches,
+    several proposers' drafts merged): a node per distinct (parent, token), at most ``budget`` nodes per row (the
+    root included), in insertion order, so parents come before their children. :meth:`draft` turns them into a
+    :class:`propd.types.Draft` with per-row trees and absent padding nodes.
+    """
+
+    def __init__(self, roots: list[int], budget: int):
+        self.budget = budget
+        self.tokens = [[r] for r in roots]
+        self.parents = [[-1] for _ in roots]
+        self._index = [{} for _ in roots]  # per row: (parent, token) -> node
+
+    def add(self, row: int, parent: int, token: int) -> int | None:
+        """The node for ``token`` under ``parent`` in ``row`` (created if needed); None when the row is full."""
+        key = (parent, token)
+        node = self._index[row].get(key)
+        if node is None:
+            if len(self.tokens[row]) >= self.budget:
+                return None
+            node = self._index[row][key] = len(self.tokens[row])
+            self.tokens[row].append(token)
+            self.parents[row].append(parent)
+        return node
+
+    def add_sequence(self, row: int, seq: list[int], parent: int = 0) -> None:
+        """Add a chain of tokens below ``parent`` (default: the root), as far as the budget allows."""
+        for t in seq:
+            parent = self.add(row, parent, t)
+            if parent is None:
+                return
+
+    @property
+    def width(self) -> int:
+        return max(len(t) for t in self.tokens)
+
+    def draft(self, device: torch.device | str):
+        """The tries as a Draft: tokens (B, T), RowTrees, and ``present`` (B, T) marking each row's real nodes."""
+        from propd.types import Draft
+
+        T = self.width
+        tokens = [t + [t[0]] * (T - len(t)) for t in self.tokens]
+        parents = [p + [0] * (T - len(p)) for p in self.parents]
+        present = [[True] * len(p) + [False] * (T - len(p)) for p in self.parents]
+        dev = torch.device(device)
+        return Draft(tokens=torch.tensor(tokens, dtype=torch.long, device=dev),
+                     tree=RowTrees.from_parents(torch.tensor(parents, dtype=torch.long, device=dev)),
+                     present=torch.tensor(present, dtype=torch.bool, device=dev))

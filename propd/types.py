@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import attrs
 import torch
@@ -10,7 +10,11 @@ import torch
 
 @attrs.frozen(eq=False)
 class StepContext:
-    """What a strategy may know about the current step. Tensors have one row per live batch row."""
+    """What a strategy may know about the current step. Tensors have one row per live batch row, on ``device``.
+
+    Nothing here belongs to one strategy: a component keeps its own state (a proposer's head outputs, a drafter's KV
+    cache) and learns from the hooks' arguments, never from another component.
+    """
 
     step: int
     row_ids: tuple[int, ...]  # index of each live row's prompt in the generate() call
@@ -19,46 +23,104 @@ class StepContext:
     num_generated: tuple[int, ...]  # tokens generated so far per row (the root included)
     roots: torch.Tensor  # (B,) the last verified token of each row, not yet in the cache
     last_hidden: torch.Tensor  # (B, H) final normed hidden state that produced ``roots``
-    heads: Callable[[torch.Tensor], torch.Tensor] | None  # hidden (B, H) -> Medusa head logits (B, K, V)
-    early_heads: dict[int, Callable[[torch.Tensor], torch.Tensor]]  # layer n -> hidden (.., H) -> logits (.., V)
     vocab_size: int
     device: torch.device
-    draft_vocab: int | None = None  # the Medusa heads guess among this many frequent tokens (MedusaHeads.topk)
-    _memo: dict = attrs.field(factory=dict, repr=False)
+    # (B, C) int64: each row's prompt and generated ids, the root last, at 0 .. lengths[b]; zeros past them.
+    # Kept on the device and appended at each commit (C grows with the cache).
+    history: torch.Tensor | None = None
+    # (B, A, H): final normed hidden states of the tokens the previous step committed, root first (EAGLE's
+    # ``update_inference_inputs``); ``accepted_counts`` (B,) of them are real, and the last real one is
+    # ``last_hidden``. At step 0 the previous "step" is the prefill: A = 1, the last prompt token (the whole prompt's
+    # states go to ``propd_rows_begin``).
+    accepted_hidden: torch.Tensor | None = None
+    accepted_counts: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
         return len(self.row_ids)
 
-    def head_logits(self) -> torch.Tensor:
-        """Logits (B, K, V) of the K Medusa heads on ``last_hidden``, computed at most once per step and shared by
-        every strategy that asks (the heads' vocabulary projection is a large part of a small model's step)."""
-        if self.heads is None:
-            raise ValueError("no Medusa heads are loaded")
-        logits = self._memo.get("head_logits")
-        if logits is None:
-            logits = self._memo["head_logits"] = self.heads(self.last_hidden)
-        return logits
+    @property
+    def history_lengths(self) -> torch.Tensor:
+        """(B,) ids in ``history`` per row: the committed tokens and the root."""
+        return self.lengths + 1
 
-    def head_topk(self, k: int) -> torch.Tensor:
-        """Token ids (B, K, k) of each Medusa head's k most likely guesses (best first), computed at most once per
-        step; heads with a draft vocabulary guess within it (``MedusaHeads.topk`` and ``draft_vocab``)."""
-        have = self._memo.get("head_topk")
-        if have is None or have.shape[-1] < k:
-            want = max(k, 16)  # one top-k serves all callers
-            topk = getattr(self.heads, "topk", None)  # MedusaHeads: within the draft vocabulary, if any
-            # (without heads, head_logits below raises)
-            if topk is not None:
-                have = topk(self.last_hidden, want, draft_vocab=self.draft_vocab)
-            else:
-                logits = self.head_logits()
-                have = logits.topk(min(want, logits.shape[-1]), dim=-1).indices
-            self._memo["head_topk"] = have
-        return have[..., :k]
 
-    def heads_computed(self) -> bool:
-        """Whether some strategy already paid for the heads this step."""
-        return "head_logits" in self._memo or "head_topk" in self._memo
+@attrs.frozen(eq=False)
+class RowsBegin:
+    """Rows that start decoding (``propd_rows_begin``): their prefill is done and their first token chosen."""
+
+    row_ids: tuple[int, ...]  # prompt index of each row, in batch order
+    prompt_ids: torch.Tensor  # (B, P) the prompts, padded with 0 past ``prompt_lengths``
+    prompt_lengths: torch.Tensor  # (B,)
+    hidden: torch.Tensor  # (B, P, H) final normed hidden state of every prompt position (padding past the lengths)
+    roots: torch.Tensor  # (B,) the first generated token of each row
+
+
+@attrs.frozen(eq=False)
+class Draft:
+    """A proposer's draft for one step (``propd_propose``): a token tree per row, and what the proposer believes.
+
+    * ``tokens`` (B, T) int64: a token per node; column 0 is ``ctx.roots``.
+    * ``tree``: the topology, one :class:`propd.tree.DraftTree` shared by all rows or a :class:`propd.tree.RowTrees`
+      with per-row parents; T may be below the sizer's budget (a 1-node draft is a plain AR step), never above it.
+    * ``present`` (B, T) bool, optional: nodes that exist in each row (a row with fewer nodes pads with absent ones;
+      they cost no layer work and are never accepted). Node 0 is always present.
+    * ``probs`` (B, T), optional: the draft's probability of each node's token given its parent (root: 1).
+    * ``dists`` (B, T, V), optional: the draft distribution over the vocabulary at each node, from which its
+      children were drawn (speculative sampling needs these; Leviathan et al. 2023, Miao et al. 2024).
+    * ``confidence`` (B, T), optional: the proposer's estimate that each node is accepted (path probability).
+
+    Sizers learn from drafts and their outcomes in ``propd_after_step``; what a path means (Medusa's "rank of head d's
+    guess", a lookup match) stays the proposer's business. Sibling order is the proposer's preference order.
+    """
+
+    tokens: torch.Tensor
+    tree: Any  # DraftTree | RowTrees
+    present: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+    dists: torch.Tensor | None = None
+    confidence: torch.Tensor | None = None
+
+    @property
+    def num_nodes(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def rows(self):
+        """The tree as per-row tensors (:class:`propd.tree.RowTrees`; views for a shared tree)."""
+        from propd.tree import as_rows
+
+        return as_rows(self.tree, self.tokens.shape[0])
+
+
+@attrs.frozen(eq=False)
+class LiveNodes:
+    """The tree nodes a forward pass is running, per row: the survivors of pruning, compacted to the left.
+
+    ``node_idx`` (B, T') tree indices in ascending order, padded with ``num_nodes`` where ``valid`` (B, T') is False.
+    Tensors the step computes for live nodes (hidden states, logits) are laid out like ``node_idx``.
+    """
+
+    node_idx: torch.Tensor
+    valid: torch.Tensor
+    num_nodes: int
+
+    def alive(self) -> torch.Tensor:
+        """(B, T) bool: which tree nodes are live."""
+        from propd.tree import survivor_mask
+
+        return survivor_mask(self.node_idx, self.valid, self.num_nodes)
+
+    def position(self, nodes: torch.Tensor) -> torch.Tensor:
+        """Where tree nodes ``nodes`` (B, W) sit in the live layout (B, W); only meaningful for live nodes."""
+        from propd.tree import positions_of
+
+        return positions_of(self.node_idx, nodes, self.num_nodes)
+
+    def gather(self, x: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        """Rows of ``x`` (B, T', ...) laid out like the live nodes, for tree nodes ``nodes`` (B, W): (B, W, ...)."""
+        pos = self.position(nodes)
+        return x.gather(1, pos.view(*pos.shape, *([1] * (x.dim() - 2))).expand(*pos.shape, *x.shape[2:]))
 
 
 @attrs.frozen(eq=False)

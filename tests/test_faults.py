@@ -19,7 +19,7 @@ from propd import Decoder, PropdError, hookimpl
 from propd.cli import main
 from propd.files import COMPLETE, build_atomically, is_complete
 from propd.tree import DraftTree
-from propd.types import Acceptance
+from propd.types import Acceptance, Draft
 
 
 def cli(capsys, *args):
@@ -134,8 +134,8 @@ class _Verifier:
         self.fn = fn
 
     @hookimpl
-    def propd_verify(self, ctx, tree, tokens, logits, node_idx, valid):
-        return self.fn(ctx, tree, tokens, logits)
+    def propd_verify(self, draft, nodes, logits):
+        return self.fn(draft, nodes, logits)
 
 
 class _Pruner:
@@ -155,11 +155,10 @@ def _chain_tokens(ctx, tree):
     return torch.cat([ctx.roots[:, None], ctx.roots[:, None].expand(-1, tree.num_nodes - 1)], dim=1)
 
 
-def _greedy(ctx, tree, tokens, logits):
+def _greedy(draft, nodes, logits):
     from propd.strategies.greedy import GreedyVerifier
 
-    return GreedyVerifier().propd_verify(ctx, tree, tokens, logits, torch.arange(tree.num_nodes).expand(
-        tokens.shape[0], -1), torch.ones_like(tokens, dtype=torch.bool))
+    return GreedyVerifier().propd_verify(draft, nodes, logits)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -167,13 +166,23 @@ def _greedy(ctx, tree, tokens, logits):
     (dict(sizer=_Sizer(lambda ctx: DraftTree.chain(3)), proposer=_Proposer(lambda ctx, tree: None)),
      "proposer '_Proposer' returned None"),
     (dict(sizer=_Sizer(lambda ctx: DraftTree.chain(3)),
-          proposer=_Proposer(lambda ctx, tree: _chain_tokens(ctx, tree)[:, :2])), r"expected \(2, 4\) torch.int64"),
+          proposer=_Proposer(lambda ctx, tree: _chain_tokens(ctx, tree)[:, :2])), r"\(2, 2\) for a 4-node tree; expected \(2, 4\)"),
+    (dict(sizer=_Sizer(lambda ctx: DraftTree.chain(3)),
+          proposer=_Proposer(lambda ctx, tree: Draft(tokens=_chain_tokens(ctx, DraftTree.chain(5)),
+                                                     tree=DraftTree.chain(5)))), "a 6-node draft; the sizer's budget is 4"),
+    (dict(sizer=_Sizer(lambda ctx: DraftTree.chain(3)),
+          proposer=_Proposer(lambda ctx, tree: Draft(tokens=_chain_tokens(ctx, tree), tree=DraftTree.chain(2)))),
+     "tree has 3 nodes but whose tokens have 4 columns"),
+    (dict(sizer=_Sizer(lambda ctx: DraftTree.chain(3)),
+          proposer=_Proposer(lambda ctx, tree: Draft(tokens=_chain_tokens(ctx, tree), tree=tree,
+                                                     present=torch.zeros(2, 4, dtype=torch.bool)))),
+     "root \\(node 0\\) is not present"),
     (dict(sizer=_Sizer(lambda ctx: DraftTree.chain(3)),
           proposer=_Proposer(lambda ctx, tree: _chain_tokens(ctx, tree) + 10_000)), "outside the vocabulary"),
     (dict(sizer=_Sizer(lambda ctx: DraftTree.chain(3)),
           proposer=_Proposer(lambda ctx, tree: _chain_tokens(ctx, tree).roll(1, 0) * 0 + 7)), "column 0"),
     (dict(verifier=_Verifier(lambda *a: None)), "verifier '_Verifier' returned None"),
-    (dict(verifier=_Verifier(lambda ctx, tree, tokens, logits: Acceptance(
+    (dict(verifier=_Verifier(lambda draft, nodes, logits: Acceptance(
         best=torch.zeros(2, dtype=torch.long), accept_len=torch.ones(2, dtype=torch.long),
         bonus=torch.zeros(2, dtype=torch.long)))), "accept_len is not that node's depth"),
     (dict(sizer=_Sizer(lambda ctx: DraftTree.chain(3)), proposer=_Proposer(_chain_tokens),

@@ -18,7 +18,7 @@ MODEL = tiny_loaded(seed=0, heads=2)
 def test_builtin_components_are_registered():
     reg = Registry(entry_points=False)
     assert reg.names("sizer") == ["medusa-heuristic", "propd-dynamic", "static"]
-    assert reg.names("proposer") == ["medusa"] and reg.names("verifier") == ["greedy", "typical"]
+    assert reg.names("proposer") == ["composite", "medusa"] and reg.names("verifier") == ["greedy", "typical"]
     assert reg.names("pruner") == ["early-prob", "early-topk"]
 
 
@@ -68,9 +68,9 @@ def test_third_party_plugin_found_through_entry_points(tmp_path, monkeypatch):
         class Counting(GreedyVerifier):
             calls = 0
             @propd.hookimpl
-            def propd_verify(self, ctx, tree, tokens, logits, node_idx, valid):
+            def propd_verify(self, draft, nodes, logits):
                 Counting.calls += 1
-                return super().propd_verify(ctx, tree, tokens, logits, node_idx, valid)
+                return super().propd_verify(draft, nodes, logits)
 
         @propd.hookimpl
         def propd_register_components(register):
@@ -93,4 +93,16 @@ def test_oracle_plugin_package_registers_its_components():
 
     reg = Registry(extra_plugins=[propd_oracle], entry_points=False)
     assert "oracle" in reg.names("proposer") and "random" in reg.names("pruner")
-    assert propd.hookimpl is not None
+    pruner = reg.get("pruner", "random").build({"layer": 2, "keep": 0.5})
+    assert isinstance(pruner, propd_oracle.RandomPruner) and pruner.propd_prune_layer() == 2
+
+
+def test_installed_plugin_packages_add_components_and_presets(capsys):
+    """The README's test command installs plugins/propd-lookup: its entry point adds a proposer and two presets."""
+    from propd.cli import main
+
+    assert main(["components"]) == 0
+    assert "prompt-lookup" in capsys.readouterr().out
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "\nlookup " in out and "\nmedusa+lookup " in out

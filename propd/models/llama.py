@@ -282,22 +282,32 @@ class LlamaModel(nn.Module):
 
         ``node_idx`` entries equal to T are padding (rows with fewer nodes than the widest row); they write to a
         spare scratch slot and attend only to it, so they stay finite and invisible. ``tree_mask`` (T, T) and
-        ``depths`` (T,) describe the tree (``propd.tree.DraftTree``). Key length S = longest row + T + 1.
+        ``depths`` (T,) describe a tree shared by all rows (``propd.tree.DraftTree``), or (B, T, T) and (B, T) one
+        tree per row (``propd.tree.RowTrees``). Key length S = longest row + T + 1.
         """
         dev = node_idx.device
-        T = tree_mask.shape[0]
+        B = node_idx.shape[0]
+        T = tree_mask.shape[-1]
         lengths = cache.lengths
         S = max(cache.host_lengths) + T + 1
-        mask_ext = torch.zeros(T + 1, T + 1, dtype=torch.bool, device=dev)
-        mask_ext[:T, :T] = tree_mask
-        mask_ext[T, T] = True
-        depth_ext = torch.cat([depths, depths.new_zeros(1)])
-        rows = mask_ext[node_idx]  # (B, Tq, T+1)
+        if tree_mask.dim() == 2:
+            mask_ext = torch.zeros(T + 1, T + 1, dtype=torch.bool, device=dev)
+            mask_ext[:T, :T] = tree_mask
+            mask_ext[T, T] = True
+            rows = mask_ext[node_idx]  # (B, Tq, T+1)
+            depth_ext = torch.cat([depths, depths.new_zeros(1)])
+            node_depth = depth_ext[node_idx]  # (B, Tq)
+        else:
+            mask_ext = torch.zeros(B, T + 1, T + 1, dtype=torch.bool, device=dev)
+            mask_ext[:, :T, :T] = tree_mask
+            mask_ext[:, T, T] = True
+            rows = mask_ext.gather(1, node_idx[..., None].expand(-1, -1, T + 1))  # (B, Tq, T+1)
+            node_depth = torch.cat([depths, depths.new_zeros(B, 1)], dim=1).gather(1, node_idx)  # (B, Tq)
         rel = torch.arange(S, device=dev)[None, :] - lengths[:, None]  # (B, S) key pos relative to row length
         in_tree = (rel >= 0) & (rel <= T)
         tree_part = rows.gather(2, rel.clamp(0, T)[:, None, :].expand(-1, node_idx.shape[1], -1))  # (B, Tq, S)
         mask = (tree_part & in_tree[:, None, :]) | (rel < 0)[:, None, :]
-        positions = lengths[:, None] + depth_ext[node_idx]  # (B, Tq)
+        positions = lengths[:, None] + node_depth  # (B, Tq)
         freqs = positions[..., None].to(torch.float32) * self.inv_freq  # (B, Tq, D/2)
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, Tq, D)
         scale = self.cfg.rope_attention_scaling
@@ -323,13 +333,14 @@ class LlamaModel(nn.Module):
     # a prefill group pads its rows to its longest prompt by at most this share of its real tokens
     PREFILL_WASTE = 0.125
 
-    def prefill(self, cache: KVCache, prompts: list[list[int]]) -> torch.Tensor:
-        """Run prompts of different lengths into an empty cache; return the normed last hidden state (B, H).
+    def prefill(self, cache: KVCache, prompts: list[list[int]], keep_hidden: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Run prompts of different lengths into an empty cache; return the normed last hidden state (B, H), and with
+        ``keep_hidden`` also every position's (B, P, H), padded past each prompt's length.
 
         Rows run in groups of similar length (``prefill_groups``), each group into a cache of its own whose keys and
-        values are then copied into the batch's rows. Padding every row to the batch's longest prompt did work in
-        proportion to batch x longest (and attention to batch x longest^2): Spec-Bench's 13 sample prompts hold 2,460
-        tokens and were padded to 9,971, and at batch 16 the prefill took 34 of `ar`'s 38 s (docs/results.md)."""
+        values are then copied into the batch's rows, so the work is in proportion to the real tokens, not to batch x
+        longest prompt (and attention to batch x longest^2)."""
         if max(cache.host_lengths, default=0) > 0:
             raise PropdError("prefill runs prompts into an empty cache")
         host_lens = [len(p) for p in prompts]
@@ -337,8 +348,11 @@ class LlamaModel(nn.Module):
         lens = torch.tensor(host_lens, dtype=torch.long, device=self.device)
         if len(groups) == 1:
             final, _ = self.hidden_states(cache, prompts)
-            return final[torch.arange(len(prompts), device=self.device), lens - 1]
+            last = final[torch.arange(len(prompts), device=self.device), lens - 1]
+            return (last, final) if keep_hidden else last
         last = torch.empty(len(prompts), self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+        full = (torch.zeros(len(prompts), max(host_lens), self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+                if keep_hidden else None)
         for rows in groups:
             seqs = [prompts[r] for r in rows]
             longest = max(len(q) for q in seqs)
@@ -348,8 +362,10 @@ class LlamaModel(nn.Module):
             cache.k[:, idx, :, :longest] = part.k[:, :, :, :longest]
             cache.v[:, idx, :, :longest] = part.v[:, :, :, :longest]
             last[idx] = final[torch.arange(len(rows), device=self.device), lens[idx] - 1]
+            if full is not None:
+                full[idx, :longest] = final
         cache.advance(lens, host_lens)
-        return last
+        return (last, full) if keep_hidden else last
 
     def hidden_states(self, cache: KVCache, seqs: list[list[int]], capture: tuple[int, ...] = ()
                       ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

@@ -7,8 +7,10 @@ fixed size greedily, always adding the node of highest expected acceptance.
 ``propd-dynamic`` (ProPD, Zhong et al. 2024, sec. 4.2): the same construction from *online* estimates, with the
 size chosen to maximize expected accepted tokens per second:
 
-* acceptance: for head i and rank k, ``P_i^k <- (1 - alpha) P_i^k + alpha * 1(true token in TopK_i)``, updated
-  from each verified token; ``p_i^k = P_i^k - P_i^{k-1}``; the best tree of size i holds the i most valuable nodes
+* acceptance: for depth i and rank k, ``P_i^k <- (1 - alpha) P_i^k + alpha * 1(true token in TopK_i)``, updated
+  from each verified token, where TopK_i is the proposer's k first children of the accepted node at depth i (the
+  paper's head i top-k for Medusa; any proposer's draft for others, see ``DynamicSizer.learn``);
+  ``p_i^k = P_i^k - P_i^{k-1}``; the best tree of size i holds the i most valuable nodes
   and its expected accepted length is ``l(i) = 1 + c * sum of their values``, where c (1 in the paper) is the
   measured / predicted accepted guesses of recent tree steps (see ``DynamicSizer.calibration``);
 * cost: ``T_perf^i <- (1 - alpha) T_perf^i + alpha * t_i`` for every size tried, and a weighted least-squares line
@@ -134,6 +136,7 @@ class DynamicConfig:
     refresh: int = 16  # re-choose at least this often (steps)
     context_bucket: int = 256  # re-choose when the longest context crosses a multiple of this
     max_rank: int = 10
+    max_depth: int | None = None  # deepest tree; default: as many as the Medusa heads, or DEFAULT_DEPTH without
     explore: tuple[int, ...] = (1, 2, 4, 8, 16, 64)  # sizes measured before the first choice ...
     explore_repeat: int = 2  # ... each tree size this many times (DriftCostModel keeps the faster of its first two)
     probe_every: int = 32  # one step of the other regime (1 node vs a tree) this often ...
@@ -393,7 +396,7 @@ class DynamicSizer:
         self.explore = [s for s in sorted(set(config.explore)) if s in self.sizes] or [1]
         larger = [s for s in self.sizes if s > 1]
         self.probe = min(larger, key=lambda s: abs(s - config.probe_size)) if larger else 1
-        self.P: list[list[float]] = []  # P[i][k]: EMA of P(true token within head i's top k+1)
+        self.P: list[list[float]] = []  # P[i][k]: EMA of P(true token within the top k+1 children at depth i)
         self.costs: dict[tuple[int, int], CostModel] = {}
         self.key: tuple[int, int] | None = None
         self.size = 1
@@ -442,11 +445,12 @@ class DynamicSizer:
 
     @hookimpl
     def propd_setup(self, model):
-        if model.heads is None:
-            raise PropdError("propd-dynamic sizes trees of Medusa guesses, but no heads are loaded: pass --heads")
-        K, R = model.heads.num_heads, self.cfg.max_rank
-        # a neutral prior (no pre-characterization): rank r of head i right with a chance that falls with both
+        K = self.cfg.max_depth or (model.heads.num_heads if model.heads is not None else self.DEFAULT_DEPTH)
+        R = self.cfg.max_rank
+        # a neutral prior (no pre-characterization): rank r at depth i right with a chance that falls with both
         self.P = [[min(1.0, 0.5 / (i + 1) * (1 + k) / (1 + k + 1)) for k in range(R)] for i in range(K)]
+
+    DEFAULT_DEPTH = 6  # tree depth without Medusa heads to bound it (max_depth sets it)
 
     def _exploring(self, cost: CostModel | DriftCostModel, values: list[float], entering: bool = False) -> int | None:
         """The next size to measure before the first choice at this key, or None.
@@ -523,36 +527,55 @@ class DynamicSizer:
         return self.cache.get(paths[: size - 1], ctx.device)
 
     @hookimpl
-    def propd_after_step(self, ctx, tree, acceptance, stats, tokens):
+    def propd_after_step(self, draft, acceptance, stats, tree):
         cost = self.costs.get(self.key)
         if cost is not None:
             cost.observe(tree.num_nodes, stats.step_time_s, now=self.clock)
-        if ctx.heads is None or not ctx.heads_computed():
-            return  # a 1-node step ran no heads; running them here would cost time that T(1) never sees
+        if draft.num_nodes <= 1:
+            return  # a plain AR step (or a draft that found nothing): no guesses to learn from
         if tree.num_nodes > 1 and self._best is not None:
-            if stats.nodes_after_pruning < tree.num_nodes:
+            present = draft.num_nodes if draft.present is None else float(draft.present.sum(1).float().mean())
+            if stats.nodes_after_pruning < present:
                 self.pruned.add(tree.num_nodes)
             predicted = sum(self._best[1][: tree.num_nodes - 1])
             self.calibrate(sum(stats.accepted) / len(stats.accepted) - 1.0, predicted, tree.num_nodes in self.pruned)
-        R, K = self.cfg.max_rank, len(self.P)
-        top = ctx.head_topk(R)  # (B, K, R): the proposer's guesses this step (computed once, shared)
-        path = tree.paths_to[acceptance.best]  # (B, D+1)
-        true = torch.cat([tokens.gather(1, path[:, 1:]), acceptance.bonus[:, None]], dim=1)  # (B, D+1)
-        known = torch.arange(true.shape[1], device=true.device)[None, :] <= acceptance.accept_len[:, None]
-        upto = min(K, true.shape[1])
-        # rank of the true token among head i's guesses (R when absent), for heads whose target is known
-        hit = top[:, :upto] == true[:, :upto, None]  # (B, upto, R)
-        within = hit.cumsum(dim=-1).clamp(max=1).to(torch.float32)  # (B, upto, R): 1(true token in top k+1)
-        mask = known[:, :upto].to(torch.float32)  # (B, upto)
-        n = mask.sum(dim=0)  # (upto,)
-        mean = (within * mask[..., None]).sum(dim=0) / n.clamp(min=1)[:, None]  # (upto, R)
-        rows = torch.cat([n[:, None], mean], dim=1).tolist()  # one small transfer per step
-        a = self.cfg.alpha
-        for i, row in enumerate(rows):
-            count, obs = int(row[0]), row[1:]
-            for _ in range(count):  # one EMA update per verified token
-                self.P[i] = [(1 - a) * p + a * o for p, o in zip(self.P[i], obs)]
+        self.learn(draft, acceptance)
         self._best = None
+
+    def learn(self, draft, acceptance) -> None:
+        """Update P[d][k] from one verified draft, whatever proposed it: along each row's accepted path, the node at
+        depth d has a known true successor (the next accepted token, or the bonus); if one of its children carries it,
+        the true token was the proposer's choice of that sibling rank. Only ranks the node had children for are
+        observed (rank k of a node with n <= k children says nothing), so P[d][k] moves for observed ranks only."""
+        R, K = self.cfg.max_rank, len(self.P)
+        rows, tokens = draft.rows, draft.tokens
+        B, T = tokens.shape
+        best, alen = acceptance.best, acceptance.accept_len
+        path = rows.path_to(best)  # (B, D+1)
+        D = min(path.shape[1], K)
+        # true successor of the path node at depth d: the path token at d+1, or the bonus at d == accept_len
+        true = torch.cat([tokens.gather(1, path[:, 1:]), acceptance.bonus[:, None]], dim=1)
+        true = true.scatter(1, alen[:, None], acceptance.bonus[:, None])[:, :D]  # (B, D)
+        known = torch.arange(D, device=tokens.device)[None, :] <= alen[:, None]  # (B, D)
+        real = torch.ones_like(tokens, dtype=torch.bool) if draft.present is None else draft.present
+        child = (rows.parents[:, None, :] == path[:, :D, None]) & real[:, None, :]  # (B, D, T)
+        ranks = rows.sibling_ranks()[:, None, :].expand(B, D, T)
+        n_child = child.sum(dim=2)  # (B, D)
+        hit = child & (tokens[:, None, :] == true[..., None])
+        hit_rank = torch.where(hit.any(dim=2), (ranks * hit).sum(dim=2), R)  # (B, D): R when missed
+        k = torch.arange(R, device=tokens.device)
+        observed = (known[..., None] & (k < n_child[..., None])).to(torch.float32)  # (B, D, R)
+        within = (hit_rank[..., None] <= k).to(torch.float32)  # (B, D, R): 1(true token in top k+1)
+        count = observed.sum(dim=0)  # (D, R)
+        mean = (within * observed).sum(dim=0) / count.clamp(min=1)
+        stats = torch.stack([count, mean]).tolist()  # one small transfer per step
+        a = self.cfg.alpha
+        for d in range(D):
+            for r in range(R):
+                c = stats[0][d][r]
+                if c:
+                    keep = (1 - a) ** c  # c EMA updates with the same observation
+                    self.P[d][r] = keep * self.P[d][r] + (1 - keep) * stats[1][d][r]
 
 
 @hookimpl

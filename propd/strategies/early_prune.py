@@ -9,7 +9,8 @@ subtree, so layers n+1..L, the vocabulary projection and the verifier only see t
   the early head's probabilities along it; prune nodes whose path probability is under ``threshold``, and
   optionally keep only the ``max_nodes`` most probable.
 
-Only nodes with children need early logits, so the vocabulary projection runs on the tree's internal nodes only.
+Only nodes with children need early logits, so on a shared tree the vocabulary projection runs on its internal
+nodes only. The early heads reach the pruner through ``propd_setup`` (``model.early_heads``).
 The decoder closes the keep-mask under ancestry and never drops the root, so pruning changes the work, never the
 output.
 """
@@ -23,7 +24,7 @@ import torch
 
 from propd.errors import PropdError
 from propd.hookspecs import hookimpl
-from propd.tree import positions_of
+from propd.tree import DraftTree
 
 
 def _positive(_, attribute, value):
@@ -55,9 +56,6 @@ class _EarlyPruner:
     layer: int
     min_nodes: int
 
-    def _skip(self, tree, layer) -> bool:
-        return layer != self.layer or tree.num_nodes < max(2, self.min_nodes)
-
     @hookimpl
     def propd_setup(self, model):
         L = model.config.num_layers
@@ -68,18 +66,25 @@ class _EarlyPruner:
             have = sorted(model.early_heads) or "none"
             raise PropdError(f"pruning after layer {self.layer} needs an early head for that layer (loaded: {have}); "
                              f"train one with `propd train-heads --early-layers {self.layer}`")
+        self.head = model.early_heads[self.layer]  # hidden after n layers (.., H) -> next-token logits (.., V)
 
     @hookimpl
     def propd_prune_layer(self):
         return self.layer
 
-    def _parent_logits(self, ctx, tree, hidden, node_idx) -> tuple[torch.Tensor, torch.Tensor]:
-        """Early-head logits (B, I, V) of the I internal nodes, and the index (T-1,) of each non-root node's parent
-        among them: the projection runs once per internal node, not once per child."""
+    def _parent_scores(self, draft, nodes, hidden, score):
+        """``score(logits (B, N, V))`` -> (B, N, ...) for the early head's prediction at each node's parent, as
+        (B, T-1, ...) for nodes 1..T-1. The vocabulary projection runs once per node with children: on a shared tree
+        only its internal nodes; on per-row trees every live node."""
+        tree = draft.tree
         B = hidden.shape[0]
-        pos = positions_of(node_idx, tree.internal.expand(B, -1), tree.num_nodes)  # (B, I)
-        h = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, I, H)
-        return ctx.early_heads[self.layer](h), tree.parent_slot[1:]  # (B, I, V), (T-1,)
+        if isinstance(tree, DraftTree):
+            at = tree.internal.expand(B, -1)  # (B, I)
+            s = score(self.head(nodes.gather(hidden, at)))  # (B, I, ...)
+            return s[:, tree.parent_slot[1:]]
+        s = score(self.head(hidden))  # (B, T', ...)
+        parents = draft.rows.parents[:, 1:]  # (B, T-1)
+        return nodes.gather(s, parents)
 
 
 class EarlyTopKPruner(_EarlyPruner):
@@ -87,12 +92,12 @@ class EarlyTopKPruner(_EarlyPruner):
         self.layer, self.k, self.min_nodes = config.layer, config.k, config.min_nodes
 
     @hookimpl
-    def propd_prune(self, ctx, tree, tokens, layer, hidden, node_idx, valid):
-        if self._skip(tree, layer):
+    def propd_prune(self, draft, nodes, hidden):
+        if draft.num_nodes < max(2, self.min_nodes):
             return None
-        logits, slot = self._parent_logits(ctx, tree, hidden, node_idx)
-        top = logits.topk(min(self.k, logits.shape[-1]), dim=-1).indices  # (B, I, k)
-        member = (top[:, slot] == tokens[:, 1:, None]).any(dim=-1)  # (B, T-1): child in its parent's top-k
+        top = self._parent_scores(draft, nodes, hidden,
+                                  lambda lg: lg.topk(min(self.k, lg.shape[-1]), dim=-1).indices)  # (B, T-1, k)
+        member = (top == draft.tokens[:, 1:, None]).any(dim=-1)  # (B, T-1): child in its parent's top-k
         return torch.cat([torch.ones_like(member[:, :1]), member], dim=1)
 
 
@@ -102,16 +107,16 @@ class EarlyProbPruner(_EarlyPruner):
         self.min_nodes = config.min_nodes
 
     @hookimpl
-    def propd_prune(self, ctx, tree, tokens, layer, hidden, node_idx, valid):
-        if self._skip(tree, layer):
+    def propd_prune(self, draft, nodes, hidden):
+        if draft.num_nodes < max(2, self.min_nodes):
             return None
-        logits, slot = self._parent_logits(ctx, tree, hidden, node_idx)
-        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, I, V)
-        edge = logp[:, slot].gather(2, tokens[:, 1:, None])[..., 0]  # (B, T-1): log p(child | parent)
+        T = draft.num_nodes
+        logp = self._parent_scores(draft, nodes, hidden, lambda lg: torch.log_softmax(lg.float(), dim=-1))
+        edge = logp.gather(2, draft.tokens[:, 1:, None])[..., 0]  # (B, T-1): log p(child | parent)
         edge = torch.cat([torch.zeros_like(edge[:, :1]), edge], dim=1)  # the root costs nothing
-        path = edge @ tree.mask.to(edge.dtype).T  # (B, T): log of the product along each root path
+        path = torch.bmm(draft.rows.mask.to(edge.dtype), edge[..., None])[..., 0]  # (B, T): log-prob of each path
         keep = path >= math.log(self.threshold)
-        if self.max_nodes is not None and self.max_nodes < tree.num_nodes:
+        if self.max_nodes is not None and self.max_nodes < T:
             path = path.masked_fill(~keep, float("-inf"))
             path[:, 0] = float("inf")
             best = path.topk(self.max_nodes, dim=1).indices

@@ -13,23 +13,23 @@ from propd.hookspecs import hookimpl
 from propd.types import Acceptance
 
 
-def full_argmax(tree, logits, node_idx, valid) -> torch.Tensor:
-    """Argmax per tree node (B, T) from logits of survivors (B, T', V); -1 where a node did not survive."""
-    B, T = logits.shape[0], tree.num_nodes
+def full_argmax(nodes, logits) -> torch.Tensor:
+    """Argmax per tree node (B, T) from logits of the live nodes (B, T', V); -1 where a node is not live."""
+    B, T = logits.shape[0], nodes.num_nodes
     pred = torch.full((B, T + 1), -1, dtype=torch.long, device=logits.device)  # column T takes the padding
-    pred.scatter_(1, node_idx, torch.where(valid, logits.argmax(dim=-1), -1))
+    pred.scatter_(1, nodes.node_idx, torch.where(nodes.valid, logits.argmax(dim=-1), -1))
     return pred[:, :T]
 
 
-def accept_from_correct(tree, correct: torch.Tensor, pred: torch.Tensor) -> Acceptance:
-    """Given which nodes are correct (B, T) and per-node next tokens, pick the deepest fully-correct path."""
+def accept_from_correct(rows, correct: torch.Tensor, pred: torch.Tensor) -> Acceptance:
+    """Given which nodes are correct (B, T) and per-node next tokens (B, T), pick the deepest fully-correct path of
+    the per-row trees ``rows`` (:class:`propd.tree.RowTrees`); the lowest index wins among equals."""
     correct = correct.clone()
     correct[:, 0] = True
-    wrong = (~correct).to(torch.float32)
-    accepted = (wrong @ tree.mask.to(torch.float32).T) == 0  # (B, T): all ancestors correct
-    score = torch.where(accepted, tree.depths[None, :], -1)
+    accepted = rows.keep_closure(correct)  # (B, T): the node and all its ancestors correct
+    score = torch.where(accepted, rows.depths, -1)
     best = score.argmax(dim=1)  # first maximum: lowest index among the deepest
-    return Acceptance(best=best, accept_len=tree.depths[best], bonus=pred.gather(1, best[:, None])[:, 0])
+    return Acceptance(best=best, accept_len=rows.depth_at(best), bonus=pred.gather(1, best[:, None])[:, 0])
 
 
 class GreedyVerifier:
@@ -37,11 +37,12 @@ class GreedyVerifier:
         pass
 
     @hookimpl
-    def propd_verify(self, ctx, tree, tokens, logits, node_idx, valid):
-        pred = full_argmax(tree, logits, node_idx, valid)  # (B, T)
-        parent_pred = pred.gather(1, tree.parents.clamp(min=0)[None, :].expand_as(pred))
-        correct = (tokens == parent_pred) & (pred >= 0)  # pruned nodes are never correct
-        return accept_from_correct(tree, correct, pred)
+    def propd_verify(self, draft, nodes, logits):
+        rows = draft.rows
+        pred = full_argmax(nodes, logits)  # (B, T)
+        parent_pred = pred.gather(1, rows.parents.clamp(min=0))
+        correct = (draft.tokens == parent_pred) & (pred >= 0)  # pruned nodes are never correct
+        return accept_from_correct(rows, correct, pred)
 
 
 @hookimpl

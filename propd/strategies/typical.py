@@ -20,7 +20,6 @@ import torch
 from propd.errors import PropdError
 from propd.hookspecs import hookimpl
 from propd.strategies.greedy import accept_from_correct
-from propd.tree import positions_of, survivor_mask
 
 
 @attrs.frozen
@@ -58,17 +57,15 @@ class TypicalVerifier:
         return self.generators[key]
 
     @hookimpl
-    def propd_verify(self, ctx, tree, tokens, logits, node_idx, valid):
-        T = tree.num_nodes
-        p, allowed = typical_allowed(logits, self.cfg)  # (B, T', V) at the surviving nodes
-        parents = tree.parents.clamp(min=0)[None, :].expand_as(tokens)  # (B, T)
-        alive = survivor_mask(node_idx, valid, T)  # (B, T)
-        at_parent = positions_of(node_idx, parents, T)  # (B, T): the parent's row in the survivor layout
-        rows = torch.arange(tokens.shape[0], device=tokens.device)
-        correct = allowed[rows[:, None], at_parent, tokens] & alive  # (B, T): token allowed at its parent
-        acc = accept_from_correct(tree, correct, torch.zeros_like(tokens))
-        at_best = positions_of(node_idx, acc.best[:, None], T)[:, 0]  # (B,)
-        q = torch.where(allowed[rows, at_best], p[rows, at_best], 0.0)
+    def propd_verify(self, draft, nodes, logits):
+        rows, tokens = draft.rows, draft.tokens
+        p, allowed = typical_allowed(logits, self.cfg)  # (B, T', V) at the live nodes
+        at_parent = nodes.position(rows.parents.clamp(min=0))  # (B, T): the parent's row in the live layout
+        batch = torch.arange(tokens.shape[0], device=tokens.device)
+        correct = allowed[batch[:, None], at_parent, tokens] & nodes.alive()  # (B, T): token allowed at its parent
+        acc = accept_from_correct(rows, correct, torch.zeros_like(tokens))
+        at_best = nodes.position(acc.best[:, None])[:, 0]  # (B,)
+        q = torch.where(allowed[batch, at_best], p[batch, at_best], 0.0)
         bonus = torch.multinomial(q / q.sum(dim=-1, keepdim=True), 1, generator=self._generator(q.device))[:, 0]
         return attrs.evolve(acc, bonus=bonus)
 

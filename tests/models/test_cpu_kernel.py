@@ -1,5 +1,6 @@
 """propd's packed CPU kernel for few-row float32 and bfloat16 linear layers (propd.models.cpu_kernel)."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,8 +24,8 @@ def test_the_kernel_builds_where_it_can_run():
 @given(rows=st.integers(1, 70), k=st.integers(1, 70), out=st.integers(1, 70), seed=st.integers(0, 1000),
        dtype=st.sampled_from(cpu_kernel.DTYPES))
 def test_packed_product_equals_matmul_and_each_row_alone(rows, k, out, seed, dtype):
-    if not X86_AVX2:  # nothing to run; test_the_kernel_builds_where_it_can_run checks that it is refused
-        return
+    if not X86_AVX2:  # test_the_kernel_builds_where_it_can_run checks that it is refused
+        pytest.skip("the CPU kernel needs x86-64 with AVX2/FMA; this machine lacks them")
     g = torch.Generator().manual_seed(seed)
     x, w = torch.randn(rows, k, generator=g).to(dtype), torch.randn(out, k, generator=g).to(dtype)
     packed = cpu_kernel.pack(w)
@@ -119,7 +120,7 @@ def test_a_decoder_packs_the_weights_before_the_first_step():
        dtype=st.sampled_from(cpu_kernel.DTYPES))
 def test_attention_equals_sdpa_and_each_query_alone(b, hk, group, t, s, d, seed, dtype):
     if not X86_AVX2:
-        return
+        pytest.skip("the CPU kernel needs x86-64 with AVX2/FMA; this machine lacks them")
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(seed)
@@ -151,7 +152,7 @@ def test_attention_equals_sdpa_and_each_query_alone(b, hk, group, t, s, d, seed,
        d=st.sampled_from([4, 16, 64]), seed=st.integers(0, 1000), dtype=st.sampled_from(cpu_kernel.DTYPES))
 def test_rope_and_cache_equals_torch_bit_for_bit(b, t, hk, group, d, seed, dtype):
     if not X86_AVX2:
-        return
+        pytest.skip("the CPU kernel needs x86-64 with AVX2/FMA; this machine lacks them")
     from propd.models.llama import _rotate_half
 
     g = torch.Generator().manual_seed(seed)
@@ -178,7 +179,7 @@ def test_rope_and_cache_equals_torch_bit_for_bit(b, t, hk, group, d, seed, dtype
        dtype=st.sampled_from(cpu_kernel.DTYPES))
 def test_rms_norm_matches_the_module_and_each_row_alone(rows, n, seed, dtype):
     if not X86_AVX2:
-        return
+        pytest.skip("the CPU kernel needs x86-64 with AVX2/FMA; this machine lacks them")
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(rows, n, generator=g) * 3).to(dtype)
     w = torch.randn(n, generator=g).to(dtype)
@@ -197,7 +198,7 @@ def test_fused_decoder_layer_equals_the_module_path_bit_for_bit(b, t, seed, dtyp
     """A decoding step through ``cpu_kernel.decoder_layer`` (one call per layer) gives the same hidden states and the
     same cache as the same step through the modules, bit for bit."""
     if not X86_AVX2:
-        return
+        pytest.skip("the CPU kernel needs x86-64 with AVX2/FMA; this machine lacks them")
 
     from conftest import tiny_loaded
     from propd.models.llama import DecoderLayer

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from conftest import tiny_loaded
 from propd import Decoder, DraftTree, PropdError
 from propd.hookspecs import hookimpl
+from propd.tree import RowTrees
+from propd.types import Draft
 from propd.strategies.dynamic import CostModel, DriftCostModel, DynamicConfig, DynamicSizer, weighted_line
 from propd.strategies.early_prune import EarlyProbConfig, EarlyProbPruner, EarlyTopKConfig, EarlyTopKPruner
 from propd.strategies.tree_builder import best_tree, rank_probabilities
@@ -49,39 +51,53 @@ def test_early_pruning_is_lossless_on_random_trees(paths, k, seed, threshold, pr
     assert dec.generate_ids(prompts, max_new_tokens=10).token_ids == ar(prompts, 10)
 
 
-def _hidden_ctx(tree, batch=2, seed=0):
-    from propd.types import StepContext
+def _live(tree, batch=2, seed=0):
+    """Random hidden states (B, T, H) for every node of ``tree`` and the all-live layout."""
+    from propd.types import LiveNodes
 
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(batch, tree.num_nodes, MODEL.config.hidden_size, generator=g)
-    ctx = StepContext(step=0, row_ids=tuple(range(batch)), lengths=torch.zeros(batch, dtype=torch.long),
-                      host_lengths=(0,) * batch, num_generated=(1,) * batch, roots=torch.zeros(batch, dtype=torch.long),
-                      last_hidden=hidden[:, 0], heads=None, early_heads=MODEL.early_heads, vocab_size=128,
-                      device=torch.device("cpu"))
     node_idx = torch.arange(tree.num_nodes).expand(batch, -1)
-    return ctx, hidden, node_idx
+    return LiveNodes(node_idx, torch.ones_like(node_idx, dtype=torch.bool), tree.num_nodes), hidden
+
+
+def _ctx(batch):
+    from propd.types import StepContext
+
+    return StepContext(step=0, row_ids=tuple(range(batch)), lengths=torch.zeros(batch, dtype=torch.long),
+                       host_lengths=(0,) * batch, num_generated=(1,) * batch, roots=torch.zeros(batch, dtype=torch.long),
+                       last_hidden=torch.zeros(batch, MODEL.config.hidden_size), vocab_size=128,
+                       device=torch.device("cpu"))
+
+
+def _pruner(cls, cfg):
+    pruner = cls(cfg)
+    pruner.propd_setup(MODEL)
+    return pruner
 
 
 def test_topk_pruner_keeps_exactly_the_children_in_their_parents_topk():
     tree = DraftTree.from_paths([(0,), (1,), (0, 0), (0, 1), (1, 0)])
-    ctx, hidden, node_idx = _hidden_ctx(tree)
+    nodes, hidden = _live(tree)
     logits = MODEL.early_heads[1](hidden)  # (B, T, V)
     top3 = logits.topk(3, dim=-1).indices
     tokens = torch.tensor([[5, int(top3[0, 0, 1]), 99, int(top3[0, 1, 2]), 7, 8],
                            [5, int(top3[1, 0, 0]), int(top3[1, 0, 2]), 1, 2, int(top3[1, 2, 0])]])
-    pruner = EarlyTopKPruner(EarlyTopKConfig(layer=1, k=3))
-    keep = pruner.propd_prune(ctx, tree, tokens, 1, hidden, node_idx, torch.ones_like(tokens, dtype=torch.bool))
+    pruner = _pruner(EarlyTopKPruner, EarlyTopKConfig(layer=1, k=3))
+    draft = Draft(tokens=tokens, tree=tree)
+    keep = pruner.propd_prune(draft, nodes, hidden)
     expect = torch.zeros_like(keep)
     for b in range(2):
         expect[b, 0] = True
         for j in range(1, tree.num_nodes):
             expect[b, j] = bool((top3[b, int(tree.parents[j])] == tokens[b, j]).any())
     assert torch.equal(keep, expect)
-    assert pruner.propd_prune(ctx, tree, tokens, 2, hidden, node_idx, None) is None  # other layers: no opinion
-    small = EarlyTopKPruner(EarlyTopKConfig(layer=1, k=3, min_nodes=tree.num_nodes + 1))
-    assert small.propd_prune(ctx, tree, tokens, 1, hidden, node_idx, None) is None  # below min_nodes: left whole
-    at_min = EarlyTopKPruner(EarlyTopKConfig(layer=1, k=3, min_nodes=tree.num_nodes))
-    assert torch.equal(at_min.propd_prune(ctx, tree, tokens, 1, hidden, node_idx, None), keep)
+    per_row = Draft(tokens=tokens, tree=RowTrees.from_parents(tree.parents.expand(2, -1)))
+    assert torch.equal(pruner.propd_prune(per_row, nodes, hidden), keep)  # the per-row path agrees
+    small = _pruner(EarlyTopKPruner, EarlyTopKConfig(layer=1, k=3, min_nodes=tree.num_nodes + 1))
+    assert small.propd_prune(draft, nodes, hidden) is None  # below min_nodes: left whole
+    at_min = _pruner(EarlyTopKPruner, EarlyTopKConfig(layer=1, k=3, min_nodes=tree.num_nodes))
+    assert torch.equal(at_min.propd_prune(draft, nodes, hidden), keep)
     closed = tree.keep_closure(keep)
     for b in range(2):
         for j in range(1, tree.num_nodes):
@@ -90,18 +106,18 @@ def test_topk_pruner_keeps_exactly_the_children_in_their_parents_topk():
 
 def test_prob_pruner_thresholds_path_probability():
     tree = DraftTree.chain(3)
-    ctx, hidden, node_idx = _hidden_ctx(tree, batch=1)
+    nodes, hidden = _live(tree, batch=1)
     logp = torch.log_softmax(MODEL.early_heads[1](hidden), dim=-1)[0]  # (T, V)
     tokens = torch.tensor([[1, int(logp[0].argmax()), int(logp[1].argmax()), int(logp[2].argmin())]])
     path = [0.0]
     for j in range(1, 4):
         path.append(path[-1] + float(logp[j - 1, tokens[0, j]]))
     thr = math.exp((path[2] + path[3]) / 2)  # between the last two path probabilities
-    keep = EarlyProbPruner(EarlyProbConfig(layer=1, threshold=thr)).propd_prune(
-        ctx, tree, tokens, 1, hidden, node_idx, None)
+    draft = Draft(tokens=tokens, tree=tree)
+    keep = _pruner(EarlyProbPruner, EarlyProbConfig(layer=1, threshold=thr)).propd_prune(draft, nodes, hidden)
     assert keep[0].tolist() == [True, path[1] >= math.log(thr), True, False]
-    capped = EarlyProbPruner(EarlyProbConfig(layer=1, threshold=1e-30, max_nodes=2)).propd_prune(
-        ctx, tree, tokens, 1, hidden, node_idx, None)
+    capped = _pruner(EarlyProbPruner, EarlyProbConfig(layer=1, threshold=1e-30, max_nodes=2)).propd_prune(
+        draft, nodes, hidden)
     assert capped[0].tolist() == [True, True, False, False]
 
 
@@ -232,8 +248,7 @@ def _drive(cost_per_node, steps=120, probe_every=1000, batch=lambda step: 1, tim
     sizer.P = [[0.7, 0.8, 0.85, 0.9, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97]] * 4  # heads that are often right
     per_node = cost_per_node if callable(cost_per_node) else (lambda step: cost_per_node)
     for step in range(steps):
-        ctx, _, _ = _hidden_ctx(DraftTree.chain(0), batch=batch(step))
-        tree = sizer.propd_tree(ctx)
+        tree = sizer.propd_tree(_ctx(batch(step)))
         stats = StepStats(step=step, batch_size=1, row_ids=(0,), context_len=0, tree_nodes=tree.num_nodes,
                           nodes_after_pruning=tree.num_nodes, accepted=(1,),
                           step_time_s=(time_of(tree.num_nodes) if time_of else

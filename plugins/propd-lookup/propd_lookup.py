@@ -1,0 +1,104 @@
+"""Prompt-lookup drafting for propd, as a third-party plugin (entry-point group ``propd``).
+
+Proposer ``prompt-lookup`` (prompt lookup decoding, Saxena 2023; transformers' ``prompt_lookup_num_tokens``;
+llama.cpp's lookup decoding): a row's last n tokens (n from ``max_ngram`` down to ``min_ngram``) are searched for in
+its own history (prompt + generated ids, ``ctx.history``); the tokens that followed the ``max_matches`` best matches
+(longest n first, then the most recent) are proposed, merged into a per-row trie of at most the sizer's budget of
+nodes, each branch at most ``max_tokens`` long. A row without a match drafts nothing (its root alone); when no row
+matches the step is a plain AR step. Summaries, retrieval-augmented answers and code edits copy long spans of their
+input, which is where this pays.
+
+The search runs on the device over the whole history at once, (B, C) ids against (B, n) suffixes; one small transfer
+per step brings the candidates to the host to build the tries.
+
+Presets ``lookup`` (a budget of ``max_tokens`` + 1 nodes) and ``medusa+lookup`` (a lookup match first, Medusa's
+mc_sim_7b_63 guesses in the rest of a 64-node budget, through propd's ``composite`` proposer).
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+import propd
+from propd.errors import PropdError
+from propd.tree import TrieRows
+from propd.types import Draft
+
+
+def _positive(_, attribute, value):
+    if value < 1:
+        raise ValueError(f"{attribute.name} must be at least 1, got {value}")
+
+
+@attrs.frozen
+class LookupConfig:
+    max_ngram: int = attrs.field(default=3, validator=_positive)  # longest suffix searched for
+    min_ngram: int = attrs.field(default=1, validator=_positive)  # shortest
+    max_tokens: int = attrs.field(default=10, validator=_positive)  # longest branch (tokens after the root)
+    max_matches: int = attrs.field(default=3, validator=_positive)  # branches per row
+
+    def __attrs_post_init__(self):
+        if self.min_ngram > self.max_ngram:
+            raise ValueError(f"min_ngram ({self.min_ngram}) is above max_ngram ({self.max_ngram})")
+
+
+def find_matches(history: torch.Tensor, lengths: torch.Tensor, cfg: LookupConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate continuations per row: tokens (B, M, L) and which are real (B, M, L), best match first.
+
+    ``history`` (B, C) holds each row's ids at 0 .. lengths[b]-1 (the last one is the root). A match of the last n
+    ids at positions s .. s+n-1 (ending before the suffix itself ends) proposes the ids from s+n on, up to the end of
+    the history. Matches are ranked by n, then by recency; a continuation start found by several n counts once.
+    """
+    B, C = history.shape
+    dev = history.device
+    score = torch.zeros(B, C + 1, dtype=torch.long, device=dev)  # per continuation start p: its best match's score
+    for n in range(cfg.max_ngram, cfg.min_ngram - 1, -1):
+        if C < n + 1:
+            continue
+        idx = (lengths[:, None] - n + torch.arange(n, device=dev)).clamp(min=0)  # (B, n) the suffix's positions
+        suffix = history.gather(1, idx)
+        windows = history.unfold(1, n, 1)  # (B, C-n+1, n): windows[b, s] = history[b, s : s+n]
+        s = torch.arange(C - n + 1, device=dev)
+        ok = (windows == suffix[:, None, :]).all(dim=2) & (s[None, :] + n <= lengths[:, None] - 1)
+        ok &= (lengths >= n + 1)[:, None]
+        p_score = torch.where(ok, n * (C + 1) + s[None, :] + n, 0)  # longer n first, then the latest start
+        score[:, n:] = torch.maximum(score[:, n:], p_score)
+    M = min(cfg.max_matches, C + 1)
+    best, start = score.topk(M, dim=1)  # (B, M): scores and continuation starts
+    pos = start[..., None] + torch.arange(cfg.max_tokens, device=dev)  # (B, M, L)
+    tokens = history.gather(1, pos.clamp(max=C - 1).flatten(1)).view(B, M, cfg.max_tokens)
+    real = (pos < lengths[:, None, None]) & (best > 0)[..., None]
+    return tokens, real
+
+
+class PromptLookupProposer:
+    def __init__(self, config: LookupConfig):
+        self.cfg = config
+
+    @propd.hookimpl
+    def propd_propose(self, ctx, tree):
+        if ctx.history is None:
+            raise PropdError("prompt-lookup needs the token history in the step context (propd >= 0.2)")
+        tokens, real = find_matches(ctx.history, ctx.history_lengths, self.cfg)
+        tokens, real = tokens.tolist(), real.tolist()  # the step's one transfer
+        trie = TrieRows(ctx.roots.tolist(), tree.num_nodes)
+        for b in range(len(tokens)):
+            for seq, ok in zip(tokens[b], real[b]):
+                trie.add_sequence(b, [t for t, r in zip(seq, ok) if r])
+        return trie.draft(ctx.device)
+
+
+@propd.hookimpl
+def propd_register_components(register):
+    register("proposer", "prompt-lookup", PromptLookupProposer, LookupConfig,
+             "continuations of the row's last n-gram found earlier in its own prompt and output (Saxena 2023)")
+
+
+@propd.hookimpl
+def propd_register_presets(register):
+    register("lookup", "prompt lookup decoding: continuations of matching n-grams of the prompt and output",
+             sizer=("static", {"tree": f"chain:{LookupConfig().max_tokens}"}), proposer="prompt-lookup")
+    register("medusa+lookup", "a prompt-lookup match, then Medusa's guesses, in one 64-node tree",
+             sizer=("static", {"tree": "mc_sim_7b_63"}),
+             proposer=("composite", {"parts": ["prompt-lookup", "medusa"]}))
