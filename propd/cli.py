@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import attrs
+
 from propd.errors import PropdError
 from propd.files import read_text_file
 
@@ -50,8 +52,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from propd.decoder import Decoder
     from propd.models.loading import load_model
     from propd.presets import check_preset, parse_component
+    from propd.sampling import SamplingParams
 
     check_preset(args.preset)  # fail fast, before loading anything
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     overrides = {role: parse_component(getattr(args, role)) for role in ("sizer", "proposer", "verifier")
                  if getattr(args, role)}
     if args.pruner:
@@ -59,7 +63,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype, heads=args.heads)
     decoder = Decoder(model, preset=args.preset, draft_vocab=args.draft_vocab, **overrides)
     res = decoder.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                           chat=not args.no_chat, progress=not args.json, raw_special=args.raw_special)
+                           chat=not args.no_chat, progress=not args.json, raw_special=args.raw_special,
+                           **attrs.asdict(sampling))
     preset = decoder.preset if args.preset == decoder.preset else f"{args.preset} -> {decoder.preset}"
     if args.json:
         for i, text in enumerate(res.texts):
@@ -82,6 +87,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (default): greedy; above 0: sample, with the base model's distribution kept exactly")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1: all)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i draws from (seed, i)")
+
+
 def _csv(value: str | None, cast=str) -> tuple | None:
     if value is None:
         return None
@@ -102,6 +115,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         limit=args.limit, turns=args.turns, max_new_tokens=args.max_new_tokens, model=args.model, heads=args.heads,
         variants=tuple(args.variant or ()),
         dtype=args.dtype, device=args.device, warmup=args.warmup, resume=args.resume, chat=not args.no_chat,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
     )
     if not cfg.presets and not cfg.baselines and not cfg.variants:
         raise PropdError("nothing to run: give --presets, --variant and/or --baselines")
@@ -217,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "the fastest lossless one the model supports; ar: plain "
                                                     "greedy decoding)")
     g.add_argument("--max-new-tokens", type=int, default=128)
+    _sampling_args(g)
     g.add_argument("--batch-size", type=int, default=None, help="prompts decoded together (default: all)")
     g.add_argument("--dtype", default="float32", choices=list(DTYPES))
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
@@ -253,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all (default, as Spec-Bench): every turn of a question, asked as one conversation; "
                         "first: the first turn only")
     b.add_argument("--max-new-tokens", type=int, default=128)
+    _sampling_args(b)
     b.add_argument("--model", default=DEFAULT_MODEL)
     b.add_argument("--heads", default=None)
     b.add_argument("--dtype", default="float32", choices=list(DTYPES))

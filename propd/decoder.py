@@ -20,6 +20,7 @@ import torch
 from propd.errors import PropdError
 from propd.models.loading import LoadedModel
 from propd.plugins import Registry, step_manager
+from propd.sampling import SamplingParams, draw, probabilities, row_generators
 from propd.presets import AUTO, Spec, auto_preset, get_preset, parse_component
 from propd.tree import DraftTree, RowTrees, positions_of, survivors
 from propd.types import Acceptance, Draft, GenerationResult, LiveNodes, RowsBegin, StepContext, StepStats
@@ -84,6 +85,7 @@ class Decoder:
             raise PropdError(f"pruning layer(s) {bad} out of range: the model has {L} layers (use 1..{L - 1})")
         self.prune_layers = sorted(self._pruners_at)
         self._single_trees: dict[str, DraftTree] = {}
+        self._sampling_pm = None
 
     def _build(self, role: str, arg: ComponentArg) -> Any:
         if isinstance(arg, str) or (isinstance(arg, tuple) and len(arg) == 2 and isinstance(arg[0], str)):
@@ -139,15 +141,25 @@ class Decoder:
 
     def generate(self, prompts: Sequence[str | Sequence[dict]] | str, max_new_tokens: int = 128,
                  batch_size: int | None = None, chat: bool = True, progress: bool = False,
-                 raw_special: bool = False) -> GenerationResult:
-        """Generate a continuation for each prompt (greedy with the greedy verifier); prompts as in :meth:`encode`."""
+                 raw_special: bool = False, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int = 0) -> GenerationResult:
+        """Generate a continuation for each prompt; prompts as in :meth:`encode`.
+
+        ``temperature`` 0 (the default) is greedy decoding. Above 0, tokens are sampled from the base model's
+        distribution processed by temperature, ``top_k`` (0: all) and ``top_p`` (1: all), exactly as AR sampling
+        would (:mod:`propd.strategies.sampling`); prompt i draws from a generator seeded by (``seed``, i).
+        """
         ids = self.encode(prompts, chat=chat, raw_special=raw_special)
-        res = self.generate_ids(ids, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+        res = self.generate_ids(ids, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         texts = [self.model.tokenizer.decode(t, skip_special_tokens=True) for t in res.token_ids]
         return attrs.evolve(res, texts=texts)
 
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 128,
-                     batch_size: int | None = None, progress: bool = False) -> GenerationResult:
+                     batch_size: int | None = None, progress: bool = False, temperature: float = 0.0,
+                     top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> GenerationResult:
+        """:meth:`generate` for prompts given as token ids."""
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         prompt_ids = [list(p) for p in prompt_ids]
         self._check(prompt_ids, max_new_tokens)
         if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
@@ -156,6 +168,8 @@ class Decoder:
                              f"got {batch_size!r}")
         bs = batch_size or len(prompt_ids)
         n = len(prompt_ids)
+        gens = [] if params.greedy else row_generators(params.seed, range(n), self.model.model.device)
+        pm = self.pm if params.greedy else self._sampling_manager()
         tokens: list[list[int]] = [[] for _ in range(n)]
         accepts: list[list[int]] = [[] for _ in range(n)]
         row_time = [0.0] * n
@@ -168,10 +182,27 @@ class Decoder:
             starts = tqdm(starts, desc="batches", unit="batch")
         for s in starts:
             rows = list(range(s, min(s + bs, n)))
-            self._decode_batch([prompt_ids[r] for r in rows], rows, max_new_tokens, tokens, accepts, row_time, stats)
+            self._decode_batch(pm, [prompt_ids[r] for r in rows], rows, max_new_tokens, tokens, accepts, row_time,
+                               stats, params, [gens[r] for r in rows] if gens else [])
         return GenerationResult(texts=[""] * n, token_ids=tokens, steps=[len(a) for a in accepts],
                                 wall_time_s=time.perf_counter() - t0, stats=stats, row_wall_time_s=row_time,
                                 accept_lengths=accepts)
+
+    def _sampling_manager(self):
+        """The plugin manager for sampled generation: the ``greedy`` verifier gives way to ``sampling``, which keeps
+        the distribution exactly; any other verifier stays and reads ``ctx.sampling`` itself."""
+        if self._sampling_pm is None:
+            from propd.strategies.greedy import GreedyVerifier
+            from propd.strategies.sampling import SamplingVerifier
+
+            chosen = []
+            for role, obj in self.components:
+                if role == "verifier" and type(obj) is GreedyVerifier:
+                    obj = SamplingVerifier()
+                    self._labels[id(obj)] = "verifier 'sampling'"
+                chosen.append((role, obj))
+            self._sampling_pm = step_manager(chosen)
+        return self._sampling_pm
 
     def _check(self, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
         if not prompt_ids:
@@ -274,20 +305,25 @@ class Decoder:
     # ------------------------------------------------------------------------------------------ the loop
 
     @torch.inference_mode()
-    def _decode_batch(self, prompts: list[list[int]], row_ids: list[int], max_new: int, out: list[list[int]],
-                      accepts: list[list[int]], row_time: list[float], stats: list[StepStats]) -> None:
+    def _decode_batch(self, pm, prompts: list[list[int]], row_ids: list[int], max_new: int, out: list[list[int]],
+                      accepts: list[list[int]], row_time: list[float], stats: list[StepStats], params: SamplingParams,
+                      gens: list[torch.Generator]) -> None:
         model, m = self.model, self.model.model
         eos = self.model.eos_token_ids
         dev = m.device
         t_start = time.perf_counter()
         longest = max(len(p) for p in prompts)
         cache = m.new_cache(len(prompts), longest + max_new + 66)
-        begin = bool(self.pm.hook.propd_rows_begin.get_hookimpls())
+        begin = bool(pm.hook.propd_rows_begin.get_hookimpls())
         if begin:
             last_hidden, prompt_hidden = m.prefill(cache, prompts, keep_hidden=True)  # (B, H), (B, P, H)
         else:
             last_hidden = m.prefill(cache, prompts)  # (B, H)
-        roots = m.logits(last_hidden).argmax(dim=-1)  # (B,)
+        if params.greedy:
+            roots = m.logits(last_hidden).argmax(dim=-1)  # (B,)
+        else:
+            p0 = probabilities(m.logits(last_hidden), params)
+            roots = torch.tensor([draw(p0[b], g) for b, g in enumerate(gens)], dtype=torch.long, device=dev)
         # token history: the prompt, then every generated token; the root sits at index lengths[b]
         history = torch.zeros(len(prompts), cache.capacity + 1, dtype=torch.long)
         for b, p in enumerate(prompts):
@@ -295,7 +331,7 @@ class Decoder:
         history = history.to(dev)
         history.scatter_(1, cache.lengths[:, None], roots[:, None])
         if begin:
-            self.pm.hook.propd_rows_begin(rows=RowsBegin(
+            pm.hook.propd_rows_begin(rows=RowsBegin(
                 row_ids=tuple(row_ids), prompt_ids=history[:, :longest], prompt_lengths=cache.lengths.clone(),
                 hidden=prompt_hidden, roots=roots))
         acc_hidden, acc_counts = last_hidden[:, None], torch.ones(len(prompts), dtype=torch.long, device=dev)
@@ -312,12 +348,13 @@ class Decoder:
                 for b in done:
                     row_time[live[b]] = now
                 keep = [b for b in range(len(live)) if b not in done]
-                self.pm.hook.propd_rows_leave(keep=keep, left=tuple(live[b] for b in sorted(done)))
+                pm.hook.propd_rows_leave(keep=keep, left=tuple(live[b] for b in sorted(done)))
                 if not keep:
                     return
                 cache.select_rows(keep)
                 idx = torch.tensor(keep, device=dev)
                 roots, last_hidden, history = roots[idx], last_hidden[idx], history[idx]
+                gens = [gens[b] for b in keep] if gens else gens
                 acc_hidden, acc_counts = acc_hidden[idx], acc_counts[idx]
                 live = [live[b] for b in keep]
             t_step = time.perf_counter()
@@ -325,15 +362,16 @@ class Decoder:
             ctx = StepContext(step=step, row_ids=tuple(live), lengths=cache.lengths.clone(),
                               host_lengths=tuple(cache.host_lengths), num_generated=tuple(len(out[r]) for r in live),
                               roots=roots, last_hidden=last_hidden, vocab_size=model.config.vocab_size, device=dev,
-                              history=history, accepted_hidden=acc_hidden, accepted_counts=acc_counts)
-            budget: DraftTree = self.pm.hook.propd_tree(ctx=ctx)
+                              history=history, accepted_hidden=acc_hidden, accepted_counts=acc_counts,
+                              sampling=params, generators=tuple(gens))
+            budget: DraftTree = pm.hook.propd_tree(ctx=ctx)
             if not isinstance(budget, DraftTree):
                 raise self._fault("sizer", f"{_kind(budget)} from propd_tree, not a DraftTree")
             draft = None
             if budget.num_nodes > 1:
                 if not self.has_proposer:
                     raise PropdError(f"the sizer chose a {budget.num_nodes}-node tree but no proposer is registered")
-                draft = self._as_draft(self.pm.hook.propd_propose(ctx=ctx, tree=budget), budget, roots)
+                draft = self._as_draft(pm.hook.propd_propose(ctx=ctx, tree=budget), budget, roots)
             B = len(live)
             if draft is None:  # a plain AR step
                 draft = Draft(tokens=roots[:, None], tree=self._single(dev))
@@ -377,7 +415,7 @@ class Decoder:
             h = m.norm(m.run_layers(h, start, m.num_layers, cache, attn))  # (B, T', H)
             logits = m.logits(h)  # (B, T', V)
             nodes = LiveNodes(node_idx, valid, T)
-            acc = self.pm.hook.propd_verify(ctx=ctx, draft=draft, nodes=nodes, logits=logits,
+            acc = pm.hook.propd_verify(ctx=ctx, draft=draft, nodes=nodes, logits=logits,
                                             tree=draft.tree, tokens=tokens,
                                             node_idx=node_idx, valid=valid)
             ok = self._acceptance_ok(acc, rows_tree, nodes)  # (B,) checked with the step's one sync below
@@ -416,7 +454,7 @@ class Decoder:
                            nodes_after_pruning=sum(row[1] for row in info) / B, accepted=tuple(gained),
                            step_time_s=time.perf_counter() - t_step)
             stats.append(st)
-            self.pm.hook.propd_after_step(ctx=ctx, draft=draft, acceptance=acc, stats=st, tree=budget, tokens=tokens)
+            pm.hook.propd_after_step(ctx=ctx, draft=draft, acceptance=acc, stats=st, tree=budget, tokens=tokens)
             step += 1
 
     def _single(self, device: torch.device) -> DraftTree:

@@ -21,7 +21,7 @@ ROLES = ("sizer", "proposer", "pruner", "verifier")
 ROLE_HOOKS = {"sizer": "propd_tree", "proposer": "propd_propose", "pruner": "propd_prune", "verifier": "propd_verify"}
 DEFAULT_PLUGINS = ("propd.strategies.static", "propd.strategies.medusa", "propd.strategies.greedy",
                    "propd.strategies.early_prune", "propd.strategies.dynamic", "propd.strategies.typical",
-                   "propd.strategies.composite")
+                   "propd.strategies.composite", "propd.strategies.sampling")
 
 
 @attrs.frozen

@@ -34,6 +34,9 @@ class StepContext:
     # states go to ``propd_rows_begin``).
     accepted_hidden: torch.Tensor | None = None
     accepted_counts: torch.Tensor | None = None
+    # the call's sampling settings (None or temperature 0: greedy) and each live row's generator (propd.sampling)
+    sampling: Any = None
+    generators: tuple = ()
 
     @property
     def batch_size(self) -> int:

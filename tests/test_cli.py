@@ -51,9 +51,20 @@ def test_prompts_file_and_stdin(capsys, tiny_dir, tmp_path, monkeypatch):
     assert code == 0 and len(out.splitlines()) == 2
 
 
+def test_sampling_flags(capsys, tiny_dir):
+    args = ["generate", "--model", str(tiny_dir), "--preset", "ar", "--max-new-tokens", "8", "--temperature", "1.5",
+            "--top-p", "0.95", "--json", "hi", "hi"]
+    code, out, _ = run(capsys, *args, "--seed", "4")
+    rows = [json.loads(line)["token_ids"] for line in out.splitlines()]
+    assert code == 0 and len(rows) == 2 and rows[0] != rows[1]  # copies of one prompt: independent samples
+    assert [json.loads(line)["token_ids"] for line in run(capsys, *args, "--seed", "4")[1].splitlines()] == rows
+    assert [json.loads(line)["token_ids"] for line in run(capsys, *args, "--seed", "5")[1].splitlines()] != rows
+
+
 def test_listings(capsys):
     code, out, _ = run(capsys, "presets")
     assert code == 0 and all(p in out for p in ("ar", "bpd", "medusa"))
+
     code, out, _ = run(capsys, "components")
     assert code == 0 and "static" in out and "greedy" in out
     code, out, _ = run(capsys, "models", "list")
@@ -71,6 +82,9 @@ def test_listings(capsys):
     (["generate", "--prompts-file", "/no/file.txt"], "does not exist"),
     (["generate", "--device", "cuda:7", "hi"], "CUDA is not available"),
     (["models", "fetch", "gpt-9"], "unknown model"),
+    (["generate", "--temperature", "-1", "hi"], "temperature must be >= 0"),
+    (["generate", "--temperature", "0.7", "--top-p", "0", "hi"], "top_p must be in (0, 1]"),
+    (["generate", "--temperature", "0.7", "--top-k", "-2", "hi"], "top_k must be"),
 ])
 def test_bad_input_one_line_exit_2(capsys, tiny_dir, args, message):
     if "--model" not in args and args[0] == "generate":

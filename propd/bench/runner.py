@@ -53,6 +53,10 @@ class BenchConfig:
     warmup: int = 1
     resume: bool = False
     chat: bool = True
+    temperature: float = 0.0  # sampling settings for propd's methods (propd.sampling); 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
 
 
 def machine_info(device: torch.device) -> dict:
@@ -92,6 +96,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Pat
     from propd.decoder import Decoder
     from propd.models.loading import load_model
     from propd.presets import Method, get_preset
+    from propd.sampling import SamplingParams
 
     log = log or (lambda m: print(f"propd: {m}", file=sys.stderr, flush=True))
     for p in cfg.presets:
@@ -129,10 +134,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Pat
     run_file.write_text(json.dumps({"config": attrs.asdict(cfg), "machine": machine_info(model.device),
                                     "model": model.name, "num_prompts": len(questions)}, indent=2) + "\n")
     runners: dict[str, Callable] = {}
+    sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed)
+    SamplingParams(**sampling)  # refuse bad settings before the run
     for p, dec in decoders.items():
-        runners[p] = _preset_runner(dec)
+        runners[p] = _preset_runner(dec, sampling)
     for b in cfg.baselines:
-        runners[b] = _baseline_runner(HFBaseline(model, b))
+        runners[b] = _baseline_runner(HFBaseline(model, b), greedy_only=cfg.temperature > 0)
     skip_file = out / "not_run.json"
     total = sum(-(-len(questions) // bs) for _ in runners for bs in cfg.batch_sizes)
     from tqdm import tqdm
@@ -178,22 +185,22 @@ class _Run:
     steps: list[dict]
 
 
-def _preset_runner(decoder):
+def _preset_runner(decoder, sampling: dict):
     def run(prompts, max_new) -> _Run:
-        res = decoder.generate_ids(prompts, max_new_tokens=max_new)
+        res = decoder.generate_ids(prompts, max_new_tokens=max_new, **sampling)
         return _Run(res.token_ids, res.accept_lengths, res.wall_time_s, res.row_wall_time_s,
                     [s.as_dict() for s in res.stats])
 
     return run
 
 
-def _baseline_runner(baseline: HFBaseline):
+def _baseline_runner(baseline: HFBaseline, greedy_only: bool = False):
     def run(prompts, max_new) -> _Run:
         ids, calls, wall = baseline.generate_ids(prompts, max_new)
         # transformers runs the batch in lockstep: every row takes part in every forward pass until the last ends
         return _Run(ids, [[] for _ in ids], wall, [wall] * len(ids), [{"forward_passes": calls}])
 
-    run.unsupported = baseline.supports
+    run.unsupported = (lambda bs: "the transformers baselines run greedy only") if greedy_only else baseline.supports
     return run
 
 

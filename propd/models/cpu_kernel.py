@@ -139,9 +139,8 @@ def _release(size: int) -> None:
 
 
 # attention: steps of at most this many query tokens per row (AR steps and trees of up to 16 nodes) go to the kernel;
-# bigger trees and prefill go to SDPA, whose matrix-product blocking wins from about 16-32 queries (one layer of the
-# default model, `python benchmarks/attention.py` at 14:57 UTC, a60efaf: 0.76x SDPA's time at 16 queries and B = 1,
-# 1.04x at B = 4; 0.87x at 32 queries and 1.24x at 64, B = 1)
+# bigger trees and prefill go to SDPA, whose matrix-product blocking wins from about 16-32 queries
+# (`python benchmarks/attention.py`; figures in docs/lab)
 ATTENTION_MAX_QUERIES = 16
 
 
@@ -168,10 +167,8 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
     zeros or are skipped) or the batch, so a token's attention in a small tree step equals its attention in an AR step
     bit for bit. The rows that share a key head are taken in blocks that walk the keys in tiles of 64, so a tile is
     read from memory once per block. Scores and sums are float32 (bfloat16 inputs are widened, the output rounded
-    once); the softmax's exp is a polynomial within about 2 ulp of ``expf``. On the 2-core AMD EPYC of
-    docs/results.md (2026-11-23 14:57 UTC, commit a60efaf), one layer of the default model (9 query heads, 3 key heads,
-    D 64) over 200 keys took 17 us for one query against 81 us for ``F.scaled_dot_product_attention`` (with the same
-    mask and output layout), and 54 against 98 us for 8 queries (``python benchmarks/attention.py``)."""
+    once); the softmax's exp is a polynomial within about 2 ulp of ``expf``. ``python benchmarks/attention.py``
+    compares it with ``F.scaled_dot_product_attention``."""
     return _state["ext"].tree_attention(q, keys, values, mask, scale)
 
 

@@ -57,14 +57,11 @@ class Linear(nn.Linear):
       it at any row count (torch's bf16 products are far slower on CPUs without bf16 arithmetic).
       ``python benchmarks/linear_kernel.py`` compares it with the MKL forms below on the default model's matrices.
     * Otherwise 1-256 rows compute ``(W @ x^T)^T`` instead of ``x @ W^T``: on CPU builds of torch with MKL,
-      ``F.linear`` for 2 <= M <= 256 rows ran 1.4-2.9x slower than that on the (49152 x 576) SmolLM2 ``lm_head``,
-      and 1.1-2.1x slower on its layers' matrices when the weights stream from memory as they do in a forward pass
-      (30 layers' q/k/v/o and MLP matrices, 425 MB: 60 vs 29 ms at M = 2, 69 vs 56 ms at M = 8, 130 vs 74 ms at
-      M = 32; equal from M = 192; 2-core AMD EPYC of docs/results.md, torch 2.13.0+cpu, 2026-11-22). At M = 1 the
-      row is stacked twice, since MKL's matrix-matrix product beats its matrix-vector one (30 layers: 24 against
-      33 ms).
-    * In bfloat16 without the kernel, ``(W @ x^T)^T`` does not pay on a CPU without native bf16 arithmetic (the same
-      matrices: 28.5 against 24.4 ms at M = 2, 511 against 347 ms at M = 32), so it is ``F.linear``.
+      ``F.linear`` for 2 <= M <= 256 rows runs 1.1-2.9x slower than that (equal from M = 192;
+      ``benchmarks/linear_kernel.py``, figures in docs/lab). At M = 1 the row is stacked twice, since MKL's
+      matrix-matrix product beats its matrix-vector one.
+    * In bfloat16 without the kernel, ``(W @ x^T)^T`` does not pay on a CPU without native bf16 arithmetic, so it is
+      ``F.linear``.
 
     Results equal ``F.linear``'s up to float summation order. On other devices this is ``nn.Linear``.
     """

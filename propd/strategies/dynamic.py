@@ -252,9 +252,8 @@ class DriftCostModel(_Measured):
     """Step time as machine speed x relative cost of the size, each tracked with its own uncertainty.
 
     The paper's T_perf^i (``CostModel``) assumes the machine's speed holds still, but on a shared CPU it drifts by more
-    than the differences between tree sizes: in ``benchmarks/sizer_trace.py`` the 4- and 8-node times measured once in
-    a slow moment (49 and 57 ms) stood while 1-node steps fell to 29-34 ms, pricing those trees at 1.5-1.9 AR steps
-    where they cost 1.19-1.28. So each step time is modelled as
+    than the differences between tree sizes, and a size measured once in a slow moment stays overpriced (measured with
+    ``benchmarks/sizer_trace.py``: docs/lab). So each step time is modelled as
 
         log t = u + r_i + noise,    u: log of the 1-node step time now (a random walk; r_1 = 0),
                                     r_i: log of size i's cost relative to a 1-node step (nearly constant),
@@ -272,22 +271,14 @@ class DriftCostModel(_Measured):
     for the rest of the run. A size's first step cannot be clipped (nothing is known to clip it against), so its second
     step at a key only ever lowers its relative cost, to the faster of the two: interference slows steps and never
     speeds them up, and a size priced too dear is never chosen, so never measured again, where one priced too cheap is
-    chosen and corrected. In ``benchmarks/sizer_trace.py`` at commit c35ee64 the 8-node tree's single exploration step
-    took 69 ms against 47 ms for a 1-node step, and the sizer ran 2-node trees from then on.
+    chosen and corrected.
 
     Sizes never measured are priced by the paper's weighted least-squares line through the measured relative costs
     exp(r_i) (sizes >= 2, weights ``W_i = exp(-lambda * o_i)``), times exp(u). Another key's estimates are a prior
     (``seeded_from``): its relative costs with ``PRIOR_VAR`` more variance and its speed unknown, so that the first
     1-node step at the new key sets the speed and every inherited price follows it; when an inherited size is first
     measured, ``PRIOR_SHARED`` of its correction moves the other inherited sizes too (a batch size moves the whole
-    cost curve).
-
-    On 30 held-out training prompts (``propd bench --questions out/ho30/question.jsonl --out out/drift1 --presets
-    ar,propd --variant 'propd-paper=propd;sizer=propd-dynamic:cost=paper' --variant
-    'propd-pbest=propd;sizer=propd-dynamic:probe_size=0' --batch-sizes 1,2,4 --max-new-tokens 48``,
-    AMD EPYC 2 cores, fp32, 2026-11-23 16:05-16:13 UTC) ``propd`` ran 2.68 nodes per step at b=1 against 1.62 with the
-    paper's model, for 1.05x ``ar`` (0.90 bootstrap interval 1.01-1.09) against 1.03x (0.995-1.07); at b=2 and 4 it
-    stayed at 1-node steps (1.01x and 0.98x, against 1.03x and 0.97x): differences within this machine's noise."""
+    cost curve). Its measured effect against the paper's model is in docs/lab."""
 
     R = 0.01  # variance of log step time between steps at a steady speed (about 10% jitter)
     REL_DRIFT = 0.02  # relative costs drift this much as fast as the speed (in variance)
@@ -428,9 +419,7 @@ class DynamicSizer:
     def calibration_for(self, pruned: bool) -> float:
         """The calibration of whole trees, or (``pruned``) of the sizes a pruner cuts. Kept apart because a pruned
         tree accepts less than its whole self: in the ``propd`` preset only trees of 16+ nodes are pruned, and one
-        shared ratio let the explored 64-node tree's pruning losses (predicted 0.9 accepted guesses, about 0.4
-        measured) mark the unpruned 2- to 8-node trees down too, so the sizer settled on 1-node steps at b=1 (fp32
-        run of results.md at commit a6f81b5: 1.3 nodes per step against 5.7 for ``propd-dynamic-only``)."""
+        shared ratio let the pruned trees' losses mark the unpruned small trees down too (docs/lab)."""
         measured, predicted = self._gain[pruned]
         return measured / predicted if predicted > 0 else 1.0
 
