@@ -25,8 +25,8 @@ import torch
 
 from propd.decoder import Decoder
 from propd.models.loading import load_model
-from propd.strategies.tree_builder import best_tree, rank_probabilities
-from propd.strategies.trees import tree_paths
+from propd.tree import best_tree, rank_probabilities
+from propd.tree import tree_paths
 from propd.training.data import find_train_dir, held_out_questions
 
 RANKS, NEW = 10, 48

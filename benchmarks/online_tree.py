@@ -14,7 +14,7 @@ import statistics
 from propd.decoder import Decoder
 from propd.hookspecs import hookimpl
 from propd.models.loading import load_model
-from propd.strategies.tree_builder import best_tree, rank_probabilities
+from propd.tree import best_tree, rank_probabilities
 from propd.tree import DraftTree
 
 lm = load_model("smollm2-135m-instruct", dtype="float32")

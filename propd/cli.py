@@ -124,25 +124,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_results(args: argparse.Namespace) -> int:
-    from propd.bench.suite import SuiteConfig, run_suite, runs
-
-    only = {"only": _csv(args.only)} if args.only else {}
-    cfg = SuiteConfig(questions=args.questions, out=args.out, docs=None if args.no_docs else args.docs,
-                      device=args.device, **only)
-    runs(cfg)  # unknown run names first: they need no files
-    if not Path(cfg.questions).is_file():
-        raise PropdError(f"questions file {cfg.questions} does not exist")
-    out = run_suite(cfg)
-    print((out / "tables.md").read_text())
-    return 0
-
-
 def cmd_tune(args: argparse.Namespace) -> int:
     from propd.bench.tune import TuneConfig, run_tune, runs
 
     only = {"only": _csv(args.only)} if args.only else {}
-    cfg = TuneConfig(out=args.out, data=args.data, docs=args.docs, skip=args.skip, per_source=args.per_source,
+    cfg = TuneConfig(out=args.out, data=args.data, skip=args.skip, per_source=args.per_source,
                      model=args.model, heads=args.heads, device=args.device, **only)
     runs(cfg, "")  # unknown run names first: they need no files
     out = run_tune(cfg)
@@ -278,19 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-chat", action="store_true")
     b.set_defaults(func=cmd_bench)
 
-    r = sub.add_parser("results", help="run every benchmark behind docs/results.md and regenerate its tables/plots")
-    r.add_argument("--questions", default="../shared/data/bench/spec_bench/question.jsonl")
-    r.add_argument("--out", default="out/results", help="bench directories (resumable; default: out/results)")
-    r.add_argument("--docs", default="docs", help="docs folder to update (default: docs)")
-    r.add_argument("--no-docs", action="store_true", help="leave docs/ alone")
-    r.add_argument("--only", default=None, help="comma-separated subset of: fp32, bf16, table2")
-    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
-    r.set_defaults(func=cmd_results)
-
     u = sub.add_parser("tune", help="choose ProPD's pruning layer/top-k and sizer rates on held-out training prompts")
     u.add_argument("--out", default="out/tune", help="bench directories (resumable; default: out/tune)")
     u.add_argument("--data", default=None, help="training prompts folder (default: the nearest shared/data/train)")
-    u.add_argument("--docs", default=None, help="docs folder whose propd.md tuning section to update")
     u.add_argument("--skip", type=int, default=DEFAULT_MAX_PROMPTS,
                    help="leading training prompts to leave out: those train-heads distilled from "
                         f"(default: {DEFAULT_MAX_PROMPTS})")

@@ -20,7 +20,8 @@ from propd.errors import PropdError
 ROLES = ("sizer", "proposer", "pruner", "verifier")
 ROLE_HOOKS = {"sizer": "propd_tree", "proposer": "propd_propose", "pruner": "propd_prune", "verifier": "propd_verify"}
 DEFAULT_PLUGINS = ("propd.strategies.static", "propd.strategies.medusa", "propd.strategies.greedy",
-                   "propd.strategies.early_prune", "propd.strategies.dynamic", "propd.strategies.typical",
+                   "propd.strategies.early_prune", "propd.strategies.heuristic", "propd.strategies.dynamic",
+                   "propd.strategies.typical",
                    "propd.strategies.composite", "propd.strategies.sampling")
 
 
@@ -154,10 +155,13 @@ def step_manager(chosen: list[tuple[str, Any]]) -> pluggy.PluginManager:
     """A fresh manager holding exactly the chosen (role, instance) pairs, checked for a well-formed pipeline."""
     pm = new_manager()
     counts = {role: 0 for role in ROLES}
+    from propd.roles import missing_hooks
+
     for role, obj in chosen:
-        hook = ROLE_HOOKS[role]
-        if not callable(getattr(obj, hook, None)):
-            raise PropdError(f"{type(obj).__name__} is registered as a {role} but does not implement {hook}")
+        missing = missing_hooks(role, obj)
+        if missing:
+            raise PropdError(f"{type(obj).__name__} is registered as a {role} but does not implement "
+                             f"{' and '.join(missing)} (propd.roles.{role.capitalize()})")
         pm.register(obj)
         counts[role] += 1
     for role in ("sizer", "verifier"):

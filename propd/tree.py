@@ -17,6 +17,7 @@ From the paths we derive, once per shape and on the target device:
 
 from __future__ import annotations
 
+import heapq
 from typing import Iterable, Sequence
 
 import attrs
@@ -292,3 +293,95 @@ class TrieRows:
         return Draft(tokens=torch.tensor(tokens, dtype=torch.long, device=dev),
                      tree=RowTrees.from_parents(torch.tensor(parents, dtype=torch.long, device=dev)),
                      present=torch.tensor(present, dtype=torch.bool, device=dev))
+
+
+# ---------------------------------------------------------------------------------------------- named shapes
+
+# Named tree shapes for the static sizer.
+# 
+# ``mc_sim_7b_63``: the 63-node tree Medusa ships as its default for Vicuna-7B (Cai et al. 2023; Medusa repository,
+# ``medusa/model/medusa_choices.py``), found there by simulating acceptance with measured per-head accuracies. Depth 4,
+# top-10 guesses per head.
+
+MC_SIM_7B_63 = (
+    (0,), (0, 0), (1,), (0, 1), (2,), (0, 0, 0), (1, 0), (0, 2), (3,), (0, 3), (4,), (0, 4), (2, 0), (0, 5),
+    (0, 0, 1), (5,), (0, 6), (6,), (0, 7), (0, 1, 0), (1, 1), (7,), (0, 8), (0, 0, 2), (3, 0), (0, 9), (8,), (9,),
+    (1, 0, 0), (0, 2, 0), (1, 2), (0, 0, 3), (4, 0), (2, 1), (0, 0, 4), (0, 0, 5), (0, 0, 0, 0), (0, 1, 1),
+    (0, 0, 6), (0, 3, 0), (5, 0), (1, 3), (0, 0, 7), (0, 0, 8), (0, 0, 9), (6, 0), (0, 4, 0), (1, 4), (7, 0),
+    (0, 1, 2), (2, 0, 0), (3, 1), (2, 2), (8, 0), (0, 5, 0), (1, 5), (1, 0, 1), (0, 2, 1), (9, 0), (0, 6, 0),
+    (0, 0, 0, 1), (1, 6), (0, 7, 0),
+)
+
+NAMED_TREES = {"mc_sim_7b_63": MC_SIM_7B_63}
+
+
+def tree_paths(spec: str | list | tuple) -> tuple[tuple[int, ...], ...]:
+    """Paths for a tree spec: a name in NAMED_TREES, ``chain:N`` (N top-1 guesses), or an explicit path list."""
+    if isinstance(spec, (list, tuple)):
+        return tuple(tuple(int(r) for r in p) for p in spec)
+    if spec in NAMED_TREES:
+        return NAMED_TREES[spec]
+    if isinstance(spec, str) and spec.startswith("chain:"):
+        try:
+            n = int(spec.split(":", 1)[1])
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise PropdError(f"bad chain tree {spec!r}: use chain:N with N >= 0")
+        return chain_paths(n)
+    raise PropdError(f"unknown tree {spec!r} (known: {', '.join(NAMED_TREES)}, chain:N, or a list of paths)")
+
+
+# ---------------------------------------------------------------------------------------------- best trees
+
+# Best token trees from per-head, per-rank acceptance probabilities.
+# 
+# With ``p[d][r]`` the probability that head d's rank-r guess is the right token (given the path so far was right), a
+# node reached by ranks (r_1..r_d) is accepted with probability prod_j p[j-1][r_j] (the heads are treated as
+# independent, as in Medusa's tree search, Cai et al. 2023, sec. 3.3.1, and ProPD's l(i), Zhong et al. 2024, sec. 4.2).
+# The expected number of accepted tokens of a tree is the sum of its nodes' values; since a child's value never
+# exceeds its parent's, taking nodes greedily by value (a best-first search) yields, for every size, a connected tree
+# of maximal expected acceptance, and all sizes come out of one search.
+
+def best_tree(p: Sequence[Sequence[float]], size: int) -> tuple[list[tuple[int, ...]], list[float]]:
+    """The ``size - 1`` most valuable paths (the root is free) and their values, in the order they were chosen."""
+    depth, ranks = len(p), len(p[0]) if p else 0
+    paths, values = [], []
+    heap = [(-p[0][r], (r,)) for r in range(ranks)] if depth else []
+    heapq.heapify(heap)
+    while heap and len(paths) < size - 1:
+        neg, path = heapq.heappop(heap)
+        paths.append(path)
+        values.append(-neg)
+        if len(path) < depth:
+            for r in range(ranks):
+                heapq.heappush(heap, (neg * p[len(path)][r], path + (r,)))
+    return paths, values
+
+
+def rank_probabilities(topk_curve: Sequence[Sequence[float]]) -> list[list[float]]:
+    """Per-rank probabilities from cumulative top-k accuracies (``curve[d][k]`` = P(right token in top k+1))."""
+    out = []
+    for curve in topk_curve:
+        prev, row = 0.0, []
+        for c in curve:
+            row.append(max(c - prev, 0.0))
+            prev = max(prev, c)
+        out.append(row)
+    return out
+
+
+class TreeCache:
+    """Trees by (paths, device), built once: sizers return the same few shapes step after step."""
+
+    def __init__(self):
+        self._trees: dict[tuple, DraftTree] = {}
+
+    def get(self, paths: list[tuple[int, ...]], device) -> DraftTree:
+        key = (tuple(paths), str(device))
+        tree = self._trees.get(key)
+        if tree is None:
+            if len(self._trees) > 256:
+                self._trees.clear()
+            tree = self._trees[key] = DraftTree.from_paths(paths, device=device)
+        return tree

@@ -12,6 +12,7 @@ from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins" / "propd-oracle"))  # the test-only plugin, importable without installing
+sys.path.insert(0, str(ROOT / "tools"))  # the maintainers' tools (results, tune_docs)
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=40, print_blob=True)
 settings.register_profile("dev", deadline=None, max_examples=40)

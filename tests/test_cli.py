@@ -141,10 +141,12 @@ def test_generate_component_overrides_and_step_stats(capsys, tiny_dir, tiny_head
     assert code == 2 and "temperature > 0" in err
 
 
-def test_results_command_checks_its_input(capsys, tmp_path):
+def test_results_tool_checks_its_input(capsys, tmp_path):
+    from results import main as results_main  # tools/results.py
+
     questions = tmp_path / "q.jsonl"
     questions.write_text('{"question_id": 1, "category": "qa", "turns": ["hi"]}\n')
-    code, _, err = run(capsys, "results", "--only", "fp64", "--questions", str(questions), "--out", str(tmp_path / "r"))
-    assert code == 2 and "unknown run(s) ['fp64']" in err
-    code, _, err = run(capsys, "results", "--questions", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "r"))
-    assert code == 2 and "does not exist" in err
+    assert results_main(["--only", "fp64", "--questions", str(questions), "--out", str(tmp_path / "r")]) == 2
+    assert "unknown run(s) ['fp64']" in capsys.readouterr().err
+    assert results_main(["--questions", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "r")]) == 2
+    assert "does not exist" in capsys.readouterr().err

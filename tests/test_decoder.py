@@ -239,7 +239,7 @@ def test_pruners_run_only_at_their_layer_and_must_declare_one():
     dec = Decoder(MODEL, preset="medusa", pruners=[Layer2(), RandomPruner(RandomPruneConfig(layer=1, seed=2))])
     assert dec.generate_ids(prompts, max_new_tokens=8).token_ids == [ar_alone(MODEL, p, 8) for p in prompts]
     assert calls and set(calls) == {2}
-    with pytest.raises(PropdError, match="declares no layer"):
+    with pytest.raises(PropdError, match="does not implement propd_prune_layer"):
         Decoder(MODEL, preset="medusa", pruners=[NoLayer()])
 
 

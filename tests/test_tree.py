@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from propd import DraftTree, PropdError
-from propd.strategies.trees import MC_SIM_7B_63, tree_paths as named_tree
+from propd.tree import MC_SIM_7B_63, tree_paths as named_tree
 from propd.tree import survivors
 from strategies_ht import tree_paths
 

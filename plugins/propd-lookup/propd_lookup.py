@@ -11,7 +11,8 @@ input, which is where this pays.
 The search runs on the device over the whole history at once, (B, C) ids against (B, n) suffixes; one small transfer
 per step brings the candidates to the host to build the tries.
 
-Presets ``lookup`` (a budget of ``max_tokens`` + 1 nodes) and ``medusa+lookup`` (a lookup match first, Medusa's
+Presets ``lookup`` (a budget of ``max_tokens`` + 1 nodes), ``propd-lookup`` (the budget chosen online by ProPD's
+``propd-dynamic`` sizer) and ``medusa+lookup`` (a lookup match first, Medusa's
 mc_sim_7b_63 guesses in the rest of a 64-node budget, through propd's ``composite`` proposer).
 """
 
@@ -99,6 +100,8 @@ def propd_register_components(register):
 def propd_register_presets(register):
     register("lookup", "prompt lookup decoding: continuations of matching n-grams of the prompt and output",
              sizer=("static", {"tree": f"chain:{LookupConfig().max_tokens}"}), proposer="prompt-lookup")
+    register("propd-lookup", "prompt lookup with ProPD's dynamic tree sizing (the budget chosen online)",
+             sizer="propd-dynamic", proposer="prompt-lookup")
     register("medusa+lookup", "a prompt-lookup match, then Medusa's guesses, in one 64-node tree",
              sizer=("static", {"tree": "mc_sim_7b_63"}),
              proposer=("composite", {"parts": ["prompt-lookup", "medusa"]}))

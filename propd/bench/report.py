@@ -171,6 +171,10 @@ def write_report(out: str | Path) -> list[dict]:
                  f"({m.get('threads', '?')} threads){', ' + m['gpu'] if m.get('gpu') else ''}; dtype "
                  f"{c.get('dtype', '?')}, device {c.get('device', '?')}, max_new_tokens {c.get('max_new_tokens', '?')}; "
                  f"{m.get('date', '?')}.")
+    if c.get("temperature"):
+        lines.append(f"Sampling: temperature {c['temperature']}, top_p {c.get('top_p', 1.0)}, top_k {c.get('top_k', 0)}, "
+                     f"seed {c.get('seed', 0)}: accepted lengths are at this temperature, and outputs are samples "
+                     f"(match_rate_vs_ar compares samples, not a correctness check).")
     lines.append(f"Turns: {c.get('turns', '?')}. Definitions: propd.bench.report (speedup_vs_ar: a ratio of "
                  f"total tokens over total time; specbench_speedup: Spec-Bench's mean of per-question rates; "
                  f"mean_accepted_tokens counts the prefill as a pass, specbench_accept_length does not).")

@@ -6,7 +6,7 @@ import attrs
 
 from propd.errors import PropdError
 from propd.hookspecs import hookimpl
-from propd.strategies.trees import tree_paths
+from propd.tree import tree_paths
 from propd.tree import DraftTree
 
 

@@ -30,7 +30,7 @@ from propd.models.heads import DRAFT_VOCAB_FILE, EarlyHeads, MedusaHeads, write_
 from propd.training.data import DEFAULT_MAX_PROMPTS
 
 MEDUSA_TOPK = (1, 5, 10, 50)
-CURVE_RANKS = 10  # cumulative top-1..10 per head, for tree construction (propd.strategies.tree_builder)
+CURVE_RANKS = 10  # cumulative top-1..10 per head, for tree construction (propd.tree.best_tree)
 EARLY_TOPK = (1, 5, 10, 50, 100, 200)
 _FEATURE_BATCH = 8  # answers per hidden-state forward pass
 

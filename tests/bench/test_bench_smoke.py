@@ -165,7 +165,7 @@ def test_bench_variants_run_as_their_own_methods(tiny_dir, tiny_heads_dir, quest
 
 
 def test_results_suite_writes_tables_and_updates_docs(tiny_dir, tiny_heads_dir, questions, tmp_path):
-    from propd.bench.suite import BEGIN, END, SuiteConfig, run_suite
+    from results import BEGIN, END, SuiteConfig, run_suite  # tools/results.py
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -191,8 +191,9 @@ def test_results_suite_writes_tables_and_updates_docs(tiny_dir, tiny_heads_dir, 
 
 
 def test_tune_uses_only_held_out_training_prompts_and_fills_its_doc_section(tiny_dir, tiny_heads_dir, tmp_path):
-    from propd.bench.tune import BEGIN, END, TuneConfig, run_tune
+    from propd.bench.tune import TuneConfig, run_tune
     from propd.training.data import training_prompts
+    from tune_docs import BEGIN, END, publish  # tools/tune_docs.py
 
     data = tmp_path / "train"
     for src in ("eagle_alpaca", "vicuna_bench"):
@@ -202,10 +203,11 @@ def test_tune_uses_only_held_out_training_prompts_and_fills_its_doc_section(tiny
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "propd.md").write_text(f"# ProPD\n\nprose stays\n\n{BEGIN}\nold\n{END}\n")
-    cfg = TuneConfig(out=str(tmp_path / "tune"), data=str(data), docs=str(docs), skip=8, per_source=2,
+    cfg = TuneConfig(out=str(tmp_path / "tune"), data=str(data), skip=8, per_source=2,
                      max_new_tokens=6, layers=(1, 2), topk=(4, 16), alphas=(0.05, 0.2), lams=(0.05,),
                      min_nodes=(2,), prune_batch_size=2, model=str(tiny_dir), heads=str(tiny_heads_dir))
     run_tune(cfg)
+    publish(tmp_path / "tune", docs)
     asked = [json.loads(line) for line in (tmp_path / "tune" / "question.jsonl").read_text().splitlines()]
     trained = set(training_prompts(data, 8))
     assert len(asked) == 4 and not {q["turns"][0] for q in asked} & trained  # the 4 prompts heads never saw

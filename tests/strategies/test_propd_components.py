@@ -14,7 +14,7 @@ from propd.tree import RowTrees
 from propd.types import Draft
 from propd.strategies.dynamic import CostModel, DriftCostModel, DynamicConfig, DynamicSizer, weighted_line
 from propd.strategies.early_prune import EarlyProbConfig, EarlyProbPruner, EarlyTopKConfig, EarlyTopKPruner
-from propd.strategies.tree_builder import best_tree, rank_probabilities
+from propd.tree import best_tree, rank_probabilities
 from strategies_ht import tree_paths
 
 MODEL = tiny_loaded(seed=4, heads=4, early=(1, 2))
