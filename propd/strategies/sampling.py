@@ -27,6 +27,24 @@ from propd.strategies.greedy import GreedyVerifier
 from propd.types import Acceptance
 
 
+def try_candidate(r: torch.Tensor, x: int, q: torch.Tensor | None) -> tuple[float, torch.Tensor]:
+    """One candidate token ``x`` against the residual target distribution ``r`` (V,): its acceptance probability,
+    and the residual to use if it is rejected. ``q`` (V,) is the draft distribution ``x`` was drawn from, or None for
+    a deterministic candidate (a point mass)."""
+    if q is not None:
+        qx = float(q[x])
+        accept = min(1.0, float(r[x]) / qx) if qx > 0 else 0.0
+        rest = (r - q).clamp(min=0)
+        total = float(rest.sum())
+        return accept, (rest / total if total > 0 else r)
+    accept = float(r[x])
+    if accept >= 1.0:  # cannot be rejected
+        return accept, r
+    rest = r.clone()
+    rest[x] = 0.0
+    return accept, rest / rest.sum()
+
+
 class SamplingVerifier:
     def __init__(self, config=None):
         self._greedy = GreedyVerifier()
@@ -51,26 +69,16 @@ class SamplingVerifier:
                     children.setdefault(parents[b][i], []).append(i)
             node = 0
             while True:
+                kids = children.get(node, [])
+                q = dists[b, node].float() if dists is not None else None  # node's children were drawn from q
                 r = probs[b, at[b][node]]
                 taken = None
-                for c in children.get(node, ()):
-                    x = tokens[b][c]
-                    if dists is not None:
-                        q = dists[b, node].float()  # the children of ``node`` were drawn from this
-                        qx = float(q[x])
-                        accept = min(1.0, float(r[x]) / qx) if qx > 0 else 0.0
-                    else:
-                        accept = float(r[x])
+                for j, c in enumerate(kids):
+                    accept, residual = try_candidate(r, tokens[b][c], q)
                     if uniform(g) < accept:
                         taken = c
                         break
-                    if dists is not None:
-                        rest = (r - q).clamp(min=0)
-                        r = rest / rest.sum() if float(rest.sum()) > 0 else r
-                    elif accept < 1.0:  # (an accept of 1 cannot be rejected)
-                        r = r.clone()
-                        r[x] = 0.0
-                        r = r / r.sum()
+                    r = residual
                 if taken is None:
                     best.append(node)
                     bonus.append(draw(r, g))

@@ -99,8 +99,10 @@ DistProposer.propd_propose = __import__("propd").hookimpl(DistProposer.propd_pro
 
 CASES = {
     "ar": dict(preset="ar"),
+    "bpd": dict(preset="bpd"),
     "medusa": dict(preset="medusa"),
-    "propd": dict(preset="propd", pruners=[("early-topk", {"layer": 2, "k": 4})]),
+    # the pruned mc_sim tree (a fixed tree: propd-dynamic's choice of size depends on the machine's timing)
+    "propd-prune-only": dict(preset="propd-prune-only", pruners=[("early-topk", {"layer": 2, "k": 4})]),
     "oracle-per-row-pruned": dict(sizer=("static", {"tree": "chain:6"}),
                                   proposer=OracleProposer(OracleConfig(continuations={i: greedy_refs(3)
                                                                                       for i in range(4000)},
@@ -163,3 +165,42 @@ def test_processing_keeps_the_top_tokens_and_sums_to_one(logits, temperature, to
 def test_bad_settings_are_refused(bad, match):
     with pytest.raises(PropdError, match=match):
         Decoder(MODEL, preset="ar").generate_ids([PROMPT], max_new_tokens=4, **bad)
+
+
+@settings(deadline=None, max_examples=60, derandomize=True)
+@given(logits=st.lists(st.floats(-4, 4), min_size=2, max_size=10), picks=st.lists(st.integers(0, 9), max_size=6),
+       seed=st.integers(0, 1000), with_q=st.booleans())
+def test_candidate_rule_leaves_the_target_distribution(logits, picks, seed, with_q):
+    """Analytically, for any candidates: P(output = x) = p(x), where the output is the first accepted candidate or,
+    when all are rejected, a draw from the last residual. Point masses: each distinct candidate is taken with exactly
+    p(x). With a draft distribution q, candidates are i.i.d. draws from q: average over every sequence of draws."""
+    from itertools import product
+
+    from propd.strategies.sampling import try_candidate
+
+    p = torch.softmax(torch.tensor(logits, dtype=torch.float64), dim=0)
+    V = len(logits)
+    if not with_q:
+        xs = [x % V for x in picks]
+        out, reach, r = torch.zeros(V, dtype=torch.float64), 1.0, p
+        for x in xs:
+            a, r_next = try_candidate(r, x, None)
+            out[x] += reach * a
+            reach *= 1 - a
+            r = r_next
+        out += reach * r
+        assert torch.allclose(out, p, atol=1e-9)
+        return
+    g = torch.Generator().manual_seed(seed)
+    q = torch.softmax(torch.randn(V, generator=g, dtype=torch.float64) * 2, dim=0)
+    k = min(len(picks), 2) if V <= 6 else min(len(picks), 1)  # enumerate all V**k draw sequences exactly
+    out = torch.zeros(V, dtype=torch.float64)
+    for xs in product(range(V), repeat=k):
+        weight, reach, r = float(torch.prod(q[list(xs)])) if xs else 1.0, 1.0, p
+        for x in xs:
+            a, r_next = try_candidate(r, x, q)
+            out[x] += weight * reach * a
+            reach *= 1 - a
+            r = r_next
+        out += weight * reach * r
+    assert torch.allclose(out, p, atol=1e-9)

@@ -44,7 +44,7 @@ def test_presets_and_pruning_are_lossless(lens, seed, preset, prune):
 def test_dynamic_sizing_drives_lookup():
     res = assert_lossless(MODEL, looping(5, [6, 11, 4]), 40, sizer="propd-dynamic", proposer="prompt-lookup",
                           plugins=[propd_lookup])
-    assert len(res.stats) < 3 * 40
+    assert any(s.tree_nodes > 1 for s in res.stats[:12])  # the sizer's first steps explore trees of lookup drafts
 
 
 def test_draft_is_a_trie_of_the_best_matches_per_row():
