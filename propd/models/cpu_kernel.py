@@ -1,4 +1,4 @@
-"""propd's CPU extension for decoding steps (float32 and bfloat16, x86-64 with AVX2 and FMA).
+"""propd's CPU extension for decoding steps (float32 and bfloat16, x86-64 with AVX2 and FMA; AVX-512F where present).
 
 * :func:`linear`: ``x @ W^T`` for 1-64 rows of ``x`` in float32, any number in bf16 (below);
 * :func:`attention`: softmax attention of up to 16 query tokens per row over the KV cache, each query row computed on
@@ -14,10 +14,10 @@ The linear kernel: a decoding step multiplies every weight matrix by only a hand
 where MKL's general matrix product runs far below the machine's memory bandwidth. ``csrc/packed_linear.cpp`` packs
 each weight once into panels of 16 output rows and computes the product with an AVX2/FMA register-blocked
 micro-kernel (BLIS-style: Van Zee and van de Geijn, ACM TOMS 2015), streaming each weight from memory once per call;
-with more than 6 rows, the row blocks after the first read the panel from cache while prefetching the next one. On
-the 2-core AMD EPYC of docs/results.md, the default model's 30 layers of matrices plus its ``lm_head`` took 17.4 ms
-at 1 row, 22.1 ms at 12 and 48.3 ms at 32, 1.5-2.1x faster than the best of MKL and oneDNN at every row count from 1
-to 64 (``python benchmarks/linear_kernel.py``; docs/architecture.md, "Model core"). bfloat16 weights are streamed as
+with more than 6 rows, the row blocks after the first read the panel from cache while prefetching the next one. Where
+the CPU has AVX-512F (CPUID at run time) an AVX-512 micro-kernel in the same build takes the panels 16 wide, with the
+same result bit for bit (:func:`isa`). It is faster than MKL and oneDNN at every row count from 1 to 64
+(``python benchmarks/linear_kernel.py``, ``benchmarks/isa_paths.py``; docs/architecture.md, "Model core"). bfloat16 weights are streamed as
 they are and widened to float32 in registers (sums in float32, one rounding at the end); on CPUs without bf16
 arithmetic torch's own bf16 products were 6x slower at every row count tried (1-1024), so bf16 always goes here.
 Every output row is computed in the same order whatever the other rows are (batch invariance).
@@ -104,11 +104,20 @@ def extension():
         _state["ext"] = cpp_extension.load(
             name, [str(SOURCE)], extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"], verbose=False)
+        if os.environ.get("PROPD_CPU_ISA", "").strip().lower() == "avx2":
+            _state["ext"].set_isa_limit(1)
     except Exception as exc:  # no compiler, no ninja, a failed build: MKL serves instead
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         _note(f"CPU extension unavailable, using torch's kernels ({type(exc).__name__}: {first[:200]})")
         _state["ext"] = None
     return _state["ext"]
+
+
+def isa() -> str | None:
+    """The instruction set the linear kernel runs with: ``avx512`` where the CPU has AVX-512F (read at run time),
+    else ``avx2``; None without the extension. ``PROPD_CPU_ISA=avx2`` keeps it on AVX2."""
+    ext = extension()
+    return None if ext is None else ext.isa()
 
 
 def _limit_bytes() -> int:

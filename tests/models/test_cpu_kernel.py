@@ -228,3 +228,45 @@ def test_fused_decoder_layer_equals_the_module_path_bit_for_bit(b, t, seed, dtyp
         outs.append((h, cache.k.clone(), cache.v.clone()))
     (h1, k1, v1), (h2, k2, v2) = outs
     assert torch.equal(h1, h2) and torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+HAS_AVX512 = X86_AVX2 and cpu_kernel.extension() is not None and cpu_kernel.extension().isa() == "avx512"
+
+
+@pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512F: the kernel has one path (AVX2)")
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40), k=st.integers(1, 70), out=st.integers(1, 70), seed=st.integers(0, 1000),
+       dtype=st.sampled_from(cpu_kernel.DTYPES))
+def test_avx512_path_equals_avx2_path_bit_for_bit(rows, k, out, seed, dtype):
+    """The AVX-512 path (chosen at run time by CPUID) computes each output with the same chain of FMAs as the AVX2
+    path: the two agree bit for bit, so a machine's ISA never changes propd's output."""
+    ext = cpu_kernel.extension()
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(rows, k, generator=g).to(dtype), torch.randn(out, k, generator=g).to(dtype)
+    packed = cpu_kernel.pack(w)
+    try:
+        wide = cpu_kernel.linear(x, packed, out)
+        ext.set_isa_limit(1)
+        assert ext.isa() == "avx2"
+        narrow = cpu_kernel.linear(x, packed, out)
+    finally:
+        ext.set_isa_limit(0)
+    assert torch.equal(wide, narrow)
+
+
+@pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512F: the kernel has one path (AVX2)")
+def test_decoding_is_identical_on_both_paths():
+    from propd import Decoder
+    from propd.testing import random_prompts, tiny_model
+
+    model = tiny_model(seed=3, heads=4, hidden_size=128, intermediate_size=256)
+    prompts = random_prompts(model, 1, [5, 9, 3])
+    ext = cpu_kernel.extension()
+    out = {}
+    try:
+        for limit in (0, 1):
+            ext.set_isa_limit(limit)
+            out[limit] = Decoder(model, preset="medusa").generate_ids(prompts, max_new_tokens=16).token_ids
+    finally:
+        ext.set_isa_limit(0)
+    assert out[0] == out[1]
