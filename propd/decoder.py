@@ -37,7 +37,10 @@ class Decoder:
     ``sizer``, ``proposer``, ``pruners`` and ``verifier`` override its roles by name, ``"name:key=value,..."`` (as on the command line), ``(name, options)``, or a
     component object. ``plugins`` adds plugin objects (modules or instances implementing
     ``propd_register_components``) besides the installed entry points.
-    ``draft_vocab`` is how many of the most frequent tokens the Medusa heads guess from: None (default) all of their
+    ``static_shapes``: every step runs at a fixed node width, the draft padded to the next of ``STATIC_WIDTHS`` with
+    absent nodes and pruning's survivors compacted to that width on the device, with no host sync for their count
+    (what CUDA graph capture needs; the output is the same, tested). ``draft_vocab`` is how many of the most frequent
+    tokens the Medusa heads guess from: None (default) all of their
     ``draft_vocab.json`` if they have one, else the whole vocabulary; 0 the whole vocabulary (see
     :mod:`propd.models.heads`). The output never depends on it, only how often guesses are right and what they cost.
     """
@@ -45,8 +48,9 @@ class Decoder:
     def __init__(self, model: LoadedModel, preset: str | None = "auto", *, sizer: ComponentArg | None = None,
                  proposer: ComponentArg | None = None, pruners: Sequence[ComponentArg] | None = None,
                  verifier: ComponentArg | None = None, plugins: Iterable[Any] = (), entry_points: bool = True,
-                 draft_vocab: int | None = None):
+                 draft_vocab: int | None = None, static_shapes: bool = False):
         self.model = model
+        self.static_shapes = static_shapes
         if draft_vocab is not None:
             if model.heads is None:
                 raise PropdError(f"draft_vocab={draft_vocab} is for Medusa heads, but none are loaded")
@@ -375,8 +379,12 @@ class Decoder:
             B = len(live)
             if draft is None:  # a plain AR step
                 draft = Draft(tokens=roots[:, None], tree=self._single(dev))
+            T_real = draft.num_nodes
+            if self.static_shapes:
+                draft = _pad_draft(draft, next((w for w in STATIC_WIDTHS if w >= T_real), T_real))
             tokens, rows_tree = draft.tokens, draft.rows
             T = tokens.shape[1]
+            width = T if self.static_shapes else None
             cache.reserve(ctx_len + T + 1)
             if history.shape[1] < ctx_len + T + 2:
                 history = torch.nn.functional.pad(history, (0, ctx_len + T + 66 - history.shape[1]))
@@ -384,7 +392,7 @@ class Decoder:
             tree_mask, tree_depths = (shared.mask, shared.depths) if shared is not None else (rows_tree.mask,
                                                                                                rows_tree.depths)
             if draft.present is not None:
-                node_idx, valid = survivors(rows_tree.keep_closure(draft.present), pad_index=T)
+                node_idx, valid = survivors(rows_tree.keep_closure(draft.present), pad_index=T, width=width)
                 h = m.embed(torch.cat([tokens, tokens[:, :1]], dim=1).gather(1, node_idx))  # (B, T', H)
             else:
                 node_idx = torch.arange(T, device=dev).expand(B, T)
@@ -408,7 +416,7 @@ class Decoder:
                 keep = nodes.alive()
                 for k in keeps:
                     keep = keep & k
-                new_idx, valid = survivors(rows_tree.keep_closure(keep), pad_index=T)
+                new_idx, valid = survivors(rows_tree.keep_closure(keep), pad_index=T, width=width)
                 h = h.gather(1, positions_of(node_idx, new_idx, T)[..., None].expand(-1, -1, h.shape[-1]))
                 node_idx = new_idx
                 attn = m.attention_inputs(cache, node_idx, tree_mask, tree_depths)
@@ -450,7 +458,7 @@ class Decoder:
                         break
                 accepts[r].append(len(out[r]) - before)
                 gained.append(a + 1)
-            st = StepStats(step=step, batch_size=B, row_ids=tuple(live), context_len=ctx_len, tree_nodes=T,
+            st = StepStats(step=step, batch_size=B, row_ids=tuple(live), context_len=ctx_len, tree_nodes=T_real,
                            nodes_after_pruning=sum(row[1] for row in info) / B, accepted=tuple(gained),
                            step_time_s=time.perf_counter() - t_step)
             stats.append(st)
@@ -463,6 +471,29 @@ class Decoder:
         if key not in self._single_trees:
             self._single_trees[key] = DraftTree.from_paths((), device=device)
         return self._single_trees[key]
+
+
+STATIC_WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # node widths of static-shape steps (Decoder(static_shapes=True))
+
+
+def _pad_draft(draft: Draft, width: int) -> Draft:
+    """``draft`` widened to ``width`` nodes per row with absent nodes (children of the root, never run or accepted), as
+    per-row trees of known depth: no host sync."""
+    B, T = draft.tokens.shape
+    if width == T:
+        return draft
+    rows, pad = draft.rows, width - T
+    dev = draft.tokens.device
+    parents = torch.cat([rows.parents, torch.zeros(B, pad, dtype=torch.long, device=dev)], dim=1)
+    present = draft.present if draft.present is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
+
+    def widen(t):
+        return None if t is None else torch.cat([t, t.new_zeros(B, pad, *t.shape[2:])], dim=1)
+
+    return Draft(tokens=torch.cat([draft.tokens, draft.tokens[:, :1].expand(B, pad)], dim=1),
+                 tree=RowTrees.from_parents(parents, max_depth=max(rows.max_depth, 1)),
+                 present=torch.cat([present, torch.zeros(B, pad, dtype=torch.bool, device=dev)], dim=1),
+                 probs=widen(draft.probs), dists=widen(draft.dists), confidence=widen(draft.confidence))
 
 
 def _kind(obj: Any) -> str:

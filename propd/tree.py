@@ -116,15 +116,19 @@ class DraftTree:
         return bad == 0
 
 
-def survivors(keep: torch.Tensor, pad_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def survivors(keep: torch.Tensor, pad_index: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Compact a (B, T) keep-mask into padded survivor indices.
 
-    Returns ``(node_idx, valid)``, both (B, T') with T' = the largest survivor count in the batch: the kept node
-    indices of each row in ascending (topological) order, padded with ``pad_index``, and which entries are real.
+    Returns ``(node_idx, valid)``, both (B, T') with T' = the largest survivor count in the batch, or ``width`` when
+    given (static shapes: no host sync; T' >= the largest count is assumed): the kept node indices of each row in
+    ascending (topological) order, padded with ``pad_index``, and which entries are real.
     """
     counts = keep.sum(dim=1)  # (B,)
-    width = int(counts.max())  # one host sync; needed for the shape
+    if width is None:
+        width = int(counts.max())  # one host sync; needed for the shape
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]  # kept first, in order
+    if order.shape[1] < width:
+        order = torch.nn.functional.pad(order, (0, width - order.shape[1]), value=pad_index)
     valid = torch.arange(width, device=keep.device)[None, :] < counts[:, None]
     node_idx = torch.where(valid, order, torch.full_like(order, pad_index))
     return node_idx, valid
@@ -178,17 +182,18 @@ class RowTrees:
         return self.parents.shape[0]
 
     @classmethod
-    def from_parents(cls, parents: torch.Tensor) -> "RowTrees":
+    def from_parents(cls, parents: torch.Tensor, max_depth: int | None = None) -> "RowTrees":
         """Per-row trees from parent indices (B, T), on their device: the ancestor mask by repeated squaring of the
         parent relation (log2 T boolean products, no host loop), the depths from it, and one host sync for the
-        depth (the width of ``paths_to``)."""
+        depth (the width of ``paths_to``) and the checks, unless ``max_depth`` is given (then nothing is checked)."""
         parents = parents.long()
         B, T = parents.shape
-        if T == 0 or bool((parents[:, 0] != -1).any()):
-            raise PropdError("every row's node 0 must be its root (parent -1)")
         idx = torch.arange(T, device=parents.device)
-        if bool(((parents[:, 1:] < 0) | (parents[:, 1:] >= idx[1:])).any()):
-            raise PropdError("tree nodes must come after their parents (0 <= parents[b, i] < i for i >= 1)")
+        if max_depth is None:
+            if T == 0 or bool((parents[:, 0] != -1).any()):
+                raise PropdError("every row's node 0 must be its root (parent -1)")
+            if bool(((parents[:, 1:] < 0) | (parents[:, 1:] >= idx[1:])).any()):
+                raise PropdError("tree nodes must come after their parents (0 <= parents[b, i] < i for i >= 1)")
         eye = torch.eye(T, dtype=torch.float32, device=parents.device).expand(B, T, T)
         up = torch.zeros(B, T, T, dtype=torch.float32, device=parents.device)
         up.scatter_(2, parents.clamp(min=0)[..., None], 1.0)
@@ -198,7 +203,7 @@ class RowTrees:
             mask = (torch.bmm(mask, mask) > 0).float()
         mask = mask > 0
         depths = mask.sum(dim=2) - 1
-        D = int(depths.max())
+        D = int(depths.max()) if max_depth is None else max_depth
         paths_to = idx.expand(B, T)[..., None].repeat(1, 1, D + 1)  # padded with the node itself
         slot = torch.where(mask, depths[:, None, :], D + 1)  # (B, T, T): ancestor j's depth, D+1 if not an ancestor
         spill = torch.cat([paths_to, paths_to[..., :1]], dim=2)  # a spare column takes the non-ancestors

@@ -257,3 +257,51 @@ def test_dynamic_sizer_works_with_any_proposer():
     prior.propd_setup(model)
     assert sizer.P[1][0] > prior.P[1][0] + 0.3  # learnt from the oracle's drafts alone: no heads to ask
     assert max(a for s in res.stats for a in s.accepted) > 2  # (which sizes it then picks depends on timing)
+
+
+@given(paths=tree_paths(max_nodes=20), lens=st.lists(st.integers(1, 12), min_size=1, max_size=5),
+       seed=st.integers(0, 10_000), per_row=st.booleans(), prune=st.booleans(), max_new=st.integers(1, 16))
+def test_static_shape_steps_equal_eager_steps(paths, lens, seed, per_row, prune, max_new):
+    """Static shapes (drafts padded to a fixed width, survivors compacted to it on the device, no host sync for their
+    count) give the eager steps' tokens, step for step."""
+    prompts = prompts_from(seed, lens)
+    refs = [ar_alone(MODEL, p, max_new) for p in prompts]
+    out = {}
+    for static in (False, True):
+        oracle = OracleProposer(OracleConfig(continuations=dict(enumerate(refs)), corrupt=0.3, seed=seed,
+                                             per_row=per_row))
+        pruners = [RandomPruner(RandomPruneConfig(layer=2, keep=0.7, seed=seed))] if prune else []
+        dec = Decoder(MODEL, sizer=("static", {"tree": tuple(paths)}), proposer=oracle, pruners=pruners,
+                      static_shapes=static)
+        res = dec.generate_ids(prompts, max_new_tokens=max_new)
+        out[static] = (res.token_ids, [(s.tree_nodes, s.nodes_after_pruning, s.accepted) for s in res.stats])
+    assert out[True][0] == out[False][0] == refs
+    if not prune:  # (the random pruner draws per node: a wider draft draws other numbers)
+        assert out[True][1] == out[False][1]
+
+
+def test_static_shape_survivors_need_no_sync_and_match():
+    from propd.tree import survivors
+
+    g = torch.Generator().manual_seed(0)
+    keep = torch.rand(5, 13, generator=g) < 0.5
+    keep[:, 0] = True
+    eager_idx, eager_valid = survivors(keep, pad_index=13)
+    idx, valid = survivors(keep, pad_index=13, width=16)
+    assert idx.shape == (5, 16) and torch.equal(idx[:, : eager_idx.shape[1]], eager_idx)
+    assert torch.equal(valid[:, : eager_valid.shape[1]], eager_valid) and not valid[:, eager_idx.shape[1]:].any()
+    assert (idx[~valid] == 13).all()
+
+
+@pytest.mark.parametrize("preset", ["medusa", "propd-prune-only"])
+def test_static_shapes_with_pruning_presets(preset):
+    model = tiny_loaded(seed=4, heads=4, early=(1, 2))
+    prompts = prompts_from(13, [3, 7, 5, 11])
+    pruners = [("early-topk", {"layer": 1, "k": 6, "min_nodes": 2})] if preset != "medusa" else None
+    runs = [Decoder(model, preset=preset, pruners=pruners, static_shapes=s).generate_ids(prompts, max_new_tokens=20)
+            for s in (False, True)]
+    assert runs[0].token_ids == runs[1].token_ids == [ar_alone(model, p, 20) for p in prompts]
+    stats = [[(s.tree_nodes, s.nodes_after_pruning, s.accepted) for s in r.stats] for r in runs]
+    assert stats[0] == stats[1]
+    if preset != "medusa":
+        assert any(s.nodes_after_pruning < s.tree_nodes for s in runs[1].stats)  # it pruned, at a fixed width
