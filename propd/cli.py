@@ -13,8 +13,9 @@ from propd.errors import PropdError
 from propd.files import read_text_file
 
 
-def _read_prompts(args: argparse.Namespace) -> list[str]:
-    prompts = list(args.prompt)
+def _read_prompts(args: argparse.Namespace) -> list[list[str]]:
+    """Each prompt as its list of user turns (one turn, except Spec-Bench / MT-bench questions with several)."""
+    prompts: list[list[str]] = [[p] for p in args.prompt]
     if args.prompts_file:
         path = Path(args.prompts_file)
         text = read_text_file(path, "prompts file")
@@ -27,17 +28,18 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
                 except json.JSONDecodeError as exc:
                     raise PropdError(f"{path}:{n}: not JSON ({exc.msg})") from None
                 if isinstance(obj, str):
-                    prompts.append(obj)
+                    prompts.append([obj])
                 elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-                    prompts.append(obj["prompt"])
-                elif isinstance(obj, dict) and obj.get("turns"):
-                    prompts.append(obj["turns"][0])  # Spec-Bench / MT-bench question format
+                    prompts.append([obj["prompt"]])
+                elif (isinstance(obj, dict) and isinstance(obj.get("turns"), list) and obj["turns"]
+                      and all(isinstance(t, str) for t in obj["turns"])):
+                    prompts.append(list(obj["turns"]))  # Spec-Bench / MT-bench: every turn, as one conversation
                 else:
                     raise PropdError(f"{path}:{n}: expected a string, or an object with 'prompt' or 'turns'")
         else:
-            prompts.extend(line for line in text.splitlines() if line.strip())
+            prompts.extend([line] for line in text.splitlines() if line.strip())
     if not prompts and not sys.stdin.isatty():
-        prompts.extend(line for line in sys.stdin.read().splitlines() if line.strip())
+        prompts.extend([line] for line in sys.stdin.read().splitlines() if line.strip())
     if not prompts:
         raise PropdError("no prompts given: pass PROMPT arguments, --prompts-file, or lines on stdin")
     return prompts
@@ -62,26 +64,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
         overrides["pruners"] = [parse_component(p) for p in args.pruner if p != "none"]
     model = load_model(args.model, device=args.device, dtype=args.dtype, heads=args.heads)
     decoder = Decoder(model, preset=args.preset, draft_vocab=args.draft_vocab, **overrides)
-    res = decoder.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                           chat=not args.no_chat, progress=not args.json, raw_special=args.raw_special,
-                           **attrs.asdict(sampling))
+    from propd.chat import conversation
+
+    answers: list[list[str]] = [[] for _ in prompts]
+    last: dict[int, tuple] = {}  # prompt -> (result, row) of its last turn
+    total = steps = 0
+    wall = 0.0
+    for j in range(max(len(p) for p in prompts)):  # turn j of every prompt that has one, asked as one conversation
+        active = [i for i, p in enumerate(prompts) if len(p) > j]
+        msgs = [conversation(prompts[i][: j + 1], answers[i]) if j else prompts[i][0] for i in active]
+        res = decoder.generate(msgs, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                               chat=not args.no_chat, progress=not args.json, raw_special=args.raw_special,
+                               **attrs.asdict(sampling))
+        for k, i in enumerate(active):
+            answers[i].append(res.texts[k])
+            last[i] = (res, k)
+        total, steps, wall = total + sum(res.new_tokens), steps + sum(res.steps), wall + res.wall_time_s
     preset = decoder.preset if args.preset == decoder.preset else f"{args.preset} -> {decoder.preset}"
     if args.json:
-        for i, text in enumerate(res.texts):
-            print(json.dumps({
-                "index": i, "text": text, "token_ids": res.token_ids[i], "new_tokens": res.new_tokens[i],
-                "steps": res.steps[i], "mean_accepted_tokens": round(res.mean_accepted_tokens(i), 4),
-                "wall_time_s": round(res.row_wall_time_s[i], 4), "preset": decoder.preset, "model": model.name,
-                "step_stats": res.row_stats(i),
-            }, ensure_ascii=False))
+        for i in range(len(prompts)):
+            res, k = last[i]
+            row = {"index": i, "text": answers[i][-1], "token_ids": res.token_ids[k], "new_tokens": res.new_tokens[k],
+                   "steps": res.steps[k], "mean_accepted_tokens": round(res.mean_accepted_tokens(k), 4),
+                   "wall_time_s": round(res.row_wall_time_s[k], 4), "preset": decoder.preset, "model": model.name,
+                   "step_stats": res.row_stats(k)}
+            if len(prompts[i]) > 1:
+                row["turns"] = answers[i]  # every answer; the other fields describe the last turn
+            print(json.dumps(row, ensure_ascii=False))
     else:
-        for i, text in enumerate(res.texts):
-            if len(res.texts) > 1:
-                print(f"--- [{i}] {prompts[i][:60]}")
-            print(text)
-    total = sum(res.new_tokens)
-    steps = sum(res.steps)
-    print(f"propd: {total} tokens in {res.wall_time_s:.2f}s ({total / max(res.wall_time_s, 1e-9):.1f} tok/s), "
+        for i, turns in enumerate(prompts):
+            for j, text in enumerate(answers[i]):
+                if len(prompts) > 1 or len(turns) > 1:
+                    print(f"--- [{i}]{f' turn {j + 1}' if len(turns) > 1 else ''} {turns[j][:60]}")
+                print(text)
+    print(f"propd: {total} tokens in {wall:.2f}s ({total / max(wall, 1e-9):.1f} tok/s), "
           f"{total / max(steps, 1):.2f} tokens per forward pass per prompt (ar: 1.00), preset {preset}",
           file=sys.stderr)
     return 0
@@ -225,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw-special", action="store_true",
                    help="let marker text in prompts (e.g. <|im_end|>) become the tokenizer's special tokens; by "
                         "default it stays plain text, so a prompt cannot close its own turn")
-    g.add_argument("--prompts-file", help=".jsonl (strings, {'prompt'} or Spec-Bench {'turns'}) or .txt (a line each)")
+    g.add_argument("--prompts-file", help=".jsonl (strings, {'prompt'}, or Spec-Bench {'turns'}: every turn answered "
+                        "in one conversation) or .txt (a line each)")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout, with per-step stats")
     for role in ("sizer", "proposer", "verifier"):
         g.add_argument(f"--{role}", help=f"replace the preset's {role}: NAME or NAME:key=value,... "

@@ -44,6 +44,19 @@ def test_prompts_file_and_stdin(capsys, tiny_dir, tmp_path, monkeypatch):
     code, out, _ = run(capsys, "generate", "--model", str(tiny_dir), "--json", "--max-new-tokens", "2",
                        "--prompts-file", str(f))
     assert code == 0 and len(out.splitlines()) == 3
+    two = tmp_path / "two.jsonl"  # a two-turn question: the second turn continues the conversation
+    two.write_text('{"question_id": 1, "turns": ["first", "and then?"]}\n"single"\n')
+    code, out, _ = run(capsys, "generate", "--model", str(tiny_dir), "--json", "--max-new-tokens", "3",
+                       "--prompts-file", str(two))
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(rows) == 2 and len(rows[0]["turns"]) == 2 and "turns" not in rows[1]
+    from propd import Decoder, load_model
+    from propd.chat import conversation
+
+    dec = Decoder(load_model(str(tiny_dir)), preset="ar")
+    first = dec.generate(["first"], max_new_tokens=3).texts[0]
+    second = dec.generate([conversation(["first", "and then?"], [first])], max_new_tokens=3)
+    assert rows[0]["turns"] == [first, second.texts[0]] and rows[0]["token_ids"] == second.token_ids[0]
     import io
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("one\n\ntwo\n"))
