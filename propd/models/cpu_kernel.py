@@ -114,8 +114,9 @@ def extension():
 
 
 def isa() -> str | None:
-    """The instruction set the linear kernel runs with: ``avx512`` where the CPU has AVX-512F (read at run time),
-    else ``avx2``; None without the extension. ``PROPD_CPU_ISA=avx2`` keeps it on AVX2."""
+    """The instruction set the linear kernel runs with: ``avx512bf16`` where the CPU has AVX-512F and AVX512-BF16
+    (bf16 weights packed in pairs for ``vdpbf16ps``), ``avx512`` with AVX-512F alone, else ``avx2`` (read at run
+    time); None without the extension. ``PROPD_CPU_ISA=avx2`` keeps it on AVX2."""
     ext = extension()
     return None if ext is None else ext.isa()
 

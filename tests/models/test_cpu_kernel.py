@@ -230,28 +230,48 @@ def test_fused_decoder_layer_equals_the_module_path_bit_for_bit(b, t, seed, dtyp
     assert torch.equal(h1, h2) and torch.equal(k1, k2) and torch.equal(v1, v2)
 
 
-HAS_AVX512 = X86_AVX2 and cpu_kernel.extension() is not None and cpu_kernel.extension().isa() == "avx512"
+HAS_AVX512 = X86_AVX2 and cpu_kernel.extension() is not None and cpu_kernel.extension().isa().startswith("avx512")
+HAS_BF16_PAIRS = HAS_AVX512 and cpu_kernel.extension().isa() == "avx512bf16"
+
+
+def _packed_under(limit: int, w: torch.Tensor) -> torch.Tensor:
+    """``w`` packed while the kernel is limited to ``limit`` (0: the best path; 1: AVX2): the layout follows it."""
+    ext = cpu_kernel.extension()
+    ext.set_isa_limit(limit)
+    try:
+        return cpu_kernel.pack(w)
+    finally:
+        ext.set_isa_limit(0)
 
 
 @pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512F: the kernel has one path (AVX2)")
 @settings(max_examples=40, deadline=None)
 @given(rows=st.integers(1, 40), k=st.integers(1, 70), out=st.integers(1, 70), seed=st.integers(0, 1000),
        dtype=st.sampled_from(cpu_kernel.DTYPES))
-def test_avx512_path_equals_avx2_path_bit_for_bit(rows, k, out, seed, dtype):
-    """The AVX-512 path (chosen at run time by CPUID) computes each output with the same chain of FMAs as the AVX2
-    path: the two agree bit for bit, so a machine's ISA never changes propd's output."""
+def test_avx512_paths_equal_the_avx2_path(rows, k, out, seed, dtype):
+    """The AVX-512F path (chosen at run time by CPUID) computes each output with the same chain of FMAs as the AVX2
+    path: float32 results agree bit for bit, so a machine's ISA never changes propd's float32 output. bf16 weights on
+    a CPU with AVX512-BF16 take pairs of products per instruction (vdpbf16ps): the same values up to the rounding of
+    the sums, and still each row independent of the others, bit for bit."""
     ext = cpu_kernel.extension()
     g = torch.Generator().manual_seed(seed)
     x, w = torch.randn(rows, k, generator=g).to(dtype), torch.randn(out, k, generator=g).to(dtype)
-    packed = cpu_kernel.pack(w)
+    wide_w, narrow_w = _packed_under(0, w), _packed_under(1, w)
+    wide = cpu_kernel.linear(x, wide_w, out)
+    ext.set_isa_limit(1)
     try:
-        wide = cpu_kernel.linear(x, packed, out)
-        ext.set_isa_limit(1)
         assert ext.isa() == "avx2"
-        narrow = cpu_kernel.linear(x, packed, out)
+        narrow = cpu_kernel.linear(x, narrow_w, out)
     finally:
         ext.set_isa_limit(0)
-    assert torch.equal(wide, narrow)
+    pairs = dtype == torch.bfloat16 and HAS_BF16_PAIRS
+    assert wide_w.shape[-1] == (32 if pairs else 16)
+    if pairs:
+        torch.testing.assert_close(wide.float(), narrow.float(), rtol=2 ** -7, atol=1e-5)
+        alone = torch.cat([cpu_kernel.linear(x[i: i + 1].contiguous(), wide_w, out) for i in range(rows)])
+        assert torch.equal(alone, wide)
+    else:
+        assert torch.equal(wide, narrow)
 
 
 @pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512F: the kernel has one path (AVX2)")
@@ -259,13 +279,13 @@ def test_decoding_is_identical_on_both_paths():
     from propd import Decoder
     from propd.testing import random_prompts, tiny_model
 
-    model = tiny_model(seed=3, heads=4, hidden_size=128, intermediate_size=256)
-    prompts = random_prompts(model, 1, [5, 9, 3])
     ext = cpu_kernel.extension()
     out = {}
     try:
-        for limit in (0, 1):
+        for limit in (0, 1):  # float32: a fresh model per path, packed under it
             ext.set_isa_limit(limit)
+            model = tiny_model(seed=3, heads=4, hidden_size=128, intermediate_size=256)
+            prompts = random_prompts(model, 1, [5, 9, 3])
             out[limit] = Decoder(model, preset="medusa").generate_ids(prompts, max_new_tokens=16).token_ids
     finally:
         ext.set_isa_limit(0)

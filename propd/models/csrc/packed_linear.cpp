@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -165,6 +166,85 @@ PROPD_AVX512 void block512(int64_t mr, const W* panel, const float* x, int64_t K
     }
 }
 
+// ---------------------------------------------------------------------------------------------- AVX512-BF16 path
+// bfloat16 weights on a CPU with AVX512-BF16: panels of pairs of k, (P, ceil(K/2), 16 x 2), so that one vdpbf16ps
+// multiplies 16 outputs' pairs of bf16 weights by a broadcast pair of bf16 inputs and adds both products to float32
+// sums: the pairs of multiply-adds that the AVX2 path widens and runs one by one, in one instruction. The products of
+// two bf16 are exact in float32; the sums are rounded as the instruction rounds them, which can differ in the last bit
+// from the AVX2 path's chain of FMAs, so bf16 results depend on whether the CPU has AVX512-BF16 (float32 never does).
+// Each output is still one fixed sequence of instructions over k whatever the number of rows: a row's result does
+// not depend on the other rows.
+#define PROPD_AVX512BF16 __attribute__((target("avx512f,avx512bf16")))
+
+template <int MR>
+PROPD_AVX512BF16 inline void micro_dp(const uint16_t* __restrict__ panel, const uint16_t* __restrict__ x, int64_t K2,
+                                      float* __restrict__ y, int64_t ldy, int64_t width, Prefetch pf) {
+    __m512 a[MR];
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) a[r] = _mm512_setzero_ps();
+    int64_t count = 0;
+    for (int64_t k = 0; k < K2; ++k) {
+        const __m512i w = _mm512_loadu_si512(panel + 2 * kPanel * k);
+        if (pf.every && ++count == pf.every) {
+            count = 0;
+            _mm_prefetch(pf.next, _MM_HINT_T0);
+            pf.next += kLine;
+        }
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) {
+            uint32_t pair;
+            std::memcpy(&pair, x + r * 2 * K2 + 2 * k, sizeof(pair));
+            a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)w, (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)));
+        }
+    }
+    const __mmask16 keep = width == kPanel ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << width) - 1);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + r * ldy, keep, a[r]);
+}
+
+PROPD_AVX512BF16 void block_dp(int64_t mr, const uint16_t* panel, const uint16_t* x, int64_t K2, float* y,
+                               int64_t ldy, int64_t width, Prefetch pf) {
+    switch (mr) {
+        case 12: micro_dp<12>(panel, x, K2, y, ldy, width, pf); break;
+        case 11: micro_dp<11>(panel, x, K2, y, ldy, width, pf); break;
+        case 10: micro_dp<10>(panel, x, K2, y, ldy, width, pf); break;
+        case 9: micro_dp<9>(panel, x, K2, y, ldy, width, pf); break;
+        case 8: micro_dp<8>(panel, x, K2, y, ldy, width, pf); break;
+        case 7: micro_dp<7>(panel, x, K2, y, ldy, width, pf); break;
+        case 6: micro_dp<6>(panel, x, K2, y, ldy, width, pf); break;
+        case 5: micro_dp<5>(panel, x, K2, y, ldy, width, pf); break;
+        case 4: micro_dp<4>(panel, x, K2, y, ldy, width, pf); break;
+        case 3: micro_dp<3>(panel, x, K2, y, ldy, width, pf); break;
+        case 2: micro_dp<2>(panel, x, K2, y, ldy, width, pf); break;
+        default: micro_dp<1>(panel, x, K2, y, ldy, width, pf); break;
+    }
+}
+
+// y (M, O) float32 = x (M, 2 K2) bf16 (zero-padded to even K) times pair-packed bf16 panels (P, K2, 32).
+void run_dp(const uint16_t* xp, const uint16_t* pp, float* yp, int64_t M, int64_t K2, int64_t O, int64_t P) {
+    const int64_t panel_lines = (K2 * 2 * kPanel * 2 + kLine - 1) / kLine;
+    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+            const uint16_t* panel = pp + p * K2 * 2 * kPanel;
+            const int64_t width = std::min<int64_t>(kPanel, O - kPanel * p);
+            const int64_t nblocks = std::max<int64_t>((M + kMaxBlock512 - 1) / kMaxBlock512, M > kMaxBlock ? 2 : 1);
+            const int64_t share = (panel_lines + nblocks - 1) / nblocks;
+            int64_t m = 0;
+            for (int64_t j = 0; m < M; ++j) {
+                const int64_t left = M - m, mr = (left + (nblocks - j) - 1) / (nblocks - j);
+                Prefetch pf;
+                const int64_t lines = std::min(share, panel_lines - j * share);
+                if (nblocks > 1 && p + 1 < end && lines > 0) {
+                    pf.next = reinterpret_cast<const char*>(panel + K2 * 2 * kPanel) + j * share * kLine;
+                    pf.every = std::max<int64_t>(1, K2 / lines);
+                }
+                block_dp(mr, panel, xp + m * 2 * K2, K2, yp + m * O + kPanel * p, O, width, pf);
+                m += mr;
+            }
+        }
+    });
+}
+
 bool cpu_has_avx512() {
     static const bool has = __builtin_cpu_supports("avx512f");
     return has;
@@ -174,6 +254,14 @@ bool cpu_has_avx512() {
 int g_isa_limit = 0;
 
 bool use_avx512() { return g_isa_limit == 0 && cpu_has_avx512(); }
+
+bool cpu_has_avx512bf16() {
+    static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+    return has;
+}
+
+// bf16 weights packed from now on go to the AVX512-BF16 path (weights packed earlier keep their layout)
+bool use_bf16_pairs() { return g_isa_limit == 0 && cpu_has_avx512bf16(); }
 
 // y (M, O) float32 = x (M, K) float32 times the packed weight (P, K, 16) of element type W.
 template <typename W>
@@ -424,6 +512,12 @@ torch::Tensor pack(const torch::Tensor& w) {
     TORCH_CHECK(w.dim() == 2 && kernel_dtype(w.scalar_type()) && w.device().is_cpu(),
                 "pack: a 2-D float32 or bfloat16 CPU weight");
     const int64_t O = w.size(0), K = w.size(1), P = (O + kPanel - 1) / kPanel;
+    if (w.scalar_type() == at::kBFloat16 && use_bf16_pairs()) {  // (P, K2, 16 x 2): pairs of k per output row
+        const int64_t K2 = (K + 1) / 2;
+        auto padded = torch::zeros({P * kPanel, 2 * K2}, w.options());
+        padded.narrow(0, 0, O).narrow(1, 0, K).copy_(w);
+        return padded.view({P, kPanel, K2, 2}).permute({0, 2, 1, 3}).contiguous().view({P, K2, 2 * kPanel});
+    }
     auto padded = torch::zeros({P * kPanel, K}, w.options());
     padded.narrow(0, 0, O).copy_(w);
     return padded.view({P, kPanel, K}).transpose(1, 2).contiguous();
@@ -436,6 +530,20 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
     TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && kernel_dtype(packed.scalar_type()),
                 "packed_linear: bad packed weight");
     const int64_t M = x.size(0), K = x.size(1), P = packed.size(0);
+    if (packed.size(2) == 2 * kPanel) {  // bf16 pairs: the AVX512-BF16 path
+        const int64_t K2 = packed.size(1);
+        TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && K2 == (K + 1) / 2 && (O + kPanel - 1) / kPanel == P &&
+                        cpu_has_avx512bf16(),
+                    "packed_linear: the pair-packed weight does not fit x or O");
+        const auto xe = K % 2 ? at::constant_pad_nd(x, {0, 1}) : x;
+        auto y = torch::empty({M, O}, x.options().dtype(at::kFloat));
+        if (M > 0 && O > 0) {
+            run_dp(reinterpret_cast<const uint16_t*>(xe.data_ptr<at::BFloat16>()),
+                   reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), y.data_ptr<float>(), M, K2, O,
+                   P);
+        }
+        return y.to(at::kBFloat16);
+    }
     TORCH_CHECK(packed.size(1) == K && packed.size(2) == kPanel && (O + kPanel - 1) / kPanel == P,
                 "packed_linear: the packed weight does not fit x or O");
     const bool bf16 = packed.scalar_type() == at::kBFloat16;
@@ -598,6 +706,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("decoder_layer", &decoder_layer, "one Llama decoder layer of a decoding step");
     m.def("set_isa_limit", [](int64_t limit) { g_isa_limit = static_cast<int>(limit); },
           "0: the best path this CPU has; 1: AVX2 only");
-    m.def("isa", []() { return std::string(use_avx512() ? "avx512" : "avx2"); },
-          "the instruction set the linear kernel runs with now");
+    m.def("isa", []() { return std::string(use_avx512() ? (use_bf16_pairs() ? "avx512bf16" : "avx512") : "avx2"); },
+          "the instruction set the linear kernel runs with now (avx512bf16: bf16 weights packed from now on use it)");
 }
