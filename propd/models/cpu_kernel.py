@@ -152,6 +152,16 @@ def _release(size: int) -> None:
 # bigger trees and prefill go to SDPA, whose matrix-product blocking wins from about 16-32 queries
 # (`python benchmarks/attention.py`; figures in docs/lab)
 ATTENTION_MAX_QUERIES = 16
+# decoding steps in bfloat16 and float16 go to the kernel up to this many queries whatever the speed: its results do
+# not depend on the number of queries, so a token's logits do not depend on the tree size, and every preset gives
+# `ar`'s tokens in bf16 too (SDPA's blocking changes the sums' order with the query count)
+EXACT_MAX_QUERIES = 256
+
+
+def attention_limit(dtype: torch.dtype, decoding: bool) -> int:
+    """The most queries per row :func:`attention` takes for a call in ``dtype`` (``decoding``: a decoding step, not a
+    prefill)."""
+    return EXACT_MAX_QUERIES if decoding and dtype in (torch.bfloat16, torch.float16) else ATTENTION_MAX_QUERIES
 
 
 def serves(x: torch.Tensor, *others: torch.Tensor) -> bool:
@@ -162,9 +172,9 @@ def serves(x: torch.Tensor, *others: torch.Tensor) -> bool:
             and extension() is not None)
 
 
-def attention_fits(q: torch.Tensor, keys: torch.Tensor) -> bool:
+def attention_fits(q: torch.Tensor, keys: torch.Tensor, decoding: bool = True) -> bool:
     """Whether :func:`attention` serves these (B, Hq, T, D) queries and (B, Hk, S, D) keys."""
-    return (q.shape[2] <= ATTENTION_MAX_QUERIES and q.shape[-1] % 8 == 0 and q.shape[1] % keys.shape[1] == 0
+    return (q.shape[2] <= attention_limit(q.dtype, decoding) and q.shape[-1] % 8 == 0 and q.shape[1] % keys.shape[1] == 0
             and keys.stride(-1) == 1 and serves(q, keys))
 
 

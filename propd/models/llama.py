@@ -129,6 +129,7 @@ class AttentionInputs:
     write_pos: torch.Tensor  # (B, T) cache positions the tokens' keys/values go to
     mask: torch.Tensor  # (B, 1, T, S) bool, True = may attend
     key_len: int  # S: cache positions [0, S) are read
+    decoding: bool = True  # a decoding step (False: a prefill), for the CPU kernels' choice
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +162,7 @@ class Attention(nn.Module):
             k = k * a.cos + _rotate_half(k) * a.sin
             cache.write(layer, a.write_pos, k, v)
         keys, values = cache.view(layer, a.key_len)  # (B, Hk, S, D)
-        if cpu_kernel.attention_fits(q, keys):  # decoding steps on CPU (cpu_kernel.attention)
+        if cpu_kernel.attention_fits(q, keys, a.decoding):  # decoding steps on CPU (cpu_kernel.attention)
             return self.o_proj(cpu_kernel.attention(q, keys, values, a.mask[:, 0], c.head_dim ** -0.5))
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=a.mask,
                                              enable_gqa=c.num_heads != c.num_kv_heads)  # (B, Hq, T, D)
@@ -189,7 +190,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, a: AttentionInputs) -> torch.Tensor:
         cache_k, cache_v = cache.layer(layer)
-        fused = self._fused_weights(x, cache_k)
+        fused = self._fused_weights(x, cache_k, a.decoding)
         if fused is not None:  # the same computation in one call (cpu_kernel.decoder_layer)
             weights, outs = fused
             return cpu_kernel.decoder_layer(x, weights, outs, a.cos, a.sin, cache_k, cache_v, a.write_pos, a.mask[:, 0],
@@ -197,7 +198,8 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), layer, cache, a)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def _fused_weights(self, x: torch.Tensor, cache_k: torch.Tensor) -> tuple[list, list] | None:
+    def _fused_weights(self, x: torch.Tensor, cache_k: torch.Tensor, decoding: bool = True
+                       ) -> tuple[list, list] | None:
         """The packed weights and output sizes for :func:`cpu_kernel.decoder_layer` if every part of this call would
         go to the CPU extension anyway (decoding steps of up to ``ATTENTION_MAX_QUERIES`` tokens, rows within the
         linear kernel's bound, no biases, no gradient), else None."""
@@ -205,7 +207,7 @@ class DecoderLayer(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         c = attn.cfg
         linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if (T > cpu_kernel.ATTENTION_MAX_QUERIES or not 1 <= B * T <= cpu_kernel.max_rows(x.dtype)
+        if (T > cpu_kernel.attention_limit(x.dtype, decoding) or not 1 <= B * T <= cpu_kernel.max_rows(x.dtype)
                 or torch.is_grad_enabled() or c.attention_bias or c.mlp_bias or c.head_dim % 8 or H % 8
                 or cache_k.stride(-1) != 1
                 or not cpu_kernel.serves(x, cache_k, self.input_layernorm.weight, self.post_attention_layernorm.weight,
@@ -274,7 +276,7 @@ class LlamaModel(nn.Module):
         return KVCache(c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim, self.dtype, self.device)
 
     def attention_inputs(self, cache: KVCache, node_idx: torch.Tensor, tree_mask: torch.Tensor,
-                         depths: torch.Tensor) -> AttentionInputs:
+                         depths: torch.Tensor, decoding: bool = True) -> AttentionInputs:
         """Positions and masks for query nodes ``node_idx`` (B, Tq) of a tree of T nodes.
 
         ``node_idx`` entries equal to T are padding (rows with fewer nodes than the widest row); they write to a
@@ -310,7 +312,7 @@ class LlamaModel(nn.Module):
         scale = self.cfg.rope_attention_scaling
         return AttentionInputs(
             cos=(emb.cos() * scale).to(self.dtype), sin=(emb.sin() * scale).to(self.dtype),
-            write_pos=lengths[:, None] + node_idx, mask=mask[:, None], key_len=S,
+            write_pos=lengths[:, None] + node_idx, mask=mask[:, None], key_len=S, decoding=decoding,
         )
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -381,7 +383,7 @@ class LlamaModel(nn.Module):
         ar = torch.arange(longest, device=dev)
         node_idx = torch.where(ar[None, :] < lens[:, None], ar[None, :], torch.full_like(tokens, longest))
         causal = torch.tril(torch.ones(longest, longest, dtype=torch.bool, device=dev))
-        a = self.attention_inputs(cache, node_idx, causal, ar)
+        a = self.attention_inputs(cache, node_idx, causal, ar, decoding=False)
         h = self.embed(tokens)
         captured, start = {}, 0
         for layer in sorted(set(capture)):
