@@ -283,7 +283,11 @@ def test_kill_during_conversion_then_rerun_gives_a_working_model(tmp_path, gguf_
     from propd.models.loading import load_model
 
     cache = tmp_path / "cache"
-    for delay in (2.0, 4.0, 5.5):  # import, conversion and writing phases of a ~6 s run on this CPU
+    t = time.perf_counter()  # one whole run in another cache: the kills below land across its phases on any machine
+    assert _convert(gguf_file, tmp_path / "timing").wait(timeout=300) == 0
+    whole = time.perf_counter() - t
+    for share in (0.1, 0.3, 0.5, 0.7, 0.85, 0.95, 0.99):  # import, conversion, writing, marking complete
+        delay = share * whole
         p = _convert(gguf_file, cache)
         time.sleep(delay)
         p.send_signal(signal.SIGKILL)
