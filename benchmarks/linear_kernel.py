@@ -1,4 +1,4 @@
-"""Why ``propd.models.llama.Linear`` picks its CPU kernels for few rows (docs/architecture.md, "Model core").
+"""Why ``propd.models.cpu_modules.KernelLinear`` picks its CPU kernels for few rows (docs/architecture.md, "Model core").
 
 Part 1 times ``F.linear``, ``(W @ x^T)^T`` (at 1 row, of the row stacked twice), propd's packed AVX2 kernel
 (:mod:`propd.models.cpu_kernel`) and, as a tried alternative that is not used, oneDNN's inner product on weights
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from propd.models import cpu_kernel
-from propd.models.llama import Linear
+from propd.models.cpu_modules import KernelLinear as Linear
 from propd.models.loading import load_model
 
 SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
@@ -65,6 +65,7 @@ def streamed_matmuls(dtype: torch.dtype = torch.float32, sizes=SIZES) -> None:
 def forward_passes(reps: int = 12) -> None:
     lm = load_model("smollm2-135m-instruct", dtype="float32")
     m = lm.model
+    m.prepare()  # the CPU kernel modules
     rows_on, packed_on = Linear.SKINNY_ROWS, cpu_kernel.MAX_ROWS
     choices = {"packed": (rows_on, packed_on), "(W@x^T)^T": (rows_on, 0), "F.linear": ((10**9, 0), 0)}
     res: dict[tuple[int, str], list[float]] = {}

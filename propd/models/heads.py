@@ -106,13 +106,14 @@ class MedusaHeads(nn.Module):
         w = lins[0].weight
         if w.device.type != "cpu":
             return None
-        from propd.models.llama import Linear, tensor_version
+        from propd.models.cpu_modules import KernelLinear
+        from propd.models.llama import tensor_version
 
         key = tuple((lin.weight.data_ptr(), tensor_version(lin.weight), lin.bias.data_ptr(), tensor_version(lin.bias))
                     for lin in lins)
         cached = getattr(self, "_first", None)
         if cached is None or cached[0] != key:
-            fused = Linear(self.hidden, self.num_heads * self.hidden, bias=True, device=w.device, dtype=w.dtype)
+            fused = KernelLinear(self.hidden, self.num_heads * self.hidden, bias=True, device=w.device, dtype=w.dtype)
             fused.requires_grad_(False)
             fused.weight.data = torch.cat([lin.weight.detach() for lin in lins]).contiguous()
             fused.bias.data = torch.cat([lin.bias.detach() for lin in lins]).contiguous()
@@ -174,7 +175,8 @@ class MedusaHeads(nn.Module):
         return draft_vocab
 
     def _draft_projection(self, n: int) -> nn.Module:
-        from propd.models.llama import Linear, tensor_version
+        from propd.models.cpu_modules import KernelLinear
+        from propd.models.llama import tensor_version
 
         w = self._lm_head().weight
         key = (w.data_ptr(), tensor_version(w), w.dtype, w.device, self.draft_ids.data_ptr(), n)
@@ -182,7 +184,7 @@ class MedusaHeads(nn.Module):
         if proj is None:
             if len(self._draft_proj) >= 4:  # a few sizes at once (a comparison run); stale keys go
                 self._draft_proj.clear()
-            proj = Linear(w.shape[1], n, bias=False, device=w.device, dtype=w.dtype).requires_grad_(False)
+            proj = KernelLinear(w.shape[1], n, bias=False, device=w.device, dtype=w.dtype).requires_grad_(False)
             proj.weight.data = w.index_select(0, self.draft_ids[:n].to(w.device)).contiguous()  # gathered once
             self._draft_proj[key] = proj
         return proj

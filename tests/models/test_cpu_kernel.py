@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from propd.models import cpu_kernel
-from propd.models.llama import Linear
+from propd.models.cpu_modules import KernelLinear as Linear
 
 X86_AVX2 = cpu_kernel.supported()
 
@@ -103,9 +103,10 @@ def test_a_decoder_packs_the_weights_before_the_first_step():
 
     loaded = tiny_loaded(heads=2)
     loaded.heads.set_draft_vocab(list(range(20)))
-    linears = [m for m in loaded.model.modules() if isinstance(m, Linear)]
+    linears = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and not any(hasattr(m, "_packed") for m in linears)
-    Decoder(loaded, preset="ar")
+    Decoder(loaded, preset="ar")  # prepare(): the CPU kernel modules swapped in, and their weights packed
+    assert all(isinstance(m, Linear) for m in linears)
     proj = loaded.heads._draft_projection(20)
     if not X86_AVX2:
         assert not any(hasattr(m, "_packed") for m in linears + [proj])
@@ -201,10 +202,11 @@ def test_fused_decoder_layer_equals_the_module_path_bit_for_bit(b, t, seed, dtyp
         pytest.skip("the CPU kernel needs x86-64 with AVX2/FMA; this machine lacks them")
 
     from conftest import tiny_loaded
-    from propd.models.llama import DecoderLayer
+    from propd.models.cpu_modules import KernelDecoderLayer as DecoderLayer
     from propd.tree import DraftTree
 
     model = tiny_loaded(seed=seed % 7).model.to(dtype)
+    model.prepare()  # the CPU kernel modules
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 128, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (b,), generator=g)]
     tree = DraftTree.chain(t - 1)

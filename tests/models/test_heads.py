@@ -59,7 +59,7 @@ def test_missing_and_foreign_files_are_refused(tmp_path):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 2, 5, 64, 300])
 def test_linear_equals_f_linear_for_every_row_count(rows, bias):
-    from propd.models.llama import Linear
+    from propd.models.cpu_modules import KernelLinear as Linear
 
     torch.manual_seed(rows)
     proj = Linear(32, 500, bias=bias)
@@ -73,7 +73,7 @@ def test_linear_equals_f_linear_for_every_row_count(rows, bias):
 
 
 def test_linear_kernel_choice_is_float32_cpu_with_1_to_256_rows():
-    from propd.models.llama import Linear
+    from propd.models.cpu_modules import KernelLinear as Linear
 
     proj = Linear(32, 50)
     assert proj.skinny(torch.randn(8, 32)) and proj.skinny(torch.randn(2, 4, 32))  # 8 rows either way
@@ -85,7 +85,7 @@ def test_linear_kernel_choice_is_float32_cpu_with_1_to_256_rows():
 
 
 def test_medusa_heads_share_one_projection_call():
-    from propd.models.llama import Linear
+    from propd.models.cpu_modules import KernelLinear as Linear
 
     calls = []
     lm_head = Linear(16, 40, bias=False)

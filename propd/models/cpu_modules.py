@@ -1,0 +1,161 @@
+"""The CPU extension's modules, swapped into a :class:`propd.models.llama.LlamaModel` by its ``prepare()`` on a CPU
+(the way gpt-fast swaps modules), so that ``llama.py`` stays a plain reference forward.
+
+Each class subclasses the reference module and sends a call to :mod:`propd.models.cpu_kernel` when the kernel serves
+it (a CPU tensor of a type it takes, shapes within its bounds, no gradient wanted), else to the reference forward.
+The kernels' results do not depend on the other rows or queries of a call, which keeps decoding lossless in bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from propd.models import cpu_kernel
+from propd.models.cache import KVCache
+from propd.models.llama import Attention, AttentionInputs, DecoderLayer, RMSNorm, tensor_version
+
+
+class KernelLinear(nn.Linear):
+    """``nn.Linear`` with CPU kernel choices for the few rows of a decoding step.
+
+    A tree step multiplies every weight matrix by 2-64 rows (one per tree node and row of the batch), and an AR step
+    by one per row; MKL's general matrix product runs these far below the memory bandwidth. In float32 on CPU:
+
+    * 1-64 rows (``cpu_kernel.MAX_ROWS``) go to propd's packed AVX2 kernel (:mod:`propd.models.cpu_kernel`) where it
+      is available: the weight is packed once into 16-row panels and streamed once per call. bfloat16 weights go to
+      it at any row count (torch's bf16 products are far slower on CPUs without bf16 arithmetic).
+      ``python benchmarks/linear_kernel.py`` compares it with the MKL forms below on the default model's matrices.
+    * Otherwise 1-256 rows compute ``(W @ x^T)^T`` instead of ``x @ W^T``: on CPU builds of torch with MKL,
+      ``F.linear`` for 2 <= M <= 256 rows runs 1.1-2.9x slower than that (equal from M = 192;
+      ``benchmarks/linear_kernel.py``, figures in docs/lab). At M = 1 the row is stacked twice, since MKL's
+      matrix-matrix product beats its matrix-vector one.
+    * In bfloat16 without the kernel, ``(W @ x^T)^T`` does not pay on a CPU without native bf16 arithmetic, so it is
+      ``F.linear``.
+
+    Results equal ``F.linear``'s up to float summation order. On other devices this is ``nn.Linear``.
+    """
+
+    SKINNY_ROWS = (1, 256)
+
+    def _rows(self, x: torch.Tensor) -> int:
+        return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+    def skinny(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` computes ``(W @ x^T)^T`` (float32 on CPU, 1-256 rows) rather than ``F.linear``."""
+        lo, hi = self.SKINNY_ROWS
+        return x.device.type == "cpu" and x.dtype == torch.float32 and lo <= self._rows(x) <= hi
+
+    def packed(self) -> torch.Tensor | None:
+        """The weight packed for the CPU kernel, or None: packed on first use, and again when the weight is replaced or
+        changed in place (``load_state_dict``)."""
+        w = self.weight
+        key = (w.data_ptr(), tensor_version(w), tuple(w.shape))
+        cached = getattr(self, "_packed", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        p = cpu_kernel.pack(w)
+        self._packed = (key, p)
+        return p
+
+    def prepare(self) -> None:  # noqa: D401
+        """Pack the weight now if decoding steps will send it to the CPU kernel (see :meth:`packed`), so that the
+        packing (about 0.4 s for the default model's layers) is not paid inside the first timed step."""
+        w = self.weight
+        if w.device.type == "cpu" and w.dtype in cpu_kernel.DTYPES and cpu_kernel.extension() is not None:
+            self.packed()
+
+    def _kernel_weight(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
+        """The packed weight if ``forward(x)`` goes to the packed CPU kernel: a CPU input of the weight's dtype, one
+        the kernel takes, within its row bound, and no gradient wanted (the kernel has no backward); else None."""
+        if not (1 <= rows <= cpu_kernel.max_rows(x.dtype) and cpu_kernel.serves(x, self.weight)):
+            return None
+        return self.packed()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self._rows(x)
+        packed = self._kernel_weight(x, rows)
+        if packed is not None:
+            y = cpu_kernel.linear(x.reshape(rows, x.shape[-1]).contiguous(), packed, self.out_features)
+        else:
+            if not self.skinny(x):
+                return F.linear(x, self.weight, self.bias)
+            x2 = x.reshape(rows, x.shape[-1])
+            if rows == 1:  # a matrix-matrix product of two copies beats the matrix-vector product (class docstring)
+                x2 = torch.cat([x2, x2])
+            y = (self.weight @ x2.t())[:, :rows].t()  # (rows, out), column-major
+            y = y.contiguous()  # row-major, as F.linear returns (attention kernels want contiguous heads)
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class KernelRMSNorm(RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernel.rms_norm_fits(x, self.weight):  # one call (cpu_kernel.rms_norm)
+            return cpu_kernel.rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+class KernelAttention(Attention):
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, a: AttentionInputs) -> torch.Tensor:
+        cache_k, cache_v = cache.layer(layer)
+        if not cpu_kernel.rope_fits(x, cache_k):  # (the projections keep x's type and device)
+            return super().forward(x, layer, cache, a)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = cpu_kernel.rope_and_cache(q, k, v, a.cos, a.sin, cache_k, cache_v, a.write_pos)  # (B, Hq, T, D)
+        keys, values = cache.view(layer, a.key_len)  # (B, Hk, S, D)
+        return self.attend(q, keys, values, a)
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
+        if cpu_kernel.attention_fits(q, keys, a.decoding):  # decoding steps (cpu_kernel.attention)
+            return self.o_proj(cpu_kernel.attention(q, keys, values, a.mask[:, 0], self.cfg.head_dim ** -0.5))
+        return super().attend(q, keys, values, a)
+
+
+class KernelDecoderLayer(DecoderLayer):
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, a: AttentionInputs) -> torch.Tensor:
+        cache_k, cache_v = cache.layer(layer)
+        fused = self._fused_weights(x, cache_k, a.decoding)
+        if fused is not None:  # the same computation in one call (cpu_kernel.decoder_layer)
+            weights, outs = fused
+            return cpu_kernel.decoder_layer(x, weights, outs, a.cos, a.sin, cache_k, cache_v, a.write_pos, a.mask[:, 0],
+                                            self.input_layernorm.eps, self.self_attn.cfg.head_dim ** -0.5)
+        return super().forward(x, layer, cache, a)
+
+    def _fused_weights(self, x: torch.Tensor, cache_k: torch.Tensor, decoding: bool = True
+                       ) -> tuple[list, list] | None:
+        """The packed weights and output sizes for :func:`cpu_kernel.decoder_layer` if every part of this call would
+        go to the CPU extension anyway (decoding steps of up to ``ATTENTION_MAX_QUERIES`` tokens, rows within the
+        linear kernel's bound, no biases, no gradient), else None."""
+        B, T, H = x.shape
+        attn, mlp = self.self_attn, self.mlp
+        c = attn.cfg
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if (T > cpu_kernel.attention_limit(x.dtype, decoding) or not 1 <= B * T <= cpu_kernel.max_rows(x.dtype)
+                or torch.is_grad_enabled() or c.attention_bias or c.mlp_bias or c.head_dim % 8 or H % 8
+                or cache_k.stride(-1) != 1
+                or not cpu_kernel.serves(x, cache_k, self.input_layernorm.weight, self.post_attention_layernorm.weight,
+                                         *(lin.weight for lin in linears))):
+            return None
+        packed = [lin.packed() for lin in linears]
+        if any(p is None for p in packed):  # over the packing memory cap
+            return None
+        weights = [self.input_layernorm.weight, *packed[:4], self.post_attention_layernorm.weight, *packed[4:]]
+        return weights, [lin.out_features for lin in linears]
+
+
+SWAPS = {nn.Linear: KernelLinear, RMSNorm: KernelRMSNorm, Attention: KernelAttention, DecoderLayer: KernelDecoderLayer}
+
+
+def swap_in(model: nn.Module) -> None:
+    """Give every reference module of ``model`` its kernel class (in place: parameters and buffers stay) and pack the
+    linear layers' weights now. Idempotent."""
+    for mod in model.modules():
+        cls = SWAPS.get(type(mod))
+        if cls is not None:
+            mod.__class__ = cls
+    for mod in model.modules():
+        if isinstance(mod, KernelLinear):
+            mod.prepare()
