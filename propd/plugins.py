@@ -18,7 +18,6 @@ from propd import hookspecs
 from propd.errors import PropdError
 
 ROLES = ("sizer", "proposer", "pruner", "verifier")
-ROLE_HOOKS = {"sizer": "propd_tree", "proposer": "propd_propose", "pruner": "propd_prune", "verifier": "propd_verify"}
 DEFAULT_PLUGINS = ("propd.strategies.static", "propd.strategies.medusa", "propd.strategies.greedy",
                    "propd.strategies.early_prune", "propd.strategies.heuristic", "propd.strategies.dynamic",
                    "propd.strategies.typical",

@@ -261,6 +261,8 @@ class TrieRows:
         self.budget = budget
         self.tokens = [[r] for r in roots]
         self.parents = [[-1] for _ in roots]
+        self.depths = [[0] for _ in roots]
+        self.depth = 0  # deepest node of any row
         self._index = [{} for _ in roots]  # per row: (parent, token) -> node
 
     def add(self, row: int, parent: int, token: int) -> int | None:
@@ -273,6 +275,8 @@ class TrieRows:
             node = self._index[row][key] = len(self.tokens[row])
             self.tokens[row].append(token)
             self.parents[row].append(parent)
+            self.depths[row].append(self.depths[row][parent] + 1)
+            self.depth = max(self.depth, self.depths[row][-1])
         return node
 
     def add_sequence(self, row: int, seq: list[int], parent: int = 0) -> None:
@@ -296,7 +300,8 @@ class TrieRows:
         present = [[True] * len(p) + [False] * (T - len(p)) for p in self.parents]
         dev = torch.device(device)
         return Draft(tokens=torch.tensor(tokens, dtype=torch.long, device=dev),
-                     tree=RowTrees.from_parents(torch.tensor(parents, dtype=torch.long, device=dev)),
+                     tree=RowTrees.from_parents(torch.tensor(parents, dtype=torch.long, device=dev),
+                                                max_depth=self.depth),  # a trie is well formed: no checks, no sync
                      present=torch.tensor(present, dtype=torch.bool, device=dev))
 
 

@@ -23,9 +23,9 @@ class KernelLinear(nn.Linear):
     A tree step multiplies every weight matrix by 2-64 rows (one per tree node and row of the batch), and an AR step
     by one per row; MKL's general matrix product runs these far below the memory bandwidth. In float32 on CPU:
 
-    * 1-64 rows (``cpu_kernel.MAX_ROWS``) go to propd's packed AVX2 kernel (:mod:`propd.models.cpu_kernel`) where it
-      is available: the weight is packed once into 16-row panels and streamed once per call. bfloat16 weights go to
-      it at any row count (torch's bf16 products are far slower on CPUs without bf16 arithmetic).
+    * 1-64 rows (``cpu_kernel.MAX_ROWS``) go to propd's packed kernel (:mod:`propd.models.cpu_kernel`; AVX2, or
+      AVX-512 where the CPU has it) where it is available: the weight is packed once into 16-row panels and streamed
+      once per call. bfloat16 weights go to it at any row count.
       ``python benchmarks/linear_kernel.py`` compares it with the MKL forms below on the default model's matrices.
     * Otherwise 1-256 rows compute ``(W @ x^T)^T`` instead of ``x @ W^T``: on CPU builds of torch with MKL,
       ``F.linear`` for 2 <= M <= 256 rows runs 1.1-2.9x slower than that (equal from M = 192;

@@ -55,11 +55,10 @@ class SamplingVerifier:
         if params is None or params.greedy:
             return self._greedy.propd_verify(draft, nodes, logits)
         B, T = draft.tokens.shape
-        probs = probabilities(logits, params)  # (B, T', V)
         rows = draft.rows
         at = nodes.position(torch.arange(T, device=logits.device).expand(B, T)).tolist()  # node -> live position
         alive, parents, tokens = nodes.alive().tolist(), rows.parents.tolist(), draft.tokens.tolist()
-        dists = None if draft.dists is None else draft.dists
+        dists = draft.dists
         best, bonus = [], []
         for b in range(B):
             g = ctx.generators[b]
@@ -71,9 +70,9 @@ class SamplingVerifier:
             while True:
                 kids = children.get(node, [])
                 q = dists[b, node].float() if dists is not None else None  # node's children were drawn from q
-                r = probs[b, at[b][node]]
+                r = probabilities(logits[b, at[b][node]], params)  # (V,): only at the nodes the walk visits
                 taken = None
-                for j, c in enumerate(kids):
+                for c in kids:
                     accept, residual = try_candidate(r, tokens[b][c], q)
                     if uniform(g) < accept:
                         taken = c

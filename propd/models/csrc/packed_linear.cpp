@@ -220,31 +220,6 @@ PROPD_AVX512BF16 void block_dp(int64_t mr, const uint16_t* panel, const uint16_t
     }
 }
 
-// y (M, O) float32 = x (M, 2 K2) bf16 (zero-padded to even K) times pair-packed bf16 panels (P, K2, 32).
-void run_dp(const uint16_t* xp, const uint16_t* pp, float* yp, int64_t M, int64_t K2, int64_t O, int64_t P) {
-    const int64_t panel_lines = (K2 * 2 * kPanel * 2 + kLine - 1) / kLine;
-    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) {
-            const uint16_t* panel = pp + p * K2 * 2 * kPanel;
-            const int64_t width = std::min<int64_t>(kPanel, O - kPanel * p);
-            const int64_t nblocks = std::max<int64_t>((M + kMaxBlock512 - 1) / kMaxBlock512, M > kMaxBlock ? 2 : 1);
-            const int64_t share = (panel_lines + nblocks - 1) / nblocks;
-            int64_t m = 0;
-            for (int64_t j = 0; m < M; ++j) {
-                const int64_t left = M - m, mr = (left + (nblocks - j) - 1) / (nblocks - j);
-                Prefetch pf;
-                const int64_t lines = std::min(share, panel_lines - j * share);
-                if (nblocks > 1 && p + 1 < end && lines > 0) {
-                    pf.next = reinterpret_cast<const char*>(panel + K2 * 2 * kPanel) + j * share * kLine;
-                    pf.every = std::max<int64_t>(1, K2 / lines);
-                }
-                block_dp(mr, panel, xp + m * 2 * K2, K2, yp + m * O + kPanel * p, O, width, pf);
-                m += mr;
-            }
-        }
-    });
-}
-
 bool cpu_has_avx512() {
     static const bool has = __builtin_cpu_supports("avx512f");
     return has;
@@ -263,41 +238,63 @@ bool cpu_has_avx512bf16() {
 // bf16 weights packed from now on go to the AVX512-BF16 path (weights packed earlier keep their layout)
 bool use_bf16_pairs() { return g_isa_limit == 0 && cpu_has_avx512bf16(); }
 
-// y (M, O) float32 = x (M, K) float32 times the packed weight (P, K, 16) of element type W.
-template <typename W>
-void run(const float* xp, const W* pp, float* yp, int64_t M, int64_t K, int64_t O, int64_t P) {
-    const int64_t panel_lines = (K * kPanel * static_cast<int64_t>(sizeof(W)) + kLine - 1) / kLine;
-    const bool avx512 = use_avx512();
+// The panel loop shared by every path: panels over torch's threads; each panel's M rows in balanced blocks of at most
+// 6 (AVX2) or 12 (``wide``, the AVX-512 paths) rows, 8 rows as 4 + 4 rather than 6 + 2; with more than one block,
+// block j prefetches lines [j * share, (j + 1) * share) of the thread's next panel while it computes. ``steps`` is
+// the micro-kernel's trip count over a panel (K, or K/2 for bf16 pairs); ``f(p, m, mr, width, pf)`` runs rows
+// m .. m + mr - 1 of panel p, whose ``width`` outputs are real.
+template <typename F>
+void for_each_block(const char* panels, int64_t panel_bytes, int64_t steps, int64_t M, int64_t O, int64_t P, bool wide,
+                    F&& f) {
+    const int64_t panel_lines = (panel_bytes + kLine - 1) / kLine;
+    const int64_t max_block = wide ? kMaxBlock512 : kMaxBlock;
+    // AVX-512: at least two blocks from 7 rows, so that one block streams the next panel while the other computes
+    // (one block of 8 rows without the prefetch ran slower than two of 4)
+    const int64_t nblocks = std::max<int64_t>((M + max_block - 1) / max_block, wide && M > kMaxBlock ? 2 : 1);
+    const int64_t share = (panel_lines + nblocks - 1) / nblocks;
     at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
-            const W* panel = pp + p * K * kPanel;
             const int64_t width = std::min<int64_t>(kPanel, O - kPanel * p);
-            const bool wide = avx512;
-            const int64_t max_block = wide ? kMaxBlock512 : kMaxBlock;
-            // AVX-512: at least two blocks from 7 rows, so that one block streams the next panel while the other
-            // computes (one block of 8 rows without the prefetch ran slower than two of 4)
-            const int64_t nblocks = std::max<int64_t>((M + max_block - 1) / max_block, wide && M > kMaxBlock ? 2 : 1);
-            const int64_t share = (panel_lines + nblocks - 1) / nblocks;
             int64_t m = 0;
-            for (int64_t j = 0; m < M; ++j) {  // balanced blocks of at most 6 (12) rows: 8 rows run as 4 + 4, not 6 + 2
+            for (int64_t j = 0; m < M; ++j) {
                 const int64_t left = M - m;
                 const int64_t blocks = wide ? nblocks - j : (left + max_block - 1) / max_block;
                 const int64_t mr = (left + blocks - 1) / blocks;
-                Prefetch pf;  // block j fetches lines [j * share, (j + 1) * share) of the next panel of this thread
+                Prefetch pf;
                 const int64_t lines = std::min(share, panel_lines - j * share);
                 if (nblocks > 1 && p + 1 < end && lines > 0) {
-                    pf.next = reinterpret_cast<const char*>(panel + K * kPanel) + j * share * kLine;
-                    pf.every = std::max<int64_t>(1, K / lines);
+                    pf.next = panels + (p + 1) * panel_bytes + j * share * kLine;
+                    pf.every = std::max<int64_t>(1, steps / lines);
                 }
-                if (wide) {
-                    block512(mr, panel, xp + m * K, K, yp + m * O + kPanel * p, O, width, pf);
-                } else {
-                    block(mr, panel, xp + m * K, K, yp + m * O + kPanel * p, O, width, pf);
-                }
+                f(p, m, mr, width, pf);
                 m += mr;
             }
         }
     });
+}
+
+// y (M, O) float32 = x (M, K) float32 times the packed weight (P, K, 16) of element type W.
+template <typename W>
+void run(const float* xp, const W* pp, float* yp, int64_t M, int64_t K, int64_t O, int64_t P) {
+    const bool wide = use_avx512();
+    for_each_block(reinterpret_cast<const char*>(pp), K * kPanel * static_cast<int64_t>(sizeof(W)), K, M, O, P, wide,
+                   [&](int64_t p, int64_t m, int64_t mr, int64_t width, Prefetch pf) {
+                       const W* panel = pp + p * K * kPanel;
+                       if (wide) {
+                           block512(mr, panel, xp + m * K, K, yp + m * O + kPanel * p, O, width, pf);
+                       } else {
+                           block(mr, panel, xp + m * K, K, yp + m * O + kPanel * p, O, width, pf);
+                       }
+                   });
+}
+
+// y (M, O) float32 = x (M, 2 K2) bf16 (zero-padded to even K) times pair-packed bf16 panels (P, K2, 32).
+void run_dp(const uint16_t* xp, const uint16_t* pp, float* yp, int64_t M, int64_t K2, int64_t O, int64_t P) {
+    for_each_block(reinterpret_cast<const char*>(pp), K2 * 2 * kPanel * 2, K2, M, O, P, true,
+                   [&](int64_t p, int64_t m, int64_t mr, int64_t width, Prefetch pf) {
+                       block_dp(mr, pp + p * K2 * 2 * kPanel, xp + m * 2 * K2, K2, yp + m * O + kPanel * p, O, width,
+                                pf);
+                   });
 }
 
 bool kernel_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16; }
