@@ -72,7 +72,8 @@ class Decoder:
         for arg in (pruners if pruners is not None else (p.pruners if p else ())):
             chosen.append(("pruner", self._build("pruner", arg)))
         self.components = chosen
-        self._role_label = {role: self._labels[id(obj)] for role, obj in chosen}
+        self._role_label = {role: self._labels[id(obj)] for role, obj in chosen}  # of the manager running now
+        self._greedy_role_label = self._role_label
         self.pm = step_manager(chosen)
         self.has_proposer = any(role == "proposer" for role, _ in chosen)
         self.pm.hook.propd_setup(model=model)
@@ -174,6 +175,7 @@ class Decoder:
         n = len(prompt_ids)
         gens = [] if params.greedy else row_generators(params.seed, range(n), self.model.model.device)
         pm = self.pm if params.greedy else self._sampling_manager()
+        self._role_label = self._greedy_role_label if params.greedy else self._sampling_role_label  # names in errors
         tokens: list[list[int]] = [[] for _ in range(n)]
         accepts: list[list[int]] = [[] for _ in range(n)]
         row_time = [0.0] * n
@@ -206,6 +208,7 @@ class Decoder:
                     self._labels[id(obj)] = "verifier 'sampling'"
                 chosen.append((role, obj))
             self._sampling_pm = step_manager(chosen)
+            self._sampling_role_label = {role: self._labels[id(obj)] for role, obj in chosen}
         return self._sampling_pm
 
     def _check(self, prompt_ids: list[list[int]], max_new_tokens: int) -> None:

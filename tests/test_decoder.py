@@ -7,20 +7,20 @@ from hypothesis import strategies as st
 
 from conftest import tiny_hf, tiny_loaded
 from propd import Decoder, PropdError, hookimpl
-from propd_oracle import OracleConfig, OracleProposer, RandomPruneConfig, RandomPruner
 from propd.strategies.dynamic import DynamicConfig, DynamicSizer
+from propd.testing import ar_reference, random_prompts
+from propd_oracle import OracleConfig, OracleProposer, RandomPruneConfig, RandomPruner
 from strategies_ht import tree_paths
 
 MODEL = tiny_loaded(seed=3, heads=4)
 
 
 def ar_alone(model, prompt, n):
-    return Decoder(model, preset="ar").generate_ids([prompt], max_new_tokens=n).token_ids[0]
+    return ar_reference(model, [prompt], n)[0]
 
 
 def prompts_from(seed, lens):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, MODEL.config.vocab_size, (n,), generator=g).tolist() for n in lens]
+    return random_prompts(MODEL, seed, lens)
 
 
 @given(paths=tree_paths(max_nodes=20), lens=st.lists(st.integers(1, 16), min_size=1, max_size=8),

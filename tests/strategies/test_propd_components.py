@@ -10,19 +10,18 @@ from hypothesis import strategies as st
 from conftest import tiny_loaded
 from propd import Decoder, DraftTree, PropdError
 from propd.hookspecs import hookimpl
-from propd.tree import RowTrees
-from propd.types import Draft
 from propd.strategies.dynamic import CostModel, DriftCostModel, DynamicConfig, DynamicSizer, weighted_line
 from propd.strategies.early_prune import EarlyProbConfig, EarlyProbPruner, EarlyTopKConfig, EarlyTopKPruner
-from propd.tree import best_tree, rank_probabilities
+from propd.testing import random_prompts
+from propd.tree import RowTrees, best_tree, rank_probabilities
+from propd.types import Draft
 from strategies_ht import tree_paths
 
 MODEL = tiny_loaded(seed=4, heads=4, early=(1, 2))
 
 
 def prompts_from(seed, lens):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, MODEL.config.vocab_size, (n,), generator=g).tolist() for n in lens]
+    return random_prompts(MODEL, seed, lens)
 
 
 def ar(prompts, n):

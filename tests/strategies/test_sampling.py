@@ -129,6 +129,7 @@ def test_temperature_zero_is_greedy_and_seeds_repeat():
                                                         seed=5).token_ids == greedy
     dec = Decoder(MODEL, preset="medusa")
     a = dec.generate_ids([PROMPT, PROMPT, [1, 2]], max_new_tokens=16, seed=3, **SETTINGS).token_ids
+    assert "verifier 'sampling'" in str(dec._fault("verifier", "x"))  # errors name the verifier that ran
     b = dec.generate_ids([PROMPT, PROMPT, [1, 2]], max_new_tokens=16, seed=3, **SETTINGS).token_ids
     c = dec.generate_ids([PROMPT, PROMPT, [1, 2]], max_new_tokens=16, seed=4, **SETTINGS).token_ids
     assert a == b and a != c

@@ -8,13 +8,13 @@ import torch
 from conftest import tiny_loaded
 from propd import Decoder, PropdError
 from propd.strategies.typical import TypicalConfig, typical_allowed
+from propd.testing import random_prompts
 
 MODEL = tiny_loaded(seed=7, heads=4, early=(1,))
 
 
 def prompts_from(seed, lens):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, MODEL.config.vocab_size, (n,), generator=g).tolist() for n in lens]
+    return random_prompts(MODEL, seed, lens)
 
 
 def test_threshold_follows_entropy():
