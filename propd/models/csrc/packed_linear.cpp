@@ -249,7 +249,7 @@ void for_each_block(const char* panels, int64_t panel_bytes, int64_t steps, int6
     const int64_t panel_lines = (panel_bytes + kLine - 1) / kLine;
     const int64_t max_block = wide ? kMaxBlock512 : kMaxBlock;
     // AVX-512: at least two blocks from 7 rows, so that one block streams the next panel while the other computes
-    // (one block of 8 rows without the prefetch ran slower than two of 4)
+    // (a single block has nobody prefetching; docs/lab/2026-12-02.md)
     const int64_t nblocks = std::max<int64_t>((M + max_block - 1) / max_block, wide && M > kMaxBlock ? 2 : 1);
     const int64_t share = (panel_lines + nblocks - 1) / nblocks;
     at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
