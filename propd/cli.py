@@ -153,12 +153,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_train_heads(args: argparse.Namespace) -> int:
+    from propd.training.data import DEFAULT_MAX_PROMPTS
     from propd.training.trainer import TrainConfig, train_heads
 
+    if args.kind == "eagle":
+        if args.draft_vocab_only:
+            raise PropdError("--draft-vocab-only is for Medusa heads; an EAGLE run writes its draft_vocab.json itself")
+        return _train_eagle(args)
     cfg = TrainConfig(model=args.model, out=args.out, num_heads=args.num_heads, head_layers=args.head_layers,
-                      early_layers=_csv(args.early_layers, int) or (), max_prompts=args.max_prompts,
-                      max_new_tokens=args.max_new_tokens, epochs=args.epochs, device=args.device, seed=args.seed,
-                      data=args.data)
+                      early_layers=_csv(args.early_layers, int) or (),
+                      max_prompts=args.max_prompts if args.max_prompts is not None else DEFAULT_MAX_PROMPTS,
+                      max_new_tokens=args.max_new_tokens or 96, epochs=args.epochs or 2, device=args.device,
+                      seed=args.seed, data=args.data)
     report = train_heads(cfg, draft_vocab_only=args.draft_vocab_only)
     if args.draft_vocab_only:
         dv = report["draft_vocab"]
@@ -172,6 +178,18 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
     for e in report["early_layers"]:
         print(f"early layer {e['layer']}: top1 {e['top1']:.3f} top10 {e['top10']:.3f} top50 {e['top50']:.3f} "
               f"top200 {e['top200']:.3f}")
+    return 0
+
+
+def _train_eagle(args: argparse.Namespace) -> int:
+    from propd.training.eagle import EagleTrainConfig, train_eagle
+
+    given = {k: getattr(args, k) for k in ("max_prompts", "max_new_tokens", "epochs") if getattr(args, k) is not None}
+    cfg = EagleTrainConfig(model=args.model, out=args.out, device=args.device, seed=args.seed, data=args.data, **given)
+    report = train_eagle(cfg)
+    v = report["validation"]
+    print(f"EAGLE drafter: first guess top1 {v['top1']:.3f} top3 {v['top3']:.3f} top10 {v['top10']:.3f} on "
+          f"{v['positions']} validation positions; {report['wall_time_s']:.0f}s")
     return 0
 
 
@@ -227,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="*", help="prompt text (also --prompts-file, or one prompt per stdin line)")
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"known name, HF directory, .gguf file or hub id "
                                                           f"(default: {DEFAULT_MODEL})")
-    g.add_argument("--heads", help="Medusa heads checkpoint (directory or file) for the bpd/medusa presets; the "
-                                   "default model uses its shipped heads unless this is given ('none': no heads)")
+    g.add_argument("--heads", help="Medusa heads checkpoint (directory or file; an eagle/ folder beside them holds an "
+                                   "EAGLE drafter) or an EAGLE drafter directory; the default model uses its shipped "
+                                   "heads and drafter unless this is given ('none': none)")
     g.add_argument("--preset", default="auto", help="strategy combination (see `propd presets`; default: auto, "
                                                     "the fastest lossless one the model supports; ar: plain "
                                                     "greedy decoding)")
@@ -294,15 +313,20 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--device", default="cpu")
     u.set_defaults(func=cmd_tune)
 
-    t = sub.add_parser("train-heads", help="self-distil Medusa heads and early-exit heads for a model")
+    t = sub.add_parser("train-heads", help="self-distil Medusa heads and early-exit heads, or an EAGLE drafter, for "
+                                           "a model")
+    t.add_argument("--kind", choices=("medusa", "eagle"), default="medusa",
+                   help="medusa: Medusa heads and early-exit heads (default); eagle: an EAGLE feature drafter "
+                        "(every training prompt, 128 new tokens and 6 epochs unless given)")
     t.add_argument("--model", default=DEFAULT_MODEL)
     t.add_argument("--out", required=True, help="output directory (heads, report.json; work/ holds resumable state)")
     t.add_argument("--num-heads", type=int, default=4)
     t.add_argument("--head-layers", type=int, default=1, help="ResBlocks per Medusa head (default: 1, as Medusa-1)")
     t.add_argument("--early-layers", default="1,2,3,4,5,6", help="comma-separated layer counts n (1..L-1)")
-    t.add_argument("--max-prompts", type=int, default=DEFAULT_MAX_PROMPTS)
-    t.add_argument("--max-new-tokens", type=int, default=96)
-    t.add_argument("--epochs", type=int, default=2)
+    t.add_argument("--max-prompts", type=int, default=None,
+                   help=f"training prompts (default: {DEFAULT_MAX_PROMPTS} for medusa, all for eagle)")
+    t.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default: 96 medusa, 128 eagle)")
+    t.add_argument("--epochs", type=int, default=None, help="default: 2 medusa, 6 eagle")
     t.add_argument("--device", default="cpu")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--data", default=None, help="training prompts folder (default: the nearest shared/data/train)")

@@ -21,7 +21,7 @@ ROLES = ("sizer", "proposer", "pruner", "verifier")
 DEFAULT_PLUGINS = ("propd.strategies.static", "propd.strategies.medusa", "propd.strategies.greedy",
                    "propd.strategies.early_prune", "propd.strategies.heuristic", "propd.strategies.dynamic",
                    "propd.strategies.typical",
-                   "propd.strategies.composite", "propd.strategies.sampling")
+                   "propd.strategies.composite", "propd.strategies.sampling", "propd.strategies.eagle")
 
 
 @attrs.frozen

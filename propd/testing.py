@@ -38,7 +38,7 @@ def tiny_hf(seed: int = 0, **overrides):
 
 
 def tiny_model(seed: int = 0, heads: int = 0, eos: frozenset = frozenset(), early: tuple = (),
-                **overrides) -> LoadedModel:
+               drafter: bool = False, **overrides) -> LoadedModel:
     hf, cfg = tiny_hf(seed, **overrides)
     model = LlamaModel(cfg)
     model.load_state_dict(hf.state_dict(), strict=False)
@@ -58,7 +58,22 @@ def tiny_model(seed: int = 0, heads: int = 0, eos: frozenset = frozenset(), earl
         blocks.eval().requires_grad_(False)
         loaded.early_heads = {n: functools.partial(blocks.logits, n, norm=model.model.norm, lm_head=model.lm_head)
                               for n in blocks.layers}
+    if drafter:
+        loaded.drafter = random_drafter(model, seed=seed)
     return loaded
+
+
+def random_drafter(model: LlamaModel, seed: int = 0):
+    """An EAGLE drafter (:mod:`propd.models.eagle`) with random weights, attached to ``model``."""
+    import attrs
+
+    from propd.models.eagle import EagleDrafter
+
+    torch.manual_seed(seed + 3)
+    drafter = EagleDrafter(attrs.evolve(model.cfg, num_layers=1))
+    for p in drafter.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return drafter.to(dtype=model.dtype).eval().requires_grad_(False).attach(model)
 
 
 def random_heads(cfg: ModelConfig, num_heads: int, seed: int = 0, lm_head=None, own: bool = False) -> MedusaHeads:

@@ -326,11 +326,21 @@ NAMED_TREES = {"mc_sim_7b_63": MC_SIM_7B_63}
 
 
 def tree_paths(spec: str | list | tuple) -> tuple[tuple[int, ...], ...]:
-    """Paths for a tree spec: a name in NAMED_TREES, ``chain:N`` (N top-1 guesses), or an explicit path list."""
+    """Paths for a tree spec: a name in NAMED_TREES, ``chain:N`` (N top-1 guesses), ``budget:N:D`` (N nodes, D deep:
+    a budget for proposers that shape their own trees, such as ``eagle``), or an explicit path list."""
     if isinstance(spec, (list, tuple)):
         return tuple(tuple(int(r) for r in p) for p in spec)
     if spec in NAMED_TREES:
         return NAMED_TREES[spec]
+    if isinstance(spec, str) and spec.startswith("budget:"):
+        try:
+            n, d = (int(x) for x in spec.split(":")[1:])
+        except ValueError:
+            n = d = -1
+        if n < 1 or d < 0 or (n > 1 and not 1 <= d <= n - 1) or (n == 1 and d != 0):
+            raise PropdError(f"bad budget tree {spec!r}: use budget:N:D, N nodes (root included) at most D deep, "
+                             "1 <= D < N")
+        return chain_paths(d) + tuple((r,) for r in range(1, n - d))
     if isinstance(spec, str) and spec.startswith("chain:"):
         try:
             n = int(spec.split(":", 1)[1])

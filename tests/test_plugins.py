@@ -18,7 +18,7 @@ MODEL = tiny_loaded(seed=0, heads=2)
 def test_builtin_components_are_registered():
     reg = Registry(entry_points=False)
     assert reg.names("sizer") == ["medusa-heuristic", "propd-dynamic", "static"]
-    assert reg.names("proposer") == ["composite", "medusa"] and reg.names("verifier") == ["greedy", "sampling", "typical"]
+    assert reg.names("proposer") == ["composite", "eagle", "medusa"] and reg.names("verifier") == ["greedy", "sampling", "typical"]
     assert reg.names("pruner") == ["early-prob", "early-topk"]
 
 

@@ -67,3 +67,14 @@ def test_bad_paths_are_refused(bad):
 def test_bad_tree_names_are_refused(spec):
     with pytest.raises(PropdError):
         named_tree(spec)
+
+
+def test_budget_trees_have_their_size_and_depth():
+    from propd.tree import DraftTree, tree_paths
+
+    for n, d in [(1, 0), (2, 1), (8, 3), (32, 6), (7, 6)]:
+        t = DraftTree.from_paths(tree_paths(f"budget:{n}:{d}"))
+        assert (t.num_nodes, t.max_depth) == (n, d)
+    for bad in ["budget:8:0", "budget:8:8", "budget:0:0", "budget:x:2", "budget:4"]:
+        with pytest.raises(PropdError, match="budget"):
+            tree_paths(bad)

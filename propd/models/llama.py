@@ -141,6 +141,48 @@ def prefill_groups(lengths: list[int], waste: float) -> list[list[int]]:
     return groups
 
 
+def tree_attention_inputs(cfg: ModelConfig, inv_freq: torch.Tensor, dtype: torch.dtype, cache: KVCache,
+                          node_idx: torch.Tensor, tree_mask: torch.Tensor, depths: torch.Tensor,
+                          decoding: bool = True) -> AttentionInputs:
+    """Positions and masks for query nodes ``node_idx`` (B, Tq) of a tree of T nodes.
+
+    ``node_idx`` entries equal to T are padding (rows with fewer nodes than the widest row); they write to a
+    spare scratch slot and attend only to it, so they stay finite and invisible. ``tree_mask`` (T, T) and
+    ``depths`` (T,) describe a tree shared by all rows (``propd.tree.DraftTree``), or (B, T, T) and (B, T) one
+    tree per row (``propd.tree.RowTrees``). Key length S = longest row + T + 1.
+    """
+    dev = node_idx.device
+    B = node_idx.shape[0]
+    T = tree_mask.shape[-1]
+    lengths = cache.lengths
+    S = max(cache.host_lengths) + T + 1
+    if tree_mask.dim() == 2:
+        mask_ext = torch.zeros(T + 1, T + 1, dtype=torch.bool, device=dev)
+        mask_ext[:T, :T] = tree_mask
+        mask_ext[T, T] = True
+        rows = mask_ext[node_idx]  # (B, Tq, T+1)
+        depth_ext = torch.cat([depths, depths.new_zeros(1)])
+        node_depth = depth_ext[node_idx]  # (B, Tq)
+    else:
+        mask_ext = torch.zeros(B, T + 1, T + 1, dtype=torch.bool, device=dev)
+        mask_ext[:, :T, :T] = tree_mask
+        mask_ext[:, T, T] = True
+        rows = mask_ext.gather(1, node_idx[..., None].expand(-1, -1, T + 1))  # (B, Tq, T+1)
+        node_depth = torch.cat([depths, depths.new_zeros(B, 1)], dim=1).gather(1, node_idx)  # (B, Tq)
+    rel = torch.arange(S, device=dev)[None, :] - lengths[:, None]  # (B, S) key pos relative to row length
+    in_tree = (rel >= 0) & (rel <= T)
+    tree_part = rows.gather(2, rel.clamp(0, T)[:, None, :].expand(-1, node_idx.shape[1], -1))  # (B, Tq, S)
+    mask = (tree_part & in_tree[:, None, :]) | (rel < 0)[:, None, :]
+    positions = lengths[:, None] + node_depth  # (B, Tq)
+    freqs = positions[..., None].to(torch.float32) * inv_freq  # (B, Tq, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, Tq, D)
+    scale = cfg.rope_attention_scaling
+    return AttentionInputs(
+        cos=(emb.cos() * scale).to(dtype), sin=(emb.sin() * scale).to(dtype),
+        write_pos=lengths[:, None] + node_idx, mask=mask[:, None], key_len=S, decoding=decoding,
+    )
+
+
 class LlamaModel(nn.Module):
     """The causal LM. Use :meth:`embed`, :meth:`run_layers`, :meth:`norm` and :meth:`logits` in sequence."""
 
@@ -179,43 +221,8 @@ class LlamaModel(nn.Module):
 
     def attention_inputs(self, cache: KVCache, node_idx: torch.Tensor, tree_mask: torch.Tensor,
                          depths: torch.Tensor, decoding: bool = True) -> AttentionInputs:
-        """Positions and masks for query nodes ``node_idx`` (B, Tq) of a tree of T nodes.
-
-        ``node_idx`` entries equal to T are padding (rows with fewer nodes than the widest row); they write to a
-        spare scratch slot and attend only to it, so they stay finite and invisible. ``tree_mask`` (T, T) and
-        ``depths`` (T,) describe a tree shared by all rows (``propd.tree.DraftTree``), or (B, T, T) and (B, T) one
-        tree per row (``propd.tree.RowTrees``). Key length S = longest row + T + 1.
-        """
-        dev = node_idx.device
-        B = node_idx.shape[0]
-        T = tree_mask.shape[-1]
-        lengths = cache.lengths
-        S = max(cache.host_lengths) + T + 1
-        if tree_mask.dim() == 2:
-            mask_ext = torch.zeros(T + 1, T + 1, dtype=torch.bool, device=dev)
-            mask_ext[:T, :T] = tree_mask
-            mask_ext[T, T] = True
-            rows = mask_ext[node_idx]  # (B, Tq, T+1)
-            depth_ext = torch.cat([depths, depths.new_zeros(1)])
-            node_depth = depth_ext[node_idx]  # (B, Tq)
-        else:
-            mask_ext = torch.zeros(B, T + 1, T + 1, dtype=torch.bool, device=dev)
-            mask_ext[:, :T, :T] = tree_mask
-            mask_ext[:, T, T] = True
-            rows = mask_ext.gather(1, node_idx[..., None].expand(-1, -1, T + 1))  # (B, Tq, T+1)
-            node_depth = torch.cat([depths, depths.new_zeros(B, 1)], dim=1).gather(1, node_idx)  # (B, Tq)
-        rel = torch.arange(S, device=dev)[None, :] - lengths[:, None]  # (B, S) key pos relative to row length
-        in_tree = (rel >= 0) & (rel <= T)
-        tree_part = rows.gather(2, rel.clamp(0, T)[:, None, :].expand(-1, node_idx.shape[1], -1))  # (B, Tq, S)
-        mask = (tree_part & in_tree[:, None, :]) | (rel < 0)[:, None, :]
-        positions = lengths[:, None] + node_depth  # (B, Tq)
-        freqs = positions[..., None].to(torch.float32) * self.inv_freq  # (B, Tq, D/2)
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, Tq, D)
-        scale = self.cfg.rope_attention_scaling
-        return AttentionInputs(
-            cos=(emb.cos() * scale).to(self.dtype), sin=(emb.sin() * scale).to(self.dtype),
-            write_pos=lengths[:, None] + node_idx, mask=mask[:, None], key_len=S, decoding=decoding,
-        )
+        """Positions and masks for query nodes ``node_idx`` (B, Tq) of a tree: :func:`tree_attention_inputs`."""
+        return tree_attention_inputs(self.cfg, self.inv_freq, self.dtype, cache, node_idx, tree_mask, depths, decoding)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(tokens)

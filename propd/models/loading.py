@@ -22,6 +22,7 @@ from propd.errors import PropdError
 from propd.files import build_atomically, is_complete
 from propd.models import cpu_kernel
 from propd.models.config import ModelConfig
+from propd.models.eagle import EagleDrafter, is_eagle_checkpoint
 from propd.models.heads import EARLY_FILE, EarlyHeads, MedusaHeads
 from propd.models.llama import LlamaModel
 
@@ -66,6 +67,7 @@ class LoadedModel:
     early_heads: dict[int, Any] = attrs.Factory(dict)
     generation_eos: frozenset[int] = frozenset()  # extra stop ids from generation_config.json
     heads_path: Path | None = None  # the directory the heads came from (its report.json informs tree sizers)
+    drafter: EagleDrafter | None = None  # an EAGLE feature drafter (propd.models.eagle), for the eagle proposer
 
     @property
     def config(self) -> ModelConfig:
@@ -94,9 +96,16 @@ class LoadedModel:
         self.model.prepare()
         if self.heads is not None:
             self.heads.prepare(draft_vocab)
+        if self.drafter is not None:
+            self.drafter.prepare()
 
-    def load_heads(self, path: str | Path) -> MedusaHeads:
-        """Attach a Medusa heads checkpoint, and the early-exit heads saved beside it if there are any."""
+    def load_heads(self, path: str | Path) -> MedusaHeads | EagleDrafter:
+        """Attach a checkpoint: an EAGLE drafter's directory (:mod:`propd.models.eagle`), or Medusa heads with the
+        early-exit heads saved beside them if there are any, and the EAGLE drafter in their ``eagle/`` subfolder if
+        there is one."""
+        p = Path(path).expanduser()
+        if is_eagle_checkpoint(p):
+            return self.load_drafter(p)
         heads = MedusaHeads.load(path, self.config.hidden_size, self.config.vocab_size, lm_head=self.model.lm_head)
         self.heads = heads.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         p = Path(path)
@@ -104,7 +113,17 @@ class LoadedModel:
         self.early_heads = {}  # early heads belong to the checkpoint they were trained with: never keep others'
         if self.heads_path.joinpath(EARLY_FILE).is_file():
             self.load_early_heads(self.heads_path)
+        self.drafter = None  # likewise a drafter
+        if is_eagle_checkpoint(self.heads_path / "eagle"):
+            self.load_drafter(self.heads_path / "eagle")
         return self.heads
+
+    def load_drafter(self, path: str | Path) -> EagleDrafter:
+        """Attach an EAGLE drafter checkpoint directory."""
+        drafter = EagleDrafter.load(path, self.config)
+        self.drafter = drafter.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self.drafter.attach(self.model)
+        return self.drafter
 
     def load_early_heads(self, path: str | Path) -> EarlyHeads:
         early = EarlyHeads.load(path, self.config.hidden_size, self.config.num_layers)

@@ -141,3 +141,29 @@ def test_a_run_stopped_while_saving_keeps_the_last_whole_checkpoint(tiny_dir, tr
     logs = []
     report = train_heads(cfg, log=logs.append)
     assert "resuming after epoch 1" in logs and len(report["history"]) == 2
+
+
+def test_train_eagle_on_tiny_model(tiny_dir, train_dir, tmp_path):
+    """The EAGLE drafter learns the tiny model's greedy answers (validation accuracy well above chance), the run
+    resumes from its checkpoint with the same result, and the saved drafter drives the eagle preset losslessly."""
+    from propd.training.eagle import EagleTrainConfig, train_eagle
+
+    out = tmp_path / "eagle"
+    cfg = EagleTrainConfig(model=str(tiny_dir), out=str(out), max_new_tokens=24, epochs=6, data=str(train_dir),
+                           batch_tokens=128, draft_vocab=64, lr=3e-3, val_fraction=0.2)
+    report = train_eagle(cfg, log=lambda m: None)
+    hist = report["history"]
+    assert len(hist) == 6 and hist[-1]["train_loss"] < hist[0]["train_loss"] * 0.8
+    val = report["validation"]
+    acc = [val[f"top{k}"] for k in (1, 3, 5, 10)]
+    assert val["positions"] > 0 and acc == sorted(acc) and acc[0] > 0.05 and acc[-1] > acc[0]  # chance: 1/64
+    assert set(report["stage_wall_time_s"]) == {"answers", "features", "training"}
+    assert len(json.loads((out / "draft_vocab.json").read_text())["ids"]) <= 64
+    again = train_eagle(cfg, log=lambda m: None)  # everything cached: the same drafter
+    assert again["validation"] == val
+    model = load_model(str(tiny_dir), heads=out)
+    assert model.drafter is not None and model.drafter.draft_ids.numel() <= 64
+    ids = [[5, 6, 7, 8], [9, 10, 11]]
+    ref = Decoder(model, preset="ar").generate_ids(ids, max_new_tokens=20).token_ids
+    res = Decoder(model, preset="eagle").generate_ids(ids, max_new_tokens=20)
+    assert res.token_ids == ref

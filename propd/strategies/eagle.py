@@ -1,0 +1,201 @@
+"""Proposer ``eagle``: EAGLE-2 dynamic draft trees from an EAGLE feature drafter (:mod:`propd.models.eagle`).
+
+EAGLE-2 (Li et al. 2024, "EAGLE-2: Faster Inference of Language Models with Dynamic Draft Trees", arXiv 2406.16858):
+
+* expand: the drafter's guess distribution at the root gives its ``top_k`` children; at each further depth the
+  ``top_k`` newest nodes of highest path score (sum of log-probabilities along the path) are run through the drafter
+  (one forward for all of them), and each offers its ``top_k`` children: ``depth`` levels in all;
+* rerank: of every node offered, the N - 1 of highest path score form the tree (N: the sizer's budget, root
+  included). A child's score never exceeds its parent's, so the chosen nodes form a tree.
+
+Every row builds its own tree (a :class:`propd.tree.RowTrees` of N nodes per row). The drafter keeps a KV cache of
+its own per row: it reads each row's prompt when the row begins (``propd_rows_begin``: pairs (f_t, x_{t+1}) for the
+prompt), and before drafting it reads the pairs of the tokens committed since (their final hidden states come in
+``ctx.accepted_hidden``; steps with no draft are kept and read in one pass at the next draft). Tree nodes sit in the
+cache's scratch past each row's length and are overwritten by the next read, as in the base model's cache.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from propd.errors import PropdError
+from propd.hookspecs import hookimpl
+from propd.tree import RowTrees
+from propd.types import Draft
+
+_SCORE_TIE = 1e-4  # per depth: a node scores strictly below its parent, so the top N are closed under ancestors
+
+
+@attrs.frozen
+class EagleConfig:
+    """``top_k``: children per expanded node and nodes expanded per depth; ``depth``: levels drafted (also bounded by
+    the sizer's budget depth). EAGLE-2 uses top_k 10, depth 5-6 and N = 60 for 7B models."""
+
+    top_k: int = attrs.field(default=8, validator=attrs.validators.ge(1))
+    depth: int = attrs.field(default=6, validator=attrs.validators.ge(1))
+
+
+class EagleProposer:
+    def __init__(self, config: EagleConfig | None = None):
+        self.cfg = config or EagleConfig()
+        self.drafter = None
+        self.cache = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (features (B, A, H), counts (B,)) not yet read
+        self._absorbed = -1  # the last step whose accepted features went into _pending
+
+    @hookimpl
+    def propd_setup(self, model):
+        drafter = getattr(model, "drafter", None)
+        if drafter is None:
+            raise PropdError("this preset needs an EAGLE drafter: pass --heads DIR (an EAGLE checkpoint, or heads "
+                             "with an eagle/ folder), or use --preset ar")
+        self.drafter = drafter
+
+    # ------------------------------------------------------------------------------------------ per-row state
+
+    @hookimpl
+    def propd_rows_begin(self, rows):
+        """Read each prompt's pairs (f_t, x_{t+1}), t = 0 .. P-2; the pair of the last prompt token and the first
+        generated token comes with step 0's accepted features."""
+        d = self.drafter
+        B, P = rows.prompt_ids.shape
+        self.cache = d.new_cache(B, P + 128)
+        self._pending, self._absorbed = [], -1
+        n = rows.prompt_lengths - 1  # (B,) pairs per row
+        W = P - 1
+        if W < 1:
+            return
+        ar = torch.arange(W, device=n.device)
+        node_idx = torch.where(ar[None, :] < n[:, None], ar[None, :], torch.full_like(ar, W)[None, :]).expand(B, W)
+        self._read(rows.hidden[:, :W], rows.prompt_ids[:, 1:P], node_idx, n, W)
+
+    @hookimpl
+    def propd_rows_leave(self, keep, left):
+        if self.cache is None:
+            return
+        if not keep:
+            self.cache, self._pending = None, []
+            return
+        self.cache.select_rows(keep)
+        idx = torch.tensor(keep, device=self.cache.lengths.device)
+        self._pending = [(f[idx], c[idx]) for f, c in self._pending]
+
+    def _absorb(self, ctx) -> None:
+        """Keep the features of the tokens the previous step committed (once per step)."""
+        if self._absorbed != ctx.step:
+            self._absorbed = ctx.step
+            self._pending.append((ctx.accepted_hidden, ctx.accepted_counts))
+
+    @hookimpl
+    def propd_after_step(self, ctx):
+        self._absorb(ctx)  # a step with no draft: read its features at the next draft
+
+    def _read(self, features: torch.Tensor, next_tokens: torch.Tensor, node_idx: torch.Tensor, n: torch.Tensor,
+              W: int) -> torch.Tensor:
+        """Run pairs into the drafter's cache after each row's length: features (B, W, H), next tokens (B, W),
+        ``node_idx`` (B, W) (W = padding), ``n`` (B,) real pairs. Returns the outputs g (B, W, H)."""
+        d, cache = self.drafter, self.cache
+        cache.reserve(max(cache.host_lengths) + W + 2)
+        ar = torch.arange(W, device=node_idx.device)
+        a = d.attention_inputs(cache, node_idx, torch.ones(W, W, dtype=torch.bool, device=ar.device).tril(), ar)
+        g = d(features, next_tokens, cache, a)
+        cache.advance(n, n.tolist())
+        return g
+
+    def _catch_up(self, ctx) -> torch.Tensor:
+        """Read every committed token the drafter has not seen; the drafter's prediction (B, H) of the root's
+        feature, from which the root's children are guessed."""
+        self._absorb(ctx)
+        cache = self.cache
+        feats = torch.cat([f for f, _ in self._pending], dim=1)  # (B, sum A, H)
+        valid = torch.cat([torch.arange(f.shape[1], device=f.device)[None, :] < c[:, None]
+                           for f, c in self._pending], dim=1)  # (B, sum A)
+        self._pending = []
+        n_host = [a - b for a, b in zip(ctx.host_lengths, cache.host_lengths)]
+        W = max(n_host)
+        # compact each row's real features to the left, in order
+        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :W]
+        feats = feats.gather(1, order[..., None].expand(-1, -1, feats.shape[-1]))  # (B, W, H)
+        n = ctx.lengths - cache.lengths  # (B,)
+        ar = torch.arange(W, device=n.device)
+        node_idx = torch.where(ar[None, :] < n[:, None], ar[None, :], torch.full_like(ar, W)[None, :])
+        # the token after each read position t is history[t + 1], t = cache length .. ctx length - 1
+        tok_pos = (cache.lengths[:, None] + 1 + ar[None, :]).clamp(max=ctx.history.shape[1] - 1)
+        next_tokens = ctx.history.gather(1, tok_pos)
+        g = self._read(feats, next_tokens, node_idx, n, W)  # (B, W, H)
+        return g.gather(1, (n - 1).clamp(min=0)[:, None, None].expand(-1, 1, g.shape[-1]))[:, 0]
+
+    # ------------------------------------------------------------------------------------------ drafting
+
+    def _guesses(self, g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k best guesses after predicted features g (.., H): token ids (.., k) and log-probabilities (.., k)."""
+        logits, ids = self.drafter.draft_logits(g)
+        top = torch.log_softmax(logits.float(), dim=-1).topk(min(k, logits.shape[-1]), dim=-1)
+        tokens = top.indices if ids is None else ids[top.indices]
+        return tokens, top.values
+
+    @hookimpl
+    def propd_propose(self, ctx, tree):
+        d, cfg = self.drafter, self.cfg
+        g0 = self._catch_up(ctx)  # (B, H)
+        B, dev = ctx.batch_size, ctx.device
+        depth = min(cfg.depth, tree.max_depth)
+        budget = tree.num_nodes - 1  # guessed nodes per row
+        if depth < 1 or budget < 1:
+            return Draft(tokens=ctx.roots[:, None], tree=RowTrees.from_parents(
+                torch.full((B, 1), -1, dtype=torch.long, device=dev), max_depth=0))
+        tok, lp = self._guesses(g0, cfg.top_k)  # (B, k) the root's children
+        k = tok.shape[1]
+        pool_tok, pool_score, pool_parent, pool_lp = [tok], [lp - _SCORE_TIE], [tok.new_full((B, k), -1)], [lp]
+        front_tok, front_score, front_pool = tok, pool_score[0], torch.arange(k, device=dev).expand(B, k)
+        front_in = g0[:, None].expand(B, k, g0.shape[-1])  # each frontier node's input feature: its parent's g
+        front_slot = None  # (B, k) the frontier's parents' slots in the drafter's tree scratch
+        cache = self.cache
+        n_fed = (depth - 1) * k
+        cache.reserve(max(cache.host_lengths) + n_fed + 2)
+        fed_mask = torch.zeros(B, max(n_fed, 1), max(n_fed, 1), dtype=torch.bool, device=dev)
+        fed_depth = torch.arange(max(n_fed, 1), device=dev) // k  # (Nf,) level - 1: position = length + level - 1
+        offset = k
+        for level in range(1, depth):
+            slots = torch.arange((level - 1) * k, level * k, device=dev)  # (k,)
+            if front_slot is not None:
+                fed_mask[:, slots] = fed_mask.gather(1, front_slot[..., None].expand(-1, -1, fed_mask.shape[2]))
+            fed_mask[:, slots, slots] = True
+            a = d.attention_inputs(cache, slots.expand(B, k), fed_mask, fed_depth.expand(B, -1))
+            g = d(front_in, front_tok, cache, a)  # (B, k, H)
+            ctok, clp = self._guesses(g, k)  # (B, k, k)
+            score = (front_score[..., None] + clp - _SCORE_TIE).flatten(1)  # (B, k*k)
+            pool_tok.append(ctok.flatten(1))
+            pool_score.append(score)
+            pool_parent.append(front_pool[..., None].expand(B, k, k).flatten(1))
+            pool_lp.append(clp.flatten(1))
+            best = score.topk(k, dim=1).indices  # (B, k) the next frontier, by path score
+            parent_of = best // k  # which frontier node each came from
+            front_tok = ctok.flatten(1).gather(1, best)
+            front_score = score.gather(1, best)
+            front_pool = offset + best
+            front_in = g.gather(1, parent_of[..., None].expand(-1, -1, g.shape[-1]))
+            front_slot = slots[parent_of]
+            offset += k * k
+        scores = torch.cat(pool_score, dim=1)  # (B, pool)
+        n = min(budget, scores.shape[1])
+        chosen = scores.topk(n, dim=1).indices.sort(dim=1).values  # (B, n) pool order: parents before children
+        pool_parent_t = torch.cat(pool_parent, dim=1)
+        where = torch.zeros(B, scores.shape[1], dtype=torch.long, device=dev)  # pool index -> tree node
+        where.scatter_(1, chosen, torch.arange(1, n + 1, device=dev).expand(B, n))
+        parent_pool = pool_parent_t.gather(1, chosen)
+        parents = torch.where(parent_pool < 0, 0, where.gather(1, parent_pool.clamp(min=0)))
+        parents = torch.cat([parents.new_full((B, 1), -1), parents], dim=1)
+        tokens = torch.cat([ctx.roots[:, None], torch.cat(pool_tok, dim=1).gather(1, chosen)], dim=1)
+        probs = torch.cat([torch.ones(B, 1, device=dev), torch.cat(pool_lp, dim=1).gather(1, chosen).exp()], dim=1)
+        conf = torch.cat([torch.ones(B, 1, device=dev), (scores.gather(1, chosen)).exp()], dim=1)
+        return Draft(tokens=tokens, tree=RowTrees.from_parents(parents, max_depth=depth), probs=probs,
+                     confidence=conf)
+
+
+@hookimpl
+def propd_register_components(register):
+    register("proposer", "eagle", EagleProposer, EagleConfig,
+             "EAGLE-2 dynamic per-row trees from an EAGLE feature drafter (top_k=K children, depth=D levels)")

@@ -1,0 +1,278 @@
+"""``propd train-heads --kind eagle``: train an EAGLE feature drafter (:mod:`propd.models.eagle`) on a frozen model.
+
+EAGLE's recipe (Li et al. 2024, arXiv 2401.15077, sec. 4 and SafeAILab/EAGLE ``eagle/train/main.py``), on the base
+model's own greedy answers (self-distillation, as for the Medusa heads): for every position t of prompt + answer the
+drafter reads (f_t + noise, x_{t+1}) and predicts g_{t+1}; the loss at answer positions is
+
+    v_weight * SmoothL1(g_{t+1}, f_{t+1})  +  p_weight * CE(lm_head(g_{t+1}), x_{t+2})
+
+with f the base model's final normed hidden states, x_{t+2} the base model's greedy token, and EAGLE's uniform input
+noise ``(U(0, 1) - 0.5) * noise * 512 / sequence length`` added to the features read. The token loss is taken over
+the draft vocabulary (the ``draft_vocab`` most frequent tokens of the training answers), the only tokens the shipped
+drafter guesses.
+
+Stages, each cached in ``OUT/work`` so a rerun resumes: (1) answers (shared with the Medusa trainer's format);
+(2) features, in chunks; (3) epochs (a checkpoint per epoch); (4) validation: top-k accuracy of the drafter's first
+guess against the base model's next token on held-out prompts, written to ``OUT/report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from propd.errors import PropdError
+from propd.models.heads import DRAFT_VOCAB_FILE
+from propd.training.trainer import _answers, _log, _save, _val_seqs
+
+EVAL_TOPK = (1, 3, 5, 10)
+_FEATURE_CHUNK = 64  # sequences per cached feature file
+_FEATURE_BATCH = 8  # sequences per base-model forward
+
+
+@attrs.frozen
+class EagleTrainConfig:
+    model: str
+    out: str
+    max_prompts: int | None = None  # None: every training prompt
+    max_new_tokens: int = 128
+    epochs: int = 6
+    lr: float = 1e-3
+    batch_tokens: int = 4096  # padded positions per optimizer step
+    max_len: int = 512  # positions per sequence read in training (the last ones)
+    draft_vocab: int = 8192
+    noise: float = 0.2  # EAGLE's "std" of the uniform input noise
+    v_weight: float = 1.0
+    p_weight: float = 0.1
+    grad_clip: float = 0.5
+    seed: int = 0
+    data: str | None = None
+    device: str = "cpu"
+    gen_batch_size: int = 16
+    val_fraction: float = 0.05
+
+
+def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dict:
+    """Train a drafter into ``cfg.out`` (module docstring) and return the report."""
+    from propd.decoder import Decoder
+    from propd.models.eagle import EagleDrafter
+    from propd.models.loading import load_model
+    from propd.training.data import find_train_dir, training_prompts
+
+    if min(cfg.epochs, cfg.max_new_tokens, cfg.batch_tokens, cfg.max_len, cfg.draft_vocab) < 1:
+        raise PropdError("--epochs, --max-new-tokens and the batch, length and vocabulary sizes must be positive")
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    model = load_model(cfg.model, device=cfg.device, dtype="float32", heads="none")
+    prompts = training_prompts(find_train_dir(cfg.data), cfg.max_prompts, cfg.seed)
+    decoder = Decoder(model, preset="ar")
+    prompt_ids = decoder.encode(prompts)
+    cap = model.config.max_position_embeddings - cfg.max_new_tokens
+    prompt_ids = [p[-cap:] for p in prompt_ids]
+
+    answers = _answers(decoder, prompt_ids, cfg, work, log)  # (1)
+    stage_s = {"answers": time.perf_counter() - t_start}
+    feats = _features(model, prompt_ids, answers, cfg, work, log)  # (2)
+    stage_s["features"] = time.perf_counter() - t_start - sum(stage_s.values())
+    n = len(prompt_ids)
+    val = _val_seqs(n, cfg)
+    train_seqs = [i for i in range(n) if i not in val and len(answers[i]) > 1]
+    val_seqs = sorted(i for i in val if len(answers[i]) > 1)
+    vocab = _draft_vocab(out, answers, prompt_ids, train_seqs, cfg.draft_vocab, model.config.vocab_size, model.name)
+    log(f"{len(train_seqs)} training and {len(val_seqs)} validation sequences; draft vocabulary {len(vocab)} tokens")
+
+    # (3) training
+    m = model.model
+    drafter = EagleDrafter(attrs.evolve(m.cfg, num_layers=1)).to(model.device).attach(m)
+    ids = torch.tensor(vocab, dtype=torch.long, device=model.device)
+    w_draft = m.lm_head.weight.detach().index_select(0, ids)  # (N, H) frozen
+    to_draft = torch.full((model.config.vocab_size,), -100, dtype=torch.long, device=model.device)
+    to_draft[ids] = torch.arange(len(vocab), device=model.device)
+    batches = _batches(train_seqs, feats, cfg)
+    steps = len(batches) * cfg.epochs
+    opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.05)
+    ckpt = work / "eagle_checkpoint.pt"
+    first_epoch, history = 0, []
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state.get("config") == attrs.asdict(cfg):
+            drafter.load_state_dict(state["drafter"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            torch.set_rng_state(state["rng"])
+            first_epoch, history = state["epoch"], state["history"]
+            log(f"resuming after epoch {first_epoch}")
+    from tqdm import tqdm
+
+    for epoch in range(first_epoch, cfg.epochs):
+        g = torch.Generator().manual_seed(cfg.seed + epoch)
+        order = torch.randperm(len(batches), generator=g).tolist()
+        sums = {"loss": 0.0, "vloss": 0.0, "ploss": 0.0, "acc": 0.0}
+        bar = tqdm(order, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", file=sys.stderr)
+        for count, b in enumerate(bar, 1):
+            parts = _batch_loss(drafter, feats, batches[b], w_draft, to_draft, cfg, noise=True, gen=g)
+            loss = cfg.v_weight * parts["vloss"] + cfg.p_weight * parts["ploss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            sums["loss"] += loss.item()
+            for k in ("vloss", "ploss"):
+                sums[k] += parts[k].item()
+            sums["acc"] += parts["acc"]
+            bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", acc=f"{sums['acc'] / count:.3f}")
+        history.append({"epoch": epoch + 1, **{f"train_{k}": round(v / max(len(order), 1), 4) for k, v in sums.items()}})
+        _save(ckpt, {"config": attrs.asdict(cfg), "drafter": drafter.state_dict(), "opt": opt.state_dict(),
+                     "sched": sched.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch + 1,
+                     "history": history})
+    stage_s["training"] = time.perf_counter() - t_start - sum(stage_s.values())
+
+    # (4) validation and the shipped files
+    log("[4/4] measuring validation accuracy")
+    report = {"validation": evaluate(drafter, feats, val_seqs, w_draft, to_draft, cfg)}
+    drafter.save(out, dtype=torch.bfloat16, base_model=model.name, trained_by="propd train-heads --kind eagle")
+    report.update({"model": model.name, "kind": "eagle", "config": attrs.asdict(cfg), "history": history,
+                   "train_sequences": len(train_seqs), "val_sequences": len(val_seqs),
+                   "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "wall_time_s": round(time.perf_counter() - t_start, 1),
+                   "stage_wall_time_s": {k: round(v, 1) for k, v in stage_s.items()}})
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(f"EAGLE drafter written to {out} ({report['wall_time_s']:.0f}s this run)")
+    return report
+
+
+def _draft_vocab(out: Path, answers, prompt_ids, train_seqs, size: int, vocab: int, name: str) -> list[int]:
+    """The ``size`` tokens most frequent in the training answers (then in their prompts), written to
+    ``draft_vocab.json``; ties by id."""
+    counts = torch.bincount(torch.tensor([t for i in train_seqs for t in answers[i]], dtype=torch.long),
+                            minlength=vocab)
+    counts_p = torch.bincount(torch.tensor([t for i in train_seqs for t in prompt_ids[i]], dtype=torch.long),
+                              minlength=vocab)
+    key = counts.double() * (counts_p.sum() + 1) + counts_p.double()  # answers first, then prompts
+    order = sorted(range(vocab), key=lambda i: (-float(key[i]), i))
+    ids = [i for i in order if key[i] > 0][:size]
+    (out / DRAFT_VOCAB_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (out / DRAFT_VOCAB_FILE).write_text(json.dumps({
+        "source": f"greedy answers of {name} to {len(train_seqs)} training prompts, then the prompts' tokens "
+                  "(propd train-heads --kind eagle)", "from_answers": int((counts > 0).sum()), "ids": ids}) + "\n")
+    return ids
+
+
+def _features(model, prompt_ids, answers, cfg: EagleTrainConfig, work: Path, log) -> dict:
+    """Final normed hidden states (bf16) of every position of prompt + answer, computed once in fp32 and cached in
+    chunks of ``_FEATURE_CHUNK`` sequences. Returns ``{"f": [(N_i, H)], "tokens": [[N_i ids]], "prompt": [P_i]}``."""
+    from tqdm import tqdm
+
+    d = work / "eagle_features"
+    d.mkdir(exist_ok=True)
+    n = len(answers)
+    chunks = range(0, n, _FEATURE_CHUNK)
+    todo = [s for s in chunks if not (d / f"{s:06d}.pt").is_file()]
+    if todo:
+        log(f"[2/4] computing hidden states for {sum(min(_FEATURE_CHUNK, n - s) for s in todo)} sequences "
+            f"(once; {n - sum(min(_FEATURE_CHUNK, n - s) for s in todo)} cached)")
+    m = model.model
+    with torch.inference_mode():
+        for s in tqdm(todo, desc="features", unit="chunk", file=sys.stderr):
+            part = []
+            for b in range(s, min(s + _FEATURE_CHUNK, n), _FEATURE_BATCH):
+                rows = list(range(b, min(b + _FEATURE_BATCH, s + _FEATURE_CHUNK, n)))
+                seqs = [prompt_ids[i] + answers[i] for i in rows]
+                h, _ = m.hidden_states(m.new_cache(len(rows), max(len(x) for x in seqs) + 2), seqs)
+                part += [h[j, : len(seqs[j])].to(device="cpu", dtype=torch.bfloat16).clone() for j in range(len(rows))]
+            _save(d / f"{s:06d}.pt", part)
+    f = []
+    for s in chunks:
+        f += torch.load(d / f"{s:06d}.pt", map_location="cpu", weights_only=True)
+    return {"f": f, "tokens": [prompt_ids[i] + answers[i] for i in range(n)], "prompt": [len(p) for p in prompt_ids]}
+
+
+def _batches(seqs: list[int], feats: dict, cfg: EagleTrainConfig) -> list[list[int]]:
+    """Sequences grouped by length into batches of at most ``batch_tokens`` padded positions."""
+    length = {i: min(len(feats["tokens"][i]), cfg.max_len) for i in seqs}
+    out, cur = [], []
+    for i in sorted(seqs, key=lambda i: (length[i], i)):
+        if cur and (len(cur) + 1) * length[i] > cfg.batch_tokens:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _batch_loss(drafter, feats: dict, rows: list[int], w_draft, to_draft, cfg: EagleTrainConfig, noise: bool,
+                gen: torch.Generator | None = None) -> dict:
+    """Losses and top-1 accuracy on sequences ``rows`` (the last ``max_len`` positions of each).
+
+    Position t reads (f_t, x_{t+1}) and is scored at the answer's positions: x_{t+2} is a generated token."""
+    dev = drafter.device
+    W = max(min(len(feats["tokens"][i]), cfg.max_len) for i in rows) - 1
+    B, H = len(rows), drafter.cfg.hidden_size
+    f = torch.zeros(B, W + 1, H)
+    tok = torch.zeros(B, W + 1, dtype=torch.long)
+    score = torch.zeros(B, W, dtype=torch.bool)
+    n = torch.zeros(B, dtype=torch.long)
+    for b, i in enumerate(rows):
+        ids = feats["tokens"][i]
+        N = min(len(ids), cfg.max_len)
+        first = len(ids) - N  # the window's first position in the sequence
+        f[b, :N] = feats["f"][i][first:].float()
+        tok[b, :N] = torch.tensor(ids[first:])
+        t = torch.arange(N - 1) + first  # sequence position read at window index 0 .. N-2
+        score[b, : N - 1] = (t + 2 >= feats["prompt"][i]) & (t + 2 <= len(ids) - 1)
+        n[b] = N - 1
+    f, tok, score, n = f.to(dev), tok.to(dev), score.to(dev), n.to(dev)
+    x = f[:, :-1]
+    if noise:
+        x = x + (torch.rand(x.shape, generator=gen).to(dev) - 0.5) * cfg.noise * 512 / W
+    cache = drafter.new_cache(B, W + 2)
+    ar = torch.arange(W, device=dev)
+    node_idx = torch.where(ar[None, :] < n[:, None], ar[None, :], torch.full_like(ar, W)[None, :])
+    a = drafter.attention_inputs(cache, node_idx, torch.ones(W, W, dtype=torch.bool, device=dev).tril(), ar)
+    g = drafter(x, tok[:, 1:], cache, a)  # (B, W, H)
+    target_tok = to_draft[torch.cat([tok[:, 2:], tok.new_zeros(B, 1)], dim=1)]  # (B, W), -100 outside the vocabulary
+    mask = score.float()
+    denom = mask.sum().clamp(min=1)
+    vloss = (F.smooth_l1_loss(g, f[:, 1:], reduction="none").mean(-1) * mask).sum() / denom
+    logits = F.linear(g, w_draft)  # (B, W, N)
+    tgt = torch.where(score, target_tok, torch.full_like(target_tok, -100))
+    ploss = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
+    if not bool((tgt != -100).any()):
+        ploss = logits.sum() * 0.0
+    with torch.no_grad():
+        hit = (logits.argmax(-1) == tgt) & (tgt != -100)
+        acc = hit.sum().float() / (tgt != -100).sum().clamp(min=1)
+    return {"vloss": vloss, "ploss": ploss, "acc": acc.item(), "logits": logits.detach(), "target": tgt,
+            "scored": score}
+
+
+@torch.no_grad()
+def evaluate(drafter, feats: dict, seqs: list[int], w_draft, to_draft, cfg: EagleTrainConfig) -> dict:
+    """Top-k accuracy of the drafter's first guess (teacher-forced features) against the base model's greedy next
+    token, at the answer positions of ``seqs``; tokens outside the draft vocabulary count as misses."""
+    hits = torch.zeros(len(EVAL_TOPK))
+    total, vloss, ploss, nb = 0, 0.0, 0.0, 0
+    for rows in _batches(seqs, feats, cfg):
+        parts = _batch_loss(drafter, feats, rows, w_draft, to_draft, cfg, noise=False)
+        valid = parts["target"] != -100
+        top = parts["logits"].topk(min(max(EVAL_TOPK), parts["logits"].shape[-1]), dim=-1).indices
+        for j, k in enumerate(EVAL_TOPK):
+            hits[j] += ((top[..., :k] == parts["target"][..., None]).any(-1) & valid).sum().item()
+        total += int(parts["scored"].sum())
+        vloss, ploss, nb = vloss + float(parts["vloss"]), ploss + float(parts["ploss"]), nb + 1
+    return {"positions": total, **{f"top{k}": round(float(hits[j]) / max(total, 1), 4) for j, k in enumerate(EVAL_TOPK)},
+            "vloss": round(vloss / max(nb, 1), 4), "ploss": round(ploss / max(nb, 1), 4)}
+

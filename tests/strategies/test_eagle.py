@@ -1,0 +1,181 @@
+"""The EAGLE drafter and proposer: lossless at any batch, its cache in step with the rows, its drafts what a fresh
+drafter computes, and its checkpoints in EAGLE's layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from propd import Decoder
+from propd.errors import PropdError
+from propd.hookspecs import hookimpl
+from propd.models.eagle import EagleDrafter, is_eagle_checkpoint
+from propd.strategies.eagle import EagleConfig, EagleProposer
+from propd.testing import assert_lossless, random_prompts, tiny_model
+
+MODEL = tiny_model(seed=1, heads=3, early=(1, 2), drafter=True)
+
+
+@given(lens=st.lists(st.integers(1, 14), min_size=1, max_size=6), seed=st.integers(0, 10_000),
+       preset=st.sampled_from(["eagle", "propd-eagle", "propd-eagle-prune-only", "propd-eagle-dynamic-only"]),
+       top_k=st.integers(1, 5), depth=st.integers(1, 5), max_new=st.integers(1, 24))
+@settings(max_examples=25)
+def test_eagle_presets_are_lossless(lens, seed, preset, top_k, depth, max_new):
+    prompts = random_prompts(MODEL, seed, lens)
+    pruners = [("early-topk", {"layer": 2, "k": 4, "min_nodes": 2})] if "prune" in preset or preset == "propd-eagle" \
+        else None
+    assert_lossless(MODEL, prompts, max_new, preset=preset, pruners=pruners,
+                    proposer=("eagle", {"top_k": top_k, "depth": depth}), entry_points=False)
+
+
+class Spy(EagleProposer):
+    """Records, at each draft, the drafter's root prediction and the history it came from."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.seen = []
+
+    def _catch_up(self, ctx):
+        g0 = super()._catch_up(ctx)
+        self.seen.append((ctx.row_ids, ctx.history.clone(), ctx.lengths.clone(), g0.clone()))
+        return g0
+
+
+def _fresh_pass(model, seq: list[int]) -> torch.Tensor:
+    """A fresh drafter's outputs g (N-1, H) over a whole sequence: the base model's features f_0..f_{N-2} with the
+    next tokens x_1..x_{N-1}, in one causal pass."""
+    m, d = model.model, model.drafter
+    f, _ = m.hidden_states(m.new_cache(1, len(seq) + 2), [seq])  # (1, N, H)
+    n = len(seq) - 1
+    cache = d.new_cache(1, n + 2)
+    ar = torch.arange(n)
+    a = d.attention_inputs(cache, ar[None], torch.ones(n, n, dtype=torch.bool).tril(), ar)
+    return d(f[:, :n], torch.tensor([seq[1:]]), cache, a)[0]
+
+
+class Alternate:
+    """A sizer that drafts at steps 0, 3, 4, 7, 8, ... and runs plain AR steps between (no proposer runs then)."""
+
+    @hookimpl
+    def propd_tree(self, ctx):
+        from propd.tree import DraftTree, tree_paths
+
+        spec = "budget:8:3" if ctx.step % 4 in (0, 3) else "chain:0"
+        return DraftTree.from_paths(tree_paths(spec), device=ctx.device)
+
+
+@pytest.mark.parametrize("sizer", ["static:tree=budget:8:3", "alternate"])
+def test_drafter_reads_every_committed_token_once_in_order(sizer):
+    """After any mix of tree and 1-node steps and rows leaving, the drafter's prediction for each row's root equals a
+    fresh drafter's pass over that row's prompt and generated tokens."""
+    model = tiny_model(seed=1, drafter=True, eos=frozenset(range(3, 128, 31)))  # rows leave at different steps
+    spy = Spy(EagleConfig(top_k=3, depth=3))
+    prompts = random_prompts(model, 4, [5, 2, 9, 1, 3, 7])
+    res = Decoder(model, preset=None, sizer=Alternate() if sizer == "alternate" else sizer, proposer=spy, entry_points=False).generate_ids(
+        prompts, max_new_tokens=40)
+    assert len(spy.seen) >= 3 and len(set(res.new_tokens)) > 1
+    with torch.inference_mode():
+        for row_ids, history, lengths, g0 in spy.seen:
+            for b in range(len(row_ids)):
+                L = int(lengths[b])
+                want = _fresh_pass(model, history[b, : L + 1].tolist())[L - 1]
+                torch.testing.assert_close(g0[b], want, atol=1e-4, rtol=1e-4)
+
+
+def test_tree_nodes_are_guessed_as_a_fresh_drafter_would():
+    """A depth-2 node's token is among its parent's top-k under a fresh drafter fed the parent's path: the tree
+    scratch in the drafter's cache (masks, positions) sees exactly the node's ancestors."""
+    k = 3
+    prompts = random_prompts(MODEL, 7, [6])
+    drafts = []
+
+    class Keep(EagleProposer):
+        @hookimpl
+        def propd_propose(self, ctx, tree):
+            d = EagleProposer.propd_propose(self, ctx, tree)
+            drafts.append((ctx.history.clone(), int(ctx.lengths[0]), d))
+            return d
+
+    prop = Keep(EagleConfig(top_k=k, depth=3))
+    Decoder(MODEL, preset=None, sizer="static:tree=budget:40:3", proposer=prop, entry_points=False).generate_ids(
+        prompts, max_new_tokens=6)
+    d = MODEL.drafter
+    with torch.inference_mode():
+        history, L, draft = drafts[-1]
+        seq = history[0, : L + 1].tolist()
+        g = _fresh_pass(MODEL, seq)  # predictions up to the root's feature (index L-1)
+        parents = draft.rows.parents[0].tolist()
+        tokens = draft.tokens[0].tolist()
+        depths = draft.rows.depths[0].tolist()
+        checked = 0
+        for i in range(1, len(tokens)):
+            if depths[i] != 2:
+                continue
+            p = parents[i]
+            # the parent's own prediction: the drafter fed (g of the root, parent's token) after the sequence
+            f, _ = MODEL.model.hidden_states(MODEL.model.new_cache(1, L + 2), [seq])
+            feats = torch.cat([f[:, :L], g[L - 1][None, None]], dim=1)
+            cache = d.new_cache(1, L + 3)
+            ar = torch.arange(L + 1)
+            a = d.attention_inputs(cache, ar[None], torch.ones(L + 1, L + 1, dtype=torch.bool).tril(), ar)
+            gp = d(feats, torch.tensor([seq[1:] + [tokens[p]]]), cache, a)[0, L]
+            top = d.draft_logits(gp)[0].topk(k).indices.tolist()
+            assert tokens[i] in top
+            checked += 1
+        assert checked >= 1
+
+
+def test_eagle_needs_a_drafter():
+    with pytest.raises(PropdError, match="EAGLE drafter"):
+        Decoder(tiny_model(seed=0), preset="eagle", entry_points=False)
+
+
+def test_checkpoint_round_trip_in_eagle_layout(tmp_path):
+    d = MODEL.drafter
+    d.save(tmp_path, dtype=torch.float32)
+    (tmp_path / "draft_vocab.json").write_text(json.dumps({"ids": list(range(0, 128, 2))}))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 1 and cfg["bias"] is True
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(tmp_path / "model.safetensors")))
+    assert "fc.weight" in keys and "layers.0.self_attn.q_proj.weight" in keys
+    assert not any("input_layernorm" in k for k in keys)  # EAGLE's layer 0 has none
+    assert is_eagle_checkpoint(tmp_path)
+    back = EagleDrafter.load(tmp_path, MODEL.config)
+    for k, v in d.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v)
+    assert back.draft_ids.tolist() == list(range(0, 128, 2))
+
+
+def test_published_layout_with_embeddings_and_bin_loads(tmp_path):
+    """EAGLE's own files: pytorch_model.bin with an ``embed_tokens.weight`` and a ``model.`` prefix-free layout."""
+    d = MODEL.drafter
+    d.save(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    state = {k: v.clone() for k, v in d.state_dict().items()}
+    state["embed_tokens.weight"] = torch.zeros(MODEL.config.vocab_size, MODEL.config.hidden_size)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    model = tiny_model(seed=1)
+    model.load_heads(tmp_path)
+    assert model.drafter is not None and model.heads is None
+    prompts = random_prompts(model, 1, [4, 7])
+    assert_lossless(model, prompts, 12, preset="eagle", entry_points=False)
+
+
+def test_mismatched_drafter_is_refused(tmp_path):
+    MODEL.drafter.save(tmp_path)
+    other = tiny_model(seed=0, hidden_size=32, num_heads=2, num_kv_heads=1)
+    with pytest.raises(PropdError, match="hidden size"):
+        EagleDrafter.load(tmp_path, other.config)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / "model.safetensors"))
+    del state["fc.weight"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(PropdError, match="missing fc.weight"):
+        EagleDrafter.load(tmp_path, MODEL.config)
