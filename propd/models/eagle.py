@@ -13,7 +13,11 @@ Checkpoint format: EAGLE-1/2's (SafeAILab/EAGLE ``eagle/model/cnets1.py`` and ``
 ``LlamaConfig`` with ``num_hidden_layers`` 1 (and an optional ``"bias"`` for ``fc``), beside ``model.safetensors`` or
 ``pytorch_model.bin`` holding ``fc.weight`` (H, 2H), ``fc.bias`` (H,), ``layers.0.self_attn.{q,k,v,o}_proj.weight``,
 ``layers.0.mlp.{gate,up,down}_proj.weight`` and ``layers.0.post_attention_layernorm.weight`` (no
-``input_layernorm``), and possibly ``embed_tokens.weight``, the base model's, which propd does not read. propd adds an
+``input_layernorm``), and possibly ``embed_tokens.weight``, the base model's, which propd does not read. Engines
+differ on ``fc``'s bias: SafeAILab's loader follows ``"bias"`` (default true), SGLang's ``llama_eagle.py`` always has
+one, vLLM's ``llama_eagle.py`` has none and skips a checkpoint's. So propd trains ``fc`` without a bias and saves a
+zero ``fc.bias`` with ``"bias": true``: the same drafter in all three (checked against their model files' names and
+shapes: ``fc``, ``layers.0.*`` under a ``model.`` prefix they add, layer 0 without ``input_layernorm``). propd adds an
 optional ``draft_vocab.json`` (:mod:`propd.models.heads`): guesses among its most frequent tokens only, so a guess
 costs a slice of the vocabulary projection; verification, and so the output, is unchanged.
 """
@@ -118,14 +122,14 @@ class EagleDrafter(nn.Module):
 
     def forward(self, features: torch.Tensor, next_tokens: torch.Tensor, cache: KVCache,
                 a: AttentionInputs) -> torch.Tensor:
-        x = torch.cat([self.base.embed(next_tokens), features.to(self.dtype)], dim=-1)  # (B, T, 2H)
+        x = torch.cat([self.base.embed(next_tokens).to(self.dtype), features.to(self.dtype)], dim=-1)  # (B, T, 2H)
         return self.layers[0](self.fc(x), 0, cache, a)
 
     def draft_logits(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (.., n) of the guesses from predicted features ``g`` (.., H), and the token id of each column
         (None: column i is token i)."""
         if self.draft_ids is None:
-            return self.base.logits(g), None
+            return self.base.logits(g.to(self.base.dtype)), None
         return self._projection()(g), self.draft_ids
 
     def _projection(self) -> nn.Module:
@@ -137,9 +141,30 @@ class EagleDrafter(nn.Module):
         if self._proj is None or self._proj[0] != key:
             proj = KernelLinear(w.shape[1], self.draft_ids.numel(), bias=False, device=w.device, dtype=w.dtype)
             proj.requires_grad_(False)
-            proj.weight.data = w.detach().index_select(0, self.draft_ids.to(w.device)).contiguous()
+            proj = proj.to(self.dtype)
+            proj.weight.data = w.detach().index_select(0, self.draft_ids.to(w.device)).to(self.dtype).contiguous()
             self._proj = (key, proj)
         return self._proj[1]
+
+    def in_dtype(self, dtype: torch.dtype) -> "EagleDrafter":
+        """This drafter with its weights in ``dtype`` (itself if they are): a copy made once and kept, attached to the
+        same base model. Drafts need not match the base model's precision: verification decides the output."""
+        if dtype == self.dtype:
+            return self
+        copies = self.__dict__.setdefault("_copies", {})
+        if dtype not in copies:
+            import copy
+
+            base, self._base = self._base, [None]
+            try:
+                twin = copy.deepcopy(self)
+            finally:
+                self._base = base
+            twin.__dict__.pop("_copies", None)
+            twin._proj = None
+            copies[dtype] = twin.to(dtype).attach(self.base)
+            copies[dtype].prepare()
+        return copies[dtype]
 
     def prepare(self) -> None:
         """On a CPU, the CPU kernel modules for the layer's products and attention, weights packed now (the decoder
@@ -168,9 +193,11 @@ class EagleDrafter(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         state = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if "fc.bias" not in state:  # a zero bias reads the same in every engine (module docstring)
+            state["fc.bias"] = torch.zeros(self.cfg.hidden_size, dtype=state["fc.weight"].dtype)
         save_file(state, str(d / WEIGHT_FILES[0]))
         hf = self.cfg.to_hf().to_dict()
-        hf.update({"architectures": ["LlamaForCausalLM"], "bias": self.fc.bias is not None,
+        hf.update({"architectures": ["LlamaForCausalLM"], "bias": True,
                    "torch_dtype": str(dtype or self.dtype).removeprefix("torch.")})
         hf.update(extra_config)
         (d / CONFIG_FILE).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")

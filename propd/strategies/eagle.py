@@ -35,6 +35,10 @@ class EagleConfig:
 
     top_k: int = attrs.field(default=8, validator=attrs.validators.ge(1))
     depth: int = attrs.field(default=6, validator=attrs.validators.ge(1))
+    # the drafter's weights: "auto" is bfloat16 on a CPU with propd's extension (half the bytes streamed per draft
+    # step; the drafts, not the output, may differ), else the model's dtype; or "float32", "bfloat16", "float16"
+    dtype: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "float32", "bfloat16",
+                                                                               "float16")))
 
 
 class EagleProposer:
@@ -51,7 +55,14 @@ class EagleProposer:
         if drafter is None:
             raise PropdError("this preset needs an EAGLE drafter: pass --heads DIR (an EAGLE checkpoint, or heads "
                              "with an eagle/ folder), or use --preset ar")
-        self.drafter = drafter
+        if self.cfg.dtype == "auto":
+            from propd.models import cpu_kernel
+
+            on_cpu_kernel = drafter.device.type == "cpu" and cpu_kernel.extension() is not None
+            dtype = torch.bfloat16 if on_cpu_kernel else drafter.dtype
+        else:
+            dtype = getattr(torch, self.cfg.dtype)
+        self.drafter = drafter.in_dtype(dtype)
 
     # ------------------------------------------------------------------------------------------ per-row state
 

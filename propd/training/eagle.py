@@ -93,7 +93,7 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
 
     # (3) training
     m = model.model
-    drafter = EagleDrafter(attrs.evolve(m.cfg, num_layers=1)).to(model.device).attach(m)
+    drafter = EagleDrafter(attrs.evolve(m.cfg, num_layers=1), bias=False).to(model.device).attach(m)
     ids = torch.tensor(vocab, dtype=torch.long, device=model.device)
     w_draft = m.lm_head.weight.detach().index_select(0, ids)  # (N, H) frozen
     to_draft = torch.full((model.config.vocab_size,), -100, dtype=torch.long, device=model.device)

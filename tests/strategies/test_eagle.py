@@ -73,7 +73,7 @@ def test_drafter_reads_every_committed_token_once_in_order(sizer):
     """After any mix of tree and 1-node steps and rows leaving, the drafter's prediction for each row's root equals a
     fresh drafter's pass over that row's prompt and generated tokens."""
     model = tiny_model(seed=1, drafter=True, eos=frozenset(range(3, 128, 31)))  # rows leave at different steps
-    spy = Spy(EagleConfig(top_k=3, depth=3))
+    spy = Spy(EagleConfig(top_k=3, depth=3, dtype="float32"))
     prompts = random_prompts(model, 4, [5, 2, 9, 1, 3, 7])
     res = Decoder(model, preset=None, sizer=Alternate() if sizer == "alternate" else sizer, proposer=spy, entry_points=False).generate_ids(
         prompts, max_new_tokens=40)
@@ -100,7 +100,7 @@ def test_tree_nodes_are_guessed_as_a_fresh_drafter_would():
             drafts.append((ctx.history.clone(), int(ctx.lengths[0]), d))
             return d
 
-    prop = Keep(EagleConfig(top_k=k, depth=3))
+    prop = Keep(EagleConfig(top_k=k, depth=3, dtype="float32"))
     Decoder(MODEL, preset=None, sizer="static:tree=budget:40:3", proposer=prop, entry_points=False).generate_ids(
         prompts, max_new_tokens=6)
     d = MODEL.drafter
@@ -179,3 +179,14 @@ def test_mismatched_drafter_is_refused(tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(PropdError, match="missing fc.weight"):
         EagleDrafter.load(tmp_path, MODEL.config)
+
+
+def test_bias_free_drafter_saves_a_zero_bias(tmp_path):
+    """propd trains fc without a bias and saves a zero one, which every engine reads the same way."""
+    import attrs
+
+    d = EagleDrafter(attrs.evolve(MODEL.config, num_layers=1), bias=False)
+    d.save(tmp_path)
+    back = EagleDrafter.load(tmp_path, MODEL.config)
+    assert back.fc.bias is not None and not back.fc.bias.any()
+    torch.testing.assert_close(back.fc.weight, d.fc.weight)

@@ -1,0 +1,111 @@
+"""EAGLE trees against Medusa's at batch 1: accepted tokens per step, acceptance per depth, and where a step's time
+goes (drafting vs the base model's verification), on prompts no drafter or head was trained on.
+
+The prompts are the EAGLE drafter's validation split (held out of its training: the split of ``report.json``'s
+config over ``shared/data/train``), so tree parameters chosen from this run are not tuned on the benchmark.
+
+    python benchmarks/eagle_steps.py --prompts 8 --max-new 96        # about 10 minutes on 2 CPU cores
+    python benchmarks/eagle_steps.py --drafter out/eagle --trees 16,32 --top-k 8 --depth 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from propd.decoder import Decoder
+from propd.hookspecs import hookimpl
+from propd.models.loading import load_model
+from propd.strategies.eagle import EagleConfig, EagleProposer
+
+
+class Timed(EagleProposer):
+    """The eagle proposer, timing each draft (the drafter's catch-up read and its tree)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.times: list[float] = []
+
+    @hookimpl
+    def propd_propose(self, ctx, tree):
+        t = time.perf_counter()
+        d = EagleProposer.propd_propose(self, ctx, tree)
+        self.times.append(time.perf_counter() - t)
+        return d
+
+
+def held_out_prompts(drafter_dir: Path, n: int) -> list[str]:
+    from propd.training.data import find_train_dir, training_prompts
+    from propd.training.trainer import _val_seqs
+    from propd.training.eagle import EagleTrainConfig
+
+    cfg = json.loads((drafter_dir / "report.json").read_text())["config"]
+    prompts = training_prompts(find_train_dir(cfg.get("data")), cfg.get("max_prompts"), cfg.get("seed", 0))
+    val = sorted(_val_seqs(len(prompts), EagleTrainConfig(**cfg)))
+    return [prompts[i] for i in val[:n]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--drafter", default=None, help="EAGLE drafter directory (default: the shipped one)")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--max-new", type=int, default=96)
+    ap.add_argument("--trees", default="8,16,32", help="EAGLE tree sizes N (nodes per row, root included)")
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--depth", type=int, default=6)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = ap.parse_args()
+    lm = load_model("smollm2-135m-instruct", dtype=args.dtype)  # the shipped Medusa heads (and drafter)
+    if args.drafter:
+        lm.load_drafter(args.drafter)
+    if lm.drafter is None:
+        raise SystemExit("no EAGLE drafter loaded (pass --drafter DIR)")
+    from propd.models.loading import shipped_heads
+
+    drafter_dir = Path(args.drafter) if args.drafter else shipped_heads("smollm2-135m-instruct") / "eagle"
+    prompts = held_out_prompts(drafter_dir, args.prompts)
+    runs = {"ar": (Decoder(lm, preset="ar"), None), "medusa": (Decoder(lm, preset="medusa"), None)}
+    for n in (int(x) for x in args.trees.split(",")):
+        prop = Timed(EagleConfig(top_k=args.top_k, depth=args.depth))
+        runs[f"eagle N={n}"] = (Decoder(lm, preset=None, sizer=f"static:tree=budget:{n}:{min(args.depth, n - 1)}",
+                                        proposer=prop), prop)
+    rows = {name: {"tokens": 0, "time": 0.0, "steps": [], "accept": [], "draft": []} for name in runs}
+    for p in prompts:  # methods take turns prompt by prompt: drift in the machine's speed hits them alike
+        for name, (dec, prop) in runs.items():
+            if prop is not None:
+                prop.times.clear()
+            r = dec.generate([p], max_new_tokens=args.max_new)
+            row = rows[name]
+            row["tokens"] += r.new_tokens[0]
+            row["time"] += sum(s.step_time_s for s in r.stats)
+            row["steps"] += [s.step_time_s for s in r.stats]
+            row["accept"] += [s.accepted[0] - 1 for s in r.stats]
+            if prop is not None:
+                row["draft"] += prop.times
+    ar_rate = rows["ar"]["tokens"] / rows["ar"]["time"]
+    report = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__}, "prompts": len(prompts),
+              "max_new": args.max_new, "dtype": args.dtype, "top_k": args.top_k, "depth": args.depth, "methods": {}}
+    print(f"{'method':14s} {'tok/step':>8s} {'speed/ar':>8s} {'step ms':>8s} {'draft ms':>8s}  P(accept >= d), d = 1..6")
+    for name, row in rows.items():
+        acc = row["accept"]
+        per_depth = [round(sum(a >= d for a in acc) / len(acc), 3) for d in range(1, 7)]
+        m = {"tokens_per_step": round(1 + statistics.mean(acc), 3),
+             "speed_vs_ar": round(row["tokens"] / row["time"] / ar_rate, 3),
+             "median_step_ms": round(1000 * statistics.median(row["steps"]), 2),
+             "mean_draft_ms": round(1000 * statistics.mean(row["draft"]), 2) if row["draft"] else 0.0,
+             "p_accept_ge_depth": per_depth}
+        report["methods"][name] = m
+        print(f"{name:14s} {m['tokens_per_step']:8.2f} {m['speed_vs_ar']:8.2f} {m['median_step_ms']:8.1f} "
+              f"{m['mean_draft_ms']:8.1f}  {per_depth}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
