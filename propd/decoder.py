@@ -232,57 +232,9 @@ class Decoder:
         return PropdError(f"{self._role_label.get(role, role)} returned {what}")
 
     def _as_draft(self, out: Any, budget: DraftTree, roots: torch.Tensor) -> Draft:
-        """The proposer's result as a checked :class:`Draft`: tokens (B, T) int64 inside the vocabulary with column 0
-        equal to the roots, T within the budget, a tree of T nodes (shared, or one per row), optional fields of
-        matching shapes."""
-        B, V, dev = roots.shape[0], self.model.config.vocab_size, roots.device
-        if isinstance(out, torch.Tensor):
-            if out.dim() != 2 or out.shape[1] != budget.num_nodes:
-                raise self._fault("proposer", f"tokens of shape {tuple(out.shape)} for a {budget.num_nodes}-node "
-                                              f"tree; expected ({B}, {budget.num_nodes})")
-            out = Draft(tokens=out, tree=budget)
-        if not isinstance(out, Draft):
-            raise self._fault("proposer", f"{_kind(out)} from propd_propose, not a Draft or a (B, T) tensor")
-        tokens, T = out.tokens, None
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
-            raise self._fault("proposer", f"Draft.tokens of {_kind(tokens)}, not a (B, T) tensor of token ids")
-        T = tokens.shape[1]
-        if tokens.shape[0] != B or tokens.dtype != torch.long or tokens.device != dev or not 1 <= T:
-            raise self._fault("proposer", f"Draft.tokens of shape {tuple(tokens.shape)}, {tokens.dtype} on "
-                                          f"{tokens.device}; expected ({B}, T) torch.int64 on {dev}")
-        if T > budget.num_nodes:
-            raise self._fault("proposer", f"a {T}-node draft; the sizer's budget is {budget.num_nodes} nodes")
-        tree = out.tree
-        if isinstance(tree, DraftTree):
-            n = tree.num_nodes
-        elif isinstance(tree, RowTrees):
-            n = tree.num_nodes
-            if tree.batch_size != B:
-                raise self._fault("proposer", f"RowTrees for {tree.batch_size} rows; the batch has {B}")
-        else:
-            raise self._fault("proposer", f"Draft.tree of {_kind(tree)}, not a DraftTree or RowTrees")
-        if n != T:
-            raise self._fault("proposer", f"a Draft whose tree has {n} nodes but whose tokens have {T} columns")
-        for field, shape in (("present", (B, T)), ("probs", (B, T)), ("confidence", (B, T))):
-            t = getattr(out, field)
-            if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape):
-                got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else _kind(t)
-                raise self._fault("proposer", f"Draft.{field} of {got}; expected {shape}")
-        if out.present is not None and out.present.dtype != torch.bool:
-            raise self._fault("proposer", f"Draft.present of {out.present.dtype}; expected torch.bool")
-        if out.dists is not None and (not isinstance(out.dists, torch.Tensor) or out.dists.shape[:2] != (B, T)):
-            raise self._fault("proposer", f"Draft.dists not of shape ({B}, {T}, V)")
-        bad_ids = ((tokens < 0) | (tokens >= V)).any()
-        bad_root = (tokens[:, 0] != roots).any()
-        bad_present = (~out.present[:, 0]).any() if out.present is not None else torch.zeros((), dtype=torch.bool)
-        flags = torch.stack([bad_ids, bad_root, bad_present.to(dev)]).tolist()  # one sync for the three checks
-        if flags[0]:
-            raise self._fault("proposer", f"token ids outside the vocabulary (0..{V - 1})")
-        if flags[1]:
-            raise self._fault("proposer", "tokens whose column 0 is not the step's roots (ctx.roots)")
-        if flags[2]:
-            raise self._fault("proposer", "a Draft whose root (node 0) is not present")
-        return out
+        """The proposer's result, checked (:func:`check_draft`), naming the proposer at fault."""
+        return check_draft(out, budget, roots, self.model.config.vocab_size,
+                           self._role_label.get("proposer", "proposer"))
 
     def _checked_keep(self, impl: Any, k: Any, shape: tuple[int, int]) -> torch.Tensor:
         """A pruner's keep-mask must be (B, T) bool."""
@@ -474,6 +426,64 @@ class Decoder:
         if key not in self._single_trees:
             self._single_trees[key] = DraftTree.from_paths((), device=device)
         return self._single_trees[key]
+
+
+def check_draft(out: Any, budget: DraftTree, roots: torch.Tensor, vocab_size: int, who: str) -> Draft:
+    """A proposer's result as a checked :class:`Draft`: tokens (B, T) int64 inside the vocabulary with column 0 equal
+    to the roots, T within the budget, a tree of T nodes (shared, or one per row), optional fields of matching shapes.
+    Raises a PropdError naming ``who`` (e.g. "proposer 'medusa'")."""
+    B, V, dev = roots.shape[0], vocab_size, roots.device
+
+    def fault(what: str) -> PropdError:
+        return PropdError(f"{who} returned {what}")
+
+    if isinstance(out, torch.Tensor):
+        if out.dim() != 2 or out.shape[1] != budget.num_nodes:
+            raise fault(f"tokens of shape {tuple(out.shape)} for a {budget.num_nodes}-node tree; expected "
+                        f"({B}, {budget.num_nodes})")
+        out = Draft(tokens=out, tree=budget)
+    if not isinstance(out, Draft):
+        raise fault(f"{_kind(out)} from propd_propose, not a Draft or a (B, T) tensor")
+    tokens, T = out.tokens, None
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+        raise fault(f"Draft.tokens of {_kind(tokens)}, not a (B, T) tensor of token ids")
+    T = tokens.shape[1]
+    if tokens.shape[0] != B or tokens.dtype != torch.long or tokens.device != dev or not 1 <= T:
+        raise fault(f"Draft.tokens of shape {tuple(tokens.shape)}, {tokens.dtype} on {tokens.device}; expected "
+                    f"({B}, T) torch.int64 on {dev}")
+    if T > budget.num_nodes:
+        raise fault(f"a {T}-node draft; the sizer's budget is {budget.num_nodes} nodes")
+    tree = out.tree
+    if isinstance(tree, DraftTree):
+        n = tree.num_nodes
+    elif isinstance(tree, RowTrees):
+        n = tree.num_nodes
+        if tree.batch_size != B:
+            raise fault(f"RowTrees for {tree.batch_size} rows; the batch has {B}")
+    else:
+        raise fault(f"Draft.tree of {_kind(tree)}, not a DraftTree or RowTrees")
+    if n != T:
+        raise fault(f"a Draft whose tree has {n} nodes but whose tokens have {T} columns")
+    for field, shape in (("present", (B, T)), ("probs", (B, T)), ("confidence", (B, T))):
+        t = getattr(out, field)
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape):
+            got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else _kind(t)
+            raise fault(f"Draft.{field} of {got}; expected {shape}")
+    if out.present is not None and out.present.dtype != torch.bool:
+        raise fault(f"Draft.present of {out.present.dtype}; expected torch.bool")
+    if out.dists is not None and (not isinstance(out.dists, torch.Tensor) or out.dists.shape[:2] != (B, T)):
+        raise fault(f"Draft.dists not of shape ({B}, {T}, V)")
+    bad_ids = ((tokens < 0) | (tokens >= V)).any()
+    bad_root = (tokens[:, 0] != roots).any()
+    bad_present = (~out.present[:, 0]).any() if out.present is not None else torch.zeros((), dtype=torch.bool)
+    flags = torch.stack([bad_ids, bad_root, bad_present.to(dev)]).tolist()  # one sync for the three checks
+    if flags[0]:
+        raise fault(f"token ids outside the vocabulary (0..{V - 1})")
+    if flags[1]:
+        raise fault("tokens whose column 0 is not the step's roots (ctx.roots)")
+    if flags[2]:
+        raise fault("a Draft whose root (node 0) is not present")
+    return out
 
 
 STATIC_WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # node widths of static-shape steps (Decoder(static_shapes=True))

@@ -8,6 +8,8 @@ the budget with Medusa's guesses. Lossless like any draft: the verifier decides.
 
 from __future__ import annotations
 
+import inspect
+
 import attrs
 
 from propd.errors import PropdError
@@ -28,17 +30,20 @@ class CompositeProposer:
             raise PropdError("composite needs at least one part: parts=[\"NAME\", ...]")
         self.cfg = config
         self.parts: list = []
+        self.names: list[str] = []
+        self.vocab_size = None
 
     def bind_registry(self, registry) -> None:
         """Build the parts from the registry of the Decoder that built this component (its plugins included)."""
         from propd.presets import parse_component
 
-        self.parts = []
+        self.parts, self.names = [], []
         for text in self.cfg.parts:
             name, options = parse_component(text)
             if name == "composite":
                 raise PropdError("a composite proposer cannot contain another composite")
             self.parts.append(registry.get("proposer", name).build(options))
+            self.names.append(name)
 
     @hookimpl
     def propd_setup(self, model):
@@ -46,6 +51,7 @@ class CompositeProposer:
             from propd.plugins import Registry
 
             self.bind_registry(Registry())
+        self.vocab_size = model.config.vocab_size
         for part in self.parts:
             if hasattr(part, "propd_setup"):
                 part.propd_setup(model=model)
@@ -63,15 +69,24 @@ class CompositeProposer:
                 part.propd_rows_leave(keep=keep, left=left)
 
     @hookimpl
+    def propd_after_step(self, ctx, draft, acceptance, stats, tree, tokens):
+        kw = dict(ctx=ctx, draft=draft, acceptance=acceptance, stats=stats, tree=tree, tokens=tokens)
+        for part in self.parts:  # stateful parts (eagle) read what each step committed
+            hook = getattr(part, "propd_after_step", None)
+            if hook is not None:  # with the arguments it takes, as pluggy would call it
+                hook(**{k: v for k, v in kw.items() if k in inspect.signature(hook).parameters})
+
+    @hookimpl
     def propd_propose(self, ctx, tree):
         from propd.types import Draft
 
         roots = ctx.roots.tolist()
         trie = TrieRows(roots, tree.num_nodes)
-        for part in self.parts:
-            d = part.propd_propose(ctx=ctx, tree=tree)
-            if not isinstance(d, Draft):
-                d = Draft(tokens=d, tree=tree)
+        from propd.decoder import check_draft
+
+        for name, part in zip(self.names, self.parts):
+            d = check_draft(part.propd_propose(ctx=ctx, tree=tree), tree, ctx.roots, self.vocab_size,
+                            f"proposer 'composite' part {name!r}")
             rows = d.rows
             tokens, parents = d.tokens.tolist(), rows.parents.tolist()
             present = d.present.tolist() if d.present is not None else None

@@ -190,3 +190,35 @@ def test_bias_free_drafter_saves_a_zero_bias(tmp_path):
     back = EagleDrafter.load(tmp_path, MODEL.config)
     assert back.fc.bias is not None and not back.fc.bias.any()
     torch.testing.assert_close(back.fc.weight, d.fc.weight)
+
+
+def test_eagle_inside_a_composite_is_lossless_and_kept_in_step():
+    """As a part of ``composite`` the drafter still reads every committed token (through the composite's hooks)."""
+    prompts = random_prompts(MODEL, 3, [3, 9, 1, 5])
+    assert_lossless(MODEL, prompts, 24, sizer="static:tree=budget:12:3",
+                    proposer=("composite", {"parts": ["eagle:dtype=float32", "medusa"]}), entry_points=False)
+
+
+class BadPart:
+    """A proposer whose drafts do not start at the roots."""
+
+    @hookimpl
+    def propd_propose(self, ctx, tree):
+        return torch.zeros(ctx.batch_size, tree.num_nodes, dtype=torch.long) + 1
+
+
+def test_composite_names_the_part_at_fault():
+    from propd.plugins import Registry
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def propd_register_components(register):
+            register("proposer", "bad-part", lambda cfg: BadPart(), None, "")
+
+    reg = Registry(extra_plugins=[Plugin], entry_points=False)
+    assert "bad-part" in reg.names("proposer")
+    dec = Decoder(MODEL, preset=None, sizer="static:tree=chain:2", plugins=[Plugin], entry_points=False,
+                  proposer=("composite", {"parts": ["medusa", "bad-part"]}))
+    with pytest.raises(PropdError, match="proposer 'composite' part 'bad-part' returned tokens whose column 0"):
+        dec.generate_ids([[1, 2, 3]], max_new_tokens=4)
