@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("tune", help="choose ProPD's pruning layer/top-k and sizer rates on held-out training prompts")
     u.add_argument("--out", default="out/tune", help="bench directories (resumable; default: out/tune)")
-    u.add_argument("--data", default=None, help="training prompts folder (default: the nearest shared/data/train)")
+    u.add_argument("--data", default=None, help="training prompts folder (default: $PROPD_TRAIN_DATA, else the nearest "
+                        "shared/data/train at or above the working directory)")
     u.add_argument("--skip", type=int, default=DEFAULT_MAX_PROMPTS,
                    help="leading training prompts to leave out: those train-heads distilled from "
                         f"(default: {DEFAULT_MAX_PROMPTS})")
@@ -317,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "a model")
     t.add_argument("--kind", choices=("medusa", "eagle"), default="medusa",
                    help="medusa: Medusa heads and early-exit heads (default); eagle: an EAGLE feature drafter "
-                        "(every training prompt, 128 new tokens and 6 epochs unless given)")
+                        "(every training prompt, 128 new tokens and 12 epochs unless given)")
     t.add_argument("--model", default=DEFAULT_MODEL)
     t.add_argument("--out", required=True, help="output directory (heads, report.json; work/ holds resumable state)")
     t.add_argument("--num-heads", type=int, default=4)
@@ -326,10 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-prompts", type=int, default=None,
                    help=f"training prompts (default: {DEFAULT_MAX_PROMPTS} for medusa, all for eagle)")
     t.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default: 96 medusa, 128 eagle)")
-    t.add_argument("--epochs", type=int, default=None, help="default: 2 medusa, 6 eagle")
+    t.add_argument("--epochs", type=int, default=None, help="default: 2 medusa, 12 eagle")
     t.add_argument("--device", default="cpu")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--data", default=None, help="training prompts folder (default: the nearest shared/data/train)")
+    t.add_argument("--data", default=None, help="training prompts folder (default: $PROPD_TRAIN_DATA, else the nearest "
+                        "shared/data/train at or above the working directory)")
     t.add_argument("--draft-vocab-only", action="store_true",
                    help="only (re)write OUT/draft_vocab.json, the tokens the heads may guess, from the answers to "
                         "the same training prompts (for heads trained before it existed, or by others)")

@@ -17,7 +17,8 @@ MAX_PROMPT_CHARS = 1500  # some awesome-chatgpt-prompts rows run to 144k charact
 
 
 def find_train_dir(explicit: str | Path | None = None) -> Path:
-    """``explicit``, else ``$PROPD_TRAIN_DATA``, else the nearest ``shared/data/train`` above the cwd or package."""
+    """``explicit``, else ``$PROPD_TRAIN_DATA``, else the nearest ``shared/data/train`` at or above the working
+    directory (a checkout beside this project's shared data); the installed package assumes no location of its own."""
     if explicit is None:
         explicit = os.environ.get("PROPD_TRAIN_DATA")
     if explicit is not None:
@@ -25,12 +26,13 @@ def find_train_dir(explicit: str | Path | None = None) -> Path:
         if not p.is_dir():
             raise PropdError(f"training data directory {p} does not exist")
         return p
-    for base in (Path.cwd(), Path(__file__).resolve()):
-        for parent in [base, *base.parents]:
-            cand = parent / "shared" / "data" / "train"
-            if cand.is_dir():
-                return cand
-    raise PropdError("no training data found: pass --data DIR (the shared/data/train folder)")
+    base = Path.cwd()
+    for parent in [base, *base.parents]:
+        cand = parent / "shared" / "data" / "train"
+        if cand.is_dir():
+            return cand
+    raise PropdError("no training data found: pass --data DIR (a folder of training prompts, e.g. shared/data/train) "
+                     "or set PROPD_TRAIN_DATA")
 
 
 def training_examples(data_dir: str | Path, seed: int = 0) -> list[tuple[str, str]]:

@@ -43,7 +43,7 @@ class EagleTrainConfig:
     out: str
     max_prompts: int | None = None  # None: every training prompt
     max_new_tokens: int = 128
-    epochs: int = 6
+    epochs: int = 12
     lr: float = 1e-3
     batch_tokens: int = 4096  # padded positions per optimizer step
     max_len: int = 512  # positions per sequence read in training (the last ones)
@@ -186,13 +186,16 @@ def _features(model, prompt_ids, answers, cfg: EagleTrainConfig, work: Path, log
     m = model.model
     with torch.inference_mode():
         for s in tqdm(todo, desc="features", unit="chunk", file=sys.stderr):
-            part = []
-            for b in range(s, min(s + _FEATURE_CHUNK, n), _FEATURE_BATCH):
-                rows = list(range(b, min(b + _FEATURE_BATCH, s + _FEATURE_CHUNK, n)))
+            chunk = range(s, min(s + _FEATURE_CHUNK, n))
+            by_len = sorted(chunk, key=lambda i: (len(prompt_ids[i]) + len(answers[i]), i))  # little padding
+            part = {}
+            for b in range(0, len(by_len), _FEATURE_BATCH):
+                rows = by_len[b: b + _FEATURE_BATCH]
                 seqs = [prompt_ids[i] + answers[i] for i in rows]
                 h, _ = m.hidden_states(m.new_cache(len(rows), max(len(x) for x in seqs) + 2), seqs)
-                part += [h[j, : len(seqs[j])].to(device="cpu", dtype=torch.bfloat16).clone() for j in range(len(rows))]
-            _save(d / f"{s:06d}.pt", part)
+                for j, i in enumerate(rows):
+                    part[i] = h[j, : len(seqs[j])].to(device="cpu", dtype=torch.bfloat16).clone()
+            _save(d / f"{s:06d}.pt", [part[i] for i in chunk])
     f = []
     for s in chunks:
         f += torch.load(d / f"{s:06d}.pt", map_location="cpu", weights_only=True)

@@ -14,7 +14,7 @@ from propd.sampling import SamplingParams, probabilities
 from propd.types import Draft
 from propd_oracle import OracleConfig, OracleProposer, RandomPruneConfig, RandomPruner
 
-MODEL = tiny_loaded(seed=3, heads=4, early=(1, 2))
+MODEL = tiny_loaded(seed=3, heads=4, early=(1, 2), drafter=True)
 PROMPT = [5, 17, 42, 9]
 SETTINGS = dict(temperature=0.8, top_k=5, top_p=0.95)
 
@@ -109,6 +109,7 @@ CASES = {
                                                                        corrupt=0.2, per_row=True)),
                                   pruners=[RandomPruner(RandomPruneConfig(layer=1, keep=0.8))]),
     "draft-distributions": dict(sizer=("static", {"tree": "chain:9"}), proposer=DistProposer()),
+    "eagle": dict(preset="eagle", proposer=("eagle", {"top_k": 3, "depth": 3})),
 }
 
 
