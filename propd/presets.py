@@ -29,9 +29,12 @@ class Preset:
 # accepted length (1.34 -> 1.21 at batch 1) and saved no time (docs/propd.md, "Parameters").
 PROPD_PRUNER: Spec = ("early-topk", {"layer": 2, "k": 50, "min_nodes": 16})
 
-# EAGLE-2's reranked trees: N nodes (root included) at most D deep (EAGLE-2 uses N = 60, D = 5-6 for 7B models)
-EAGLE_DEPTH = 6
-EAGLE_BUDGET = f"budget:32:{EAGLE_DEPTH}"
+# EAGLE-2's reranked trees: N nodes (root included) at most D deep. EAGLE-2 uses N = 60, D = 5-6, top-k 10 for 7B
+# models on GPUs; on a CPU a step's cost grows fast with N, and on the drafter's held-out training prompts N = 6,
+# D = 4, top-k 4 was the fastest fixed tree (benchmarks/eagle_steps.py; docs/heads.md, "EAGLE drafter").
+EAGLE_BUDGET = "budget:6:4"
+EAGLE_PROPOSER: Spec = ("eagle", {"top_k": 4})
+EAGLE_DYNAMIC: Spec = ("propd-dynamic", {"max_depth": 6, "sizes": (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)})
 
 PRESETS = {
     p.name: p
@@ -48,14 +51,14 @@ PRESETS = {
                sizer=("static", {"tree": "mc_sim_7b_63"}), proposer=("medusa", {}), pruners=(PROPD_PRUNER,)),
         Preset("propd-dynamic-only", "ablation: dynamic tree sizing, no pruning",
                sizer=("propd-dynamic", {}), proposer=("medusa", {})),
-        Preset("eagle", "EAGLE-2: per-row dynamic trees of an EAGLE drafter, 32 nodes, 6 deep (Li et al. 2024)",
-               sizer=("static", {"tree": EAGLE_BUDGET}), proposer=("eagle", {})),
+        Preset("eagle", "EAGLE-2: per-row dynamic trees of an EAGLE drafter, 6 nodes, 4 deep (Li et al. 2024)",
+               sizer=("static", {"tree": EAGLE_BUDGET}), proposer=EAGLE_PROPOSER),
         Preset("propd-eagle", "ProPD on EAGLE drafts: EAGLE-2 trees, early top-k pruning and dynamic tree sizing",
-               sizer=("propd-dynamic", {"max_depth": EAGLE_DEPTH}), proposer=("eagle", {}), pruners=(PROPD_PRUNER,)),
+               sizer=EAGLE_DYNAMIC, proposer=("eagle", {}), pruners=(PROPD_PRUNER,)),
         Preset("propd-eagle-prune-only", "ablation: EAGLE-2 trees of 32 nodes with early top-k pruning",
-               sizer=("static", {"tree": EAGLE_BUDGET}), proposer=("eagle", {}), pruners=(PROPD_PRUNER,)),
+               sizer=("static", {"tree": "budget:32:6"}), proposer=("eagle", {}), pruners=(PROPD_PRUNER,)),
         Preset("propd-eagle-dynamic-only", "ablation: EAGLE-2 trees with dynamic tree sizing, no pruning",
-               sizer=("propd-dynamic", {"max_depth": EAGLE_DEPTH}), proposer=("eagle", {})),
+               sizer=EAGLE_DYNAMIC, proposer=("eagle", {})),
     )
 }
 

@@ -52,15 +52,18 @@ def test_tree_presets_with_random_heads_equal_ar(model, preset, tmp_path):
 def test_shipped_heads_load_with_the_default_model(model):
     assert model.heads is not None and model.heads.num_heads == 4
     assert sorted(model.early_heads) == [1, 2, 3, 4, 5, 6]
-    assert load_model(DEFAULT_MODEL, heads="none").heads is None
+    assert model.drafter is not None and model.drafter.draft_ids.numel() == 8192  # the shipped EAGLE drafter
+    none = load_model(DEFAULT_MODEL, heads="none")
+    assert none.heads is None and none.drafter is None
 
 
-@pytest.mark.parametrize("preset", ["bpd", "medusa", "propd", "propd-prune-only", "propd-dynamic-only"])
+@pytest.mark.parametrize("preset", ["bpd", "medusa", "propd", "propd-prune-only", "propd-dynamic-only", "eagle",
+                                    "propd-eagle", "propd-eagle-prune-only"])
 def test_presets_with_shipped_heads_equal_ar_and_accept_more_than_one(model, preset):
     ar = Decoder(model, preset="ar").generate(PROMPTS, max_new_tokens=24)
     res = Decoder(model, preset=preset).generate(PROMPTS, max_new_tokens=24)
     assert res.token_ids == ar.token_ids
-    if preset in ("bpd", "medusa"):
+    if preset in ("bpd", "medusa", "eagle", "propd-eagle-prune-only"):
         assert sum(res.new_tokens) / sum(res.steps) > 1.0  # the trained heads are right some of the time
 
 

@@ -109,7 +109,8 @@ CASES = {
                                                                        corrupt=0.2, per_row=True)),
                                   pruners=[RandomPruner(RandomPruneConfig(layer=1, keep=0.8))]),
     "draft-distributions": dict(sizer=("static", {"tree": "chain:9"}), proposer=DistProposer()),
-    "eagle": dict(preset="eagle", proposer=("eagle", {"top_k": 3, "depth": 3})),
+    # a random drafter: wide enough (16 of 128 tokens per node) that some of its guesses are drawn
+    "eagle": dict(sizer=("static", {"tree": "budget:24:3"}), proposer=("eagle", {"top_k": 16, "depth": 3})),
 }
 
 
