@@ -59,6 +59,15 @@ class KernelLinear(nn.Linear):
         self._packed = (key, p)
         return p
 
+    @classmethod
+    def from_rows(cls, weight: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype | None = None) -> "KernelLinear":
+        """A bias-free projection onto rows ``ids`` of ``weight`` (V, H), gathered once (a draft vocabulary's slice of
+        an ``lm_head``), in ``dtype`` (default: the weight's), without gradients."""
+        dtype = dtype or weight.dtype
+        proj = cls(weight.shape[1], ids.numel(), bias=False, device=weight.device, dtype=dtype).requires_grad_(False)
+        proj.weight.data = weight.detach().index_select(0, ids.to(weight.device)).to(dtype).contiguous()
+        return proj
+
     def prepare(self) -> None:  # noqa: D401
         """Pack the weight now if decoding steps will send it to the CPU kernel (see :meth:`packed`), so that the
         packing (about 0.4 s for the default model's layers) is not paid inside the first timed step."""
@@ -149,12 +158,12 @@ class KernelDecoderLayer(DecoderLayer):
 SWAPS = {nn.Linear: KernelLinear, RMSNorm: KernelRMSNorm, Attention: KernelAttention, DecoderLayer: KernelDecoderLayer}
 
 
-def swap_in(model: nn.Module) -> None:
-    """Give every reference module of ``model`` its kernel class (in place: parameters and buffers stay) and pack the
-    linear layers' weights now. Idempotent."""
+def swap_in(model: nn.Module, skip: tuple[type, ...] = ()) -> None:
+    """Give every reference module of ``model`` its kernel class (in place: parameters and buffers stay), except the
+    reference classes in ``skip``, and pack the linear layers' weights now. Idempotent."""
     for mod in model.modules():
         cls = SWAPS.get(type(mod))
-        if cls is not None:
+        if cls is not None and type(mod) not in skip:
             mod.__class__ = cls
     for mod in model.modules():
         if isinstance(mod, KernelLinear):

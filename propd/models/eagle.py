@@ -139,11 +139,7 @@ class EagleDrafter(nn.Module):
         w = self.base.lm_head.weight
         key = (w.data_ptr(), tensor_version(w), w.dtype, w.device, self.draft_ids.data_ptr())
         if self._proj is None or self._proj[0] != key:
-            proj = KernelLinear(w.shape[1], self.draft_ids.numel(), bias=False, device=w.device, dtype=w.dtype)
-            proj.requires_grad_(False)
-            proj = proj.to(self.dtype)
-            proj.weight.data = w.detach().index_select(0, self.draft_ids.to(w.device)).to(self.dtype).contiguous()
-            self._proj = (key, proj)
+            self._proj = (key, KernelLinear.from_rows(w, self.draft_ids, self.dtype))
         return self._proj[1]
 
     def in_dtype(self, dtype: torch.dtype) -> "EagleDrafter":
@@ -173,14 +169,7 @@ class EagleDrafter(nn.Module):
             return
         from propd.models import cpu_modules
 
-        swaps = {k: v for k, v in cpu_modules.SWAPS.items() if k is not DecoderLayer}
-        for mod in self.modules():
-            cls = swaps.get(type(mod))
-            if cls is not None:
-                mod.__class__ = cls
-        for mod in self.modules():
-            if isinstance(mod, cpu_modules.KernelLinear):
-                mod.prepare()
+        cpu_modules.swap_in(self, skip=(DecoderLayer,))
         if self.draft_ids is not None and self._base[0] is not None:
             self._projection().prepare()
 

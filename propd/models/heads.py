@@ -184,8 +184,7 @@ class MedusaHeads(nn.Module):
         if proj is None:
             if len(self._draft_proj) >= 4:  # a few sizes at once (a comparison run); stale keys go
                 self._draft_proj.clear()
-            proj = KernelLinear(w.shape[1], n, bias=False, device=w.device, dtype=w.dtype).requires_grad_(False)
-            proj.weight.data = w.index_select(0, self.draft_ids[:n].to(w.device)).contiguous()  # gathered once
+            proj = KernelLinear.from_rows(w, self.draft_ids[:n])  # gathered once
             self._draft_proj[key] = proj
         return proj
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from propd.errors import PropdError
 from propd.models.heads import DRAFT_VOCAB_FILE
-from propd.training.trainer import _answers, _log, _save, _val_seqs
+from propd.training.trainer import _answers, _log, _save, _val_seqs, training_prompt_ids
 
 EVAL_TOPK = (1, 3, 5, 10)
 _FEATURE_CHUNK = 64  # sequences per cached feature file
@@ -61,10 +61,8 @@ class EagleTrainConfig:
 
 def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dict:
     """Train a drafter into ``cfg.out`` (module docstring) and return the report."""
-    from propd.decoder import Decoder
     from propd.models.eagle import EagleDrafter
     from propd.models.loading import load_model
-    from propd.training.data import find_train_dir, training_prompts
 
     if min(cfg.epochs, cfg.max_new_tokens, cfg.batch_tokens, cfg.max_len, cfg.draft_vocab) < 1:
         raise PropdError("--epochs, --max-new-tokens and the batch, length and vocabulary sizes must be positive")
@@ -74,11 +72,7 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg.model, device=cfg.device, dtype="float32", heads="none")
-    prompts = training_prompts(find_train_dir(cfg.data), cfg.max_prompts, cfg.seed)
-    decoder = Decoder(model, preset="ar")
-    prompt_ids = decoder.encode(prompts)
-    cap = model.config.max_position_embeddings - cfg.max_new_tokens
-    prompt_ids = [p[-cap:] for p in prompt_ids]
+    decoder, prompt_ids = training_prompt_ids(model, cfg)
 
     answers = _answers(decoder, prompt_ids, cfg, work, log)  # (1)
     stage_s = {"answers": time.perf_counter() - t_start}

@@ -65,9 +65,7 @@ def train_heads(cfg: TrainConfig, log: Callable[[str], None] = _log, draft_vocab
     ``cfg.out``; the same config gives the same prompts, answers and split as the training run."""
     from tqdm import tqdm
 
-    from propd.decoder import Decoder
     from propd.models.loading import load_model
-    from propd.training.data import find_train_dir, training_prompts
 
     if min(cfg.num_heads, cfg.head_layers, cfg.epochs, cfg.max_new_tokens) < 1:
         raise PropdError("--num-heads, --head-layers, --epochs and --max-new-tokens must be positive")
@@ -81,11 +79,7 @@ def train_heads(cfg: TrainConfig, log: Callable[[str], None] = _log, draft_vocab
     bad = [n for n in cfg.early_layers if not 1 <= n < L]
     if bad:
         raise PropdError(f"early layers {bad} out of range (the model has {L} layers: use 1..{L - 1})")
-    prompts = training_prompts(find_train_dir(cfg.data), cfg.max_prompts, cfg.seed)
-    decoder = Decoder(model, preset="ar")
-    prompt_ids = decoder.encode(prompts)
-    cap = model.config.max_position_embeddings - cfg.max_new_tokens
-    prompt_ids = [p[-cap:] for p in prompt_ids]
+    decoder, prompt_ids = training_prompt_ids(model, cfg)
 
     # (1) answers: the model's own greedy continuations, appended per batch (resumable)
     answers = _answers(decoder, prompt_ids, cfg, work, log)
@@ -170,6 +164,18 @@ def train_heads(cfg: TrainConfig, log: Callable[[str], None] = _log, draft_vocab
     plot_early_topk(report, out / "early_topk.png")
     log(f"heads written to {out} ({report['wall_time_s']:.0f}s this run)")
     return report
+
+
+def training_prompt_ids(model, cfg) -> tuple:
+    """An ``ar`` decoder for ``model`` and the token ids of ``cfg``'s training prompts (``data``, ``max_prompts``,
+    ``seed``) through the chat template, each cut to its last tokens so that ``max_new_tokens`` more fit the context."""
+    from propd.decoder import Decoder
+    from propd.training.data import find_train_dir, training_prompts
+
+    prompts = training_prompts(find_train_dir(cfg.data), cfg.max_prompts, cfg.seed)
+    decoder = Decoder(model, preset="ar")
+    cap = model.config.max_position_embeddings - cfg.max_new_tokens
+    return decoder, [p[-cap:] for p in decoder.encode(prompts)]
 
 
 def _answers(decoder, prompt_ids: list[list[int]], cfg: TrainConfig, work: Path, log) -> list[list[int]]:
