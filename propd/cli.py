@@ -235,7 +235,7 @@ def cmd_components(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from propd.models.loading import DEFAULT_MODEL, DTYPES
+    from propd.models.loading import DEFAULT_MODEL, DTYPE_CHOICES
     from propd.training.data import DEFAULT_MAX_PROMPTS
 
     parser = argparse.ArgumentParser(prog="propd", description="Lossless parallel decoding for Llama-family LLMs.")
@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=128)
     _sampling_args(g)
     g.add_argument("--batch-size", type=int, default=None, help="prompts decoded together (default: all)")
-    g.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    g.add_argument("--dtype", default="float32", choices=list(DTYPE_CHOICES))
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     g.add_argument("--no-chat", action="store_true", help="send the raw text, not the chat template")
     g.add_argument("--raw-special", action="store_true",
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(b)
     b.add_argument("--model", default=DEFAULT_MODEL)
     b.add_argument("--heads", default=None)
-    b.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    b.add_argument("--dtype", default="float32", choices=list(DTYPE_CHOICES))
     b.add_argument("--device", default="cpu")
     b.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per (method, batch size)")
     b.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

@@ -10,7 +10,9 @@ import numpy as np
 
 
 def write_tiny_gguf(path: Path, seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
-                    ffn: int = 128) -> Path:
+                    ffn: int = 128, quantized: bool = False) -> Path:
+    """A tiny Llama GGUF file; ``quantized``: its layers' matrices Q4_1 and the embedding and output Q8_0, as the
+    default model's file (float32 otherwise)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -44,7 +46,13 @@ def write_tiny_gguf(path: Path, seed: int = 0, layers: int = 2, hidden: int = 64
                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
     def t(name, *shape):
-        w.add_tensor(name, (rng.standard_normal(shape) * 0.2).astype(np.float32))
+        a = (rng.standard_normal(shape) * 0.2).astype(np.float32)
+        if not quantized:
+            w.add_tensor(name, a)
+            return
+        kind = gguf.GGMLQuantizationType.Q8_0 if name in ("token_embd.weight", "output.weight") else \
+            gguf.GGMLQuantizationType.Q4_1
+        w.add_tensor(name, gguf.quants.quantize(a, kind), raw_dtype=kind)
 
     t("token_embd.weight", vocab, hidden)
     for i in range(layers):

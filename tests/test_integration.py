@@ -71,3 +71,18 @@ def test_cli_json_on_default_model(capsys):
     assert main(["generate", "--json", "--max-new-tokens", "8", "Hello!"]) == 0
     row = json.loads(capsys.readouterr().out.splitlines()[0])
     assert row["new_tokens"] == 8 and row["steps"] == 8 and row["mean_accepted_tokens"] == 1.0
+
+
+def test_gguf_blocks_decode_as_float32(model):
+    """dtype gguf keeps the file's Q4_1 layers and Q8_0 output as blocks (each checked on load against the float32
+    conversion); every preset's tokens equal float32 `ar`'s, at batch 1 and 3."""
+    from propd.models.quant import QuantLinear
+
+    quantized = load_model(DEFAULT_MODEL, dtype="gguf")
+    assert isinstance(quantized.model.lm_head, QuantLinear) and quantized.model.lm_head.fmt == "Q8_0"
+    assert quantized.model.model.layers[29].mlp.down_proj.fmt == "Q4_1"
+    want = Decoder(model, preset="ar").generate(PROMPTS, max_new_tokens=24).token_ids
+    for preset in ("ar", "propd", "eagle"):
+        for batch in (1, 3):
+            got = Decoder(quantized, preset=preset).generate(PROMPTS, max_new_tokens=24, batch_size=batch).token_ids
+            assert got == want, (preset, batch)

@@ -45,7 +45,7 @@ import torch
 SOURCE = Path(__file__).with_name("csrc") / "packed_linear.cpp"
 DTYPES = (torch.float32, torch.bfloat16)  # weight types the kernel packs
 # no contraction of a * b + c into an FMA where the source does not ask for one: rope_and_cache must round as torch does
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"]
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
 MAX_ROWS = 64  # float32: faster than MKL and oneDNN at 1-64 rows on the default model (benchmarks/linear_kernel.py)
 # bfloat16: torch's products on CPUs without bf16 arithmetic were 6x slower than the kernel at 64, 256 and 1024 rows
 # alike (benchmarks/linear_kernel.py bfloat16), so the kernel serves every row count, prefill included

@@ -15,6 +15,7 @@ from torch import nn
 from propd.models import cpu_kernel
 from propd.models.cache import KVCache
 from propd.models.llama import Attention, AttentionInputs, DecoderLayer, RMSNorm, tensor_version
+from propd.models.quant import QuantLinear
 
 
 class KernelLinear(nn.Linear):
@@ -85,19 +86,28 @@ class KernelLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self._rows(x)
         packed = self._kernel_weight(x, rows)
-        if packed is not None:
-            y = cpu_kernel.linear(x.reshape(rows, x.shape[-1]).contiguous(), packed, self.out_features)
-        else:
-            if not self.skinny(x):
-                return F.linear(x, self.weight, self.bias)
-            x2 = x.reshape(rows, x.shape[-1])
-            if rows == 1:  # a matrix-matrix product of two copies beats the matrix-vector product (class docstring)
-                x2 = torch.cat([x2, x2])
-            y = (self.weight @ x2.t())[:, :rows].t()  # (rows, out), column-major
-            y = y.contiguous()  # row-major, as F.linear returns (attention kernels want contiguous heads)
+        if packed is None:
+            return torch_linear(x, self.weight, self.bias, rows)
+        y = cpu_kernel.linear(x.reshape(rows, x.shape[-1]).contiguous(), packed, self.out_features)
         if self.bias is not None:
             y += self.bias
         return y.view(*x.shape[:-1], self.out_features)
+
+
+def torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """``x @ weight^T + bias`` by torch, in the form :class:`KernelLinear` picks without the kernel: ``(W @ x^T)^T``
+    for 1-256 float32 rows on a CPU (a matrix-vector product as two stacked rows), else ``F.linear``."""
+    lo, hi = KernelLinear.SKINNY_ROWS
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and lo <= rows <= hi):
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(rows, x.shape[-1])
+    if rows == 1:  # a matrix-matrix product of two copies beats the matrix-vector product (KernelLinear's docstring)
+        x2 = torch.cat([x2, x2])
+    y = (weight @ x2.t())[:, :rows].t()  # (rows, out), column-major
+    y = y.contiguous()  # row-major, as F.linear returns (attention kernels want contiguous heads)
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 class KernelRMSNorm(RMSNorm):
@@ -142,14 +152,15 @@ class KernelDecoderLayer(DecoderLayer):
         attn, mlp = self.self_attn, self.mlp
         c = attn.cfg
         linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if (T > cpu_kernel.attention_limit(x.dtype, decoding) or not 1 <= B * T <= cpu_kernel.max_rows(x.dtype)
-                or torch.is_grad_enabled() or c.attention_bias or c.mlp_bias or c.head_dim % 8 or H % 8
-                or cache_k.stride(-1) != 1
-                or not cpu_kernel.serves(x, cache_k, self.input_layernorm.weight, self.post_attention_layernorm.weight,
-                                         *(lin.weight for lin in linears))):
+        if (T > cpu_kernel.attention_limit(x.dtype, decoding) or torch.is_grad_enabled() or c.attention_bias
+                or c.mlp_bias or c.head_dim % 8 or H % 8 or cache_k.stride(-1) != 1
+                or not cpu_kernel.serves(x, cache_k, self.input_layernorm.weight, self.post_attention_layernorm.weight)
+                or not all(isinstance(lin, (KernelLinear, QuantLinear)) for lin in linears)):
             return None
-        packed = [lin.packed() for lin in linears]
-        if any(p is None for p in packed):  # over the packing memory cap
+        # each product's kernel weight (float32 or bf16 panels, or GGUF blocks), None where it would not go to the
+        # kernel (a row count beyond its bound, another dtype, the packing memory cap)
+        packed = [lin._kernel_weight(x, B * T) for lin in linears]
+        if any(p is None for p in packed):
             return None
         weights = [self.input_layernorm.weight, *packed[:4], self.post_attention_layernorm.weight, *packed[4:]]
         return weights, [lin.out_features for lin in linears]

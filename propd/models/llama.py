@@ -201,11 +201,11 @@ class LlamaModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device  # (the lm_head may hold GGUF blocks: propd.models.quant)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.embed_tokens.weight.dtype
 
     def prepare(self) -> None:
         """Make the model ready to decode on its device: on a CPU, swap in the CPU kernel modules

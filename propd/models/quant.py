@@ -1,0 +1,219 @@
+"""Weights kept in their GGUF block format (``--dtype gguf``): Q4_1 and Q8_0 matrices stay quantized in memory and are
+dequantized in registers by the CPU extension (``csrc/packed_linear.cpp``, "GGUF blocks").
+
+ggml's formats (llama.cpp ``ggml-common.h``) hold 32 consecutive weights of a row per block with a float16 scale:
+
+* Q4_1 (20 bytes): ``d``, ``m`` (fp16), 16 bytes of 4-bit ``q``; weight ``j`` is the low nibble of byte ``j`` and
+  weight ``j + 16`` its high nibble; ``w = d * q + m``.
+* Q8_0 (34 bytes): ``d`` (fp16), 32 int8 ``q``; ``w = q * d``.
+
+The kernel rounds every weight as gguf's reference ``dequantize`` does (float32 ``d * q``, then ``+ m``) and sums in
+the float32 path's order, so a model with these layers decodes bit for bit as the float32 model on the dequantized
+weights (the weights ``propd`` converts a GGUF file to), at about a fifth of the bytes streamed per step (Q4_1: 0.625
+bytes per weight against 4). Activations stay float32: unlike llama.cpp, which quantizes them to 8 bits for its dot
+products, nothing about the output changes. :func:`quantize_model` checks that equality on every matrix it replaces.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from propd.errors import PropdError
+
+QK = 32  # weights per block
+BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # ggml's block sizes
+PANEL_BYTES = {"Q4_1": 320, "Q8_0": 544}  # one packed panel block: 16 outputs x 32 weights (csrc, "GGUF blocks")
+PANEL = 16
+
+
+def _fp16(b: torch.Tensor) -> torch.Tensor:
+    """(..., 2n) uint8 -> (..., n) float32: little-endian fp16 values, widened exactly."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def dequantize_blocks(blocks: torch.Tensor, fmt: str, out_features: int, in_features: int) -> torch.Tensor:
+    """ggml blocks (O, K / 32 * block bytes) uint8 -> the (O, K) float32 matrix, rounded as gguf's ``dequantize``."""
+    b = blocks.reshape(out_features, in_features // QK, BLOCK_BYTES[fmt])
+    d = _fp16(b[..., 0:2])
+    if fmt == "Q4_1":
+        m = _fp16(b[..., 2:4])
+        qs = b[..., 4:]
+        q = torch.cat([qs & 15, qs >> 4], dim=-1).float()  # weights j and j + 16
+        w = d * q + m  # two roundings, as numpy's (d * qs) + m
+    else:
+        w = b[..., 2:].contiguous().view(torch.int8).float() * d
+    return w.reshape(out_features, in_features)
+
+
+def pack_blocks(blocks: torch.Tensor, fmt: str, out_features: int, in_features: int) -> torch.Tensor:
+    """ggml blocks (O, K / 32 * block bytes) -> the extension's panels (ceil(O / 16), K / 32, panel bytes), outputs
+    padded with zero blocks (weight 0)."""
+    if fmt not in BLOCK_BYTES:
+        raise PropdError(f"GGUF block type {fmt} is not kept quantized (propd keeps {', '.join(BLOCK_BYTES)})")
+    if in_features % QK:
+        raise PropdError(f"a {fmt} matrix needs rows of a multiple of {QK} weights, got {in_features}")
+    nb, bb = in_features // QK, BLOCK_BYTES[fmt]
+    b = blocks.reshape(out_features, nb, bb)
+    P = -(-out_features // PANEL)
+    if P * PANEL != out_features:
+        b = torch.cat([b, b.new_zeros(P * PANEL - out_features, nb, bb)])
+    b = b.view(P, PANEL, nb, bb).permute(0, 2, 1, 3)  # (P, nb, 16 outputs, block)
+    d = b[..., 0:2].reshape(P, nb, 2 * PANEL)
+    if fmt == "Q4_1":
+        m = b[..., 2:4].reshape(P, nb, 2 * PANEL)
+        qs = b[..., 4:]
+        q = torch.cat([qs & 15, qs >> 4], dim=-1)  # (P, nb, 16, 32): q[k] in 0..15
+        pairs = q[..., 0::2] | (q[..., 1::2] << 4)  # (P, nb, 16 outputs, 16 pairs): k = 2j low, 2j + 1 high
+        body = pairs.transpose(2, 3).reshape(P, nb, PANEL * QK // 2)
+        return torch.cat([d, m, body], dim=-1).contiguous()
+    body = b[..., 2:].transpose(2, 3).reshape(P, nb, PANEL * QK)  # (P, nb, 32 k x 16 outputs)
+    return torch.cat([d, body], dim=-1).contiguous()
+
+
+def dequantize_packed(packed: torch.Tensor, fmt: str, out_features: int, in_features: int) -> torch.Tensor:
+    """The (O, K) float32 matrix of :func:`pack_blocks`' panels, rounded as gguf's ``dequantize``."""
+    P, nb = packed.shape[0], packed.shape[1]
+    d = _fp16(packed[..., 0:32])[:, :, None, :]  # (P, nb, 1, 16)
+    if fmt == "Q4_1":
+        m = _fp16(packed[..., 32:64])[:, :, None, :]
+        pairs = packed[..., 64:].reshape(P, nb, QK // 2, PANEL)
+        q = torch.stack([pairs & 15, pairs >> 4], dim=3).reshape(P, nb, QK, PANEL).float()
+        w = d * q + m
+    else:
+        q = packed[..., 32:].contiguous().view(torch.int8).reshape(P, nb, QK, PANEL).float()
+        w = q * d
+    return w.permute(0, 3, 1, 2).reshape(P * PANEL, nb * QK)[:out_features]
+
+
+class QuantLinear(nn.Module):
+    """A bias-free linear layer whose weight stays in GGUF blocks (Q4_1 or Q8_0), for float32 inputs on a CPU with
+    propd's extension.
+
+    Calls of 1-``cpu_kernel.MAX_ROWS`` rows go to the block kernel; larger ones (prefill) multiply the weight
+    dequantized for the call, by the same torch path the float32 ``KernelLinear`` takes at that row count, so every
+    call gives the float32 model's bits. ``weight`` is the dense float32 matrix for code that reads it (draft
+    projections): the ``dense`` tensor given (a tied embedding already in memory), else dequantized once and kept.
+    """
+
+    def __init__(self, packed: torch.Tensor, fmt: str, in_features: int, out_features: int,
+                 dense: torch.Tensor | None = None):
+        super().__init__()
+        self.fmt, self.in_features, self.out_features = fmt, in_features, out_features
+        self.register_buffer("packed", packed, persistent=False)
+        self._dense = dense
+        self.bias = None
+
+    @classmethod
+    def from_blocks(cls, blocks: torch.Tensor, fmt: str, in_features: int, out_features: int,
+                    dense: torch.Tensor | None = None) -> "QuantLinear":
+        return cls(pack_blocks(blocks, fmt, out_features, in_features), fmt, in_features, out_features, dense)
+
+    def dequantized(self) -> torch.Tensor:
+        """The (O, K) float32 weight, computed now (not kept)."""
+        return dequantize_packed(self.packed, self.fmt, self.out_features, self.in_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self._dense is None:
+            self._dense = self.dequantized()
+        return self._dense
+
+    def _kernel_weight(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
+        """The packed blocks if ``forward(x)`` goes to the block kernel (see ``KernelLinear._kernel_weight``)."""
+        from propd.models import cpu_kernel
+
+        if x.dtype != torch.float32 or not 1 <= rows <= cpu_kernel.max_rows(x.dtype) or not cpu_kernel.serves(x):
+            return None
+        return self.packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from propd.models import cpu_kernel
+        from propd.models.cpu_modules import torch_linear
+
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        packed = self._kernel_weight(x, rows)
+        if packed is None:
+            return torch_linear(x, self.dequantized().to(x.dtype), None, rows)
+        y = cpu_kernel.linear(x.reshape(rows, x.shape[-1]).contiguous(), packed, self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+
+
+# GGUF tensor names of a Llama model (llama.cpp's) -> the HF module names propd's LlamaModel uses
+_LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                "ffn_down": "mlp.down_proj"}
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    if gguf_name == "token_embd.weight":
+        return "model.embed_tokens"
+    if gguf_name == "output.weight":
+        return "lm_head"
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    return None
+
+
+def _unpermute_rows(blocks: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's rotary row permutation of q and k (its converter interleaves each head's two halves; the
+    reverse transformers applies when it reads GGUF): rows (heads, 2, dim / 2) from (heads, dim / 2, 2)."""
+    rows = blocks.shape[0]
+    half = rows // heads // 2
+    return blocks.reshape(heads, half, 2, -1).transpose(1, 2).reshape(rows, -1)
+
+
+def read_gguf_blocks(path, cfg) -> dict[str, tuple[str, torch.Tensor]]:
+    """The Q4_1 and Q8_0 matrices of a Llama GGUF file: HF module name -> (format, blocks (O, row bytes) uint8), rows
+    in the HF order (q and k un-permuted)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:
+        raise PropdError(f"cannot read GGUF blocks from {path}: {type(exc).__name__}") from None
+    out = {}
+    for t in reader.tensors:
+        fmt, name = t.tensor_type.name, _hf_name(t.name)
+        if name is None or fmt not in BLOCK_BYTES:
+            continue
+        blocks = torch.from_numpy(t.data.copy()).reshape(int(t.shape[1]), -1)
+        if t.name.endswith("attn_q.weight"):
+            blocks = _unpermute_rows(blocks, cfg.num_heads)
+        elif t.name.endswith("attn_k.weight"):
+            blocks = _unpermute_rows(blocks, cfg.num_kv_heads)
+        out[name] = (fmt, blocks)
+    return out
+
+
+def quantize_model(model, blocks: dict[str, tuple[str, torch.Tensor]], source: str = "the GGUF file") -> int:
+    """Replace ``model``'s float32 linear layers (and a tied ``lm_head``) with :class:`QuantLinear` from ``blocks``
+    (:func:`read_gguf_blocks`), after checking each block matrix dequantizes to the layer's weight bit for bit (a
+    file that does not match the loaded weights raises). Returns the number of layers replaced."""
+    modules = dict(model.named_modules())
+    tied = model.cfg.tie_word_embeddings
+    replaced = 0
+    for name, (fmt, b) in blocks.items():
+        target = "lm_head" if name == "model.embed_tokens" and tied else name
+        if name == "model.embed_tokens" and not tied:
+            continue  # an untied embedding is only looked up: it stays float32
+        lin = modules.get(target)
+        if lin is None or not isinstance(lin, nn.Linear) or lin.bias is not None:
+            continue
+        O, K = lin.weight.shape
+        if b.shape[0] != O or b.numel() != O * (K // QK) * BLOCK_BYTES[fmt] or K % QK:
+            raise PropdError(f"{source}: {name} is {fmt} of {b.shape[0]} rows, the model's layer is {O} x {K}")
+        if not torch.equal(dequantize_blocks(b, fmt, O, K), lin.weight.detach().float()):
+            raise PropdError(f"{source}: {name}'s {fmt} blocks do not dequantize to the loaded weights "
+                             "(a different model or conversion)")
+        dense = model.model.embed_tokens.weight if target == "lm_head" and tied else None
+        q = QuantLinear.from_blocks(b, fmt, K, O, dense=dense)
+        parent, _, attr = target.rpartition(".")
+        setattr(modules[parent] if parent else model, attr, q)
+        replaced += 1
+    return replaced

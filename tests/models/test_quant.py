@@ -1,0 +1,155 @@
+"""GGUF weights kept as blocks (``dtype="gguf"``, propd.models.quant): dequantized in registers by the CPU extension,
+bit for bit what the float32 model computes on the dequantized weights."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from propd.errors import PropdError
+from propd.models import cpu_kernel, quant
+
+KERNEL = cpu_kernel.supported() and cpu_kernel.extension() is not None
+needs_kernel = pytest.mark.skipif(not KERNEL, reason="GGUF blocks run on the CPU extension (x86-64 with AVX2)")
+HAS_AVX512 = KERNEL and cpu_kernel.extension().isa().startswith("avx512")
+
+
+def random_blocks(fmt: str, rows: int, cols: int, g: torch.Generator, scale: float = 0.05) -> torch.Tensor:
+    """(rows, cols / 32 * block bytes) ggml blocks: random quants, scales d in [0, scale), Q4_1 offsets about -7.5 d
+    (weights centred on 0, as a quantized model's are)."""
+    nb, bb = cols // quant.QK, quant.BLOCK_BYTES[fmt]
+    raw = torch.randint(0, 256, (rows, nb, bb), dtype=torch.uint8, generator=g)
+    d = torch.rand(rows, nb, 1, generator=g) * scale
+    parts = [d]
+    if fmt == "Q4_1":
+        parts.append(-7.5 * d * (1 + 0.2 * (torch.rand(rows, nb, 1, generator=g) - 0.5)))
+    head = torch.cat(parts, dim=-1).half().view(torch.uint8).reshape(rows, nb, -1)
+    raw[..., : head.shape[-1]] = head
+    return raw.reshape(rows, -1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(fmt=st.sampled_from(["Q4_1", "Q8_0"]), rows=st.integers(1, 40), nb=st.integers(1, 4), seed=st.integers(0, 999))
+def test_dequantize_equals_gguf_and_packing_keeps_every_weight(fmt, rows, nb, seed):
+    from gguf import GGMLQuantizationType, dequantize
+
+    blocks = random_blocks(fmt, rows, 32 * nb, torch.Generator().manual_seed(seed))
+    want = torch.from_numpy(np.ascontiguousarray(dequantize(blocks.numpy(), GGMLQuantizationType[fmt])))
+    got = quant.dequantize_blocks(blocks, fmt, rows, 32 * nb)
+    assert torch.equal(got, want.reshape(rows, 32 * nb))
+    packed = quant.pack_blocks(blocks, fmt, rows, 32 * nb)
+    assert packed.shape == (-(-rows // 16), nb, quant.PANEL_BYTES[fmt])
+    assert torch.equal(quant.dequantize_packed(packed, fmt, rows, 32 * nb), got)
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(fmt=st.sampled_from(["Q4_1", "Q8_0"]), m=st.integers(1, 64), out=st.integers(1, 50), nb=st.integers(1, 5),
+       seed=st.integers(0, 999))
+def test_block_kernel_equals_the_float32_kernel_on_every_path(fmt, m, out, nb, seed):
+    """y = x W^T from blocks equals the float32 kernel's on the dequantized W bit for bit, on the AVX-512 and AVX2
+    paths, and each row alone equals its row in the batch."""
+    ext = cpu_kernel.extension()
+    g = torch.Generator().manual_seed(seed)
+    blocks = random_blocks(fmt, out, 32 * nb, g)
+    w = quant.dequantize_blocks(blocks, fmt, out, 32 * nb)
+    packed = quant.pack_blocks(blocks, fmt, out, 32 * nb)
+    x = torch.randn(m, 32 * nb, generator=g)
+    want = cpu_kernel.linear(x, cpu_kernel.pack(w), out)
+    assert torch.equal(cpu_kernel.linear(x, packed, out), want)
+    torch.testing.assert_close(want, x @ w.t(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(cpu_kernel.linear(x[-1:].contiguous(), packed, out), want[-1:])
+    ext.set_isa_limit(1)
+    try:
+        assert torch.equal(cpu_kernel.linear(x, packed, out), want)
+    finally:
+        ext.set_isa_limit(0)
+
+
+def quantized_pair(seed: int, **kw):
+    """A tiny model with Q4_1 layers and a Q8_0 lm_head (random blocks), and its float32 twin holding the dequantized
+    weights: (quantized, float32)."""
+    from propd.testing import tiny_model
+
+    fp = tiny_model(seed=seed, hidden_size=64, intermediate_size=128, **kw)
+    qm = tiny_model(seed=seed, hidden_size=64, intermediate_size=128, **kw)
+    g = torch.Generator().manual_seed(seed + 11)
+    blocks = {}
+    for name, mod in fp.model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and (name.startswith("model.layers.") or name == "lm_head"):
+            fmt = "Q8_0" if name == "lm_head" else "Q4_1"
+            O, K = mod.weight.shape
+            b = random_blocks(fmt, O, K, g, scale=0.3 if fmt == "Q8_0" else 0.05)
+            blocks[name] = (fmt, b)
+            w = quant.dequantize_blocks(b, fmt, O, K)
+            mod.weight.data.copy_(w)
+            dict(qm.model.named_modules())[name].weight.data.copy_(w)
+    assert quant.quantize_model(qm.model, blocks) == len(blocks)
+    return qm, fp
+
+
+@needs_kernel
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 50), lens=st.lists(st.integers(1, 24), min_size=1, max_size=5),
+       preset=st.sampled_from(["ar", "bpd", "medusa", "propd", "eagle", "propd-eagle"]), batch=st.sampled_from([1, 2, 5]))
+def test_quantized_model_decodes_as_the_float32_model(seed, lens, preset, batch):
+    """Every preset on the block-quantized model gives the float32 model's `ar` tokens, every row of a batch."""
+    from propd import Decoder
+    from propd.models.quant import QuantLinear
+    from propd.testing import random_prompts
+
+    qm, fp = quantized_pair(seed, heads=4, early=(2,), drafter=True)
+    assert isinstance(qm.model.lm_head, QuantLinear) and isinstance(qm.model.model.layers[0].mlp.up_proj, QuantLinear)
+    prompts = random_prompts(fp, seed, lens)
+    ar = Decoder(fp, preset="ar", entry_points=False)
+    refs = [ar.generate_ids([p], max_new_tokens=16).token_ids[0] for p in prompts]
+    got = Decoder(qm, preset=preset, entry_points=False).generate_ids(prompts, max_new_tokens=16,
+                                                                      batch_size=batch).token_ids
+    assert got == refs
+    with torch.no_grad():  # and the logits themselves, bit for bit (prefill rows beyond the kernel's bound included)
+        logits = [m.model.logits(m.model.hidden_states(m.model.new_cache(len(prompts), 32), prompts)[0])
+                  for m in (qm, fp)]
+    assert torch.equal(*logits)
+
+
+def test_blocks_that_do_not_match_the_weights_are_refused():
+    from propd.testing import tiny_model
+
+    m = tiny_model(seed=0, hidden_size=64, intermediate_size=128)
+    w = m.model.model.layers[0].mlp.up_proj.weight
+    blocks = {"model.layers.0.mlp.up_proj": ("Q4_1", random_blocks("Q4_1", *w.shape, torch.Generator()))}
+    with pytest.raises(PropdError, match="do not dequantize to the loaded weights"):
+        quant.quantize_model(m.model, blocks)
+    with pytest.raises(PropdError, match="not kept quantized"):
+        quant.pack_blocks(torch.zeros(1, 18, dtype=torch.uint8), "Q4_0", 1, 32)
+
+
+@needs_kernel
+def test_load_a_quantized_gguf_file_as_blocks(tmp_path, monkeypatch):
+    """A Q4_1 GGUF file (Q8_0 embeddings and output) loads with dtype gguf: every matrix checked against the float32
+    conversion (q and k rows un-permuted as transformers does), and greedy decoding equals the float32 model's."""
+    from propd import Decoder
+    from propd.models.loading import load_model
+    from propd.models.quant import QuantLinear
+    from tests.gguf_tiny import write_tiny_gguf
+
+    monkeypatch.setenv("PROPD_CACHE", str(tmp_path / "cache"))
+    path = write_tiny_gguf(tmp_path / "q.gguf", seed=4, quantized=True)
+    qm = load_model(str(path), dtype="gguf", heads="none")
+    fp = load_model(str(path), dtype="float32", heads="none")
+    kinds = {type(m).__name__ for m in qm.model.modules()}
+    assert "QuantLinear" in kinds and not any(isinstance(m, torch.nn.Linear) for m in qm.model.modules())
+    assert qm.model.model.layers[1].self_attn.q_proj.fmt == "Q4_1" and isinstance(qm.model.lm_head, QuantLinear)
+    prompts = [[5, 9, 30, 2], [7] * 11]
+    want = Decoder(fp, preset="ar").generate_ids(prompts, max_new_tokens=20).token_ids
+    assert Decoder(qm, preset="ar").generate_ids(prompts, max_new_tokens=20).token_ids == want
+
+
+def test_dtype_gguf_needs_a_gguf_source(capsys, tiny_dir):
+    from propd.cli import main
+
+    code = main(["generate", "--model", str(tiny_dir), "--dtype", "gguf", "hello"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "dtype gguf" in err and ("not a .gguf file" in err or "CPU extension" in err)
