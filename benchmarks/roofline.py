@@ -3,7 +3,7 @@
 Measures, in one run: the memory streaming bandwidth (a sum over a 1 GiB float32 buffer, best of 5), the peak
 float32 and bfloat16 multiply-add rates (torch's large square matrix products, best of 5; MKL/oneDNN use the widest
 units the CPU has; propd's kernel on a weight that stays in cache where that is faster), and the time of a decoding step of T tree nodes (default model, 300-token context, batch 1,
-median of 9). A step's floor is max(weight bytes / bandwidth, 2 x parameters x T / peak rate); the ratio says how far
+median of 9), in float32, bfloat16 and ``gguf`` (the model file's Q4_1/Q8_0 blocks, dequantized in registers). A step's floor is max(weight bytes / bandwidth, 2 x parameters x T / peak rate); the ratio says how far
 the step is from it.
 
     python benchmarks/roofline.py            # about a minute on 2 CPU cores
@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from propd.models import cpu_kernel
 from propd.models.loading import load_model
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -57,9 +58,19 @@ def step_floor(dtype: str, bw: float, rate: float, reps: int = 9) -> None:
     lm = load_model("smollm2-135m-instruct", dtype=dtype)
     m = lm.model
     m.prepare()
-    linears = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
-    params = sum(lin.weight.numel() for lin in {id(lin.weight): lin for lin in linears}.values())
-    nbytes = params * torch.finfo(m.dtype).bits // 8
+    from propd.models.quant import QuantLinear
+
+    linears = [mod for mod in m.modules() if isinstance(mod, (torch.nn.Linear, QuantLinear))]
+    params = nbytes = 0
+    seen = set()
+    for lin in linears:
+        if isinstance(lin, QuantLinear):  # GGUF blocks: the packed bytes are what a step streams
+            params += lin.in_features * lin.out_features
+            nbytes += lin.packed.numel()
+        elif id(lin.weight) not in seen:
+            seen.add(id(lin.weight))
+            params += lin.weight.numel()
+            nbytes += lin.weight.numel() * lin.weight.element_size()
     cache = m.new_cache(1, 600)
     m.prefill(cache, [list(range(100, 400))])
     print(f"{dtype}: {params / 1e6:.0f}M matrix parameters, {nbytes / 2**20:.0f} MiB streamed per step")
@@ -93,3 +104,5 @@ if __name__ == "__main__":
               f"{b16 / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
         step_floor("float32", bw, f32)
         step_floor("bfloat16", bw, max(f32, b16))
+        if cpu_kernel.extension() is not None:  # the GGUF file's Q4_1/Q8_0 blocks (float32 arithmetic)
+            step_floor("gguf", bw, f32)

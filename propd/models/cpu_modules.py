@@ -139,7 +139,8 @@ class KernelDecoderLayer(DecoderLayer):
         fused = self._fused_weights(x, cache_k, a.decoding)
         if fused is not None:  # the same computation in one call (cpu_kernel.decoder_layer)
             weights, outs = fused
-            return cpu_kernel.decoder_layer(x, weights, outs, a.cos, a.sin, cache_k, cache_v, a.write_pos, a.mask[:, 0],
+            cos, sin, pos, mask = _layer_inputs(a)
+            return cpu_kernel.decoder_layer(x, weights, outs, cos, sin, cache_k, cache_v, pos, mask,
                                             self.input_layernorm.eps, self.self_attn.cfg.head_dim ** -0.5)
         return super().forward(x, layer, cache, a)
 
@@ -147,11 +148,36 @@ class KernelDecoderLayer(DecoderLayer):
                        ) -> tuple[list, list] | None:
         """The packed weights and output sizes for :func:`cpu_kernel.decoder_layer` if every part of this call would
         go to the CPU extension anyway (decoding steps of up to ``ATTENTION_MAX_QUERIES`` tokens, rows within the
-        linear kernel's bound, no biases, no gradient), else None."""
-        B, T, H = x.shape
+        linear kernel's bound, no biases, no gradient), else None.
+
+        Kept between calls (the checks cost tens of microseconds of Python per layer, a step's worth over a model's
+        layers): the answer depends only on the key below and on the weights, checked to be the same tensors,
+        unchanged in place."""
+        B, T, _ = x.shape
+        key = (x.dtype, x.device, cache_k.dtype, cache_k.stride(-1), decoding, torch.is_grad_enabled(),
+               T <= cpu_kernel.attention_limit(x.dtype, decoding), 1 <= B * T <= cpu_kernel.max_rows(x.dtype))
+        hit = self.__dict__.get("_fused")
+        if hit is not None and hit[0] == key and all(
+                store.get(name) is t and tensor_version(t) == v for store, name, t, v in hit[2]):
+            return hit[1]
+        fused = self._check_fused(x, cache_k, decoding)
+        mods = (self.input_layernorm, self.post_attention_layernorm, *self._linears())
+        stamps = []
+        for mod in mods:
+            store, name = (mod._buffers, "packed") if isinstance(mod, QuantLinear) else (mod._parameters, "weight")
+            t = store.get(name)
+            stamps.append((store, name, t, tensor_version(t) if t is not None else None))
+        self.__dict__["_fused"] = (key, fused, stamps)
+        return fused
+
+    def _linears(self) -> tuple:
         attn, mlp = self.self_attn, self.mlp
-        c = attn.cfg
-        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        return attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+    def _check_fused(self, x: torch.Tensor, cache_k: torch.Tensor, decoding: bool) -> tuple[list, list] | None:
+        B, T, H = x.shape
+        c = self.self_attn.cfg
+        linears = self._linears()
         if (T > cpu_kernel.attention_limit(x.dtype, decoding) or torch.is_grad_enabled() or c.attention_bias
                 or c.mlp_bias or c.head_dim % 8 or H % 8 or cache_k.stride(-1) != 1
                 or not cpu_kernel.serves(x, cache_k, self.input_layernorm.weight, self.post_attention_layernorm.weight)
@@ -164,6 +190,19 @@ class KernelDecoderLayer(DecoderLayer):
             return None
         weights = [self.input_layernorm.weight, *packed[:4], self.post_attention_layernorm.weight, *packed[4:]]
         return weights, [lin.out_features for lin in linears]
+
+
+_last_inputs: tuple = (None, None)  # (AttentionInputs, its tensors for the kernel): every layer of a call shares them
+
+
+def _layer_inputs(a: AttentionInputs) -> tuple[torch.Tensor, ...]:
+    """``a``'s cos, sin, write positions and (B, T, S) mask, contiguous, made once per call rather than per layer."""
+    global _last_inputs
+    last = _last_inputs  # one read: another thread may replace it, never half of it
+    if last[0] is not a:
+        last = _last_inputs = (a, (a.cos.contiguous(), a.sin.contiguous(), a.write_pos.contiguous(),
+                                   a.mask[:, 0].contiguous()))
+    return last[1]
 
 
 SWAPS = {nn.Linear: KernelLinear, RMSNorm: KernelRMSNorm, Attention: KernelAttention, DecoderLayer: KernelDecoderLayer}

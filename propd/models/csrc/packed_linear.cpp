@@ -301,14 +301,20 @@ void run_dp(const uint16_t* xp, const uint16_t* pp, float* yp, int64_t M, int64_
 // ---------------------------------------------------------------------------------------------- GGUF blocks
 // Weights kept in ggml's block formats (32 weights per block along k, float16 scales): Q4_1, w = d * q + m with q in
 // 0..15; Q8_0, w = q * d with q in -128..127. Each panel block (16 outputs x 32 k) is dequantized in registers, every
-// weight rounded as gguf's reference dequantize rounds it (d * q, then + m: two float32 roundings, never an FMA; the
-// build has -ffp-contract=off), and multiplied into the same chain of FMAs over k, in order, as the float32 path: y
-// equals the float32 kernel's on the dequantized weight bit for bit, on every path, at about a fifth of the bytes.
+// weight rounded as gguf's reference dequantize rounds it, and multiplied into the same chain of FMAs over k, in order,
+// as the float32 path: y equals the float32 kernel's on the dequantized weight bit for bit, on every path, at about a
+// fifth of the bytes. gguf computes float32 (d * q) + m; d has 11 significant bits and q at most 8, so d * q is exact
+// in float32 and fma(d, q, m), one rounding, is the same number. On AVX-512, q's float is looked up with vpermps (its
+// index's low 4 bits are the nibble) from 0..15 in a register.
 // Panel blocks: Q4_1 (320 bytes): d[16] fp16, m[16] fp16, then for each pair of k (2j, 2j + 1) one byte per output,
 // q[2j] in the low nibble and q[2j + 1] in the high one (16 x 16 bytes). Q8_0 (544 bytes): d[16] fp16, then for each
 // k one int8 per output (32 x 16 bytes). Packed by propd.models.quant.pack_blocks as (P, K / 32, bytes).
 constexpr int64_t kQ41Bytes = 320, kQ80Bytes = 544, kQK = 32;
 enum QFormat { kQ41 = 0, kQ80 = 1 };
+
+PROPD_AVX512 inline __m512 q_iota() {
+    return _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f, 12.f, 13.f, 14.f, 15.f);
+}
 
 template <int MR, int F>
 PROPD_AVX512 inline void micro_q512(const uint8_t* __restrict__ panel, const float* __restrict__ x, int64_t K,
@@ -324,11 +330,11 @@ PROPD_AVX512 inline void micro_q512(const uint8_t* __restrict__ panel, const flo
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
         if constexpr (F == kQ41) {
             const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32)));
-            const __m512i low = _mm512_set1_epi32(15);
+            const __m512 iota = q_iota();
             for (int64_t j = 0; j < kQK / 2; ++j) {
                 const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 64 + 16 * j)));
-                const __m512 w0 = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(q, low))), m);
-                const __m512 w1 = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4))), m);
+                const __m512 w0 = _mm512_fmadd_ps(d, _mm512_permutexvar_ps(q, iota), m);
+                const __m512 w1 = _mm512_fmadd_ps(d, _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), iota), m);
                 if (pf.every && ++count == pf.every) {
                     count = 0;
                     _mm_prefetch(pf.next, _MM_HINT_T0);
@@ -357,6 +363,62 @@ PROPD_AVX512 inline void micro_q512(const uint8_t* __restrict__ panel, const flo
     const __mmask16 keep = width == kPanel ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << width) - 1);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + r * ldy, keep, a[r]);
+}
+
+// MR (1 or 2) rows against NP whole panels at once: each output's sum is a chain of dependent FMAs, and one or two
+// rows give a panel only one or two chains, so the FMA latency, not the dequantization, would set the pace; NP panels
+// side by side give NP * MR independent chains. Each output's chain is the one above, op for op.
+template <int MR, int F, int NP>
+PROPD_AVX512 inline void micro_q512_wide(const uint8_t* __restrict__ panel, int64_t panel_bytes,
+                                         const float* __restrict__ x, int64_t K, float* __restrict__ y, int64_t ldy) {
+    constexpr int64_t bytes = F == kQ41 ? kQ41Bytes : kQ80Bytes;
+    __m512 a[NP][MR];
+#pragma GCC unroll 8
+    for (int p = 0; p < NP; ++p)
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; ++r) a[p][r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < K / kQK; ++b) {
+        const float* xb = x + b * kQK;
+        __m512 d[NP], m[NP];
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; ++p) {
+            const uint8_t* blk = panel + p * panel_bytes + b * bytes;
+            d[p] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
+            if constexpr (F == kQ41) m[p] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32)));
+        }
+        if constexpr (F == kQ41) {
+            const __m512 iota = q_iota();
+            for (int64_t j = 0; j < kQK / 2; ++j) {
+#pragma GCC unroll 8
+                for (int p = 0; p < NP; ++p) {
+                    const uint8_t* q8 = panel + p * panel_bytes + b * bytes + 64 + 16 * j;
+                    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q8)));
+                    const __m512 w0 = _mm512_fmadd_ps(d[p], _mm512_permutexvar_ps(q, iota), m[p]);
+                    const __m512 w1 = _mm512_fmadd_ps(d[p], _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), iota), m[p]);
+#pragma GCC unroll 4
+                    for (int r = 0; r < MR; ++r) {
+                        a[p][r] = _mm512_fmadd_ps(w0, _mm512_set1_ps(xb[r * K + 2 * j]), a[p][r]);
+                        a[p][r] = _mm512_fmadd_ps(w1, _mm512_set1_ps(xb[r * K + 2 * j + 1]), a[p][r]);
+                    }
+                }
+            }
+        } else {
+            for (int64_t k = 0; k < kQK; ++k) {
+#pragma GCC unroll 8
+                for (int p = 0; p < NP; ++p) {
+                    const uint8_t* q8 = panel + p * panel_bytes + b * bytes + 32 + 16 * k;
+                    const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q8)));
+                    const __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(q), d[p]);
+#pragma GCC unroll 4
+                    for (int r = 0; r < MR; ++r) a[p][r] = _mm512_fmadd_ps(w, _mm512_set1_ps(xb[r * K + k]), a[p][r]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int p = 0; p < NP; ++p)
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; ++r) _mm512_storeu_ps(y + r * ldy + kPanel * p, a[p][r]);
 }
 
 // The AVX2 form: 16 outputs as two 8-wide halves, d and m widened with F16C.
@@ -396,8 +458,8 @@ inline void micro_q(const uint8_t* __restrict__ panel, const float* __restrict__
                 for (int h = 0; h < 2; ++h) {  // h = 0: k = 2j (low nibbles), 1: k = 2j + 1 (high nibbles)
                     const __m256i e0 = h ? _mm256_srli_epi32(q0, 4) : _mm256_and_si256(q0, low);
                     const __m256i e1 = h ? _mm256_srli_epi32(q1, 4) : _mm256_and_si256(q1, low);
-                    const __m256 w0 = _mm256_add_ps(_mm256_mul_ps(d0, _mm256_cvtepi32_ps(e0)), m0);
-                    const __m256 w1 = _mm256_add_ps(_mm256_mul_ps(d1, _mm256_cvtepi32_ps(e1)), m1);
+                    const __m256 w0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(e0), m0);
+                    const __m256 w1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(e1), m1);
 #pragma GCC unroll 8
                     for (int r = 0; r < MR; ++r) {
                         const __m256 xs = _mm256_broadcast_ss(xb + r * K + 2 * j + h);
@@ -471,6 +533,32 @@ template <int F>
 void run_q(const float* xp, const uint8_t* pp, float* yp, int64_t M, int64_t K, int64_t O, int64_t P) {
     const bool wide = use_avx512();
     const int64_t panel_bytes = (K / kQK) * (F == kQ41 ? kQ41Bytes : kQ80Bytes);
+    // one or two rows: four panels side by side (micro_q512_wide); from three rows a panel has chains enough
+    constexpr int64_t group = 4;
+    const int64_t groups = O / (group * kPanel);  // groups of whole panels; the rest below
+    if (wide && M <= 2 && groups > 0) {
+        at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+            for (int64_t g = begin; g < end; ++g) {
+                const uint8_t* panel = pp + g * group * panel_bytes;
+                float* y = yp + g * group * kPanel;
+                if (M == 1) {
+                    micro_q512_wide<1, F, group>(panel, panel_bytes, xp, K, y, O);
+                } else {
+                    micro_q512_wide<2, F, group>(panel, panel_bytes, xp, K, y, O);
+                }
+            }
+        });
+        const int64_t done = groups * group;
+        if (done == P) return;
+        const int64_t rest = P - done;  // the last few panels: the general loop on the remaining outputs
+        for_each_block(reinterpret_cast<const char*>(pp + done * panel_bytes), panel_bytes, F == kQ41 ? K / 2 : K, M,
+                       O - done * kPanel, rest, wide,
+                       [&](int64_t p, int64_t m, int64_t mr, int64_t width, Prefetch pf) {
+                           block_q512<F>(mr, pp + (done + p) * panel_bytes, xp + m * K, K,
+                                         yp + m * O + kPanel * (done + p), O, width, pf);
+                       });
+        return;
+    }
     for_each_block(reinterpret_cast<const char*>(pp), panel_bytes, F == kQ41 ? K / 2 : K, M, O, P, wide,
                    [&](int64_t p, int64_t m, int64_t mr, int64_t width, Prefetch pf) {
                        const uint8_t* panel = pp + p * panel_bytes;
