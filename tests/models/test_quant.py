@@ -132,7 +132,7 @@ def test_load_a_quantized_gguf_file_as_blocks(tmp_path, monkeypatch):
     from propd import Decoder
     from propd.models.loading import load_model
     from propd.models.quant import QuantLinear
-    from tests.gguf_tiny import write_tiny_gguf
+    from gguf_tiny import write_tiny_gguf
 
     monkeypatch.setenv("PROPD_CACHE", str(tmp_path / "cache"))
     path = write_tiny_gguf(tmp_path / "q.gguf", seed=4, quantized=True)
