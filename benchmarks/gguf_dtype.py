@@ -5,8 +5,9 @@ float32's tokens on every prompt.
     python benchmarks/gguf_dtype.py                          # ar, Spec-Bench sample (1 per category), 64 tokens
     python benchmarks/gguf_dtype.py --presets ar,eagle,propd --batch-size 4
 
-Prints decode tokens/s per dtype and preset (generated tokens over wall time, prefill included) and each one's ratio
-to float32 ``ar``.
+Prints tokens/s per dtype and preset two ways, each with its ratio to float32 ``ar``: generated tokens over wall time
+(prefill included), and the decoding steps alone (tokens the steps accepted over the steps' time, as llama.cpp's
+``llama-bench -p 0`` counts).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def main() -> None:
     bs = args.batch_size
     tokens = {k: 0 for k in decoders}
     wall = {k: 0.0 for k in decoders}
+    step_tokens = {k: 0 for k in decoders}
+    step_time = {k: 0.0 for k in decoders}
     out = {k: [] for k in decoders}
     for i in range(0, len(prompts), bs):  # turns: each batch of prompts through every decoder
         for k, dec in decoders.items():
@@ -51,15 +54,20 @@ def main() -> None:
             r = dec.generate(prompts[i:i + bs], max_new_tokens=args.max_new_tokens, batch_size=bs)
             wall[k] += time.perf_counter() - t
             tokens[k] += sum(r.new_tokens)
+            step_tokens[k] += sum(sum(st.accepted) for st in r.stats)
+            step_time[k] += sum(st.step_time_s for st in r.stats)
             out[k] += r.token_ids
     ref = ("float32", "ar") if ("float32", "ar") in decoders else next(iter(decoders))
     base = tokens[ref] / wall[ref]
+    base_steps = step_tokens[ref] / step_time[ref]
     print(f"{len(prompts)} prompts, batch {bs}, {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads")
-    print(f"{'dtype':10s} {'preset':10s} {'tokens/s':>9s} {'vs ' + '/'.join(ref):>14s}  equal to float32 ar")
+    print(f"{'dtype':10s} {'preset':10s} {'tokens/s':>9s} {'ratio':>6s} {'steps tok/s':>12s} {'ratio':>6s}  "
+          f"equal to float32 ar")
     for k in decoders:
         same = out[k] == out[("float32", "ar")] if ("float32", "ar") in out else "-"
-        print(f"{k[0]:10s} {k[1]:10s} {tokens[k] / wall[k]:9.1f} {tokens[k] / wall[k] / base:13.2f}x  {same}")
-
+        rate, steps = tokens[k] / wall[k], step_tokens[k] / step_time[k]
+        print(f"{k[0]:10s} {k[1]:10s} {rate:9.1f} {rate / base:5.2f}x {steps:12.1f} {steps / base_steps:5.2f}x  {same}")
+    print(f"ratios are to {'/'.join(ref)}")
 
 if __name__ == "__main__":
     with torch.inference_mode():

@@ -254,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=128)
     _sampling_args(g)
     g.add_argument("--batch-size", type=int, default=None, help="prompts decoded together (default: all)")
-    g.add_argument("--dtype", default="float32", choices=list(DTYPE_CHOICES))
+    g.add_argument("--dtype", default="float32", choices=list(DTYPE_CHOICES),
+                   help="float32 (default), bfloat16, float16, or gguf: a GGUF model's Q4_1/Q8_0 blocks kept as they "
+                        "are on a CPU with AVX2, with float32's output")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     g.add_argument("--no-chat", action="store_true", help="send the raw text, not the chat template")
     g.add_argument("--raw-special", action="store_true",
@@ -293,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(b)
     b.add_argument("--model", default=DEFAULT_MODEL)
     b.add_argument("--heads", default=None)
-    b.add_argument("--dtype", default="float32", choices=list(DTYPE_CHOICES))
+    b.add_argument("--dtype", default="float32", choices=list(DTYPE_CHOICES), help="as for generate")
     b.add_argument("--device", default="cpu")
     b.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per (method, batch size)")
     b.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

@@ -5,6 +5,9 @@
   its own (the same bits whatever the tree size or batch);
 * :func:`rope_and_cache` and :func:`rms_norm`: a layer's rotary embedding plus cache write, and RMSNorm, each in one
   call instead of about twenty and eight small torch ops;
+* GGUF blocks (``propd.models.quant``, ``--dtype gguf``): :func:`linear` also takes Q4_1 and Q8_0 weights packed by
+  ``quant.pack_blocks``, dequantized in registers and summed in the float32 path's order (the float32 bits at about
+  a fifth of the bytes), and :func:`dequantize` gives their dense float32 matrix for calls of more rows;
 * :func:`decoder_layer`: all of the above for one decoder layer of a step in one call (``DecoderLayer.forward``
   uses it when every part would go to the extension anyway); on the default model this cut a 1-16 token step's 30
   layers to about two thirds of their time with torch's element-wise ops and SDPA (``python
@@ -230,6 +233,14 @@ def decoder_layer(x: torch.Tensor, weights: list[torch.Tensor], outs: list[int],
     ``DecoderLayer._fused_weights`` for when it is used)."""
     return _state["ext"].decoder_layer(x, weights, outs, cos.contiguous(), sin.contiguous(), cache_k, cache_v,
                                        pos.contiguous(), mask.contiguous(), eps, scale)
+
+
+def dequantize(packed: torch.Tensor, out_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The (out_features, K) float32 matrix of GGUF blocks packed by ``propd.models.quant.pack_blocks``, rounded as
+    gguf's ``dequantize``, written into ``out`` if given (the extension must be loaded)."""
+    if out is None:
+        out = torch.empty(out_features, packed.shape[1] * 32, dtype=torch.float32)
+    return _state["ext"].dequantize_packed(packed, out_features, out)
 
 
 def linear(x2: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:

@@ -111,7 +111,14 @@ class QuantLinear(nn.Module):
         return cls(pack_blocks(blocks, fmt, out_features, in_features), fmt, in_features, out_features, dense)
 
     def dequantized(self) -> torch.Tensor:
-        """The (O, K) float32 weight, computed now (not kept)."""
+        """The (O, K) float32 weight: the dense tensor if one is kept, else computed now (by the extension where it
+        is loaded) and not kept."""
+        from propd.models import cpu_kernel
+
+        if self._dense is not None:
+            return self._dense
+        if cpu_kernel.extension() is not None and self.packed.device.type == "cpu":
+            return cpu_kernel.dequantize(self.packed, self.out_features)
         return dequantize_packed(self.packed, self.fmt, self.out_features, self.in_features)
 
     @property

@@ -794,6 +794,60 @@ torch::Tensor pack(const torch::Tensor& w) {
 }
 
 // x: (M, K) contiguous, of the packed weight's type; packed: pack(w) for w of O rows. Returns (M, O) of that type.
+// The (O, K) float32 matrix of block-packed panels (P, K / 32, bytes), each weight rounded as gguf's dequantize:
+// Q4_1 d * q + m (d * q exact in float32, one rounding), Q8_0 q * d. For calls of more rows than the block kernel
+// takes (prefill), which multiply the dense matrix; parallel over panels.
+// Written into out, a contiguous (O, K) float32 tensor.
+torch::Tensor dequantize_packed(const torch::Tensor& packed, int64_t O, torch::Tensor out) {
+    TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.scalar_type() == at::kByte &&
+                    (packed.size(2) == kQ41Bytes || packed.size(2) == kQ80Bytes) &&
+                    (O + kPanel - 1) / kPanel == packed.size(0),
+                "dequantize_packed: not block-packed panels of O outputs");
+    const int64_t P = packed.size(0), nb = packed.size(1), K = nb * kQK, bytes = packed.size(2);
+    const bool q41 = bytes == kQ41Bytes;
+    TORCH_CHECK(out.dim() == 2 && out.size(0) == O && out.size(1) == K && out.is_contiguous() &&
+                    out.scalar_type() == at::kFloat && out.device().is_cpu(),
+                "dequantize_packed: out must be a contiguous (O, K) float32 CPU tensor");
+    auto w = out;
+    const uint8_t* pp = packed.data_ptr<uint8_t>();
+    float* wp = w.data_ptr<float>();
+    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+        float tile[kQK][kPanel];
+        for (int64_t p = begin; p < end; ++p) {
+            const int64_t rows = std::min<int64_t>(kPanel, O - p * kPanel);
+            for (int64_t b = 0; b < nb; ++b) {
+                const uint8_t* blk = pp + (p * nb + b) * bytes;
+                const uint16_t* h = reinterpret_cast<const uint16_t*>(blk);
+                float d[kPanel], m[kPanel];
+                for (int64_t o = 0; o < kPanel; ++o) {
+                    d[o] = c10::detail::fp16_ieee_to_fp32_value(h[o]);
+                    m[o] = q41 ? c10::detail::fp16_ieee_to_fp32_value(h[kPanel + o]) : 0.0f;
+                }
+                if (q41) {
+                    const uint8_t* q = blk + 4 * kPanel;
+                    for (int64_t j = 0; j < kQK / 2; ++j) {
+                        for (int64_t o = 0; o < kPanel; ++o) {
+                            const uint8_t v = q[j * kPanel + o];
+                            tile[2 * j][o] = d[o] * static_cast<float>(v & 15) + m[o];
+                            tile[2 * j + 1][o] = d[o] * static_cast<float>(v >> 4) + m[o];
+                        }
+                    }
+                } else {
+                    const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2 * kPanel);
+                    for (int64_t k = 0; k < kQK; ++k) {
+                        for (int64_t o = 0; o < kPanel; ++o) tile[k][o] = static_cast<float>(q[k * kPanel + o]) * d[o];
+                    }
+                }
+                for (int64_t o = 0; o < rows; ++o) {
+                    float* dst = wp + (p * kPanel + o) * K + b * kQK;
+                    for (int64_t k = 0; k < kQK; ++k) dst[k] = tile[k][o];
+                }
+            }
+        }
+    });
+    return w;
+}
+
 torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t O) {
     if (packed.scalar_type() == at::kByte) {  // GGUF blocks (Q4_1, Q8_0) for a float32 x
         TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() && x.scalar_type() == at::kFloat,
@@ -989,6 +1043,7 @@ torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("pack", &pack, "pack a (O, K) float32 or bfloat16 weight into 16-row panels");
     m.def("packed_linear", &packed_linear, "x @ w.T for few rows of x, w packed by pack() or GGUF blocks packed by propd.models.quant");
+    m.def("dequantize_packed", &dequantize_packed, "the (O, K) float32 matrix of GGUF blocks packed by propd.models.quant");
     m.def("tree_attention", &tree_attention, "attention of a few query tokens per row over cached keys");
     m.def("rope_and_cache", &rope_and_cache, "rotary embedding of q and k, and the cache write of k and v");
     m.def("rms_norm", &rms_norm, "RMSNorm of each row");
