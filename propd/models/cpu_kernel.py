@@ -11,7 +11,8 @@
 * :func:`decoder_layer`: all of the above for one decoder layer of a step in one call (``DecoderLayer.forward``
   uses it when every part would go to the extension anyway); on the default model this cut a 1-16 token step's 30
   layers to about two thirds of their time with torch's element-wise ops and SDPA (``python
-  benchmarks/fused_layer.py``; docs/architecture.md, "Model core").
+  benchmarks/fused_layer.py``; docs/architecture.md, "Model core"); the extension's ``LayerStack`` runs a step's
+  layers in one call (``cpu_modules.run_layers_fused``).
 
 The linear kernel: a decoding step multiplies every weight matrix by only a handful of rows (one per tree node and row of the batch),
 where MKL's general matrix product runs far below the machine's memory bandwidth. ``csrc/packed_linear.cpp`` packs
@@ -233,6 +234,12 @@ def decoder_layer(x: torch.Tensor, weights: list[torch.Tensor], outs: list[int],
     ``DecoderLayer._fused_weights`` for when it is used)."""
     return _state["ext"].decoder_layer(x, weights, outs, cos.contiguous(), sin.contiguous(), cache_k, cache_v,
                                        pos.contiguous(), mask.contiguous(), eps, scale)
+
+
+def pack_blocks(blocks: torch.Tensor, block_bytes: int) -> torch.Tensor:
+    """``propd.models.quant.pack_blocks`` in the extension (the same bytes): ggml blocks (O, row bytes) uint8 of
+    Q4_1 (20-byte) or Q8_0 (34-byte) blocks -> panels (ceil(O / 16), K / 32, panel bytes)."""
+    return _state["ext"].pack_gguf_blocks(blocks.contiguous(), block_bytes)
 
 
 def dequantize(packed: torch.Tensor, out_features: int, out: torch.Tensor | None = None) -> torch.Tensor:

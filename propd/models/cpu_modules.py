@@ -192,6 +192,52 @@ class KernelDecoderLayer(DecoderLayer):
         return weights, [lin.out_features for lin in linears]
 
 
+class _Stacks(dict):
+    """A model's ``LayerStack``s by key; never copied with the model (a copy holds its own weights; the extension's
+    objects cannot be copied or pickled)."""
+
+    def __deepcopy__(self, memo) -> "_Stacks":
+        return _Stacks()
+
+    def __reduce__(self):
+        return _Stacks, ()
+
+
+def run_layers_fused(model, h: torch.Tensor, start: int, end: int, cache: KVCache, a: AttentionInputs
+                     ) -> torch.Tensor | None:
+    """Layers ``start .. end - 1`` of a decoding step in one extension call (``LayerStack``: each layer's
+    :func:`cpu_kernel.decoder_layer` in turn, the same bits) when every layer would take its fused call anyway, else
+    None. What goes is a step's per-layer Python (module calls, checks): about a millisecond over 30 layers.
+
+    The stack is kept between calls under the same key as ``KernelDecoderLayer._fused_weights`` and the weights'
+    stamps (every layer's weights the same tensors, unchanged in place)."""
+    layers = model.model.layers
+    B, T, _ = h.shape
+    cache_k = cache.k[0]
+    key = (h.dtype, h.device, cache_k.dtype, cache_k.stride(-1), a.decoding, torch.is_grad_enabled(),
+           T <= cpu_kernel.attention_limit(h.dtype, a.decoding), 1 <= B * T <= cpu_kernel.max_rows(h.dtype),
+           len(layers))
+    stacks = model.__dict__.get("_stacks")
+    if stacks is None:
+        stacks = model.__dict__["_stacks"] = _Stacks()  # one per key: steps of different kinds alternate
+    hit = stacks.get(key)
+    if hit is None or not all(store.get(name) is t and tensor_version(t) == v for store, name, t, v in hit[2]):
+        stack, stamps = None, []
+        if all(type(layer) is KernelDecoderLayer for layer in layers):
+            fused = [layer._fused_weights(h, cache_k, a.decoding) for layer in layers]
+            first = layers[0]
+            eps, scale = first.input_layernorm.eps, first.self_attn.cfg.head_dim ** -0.5
+            if all(f is not None and f[1] == fused[0][1] for f in fused) and all(
+                    layer.input_layernorm.eps == eps and layer.post_attention_layernorm.eps == eps for layer in layers):
+                stack = cpu_kernel.extension().LayerStack([w for f in fused for w in f[0]], fused[0][1], eps, scale)
+                stamps = [s for layer in layers for s in layer.__dict__["_fused"][2]]
+        hit = stacks[key] = (key, stack, stamps)
+    if hit[1] is None:
+        return None
+    cos, sin, pos, mask = _layer_inputs(a)
+    return hit[1].run(h.contiguous(), cos, sin, cache.k, cache.v, pos, mask, start, end)
+
+
 _last_inputs: tuple = (None, None)  # (AttentionInputs, its tensors for the kernel): every layer of a call shares them
 
 

@@ -214,6 +214,7 @@ class LlamaModel(nn.Module):
             from propd.models import cpu_modules
 
             cpu_modules.swap_in(self)
+            self.__dict__["fused_layers"] = cpu_modules.run_layers_fused
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.cfg
@@ -228,6 +229,11 @@ class LlamaModel(nn.Module):
         return self.model.embed_tokens(tokens)
 
     def run_layers(self, h: torch.Tensor, start: int, end: int, cache: KVCache, a: AttentionInputs) -> torch.Tensor:
+        fused = self.__dict__.get("fused_layers")  # set by prepare() on a CPU: all layers in one call, or None
+        if fused is not None:
+            out = fused(self, h, start, end, cache, a)
+            if out is not None:
+                return out
         for i in range(start, end):
             h = self.model.layers[i](h, i, cache, a)
         return h

@@ -54,6 +54,16 @@ def pack_blocks(blocks: torch.Tensor, fmt: str, out_features: int, in_features: 
         raise PropdError(f"GGUF block type {fmt} is not kept quantized (propd keeps {', '.join(BLOCK_BYTES)})")
     if in_features % QK:
         raise PropdError(f"a {fmt} matrix needs rows of a multiple of {QK} weights, got {in_features}")
+    from propd.models import cpu_kernel
+
+    if cpu_kernel.extension() is not None and blocks.device.type == "cpu":
+        nb, bb = in_features // QK, BLOCK_BYTES[fmt]
+        return cpu_kernel.pack_blocks(blocks.reshape(out_features, nb * bb), bb)
+    return pack_blocks_reference(blocks, fmt, out_features, in_features)
+
+
+def pack_blocks_reference(blocks: torch.Tensor, fmt: str, out_features: int, in_features: int) -> torch.Tensor:
+    """:func:`pack_blocks` in torch ops (where the extension is unavailable, and to test it)."""
     nb, bb = in_features // QK, BLOCK_BYTES[fmt]
     b = blocks.reshape(out_features, nb, bb)
     P = -(-out_features // PANEL)
@@ -175,24 +185,86 @@ def _unpermute_rows(blocks: torch.Tensor, heads: int) -> torch.Tensor:
     return blocks.reshape(heads, half, 2, -1).transpose(1, 2).reshape(rows, -1)
 
 
+# ggml type ids (ggml.h) of the block formats kept, and GGUF metadata value types' sizes (gguf.md)
+_GGML_TYPES = {3: "Q4_1", 8: "Q8_0"}
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+
+
+def _gguf_tensor_infos(path) -> tuple[list[tuple[str, tuple[int, ...], int, int]], int]:
+    """The tensor table of a GGUF file (v2/v3, gguf.md): [(name, dims (ne0 first), ggml type, offset)] and the byte
+    offset where tensor data starts. Reads the header alone, skipping metadata values (the tokenizer's ~100k strings)
+    by their lengths instead of decoding them."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        if mm[:4] != b"GGUF":
+            raise PropdError(f"{path} is not a GGUF file")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
+        if version < 2:
+            raise PropdError(f"{path} is GGUF version {version}; propd reads versions 2 and 3")
+        pos, alignment = 24, 32
+
+        def string(pos: int) -> tuple[str, int]:
+            (n,) = struct.unpack_from("<Q", mm, pos)
+            return mm[pos + 8:pos + 8 + n].decode("utf-8", "replace"), pos + 8 + n
+
+        def skip(vtype: int, pos: int) -> int:
+            if vtype == _STRING:
+                return pos + 8 + struct.unpack_from("<Q", mm, pos)[0]
+            if vtype == _ARRAY:
+                itype, count = struct.unpack_from("<IQ", mm, pos)
+                pos += 12
+                if itype in _SCALAR_BYTES:
+                    return pos + count * _SCALAR_BYTES[itype]
+                for _ in range(count):
+                    pos = skip(itype, pos)
+                return pos
+            return pos + _SCALAR_BYTES[vtype]
+
+        for _ in range(n_kv):
+            key, pos = string(pos)
+            (vtype,) = struct.unpack_from("<I", mm, pos)
+            pos += 4
+            if key == "general.alignment" and vtype == _UINT32:
+                (alignment,) = struct.unpack_from("<I", mm, pos)
+            pos = skip(vtype, pos)
+        infos = []
+        for _ in range(n_tensors):
+            name, pos = string(pos)
+            (nd,) = struct.unpack_from("<I", mm, pos)
+            dims = struct.unpack_from(f"<{nd}Q", mm, pos + 4)
+            ttype, offset = struct.unpack_from("<IQ", mm, pos + 4 + 8 * nd)
+            pos += 4 + 8 * nd + 12
+            infos.append((name, tuple(int(d) for d in dims), ttype, int(offset)))
+        return infos, -(-pos // alignment) * alignment
+
+
 def read_gguf_blocks(path, cfg) -> dict[str, tuple[str, torch.Tensor]]:
     """The Q4_1 and Q8_0 matrices of a Llama GGUF file: HF module name -> (format, blocks (O, row bytes) uint8), rows
     in the HF order (q and k un-permuted)."""
-    from gguf import GGUFReader
+    import numpy as np
 
     try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:
+        infos, start = _gguf_tensor_infos(path)
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+    except PropdError:
+        raise
+    except Exception as exc:  # struct.error, UnicodeError, OSError on a damaged file
         raise PropdError(f"cannot read GGUF blocks from {path}: {type(exc).__name__}") from None
     out = {}
-    for t in reader.tensors:
-        fmt, name = t.tensor_type.name, _hf_name(t.name)
-        if name is None or fmt not in BLOCK_BYTES:
+    for gname, dims, ttype, offset in infos:
+        fmt, name = _GGML_TYPES.get(ttype), _hf_name(gname)
+        if name is None or fmt not in BLOCK_BYTES or len(dims) != 2 or dims[0] % QK:
             continue
-        blocks = torch.from_numpy(t.data.copy()).reshape(int(t.shape[1]), -1)
-        if t.name.endswith("attn_q.weight"):
+        nbytes = dims[1] * dims[0] // QK * BLOCK_BYTES[fmt]
+        if start + offset + nbytes > data.shape[0]:
+            raise PropdError(f"{path} is truncated: tensor {gname} ends past the end of the file")
+        blocks = torch.from_numpy(np.array(data[start + offset:start + offset + nbytes])).reshape(dims[1], -1)
+        if gname.endswith("attn_q.weight"):
             blocks = _unpermute_rows(blocks, cfg.num_heads)
-        elif t.name.endswith("attn_k.weight"):
+        elif gname.endswith("attn_k.weight"):
             blocks = _unpermute_rows(blocks, cfg.num_kv_heads)
         out[name] = (fmt, blocks)
     return out
@@ -200,8 +272,8 @@ def read_gguf_blocks(path, cfg) -> dict[str, tuple[str, torch.Tensor]]:
 
 def quantize_model(model, blocks: dict[str, tuple[str, torch.Tensor]], source: str = "the GGUF file") -> int:
     """Replace ``model``'s float32 linear layers (and a tied ``lm_head``) with :class:`QuantLinear` from ``blocks``
-    (:func:`read_gguf_blocks`), after checking each block matrix dequantizes to the layer's weight bit for bit (a
-    file that does not match the loaded weights raises). Returns the number of layers replaced."""
+    (:func:`read_gguf_blocks`), after checking that each packed matrix dequantizes to the layer's weight bit for bit
+    (a file that does not match the loaded weights raises). Returns the number of layers replaced."""
     modules = dict(model.named_modules())
     tied = model.cfg.tie_word_embeddings
     replaced = 0
@@ -215,11 +287,12 @@ def quantize_model(model, blocks: dict[str, tuple[str, torch.Tensor]], source: s
         O, K = lin.weight.shape
         if b.shape[0] != O or b.numel() != O * (K // QK) * BLOCK_BYTES[fmt] or K % QK:
             raise PropdError(f"{source}: {name} is {fmt} of {b.shape[0]} rows, the model's layer is {O} x {K}")
-        if not torch.equal(dequantize_blocks(b, fmt, O, K), lin.weight.detach().float()):
+        q = QuantLinear.from_blocks(b, fmt, K, O)
+        if not torch.equal(q.dequantized(), lin.weight.detach().float()):  # the kernel's weights, as packed
             raise PropdError(f"{source}: {name}'s {fmt} blocks do not dequantize to the loaded weights "
                              "(a different model or conversion)")
-        dense = model.model.embed_tokens.weight if target == "lm_head" and tied else None
-        q = QuantLinear.from_blocks(b, fmt, K, O, dense=dense)
+        if target == "lm_head" and tied:
+            q._dense = model.model.embed_tokens.weight
         parent, _, attr = target.rpartition(".")
         setattr(modules[parent] if parent else model, attr, q)
         replaced += 1

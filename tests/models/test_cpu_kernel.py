@@ -196,8 +196,9 @@ def test_rms_norm_matches_the_module_and_each_row_alone(rows, n, seed, dtype):
 @settings(max_examples=20, deadline=None)
 @given(b=st.integers(1, 3), t=st.integers(1, 16), seed=st.integers(0, 1000), dtype=st.sampled_from(cpu_kernel.DTYPES))
 def test_fused_decoder_layer_equals_the_module_path_bit_for_bit(b, t, seed, dtype):
-    """A decoding step through ``cpu_kernel.decoder_layer`` (one call per layer) gives the same hidden states and the
-    same cache as the same step through the modules, bit for bit."""
+    """A decoding step through the model's ``LayerStack`` (all layers in one call, here split in two calls at a
+    random layer), through ``cpu_kernel.decoder_layer`` (one call per layer) and through the modules gives the same
+    hidden states and the same cache, bit for bit; a weight changed in place reaches every path."""
     if not X86_AVX2:
         pytest.skip("the CPU kernel needs x86-64 with AVX2/FMA; this machine lacks them")
 
@@ -211,25 +212,40 @@ def test_fused_decoder_layer_equals_the_module_path_bit_for_bit(b, t, seed, dtyp
     prompts = [torch.randint(0, 128, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (b,), generator=g)]
     tree = DraftTree.chain(t - 1)
     tokens = torch.randint(0, 128, (b, t), generator=g)
-    outs = []
-    for fused in (True, False):
-        cache = model.new_cache(b, 40)
-        with torch.inference_mode():
-            model.prefill(cache, prompts)
-            a = model.attention_inputs(cache, torch.arange(t).expand(b, t), tree.mask, tree.depths)
-            if fused:
-                assert model.model.layers[0]._fused_weights(model.embed(tokens), cache.layer(0)[0]) is not None
-                h = model.run_layers(model.embed(tokens), 0, model.num_layers, cache, a)
-            else:
+    split = seed % (model.num_layers + 1)
+    stack_runner = model.__dict__["fused_layers"]
+    for changed in (False, True):
+        if changed:  # in place, as a training step or a test would: every cached form must see it
+            with torch.no_grad():
+                model.model.layers[-1].post_attention_layernorm.weight.mul_(1.5)
+        outs = []
+        for way in ("stack", "layers", "modules"):
+            cache = model.new_cache(b, 40)
+            with torch.inference_mode():
+                model.prefill(cache, prompts)
+                a = model.attention_inputs(cache, torch.arange(t).expand(b, t), tree.mask, tree.depths)
+                x = model.embed(tokens)
+                if way == "stack":
+                    assert model.model.layers[0]._fused_weights(x, cache.layer(0)[0]) is not None
+                    h = model.run_layers(model.run_layers(x, 0, split, cache, a), split, model.num_layers, cache, a)
+                    assert any(entry[1] is not None for entry in model.__dict__["_stacks"].values())
+                    outs.append((h, cache.k.clone(), cache.v.clone()))
+                    continue
+                model.__dict__["fused_layers"] = None
                 original = DecoderLayer._fused_weights
-                DecoderLayer._fused_weights = lambda self, x, k, decoding=True: None
+                if way == "modules":
+                    DecoderLayer._fused_weights = lambda self, x, k, decoding=True: None
                 try:
-                    h = model.run_layers(model.embed(tokens), 0, model.num_layers, cache, a)
+                    h = model.run_layers(x, 0, model.num_layers, cache, a)
                 finally:
                     DecoderLayer._fused_weights = original
-        outs.append((h, cache.k.clone(), cache.v.clone()))
-    (h1, k1, v1), (h2, k2, v2) = outs
-    assert torch.equal(h1, h2) and torch.equal(k1, k2) and torch.equal(v1, v2)
+                    model.__dict__["fused_layers"] = stack_runner
+            outs.append((h, cache.k.clone(), cache.v.clone()))
+        for h, k, v in outs[1:]:
+            assert torch.equal(outs[0][0], h) and torch.equal(outs[0][1], k) and torch.equal(outs[0][2], v)
+        if not changed:
+            before = outs[0][0]
+    assert not torch.equal(before, outs[0][0])  # the change mattered, and the stack saw it
 
 
 HAS_AVX512 = X86_AVX2 and cpu_kernel.extension() is not None and cpu_kernel.extension().isa().startswith("avx512")

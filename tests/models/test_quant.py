@@ -41,7 +41,8 @@ def test_dequantize_equals_gguf_and_packing_keeps_every_weight(fmt, rows, nb, se
     packed = quant.pack_blocks(blocks, fmt, rows, 32 * nb)
     assert packed.shape == (-(-rows // 16), nb, quant.PANEL_BYTES[fmt])
     assert torch.equal(quant.dequantize_packed(packed, fmt, rows, 32 * nb), got)
-    if KERNEL:  # the extension's dequantize (prefill) gives the same bits
+    if KERNEL:  # the extension's packing and dequantize (load, prefill) give the same bytes and bits
+        assert torch.equal(packed, quant.pack_blocks_reference(blocks, fmt, rows, 32 * nb))
         assert torch.equal(cpu_kernel.dequantize(packed, rows), got)
 
 

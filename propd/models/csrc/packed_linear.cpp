@@ -794,6 +794,48 @@ torch::Tensor pack(const torch::Tensor& w) {
 }
 
 // x: (M, K) contiguous, of the packed weight's type; packed: pack(w) for w of O rows. Returns (M, O) of that type.
+// ggml blocks (O, K / 32 * block bytes) uint8, rows of Q4_1 (20-byte) or Q8_0 (34-byte) blocks, into the panels the
+// block kernel reads (P, K / 32, panel bytes), layout above; rows past O are zero blocks (weight 0). Q4_1's block
+// holds weight j in the low nibble of byte j and weight j + 16 in its high nibble; panels pair k = 2i, 2i + 1.
+torch::Tensor pack_gguf_blocks(const torch::Tensor& blocks, int64_t block_bytes) {
+    TORCH_CHECK(blocks.dim() == 2 && blocks.is_contiguous() && blocks.scalar_type() == at::kByte &&
+                    blocks.device().is_cpu() && (block_bytes == 20 || block_bytes == 34) &&
+                    blocks.size(1) % block_bytes == 0,
+                "pack_gguf_blocks: blocks must be a contiguous (O, n * block bytes) uint8 CPU tensor of Q4_1 or Q8_0");
+    const bool q41 = block_bytes == 20;
+    const int64_t O = blocks.size(0), nb = blocks.size(1) / block_bytes, P = (O + kPanel - 1) / kPanel;
+    const int64_t bytes = q41 ? kQ41Bytes : kQ80Bytes;
+    auto out = torch::zeros({P, nb, bytes}, blocks.options());
+    const uint8_t* src = blocks.data_ptr<uint8_t>();
+    uint8_t* dst = out.data_ptr<uint8_t>();
+    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+            for (int64_t b = 0; b < nb; ++b) {
+                uint8_t* panel = dst + (p * nb + b) * bytes;
+                for (int64_t o = 0; o < kPanel && p * kPanel + o < O; ++o) {
+                    const uint8_t* blk = src + (p * kPanel + o) * nb * block_bytes + b * block_bytes;
+                    panel[2 * o] = blk[0];
+                    panel[2 * o + 1] = blk[1];
+                    if (q41) {
+                        panel[2 * kPanel + 2 * o] = blk[2];
+                        panel[2 * kPanel + 2 * o + 1] = blk[3];
+                        const uint8_t* qs = blk + 4;
+                        for (int64_t i = 0; i < kQK / 2; ++i) {
+                            const int64_t k0 = 2 * i, k1 = 2 * i + 1;
+                            const uint8_t q0 = k0 < 16 ? (qs[k0] & 15) : (qs[k0 - 16] >> 4);
+                            const uint8_t q1 = k1 < 16 ? (qs[k1] & 15) : (qs[k1 - 16] >> 4);
+                            panel[4 * kPanel + i * kPanel + o] = static_cast<uint8_t>(q0 | (q1 << 4));
+                        }
+                    } else {
+                        for (int64_t k = 0; k < kQK; ++k) panel[2 * kPanel + k * kPanel + o] = blk[2 + k];
+                    }
+                }
+            }
+        }
+    });
+    return out;
+}
+
 // The (O, K) float32 matrix of block-packed panels (P, K / 32, bytes), each weight rounded as gguf's dequantize:
 // Q4_1 d * q + m (d * q exact in float32, one rounding), Q8_0 q * d. For calls of more rows than the block kernel
 // takes (prefill), which multiply the dense matrix; parallel over panels.
@@ -1040,14 +1082,46 @@ torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Ten
     return (x1 + packed_linear(a, w[8], outs[6])).view({B, T, H});
 }
 
+// A model's decoder layers for decoding steps, run in one call: decoder_layer for each layer in turn, with the weights
+// held here (9 per layer, as decoder_layer takes them) so that a step passes only its activations and inputs. k_all and
+// v_all: the cache's (L, B, Hk, capacity, D) buffers; layer i uses k_all[i] and v_all[i].
+struct LayerStack {
+    std::vector<torch::Tensor> w;
+    std::vector<int64_t> outs;
+    double eps, scale;
+    LayerStack(std::vector<torch::Tensor> weights, std::vector<int64_t> out_sizes, double eps_, double scale_)
+        : w(std::move(weights)), outs(std::move(out_sizes)), eps(eps_), scale(scale_) {
+        TORCH_CHECK(w.size() % 9 == 0 && outs.size() == 7, "LayerStack: 9 weights per layer and 7 output sizes");
+    }
+    int64_t layers() const { return static_cast<int64_t>(w.size() / 9); }
+    torch::Tensor run(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& k_all,
+                      const torch::Tensor& v_all, const torch::Tensor& pos, const torch::Tensor& mask, int64_t start,
+                      int64_t end) const {
+        TORCH_CHECK(0 <= start && start <= end && end <= layers() && k_all.size(0) >= end && v_all.size(0) >= end,
+                    "LayerStack.run: layers out of range");
+        std::vector<torch::Tensor> lw(9);
+        for (int64_t i = start; i < end; ++i) {
+            for (int j = 0; j < 9; ++j) lw[j] = w[9 * i + j];
+            auto kc = k_all.select(0, i);
+            auto vc = v_all.select(0, i);
+            x = decoder_layer(x, lw, outs, cos, sin, kc, vc, pos, mask, eps, scale);
+        }
+        return x;
+    }
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("pack", &pack, "pack a (O, K) float32 or bfloat16 weight into 16-row panels");
     m.def("packed_linear", &packed_linear, "x @ w.T for few rows of x, w packed by pack() or GGUF blocks packed by propd.models.quant");
+    m.def("pack_gguf_blocks", &pack_gguf_blocks, "ggml Q4_1 or Q8_0 blocks into the block kernel's panels");
     m.def("dequantize_packed", &dequantize_packed, "the (O, K) float32 matrix of GGUF blocks packed by propd.models.quant");
     m.def("tree_attention", &tree_attention, "attention of a few query tokens per row over cached keys");
     m.def("rope_and_cache", &rope_and_cache, "rotary embedding of q and k, and the cache write of k and v");
     m.def("rms_norm", &rms_norm, "RMSNorm of each row");
     m.def("decoder_layer", &decoder_layer, "one Llama decoder layer of a decoding step");
+    pybind11::class_<LayerStack>(m, "LayerStack", "a model's decoder layers for decoding steps, run in one call")
+        .def(pybind11::init<std::vector<torch::Tensor>, std::vector<int64_t>, double, double>())
+        .def("run", &LayerStack::run, "run layers start..end-1 of a decoding step on x (B, T, H)");
     m.def("set_isa_limit", [](int64_t limit) { g_isa_limit = static_cast<int>(limit); },
           "0: the best path this CPU has; 1: AVX2 only");
     m.def("isa", []() { return std::string(use_avx512() ? (use_bf16_pairs() ? "avx512bf16" : "avx512") : "avx2"); },
