@@ -163,11 +163,14 @@ def main() -> None:
         print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
     print(f"decode tokens/s, median of {args.rounds} rounds: {args.tokens} tokens after a {args.depth}-token context, "
           f"batch 1, {args.threads} threads")
-    print(f"{'precision':10s} {'llama.cpp':>10s} {'propd ar':>10s} {'propd / llama.cpp':>18s}")
+    print(f"{'precision':18s} {'llama.cpp':>10s} {'propd ar':>10s} {'ratio':>7s}  per-round ratios: median (range)")
     for dt in dtypes:
         ft = PRECISIONS[dt]
-        lc, pr = statistics.median(rates[("llama.cpp", ft)]), statistics.median(rates[("propd", dt)])
-        print(f"{ft + ' / ' + dt:10s} {lc:10.1f} {pr:10.1f} {pr / lc:17.2f}x")
+        lcs, prs = rates[("llama.cpp", ft)], rates[("propd", dt)]
+        lc, pr = statistics.median(lcs), statistics.median(prs)
+        ratios = [p / c for p, c in zip(prs, lcs)]  # each round's pair ran back to back
+        print(f"{ft + ' / ' + dt:18s} {lc:10.1f} {pr:10.1f} {pr / lc:6.2f}x  {statistics.median(ratios):.2f}x "
+              f"({min(ratios):.2f}-{max(ratios):.2f})")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise PropdError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.batch_size is not None and args.batch_size <= 0:
         raise PropdError(f"--batch-size must be positive, got {args.batch_size}")
+    threads = _threads_arg(args.threads)
     from propd.decoder import Decoder
     from propd.models.loading import load_model
     from propd.presets import check_preset, parse_component
@@ -63,7 +64,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.pruner:
         overrides["pruners"] = [parse_component(p) for p in args.pruner if p != "none"]
     model = load_model(args.model, device=args.device, dtype=args.dtype, heads=args.heads)
-    decoder = Decoder(model, preset=args.preset, draft_vocab=args.draft_vocab, **overrides)
+    decoder = Decoder(model, preset=args.preset, draft_vocab=args.draft_vocab, threads=threads,
+                      **overrides)
     from propd.chat import conversation
 
     answers: list[list[str]] = [[] for _ in prompts]
@@ -98,9 +100,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     print(f"--- [{i}]{f' turn {j + 1}' if len(turns) > 1 else ''} {turns[j][:60]}")
                 print(text)
     print(f"propd: {total} tokens in {wall:.2f}s ({total / max(wall, 1e-9):.1f} tok/s), "
-          f"{total / max(steps, 1):.2f} tokens per forward pass per prompt (ar: 1.00), preset {preset}",
+          f"{total / max(steps, 1):.2f} tokens per forward pass per prompt (ar: 1.00), preset {preset}, "
+          f"weights {model.weights}",
           file=sys.stderr)
     return 0
+
+
+def _threads_arg(value: str) -> str | int:
+    """``--threads``: auto or a positive whole number (else a one-line error, exit 2)."""
+    if value == "auto":
+        return value
+    if not value.strip().isdigit() or int(value) < 1:
+        raise PropdError(f"--threads must be auto or a positive whole number, got {value!r}")
+    return int(value)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -254,10 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=128)
     _sampling_args(g)
     g.add_argument("--batch-size", type=int, default=None, help="prompts decoded together (default: all)")
-    g.add_argument("--dtype", default="float32", choices=list(DTYPE_CHOICES),
-                   help="float32 (default), bfloat16, float16, or gguf: a GGUF model's Q4_1/Q8_0 blocks kept as they "
-                        "are on a CPU with AVX2, with float32's output")
+    g.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES),
+                   help="auto (default): gguf where it applies, else float32; gguf: a GGUF model's Q4_1/Q8_0 blocks "
+                        "kept as they are (CPU with AVX2), with float32's output; float32, bfloat16, float16")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    g.add_argument("--threads", default="auto",
+                   help="CPU threads of decoding steps: auto (default: the fastest, measured as it runs, up to "
+                        "torch's count; fewer can win on a busy machine) or a number")
     g.add_argument("--no-chat", action="store_true", help="send the raw text, not the chat template")
     g.add_argument("--raw-special", action="store_true",
                    help="let marker text in prompts (e.g. <|im_end|>) become the tokenizer's special tokens; by "
@@ -295,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(b)
     b.add_argument("--model", default=DEFAULT_MODEL)
     b.add_argument("--heads", default=None)
-    b.add_argument("--dtype", default="float32", choices=list(DTYPE_CHOICES), help="as for generate")
+    b.add_argument("--dtype", default="float32", choices=list(DTYPE_CHOICES),
+                   help="as for generate (default: float32, as docs/results.md measured)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per (method, batch size)")
     b.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

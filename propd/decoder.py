@@ -21,6 +21,7 @@ from propd.errors import PropdError
 from propd.models.loading import LoadedModel
 from propd.plugins import Registry, step_manager
 from propd.sampling import SamplingParams, draw, probabilities, row_generators
+from propd.threads import ThreadTuner
 from propd.presets import AUTO, Spec, auto_preset, get_preset, parse_component
 from propd.tree import DraftTree, RowTrees, positions_of, survivors
 from propd.types import Acceptance, Draft, GenerationResult, LiveNodes, RowsBegin, StepContext, StepStats
@@ -43,14 +44,19 @@ class Decoder:
     tokens the Medusa heads guess from: None (default) all of their
     ``draft_vocab.json`` if they have one, else the whole vocabulary; 0 the whole vocabulary (see
     :mod:`propd.models.heads`). The output never depends on it, only how often guesses are right and what they cost.
+    ``threads``: on a CPU, ``"auto"`` (default) lets decoding steps run at the thread count their measured time
+    favours, up to the process's (:class:`propd.threads.ThreadTuner`: on a shared machine fewer threads can be
+    faster); a number fixes the steps' count; None leaves torch's setting alone. Prefill keeps the process's count,
+    and the output never depends on it.
     """
 
     def __init__(self, model: LoadedModel, preset: str | None = "auto", *, sizer: ComponentArg | None = None,
                  proposer: ComponentArg | None = None, pruners: Sequence[ComponentArg] | None = None,
                  verifier: ComponentArg | None = None, plugins: Iterable[Any] = (), entry_points: bool = True,
-                 draft_vocab: int | None = None, static_shapes: bool = False):
+                 draft_vocab: int | None = None, static_shapes: bool = False, threads: str | int | None = "auto"):
         self.model = model
         self.static_shapes = static_shapes
+        self.threads = self._thread_tuner(threads, model)
         if draft_vocab is not None:
             if model.heads is None:
                 raise PropdError(f"draft_vocab={draft_vocab} is for Medusa heads, but none are loaded")
@@ -186,10 +192,16 @@ class Decoder:
             from tqdm import tqdm
 
             starts = tqdm(starts, desc="batches", unit="batch")
-        for s in starts:
-            rows = list(range(s, min(s + bs, n)))
-            self._decode_batch(pm, [prompt_ids[r] for r in rows], rows, max_new_tokens, tokens, accepts, row_time,
-                               stats, params, [gens[r] for r in rows] if gens else [])
+        if self.threads is not None:
+            self.threads.start()
+        try:
+            for s in starts:
+                rows = list(range(s, min(s + bs, n)))
+                self._decode_batch(pm, [prompt_ids[r] for r in rows], rows, max_new_tokens, tokens, accepts,
+                                   row_time, stats, params, [gens[r] for r in rows] if gens else [])
+        finally:
+            if self.threads is not None:
+                self.threads.restore()
         return GenerationResult(texts=[""] * n, token_ids=tokens, steps=[len(a) for a in accepts],
                                 wall_time_s=time.perf_counter() - t0, stats=stats, row_wall_time_s=row_time,
                                 accept_lengths=accepts)
@@ -273,6 +285,10 @@ class Decoder:
         t_start = time.perf_counter()
         longest = max(len(p) for p in prompts)
         cache = m.new_cache(len(prompts), longest + max_new + 66)
+        tuner = self.threads
+        if tuner is not None:
+            tuner.restore()  # prefill at the process's thread count
+        last_nodes = 1
         begin = bool(pm.hook.propd_rows_begin.get_hookimpls())
         if begin:
             last_hidden, prompt_hidden = m.prefill(cache, prompts, keep_hidden=True)  # (B, H), (B, P, H)
@@ -316,6 +332,9 @@ class Decoder:
                 gens = [gens[b] for b in keep] if gens else gens
                 acc_hidden, acc_counts = acc_hidden[idx], acc_counts[idx]
                 live = [live[b] for b in keep]
+            kind = (len(live), last_nodes)  # steps of one kind are compared for the thread count
+            if tuner is not None:
+                tuner.begin(kind)
             t_step = time.perf_counter()
             ctx_len = max(cache.host_lengths)
             ctx = StepContext(step=step, row_ids=tuple(live), lengths=cache.lengths.clone(),
@@ -417,8 +436,21 @@ class Decoder:
                            nodes_after_pruning=sum(row[1] for row in info) / B, accepted=tuple(gained),
                            step_time_s=time.perf_counter() - t_step)
             stats.append(st)
+            if tuner is not None:
+                tuner.end(kind, st.step_time_s)
+                last_nodes = T_real
             pm.hook.propd_after_step(ctx=ctx, draft=draft, acceptance=acc, stats=st, tree=budget, tokens=tokens)
             step += 1
+
+    @staticmethod
+    def _thread_tuner(threads: str | int | None, model: LoadedModel) -> ThreadTuner | None:
+        if threads is None or model.device.type != "cpu":
+            return None
+        if threads == "auto":
+            return ThreadTuner()
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise PropdError(f"threads must be 'auto', a positive whole number or None, got {threads!r}")
+        return ThreadTuner(fixed=threads)
 
     def _single(self, device: torch.device) -> DraftTree:
         """The 1-node tree of a plain AR step, on ``device``."""

@@ -87,6 +87,7 @@ def test_listings(capsys):
 @pytest.mark.parametrize("args, message", [
     (["generate", "--max-new-tokens", "4", ""], "prompt 0 is empty"),
     (["generate", "--max-new-tokens", "0", "hi"], "must be positive"),
+    (["generate", "--threads", "0", "hi"], "--threads must be auto or a positive whole number"),
     (["generate", "--preset", "warp", "hi"], "unknown preset"),
     (["generate", "--model", "/no/such/dir", "hi"], "not found"),
     (["generate", "--preset", "medusa", "hi"], "needs Medusa heads"),

@@ -30,7 +30,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ``--dtype gguf``: the GGUF file's Q4_1 and Q8_0 matrices kept as blocks (propd.models.quant), the rest float32; decodes
 # bit for bit as float32 on the dequantized weights
 GGUF = "gguf"
-DTYPE_CHOICES = (*DTYPES, GGUF)
+# ``--dtype auto``: gguf where it applies (a GGUF model with Q4_1/Q8_0 matrices, on a CPU with propd's extension),
+# float32 otherwise; the output is float32's either way
+AUTO = "auto"
+DTYPE_CHOICES = (AUTO, *DTYPES, GGUF)
 
 
 @attrs.frozen
@@ -72,6 +75,7 @@ class LoadedModel:
     generation_eos: frozenset[int] = frozenset()  # extra stop ids from generation_config.json
     heads_path: Path | None = None  # the directory the heads came from (its report.json informs tree sizers)
     drafter: EagleDrafter | None = None  # an EAGLE feature drafter (propd.models.eagle), for the eagle proposer
+    weights: str = "float32"  # how the matrices are held: float32, bfloat16, float16, or gguf (blocks)
 
     @property
     def config(self) -> ModelConfig:
@@ -147,15 +151,21 @@ def _log(msg: str) -> None:
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """The torch dtype of activations and unquantized weights (``gguf``: float32)."""
+    """The torch dtype of activations and unquantized weights (``gguf`` and ``auto``: float32)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype == GGUF:
+    if dtype in (GGUF, AUTO):
         return torch.float32
     try:
         return DTYPES[dtype]
     except KeyError:
         raise PropdError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPE_CHOICES)})") from None
+
+
+def _is_gguf_source(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` comes as a GGUF file: a known model or a ``.gguf`` path."""
+    p = Path(name_or_path).expanduser()
+    return name_or_path in KNOWN_MODELS or (p.suffix == ".gguf" and p.is_file())
 
 
 def _gguf_file(name_or_path: str) -> Path:
@@ -374,8 +384,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
     """Load a Llama-family model for decoding.
 
     ``name_or_path``: a known name (``smollm2-135m-instruct``), a local HF directory, a ``.gguf`` file or a hub id.
-    ``dtype``: ``float32``, ``bfloat16``, ``float16``, or ``gguf`` (a GGUF model's Q4_1/Q8_0 matrices kept as blocks:
-    :mod:`propd.models.quant`; float32 output bit for bit, CPU only).
+    ``dtype``: ``float32``, ``bfloat16``, ``float16``, ``gguf`` (a GGUF model's Q4_1/Q8_0 matrices kept as blocks:
+    :mod:`propd.models.quant`; float32 output bit for bit, CPU only), or ``auto`` (``gguf`` where it applies, else
+    float32). ``LoadedModel.weights`` says which was used.
     ``heads``: a Medusa heads checkpoint (directory or file) to attach; for a known model its shipped heads are
     attached when this is None, and none when it is ``"none"``.
     """
@@ -383,6 +394,12 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
+    if isinstance(dtype, str) and dtype == AUTO:
+        dtype = GGUF if dev.type == "cpu" and _is_gguf_source(str(name_or_path)) and cpu_kernel.extension() else \
+            "float32"
+        auto = True
+    else:
+        auto = False
     quantized = isinstance(dtype, str) and dtype == GGUF
     if quantized and (dev.type != "cpu" or cpu_kernel.extension() is None):
         where = f"device {dev}" if dev.type != "cpu" else "this CPU (propd's CPU extension is unavailable)"
@@ -414,7 +431,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
 
         gguf = _gguf_file(str(name_or_path))
         if quantize_model(model, read_gguf_blocks(gguf, cfg), source=str(gguf)) == 0:
-            raise PropdError(f"{gguf} has no Q4_1 or Q8_0 matrices to keep quantized; use float32 (the same weights)")
+            if not auto:
+                raise PropdError(f"{gguf} has no Q4_1 or Q8_0 matrices to keep quantized; use float32 (the same "
+                                 "weights)")
+            quantized = False
     if dev.type == "cpu" and dt in cpu_kernel.DTYPES:
         cpu_kernel.extension()  # build (or load) the few-row kernel now, not inside the first timed step
     try:
@@ -422,7 +442,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
     except OSError:  # no generation_config.json
         eos = None
     gen_eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
-    loaded = LoadedModel(name=name, model=model, tokenizer=tokenizer, path=path, generation_eos=gen_eos)
+    loaded = LoadedModel(name=name, model=model, tokenizer=tokenizer, path=path, generation_eos=gen_eos,
+                         weights=GGUF if quantized else str(dt).removeprefix("torch."))
     if heads is None and str(name_or_path) in KNOWN_MODELS:
         heads = shipped_heads(str(name_or_path))
     if heads is not None and str(heads) != "none":

@@ -149,6 +149,52 @@ def test_load_a_quantized_gguf_file_as_blocks(tmp_path, monkeypatch):
     assert Decoder(qm, preset="ar").generate_ids(prompts, max_new_tokens=20).token_ids == want
 
 
+@needs_kernel
+def test_dtype_auto_keeps_blocks_only_where_a_gguf_file_has_them(tmp_path, monkeypatch, tiny_dir):
+    """``auto`` (the CLI's default) loads a quantized GGUF as blocks, and a float32 GGUF file or an HF directory as
+    float32, without an error; ``LoadedModel.weights`` says which."""
+    from propd.models.loading import load_model
+
+    from gguf_tiny import write_tiny_gguf
+
+    monkeypatch.setenv("PROPD_CACHE", str(tmp_path / "cache"))
+    q = write_tiny_gguf(tmp_path / "q.gguf", seed=3, quantized=True)
+    f = write_tiny_gguf(tmp_path / "f.gguf", seed=3)
+    assert load_model(str(q), dtype="auto", heads="none").weights == "gguf"
+    assert load_model(str(f), dtype="auto", heads="none").weights == "float32"
+    assert load_model(str(tiny_dir), dtype="auto", heads="none").weights == "float32"
+    assert load_model(str(tiny_dir), dtype="bfloat16", heads="none").weights == "bfloat16"
+    with pytest.raises(PropdError, match="no Q4_1 or Q8_0"):
+        load_model(str(f), dtype="gguf", heads="none")
+
+
+def test_header_reader_matches_gguf_and_refuses_a_truncated_file(tmp_path):
+    """propd's header-only GGUF reader finds gguf's GGUFReader's tensor table (names, shapes, types, data offsets)
+    and the same blocks; a file cut inside its tensor data is refused in one line."""
+    from gguf import GGUFReader
+
+    from gguf_tiny import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "q.gguf", seed=2, quantized=True)
+    infos, start = quant._gguf_tensor_infos(path)
+    reader = GGUFReader(str(path))
+    assert [(n, d, t, start + o) for n, d, t, o in infos] == [
+        (t.name, tuple(int(x) for x in t.shape), int(t.tensor_type), int(t.data_offset)) for t in reader.tensors]
+
+    class Cfg:  # the two fields read_gguf_blocks uses
+        num_heads, num_kv_heads = 4, 2
+
+    blocks = quant.read_gguf_blocks(path, Cfg)
+    assert blocks and {fmt for fmt, _ in blocks.values()} == {"Q4_1", "Q8_0"}
+    raw = {t.name: t.data for t in reader.tensors}
+    fmt, b = blocks["model.layers.0.mlp.down_proj"]
+    assert np.array_equal(b.numpy().reshape(-1), np.asarray(raw["blk.0.ffn_down.weight"]).reshape(-1))
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size - 100])
+    with pytest.raises(PropdError, match="truncated"):
+        quant.read_gguf_blocks(cut, Cfg)
+
+
 def test_dtype_gguf_needs_a_gguf_source(capsys, tiny_dir):
     from propd.cli import main
 
