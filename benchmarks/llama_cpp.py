@@ -1,17 +1,18 @@
 """propd's ``ar`` decoding against llama.cpp's on the default model, in one run, taking turns (issue: CPU engine at
 the memory floor, part 7).
 
-    python benchmarks/llama_cpp.py                      # builds llama.cpp once (about 10 minutes on 2 cores)
+    python benchmarks/llama_cpp.py                      # builds llama.cpp once (about 4 minutes on 2 cores)
     python benchmarks/llama_cpp.py --rounds 5 --depth 300 --tokens 64
     python benchmarks/llama_cpp.py --llama-bin DIR      # a llama.cpp build's bin/ with llama-bench, llama-quantize
 
 llama.cpp is the llama-cpp-python sdist's vendored copy from the package index, built with ``-DGGML_NATIVE=ON``
-into ``$PROPD_CACHE/llama.cpp/<version>/`` (kept for later runs, with the requantized files in ``models/``). The model's own Q4_1 GGUF file is requantized by
-``llama-quantize --allow-requantize`` to F32 and BF16: the weights propd's float32 conversion holds, and their
-bfloat16 rounding. Each round times, for each precision, ``llama-bench -p 0 -n TOKENS -d DEPTH -t THREADS -r 1``
-(TOKENS greedy tokens after a DEPTH-token context) and propd's ``ar`` decoding steps for TOKENS tokens after a
-DEPTH-token prompt (float32, bfloat16, and ``gguf`` against Q4_1), so a busy moment slows both alike. Prints the
-median decode tokens/s per engine and precision over the rounds, and propd / llama.cpp.
+into ``$PROPD_CACHE/llama.cpp/<version>/`` (kept for later runs; the requantized files go in ``models/``). The
+model's own Q4_1 GGUF file is requantized by ``llama-quantize --allow-requantize`` to F32 and BF16: the weights
+propd's float32 conversion holds, and their bfloat16 rounding. Each round times, for each precision, ``llama-bench
+-p 0 -n TOKENS -d DEPTH -t THREADS -r 1`` (TOKENS greedy tokens after a DEPTH-token context) and propd's ``ar``
+decoding steps for TOKENS tokens after a DEPTH-token prompt (float32, bfloat16, and ``gguf`` against Q4_1), so a
+busy moment slows both alike. Prints the median decode tokens/s per engine and precision over the rounds, and
+propd / llama.cpp.
 
 llama.cpp's CPU path quantizes activations to 8 bits for its Q4_1 dot products (and its F32/BF16 paths sum in
 another order), so its tokens may differ from propd's; propd's ``gguf`` gives float32's tokens.
@@ -54,7 +55,8 @@ def build_llama_cpp(version: str | None) -> Path:
     src_dl = root / "sdist"
     src_dl.mkdir(parents=True, exist_ok=True)
     spec = f"{SDIST}=={version}" if version else SDIST
-    if not list(src_dl.glob(f"*{version}*.tar.gz" if version else "*.tar.gz")):  # the newest on the index, once; or the version asked
+    # the newest on the index (downloaded once), or the version asked for
+    if not list(src_dl.glob(f"*{version}*.tar.gz" if version else "*.tar.gz")):
         print(f"downloading the {spec} sdist from the package index", file=sys.stderr)
         run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
              "--disable-pip-version-check", "-q", spec, "-d", str(src_dl)])
@@ -148,7 +150,7 @@ def main() -> None:
     from propd.decoder import Decoder
 
     for dt in dtypes:
-        decoders[dt] = Decoder(load_model(MODEL, dtype=dt), preset="ar")
+        decoders[dt] = Decoder(load_model(MODEL, dtype=dt), preset="ar", threads=args.threads)  # as llama-bench -t
     prompt = propd_prompt(decoders[dtypes[0]].model.tokenizer, args.depth)
     for dt in dtypes:  # warm-up: the extension's first calls, llama.cpp's page cache
         propd_decode(decoders[dt], prompt, 4)

@@ -1,17 +1,17 @@
 """The thread count of decoding steps, chosen by their measured time (robust under contention).
 
 A decoding step on a CPU is a few hundred short parallel regions (each product, attention, norm), each ending at a
-barrier. On a shared machine a thread whose core another process holds stalls every barrier: with one competing
-CPU-bound process on 2 cores, `ar` steps of the default model took 1.3x longer at 2 threads than at 1 (and single
-steps up to 15x). So the step loop does what the tree sizer does for tree sizes: it measures, and re-checks.
+barrier. On a shared machine a thread whose core another process holds stalls every barrier, so fewer threads than
+cores can be faster (docs/architecture.md, "Threads on a busy machine"). The step loop does what the tree sizer does
+for tree sizes: it measures, and re-checks.
 
 :class:`ThreadTuner` keeps a current thread count for steps and, every ``probe_every`` steps of a kind (tree size,
 batch size), runs ``probe_steps`` steps at a neighbouring count (half or double the current one, within 1 .. the
 count the process had); it moves there when their median step time is below ``margin`` times the current count's
 recent median. Probes that do not pay come less often (up to 8x ``probe_every`` apart), as a probe's steps run at
-a count that was slower. The candidates never exceed the process's own setting, and the count is put back after each batch.
-propd's CPU kernels compute every output on one thread in a fixed order, so the thread count never changes the
-output (tested).
+a count that was slower. The candidates never exceed the process's own setting, and that setting is put back before
+each prefill and when a generate call ends. propd's CPU kernels compute every output on one thread in a fixed
+order, so the thread count never changes the output (tested).
 """
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ def run_layers_fused(model, h: torch.Tensor, start: int, end: int, cache: KVCach
                      ) -> torch.Tensor | None:
     """Layers ``start .. end - 1`` of a decoding step in one extension call (``LayerStack``: each layer's
     :func:`cpu_kernel.decoder_layer` in turn, the same bits) when every layer would take its fused call anyway, else
-    None. What goes is a step's per-layer Python (module calls, checks): about a millisecond over 30 layers.
+    None. What goes is a step's per-layer Python (module calls, checks).
 
     The stack is kept between calls under the same key as ``KernelDecoderLayer._fused_weights`` and the weights'
     stamps (every layer's weights the same tensors, unchanged in place)."""

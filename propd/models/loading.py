@@ -27,8 +27,8 @@ from propd.models.heads import EARLY_FILE, EarlyHeads, MedusaHeads
 from propd.models.llama import LlamaModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# ``--dtype gguf``: the GGUF file's Q4_1 and Q8_0 matrices kept as blocks (propd.models.quant), the rest float32; decodes
-# bit for bit as float32 on the dequantized weights
+# ``--dtype gguf``: the GGUF file's Q4_1 and Q8_0 matrices kept as blocks (propd.models.quant), the rest float32;
+# decodes bit for bit as float32 on the dequantized weights
 GGUF = "gguf"
 # ``--dtype auto``: gguf where it applies (a GGUF model with Q4_1/Q8_0 matrices, on a CPU with propd's extension),
 # float32 otherwise; the output is float32's either way
