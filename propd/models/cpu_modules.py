@@ -230,7 +230,7 @@ def run_layers_fused(model, h: torch.Tensor, start: int, end: int, cache: KVCach
             if all(f is not None and f[1] == fused[0][1] for f in fused) and all(
                     layer.input_layernorm.eps == eps and layer.post_attention_layernorm.eps == eps for layer in layers):
                 stack = cpu_kernel.extension().LayerStack([w for f in fused for w in f[0]], fused[0][1], eps, scale)
-                stamps = [s for layer in layers for s in layer.__dict__["_fused"][2]]
+            stamps = [s for layer in layers for s in layer.__dict__["_fused"][2]]  # a "no" is re-checked as well
         hit = stacks[key] = (key, stack, stamps)
     if hit[1] is None:
         return None
