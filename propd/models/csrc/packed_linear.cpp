@@ -1085,13 +1085,23 @@ torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Ten
 // A model's decoder layers for decoding steps, run in one call: decoder_layer for each layer in turn, with the weights
 // held here (9 per layer, as decoder_layer takes them) so that a step passes only its activations and inputs. k_all and
 // v_all: the cache's (L, B, Hk, capacity, D) buffers; layer i uses k_all[i] and v_all[i].
+// watched: the tensors the weights derive from (the modules' parameters and buffers), whose in-place change counters
+// current() compares with their values at construction (inference tensors have none and are skipped).
 struct LayerStack {
-    std::vector<torch::Tensor> w;
-    std::vector<int64_t> outs;
+    std::vector<torch::Tensor> w, watched;
+    std::vector<int64_t> outs, versions;
     double eps, scale;
-    LayerStack(std::vector<torch::Tensor> weights, std::vector<int64_t> out_sizes, double eps_, double scale_)
-        : w(std::move(weights)), outs(std::move(out_sizes)), eps(eps_), scale(scale_) {
+    LayerStack(std::vector<torch::Tensor> weights, std::vector<int64_t> out_sizes, double eps_, double scale_,
+               std::vector<torch::Tensor> watch)
+        : w(std::move(weights)), watched(std::move(watch)), outs(std::move(out_sizes)), eps(eps_), scale(scale_) {
         TORCH_CHECK(w.size() % 9 == 0 && outs.size() == 7, "LayerStack: 9 weights per layer and 7 output sizes");
+        for (const auto& t : watched) versions.push_back(t.is_inference() ? -1 : static_cast<int64_t>(t._version()));
+    }
+    bool current() const {
+        for (size_t i = 0; i < watched.size(); ++i) {
+            if (!watched[i].is_inference() && static_cast<int64_t>(watched[i]._version()) != versions[i]) return false;
+        }
+        return true;
     }
     int64_t layers() const { return static_cast<int64_t>(w.size() / 9); }
     torch::Tensor run(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& k_all,
@@ -1120,7 +1130,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rms_norm", &rms_norm, "RMSNorm of each row");
     m.def("decoder_layer", &decoder_layer, "one Llama decoder layer of a decoding step");
     pybind11::class_<LayerStack>(m, "LayerStack", "a model's decoder layers for decoding steps, run in one call")
-        .def(pybind11::init<std::vector<torch::Tensor>, std::vector<int64_t>, double, double>())
+        .def(pybind11::init<std::vector<torch::Tensor>, std::vector<int64_t>, double, double,
+                            std::vector<torch::Tensor>>())
+        .def("current", &LayerStack::current, "whether no watched tensor changed in place since construction")
         .def("run", &LayerStack::run, "run layers start..end-1 of a decoding step on x (B, T, H)");
     m.def("set_isa_limit", [](int64_t limit) { g_isa_limit = static_cast<int>(limit); },
           "0: the best path this CPU has; 1: AVX2 only");
