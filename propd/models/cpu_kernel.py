@@ -242,12 +242,10 @@ def pack_blocks(blocks: torch.Tensor, block_bytes: int) -> torch.Tensor:
     return _state["ext"].pack_gguf_blocks(blocks.contiguous(), block_bytes)
 
 
-def dequantize(packed: torch.Tensor, out_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """The (out_features, K) float32 matrix of GGUF blocks packed by ``propd.models.quant.pack_blocks``, rounded as
-    gguf's ``dequantize``, written into ``out`` if given (the extension must be loaded)."""
-    if out is None:
-        out = torch.empty(out_features, packed.shape[1] * 32, dtype=torch.float32)
-    return _state["ext"].dequantize_packed(packed, out_features, out)
+    gguf's ``dequantize`` (the extension must be loaded)."""
+    return _state["ext"].dequantize_packed(packed, out_features)
 
 
 def linear(x2: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:

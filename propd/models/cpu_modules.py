@@ -133,6 +133,13 @@ class KernelAttention(Attention):
         return super().attend(q, keys, values, a)
 
 
+def _fused_key(x: torch.Tensor, cache_k: torch.Tensor, decoding: bool) -> tuple:
+    """What, besides the weights, decides whether a layer's call can be fused (``KernelDecoderLayer._check_fused``)."""
+    B, T, _ = x.shape
+    return (x.dtype, x.device, cache_k.dtype, cache_k.stride(-1), decoding, torch.is_grad_enabled(),
+            T <= cpu_kernel.attention_limit(x.dtype, decoding), 1 <= B * T <= cpu_kernel.max_rows(x.dtype))
+
+
 class KernelDecoderLayer(DecoderLayer):
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, a: AttentionInputs) -> torch.Tensor:
         cache_k, cache_v = cache.layer(layer)
@@ -153,9 +160,7 @@ class KernelDecoderLayer(DecoderLayer):
         Kept between calls (the checks cost tens of microseconds of Python per layer, a step's worth over a model's
         layers): the answer depends only on the key below and on the weights, checked to be the same tensors,
         unchanged in place."""
-        B, T, _ = x.shape
-        key = (x.dtype, x.device, cache_k.dtype, cache_k.stride(-1), decoding, torch.is_grad_enabled(),
-               T <= cpu_kernel.attention_limit(x.dtype, decoding), 1 <= B * T <= cpu_kernel.max_rows(x.dtype))
+        key = _fused_key(x, cache_k, decoding)
         hit = self.__dict__.get("_fused")
         if hit is not None and hit[0] == key and all(
                 store.get(name) is t and tensor_version(t) == v for store, name, t, v in hit[2]):
@@ -222,11 +227,8 @@ def run_layers_fused(model, h: torch.Tensor, start: int, end: int, cache: KVCach
     The stack is kept between calls under the same key as ``KernelDecoderLayer._fused_weights`` and the weights'
     stamps (every layer's weights the same tensors, unchanged in place)."""
     layers = model.model.layers
-    B, T, _ = h.shape
     cache_k = cache.k[0]
-    key = (h.dtype, h.device, cache_k.dtype, cache_k.stride(-1), a.decoding, torch.is_grad_enabled(),
-           T <= cpu_kernel.attention_limit(h.dtype, a.decoding), 1 <= B * T <= cpu_kernel.max_rows(h.dtype),
-           len(layers))
+    key = (*_fused_key(h, cache_k, a.decoding), len(layers))
     stacks = model.__dict__.get("_stacks")
     if stacks is None:
         stacks = model.__dict__["_stacks"] = _Stacks()  # one per key: steps of different kinds alternate

@@ -394,12 +394,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
-    if isinstance(dtype, str) and dtype == AUTO:
-        dtype = GGUF if dev.type == "cpu" and _is_gguf_source(str(name_or_path)) and cpu_kernel.extension() else \
-            "float32"
-        auto = True
-    else:
-        auto = False
+    auto = isinstance(dtype, str) and dtype == AUTO
+    if auto:
+        gguf_here = dev.type == "cpu" and _is_gguf_source(str(name_or_path)) and cpu_kernel.extension() is not None
+        dtype = GGUF if gguf_here else "float32"
     quantized = isinstance(dtype, str) and dtype == GGUF
     if quantized and (dev.type != "cpu" or cpu_kernel.extension() is None):
         where = f"device {dev}" if dev.type != "cpu" else "this CPU (propd's CPU extension is unavailable)"

@@ -793,7 +793,6 @@ torch::Tensor pack(const torch::Tensor& w) {
     return padded.view({P, kPanel, K}).transpose(1, 2).contiguous();
 }
 
-// x: (M, K) contiguous, of the packed weight's type; packed: pack(w) for w of O rows. Returns (M, O) of that type.
 // ggml blocks (O, K / 32 * block bytes) uint8, rows of Q4_1 (20-byte) or Q8_0 (34-byte) blocks, into the panels the
 // block kernel reads (P, K / 32, panel bytes), layout above; rows past O are zero blocks (weight 0). Q4_1's block
 // holds weight j in the low nibble of byte j and weight j + 16 in its high nibble; panels pair k = 2i, 2i + 1.
@@ -839,18 +838,14 @@ torch::Tensor pack_gguf_blocks(const torch::Tensor& blocks, int64_t block_bytes)
 // The (O, K) float32 matrix of block-packed panels (P, K / 32, bytes), each weight rounded as gguf's dequantize:
 // Q4_1 d * q + m (d * q exact in float32, one rounding), Q8_0 q * d. For calls of more rows than the block kernel
 // takes (prefill), which multiply the dense matrix; parallel over panels.
-// Written into out, a contiguous (O, K) float32 tensor.
-torch::Tensor dequantize_packed(const torch::Tensor& packed, int64_t O, torch::Tensor out) {
+torch::Tensor dequantize_packed(const torch::Tensor& packed, int64_t O) {
     TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.scalar_type() == at::kByte &&
                     (packed.size(2) == kQ41Bytes || packed.size(2) == kQ80Bytes) &&
                     (O + kPanel - 1) / kPanel == packed.size(0),
                 "dequantize_packed: not block-packed panels of O outputs");
     const int64_t P = packed.size(0), nb = packed.size(1), K = nb * kQK, bytes = packed.size(2);
     const bool q41 = bytes == kQ41Bytes;
-    TORCH_CHECK(out.dim() == 2 && out.size(0) == O && out.size(1) == K && out.is_contiguous() &&
-                    out.scalar_type() == at::kFloat && out.device().is_cpu(),
-                "dequantize_packed: out must be a contiguous (O, K) float32 CPU tensor");
-    auto w = out;
+    auto w = torch::empty({O, K}, packed.options().dtype(at::kFloat));
     const uint8_t* pp = packed.data_ptr<uint8_t>();
     float* wp = w.data_ptr<float>();
     at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
@@ -890,6 +885,7 @@ torch::Tensor dequantize_packed(const torch::Tensor& packed, int64_t O, torch::T
     return w;
 }
 
+// x: (M, K) contiguous, of the packed weight's type; packed: pack(w) for w of O rows. Returns (M, O) of that type.
 torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t O) {
     if (packed.scalar_type() == at::kByte) {  // GGUF blocks (Q4_1, Q8_0) for a float32 x
         TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() && x.scalar_type() == at::kFloat,
