@@ -146,6 +146,16 @@ def test_attention_equals_sdpa_and_each_query_alone(b, hk, group, t, s, d, seed,
     assert torch.equal(cpu_kernel.attention(q[-1:].contiguous(), k[-1:], v[-1:], mask[-1:], d ** -0.5), out[-1:])
     wider = torch.cat([mask, torch.zeros(b, t, 9, dtype=torch.bool)], dim=-1)
     assert torch.equal(cpu_kernel.attention(q, kc, vc, wider, d ** -0.5), out)
+    # and the same keys side by side, masked ones left out (a tree node's ancestors among masked siblings against the
+    # AR step that sees only the path): the same bits
+    for bi in range(b):
+        for i in range(t):
+            keep = mask[bi, i].nonzero()[:, 0]
+            n = keep.numel()
+            packed = cpu_kernel.attention(q[bi:bi + 1, :, i:i + 1].contiguous(), k[bi:bi + 1, :, keep].contiguous(),
+                                          v[bi:bi + 1, :, keep].contiguous(), torch.ones(1, 1, n, dtype=torch.bool),
+                                          d ** -0.5)
+            assert torch.equal(packed[0, 0], out[bi, i])
 
 
 @settings(max_examples=30, deadline=None)

@@ -652,18 +652,32 @@ float score_keys(const float* q, const KV* k, int64_t sk, const bool* allowed, i
     return top;
 }
 
-// scores (S8 = S rounded up to 8, the tail -inf) -> exp(score - top), exact 0 where -inf; returns 1 / their sum,
-// summed in 8 lanes by s mod 8.
+// scores (S8 = S rounded up to 8, the tail -inf) -> exp(score - top), exact 0 where -inf (an allowed key's weight is
+// never 0: exp8 stops at about 1e-38); returns 1 / their sum. The sum runs in 8 lanes by each allowed key's rank among
+// the allowed keys, not by its position: a tree node's ancestors sit among masked siblings, where an AR step has the
+// same keys side by side, and both must give the same bits. The allowed prefix goes 8 at a time, the rest one by one.
 inline float softmax_weights(float* scores, int64_t S8, float top) {
-    const __m256 m = _mm256_set1_ps(top), ninf = _mm256_set1_ps(-INFINITY);
-    __m256 total = _mm256_setzero_ps();
+    const __m256 m = _mm256_set1_ps(top), ninf = _mm256_set1_ps(-INFINITY), zero = _mm256_setzero_ps();
     for (int64_t s = 0; s < S8; s += 8) {
         const __m256 x = _mm256_loadu_ps(scores + s);
-        const __m256 p = _mm256_andnot_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ), exp8(_mm256_sub_ps(x, m)));
-        _mm256_storeu_ps(scores + s, p);
+        _mm256_storeu_ps(scores + s, _mm256_andnot_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ), exp8(_mm256_sub_ps(x, m))));
+    }
+    __m256 total = zero;
+    int64_t s = 0;
+    for (; s < S8; s += 8) {  // ranks equal positions while every key is allowed
+        const __m256 p = _mm256_loadu_ps(scores + s);
+        if (_mm256_movemask_ps(_mm256_cmp_ps(p, zero, _CMP_EQ_OQ))) break;
         total = _mm256_add_ps(total, p);
     }
-    return 1.0f / hsum(total);
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, total);
+    for (int lane = 0; s < S8; ++s) {  // s is a multiple of 8 here: the next allowed key's rank is 0 mod 8
+        if (scores[s] != 0.0f) {
+            lanes[lane] += scores[s];
+            lane = (lane + 1) & 7;
+        }
+    }
+    return 1.0f / hsum(_mm256_load_ps(lanes));
 }
 
 // out (D) += sum over s in [s0, s1) of p_s v_s, s in order; keys of weight 0 (disallowed: their value rows may hold
