@@ -1,9 +1,10 @@
-"""Decoding speed with the model file's GGUF blocks kept quantized (``dtype="gguf"``) against float32 and bfloat16, in
-one run, taking turns prompt by prompt so that a busy machine slows every dtype alike; checks that ``gguf`` gives
-float32's tokens on every prompt.
+"""Decoding speed with the model file's GGUF blocks kept quantized (``dtype="gguf"``, and ``gguf-q8`` with 8-bit
+activations) against float32 and bfloat16, in one run, taking turns prompt by prompt so that a busy machine slows every
+dtype alike; checks that ``gguf`` gives float32's tokens on every prompt, and every preset its dtype's ``ar`` tokens.
 
     python benchmarks/gguf_dtype.py                          # ar, Spec-Bench sample (1 per category), 64 tokens
     python benchmarks/gguf_dtype.py --presets ar,eagle,propd --batch-size 4
+    python benchmarks/gguf_dtype.py --dtypes float32,gguf,gguf-q8 --presets ar,propd,eagle,lookup
 
 Prints tokens/s per dtype and preset two ways, each with its ratio to float32 ``ar``: generated tokens over wall time
 (prefill included), and the decoding steps alone (tokens the steps accepted over the steps' time, as llama.cpp's
@@ -61,12 +62,14 @@ def main() -> None:
     base = tokens[ref] / wall[ref]
     base_steps = step_tokens[ref] / step_time[ref]
     print(f"{len(prompts)} prompts, batch {bs}, {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads")
-    print(f"{'dtype':10s} {'preset':10s} {'tokens/s':>9s} {'ratio':>6s} {'steps tok/s':>12s} {'ratio':>6s}  "
-          f"equal to float32 ar")
+    print(f"{'dtype':10s} {'preset':12s} {'tokens/s':>9s} {'ratio':>6s} {'steps tok/s':>12s} {'ratio':>6s}  "
+          f"equal to float32 ar, to this dtype's ar")
     for k in decoders:
         same = out[k] == out[("float32", "ar")] if ("float32", "ar") in out else "-"
+        own = out[k] == out[(k[0], "ar")] if (k[0], "ar") in out else "-"
         rate, steps = tokens[k] / wall[k], step_tokens[k] / step_time[k]
-        print(f"{k[0]:10s} {k[1]:10s} {rate:9.1f} {rate / base:5.2f}x {steps:12.1f} {steps / base_steps:5.2f}x  {same}")
+        print(f"{k[0]:10s} {k[1]:12s} {rate:9.1f} {rate / base:5.2f}x {steps:12.1f} {steps / base_steps:5.2f}x  "
+              f"{same}, {own}")
     print(f"ratios are to {'/'.join(ref)}")
 
 if __name__ == "__main__":

@@ -268,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=None, help="prompts decoded together (default: all)")
     g.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES),
                    help="auto (default): gguf where it applies, else float32; gguf: a GGUF model's Q4_1/Q8_0 blocks "
-                        "kept as they are (CPU with AVX2), with float32's output; float32, bfloat16, float16")
+                        "kept as they are (CPU with AVX2), with float32's output; gguf-q8: the same blocks with "
+                        "llama.cpp's 8-bit activations (faster, above all for trees; its own output); float32, "
+                        "bfloat16, float16")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     g.add_argument("--threads", default="auto",
                    help="CPU threads of decoding steps: auto (default: the fastest, measured as it runs, up to "

@@ -7,7 +7,9 @@
   call instead of about twenty and eight small torch ops;
 * GGUF blocks (``propd.models.quant``, ``--dtype gguf``): :func:`linear` also takes Q4_1 and Q8_0 weights packed by
   ``quant.pack_blocks``, dequantized in registers and summed in the float32 path's order (the float32 bits at about
-  a fifth of the bytes), and :func:`dequantize` gives their dense float32 matrix for calls of more rows;
+  a fifth of the bytes), and :func:`dequantize` gives their dense float32 matrix for calls of more rows; with
+  ``--dtype gguf-q8`` the same blocks take 8-bit activations and exact integer dot products (AVX512-VNNI where the
+  CPU has it, :func:`has_vnni`; else AVX2), llama.cpp's arithmetic, row-invariant at any row count;
 * :func:`decoder_layer`: all of the above for one decoder layer of a step in one call (``DecoderLayer.forward``
   uses it when every part would go to the extension anyway); on the default model this cut a 1-16 token step's 30
   layers to about two thirds of their time with torch's element-wise ops and SDPA (``python
@@ -162,10 +164,12 @@ ATTENTION_MAX_QUERIES = 16
 EXACT_MAX_QUERIES = 256
 
 
-def attention_limit(dtype: torch.dtype, decoding: bool) -> int:
+def attention_limit(dtype: torch.dtype, decoding: bool, exact: bool = False) -> int:
     """The most queries per row :func:`attention` takes for a call in ``dtype`` (``decoding``: a decoding step, not a
-    prefill)."""
-    return EXACT_MAX_QUERIES if decoding and dtype in (torch.bfloat16, torch.float16) else ATTENTION_MAX_QUERIES
+    prefill; ``exact``: the model's products round their inputs (8-bit activations), which turns any difference in
+    the last bit into different tokens, so every decoding step takes the kernel, as in bf16)."""
+    exact = exact or dtype in (torch.bfloat16, torch.float16)
+    return EXACT_MAX_QUERIES if decoding and exact else ATTENTION_MAX_QUERIES
 
 
 def serves(x: torch.Tensor, *others: torch.Tensor) -> bool:
@@ -176,9 +180,10 @@ def serves(x: torch.Tensor, *others: torch.Tensor) -> bool:
             and extension() is not None)
 
 
-def attention_fits(q: torch.Tensor, keys: torch.Tensor, decoding: bool = True) -> bool:
-    """Whether :func:`attention` serves these (B, Hq, T, D) queries and (B, Hk, S, D) keys."""
-    return (q.shape[2] <= attention_limit(q.dtype, decoding) and q.shape[-1] % 8 == 0 and q.shape[1] % keys.shape[1] == 0
+def attention_fits(q: torch.Tensor, keys: torch.Tensor, decoding: bool = True, exact: bool = False) -> bool:
+    """Whether :func:`attention` serves these (B, Hq, T, D) queries and (B, Hk, S, D) keys (``exact``: as for
+    :func:`attention_limit`)."""
+    return (q.shape[2] <= attention_limit(q.dtype, decoding, exact) and q.shape[-1] % 8 == 0 and q.shape[1] % keys.shape[1] == 0
             and keys.stride(-1) == 1 and serves(q, keys))
 
 
@@ -240,6 +245,25 @@ def pack_blocks(blocks: torch.Tensor, block_bytes: int) -> torch.Tensor:
     """``propd.models.quant.pack_blocks`` in the extension (the same bytes): ggml blocks (O, row bytes) uint8 of
     Q4_1 (20-byte) or Q8_0 (34-byte) blocks -> panels (ceil(O / 16), K / 32, panel bytes)."""
     return _state["ext"].pack_gguf_blocks(blocks.contiguous(), block_bytes)
+
+
+def pack_gguf_for_q8(blocks: torch.Tensor, block_bytes: int) -> torch.Tensor:
+    """``propd.models.quant.pack_blocks(..., activations="q8")`` in the extension: ggml Q4_1 (20-byte) or Q8_0
+    (34-byte) blocks (O, row bytes) uint8 -> int8 panels (ceil(O / 16), K / 32, 320 or 544) for the kernel with
+    8-bit activations."""
+    return _state["ext"].pack_gguf_for_q8(blocks.contiguous(), block_bytes)
+
+
+def quantize_rows_q8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A contiguous (M, K) float32 ``x2`` rounded as the 8-bit-activation kernel rounds it: (xq int8 (M, K),
+    dx (M, K / 32), sx (M, K / 32), qsum int32 (M, K / 32)); for tests."""
+    return _state["ext"].quantize_rows_q8(x2.contiguous())
+
+
+def has_vnni() -> bool:
+    """Whether the 8-bit-activation kernel runs on AVX512-VNNI (read at run time; else its AVX2 form)."""
+    ext = extension()
+    return ext is not None and ext.has_vnni()
 
 
 def dequantize(packed: torch.Tensor, out_features: int) -> torch.Tensor:

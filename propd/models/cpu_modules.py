@@ -128,16 +128,22 @@ class KernelAttention(Attention):
         return self.attend(q, keys, values, a)
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
-        if cpu_kernel.attention_fits(q, keys, a.decoding):  # decoding steps (cpu_kernel.attention)
+        if cpu_kernel.attention_fits(q, keys, a.decoding, _exact(self)):  # decoding steps (cpu_kernel.attention)
             return self.o_proj(cpu_kernel.attention(q, keys, values, a.mask[:, 0], self.cfg.head_dim ** -0.5))
         return super().attend(q, keys, values, a)
 
 
-def _fused_key(x: torch.Tensor, cache_k: torch.Tensor, decoding: bool) -> tuple:
+def _exact(attn: nn.Module) -> bool:
+    """Whether ``attn``'s products take 8-bit activations (``gguf-q8``): then every decoding step's attention goes to
+    the row-invariant kernel (``cpu_kernel.attention_limit``)."""
+    return getattr(attn.q_proj, "q8", False)
+
+
+def _fused_key(x: torch.Tensor, cache_k: torch.Tensor, decoding: bool, exact: bool = False) -> tuple:
     """What, besides the weights, decides whether a layer's call can be fused (``KernelDecoderLayer._check_fused``)."""
     B, T, _ = x.shape
     return (x.dtype, x.device, cache_k.dtype, cache_k.stride(-1), decoding, torch.is_grad_enabled(),
-            T <= cpu_kernel.attention_limit(x.dtype, decoding), 1 <= B * T <= cpu_kernel.max_rows(x.dtype))
+            T <= cpu_kernel.attention_limit(x.dtype, decoding, exact), 1 <= B * T <= cpu_kernel.max_rows(x.dtype))
 
 
 class KernelDecoderLayer(DecoderLayer):
@@ -160,7 +166,7 @@ class KernelDecoderLayer(DecoderLayer):
         Kept between calls (the checks cost tens of microseconds of Python per layer, a step's worth over a model's
         layers): the answer depends only on the key below and on the weights, checked to be the same tensors,
         unchanged in place."""
-        key = _fused_key(x, cache_k, decoding)
+        key = _fused_key(x, cache_k, decoding, _exact(self.self_attn))
         hit = self.__dict__.get("_fused")
         if hit is not None and hit[0] == key and all(
                 store.get(name) is t and tensor_version(t) == v for store, name, t, v in hit[2]):
@@ -183,7 +189,8 @@ class KernelDecoderLayer(DecoderLayer):
         B, T, H = x.shape
         c = self.self_attn.cfg
         linears = self._linears()
-        if (T > cpu_kernel.attention_limit(x.dtype, decoding) or torch.is_grad_enabled() or c.attention_bias
+        if (T > cpu_kernel.attention_limit(x.dtype, decoding, _exact(self.self_attn)) or torch.is_grad_enabled()
+                or c.attention_bias
                 or c.mlp_bias or c.head_dim % 8 or H % 8 or cache_k.stride(-1) != 1
                 or not cpu_kernel.serves(x, cache_k, self.input_layernorm.weight, self.post_attention_layernorm.weight)
                 or not all(isinstance(lin, (KernelLinear, QuantLinear)) for lin in linears)):
@@ -228,7 +235,7 @@ def run_layers_fused(model, h: torch.Tensor, start: int, end: int, cache: KVCach
     stamps (every layer's weights the same tensors, unchanged in place)."""
     layers = model.model.layers
     cache_k = cache.k[0]
-    key = (*_fused_key(h, cache_k, a.decoding), len(layers))
+    key = (*_fused_key(h, cache_k, a.decoding, _exact(layers[0].self_attn)), len(layers))
     stacks = model.__dict__.get("_stacks")
     if stacks is None:
         stacks = model.__dict__["_stacks"] = _Stacks()  # one per key: steps of different kinds alternate

@@ -12,6 +12,13 @@ the float32 path's order, so a model with these layers decodes bit for bit as th
 weights (the weights ``propd`` converts a GGUF file to), at about a fifth of the bytes streamed per step (Q4_1: 0.625
 bytes per weight against 4). Activations stay float32: unlike llama.cpp, which quantizes them to 8 bits for its dot
 products, nothing about the output changes. :func:`quantize_model` checks that equality on every matrix it replaces.
+
+``--dtype gguf-q8`` takes llama.cpp's arithmetic instead (``activations="q8"``): each row of the input is rounded to
+int8 per block of 32 (ggml's Q8_1: :func:`quantize_activations`) and each block's dot product with the 4- or 8-bit
+quants is an exact integer (AVX512-VNNI ``vpdpbusd`` where the CPU has it, else AVX2), scaled and summed in a fixed
+order (:func:`q8_linear_reference`). A decoding step's products cost about half of ``gguf``'s, tree steps most of
+all; the output is this arithmetic's own (not float32's), and every preset still gives its ``ar``'s tokens, since
+each row's result depends on that row alone.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ QK = 32  # weights per block
 BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # ggml's block sizes
 PANEL_BYTES = {"Q4_1": 320, "Q8_0": 544}  # one packed panel block: 16 outputs x 32 weights (csrc, "GGUF blocks")
 PANEL = 16
+ACTIVATIONS = ("float32", "q8")  # float32: the float32 model's bits; q8: llama.cpp's 8-bit activations
+Q8_PANEL_BYTES = {"Q4_1": 320, "Q8_0": 544}  # panel blocks for 8-bit activations (csrc, "GGUF blocks, 8-bit activations")
 
 
 def _fp16(b: torch.Tensor) -> torch.Tensor:
@@ -47,15 +56,22 @@ def dequantize_blocks(blocks: torch.Tensor, fmt: str, out_features: int, in_feat
     return w.reshape(out_features, in_features)
 
 
-def pack_blocks(blocks: torch.Tensor, fmt: str, out_features: int, in_features: int) -> torch.Tensor:
+def pack_blocks(blocks: torch.Tensor, fmt: str, out_features: int, in_features: int,
+                activations: str = "float32") -> torch.Tensor:
     """ggml blocks (O, K / 32 * block bytes) -> the extension's panels (ceil(O / 16), K / 32, panel bytes), outputs
-    padded with zero blocks (weight 0)."""
+    padded with zero blocks (weight 0). ``activations="q8"``: the int8-marked panels of the kernel with 8-bit
+    activations (:func:`pack_for_q8`)."""
     if fmt not in BLOCK_BYTES:
         raise PropdError(f"GGUF block type {fmt} is not kept quantized (propd keeps {', '.join(BLOCK_BYTES)})")
     if in_features % QK:
         raise PropdError(f"a {fmt} matrix needs rows of a multiple of {QK} weights, got {in_features}")
     from propd.models import cpu_kernel
 
+    if activations == "q8":
+        if cpu_kernel.extension() is not None and blocks.device.type == "cpu":
+            bb = BLOCK_BYTES[fmt]
+            return cpu_kernel.pack_gguf_for_q8(blocks.reshape(out_features, in_features // QK * bb), bb)
+        return pack_for_q8(blocks, fmt, out_features, in_features)
     if cpu_kernel.extension() is not None and blocks.device.type == "cpu":
         nb, bb = in_features // QK, BLOCK_BYTES[fmt]
         return cpu_kernel.pack_blocks(blocks.reshape(out_features, nb * bb), bb)
@@ -82,9 +98,48 @@ def pack_blocks_reference(blocks: torch.Tensor, fmt: str, out_features: int, in_
     return torch.cat([d, body], dim=-1).contiguous()
 
 
-def dequantize_packed(packed: torch.Tensor, fmt: str, out_features: int, in_features: int) -> torch.Tensor:
-    """The (O, K) float32 matrix of :func:`pack_blocks`' panels, rounded as gguf's ``dequantize``."""
+def pack_for_q8(blocks: torch.Tensor, fmt: str, out_features: int, in_features: int) -> torch.Tensor:
+    """ggml blocks (O, K / 32 * block bytes) -> int8 panels (ceil(O / 16), K / 32, 320 or 544) for 8-bit activations,
+    in torch ops: fp16 scales (Q4_1: d[16], m[16]; Q8_0: d[16]), then groups g of 4 k, 16 outputs x 4 bytes: Q4_1
+    ggml's qs bytes 4g .. 4g + 3 (low nibbles k = 4g + i, high nibbles k = 16 + 4g + i), Q8_0 q[4g + i] + 128."""
+    nb, bb = in_features // QK, BLOCK_BYTES[fmt]
+    b = blocks.reshape(out_features, nb, bb)
+    P = -(-out_features // PANEL)
+    if P * PANEL != out_features:
+        b = torch.cat([b, b.new_zeros(P * PANEL - out_features, nb, bb)])
+    b = b.view(P, PANEL, nb, bb).permute(0, 2, 1, 3)  # (P, nb, 16 outputs, block)
+    d = b[..., 0:2].reshape(P, nb, 2 * PANEL)
+    if fmt == "Q4_1":
+        m = b[..., 2:4].reshape(P, nb, 2 * PANEL)
+        body = b[..., 4:].reshape(P, nb, PANEL, 4, 4).transpose(2, 3).reshape(P, nb, 4 * PANEL * 4)  # (g, o, i)
+        return torch.cat([d, m, body], dim=-1).contiguous().view(torch.int8)
+    q = b[..., 2:] ^ 0x80  # q + 128 as unsigned bytes
+    body = q.reshape(P, nb, PANEL, 8, 4).transpose(2, 3).reshape(P, nb, 8 * PANEL * 4)
+    return torch.cat([d, body], dim=-1).contiguous().view(torch.int8)
+
+
+def _q8_panel_quants(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Int8-marked panels (P, nb, bytes) -> (q (P, nb, 16, 32) int64 as ggml holds them, d (P, nb, 16), m or None)."""
     P, nb = packed.shape[0], packed.shape[1]
+    u = packed.view(torch.uint8)
+    d = _fp16(u[..., 0:32])
+    if packed.shape[2] == Q8_PANEL_BYTES["Q4_1"]:
+        m = _fp16(u[..., 32:64])
+        qs = u[..., 64:].reshape(P, nb, 4, PANEL, 4).transpose(2, 3).reshape(P, nb, PANEL, 16)  # ggml's qs bytes
+        return torch.cat([qs & 15, qs >> 4], dim=-1).to(torch.int64), d, m
+    q = u[..., 32:].reshape(P, nb, 8, PANEL, 4).transpose(2, 3).reshape(P, nb, PANEL, QK)
+    return q.to(torch.int64) - 128, d, None
+
+
+def dequantize_packed(packed: torch.Tensor, fmt: str, out_features: int, in_features: int) -> torch.Tensor:
+    """The (O, K) float32 matrix of :func:`pack_blocks`' panels (either layout), rounded as gguf's ``dequantize``."""
+    P, nb = packed.shape[0], packed.shape[1]
+    if packed.dtype == torch.int8:  # panels for 8-bit activations
+        q, d, m = _q8_panel_quants(packed)
+        w = d[..., None] * q.float()  # Q8_0: q * d; Q4_1: d * q + m
+        if m is not None:
+            w = w + m[..., None]
+        return w.permute(0, 2, 1, 3).reshape(P * PANEL, nb * QK)[:out_features]
     d = _fp16(packed[..., 0:32])[:, :, None, :]  # (P, nb, 1, 16)
     if fmt == "Q4_1":
         m = _fp16(packed[..., 32:64])[:, :, None, :]
@@ -95,6 +150,35 @@ def dequantize_packed(packed: torch.Tensor, fmt: str, out_features: int, in_feat
         q = packed[..., 32:].contiguous().view(torch.int8).reshape(P, nb, QK, PANEL).float()
         w = q * d
     return w.permute(0, 3, 1, 2).reshape(P * PANEL, nb * QK)[:out_features]
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(M, K) float32 -> (xq (M, K) float32 holding int8 values, dx (M, K / 32), sx (M, K / 32)): each block of 32
+    rounded as the 8-bit-activation kernel rounds it (ggml's Q8_1: dx = max|x| / 127, xq = round-half-even(x * (1 /
+    dx)), sx = dx * sum(xq)), in torch ops."""
+    M, K = x.shape
+    xb = x.reshape(M, K // QK, QK)
+    d = xb.abs().amax(dim=-1) / 127.0
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    xq = torch.round(xb * inv[..., None]).clamp(-127, 127)
+    return xq.reshape(M, K), d, d * xq.sum(dim=-1)
+
+
+def q8_linear_reference(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``x`` (M, K) float32 times int8-marked panels, with the kernel's arithmetic in torch ops (where the extension
+    is unavailable, and to test it): per block b in order, ``acc = acc + (d * dx) * isum``, then for Q4_1
+    ``acc = acc + m * sx``; isum the exact integer dot product of the weights' quants and the 8-bit activations."""
+    P, nb = packed.shape[0], packed.shape[1]
+    q, d, m = _q8_panel_quants(packed)  # (P, nb, 16, 32)
+    xq, dx, sx = quantize_activations(x.float())
+    xi = xq.to(torch.int64).reshape(x.shape[0], nb, QK)
+    isum = torch.einsum("mbk,pbok->mbpo", xi, q).float()  # exact: integers, summed in int64
+    acc = torch.zeros(x.shape[0], P, PANEL)
+    for b in range(nb):
+        acc = acc + (d[:, b][None] * dx[:, b, None, None]) * isum[:, b]
+        if m is not None:
+            acc = acc + m[:, b][None] * sx[:, b, None, None]
+    return acc.reshape(x.shape[0], P * PANEL)[:, :out_features]
 
 
 class QuantLinear(nn.Module):
@@ -117,8 +201,14 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_blocks(cls, blocks: torch.Tensor, fmt: str, in_features: int, out_features: int,
-                    dense: torch.Tensor | None = None) -> "QuantLinear":
-        return cls(pack_blocks(blocks, fmt, out_features, in_features), fmt, in_features, out_features, dense)
+                    dense: torch.Tensor | None = None, activations: str = "float32") -> "QuantLinear":
+        return cls(pack_blocks(blocks, fmt, out_features, in_features, activations), fmt, in_features, out_features,
+                   dense)
+
+    @property
+    def q8(self) -> bool:
+        """Whether inputs are rounded to 8 bits per block of 32 (Q4_1 panels for 8-bit activations)."""
+        return self.packed.dtype == torch.int8
 
     def dequantized(self) -> torch.Tensor:
         """The (O, K) float32 weight: the dense tensor if one is kept, else computed now (by the extension where it
@@ -127,7 +217,7 @@ class QuantLinear(nn.Module):
 
         if self._dense is not None:
             return self._dense
-        if cpu_kernel.extension() is not None and self.packed.device.type == "cpu":
+        if cpu_kernel.extension() is not None and self.packed.device.type == "cpu" and not self.q8:
             return cpu_kernel.dequantize(self.packed, self.out_features)
         return dequantize_packed(self.packed, self.fmt, self.out_features, self.in_features)
 
@@ -150,6 +240,13 @@ class QuantLinear(nn.Module):
         from propd.models.cpu_modules import torch_linear
 
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if self.q8:  # every row count, prefill included, takes the 8-bit arithmetic (row-invariant)
+            x2 = x.reshape(rows, x.shape[-1]).float().contiguous()
+            if x.device.type == "cpu" and cpu_kernel.extension() is not None:
+                y = cpu_kernel.linear(x2, self.packed, self.out_features)
+            else:
+                y = q8_linear_reference(x2, self.packed, self.out_features)
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         packed = self._kernel_weight(x, rows)
         if packed is None:
             return torch_linear(x, self.dequantized().to(x.dtype), None, rows)
@@ -157,7 +254,8 @@ class QuantLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+                + (", activations=q8" if self.q8 else ""))
 
 
 # GGUF tensor names of a Llama model (llama.cpp's) -> the HF module names propd's LlamaModel uses
@@ -270,10 +368,14 @@ def read_gguf_blocks(path, cfg) -> dict[str, tuple[str, torch.Tensor]]:
     return out
 
 
-def quantize_model(model, blocks: dict[str, tuple[str, torch.Tensor]], source: str = "the GGUF file") -> int:
+def quantize_model(model, blocks: dict[str, tuple[str, torch.Tensor]], source: str = "the GGUF file",
+                   activations: str = "float32") -> int:
     """Replace ``model``'s float32 linear layers (and a tied ``lm_head``) with :class:`QuantLinear` from ``blocks``
     (:func:`read_gguf_blocks`), after checking that each packed matrix dequantizes to the layer's weight bit for bit
-    (a file that does not match the loaded weights raises). Returns the number of layers replaced."""
+    (a file that does not match the loaded weights raises). ``activations="q8"``: every matrix takes 8-bit
+    activations (llama.cpp's arithmetic, :func:`q8_linear_reference`). Returns the number of layers replaced."""
+    if activations not in ACTIVATIONS:
+        raise PropdError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     modules = dict(model.named_modules())
     tied = model.cfg.tie_word_embeddings
     replaced = 0
@@ -287,7 +389,7 @@ def quantize_model(model, blocks: dict[str, tuple[str, torch.Tensor]], source: s
         O, K = lin.weight.shape
         if b.shape[0] != O or b.numel() != O * (K // QK) * BLOCK_BYTES[fmt] or K % QK:
             raise PropdError(f"{source}: {name} is {fmt} of {b.shape[0]} rows, the model's layer is {O} x {K}")
-        q = QuantLinear.from_blocks(b, fmt, K, O)
+        q = QuantLinear.from_blocks(b, fmt, K, O, activations=activations)
         if not torch.equal(q.dequantized(), lin.weight.detach().float()):  # the kernel's weights, as packed
             raise PropdError(f"{source}: {name}'s {fmt} blocks do not dequantize to the loaded weights "
                              "(a different model or conversion)")

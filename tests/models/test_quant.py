@@ -70,7 +70,43 @@ def test_block_kernel_equals_the_float32_kernel_on_every_path(fmt, m, out, nb, s
         ext.set_isa_limit(0)
 
 
-def quantized_pair(seed: int, **kw):
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(fmt=st.sampled_from(["Q4_1", "Q8_0"]), m=st.integers(1, 70), out=st.integers(1, 50), nb=st.integers(1, 5),
+       seed=st.integers(0, 999))
+def test_8bit_activation_kernel_equals_its_reference_on_every_path(fmt, m, out, nb, seed):
+    """``gguf-q8``'s products (llama.cpp's arithmetic): the extension's packing, activation rounding and products
+    equal the torch reference bit for bit, on the AVX512-VNNI path where the CPU has it and on the AVX2 path, for
+    any number of rows (prefill included), each row alone as in the batch; and they stay close to x W^T."""
+    ext = cpu_kernel.extension()
+    g = torch.Generator().manual_seed(seed)
+    blocks = random_blocks(fmt, out, 32 * nb, g)
+    packed = quant.pack_blocks(blocks, fmt, out, 32 * nb, activations="q8")
+    assert packed.dtype == torch.int8 and packed.shape == (-(-out // 16), nb, quant.Q8_PANEL_BYTES[fmt])
+    assert torch.equal(packed, quant.pack_for_q8(blocks, fmt, out, 32 * nb))
+    w = quant.dequantize_blocks(blocks, fmt, out, 32 * nb)
+    assert torch.equal(quant.dequantize_packed(packed, fmt, out, 32 * nb), w)
+    x = torch.randn(m, 32 * nb, generator=g) * torch.rand(m, 1, generator=g) * 4
+    x[0, :32] = 0.0  # an all-zero block: dx = 0
+    xq, dx, sx, qsum = cpu_kernel.quantize_rows_q8(x)
+    rq, rdx, rsx = quant.quantize_activations(x)
+    assert torch.equal(xq.float(), rq) and torch.equal(dx, rdx) and torch.equal(sx, rsx)
+    assert torch.equal(qsum, rq.reshape(m, nb, 32).sum(-1).to(torch.int32))
+    want = quant.q8_linear_reference(x, packed, out)
+    assert torch.equal(cpu_kernel.linear(x, packed, out), want)
+    assert torch.equal(cpu_kernel.linear(x[-1:].contiguous(), packed, out), want[-1:])
+    # rounding x moves each product by at most |w| * max|x in its block| / 254
+    amax = x.abs().reshape(m, nb, 32).amax(-1)
+    bound = torch.einsum("mb,ob->mo", amax, w.abs().reshape(out, nb, 32).sum(-1)) / 254
+    assert ((want - x @ w.t()).abs() <= bound * 1.01 + 1e-5).all()
+    ext.set_isa_limit(1)
+    try:
+        assert torch.equal(cpu_kernel.linear(x, packed, out), want)
+    finally:
+        ext.set_isa_limit(0)
+
+
+def quantized_pair(seed: int, activations: str = "float32", **kw):
     """A tiny model with Q4_1 layers and a Q8_0 lm_head (random blocks), and its float32 twin holding the dequantized
     weights: (quantized, float32)."""
     from propd.testing import tiny_model
@@ -88,7 +124,7 @@ def quantized_pair(seed: int, **kw):
             w = quant.dequantize_blocks(b, fmt, O, K)
             mod.weight.data.copy_(w)
             dict(qm.model.named_modules())[name].weight.data.copy_(w)
-    assert quant.quantize_model(qm.model, blocks) == len(blocks)
+    assert quant.quantize_model(qm.model, blocks, activations=activations) == len(blocks)
     return qm, fp
 
 
@@ -114,6 +150,26 @@ def test_quantized_model_decodes_as_the_float32_model(seed, lens, preset, batch)
         logits = [m.model.logits(m.model.hidden_states(m.model.new_cache(len(prompts), 32), prompts)[0])
                   for m in (qm, fp)]
     assert torch.equal(*logits)
+
+
+@needs_kernel
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 50), lens=st.lists(st.integers(1, 24), min_size=1, max_size=5),
+       preset=st.sampled_from(["bpd", "medusa", "propd", "eagle", "propd-eagle"]), batch=st.sampled_from([1, 2, 5]))
+def test_8bit_activations_keep_every_preset_equal_to_ar(seed, lens, preset, batch):
+    """With 8-bit activations (``gguf-q8``) the output is that arithmetic's own, and every preset gives its `ar`'s
+    tokens, every row of a batch: the products are row-invariant."""
+    from propd import Decoder
+    from propd.testing import random_prompts
+
+    qm, _ = quantized_pair(seed, activations="q8", heads=4, early=(2,), drafter=True)
+    assert qm.model.lm_head.q8 and qm.model.model.layers[0].mlp.up_proj.q8
+    prompts = random_prompts(qm, seed, lens)
+    ar = Decoder(qm, preset="ar", entry_points=False)
+    refs = [ar.generate_ids([p], max_new_tokens=16).token_ids[0] for p in prompts]
+    got = Decoder(qm, preset=preset, entry_points=False).generate_ids(prompts, max_new_tokens=16,
+                                                                      batch_size=batch).token_ids
+    assert got == refs
 
 
 def test_blocks_that_do_not_match_the_weights_are_refused():
@@ -147,6 +203,9 @@ def test_load_a_quantized_gguf_file_as_blocks(tmp_path, monkeypatch):
     prompts = [[5, 9, 30, 2], [7] * 11]
     want = Decoder(fp, preset="ar").generate_ids(prompts, max_new_tokens=20).token_ids
     assert Decoder(qm, preset="ar").generate_ids(prompts, max_new_tokens=20).token_ids == want
+    q8 = load_model(str(path), dtype="gguf-q8", heads="none")  # llama.cpp's arithmetic: every matrix, its own output
+    assert q8.weights == "gguf-q8" and all(m.q8 for m in q8.model.modules() if isinstance(m, QuantLinear))
+    assert len(Decoder(q8, preset="ar").generate_ids(prompts, max_new_tokens=20).token_ids[1]) == 20
 
 
 @needs_kernel

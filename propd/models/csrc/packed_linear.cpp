@@ -570,6 +570,282 @@ void run_q(const float* xp, const uint8_t* pp, float* yp, int64_t M, int64_t K, 
                    });
 }
 
+// ------------------------------------------------------------------------- GGUF blocks, 8-bit activations
+// llama.cpp's arithmetic (``--dtype gguf-q8``): each row of x is rounded per block of 32 k to int8,
+// dx = max|x| / 127, xq = round-half-even(x * (1 / dx)), with qsum = sum(xq) and sx = dx * qsum (ggml's Q8_1), and
+// each block's integer dot product isum = sum_k q[o, k] * xq[k] is exact. y[o] sums block by block, in order:
+// Q4_1 (w = d * q + m): acc = acc + (d[o] * dx) * isum, then acc = acc + m[o] * sx; Q8_0 (w = d * q):
+// acc = acc + (d[o] * dx) * isum; each product and sum rounded to float32 as written (no FMA). So every output is one
+// fixed sequence of float32 operations whatever the number of rows, the ISA path or the blocking: row-invariant, and
+// equal on the AVX512-VNNI (vpdpbusd: 64 u8 x s8 products per instruction) and AVX2 (vpmaddubsw + vpmaddwd) paths bit
+// for bit. The output differs from float32's (x is rounded), as llama.cpp's does.
+// Panel blocks (16 outputs x 32 k), marked by an int8 packed tensor: fp16 scales first, then groups g of 4 k, each 16
+// outputs x 4 bytes (one 64-byte load feeds one vpdpbusd for 16 outputs x 4 k):
+// Q4_1 (320 bytes): d[16], m[16], 4 groups, byte (g, o, i) = ggml's qs byte 4g + i of output o (low nibble
+//   k = 4g + i, high nibble k = 16 + 4g + i);
+// Q8_0 (544 bytes): d[16], 8 groups, byte (g, o, i) = q[o, 4g + i] + 128 (vpdpbusd takes the weights unsigned;
+//   isum = dot - 128 * qsum).
+constexpr int64_t kQ8Q41Bytes = 320, kQ8Q80Bytes = 544;
+
+#define PROPD_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+bool cpu_has_avx512vnni() {
+    static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                            __builtin_cpu_supports("avx512vnni");
+    return has;
+}
+
+bool use_vnni() { return g_isa_limit == 0 && cpu_has_avx512vnni(); }
+
+// x (M, K) float32 -> xq (M, K) int8; dx, sx (M, K / 32) float32 and qsum (M, K / 32) int32, as described above.
+// Serial: at most a few hundred thousand values per call, where a parallel region would cost more than the work.
+// _mm256_cvtps_epi32 rounds in the default rounding mode, half to even, as torch.round.
+void quantize_rows_q8(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, float* sx, int32_t* qsum) {
+    const int64_t n = M * (K / kQK);  // rows are contiguous: block i of the flat (M * K / 32) sequence
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i hi = _mm256_set1_epi32(127), lo = _mm256_set1_epi32(-127);
+    alignas(32) int32_t q[kQK];
+    for (int64_t i = 0; i < n; ++i) {
+        const float* v = x + i * kQK;
+        __m256 mx = _mm256_andnot_ps(sign, _mm256_loadu_ps(v));
+        for (int j = 1; j < 4; ++j) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + 8 * j)));
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, mx);
+        float amax = 0.0f;
+        for (int j = 0; j < 8; ++j) amax = std::max(amax, lanes[j]);
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        const __m256 ids = _mm256_set1_ps(id);
+        __m256i sum = _mm256_setzero_si256();
+        for (int j = 0; j < 4; ++j) {
+            __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * j), ids));
+            r = _mm256_max_epi32(lo, _mm256_min_epi32(hi, r));
+            sum = _mm256_add_epi32(sum, r);
+            _mm256_store_si256(reinterpret_cast<__m256i*>(q + 8 * j), r);
+        }
+        alignas(32) int32_t s8[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(s8), sum);
+        int32_t total = 0;
+        for (int j = 0; j < 8; ++j) total += s8[j];
+        for (int64_t k = 0; k < kQK; ++k) xq[i * kQK + k] = static_cast<int8_t>(q[k]);
+        dx[i] = d;
+        sx[i] = d * static_cast<float>(total);
+        qsum[i] = total;
+    }
+}
+
+inline int32_t load_i32(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+// One row block's rounded activations: rows of xq (stride K), dx, sx and qsum (stride nb).
+struct Q8Rows {
+    const int8_t* xq;
+    const float* dx;
+    const float* sx;
+    const int32_t* qsum;
+};
+
+template <int MR, int F>
+PROPD_AVX512VNNI inline void micro_q8_512(const uint8_t* __restrict__ panel, Q8Rows xr, int64_t K,
+                                          float* __restrict__ y, int64_t ldy, int64_t width, Prefetch pf) {
+    constexpr int64_t bytes = F == kQ41 ? kQ8Q41Bytes : kQ8Q80Bytes, body = F == kQ41 ? 64 : 32;
+    constexpr int groups = F == kQ41 ? 4 : 8;
+    const int64_t nb = K / kQK;
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512 a[MR];
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) a[r] = _mm512_setzero_ps();
+    int64_t count = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = panel + b * bytes;
+        const int8_t* xb = xr.xq + b * kQK;
+        // few rows: two integer chains per row (integer sums: any grouping gives the same isum)
+        constexpr int NS = MR <= 4 ? 2 : 1;
+        __m512i s[NS][MR];
+#pragma GCC unroll 2
+        for (int c = 0; c < NS; ++c)
+#pragma GCC unroll 16
+            for (int r = 0; r < MR; ++r) s[c][r] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int g = 0; g < groups; ++g) {
+            const __m512i raw = _mm512_loadu_si512(blk + body + 64 * g);
+            if (pf.every && ++count == pf.every) {
+                count = 0;
+                _mm_prefetch(pf.next, _MM_HINT_T0);
+                pf.next += kLine;
+            }
+            if constexpr (F == kQ41) {
+                const __m512i lo = _mm512_and_si512(raw, low), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+#pragma GCC unroll 16
+                for (int r = 0; r < MR; ++r) {
+                    s[0][r] = _mm512_dpbusd_epi32(s[0][r], lo, _mm512_set1_epi32(load_i32(xb + r * K + 4 * g)));
+                    s[NS - 1][r] = _mm512_dpbusd_epi32(s[NS - 1][r], hi,
+                                                       _mm512_set1_epi32(load_i32(xb + r * K + 16 + 4 * g)));
+                }
+            } else {
+#pragma GCC unroll 16
+                for (int r = 0; r < MR; ++r) {
+                    s[g % NS][r] = _mm512_dpbusd_epi32(s[g % NS][r], raw,
+                                                       _mm512_set1_epi32(load_i32(xb + r * K + 4 * g)));
+                }
+            }
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) {
+            __m512i si = NS == 2 ? _mm512_add_epi32(s[0][r], s[NS - 1][r]) : s[0][r];
+            if constexpr (F == kQ80) si = _mm512_sub_epi32(si, _mm512_set1_epi32(128 * xr.qsum[r * nb + b]));
+            const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xr.dx[r * nb + b]));
+            a[r] = _mm512_add_ps(a[r], _mm512_mul_ps(scale, _mm512_cvtepi32_ps(si)));
+            if constexpr (F == kQ41) {
+                const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32)));
+                a[r] = _mm512_add_ps(a[r], _mm512_mul_ps(m, _mm512_set1_ps(xr.sx[r * nb + b])));
+            }
+        }
+    }
+    const __mmask16 keep = width == kPanel ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << width) - 1);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + r * ldy, keep, a[r]);
+}
+
+// The AVX2 form: 16 outputs as two halves of 8, each a 32-byte half of a group's 64 bytes. vpmaddubsw's 16-bit pair
+// sums cannot saturate: Q4_1 at most 2 * 15 * 127; Q8_0 takes |q| (at most 128) against x signed by q (llama.cpp's
+// sign trick), at most 2 * 128 * 127. vpmaddwd by ones then gives the int32 sums of four, the same isum as vpdpbusd.
+template <int F>
+inline __m256i dot4_q8(__m256i raw, __m256i xl, __m256i xh) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    if constexpr (F == kQ41) {
+        const __m256i low = _mm256_set1_epi8(15);
+        const __m256i lo = _mm256_and_si256(raw, low), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+        return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)), ones);
+    } else {
+        const __m256i q = _mm256_xor_si256(raw, _mm256_set1_epi8(static_cast<char>(0x80)));  // q + 128 -> q
+        return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(xl, q)), ones);
+    }
+}
+
+template <int MR, int F>
+inline void micro_q8(const uint8_t* __restrict__ panel, Q8Rows xr, int64_t K, float* __restrict__ y, int64_t ldy,
+                     int64_t width, Prefetch pf) {
+    constexpr int64_t bytes = F == kQ41 ? kQ8Q41Bytes : kQ8Q80Bytes, body = F == kQ41 ? 64 : 32;
+    constexpr int groups = F == kQ41 ? 4 : 8;
+    const int64_t nb = K / kQK;
+    __m256 a0[MR], a1[MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+        a0[r] = _mm256_setzero_ps();
+        a1[r] = _mm256_setzero_ps();
+    }
+    int64_t count = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = panel + b * bytes;
+        const int8_t* xb = xr.xq + b * kQK;
+        __m256i s0[MR], s1[MR];
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r) {
+            s0[r] = _mm256_setzero_si256();
+            s1[r] = _mm256_setzero_si256();
+        }
+#pragma GCC unroll 8
+        for (int g = 0; g < groups; ++g) {
+            const __m256i raw0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + body + 64 * g));
+            const __m256i raw1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + body + 32 + 64 * g));
+            if (pf.every && ++count == pf.every) {
+                count = 0;
+                _mm_prefetch(pf.next, _MM_HINT_T0);
+                pf.next += kLine;
+            }
+#pragma GCC unroll 8
+            for (int r = 0; r < MR; ++r) {
+                const __m256i xl = _mm256_set1_epi32(load_i32(xb + r * K + 4 * g));
+                const __m256i xh = F == kQ41 ? _mm256_set1_epi32(load_i32(xb + r * K + 16 + 4 * g)) : xl;
+                s0[r] = _mm256_add_epi32(s0[r], dot4_q8<F>(raw0, xl, xh));
+                s1[r] = _mm256_add_epi32(s1[r], dot4_q8<F>(raw1, xl, xh));
+            }
+        }
+        __m256 d0, d1, m0, m1;
+        q_widen8(blk, d0, d1);
+        if constexpr (F == kQ41) q_widen8(blk + 32, m0, m1);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r) {
+            const __m256 dxs = _mm256_set1_ps(xr.dx[r * nb + b]);
+            a0[r] = _mm256_add_ps(a0[r], _mm256_mul_ps(_mm256_mul_ps(d0, dxs), _mm256_cvtepi32_ps(s0[r])));
+            a1[r] = _mm256_add_ps(a1[r], _mm256_mul_ps(_mm256_mul_ps(d1, dxs), _mm256_cvtepi32_ps(s1[r])));
+            if constexpr (F == kQ41) {
+                const __m256 sxs = _mm256_set1_ps(xr.sx[r * nb + b]);
+                a0[r] = _mm256_add_ps(a0[r], _mm256_mul_ps(m0, sxs));
+                a1[r] = _mm256_add_ps(a1[r], _mm256_mul_ps(m1, sxs));
+            }
+        }
+    }
+    alignas(32) float tmp[kPanel];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+        _mm256_store_ps(tmp, a0[r]);
+        _mm256_store_ps(tmp + 8, a1[r]);
+        for (int64_t j = 0; j < width; ++j) y[r * ldy + j] = tmp[j];
+    }
+}
+
+template <int F>
+PROPD_AVX512VNNI void block_q8_512(int64_t mr, const uint8_t* panel, Q8Rows xr, int64_t K, float* y, int64_t ldy,
+                                   int64_t width, Prefetch pf) {
+    switch (mr) {
+        case 12: micro_q8_512<12, F>(panel, xr, K, y, ldy, width, pf); break;
+        case 11: micro_q8_512<11, F>(panel, xr, K, y, ldy, width, pf); break;
+        case 10: micro_q8_512<10, F>(panel, xr, K, y, ldy, width, pf); break;
+        case 9: micro_q8_512<9, F>(panel, xr, K, y, ldy, width, pf); break;
+        case 8: micro_q8_512<8, F>(panel, xr, K, y, ldy, width, pf); break;
+        case 7: micro_q8_512<7, F>(panel, xr, K, y, ldy, width, pf); break;
+        case 6: micro_q8_512<6, F>(panel, xr, K, y, ldy, width, pf); break;
+        case 5: micro_q8_512<5, F>(panel, xr, K, y, ldy, width, pf); break;
+        case 4: micro_q8_512<4, F>(panel, xr, K, y, ldy, width, pf); break;
+        case 3: micro_q8_512<3, F>(panel, xr, K, y, ldy, width, pf); break;
+        case 2: micro_q8_512<2, F>(panel, xr, K, y, ldy, width, pf); break;
+        default: micro_q8_512<1, F>(panel, xr, K, y, ldy, width, pf); break;
+    }
+}
+
+template <int F>
+void block_q8(int64_t mr, const uint8_t* panel, Q8Rows xr, int64_t K, float* y, int64_t ldy, int64_t width,
+              Prefetch pf) {
+    switch (mr) {
+        case 6: micro_q8<6, F>(panel, xr, K, y, ldy, width, pf); break;
+        case 5: micro_q8<5, F>(panel, xr, K, y, ldy, width, pf); break;
+        case 4: micro_q8<4, F>(panel, xr, K, y, ldy, width, pf); break;
+        case 3: micro_q8<3, F>(panel, xr, K, y, ldy, width, pf); break;
+        case 2: micro_q8<2, F>(panel, xr, K, y, ldy, width, pf); break;
+        default: micro_q8<1, F>(panel, xr, K, y, ldy, width, pf); break;
+    }
+}
+
+// y (M, O) float32 = x (M, K) float32, rounded to 8 bits per block, times panels of format F for 8-bit activations
+// (P, K / 32, bytes). Every row count goes here (prefill too): blocks of up to 12 rows reread a panel from cache.
+template <int F>
+void run_q8(const float* xp, const uint8_t* pp, float* yp, int64_t M, int64_t K, int64_t O, int64_t P) {
+    constexpr int64_t bytes = F == kQ41 ? kQ8Q41Bytes : kQ8Q80Bytes;
+    const int64_t nb = K / kQK;
+    std::vector<int8_t> xq(M * K);
+    std::vector<float> dx(M * nb), sx(M * nb);
+    std::vector<int32_t> qsum(M * nb);
+    quantize_rows_q8(xp, M, K, xq.data(), dx.data(), sx.data(), qsum.data());
+    const bool vnni = use_vnni();
+    for_each_block(reinterpret_cast<const char*>(pp), nb * bytes, nb * (F == kQ41 ? 4 : 8), M, O, P, vnni,
+                   [&](int64_t p, int64_t m, int64_t mr, int64_t width, Prefetch pf) {
+                       const uint8_t* panel = pp + p * nb * bytes;
+                       const Q8Rows xr{xq.data() + m * K, dx.data() + m * nb, sx.data() + m * nb,
+                                       qsum.data() + m * nb};
+                       float* y = yp + m * O + kPanel * p;
+                       if (vnni) {
+                           block_q8_512<F>(mr, panel, xr, K, y, O, width, pf);
+                       } else {
+                           block_q8<F>(mr, panel, xr, K, y, O, width, pf);
+                       }
+                   });
+}
+
 bool kernel_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16; }
 
 // ---------------------------------------------------------------------------------------------------- attention
@@ -849,6 +1125,47 @@ torch::Tensor pack_gguf_blocks(const torch::Tensor& blocks, int64_t block_bytes)
     return out;
 }
 
+// ggml Q4_1 (20-byte) or Q8_0 (34-byte) blocks (O, K / 32 * block bytes) uint8 into the panels of the
+// 8-bit-activation kernel (P, K / 32, 320 or 544), as an int8 tensor (the mark packed_linear dispatches on); layout in
+// "GGUF blocks, 8-bit activations" above.
+torch::Tensor pack_gguf_for_q8(const torch::Tensor& blocks, int64_t block_bytes) {
+    TORCH_CHECK(blocks.dim() == 2 && blocks.is_contiguous() && blocks.scalar_type() == at::kByte &&
+                    blocks.device().is_cpu() && (block_bytes == 20 || block_bytes == 34) &&
+                    blocks.size(1) % block_bytes == 0,
+                "pack_gguf_for_q8: blocks must be a contiguous (O, n * block bytes) uint8 CPU tensor of Q4_1 or Q8_0");
+    const bool q41 = block_bytes == 20;
+    const int64_t O = blocks.size(0), nb = blocks.size(1) / block_bytes, P = (O + kPanel - 1) / kPanel;
+    const int64_t bytes = q41 ? kQ8Q41Bytes : kQ8Q80Bytes;
+    auto out = torch::zeros({P, nb, bytes}, blocks.options().dtype(at::kChar));
+    const uint8_t* src = blocks.data_ptr<uint8_t>();
+    uint8_t* dst = reinterpret_cast<uint8_t*>(out.data_ptr<int8_t>());
+    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+            for (int64_t b = 0; b < nb; ++b) {
+                uint8_t* panel = dst + (p * nb + b) * bytes;
+                for (int64_t o = 0; o < kPanel; ++o) {
+                    const bool real = p * kPanel + o < O;
+                    const uint8_t* blk = src + (p * kPanel + o) * nb * block_bytes + b * block_bytes;
+                    if (q41) {
+                        if (!real) continue;  // zero scales and quants: weight 0
+                        std::memcpy(panel + 2 * o, blk, 2);
+                        std::memcpy(panel + 2 * kPanel + 2 * o, blk + 2, 2);
+                        for (int64_t g = 0; g < 4; ++g) std::memcpy(panel + 64 + 64 * g + 4 * o, blk + 4 + 4 * g, 4);
+                    } else {
+                        if (real) std::memcpy(panel + 2 * o, blk, 2);
+                        for (int64_t g = 0; g < 8; ++g) {
+                            for (int64_t i = 0; i < 4; ++i) {  // padding outputs: q = 0, stored as 128
+                                panel[32 + 64 * g + 4 * o + i] = static_cast<uint8_t>((real ? blk[2 + 4 * g + i] : 0) ^ 0x80);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    return out;
+}
+
 // The (O, K) float32 matrix of block-packed panels (P, K / 32, bytes), each weight rounded as gguf's dequantize:
 // Q4_1 d * q + m (d * q exact in float32, one rounding), Q8_0 q * d. For calls of more rows than the block kernel
 // takes (prefill), which multiply the dense matrix; parallel over panels.
@@ -901,6 +1218,25 @@ torch::Tensor dequantize_packed(const torch::Tensor& packed, int64_t O) {
 
 // x: (M, K) contiguous, of the packed weight's type; packed: pack(w) for w of O rows. Returns (M, O) of that type.
 torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t O) {
+    if (packed.scalar_type() == at::kChar) {  // GGUF panels for 8-bit activations (pack_gguf_for_q8)
+        TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() && x.scalar_type() == at::kFloat,
+                    "packed_linear: GGUF panels for 8-bit activations take a contiguous 2-D float32 CPU x");
+        const int64_t M = x.size(0), K = x.size(1), P = packed.size(0);
+        TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && K % kQK == 0 && packed.size(1) == K / kQK &&
+                        (packed.size(2) == kQ8Q41Bytes || packed.size(2) == kQ8Q80Bytes) &&
+                        (O + kPanel - 1) / kPanel == P,
+                    "packed_linear: the 8-bit-activation panels do not fit x or O");
+        auto y = torch::empty({M, O}, x.options());
+        if (M > 0 && O > 0) {
+            const uint8_t* pp = reinterpret_cast<const uint8_t*>(packed.data_ptr<int8_t>());
+            if (packed.size(2) == kQ8Q41Bytes) {
+                run_q8<kQ41>(x.data_ptr<float>(), pp, y.data_ptr<float>(), M, K, O, P);
+            } else {
+                run_q8<kQ80>(x.data_ptr<float>(), pp, y.data_ptr<float>(), M, K, O, P);
+            }
+        }
+        return y;
+    }
     if (packed.scalar_type() == at::kByte) {  // GGUF blocks (Q4_1, Q8_0) for a float32 x
         TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() && x.scalar_type() == at::kFloat,
                     "packed_linear: GGUF blocks take a contiguous 2-D float32 CPU x");
@@ -1134,6 +1470,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("pack", &pack, "pack a (O, K) float32 or bfloat16 weight into 16-row panels");
     m.def("packed_linear", &packed_linear, "x @ w.T for few rows of x, w packed by pack() or GGUF blocks packed by propd.models.quant");
     m.def("pack_gguf_blocks", &pack_gguf_blocks, "ggml Q4_1 or Q8_0 blocks into the block kernel's panels");
+    m.def("pack_gguf_for_q8", &pack_gguf_for_q8, "ggml Q4_1 or Q8_0 blocks into panels for 8-bit activations");
+    m.def("quantize_rows_q8", [](const torch::Tensor& x) {
+        TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.size(1) % kQK == 0,
+                    "quantize_rows_q8: a contiguous (M, K) float32 x, K a multiple of 32");
+        const int64_t M = x.size(0), K = x.size(1);
+        auto xq = torch::empty({M, K}, x.options().dtype(at::kChar));
+        auto dx = torch::empty({M, K / kQK}, x.options()), sx = torch::empty({M, K / kQK}, x.options());
+        auto qsum = torch::empty({M, K / kQK}, x.options().dtype(at::kInt));
+        quantize_rows_q8(x.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), sx.data_ptr<float>(),
+                         qsum.data_ptr<int32_t>());
+        return std::make_tuple(xq, dx, sx, qsum);
+    }, "x rounded to int8 per block of 32 (xq, dx, sx, qsum), as the 8-bit-activation kernel rounds it");
     m.def("dequantize_packed", &dequantize_packed, "the (O, K) float32 matrix of GGUF blocks packed by propd.models.quant");
     m.def("tree_attention", &tree_attention, "attention of a few query tokens per row over cached keys");
     m.def("rope_and_cache", &rope_and_cache, "rotary embedding of q and k, and the cache write of k and v");
@@ -1146,6 +1494,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("run", &LayerStack::run, "run layers start..end-1 of a decoding step on x (B, T, H)");
     m.def("set_isa_limit", [](int64_t limit) { g_isa_limit = static_cast<int>(limit); },
           "0: the best path this CPU has; 1: AVX2 only");
+    m.def("has_vnni", []() { return use_vnni(); }, "whether the 8-bit-activation kernel runs on AVX512-VNNI now");
     m.def("isa", []() { return std::string(use_avx512() ? (use_bf16_pairs() ? "avx512bf16" : "avx512") : "avx2"); },
           "the instruction set the linear kernel runs with now (avx512bf16: bf16 weights packed from now on use it)");
 }
