@@ -10,12 +10,13 @@ into ``$PROPD_CACHE/llama.cpp/<version>/`` (kept for later runs; the requantized
 model's own Q4_1 GGUF file is requantized by ``llama-quantize --allow-requantize`` to F32 and BF16: the weights
 propd's float32 conversion holds, and their bfloat16 rounding. Each round times, for each precision, ``llama-bench
 -p 0 -n TOKENS -d DEPTH -t THREADS -r 1`` (TOKENS greedy tokens after a DEPTH-token context) and propd's ``ar``
-decoding steps for TOKENS tokens after a DEPTH-token prompt (float32, bfloat16, and ``gguf`` against Q4_1), so a
-busy moment slows both alike. Prints the median decode tokens/s per engine and precision over the rounds, and
+decoding steps for TOKENS tokens after a DEPTH-token prompt (float32, bfloat16, and ``gguf`` and ``gguf-q8`` against
+Q4_1), so a busy moment slows both alike. Prints the median decode tokens/s per engine and precision over the rounds, and
 propd / llama.cpp.
 
 llama.cpp's CPU path quantizes activations to 8 bits for its Q4_1 dot products (and its F32/BF16 paths sum in
-another order), so its tokens may differ from propd's; propd's ``gguf`` gives float32's tokens.
+another order), so its tokens may differ from propd's; propd's ``gguf`` gives float32's tokens, and ``gguf-q8`` takes
+llama.cpp's 8-bit arithmetic (its sums in propd's own order).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from propd.models.loading import cache_dir, fetch_known_gguf, load_model
 MODEL = "smollm2-135m-instruct"
 SDIST = "llama-cpp-python"
 # propd dtype -> the llama.cpp file type of the same weights
-PRECISIONS = {"float32": "F32", "bfloat16": "BF16", "gguf": "Q4_1"}
+PRECISIONS = {"float32": "F32", "bfloat16": "BF16", "gguf": "Q4_1", "gguf-q8": "Q4_1"}
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:

@@ -2,6 +2,7 @@
 
     python benchmarks/step_times.py                       # load, GGUF reading, dequantize, step breakdown
     python benchmarks/step_times.py --presets ar,lookup --category summarization   # step times by tree size
+    python benchmarks/step_times.py --nodes float32,gguf,gguf-q8   # a forward pass of 1-32 nodes per dtype
 
 Parts (each prints its own lines):
 
@@ -11,7 +12,8 @@ Parts (each prints its own lines):
 * breakdown: at a ``--context``-token context, batch 1, one node, medians of 30 (ms): ``attention_inputs``, the
   layers in one ``LayerStack`` call and one call per layer, norm + ``lm_head``, and a whole ``Decoder`` ``ar`` step;
 * with ``--presets``: the median step time per tree size of each preset on ``--category``'s Spec-Bench prompts
-  (first turns, batch 1, 128 tokens), threads left at torch's count.
+  (first turns, batch 1, 128 tokens), threads left at torch's count;
+* with ``--nodes``: a forward pass of a T-node tree (T = 1-32) per dtype, taking turns.
 """
 
 from __future__ import annotations
@@ -87,6 +89,31 @@ def breakdown(dtype: str, context: int) -> None:
     print(f"{dtype}, {context}-token context: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()) + " (ms)")
 
 
+def by_nodes(dtypes: list[str], context: int, sizes=(1, 2, 4, 8, 16, 32)) -> None:
+    """One forward pass of a T-node chain tree at a ``context``-token context, batch 1, per dtype (medians of 30, ms):
+    embed, layers, norm and ``lm_head``, as a decoding step of T nodes runs them (the drafting and bookkeeping
+    excluded). The dtypes take turns per tree size."""
+    models = {}
+    for dt in dtypes:
+        m = load_model(MODEL, dtype=dt).model
+        m.prepare()
+        cache = m.new_cache(1, context + max(sizes) + 8)
+        m.prefill(cache, [list(range(1000, 1000 + context))])
+        models[dt] = (m, cache)
+    rows = {dt: [] for dt in dtypes}
+    for T in sizes:
+        mask, depth = torch.ones(T, T, dtype=torch.bool).tril(), torch.arange(T)
+        node_idx, tok = torch.arange(T)[None], torch.arange(5, 5 + T)[None]
+        for dt, (m, cache) in models.items():
+            def step(m=m, cache=cache):
+                a = m.attention_inputs(cache, node_idx, mask, depth)
+                return m.logits(m.norm(m.run_layers(m.embed(tok), 0, m.num_layers, cache, a)))
+            rows[dt].append(median_ms(step))
+    print(f"forward pass of T nodes, {context}-token context (ms; in parentheses: / 1 node):")
+    for dt, times in rows.items():
+        print(f"  {dt:8s} " + ", ".join(f"{T}: {t:.2f} ({t / times[0]:.2f})" for T, t in zip(sizes, times)))
+
+
 def by_tree_size(presets: list[str], category: str) -> None:
     from propd.bench.questions import load_questions
 
@@ -111,10 +138,14 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=300)
     ap.add_argument("--presets", default=None, help="comma-separated: step times by tree size instead")
     ap.add_argument("--category", default="summarization")
+    ap.add_argument("--nodes", default=None, help="comma-separated dtypes: forward passes of 1-32 nodes instead")
     args = ap.parse_args()
     print(f"{torch.get_num_threads()} threads, CPU extension ISA {cpu_kernel.isa()}")
     if args.presets:
         by_tree_size(args.presets.split(","), args.category)
+        return
+    if args.nodes:
+        by_nodes(args.nodes.split(","), args.context)
         return
     load_part()
     for dt in ("float32", "gguf"):
