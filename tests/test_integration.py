@@ -86,3 +86,16 @@ def test_gguf_blocks_decode_as_float32(model):
         for batch in (1, 3):
             got = Decoder(quantized, preset=preset).generate(PROMPTS, max_new_tokens=24, batch_size=batch).token_ids
             assert got == want, (preset, batch)
+
+
+def test_8bit_activations_keep_every_preset_equal_to_its_ar():
+    """dtype gguf-q8 (llama.cpp's 8-bit activations): its own output, which every preset reproduces at batch 1 and 3
+    (branching EAGLE trees and pruned ProPD trees included), on the default model's vicuna-style prompts."""
+    q8 = load_model(DEFAULT_MODEL, dtype="gguf-q8")
+    assert q8.weights == "gguf-q8" and q8.model.lm_head.q8
+    prompts = PROMPTS + ["Explain the theory of relativity to a child in a few sentences."]
+    want = Decoder(q8, preset="ar").generate(prompts, max_new_tokens=40, batch_size=1).token_ids
+    for preset in ("bpd", "medusa", "propd", "eagle", "propd-eagle"):
+        for batch in (1, 3):
+            got = Decoder(q8, preset=preset).generate(prompts, max_new_tokens=40, batch_size=batch).token_ids
+            assert got == want, (preset, batch)
