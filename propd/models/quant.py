@@ -187,7 +187,8 @@ class QuantLinear(nn.Module):
 
     Calls of 1-``cpu_kernel.MAX_ROWS`` rows go to the block kernel; larger ones (prefill) multiply the weight
     dequantized for the call, by the same torch path the float32 ``KernelLinear`` takes at that row count, so every
-    call gives the float32 model's bits. ``weight`` is the dense float32 matrix for code that reads it (draft
+    call gives the float32 model's bits. With 8-bit activations (panels from ``activations="q8"``, :attr:`q8`) every
+    call goes to that kernel, whatever its row count (:func:`q8_linear_reference` without the extension). ``weight`` is the dense float32 matrix for code that reads it (draft
     projections): the ``dense`` tensor given (a tied embedding already in memory), else dequantized once and kept.
     """
 
