@@ -55,6 +55,9 @@ class KVCache:
         """
         L, B, H, _, D = self.k.shape
         A = offsets.shape[1]
+        if A == 1:  # the root alone (node 0, already at lengths[b]): nothing moves
+            self.advance(counts, host_counts)
+            return
         src = (self.lengths[:, None] + offsets)[None, :, None, :, None].expand(L, B, H, A, D)
         dst = (self.lengths[:, None] + torch.arange(A, device=offsets.device))[None, :, None, :, None]
         dst = dst.expand(L, B, H, A, D)

@@ -156,6 +156,10 @@ def tree_attention_inputs(cfg: ModelConfig, inv_freq: torch.Tensor, dtype: torch
     T = tree_mask.shape[-1]
     lengths = cache.lengths
     S = max(cache.host_lengths) + T + 1
+    rel = torch.arange(S, device=dev)[None, :] - lengths[:, None]  # (B, S) key pos relative to row length
+    if T == 1 and node_idx.shape[1] == 1:  # an AR step: the root (never padding) sees the prefix and itself
+        return _attention_inputs(cfg, inv_freq, dtype, lengths[:, None], (rel <= 0)[:, None, None, :], lengths[:, None],
+                                 S, decoding)
     if tree_mask.dim() == 2:
         mask_ext = torch.zeros(T + 1, T + 1, dtype=torch.bool, device=dev)
         mask_ext[:T, :T] = tree_mask
@@ -169,18 +173,21 @@ def tree_attention_inputs(cfg: ModelConfig, inv_freq: torch.Tensor, dtype: torch
         mask_ext[:, T, T] = True
         rows = mask_ext.gather(1, node_idx[..., None].expand(-1, -1, T + 1))  # (B, Tq, T+1)
         node_depth = torch.cat([depths, depths.new_zeros(B, 1)], dim=1).gather(1, node_idx)  # (B, Tq)
-    rel = torch.arange(S, device=dev)[None, :] - lengths[:, None]  # (B, S) key pos relative to row length
     in_tree = (rel >= 0) & (rel <= T)
     tree_part = rows.gather(2, rel.clamp(0, T)[:, None, :].expand(-1, node_idx.shape[1], -1))  # (B, Tq, S)
     mask = (tree_part & in_tree[:, None, :]) | (rel < 0)[:, None, :]
-    positions = lengths[:, None] + node_depth  # (B, Tq)
+    return _attention_inputs(cfg, inv_freq, dtype, lengths[:, None] + node_depth, mask[:, None],
+                             lengths[:, None] + node_idx, S, decoding)
+
+
+def _attention_inputs(cfg: ModelConfig, inv_freq: torch.Tensor, dtype: torch.dtype, positions: torch.Tensor,
+                      mask: torch.Tensor, write_pos: torch.Tensor, S: int, decoding: bool) -> AttentionInputs:
+    """Rotary cos/sin of query ``positions`` (B, Tq), with the (B, 1, Tq, S) ``mask`` and cache ``write_pos``."""
     freqs = positions[..., None].to(torch.float32) * inv_freq  # (B, Tq, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, Tq, D)
     scale = cfg.rope_attention_scaling
-    return AttentionInputs(
-        cos=(emb.cos() * scale).to(dtype), sin=(emb.sin() * scale).to(dtype),
-        write_pos=lengths[:, None] + node_idx, mask=mask[:, None], key_len=S, decoding=decoding,
-    )
+    return AttentionInputs(cos=(emb.cos() * scale).to(dtype), sin=(emb.sin() * scale).to(dtype),
+                           write_pos=write_pos, mask=mask, key_len=S, decoding=decoding)
 
 
 class LlamaModel(nn.Module):

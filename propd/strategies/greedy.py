@@ -38,6 +38,9 @@ class GreedyVerifier:
 
     @hookimpl
     def propd_verify(self, draft, nodes, logits):
+        if nodes.num_nodes == 1:  # an AR step: the root is accepted, its argmax is the bonus token
+            zero = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+            return Acceptance(best=zero, accept_len=zero, bonus=logits[:, 0].argmax(dim=-1))
         rows = draft.rows
         pred = full_argmax(nodes, logits)  # (B, T)
         parent_pred = pred.gather(1, rows.parents.clamp(min=0))
