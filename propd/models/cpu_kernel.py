@@ -267,8 +267,8 @@ def has_vnni() -> bool:
 
 
 def dequantize(packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """The (out_features, K) float32 matrix of GGUF blocks packed by ``propd.models.quant.pack_blocks``, rounded as
-    gguf's ``dequantize`` (the extension must be loaded)."""
+    """The (out_features, K) float32 matrix of GGUF blocks packed by ``propd.models.quant.pack_blocks`` (either
+    layout), rounded as gguf's ``dequantize`` (the extension must be loaded)."""
     return _state["ext"].dequantize_packed(packed, out_features)
 
 

@@ -218,7 +218,7 @@ class QuantLinear(nn.Module):
 
         if self._dense is not None:
             return self._dense
-        if cpu_kernel.extension() is not None and self.packed.device.type == "cpu" and not self.q8:
+        if cpu_kernel.extension() is not None and self.packed.device.type == "cpu":
             return cpu_kernel.dequantize(self.packed, self.out_features)
         return dequantize_packed(self.packed, self.fmt, self.out_features, self.in_features)
 

@@ -86,6 +86,7 @@ def test_8bit_activation_kernel_equals_its_reference_on_every_path(fmt, m, out, 
     assert torch.equal(packed, quant.pack_for_q8(blocks, fmt, out, 32 * nb))
     w = quant.dequantize_blocks(blocks, fmt, out, 32 * nb)
     assert torch.equal(quant.dequantize_packed(packed, fmt, out, 32 * nb), w)
+    assert torch.equal(cpu_kernel.dequantize(packed, out), w)
     x = torch.randn(m, 32 * nb, generator=g) * torch.rand(m, 1, generator=g) * 4
     x[0, :32] = 0.0  # an all-zero block: dx = 0
     xq, dx, sx, qsum = cpu_kernel.quantize_rows_q8(x)

@@ -1170,14 +1170,16 @@ torch::Tensor pack_gguf_for_q8(const torch::Tensor& blocks, int64_t block_bytes)
 // Q4_1 d * q + m (d * q exact in float32, one rounding), Q8_0 q * d. For calls of more rows than the block kernel
 // takes (prefill), which multiply the dense matrix; parallel over panels.
 torch::Tensor dequantize_packed(const torch::Tensor& packed, int64_t O) {
-    TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.scalar_type() == at::kByte &&
-                    (packed.size(2) == kQ41Bytes || packed.size(2) == kQ80Bytes) &&
+    const bool q8 = packed.scalar_type() == at::kChar;  // panels for 8-bit activations (pack_gguf_for_q8)
+    TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && (packed.scalar_type() == at::kByte || q8) &&
+                    (q8 ? packed.size(2) == kQ8Q41Bytes || packed.size(2) == kQ8Q80Bytes
+                        : packed.size(2) == kQ41Bytes || packed.size(2) == kQ80Bytes) &&
                     (O + kPanel - 1) / kPanel == packed.size(0),
                 "dequantize_packed: not block-packed panels of O outputs");
     const int64_t P = packed.size(0), nb = packed.size(1), K = nb * kQK, bytes = packed.size(2);
-    const bool q41 = bytes == kQ41Bytes;
+    const bool q41 = bytes == (q8 ? kQ8Q41Bytes : kQ41Bytes);
     auto w = torch::empty({O, K}, packed.options().dtype(at::kFloat));
-    const uint8_t* pp = packed.data_ptr<uint8_t>();
+    const uint8_t* pp = reinterpret_cast<const uint8_t*>(packed.data_ptr());
     float* wp = w.data_ptr<float>();
     at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
         float tile[kQK][kPanel];
@@ -1191,7 +1193,22 @@ torch::Tensor dequantize_packed(const torch::Tensor& packed, int64_t O) {
                     d[o] = c10::detail::fp16_ieee_to_fp32_value(h[o]);
                     m[o] = q41 ? c10::detail::fp16_ieee_to_fp32_value(h[kPanel + o]) : 0.0f;
                 }
-                if (q41) {
+                if (q8) {  // groups g of 4 k, 16 outputs x 4 bytes: Q4_1 nibbles k = 4g + i, 16 + 4g + i; Q8_0 q + 128
+                    const uint8_t* q = blk + (q41 ? 64 : 32);
+                    for (int64_t g = 0; g < (q41 ? 4 : 8); ++g) {
+                        for (int64_t o = 0; o < kPanel; ++o) {
+                            for (int64_t i = 0; i < 4; ++i) {
+                                const uint8_t v = q[64 * g + 4 * o + i];
+                                if (q41) {
+                                    tile[4 * g + i][o] = d[o] * static_cast<float>(v & 15) + m[o];
+                                    tile[16 + 4 * g + i][o] = d[o] * static_cast<float>(v >> 4) + m[o];
+                                } else {
+                                    tile[4 * g + i][o] = static_cast<float>(static_cast<int8_t>(v ^ 0x80)) * d[o];
+                                }
+                            }
+                        }
+                    }
+                } else if (q41) {
                     const uint8_t* q = blk + 4 * kPanel;
                     for (int64_t j = 0; j < kQK / 2; ++j) {
                         for (int64_t o = 0; o < kPanel; ++o) {
