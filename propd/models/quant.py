@@ -16,9 +16,9 @@ products, nothing about the output changes. :func:`quantize_model` checks that e
 ``--dtype gguf-q8`` takes llama.cpp's arithmetic instead (``activations="q8"``): each row of the input is rounded to
 int8 per block of 32 (ggml's Q8_1: :func:`quantize_activations`) and each block's dot product with the 4- or 8-bit
 quants is an exact integer (AVX512-VNNI ``vpdpbusd`` where the CPU has it, else AVX2), scaled and summed in a fixed
-order (:func:`q8_linear_reference`). A decoding step's products cost about half of ``gguf``'s, tree steps most of
-all; the output is this arithmetic's own (not float32's), and every preset still gives its ``ar``'s tokens, since
-each row's result depends on that row alone.
+order (:func:`q8_linear_reference`). One ``vpdpbusd`` does 64 byte products where an FMA does 16 float32 ones, which
+matters most where a step is bound by arithmetic (tree steps, prefill). The output is this arithmetic's own (not
+float32's), and every preset still gives its ``ar``'s tokens, since each row's result depends on that row alone.
 """
 
 from __future__ import annotations
