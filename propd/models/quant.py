@@ -78,15 +78,23 @@ def pack_blocks(blocks: torch.Tensor, fmt: str, out_features: int, in_features: 
     return pack_blocks_reference(blocks, fmt, out_features, in_features)
 
 
-def pack_blocks_reference(blocks: torch.Tensor, fmt: str, out_features: int, in_features: int) -> torch.Tensor:
-    """:func:`pack_blocks` in torch ops (where the extension is unavailable, and to test it)."""
+def _panel_blocks(blocks: torch.Tensor, fmt: str, out_features: int, in_features: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml blocks (O, K / 32 * block bytes) -> (each panel block's 16 outputs' blocks (P, nb, 16, block bytes),
+    outputs padded with zero blocks; their fp16 ``d`` bytes side by side (P, nb, 32))."""
     nb, bb = in_features // QK, BLOCK_BYTES[fmt]
     b = blocks.reshape(out_features, nb, bb)
     P = -(-out_features // PANEL)
     if P * PANEL != out_features:
         b = torch.cat([b, b.new_zeros(P * PANEL - out_features, nb, bb)])
     b = b.view(P, PANEL, nb, bb).permute(0, 2, 1, 3)  # (P, nb, 16 outputs, block)
-    d = b[..., 0:2].reshape(P, nb, 2 * PANEL)
+    return b, b[..., 0:2].reshape(P, nb, 2 * PANEL)
+
+
+def pack_blocks_reference(blocks: torch.Tensor, fmt: str, out_features: int, in_features: int) -> torch.Tensor:
+    """:func:`pack_blocks` in torch ops (where the extension is unavailable, and to test it)."""
+    b, d = _panel_blocks(blocks, fmt, out_features, in_features)
+    P, nb = b.shape[0], b.shape[1]
     if fmt == "Q4_1":
         m = b[..., 2:4].reshape(P, nb, 2 * PANEL)
         qs = b[..., 4:]
@@ -102,13 +110,8 @@ def pack_for_q8(blocks: torch.Tensor, fmt: str, out_features: int, in_features: 
     """ggml blocks (O, K / 32 * block bytes) -> int8 panels (ceil(O / 16), K / 32, 320 or 544) for 8-bit activations,
     in torch ops: fp16 scales (Q4_1: d[16], m[16]; Q8_0: d[16]), then groups g of 4 k, 16 outputs x 4 bytes: Q4_1
     ggml's qs bytes 4g .. 4g + 3 (low nibbles k = 4g + i, high nibbles k = 16 + 4g + i), Q8_0 q[4g + i] + 128."""
-    nb, bb = in_features // QK, BLOCK_BYTES[fmt]
-    b = blocks.reshape(out_features, nb, bb)
-    P = -(-out_features // PANEL)
-    if P * PANEL != out_features:
-        b = torch.cat([b, b.new_zeros(P * PANEL - out_features, nb, bb)])
-    b = b.view(P, PANEL, nb, bb).permute(0, 2, 1, 3)  # (P, nb, 16 outputs, block)
-    d = b[..., 0:2].reshape(P, nb, 2 * PANEL)
+    b, d = _panel_blocks(blocks, fmt, out_features, in_features)
+    P, nb = b.shape[0], b.shape[1]
     if fmt == "Q4_1":
         m = b[..., 2:4].reshape(P, nb, 2 * PANEL)
         body = b[..., 4:].reshape(P, nb, PANEL, 4, 4).transpose(2, 3).reshape(P, nb, 4 * PANEL * 4)  # (g, o, i)

@@ -160,17 +160,11 @@ def test_quantized_model_decodes_as_the_float32_model(seed, lens, preset, batch)
 def test_8bit_activations_keep_every_preset_equal_to_ar(seed, lens, preset, batch):
     """With 8-bit activations (``gguf-q8``) the output is that arithmetic's own, and every preset gives its `ar`'s
     tokens, every row of a batch: the products are row-invariant."""
-    from propd import Decoder
-    from propd.testing import random_prompts
+    from propd.testing import assert_lossless, random_prompts
 
     qm, _ = quantized_pair(seed, activations="q8", heads=4, early=(2,), drafter=True)
     assert qm.model.lm_head.q8 and qm.model.model.layers[0].mlp.up_proj.q8
-    prompts = random_prompts(qm, seed, lens)
-    ar = Decoder(qm, preset="ar", entry_points=False)
-    refs = [ar.generate_ids([p], max_new_tokens=16).token_ids[0] for p in prompts]
-    got = Decoder(qm, preset=preset, entry_points=False).generate_ids(prompts, max_new_tokens=16,
-                                                                      batch_size=batch).token_ids
-    assert got == refs
+    assert_lossless(qm, random_prompts(qm, seed, lens), 16, batch_size=batch, preset=preset, entry_points=False)
 
 
 def test_blocks_that_do_not_match_the_weights_are_refused():
