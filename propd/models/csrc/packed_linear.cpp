@@ -26,6 +26,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -39,6 +41,19 @@ struct Prefetch {
     const char* next = nullptr;
     int64_t every = 0;  // 0: none
 };
+
+// Calls f(std::integral_constant<int, R>{}) with R = mr, for 1 <= mr <= Max: the micro-kernels take their row count as
+// a template argument so that every loop over rows unrolls; this is the one switch from a run-time count to it.
+template <int Max, typename Fn>
+inline void with_rows(int64_t mr, Fn&& f) {
+    if constexpr (Max > 1) {
+        if (mr < Max) {
+            with_rows<Max - 1>(mr, std::forward<Fn>(f));
+            return;
+        }
+    }
+    f(std::integral_constant<int, Max>{});
+}
 
 // The 16 weights of one k of a panel, as two float32 vectors.
 inline void load16(const float* p, __m256& w0, __m256& w1) {
@@ -98,14 +113,7 @@ inline void micro(const W* __restrict__ panel, const float* __restrict__ x, int6
 
 template <typename W>
 void block(int64_t mr, const W* panel, const float* x, int64_t K, float* y, int64_t ldy, int64_t width, Prefetch pf) {
-    switch (mr) {
-        case 6: micro<6>(panel, x, K, y, ldy, width, pf); break;
-        case 5: micro<5>(panel, x, K, y, ldy, width, pf); break;
-        case 4: micro<4>(panel, x, K, y, ldy, width, pf); break;
-        case 3: micro<3>(panel, x, K, y, ldy, width, pf); break;
-        case 2: micro<2>(panel, x, K, y, ldy, width, pf); break;
-        default: micro<1>(panel, x, K, y, ldy, width, pf); break;
-    }
+    with_rows<kMaxBlock>(mr, [&](auto rows) { micro<decltype(rows)::value>(panel, x, K, y, ldy, width, pf); });
 }
 
 // ---------------------------------------------------------------------------------------------- AVX-512 path
@@ -150,20 +158,7 @@ PROPD_AVX512 inline void micro512(const W* __restrict__ panel, const float* __re
 template <typename W>
 PROPD_AVX512 void block512(int64_t mr, const W* panel, const float* x, int64_t K, float* y, int64_t ldy,
                            int64_t width, Prefetch pf) {
-    switch (mr) {
-        case 12: micro512<12>(panel, x, K, y, ldy, width, pf); break;
-        case 11: micro512<11>(panel, x, K, y, ldy, width, pf); break;
-        case 10: micro512<10>(panel, x, K, y, ldy, width, pf); break;
-        case 9: micro512<9>(panel, x, K, y, ldy, width, pf); break;
-        case 8: micro512<8>(panel, x, K, y, ldy, width, pf); break;
-        case 7: micro512<7>(panel, x, K, y, ldy, width, pf); break;
-        case 6: micro512<6>(panel, x, K, y, ldy, width, pf); break;
-        case 5: micro512<5>(panel, x, K, y, ldy, width, pf); break;
-        case 4: micro512<4>(panel, x, K, y, ldy, width, pf); break;
-        case 3: micro512<3>(panel, x, K, y, ldy, width, pf); break;
-        case 2: micro512<2>(panel, x, K, y, ldy, width, pf); break;
-        default: micro512<1>(panel, x, K, y, ldy, width, pf); break;
-    }
+    with_rows<kMaxBlock512>(mr, [&](auto rows) { micro512<decltype(rows)::value>(panel, x, K, y, ldy, width, pf); });
 }
 
 // ---------------------------------------------------------------------------------------------- AVX512-BF16 path
@@ -204,20 +199,7 @@ PROPD_AVX512BF16 inline void micro_dp(const uint16_t* __restrict__ panel, const 
 
 PROPD_AVX512BF16 void block_dp(int64_t mr, const uint16_t* panel, const uint16_t* x, int64_t K2, float* y,
                                int64_t ldy, int64_t width, Prefetch pf) {
-    switch (mr) {
-        case 12: micro_dp<12>(panel, x, K2, y, ldy, width, pf); break;
-        case 11: micro_dp<11>(panel, x, K2, y, ldy, width, pf); break;
-        case 10: micro_dp<10>(panel, x, K2, y, ldy, width, pf); break;
-        case 9: micro_dp<9>(panel, x, K2, y, ldy, width, pf); break;
-        case 8: micro_dp<8>(panel, x, K2, y, ldy, width, pf); break;
-        case 7: micro_dp<7>(panel, x, K2, y, ldy, width, pf); break;
-        case 6: micro_dp<6>(panel, x, K2, y, ldy, width, pf); break;
-        case 5: micro_dp<5>(panel, x, K2, y, ldy, width, pf); break;
-        case 4: micro_dp<4>(panel, x, K2, y, ldy, width, pf); break;
-        case 3: micro_dp<3>(panel, x, K2, y, ldy, width, pf); break;
-        case 2: micro_dp<2>(panel, x, K2, y, ldy, width, pf); break;
-        default: micro_dp<1>(panel, x, K2, y, ldy, width, pf); break;
-    }
+    with_rows<kMaxBlock512>(mr, [&](auto rows) { micro_dp<decltype(rows)::value>(panel, x, K2, y, ldy, width, pf); });
 }
 
 bool cpu_has_avx512() {
@@ -499,33 +481,15 @@ inline void micro_q(const uint8_t* __restrict__ panel, const float* __restrict__
 template <int F>
 PROPD_AVX512 void block_q512(int64_t mr, const uint8_t* panel, const float* x, int64_t K, float* y, int64_t ldy,
                              int64_t width, Prefetch pf) {
-    switch (mr) {
-        case 12: micro_q512<12, F>(panel, x, K, y, ldy, width, pf); break;
-        case 11: micro_q512<11, F>(panel, x, K, y, ldy, width, pf); break;
-        case 10: micro_q512<10, F>(panel, x, K, y, ldy, width, pf); break;
-        case 9: micro_q512<9, F>(panel, x, K, y, ldy, width, pf); break;
-        case 8: micro_q512<8, F>(panel, x, K, y, ldy, width, pf); break;
-        case 7: micro_q512<7, F>(panel, x, K, y, ldy, width, pf); break;
-        case 6: micro_q512<6, F>(panel, x, K, y, ldy, width, pf); break;
-        case 5: micro_q512<5, F>(panel, x, K, y, ldy, width, pf); break;
-        case 4: micro_q512<4, F>(panel, x, K, y, ldy, width, pf); break;
-        case 3: micro_q512<3, F>(panel, x, K, y, ldy, width, pf); break;
-        case 2: micro_q512<2, F>(panel, x, K, y, ldy, width, pf); break;
-        default: micro_q512<1, F>(panel, x, K, y, ldy, width, pf); break;
-    }
+    with_rows<kMaxBlock512>(mr, [&](auto rows) {
+        micro_q512<decltype(rows)::value, F>(panel, x, K, y, ldy, width, pf);
+    });
 }
 
 template <int F>
 void block_q(int64_t mr, const uint8_t* panel, const float* x, int64_t K, float* y, int64_t ldy, int64_t width,
              Prefetch pf) {
-    switch (mr) {
-        case 6: micro_q<6, F>(panel, x, K, y, ldy, width, pf); break;
-        case 5: micro_q<5, F>(panel, x, K, y, ldy, width, pf); break;
-        case 4: micro_q<4, F>(panel, x, K, y, ldy, width, pf); break;
-        case 3: micro_q<3, F>(panel, x, K, y, ldy, width, pf); break;
-        case 2: micro_q<2, F>(panel, x, K, y, ldy, width, pf); break;
-        default: micro_q<1, F>(panel, x, K, y, ldy, width, pf); break;
-    }
+    with_rows<kMaxBlock>(mr, [&](auto rows) { micro_q<decltype(rows)::value, F>(panel, x, K, y, ldy, width, pf); });
 }
 
 // y (M, O) float32 = x (M, K) float32 times block-packed panels (P, K / 32, bytes) of format F.
@@ -792,33 +756,15 @@ inline void micro_q8(const uint8_t* __restrict__ panel, Q8Rows xr, int64_t K, fl
 template <int F>
 PROPD_AVX512VNNI void block_q8_512(int64_t mr, const uint8_t* panel, Q8Rows xr, int64_t K, float* y, int64_t ldy,
                                    int64_t width, Prefetch pf) {
-    switch (mr) {
-        case 12: micro_q8_512<12, F>(panel, xr, K, y, ldy, width, pf); break;
-        case 11: micro_q8_512<11, F>(panel, xr, K, y, ldy, width, pf); break;
-        case 10: micro_q8_512<10, F>(panel, xr, K, y, ldy, width, pf); break;
-        case 9: micro_q8_512<9, F>(panel, xr, K, y, ldy, width, pf); break;
-        case 8: micro_q8_512<8, F>(panel, xr, K, y, ldy, width, pf); break;
-        case 7: micro_q8_512<7, F>(panel, xr, K, y, ldy, width, pf); break;
-        case 6: micro_q8_512<6, F>(panel, xr, K, y, ldy, width, pf); break;
-        case 5: micro_q8_512<5, F>(panel, xr, K, y, ldy, width, pf); break;
-        case 4: micro_q8_512<4, F>(panel, xr, K, y, ldy, width, pf); break;
-        case 3: micro_q8_512<3, F>(panel, xr, K, y, ldy, width, pf); break;
-        case 2: micro_q8_512<2, F>(panel, xr, K, y, ldy, width, pf); break;
-        default: micro_q8_512<1, F>(panel, xr, K, y, ldy, width, pf); break;
-    }
+    with_rows<kMaxBlock512>(mr, [&](auto rows) {
+        micro_q8_512<decltype(rows)::value, F>(panel, xr, K, y, ldy, width, pf);
+    });
 }
 
 template <int F>
 void block_q8(int64_t mr, const uint8_t* panel, Q8Rows xr, int64_t K, float* y, int64_t ldy, int64_t width,
               Prefetch pf) {
-    switch (mr) {
-        case 6: micro_q8<6, F>(panel, xr, K, y, ldy, width, pf); break;
-        case 5: micro_q8<5, F>(panel, xr, K, y, ldy, width, pf); break;
-        case 4: micro_q8<4, F>(panel, xr, K, y, ldy, width, pf); break;
-        case 3: micro_q8<3, F>(panel, xr, K, y, ldy, width, pf); break;
-        case 2: micro_q8<2, F>(panel, xr, K, y, ldy, width, pf); break;
-        default: micro_q8<1, F>(panel, xr, K, y, ldy, width, pf); break;
-    }
+    with_rows<kMaxBlock>(mr, [&](auto rows) { micro_q8<decltype(rows)::value, F>(panel, xr, K, y, ldy, width, pf); });
 }
 
 // y (M, O) float32 = x (M, K) float32, rounded to 8 bits per block, times panels of format F for 8-bit activations
