@@ -67,6 +67,28 @@ inline void load16(const uint16_t* p, __m256& w0, __m256& w1) {
     w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(raw, 1)), 16));
 }
 
+// Rows of 16 outputs held as two 8-wide halves, stored to y (row stride ldy); only the first ``width`` outputs where
+// the panel is the last of a matrix whose row count is not a multiple of 16. Always inlined, so that the
+// accumulators stay in registers in the micro-kernels' loops.
+template <int MR>
+inline __attribute__((always_inline)) void store_rows(const __m256* a0, const __m256* a1, float* y, int64_t ldy, int64_t width) {
+    if (width == kPanel) {
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r) {
+            _mm256_storeu_ps(y + r * ldy, a0[r]);
+            _mm256_storeu_ps(y + r * ldy + 8, a1[r]);
+        }
+        return;
+    }
+    alignas(32) float tmp[kPanel];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+        _mm256_store_ps(tmp, a0[r]);
+        _mm256_store_ps(tmp + 8, a1[r]);
+        for (int64_t j = 0; j < width; ++j) y[r * ldy + j] = tmp[j];
+    }
+}
+
 // Every loop over r is fully unrolled so that the accumulators live in registers; a rolled loop makes GCC keep them in
 // a stack array and store all 12 each k, which halves the speed.
 template <int MR, typename W>
@@ -94,21 +116,7 @@ inline void micro(const W* __restrict__ panel, const float* __restrict__ x, int6
             a1[r] = _mm256_fmadd_ps(w1, xb, a1[r]);
         }
     }
-    if (width == kPanel) {
-#pragma GCC unroll 8
-        for (int r = 0; r < MR; ++r) {
-            _mm256_storeu_ps(y + r * ldy, a0[r]);
-            _mm256_storeu_ps(y + r * ldy + 8, a1[r]);
-        }
-    } else {  // the last panel of a matrix whose row count is not a multiple of 16
-        alignas(32) float tmp[kPanel];
-#pragma GCC unroll 8
-        for (int r = 0; r < MR; ++r) {
-            _mm256_store_ps(tmp, a0[r]);
-            _mm256_store_ps(tmp + 8, a1[r]);
-            for (int64_t j = 0; j < width; ++j) y[r * ldy + j] = tmp[j];
-        }
-    }
+    store_rows<MR>(a0, a1, y, ldy, width);
 }
 
 template <typename W>
@@ -469,13 +477,7 @@ inline void micro_q(const uint8_t* __restrict__ panel, const float* __restrict__
             }
         }
     }
-    alignas(32) float tmp[kPanel];
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-        _mm256_store_ps(tmp, a0[r]);
-        _mm256_store_ps(tmp + 8, a1[r]);
-        for (int64_t j = 0; j < width; ++j) y[r * ldy + j] = tmp[j];
-    }
+    store_rows<MR>(a0, a1, y, ldy, width);
 }
 
 template <int F>
@@ -744,13 +746,7 @@ inline void micro_q8(const uint8_t* __restrict__ panel, Q8Rows xr, int64_t K, fl
             }
         }
     }
-    alignas(32) float tmp[kPanel];
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-        _mm256_store_ps(tmp, a0[r]);
-        _mm256_store_ps(tmp + 8, a1[r]);
-        for (int64_t j = 0; j < width; ++j) y[r * ldy + j] = tmp[j];
-    }
+    store_rows<MR>(a0, a1, y, ldy, width);
 }
 
 template <int F>
