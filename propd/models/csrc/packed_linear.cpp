@@ -36,10 +36,18 @@ constexpr int64_t kPanel = 16;
 constexpr int64_t kMaxBlock = 6;
 constexpr int64_t kLine = 64;  // bytes per cache line
 
-// Cache lines of the next panel to prefetch while this block runs: one every `every` values of k, from `next` on.
+// Cache lines of the next panel to prefetch while this block runs: one every `every` steps of a micro-kernel's loop
+// over k, from `next` on. step(count) once per step, ``count`` a local of the kernel's (so it stays in a register).
 struct Prefetch {
     const char* next = nullptr;
     int64_t every = 0;  // 0: none
+    inline void step(int64_t& count) {
+        if (every && ++count == every) {
+            count = 0;
+            _mm_prefetch(next, _MM_HINT_T0);
+            next += kLine;
+        }
+    }
 };
 
 // Calls f(std::integral_constant<int, R>{}) with R = mr, for 1 <= mr <= Max: the micro-kernels take their row count as
@@ -104,11 +112,7 @@ inline void micro(const W* __restrict__ panel, const float* __restrict__ x, int6
     for (int64_t k = 0; k < K; ++k) {
         __m256 w0, w1;
         load16(panel + kPanel * k, w0, w1);
-        if (pf.every && ++count == pf.every) {
-            count = 0;
-            _mm_prefetch(pf.next, _MM_HINT_T0);
-            pf.next += kLine;
-        }
+        pf.step(count);
 #pragma GCC unroll 8
         for (int r = 0; r < MR; ++r) {
             const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
@@ -150,11 +154,7 @@ PROPD_AVX512 inline void micro512(const W* __restrict__ panel, const float* __re
     int64_t count = 0;
     for (int64_t k = 0; k < K; ++k) {
         const __m512 w = load16z(panel + kPanel * k);
-        if (pf.every && ++count == pf.every) {
-            count = 0;
-            _mm_prefetch(pf.next, _MM_HINT_T0);
-            pf.next += kLine;
-        }
+        pf.step(count);
 #pragma GCC unroll 16
         for (int r = 0; r < MR; ++r) a[r] = _mm512_fmadd_ps(w, _mm512_set1_ps(x[r * K + k]), a[r]);
     }
@@ -188,11 +188,7 @@ PROPD_AVX512BF16 inline void micro_dp(const uint16_t* __restrict__ panel, const 
     int64_t count = 0;
     for (int64_t k = 0; k < K2; ++k) {
         const __m512i w = _mm512_loadu_si512(panel + 2 * kPanel * k);
-        if (pf.every && ++count == pf.every) {
-            count = 0;
-            _mm_prefetch(pf.next, _MM_HINT_T0);
-            pf.next += kLine;
-        }
+        pf.step(count);
 #pragma GCC unroll 16
         for (int r = 0; r < MR; ++r) {
             uint32_t pair;
@@ -325,11 +321,7 @@ PROPD_AVX512 inline void micro_q512(const uint8_t* __restrict__ panel, const flo
                 const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 64 + 16 * j)));
                 const __m512 w0 = _mm512_fmadd_ps(d, _mm512_permutexvar_ps(q, iota), m);
                 const __m512 w1 = _mm512_fmadd_ps(d, _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), iota), m);
-                if (pf.every && ++count == pf.every) {
-                    count = 0;
-                    _mm_prefetch(pf.next, _MM_HINT_T0);
-                    pf.next += kLine;
-                }
+                pf.step(count);
 #pragma GCC unroll 16
                 for (int r = 0; r < MR; ++r) {
                     a[r] = _mm512_fmadd_ps(w0, _mm512_set1_ps(xb[r * K + 2 * j]), a[r]);
@@ -340,11 +332,7 @@ PROPD_AVX512 inline void micro_q512(const uint8_t* __restrict__ panel, const flo
             for (int64_t k = 0; k < kQK; ++k) {
                 const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 32 + 16 * k)));
                 const __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(q), d);
-                if (pf.every && ++count == pf.every) {
-                    count = 0;
-                    _mm_prefetch(pf.next, _MM_HINT_T0);
-                    pf.next += kLine;
-                }
+                pf.step(count);
 #pragma GCC unroll 16
                 for (int r = 0; r < MR; ++r) a[r] = _mm512_fmadd_ps(w, _mm512_set1_ps(xb[r * K + k]), a[r]);
             }
@@ -440,11 +428,7 @@ inline void micro_q(const uint8_t* __restrict__ panel, const float* __restrict__
             for (int64_t j = 0; j < kQK / 2; ++j) {
                 const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 64 + 16 * j));
                 const __m256i q0 = _mm256_cvtepu8_epi32(raw), q1 = _mm256_cvtepu8_epi32(_mm_srli_si128(raw, 8));
-                if (pf.every && ++count == pf.every) {
-                    count = 0;
-                    _mm_prefetch(pf.next, _MM_HINT_T0);
-                    pf.next += kLine;
-                }
+                pf.step(count);
                 for (int h = 0; h < 2; ++h) {  // h = 0: k = 2j (low nibbles), 1: k = 2j + 1 (high nibbles)
                     const __m256i e0 = h ? _mm256_srli_epi32(q0, 4) : _mm256_and_si256(q0, low);
                     const __m256i e1 = h ? _mm256_srli_epi32(q1, 4) : _mm256_and_si256(q1, low);
@@ -463,11 +447,7 @@ inline void micro_q(const uint8_t* __restrict__ panel, const float* __restrict__
                 const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 32 + 16 * k));
                 const __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), d0);
                 const __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8))), d1);
-                if (pf.every && ++count == pf.every) {
-                    count = 0;
-                    _mm_prefetch(pf.next, _MM_HINT_T0);
-                    pf.next += kLine;
-                }
+                pf.step(count);
 #pragma GCC unroll 8
                 for (int r = 0; r < MR; ++r) {
                     const __m256 xs = _mm256_broadcast_ss(xb + r * K + k);
@@ -637,11 +617,7 @@ PROPD_AVX512VNNI inline void micro_q8_512(const uint8_t* __restrict__ panel, Q8R
 #pragma GCC unroll 8
         for (int g = 0; g < groups; ++g) {
             const __m512i raw = _mm512_loadu_si512(blk + body + 64 * g);
-            if (pf.every && ++count == pf.every) {
-                count = 0;
-                _mm_prefetch(pf.next, _MM_HINT_T0);
-                pf.next += kLine;
-            }
+            pf.step(count);
             if constexpr (F == kQ41) {
                 const __m512i lo = _mm512_and_si512(raw, low), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
 #pragma GCC unroll 16
@@ -718,11 +694,7 @@ inline void micro_q8(const uint8_t* __restrict__ panel, Q8Rows xr, int64_t K, fl
         for (int g = 0; g < groups; ++g) {
             const __m256i raw0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + body + 64 * g));
             const __m256i raw1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + body + 32 + 64 * g));
-            if (pf.every && ++count == pf.every) {
-                count = 0;
-                _mm_prefetch(pf.next, _MM_HINT_T0);
-                pf.next += kLine;
-            }
+            pf.step(count);
 #pragma GCC unroll 8
             for (int r = 0; r < MR; ++r) {
                 const __m256i xl = _mm256_set1_epi32(load_i32(xb + r * K + 4 * g));
@@ -1177,41 +1149,22 @@ torch::Tensor dequantize_packed(const torch::Tensor& packed, int64_t O) {
 
 // x: (M, K) contiguous, of the packed weight's type; packed: pack(w) for w of O rows. Returns (M, O) of that type.
 torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t O) {
-    if (packed.scalar_type() == at::kChar) {  // GGUF panels for 8-bit activations (pack_gguf_for_q8)
-        TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() && x.scalar_type() == at::kFloat,
-                    "packed_linear: GGUF panels for 8-bit activations take a contiguous 2-D float32 CPU x");
-        const int64_t M = x.size(0), K = x.size(1), P = packed.size(0);
-        TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && K % kQK == 0 && packed.size(1) == K / kQK &&
-                        (packed.size(2) == kQ8Q41Bytes || packed.size(2) == kQ8Q80Bytes) &&
-                        (O + kPanel - 1) / kPanel == P,
-                    "packed_linear: the 8-bit-activation panels do not fit x or O");
-        auto y = torch::empty({M, O}, x.options());
-        if (M > 0 && O > 0) {
-            const uint8_t* pp = reinterpret_cast<const uint8_t*>(packed.data_ptr<int8_t>());
-            if (packed.size(2) == kQ8Q41Bytes) {
-                run_q8<kQ41>(x.data_ptr<float>(), pp, y.data_ptr<float>(), M, K, O, P);
-            } else {
-                run_q8<kQ80>(x.data_ptr<float>(), pp, y.data_ptr<float>(), M, K, O, P);
-            }
-        }
-        return y;
-    }
-    if (packed.scalar_type() == at::kByte) {  // GGUF blocks (Q4_1, Q8_0) for a float32 x
+    const bool q8 = packed.scalar_type() == at::kChar;  // int8: GGUF panels for 8-bit activations (pack_gguf_for_q8)
+    if (q8 || packed.scalar_type() == at::kByte) {       // uint8: GGUF blocks for float32 activations
         TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() && x.scalar_type() == at::kFloat,
                     "packed_linear: GGUF blocks take a contiguous 2-D float32 CPU x");
         const int64_t M = x.size(0), K = x.size(1), P = packed.size(0);
+        const int64_t q41_bytes = q8 ? kQ8Q41Bytes : kQ41Bytes, q80_bytes = q8 ? kQ8Q80Bytes : kQ80Bytes;
         TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && K % kQK == 0 && packed.size(1) == K / kQK &&
-                        (packed.size(2) == kQ41Bytes || packed.size(2) == kQ80Bytes) &&
+                        (packed.size(2) == q41_bytes || packed.size(2) == q80_bytes) &&
                         (O + kPanel - 1) / kPanel == P,
                     "packed_linear: the block-packed weight does not fit x or O");
         auto y = torch::empty({M, O}, x.options());
         if (M > 0 && O > 0) {
-            const uint8_t* pp = packed.data_ptr<uint8_t>();
-            if (packed.size(2) == kQ41Bytes) {
-                run_q<kQ41>(x.data_ptr<float>(), pp, y.data_ptr<float>(), M, K, O, P);
-            } else {
-                run_q<kQ80>(x.data_ptr<float>(), pp, y.data_ptr<float>(), M, K, O, P);
-            }
+            const uint8_t* pp = reinterpret_cast<const uint8_t*>(packed.data_ptr());
+            const bool q41 = packed.size(2) == q41_bytes;
+            const auto run_blocks = q8 ? (q41 ? run_q8<kQ41> : run_q8<kQ80>) : (q41 ? run_q<kQ41> : run_q<kQ80>);
+            run_blocks(x.data_ptr<float>(), pp, y.data_ptr<float>(), M, K, O, P);
         }
         return y;
     }
