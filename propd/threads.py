@@ -10,10 +10,10 @@ batch size) at that count. It tries a neighbouring count (``probe_steps`` steps 
 within 1 .. the process's count) only when there is reason to: once at the start (the machine may be busy already),
 when a kind's recent steps run ``slow`` times its typical time (something else took the cores), and, while below the
 process's count, every ``probe_every`` steps to see whether the cores are free again (less often while those probes
-do not pay: up to 32x ``probe_every`` apart). It moves when the probe's median step time is below ``margin`` times the current count's. On a quiet
-machine that is one probe in all (three steps at half the threads). The process's own setting is put back before each
-prefill and when a generate call ends. propd's CPU kernels compute every output on one thread in a fixed
-order, so the thread count never changes the output (tested).
+do not pay: up to 32x ``probe_every`` apart). It moves when the probe's median step time is below ``margin`` times
+the current count's. On a quiet machine that is one probe in all (three steps at half the threads). The process's
+own setting is put back before each prefill and when a generate call ends. propd's CPU kernels compute every output
+on one thread in a fixed order, so the thread count never changes the output (tested).
 """
 
 from __future__ import annotations

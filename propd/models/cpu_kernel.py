@@ -183,8 +183,8 @@ def serves(x: torch.Tensor, *others: torch.Tensor) -> bool:
 def attention_fits(q: torch.Tensor, keys: torch.Tensor, decoding: bool = True, exact: bool = False) -> bool:
     """Whether :func:`attention` serves these (B, Hq, T, D) queries and (B, Hk, S, D) keys (``exact``: as for
     :func:`attention_limit`)."""
-    return (q.shape[2] <= attention_limit(q.dtype, decoding, exact) and q.shape[-1] % 8 == 0 and q.shape[1] % keys.shape[1] == 0
-            and keys.stride(-1) == 1 and serves(q, keys))
+    return (q.shape[2] <= attention_limit(q.dtype, decoding, exact) and q.shape[-1] % 8 == 0
+            and q.shape[1] % keys.shape[1] == 0 and keys.stride(-1) == 1 and serves(q, keys))
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,

@@ -179,8 +179,8 @@ def _gguf_file(name_or_path: str) -> Path:
     p = Path(name_or_path).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         return p
-    raise PropdError(f"dtype gguf (or gguf-q8) keeps a GGUF file's quantized weights, but model {name_or_path!r} is not a .gguf "
-                     f"file or a known name ({', '.join(KNOWN_MODELS)}); use float32 or bfloat16")
+    raise PropdError(f"dtype gguf (or gguf-q8) keeps a GGUF file's quantized weights, but model {name_or_path!r} is "
+                     f"not a .gguf file or a known name ({', '.join(KNOWN_MODELS)}); use float32 or bfloat16")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

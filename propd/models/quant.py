@@ -34,7 +34,8 @@ BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # ggml's block sizes
 PANEL_BYTES = {"Q4_1": 320, "Q8_0": 544}  # one packed panel block: 16 outputs x 32 weights (csrc, "GGUF blocks")
 PANEL = 16
 ACTIVATIONS = ("float32", "q8")  # float32: the float32 model's bits; q8: llama.cpp's 8-bit activations
-Q8_PANEL_BYTES = {"Q4_1": 320, "Q8_0": 544}  # panel blocks for 8-bit activations (csrc, "GGUF blocks, 8-bit activations")
+# panel blocks for 8-bit activations (csrc, "GGUF blocks, 8-bit activations")
+Q8_PANEL_BYTES = {"Q4_1": 320, "Q8_0": 544}
 
 
 def _fp16(b: torch.Tensor) -> torch.Tensor:
@@ -191,8 +192,9 @@ class QuantLinear(nn.Module):
     Calls of 1-``cpu_kernel.MAX_ROWS`` rows go to the block kernel; larger ones (prefill) multiply the weight
     dequantized for the call, by the same torch path the float32 ``KernelLinear`` takes at that row count, so every
     call gives the float32 model's bits. With 8-bit activations (panels from ``activations="q8"``, :attr:`q8`) every
-    call goes to that kernel, whatever its row count (:func:`q8_linear_reference` without the extension). ``weight`` is the dense float32 matrix for code that reads it (draft
-    projections): the ``dense`` tensor given (a tied embedding already in memory), else dequantized once and kept.
+    call goes to that kernel, whatever its row count (:func:`q8_linear_reference` without the extension).
+    ``weight`` is the dense float32 matrix for code that reads it (draft projections): the ``dense`` tensor given (a
+    tied embedding already in memory), else dequantized once and kept.
     """
 
     def __init__(self, packed: torch.Tensor, fmt: str, in_features: int, out_features: int,
@@ -211,7 +213,7 @@ class QuantLinear(nn.Module):
 
     @property
     def q8(self) -> bool:
-        """Whether inputs are rounded to 8 bits per block of 32 (Q4_1 panels for 8-bit activations)."""
+        """Whether inputs are rounded to 8 bits per block of 32 (panels packed for 8-bit activations)."""
         return self.packed.dtype == torch.int8
 
     def dequantized(self) -> torch.Tensor:

@@ -132,7 +132,8 @@ def quantized_pair(seed: int, activations: str = "float32", **kw):
 @needs_kernel
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 50), lens=st.lists(st.integers(1, 24), min_size=1, max_size=5),
-       preset=st.sampled_from(["ar", "bpd", "medusa", "propd", "eagle", "propd-eagle"]), batch=st.sampled_from([1, 2, 5]))
+       preset=st.sampled_from(["ar", "bpd", "medusa", "propd", "eagle", "propd-eagle"]),
+       batch=st.sampled_from([1, 2, 5]))
 def test_quantized_model_decodes_as_the_float32_model(seed, lens, preset, batch):
     """Every preset on the block-quantized model gives the float32 model's `ar` tokens, every row of a batch."""
     from propd import Decoder
