@@ -30,9 +30,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ``--dtype gguf``: the GGUF file's Q4_1 and Q8_0 matrices kept as blocks (propd.models.quant), the rest float32;
 # decodes bit for bit as float32 on the dequantized weights
 GGUF = "gguf"
-# ``--dtype gguf-q8``: gguf's blocks with llama.cpp's arithmetic for Q4_1 (activations rounded to 8 bits per block of
-# 32, integer dot products): faster steps, above all tree steps; the output is this dtype's own, not float32's, and
-# every preset still equals this dtype's ``ar``
+# ``--dtype gguf-q8``: gguf's blocks with llama.cpp's arithmetic (activations rounded to 8 bits per block of 32,
+# integer dot products): faster steps, above all tree steps; the output is this dtype's own, not float32's, and every
+# preset still equals this dtype's ``ar``
 GGUF_Q8 = "gguf-q8"
 # ``--dtype auto``: gguf where it applies (a GGUF model with Q4_1/Q8_0 matrices, on a CPU with propd's extension),
 # float32 otherwise; the output is float32's either way
@@ -390,7 +390,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
     ``name_or_path``: a known name (``smollm2-135m-instruct``), a local HF directory, a ``.gguf`` file or a hub id.
     ``dtype``: ``float32``, ``bfloat16``, ``float16``, ``gguf`` (a GGUF model's Q4_1/Q8_0 matrices kept as blocks:
     :mod:`propd.models.quant`; float32 output bit for bit, CPU only), ``gguf-q8`` (the same blocks with llama.cpp's
-    8-bit activations for Q4_1: faster, its own output), or ``auto`` (``gguf`` where it applies, else float32).
+    8-bit activations: faster, its own output), or ``auto`` (``gguf`` where it applies, else float32).
     ``LoadedModel.weights`` says which was used.
     ``heads``: a Medusa heads checkpoint (directory or file) to attach; for a known model its shipped heads are
     attached when this is None, and none when it is ``"none"``.
