@@ -29,7 +29,8 @@ arithmetic torch's own bf16 products were 6x slower at every row count tried (1-
 Every output row is computed in the same order whatever the other rows are (batch invariance).
 
 The extension is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about a minute, once per
-version of the source; cached under ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``). It needs an x86-64
+version of the source; cached under ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``; a build killed
+midway is redone by the next run, :func:`load_or_build`). It needs an x86-64
 CPU with AVX2 and FMA, a C++ compiler and ninja (the ``ninja`` package, a dependency, provides it); where any is
 missing, or ``PROPD_CPU_KERNEL=0`` is set, :func:`extension` returns None and torch serves instead (MKL products,
 SDPA, element-wise ops), with one line on stderr saying why (except when turned off). The packed copy costs as much memory as the weights it packs, at most
@@ -101,15 +102,14 @@ def extension():
 
         # one build per version of the source, so that a changed kernel is announced and rebuilt, never stale
         name = "propd_packed_linear_" + hashlib.sha1(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
-        try:
-            built = any(Path(cpp_extension._get_build_directory(name, verbose=False)).glob("*.so"))
-        except Exception:  # a private helper; only decides whether to announce the build
-            built = False
-        if not built:
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+
+        def build():
             _note("compiling the CPU extension once (about a minute; PROPD_CPU_KERNEL=0 skips it)")
-        _state["ext"] = cpp_extension.load(
-            name, [str(SOURCE)], extra_cflags=CFLAGS,
-            extra_ldflags=["-fopenmp"], verbose=False)
+            return cpp_extension.load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                                      verbose=False)
+
+        _state["ext"] = load_or_build(build_dir, name, build)
         if os.environ.get("PROPD_CPU_ISA", "").strip().lower() == "avx2":
             _state["ext"].set_isa_limit(1)
     except Exception as exc:  # no compiler, no ninja, a failed build: MKL serves instead
@@ -117,6 +117,42 @@ def extension():
         _note(f"CPU extension unavailable, using torch's kernels ({type(exc).__name__}: {first[:200]})")
         _state["ext"] = None
     return _state["ext"]
+
+
+def load_or_build(build_dir: Path, name: str, build):
+    """The extension module ``name`` from ``build_dir/name.so``, or ``build()``'s (which compiles it there) where
+    that file is missing or cannot be loaded (a killed link's partial file).
+
+    A built module is imported directly, without torch's builder: that builder takes a lock file ("baton") in the
+    build directory even to find the build up to date, and a process killed while holding it leaves the file, on
+    which every later ``cpp_extension.load`` waits forever. Builds run under an OS file lock (released when its
+    process dies) that serialises propd processes, so a baton found while holding it is a killed build's and is
+    removed."""
+    from propd.files import locked
+
+    so = build_dir / f"{name}.so"
+    if so.is_file():
+        try:
+            return _import_so(name, so)
+        except ImportError:
+            pass
+    with locked(build_dir.parent / f".{name}.lock", "the CPU extension"):
+        if so.is_file():  # another process may have built it while this one waited
+            try:
+                return _import_so(name, so)
+            except ImportError:
+                so.unlink()
+        (build_dir / "lock").unlink(missing_ok=True)
+        return build()
+
+
+def _import_so(name: str, so: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, so)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def isa() -> str | None:

@@ -1,5 +1,7 @@
 """propd's packed CPU kernel for few-row float32 and bfloat16 linear layers (propd.models.cpu_kernel)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -18,6 +20,47 @@ def test_the_kernel_builds_where_it_can_run():
         assert cpu_kernel.extension() is None
         return
     assert cpu_kernel.extension() is not None
+
+
+def test_a_killed_builds_lock_file_is_cleared_and_a_partial_module_rebuilt(tmp_path):
+    """torch's builder waits forever on a lock file ("baton") a killed build left; propd removes it under its own OS
+    lock before building, and rebuilds a module file that does not load."""
+    d = tmp_path / "ext"
+    d.mkdir()
+    (d / "lock").write_text("")
+    calls = []
+
+    def build():
+        assert not (d / "lock").exists()
+        calls.append(1)
+        return "module"
+
+    assert cpu_kernel.load_or_build(d, "propd_fake_ext", build) == "module" and calls == [1]
+    (d / "propd_fake_ext.so").write_bytes(b"\x7fELF truncated")  # a killed link's partial file
+    assert cpu_kernel.load_or_build(d, "propd_fake_ext", build) == "module" and calls == [1, 1]
+    assert not (d / "propd_fake_ext.so").exists()
+
+
+@pytest.mark.skipif(not X86_AVX2, reason="the CPU kernel needs x86-64 with AVX2/FMA; this machine lacks them")
+def test_a_built_extension_loads_beside_a_stale_lock_file(tmp_path):
+    """A built module is imported without torch's builder, so a stale baton beside it cannot block (in a subprocess:
+    one process cannot load two copies of the module)."""
+    import shutil
+    import subprocess
+    import sys
+
+    ext = cpu_kernel.extension()
+    assert ext is not None
+    so = Path(ext.__file__)
+    d = tmp_path / so.stem
+    d.mkdir()
+    shutil.copy(so, d / so.name)
+    (d / "lock").write_text("")
+    code = ("import sys; from pathlib import Path; from propd.models import cpu_kernel; "
+            f"m = cpu_kernel.load_or_build(Path({str(d)!r}), {so.stem!r}, lambda: sys.exit('built again')); "
+            "assert m.isa() in ('avx2', 'avx512', 'avx512bf16'), m.isa()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 @settings(max_examples=60, deadline=None)
