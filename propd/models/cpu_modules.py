@@ -175,7 +175,8 @@ class KernelDecoderLayer(DecoderLayer):
         mods = (self.input_layernorm, self.post_attention_layernorm, *self._linears())
         stamps = []
         for mod in mods:
-            store, name = (mod._buffers, "packed") if isinstance(mod, QuantLinear) else (mod._parameters, "weight")
+            store, name = ((mod._buffers, "packed") if isinstance(mod, QuantLinear) else
+                           (mod._parameters, "weight") if "weight" in mod._parameters else (mod._buffers, "weight"))
             t = store.get(name)
             stamps.append((store, name, t, tensor_version(t) if t is not None else None))
         self.__dict__["_fused"] = (key, fused, stamps)

@@ -55,6 +55,19 @@ def is_eagle_checkpoint(path: str | Path) -> bool:
     return isinstance(cfg, dict) and "medusa_num_heads" not in cfg and "num_hidden_layers" in cfg
 
 
+class NoNorm(nn.Module):
+    """EAGLE's layer 0 has no input norm: the identity, with an empty ``weight`` (not saved) that tells the fused
+    CPU layer (``cpu_kernel.decoder_layer``) to skip the norm, and the ``eps`` the layer's other norm has."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.empty(0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 class EagleDrafter(nn.Module):
     """The drafter; ``forward(features (B, T, H), next_tokens (B, T), cache, a) -> g (B, T, H)``.
 
@@ -70,7 +83,7 @@ class EagleDrafter(nn.Module):
         H = cfg.hidden_size
         self.fc = nn.Linear(2 * H, H, bias=bias)
         self.layers = nn.ModuleList([DecoderLayer(cfg)])
-        self.layers[0].input_layernorm = nn.Identity()  # EAGLE's layer 0 has no input norm
+        self.layers[0].input_layernorm = NoNorm(cfg.rms_norm_eps)
         self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
         self.register_buffer("draft_ids", None, persistent=False)  # (N,) token ids it may guess, or None: all
         self._base: list = [None]  # the base LlamaModel, outside this module's parameters and state dict
@@ -78,11 +91,17 @@ class EagleDrafter(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.fc.weight.device
+        return self.layers[0].post_attention_layernorm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.fc.weight.dtype
+        """The activations' type (with 8-bit weights, :meth:`in_dtype` ``"q8"``: float32)."""
+        return self.layers[0].post_attention_layernorm.weight.dtype
+
+    @property
+    def q8(self) -> bool:
+        """Whether the products take Q8_0 weights and 8-bit activations (:meth:`in_dtype` ``"q8"``)."""
+        return self.__dict__.get("_q8", False)
 
     def attach(self, base: nn.Module) -> "EagleDrafter":
         """Use ``base``'s (a :class:`propd.models.llama.LlamaModel`) embeddings and ``lm_head``."""
@@ -139,13 +158,24 @@ class EagleDrafter(nn.Module):
         w = self.base.lm_head.weight
         key = (w.data_ptr(), tensor_version(w), w.dtype, w.device, self.draft_ids.data_ptr())
         if self._proj is None or self._proj[0] != key:
-            self._proj = (key, KernelLinear.from_rows(w, self.draft_ids, self.dtype))
+            if self.q8:
+                from propd.models.quant import QuantLinear, quantize_q8_0
+
+                rows = w.detach().index_select(0, self.draft_ids.to(w.device))
+                proj = QuantLinear.from_blocks(quantize_q8_0(rows), "Q8_0", rows.shape[1], rows.shape[0],
+                                               activations="q8")
+            else:
+                proj = KernelLinear.from_rows(w, self.draft_ids, self.dtype)
+            self._proj = (key, proj)
         return self._proj[1]
 
-    def in_dtype(self, dtype: torch.dtype) -> "EagleDrafter":
+    def in_dtype(self, dtype: torch.dtype | str) -> "EagleDrafter":
         """This drafter with its weights in ``dtype`` (itself if they are): a copy made once and kept, attached to the
-        same base model. Drafts need not match the base model's precision: verification decides the output."""
-        if dtype == self.dtype:
+        same base model. ``"q8"``: float32 activations, and every product (``fc``, the layer's, the draft vocabulary's
+        rows of ``lm_head``) in Q8_0 blocks with 8-bit activations (:mod:`propd.models.quant`, CPU only): about half
+        of bf16's bytes streamed per draft step. Drafts need not match the base model's precision: verification
+        decides the output."""
+        if dtype == self.dtype and not self.q8 or dtype == "q8" and self.q8:
             return self
         copies = self.__dict__.setdefault("_copies", {})
         if dtype not in copies:
@@ -158,20 +188,40 @@ class EagleDrafter(nn.Module):
                 self._base = base
             twin.__dict__.pop("_copies", None)
             twin._proj = None
-            copies[dtype] = twin.to(dtype).attach(self.base)
+            if dtype == "q8":
+                twin.to(torch.float32)._quantize_q8()
+            else:
+                twin.to(dtype)
+            copies[dtype] = twin.attach(self.base)
             copies[dtype].prepare()
         return copies[dtype]
 
+    def _quantize_q8(self) -> None:
+        """Replace each linear layer whose rows are whole Q8_0 blocks (and whose bias, if any, is zero) by a
+        :class:`propd.models.quant.QuantLinear` with 8-bit activations."""
+        from propd.models.quant import QK, QuantLinear, quantize_q8_0
+
+        for mod in list(self.modules()):
+            for name, child in list(mod.named_children()):
+                if (isinstance(child, nn.Linear) and child.in_features % QK == 0
+                        and (child.bias is None or not bool(child.bias.any()))):
+                    setattr(mod, name, QuantLinear.from_blocks(quantize_q8_0(child.weight), "Q8_0",
+                                                               child.in_features, child.out_features,
+                                                               activations="q8"))
+        self.__dict__["_q8"] = True
+
     def prepare(self) -> None:
-        """On a CPU, the CPU kernel modules for the layer's products and attention, weights packed now (the decoder
-        layer itself stays the reference one: the fused layer kernel expects an input norm)."""
+        """On a CPU, the CPU kernel modules for the layer (one fused call per draft step where it fits) and its
+        products, weights packed now."""
         if self.device.type != "cpu":
             return
         from propd.models import cpu_modules
 
-        cpu_modules.swap_in(self, skip=(DecoderLayer,))
+        cpu_modules.swap_in(self)
         if self.draft_ids is not None and self._base[0] is not None:
-            self._projection().prepare()
+            proj = self._projection()  # built (and packed) now, not inside the first timed step
+            if hasattr(proj, "prepare"):
+                proj.prepare()
 
     # ------------------------------------------------------------------------------------------ checkpoints
 

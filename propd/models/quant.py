@@ -57,6 +57,22 @@ def dequantize_blocks(blocks: torch.Tensor, fmt: str, out_features: int, in_feat
     return w.reshape(out_features, in_features)
 
 
+def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
+    """A float (O, K) matrix, K a multiple of 32 -> ggml Q8_0 blocks (O, K / 32 * 34) uint8, as ggml's
+    ``quantize_row_q8_0_ref``: per block of 32, d = max|w| / 127 (stored fp16), q = round(w / d) (half away from
+    zero). For weights propd quantizes itself (a drafter's): lossy, and used only where the output cannot change."""
+    O, K = w.shape
+    if K % QK:
+        raise PropdError(f"Q8_0 needs rows of a multiple of {QK} weights, got {K}")
+    x = w.detach().float().reshape(O, K // QK, QK)
+    d = x.abs().amax(dim=-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    v = x * inv
+    q = (v.sign() * (v.abs() + 0.5).floor()).clamp(-127, 127).to(torch.int8)  # roundf: half away from zero
+    d16 = d.to(torch.float16).view(torch.uint8).reshape(O, K // QK, 2)
+    return torch.cat([d16, q.view(torch.uint8)], dim=-1).reshape(O, K // QK * BLOCK_BYTES["Q8_0"]).contiguous()
+
+
 def pack_blocks(blocks: torch.Tensor, fmt: str, out_features: int, in_features: int,
                 activations: str = "float32") -> torch.Tensor:
     """ggml blocks (O, K / 32 * block bytes) -> the extension's panels (ceil(O / 16), K / 32, panel bytes), outputs

@@ -35,9 +35,10 @@ class EagleConfig:
 
     top_k: int = attrs.field(default=8, validator=attrs.validators.ge(1))
     depth: int = attrs.field(default=6, validator=attrs.validators.ge(1))
-    # the drafter's weights: "auto" is bfloat16 on a CPU with propd's extension (half the bytes streamed per draft
-    # step; the drafts, not the output, may differ), else the model's dtype; or "float32", "bfloat16", "float16"
-    dtype: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "float32", "bfloat16",
+    # the drafter's weights: "auto" is "q8" on a CPU with propd's extension (Q8_0 blocks and 8-bit activations: about
+    # a quarter of float32's bytes streamed per draft step; the drafts, not the output, may differ), else the model's
+    # dtype; or "q8", "float32", "bfloat16", "float16"
+    dtype: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "q8", "float32", "bfloat16",
                                                                                "float16")))
 
 
@@ -55,13 +56,16 @@ class EagleProposer:
         if drafter is None:
             raise PropdError("this preset needs an EAGLE drafter: pass --heads DIR (an EAGLE checkpoint, or heads "
                              "with an eagle/ folder), or use --preset ar")
-        if self.cfg.dtype == "auto":
-            from propd.models import cpu_kernel
+        from propd.models import cpu_kernel
 
-            on_cpu_kernel = drafter.device.type == "cpu" and cpu_kernel.extension() is not None
-            dtype = torch.bfloat16 if on_cpu_kernel else drafter.dtype
+        on_cpu_kernel = drafter.device.type == "cpu" and cpu_kernel.extension() is not None
+        if self.cfg.dtype == "q8" and not on_cpu_kernel:
+            raise PropdError("eagle:dtype=q8 needs a CPU with propd's extension (docs/architecture.md); use "
+                             "dtype=auto or a float type")
+        if self.cfg.dtype == "auto":
+            dtype = "q8" if on_cpu_kernel else drafter.dtype
         else:
-            dtype = getattr(torch, self.cfg.dtype)
+            dtype = self.cfg.dtype if self.cfg.dtype == "q8" else getattr(torch, self.cfg.dtype)
         self.drafter = drafter.in_dtype(dtype)
 
     # ------------------------------------------------------------------------------------------ per-row state
@@ -152,12 +156,14 @@ class EagleProposer:
         d, cfg = self.drafter, self.cfg
         g0 = self._catch_up(ctx)  # (B, H)
         B, dev = ctx.batch_size, ctx.device
-        depth = min(cfg.depth, tree.max_depth)
         budget = tree.num_nodes - 1  # guessed nodes per row
+        # the N - 1 chosen nodes are closed under ancestors, so none lies deeper than N - 1 and each level's chosen
+        # nodes are among its N - 1 best: expanding more levels, or more than N - 1 nodes per level, is wasted work
+        depth = min(cfg.depth, tree.max_depth, budget)
         if depth < 1 or budget < 1:
             return Draft(tokens=ctx.roots[:, None], tree=RowTrees.from_parents(
                 torch.full((B, 1), -1, dtype=torch.long, device=dev), max_depth=0))
-        tok, lp = self._guesses(g0, cfg.top_k)  # (B, k) the root's children
+        tok, lp = self._guesses(g0, min(cfg.top_k, budget))  # (B, k) the root's children
         k = tok.shape[1]
         pool_tok, pool_score, pool_parent, pool_lp = [tok], [lp - _SCORE_TIE], [tok.new_full((B, k), -1)], [lp]
         front_tok, front_score, front_pool = tok, pool_score[0], torch.arange(k, device=dev).expand(B, k)

@@ -168,6 +168,32 @@ def test_8bit_activations_keep_every_preset_equal_to_ar(seed, lens, preset, batc
     assert_lossless(qm, random_prompts(qm, seed, lens), 16, batch_size=batch, preset=preset, entry_points=False)
 
 
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 20), nb=st.integers(1, 6), seed=st.integers(0, 1000), scale=st.sampled_from([1e-3, 1.0, 50.0]))
+def test_q8_0_quantizer_is_ggmls(rows, nb, seed, scale):
+    """``quantize_q8_0`` as ggml's reference: d = max|w| / 127 per block (stored fp16), q = round(w / d) half away
+    from zero; so each weight dequantizes within half a step (plus d's fp16 rounding) and a block's largest weight
+    maps to +-127."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, nb * 32, generator=g) * scale
+    w[0, :32] = 0.0  # an all-zero block: d = 0, q = 0
+    blocks = quant.quantize_q8_0(w)
+    assert blocks.dtype == torch.uint8 and blocks.shape == (rows, nb * 34)
+    b = blocks.view(rows, nb, 34)
+    d = b[..., :2].contiguous().view(torch.float16).float()[..., 0]
+    q = b[..., 2:].contiguous().view(torch.int8).long()
+    x = w.view(rows, nb, 32)
+    d32 = x.abs().amax(-1) / 127
+    assert torch.equal(d, d32.half().float())
+    v = x * torch.where(d32 > 0, 1 / d32, torch.zeros_like(d32))[..., None]
+    assert torch.equal(q, torch.sign(v).long() * torch.floor(v.abs() + 0.5).long())
+    assert torch.equal(q.abs().amax(-1)[d32 > 0], torch.full_like(q.abs().amax(-1)[d32 > 0], 127))
+    err = (quant.dequantize_blocks(blocks, "Q8_0", rows, nb * 32).view(rows, nb, 32) - x).abs()
+    assert bool((err <= (d32 / 2 + (d - d32).abs() * 127 + 1e-12)[..., None]).all())
+    with pytest.raises(PropdError, match="multiple of 32"):
+        quant.quantize_q8_0(torch.zeros(2, 40))
+
+
 def test_blocks_that_do_not_match_the_weights_are_refused():
     from propd.testing import tiny_model
 

@@ -129,6 +129,47 @@ def test_tree_nodes_are_guessed_as_a_fresh_drafter_would():
         assert checked >= 1
 
 
+def test_fused_drafter_layer_equals_its_modules_and_q8_drafts_stay_close():
+    """On a CPU with the extension the drafter's layer runs as one fused call that skips the input norm EAGLE's layer
+    lacks: the same bits as its modules one by one. Its ``"q8"`` copy (Q8_0 weights, 8-bit activations) predicts
+    features close to the float32 drafter's."""
+    from propd.models import cpu_kernel
+    from propd.models.cpu_modules import KernelDecoderLayer
+    from propd.models.llama import DecoderLayer
+    from propd.models.quant import QuantLinear
+
+    d = MODEL.drafter
+    if cpu_kernel.extension() is None or d.device.type != "cpu":
+        pytest.skip("the fused layer and 8-bit products need propd's CPU extension")
+    d.prepare()
+    layer = d.layers[0]
+    assert type(layer) is KernelDecoderLayer
+    g = torch.Generator().manual_seed(3)
+    H, n = d.cfg.hidden_size, 5
+    x = torch.randn(1, n, H, generator=g)
+    ar = torch.arange(n)
+    outs = []
+    with torch.inference_mode():
+        for fused in (True, False):
+            cache = d.new_cache(1, n + 2)
+            a = d.attention_inputs(cache, ar[None], torch.ones(n, n, dtype=torch.bool).tril(), ar)
+            assert (layer._fused_weights(x, cache.layer(0)[0], a.decoding) is not None) == True  # noqa: E712
+            outs.append(layer(x, 0, cache, a) if fused else DecoderLayer.forward(layer, x, 0, cache, a))
+        assert torch.equal(outs[0], outs[1])
+        q8 = d.in_dtype("q8")
+        assert q8.q8 and q8.dtype == torch.float32 and isinstance(q8.layers[0].mlp.down_proj, QuantLinear)
+        assert d.in_dtype("q8") is q8 and q8.in_dtype("q8") is q8
+        f = torch.randn(1, n, H, generator=g)
+        tok = torch.randint(0, d.cfg.vocab_size, (1, n), generator=g)
+        gs = []
+        for m in (d, q8):
+            cache = m.new_cache(1, n + 2)
+            a = m.attention_inputs(cache, ar[None], torch.ones(n, n, dtype=torch.bool).tril(), ar)
+            gs.append(m(f, tok, cache, a))
+    cos = torch.nn.functional.cosine_similarity(gs[0], gs[1], dim=-1)
+    assert bool((cos > 0.99).all()), cos
+
+
 def test_eagle_needs_a_drafter():
     with pytest.raises(PropdError, match="EAGLE drafter"):
         Decoder(tiny_model(seed=0), preset="eagle", entry_points=False)

@@ -1319,8 +1319,9 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
 // One Llama decoder layer for a decoding step, in one call: the same functions and torch ops, in the same order, as
 // propd.models.llama.DecoderLayer.forward takes when each of its parts goes to this extension, so the result is the
 // same bit for bit; only the Python between them is gone (a few dozen calls per layer). x: (B, T, H); w: the input
-// norm's weight, q, k, v and o packed, the post-attention norm's weight, gate, up and down packed; outs: the output
-// sizes of q, k, v, o, gate, up, down; mask: (B, T, S) with S the keys to read.
+// norm's weight (empty: no input norm, as EAGLE's drafter layer), q, k, v and o packed, the post-attention norm's
+// weight, gate, up and down packed; outs: the output sizes of q, k, v, o, gate, up, down; mask: (B, T, S) with S the
+// keys to read.
 torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Tensor>& w, const std::vector<int64_t>& outs,
                             const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& k_cache,
                             torch::Tensor& v_cache, const torch::Tensor& pos, const torch::Tensor& mask, double eps,
@@ -1328,7 +1329,7 @@ torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Ten
     TORCH_CHECK(x.dim() == 3 && w.size() == 9 && outs.size() == 7, "decoder_layer: bad arguments");
     const int64_t B = x.size(0), T = x.size(1), H = x.size(2), R = B * T, S = mask.size(2);
     const auto x2 = x.reshape({R, H}).contiguous();
-    const auto h = rms_norm(x2, w[0], eps);
+    const auto h = w[0].numel() == 0 ? x2 : rms_norm(x2, w[0], eps);
     const auto q = packed_linear(h, w[1], outs[0]).view({B, T, outs[0]});
     const auto k = packed_linear(h, w[2], outs[1]).view({B, T, outs[1]});
     const auto v = packed_linear(h, w[3], outs[2]).view({B, T, outs[2]});
