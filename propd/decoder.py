@@ -403,19 +403,24 @@ class Decoder:
             ok = self._acceptance_ok(acc, rows_tree, nodes)  # (B,) checked with the step's one sync below
             path = rows_tree.path_to(acc.best.clamp(0, T - 1))  # (B, D+1) root .. best, padded with best
             emitted = torch.cat([tokens.gather(1, path[:, 1:]), acc.bonus[:, None]], dim=1)  # (B, D+1)
-            info = torch.cat([acc.accept_len[:, None], valid.sum(1, keepdim=True), ok[:, None], emitted],
-                             dim=1).tolist()  # sync
+            # whether every row's accepted nodes already sit where they are kept (node i at depth i: a chain's
+            # prefix), so that the cache moves nothing
+            ranks = torch.arange(path.shape[1], device=dev)
+            in_place = ((path == ranks) | (ranks > acc.accept_len[:, None])).all(1)
+            info = torch.cat([acc.accept_len[:, None], valid.sum(1, keepdim=True), ok[:, None], in_place[:, None],
+                              emitted], dim=1).tolist()  # sync
             if not all(row[2] for row in info):
                 raise self._fault("verifier", "an Acceptance whose best node is not a surviving tree node, whose "
                                   "accept_len is not that node's depth, or whose bonus token is outside the "
                                   f"vocabulary (0..{model.config.vocab_size - 1})")
+            nothing_moves = all(row[3] for row in info)
             for row in info:
-                del row[2]
+                del row[2:4]
             accepted = [row[0] for row in info]
             # the history gains the accepted tokens and the bonus (entries past them are scratch)
             gained_ids = emitted.scatter(1, acc.accept_len[:, None], acc.bonus[:, None])
             history.scatter_(1, cache.lengths[:, None] + 1 + torch.arange(emitted.shape[1], device=dev), gained_ids)
-            cache.commit(path, acc.accept_len + 1, [a + 1 for a in accepted])
+            cache.commit(path, acc.accept_len + 1, [a + 1 for a in accepted], in_place=nothing_moves)
             acc_hidden = nodes.gather(h, path)  # (B, D+1, H): root .. best, padded with best
             acc_counts = acc.accept_len + 1
             last_hidden = acc_hidden.gather(1, acc.accept_len[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]

@@ -46,16 +46,18 @@ class KVCache:
     def view(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer, :, :, :length], self.v[layer, :, :, :length]
 
-    def commit(self, offsets: torch.Tensor, counts: torch.Tensor, host_counts: list[int]) -> None:
+    def commit(self, offsets: torch.Tensor, counts: torch.Tensor, host_counts: list[int],
+               in_place: bool = False) -> None:
         """Keep the accepted nodes of each row.
 
         ``offsets`` (B, A): scratch offsets (node indices) of the accepted path, root first, ascending; ``counts`` (B,)
         how many of them are real (the rest is padding and lands in scratch). They move to
-        ``lengths[b] + 0 .. counts[b]-1`` and ``lengths`` grows by ``counts``.
+        ``lengths[b] + 0 .. counts[b]-1`` and ``lengths`` grows by ``counts``. ``in_place``: the caller knows that
+        every real offset i is i already (nothing to move).
         """
         L, B, H, _, D = self.k.shape
         A = offsets.shape[1]
-        if A == 1:  # the root alone (node 0, already at lengths[b]): nothing moves
+        if A == 1 or in_place:  # e.g. the root alone (node 0, already at lengths[b]): nothing moves
             self.advance(counts, host_counts)
             return
         src = (self.lengths[:, None] + offsets)[None, :, None, :, None].expand(L, B, H, A, D)
