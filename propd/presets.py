@@ -30,11 +30,12 @@ class Preset:
 PROPD_PRUNER: Spec = ("early-topk", {"layer": 2, "k": 50, "min_nodes": 16})
 
 # EAGLE-2's reranked trees: N nodes (root included) at most D deep. EAGLE-2 uses N = 60, D = 5-6, top-k 10 for 7B
-# models on GPUs; on a CPU a step's cost grows fast with N, and on the drafter's held-out training prompts N = 6,
-# D = 4, top-k 4 was the fastest fixed tree (benchmarks/eagle_steps.py; docs/heads.md, "EAGLE drafter").
-EAGLE_BUDGET = "budget:6:4"
+# models on GPUs; on a CPU a step's cost grows fast with N: on the drafter's held-out training prompts N = 3 (D = 2,
+# top-k 4) was within 5% of the fastest fixed tree both in float32 (where N = 4 led) and with GGUF blocks (N = 2),
+# the default dtype (benchmarks/eagle_steps.py; docs/heads.md, "EAGLE drafter").
+EAGLE_BUDGET = "budget:3:2"
 EAGLE_PROPOSER: Spec = ("eagle", {"top_k": 4})
-EAGLE_DYNAMIC: Spec = ("propd-dynamic", {"max_depth": 6, "sizes": (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)})
+EAGLE_DYNAMIC: Spec = ("propd-dynamic", {"max_depth": 6, "sizes": (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)})
 
 PRESETS = {
     p.name: p
@@ -51,7 +52,7 @@ PRESETS = {
                sizer=("static", {"tree": "mc_sim_7b_63"}), proposer=("medusa", {}), pruners=(PROPD_PRUNER,)),
         Preset("propd-dynamic-only", "ablation: dynamic tree sizing, no pruning",
                sizer=("propd-dynamic", {}), proposer=("medusa", {})),
-        Preset("eagle", "EAGLE-2: per-row dynamic trees of an EAGLE drafter, 6 nodes, 4 deep (Li et al. 2024)",
+        Preset("eagle", "EAGLE-2: per-row dynamic trees of an EAGLE drafter, 3 nodes, 2 deep (Li et al. 2024)",
                sizer=("static", {"tree": EAGLE_BUDGET}), proposer=EAGLE_PROPOSER),
         Preset("propd-eagle", "ProPD on EAGLE drafts: EAGLE-2 trees, early top-k pruning and dynamic tree sizing",
                sizer=EAGLE_DYNAMIC, proposer=("eagle", {}), pruners=(PROPD_PRUNER,)),
