@@ -9,10 +9,11 @@ EAGLE-2 (Li et al. 2024, "EAGLE-2: Faster Inference of Language Models with Dyna
   included). A child's score never exceeds its parent's, so the chosen nodes form a tree.
 
 Every row builds its own tree (a :class:`propd.tree.RowTrees` of N nodes per row). The drafter keeps a KV cache of
-its own per row: it reads each row's prompt when the row begins (``propd_rows_begin``: pairs (f_t, x_{t+1}) for the
-prompt), and before drafting it reads the pairs of the tokens committed since (their final hidden states come in
-``ctx.accepted_hidden``; steps with no draft are kept and read in one pass at the next draft). Tree nodes sit in the
-cache's scratch past each row's length and are overwritten by the next read, as in the base model's cache.
+its own per row: before drafting it reads the pairs (f_t, x_{t+1}) of every token it has not seen, the prompt's
+(kept from ``propd_rows_begin``) and those committed since (their final hidden states come in
+``ctx.accepted_hidden``), in one pass: steps with no draft, and a batch that never drafts, cost it nothing. Tree
+nodes sit in the cache's scratch past each row's length and are overwritten by the next read, as in the base
+model's cache.
 """
 
 from __future__ import annotations
@@ -72,19 +73,13 @@ class EagleProposer:
 
     @hookimpl
     def propd_rows_begin(self, rows):
-        """Read each prompt's pairs (f_t, x_{t+1}), t = 0 .. P-2; the pair of the last prompt token and the first
-        generated token comes with step 0's accepted features."""
-        d = self.drafter
+        """Keep each prompt's features for the pairs (f_t, x_{t+1}), t = 0 .. P-2, read at the first draft with
+        everything committed since (a batch whose sizer never drafts never pays for them); the pair of the last
+        prompt token and the first generated token comes with step 0's accepted features."""
         B, P = rows.prompt_ids.shape
-        self.cache = d.new_cache(B, P + 128)
-        self._pending, self._absorbed = [], -1
-        n = rows.prompt_lengths - 1  # (B,) pairs per row
-        W = P - 1
-        if W < 1:
-            return
-        ar = torch.arange(W, device=n.device)
-        node_idx = torch.where(ar[None, :] < n[:, None], ar[None, :], torch.full_like(ar, W)[None, :]).expand(B, W)
-        self._read(rows.hidden[:, :W], rows.prompt_ids[:, 1:P], node_idx, n, W)
+        self.cache = self.drafter.new_cache(B, P + 128)
+        self._absorbed = -1
+        self._pending = [(rows.hidden[:, : max(P - 1, 0)], rows.prompt_lengths - 1)] if P > 1 else []
 
     @hookimpl
     def propd_rows_leave(self, keep, left):
