@@ -170,6 +170,23 @@ def test_fused_drafter_layer_equals_its_modules_and_q8_drafts_stay_close():
     assert bool((cos > 0.99).all()), cos
 
 
+def test_q8_drafter_keeps_float_products_where_rows_are_not_whole_blocks():
+    """A drafter whose products are not all whole Q8_0 blocks (hidden size 48) or carry a bias keeps those in float:
+    mixed products in one fused layer, still lossless."""
+    from propd.models import cpu_kernel
+    from propd.models.quant import QuantLinear
+
+    if cpu_kernel.extension() is None:
+        pytest.skip("the 8-bit drafter needs propd's CPU extension")
+    m = tiny_model(seed=2, heads=2, early=(1, 2), drafter=True, hidden_size=48, head_dim=12)
+    q = m.drafter.in_dtype("q8")
+    kinds = {name: isinstance(mod, QuantLinear) for name, mod in q.named_modules() if name.endswith("proj")}
+    assert kinds["layers.0.mlp.down_proj"] and not kinds["layers.0.self_attn.q_proj"]
+    prompts = random_prompts(m, 3, [5, 9, 3])
+    for preset in ("eagle", "propd-eagle"):
+        assert_lossless(m, prompts, 16, preset=preset, entry_points=False)
+
+
 def test_eagle_needs_a_drafter():
     with pytest.raises(PropdError, match="EAGLE drafter"):
         Decoder(tiny_model(seed=0), preset="eagle", entry_points=False)
