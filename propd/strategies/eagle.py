@@ -9,11 +9,12 @@ EAGLE-2 (Li et al. 2024, "EAGLE-2: Faster Inference of Language Models with Dyna
   included). A child's score never exceeds its parent's, so the chosen nodes form a tree.
 
 Every row builds its own tree (a :class:`propd.tree.RowTrees` of N nodes per row). The drafter keeps a KV cache of
-its own per row: before drafting it reads the pairs (f_t, x_{t+1}) of every token it has not seen, the prompt's
-(kept from ``propd_rows_begin``) and those committed since (their final hidden states come in
-``ctx.accepted_hidden``), in one pass: steps with no draft, and a batch that never drafts, cost it nothing. Tree
-nodes sit in the cache's scratch past each row's length and are overwritten by the next read, as in the base
-model's cache.
+its own per row: it reads each row's prompt when the row begins (``propd_rows_begin``: pairs (f_t, x_{t+1}) for the
+prompt), and before drafting it reads the pairs of the tokens committed since (their final hidden states come in
+``ctx.accepted_hidden``). Steps with no draft are kept and read in one pass at the next draft, or between steps once
+``catch_up`` of them wait: a sizer times its steps, and a draft after a long run of plain steps would otherwise
+carry all of their reading and look slower than drafting is. Tree nodes sit in the cache's scratch past each row's
+length and are overwritten by the next read, as in the base model's cache.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class EagleConfig:
 
     top_k: int = attrs.field(default=8, validator=attrs.validators.ge(1))
     depth: int = attrs.field(default=6, validator=attrs.validators.ge(1))
+    # read the committed tokens between steps once this many steps without a draft have waited (0: only at a draft)
+    catch_up: int = attrs.field(default=8, validator=attrs.validators.ge(0))
     # the drafter's weights: "auto" is "q8" on a CPU with propd's extension (Q8_0 blocks and 8-bit activations: about
     # a quarter of float32's bytes streamed per draft step; the drafts, not the output, may differ), else the model's
     # dtype; or "q8", "float32", "bfloat16", "float16"
@@ -73,13 +76,19 @@ class EagleProposer:
 
     @hookimpl
     def propd_rows_begin(self, rows):
-        """Keep each prompt's features for the pairs (f_t, x_{t+1}), t = 0 .. P-2, read at the first draft with
-        everything committed since (a batch whose sizer never drafts never pays for them); the pair of the last
-        prompt token and the first generated token comes with step 0's accepted features."""
+        """Read each prompt's pairs (f_t, x_{t+1}), t = 0 .. P-2; the pair of the last prompt token and the first
+        generated token comes with step 0's accepted features."""
+        d = self.drafter
         B, P = rows.prompt_ids.shape
-        self.cache = self.drafter.new_cache(B, P + 128)
-        self._absorbed = -1
-        self._pending = [(rows.hidden[:, : max(P - 1, 0)], rows.prompt_lengths - 1)] if P > 1 else []
+        self.cache = d.new_cache(B, P + 128)
+        self._pending, self._absorbed = [], -1
+        n = rows.prompt_lengths - 1  # (B,) pairs per row
+        W = P - 1
+        if W < 1:
+            return
+        ar = torch.arange(W, device=n.device)
+        node_idx = torch.where(ar[None, :] < n[:, None], ar[None, :], torch.full_like(ar, W)[None, :]).expand(B, W)
+        self._read(rows.hidden[:, :W], rows.prompt_ids[:, 1:P], node_idx, n, W)
 
     @hookimpl
     def propd_rows_leave(self, keep, left):
@@ -100,7 +109,9 @@ class EagleProposer:
 
     @hookimpl
     def propd_after_step(self, ctx):
-        self._absorb(ctx)  # a step with no draft: read its features at the next draft
+        self._absorb(ctx)  # a step with no draft: read its features at the next draft, or now if enough wait
+        if self.cfg.catch_up and len(self._pending) >= self.cfg.catch_up and self.cache is not None:
+            self._catch_up(ctx)
 
     def _read(self, features: torch.Tensor, next_tokens: torch.Tensor, node_idx: torch.Tensor, n: torch.Tensor,
               W: int) -> torch.Tensor:

@@ -68,12 +68,14 @@ class Alternate:
         return DraftTree.from_paths(tree_paths(spec), device=ctx.device)
 
 
-@pytest.mark.parametrize("sizer", ["static:tree=budget:8:3", "alternate"])
-def test_drafter_reads_every_committed_token_once_in_order(sizer):
+@pytest.mark.parametrize("sizer, catch_up", [("static:tree=budget:8:3", 8), ("alternate", 8), ("alternate", 1),
+                                             ("alternate", 0)])
+def test_drafter_reads_every_committed_token_once_in_order(sizer, catch_up):
     """After any mix of tree and 1-node steps and rows leaving, the drafter's prediction for each row's root equals a
-    fresh drafter's pass over that row's prompt and generated tokens."""
+    fresh drafter's pass over that row's prompt and generated tokens, whether the steps without a draft are read at
+    the next draft (catch_up 0, or 8 with 2 such steps in a row) or between steps (catch_up 1)."""
     model = tiny_model(seed=1, drafter=True, eos=frozenset(range(3, 128, 31)))  # rows leave at different steps
-    spy = Spy(EagleConfig(top_k=3, depth=3, dtype="float32"))
+    spy = Spy(EagleConfig(top_k=3, depth=3, dtype="float32", catch_up=catch_up))
     prompts = random_prompts(model, 4, [5, 2, 9, 1, 3, 7])
     res = Decoder(model, preset=None, sizer=Alternate() if sizer == "alternate" else sizer, proposer=spy, entry_points=False).generate_ids(
         prompts, max_new_tokens=40)
