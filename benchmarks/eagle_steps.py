@@ -1,5 +1,6 @@
 """EAGLE trees against Medusa's at batch 1: accepted tokens per step, acceptance per depth, and where a step's time
-goes (drafting vs the base model's verification), on prompts no drafter or head was trained on.
+goes (drafting vs the base model's verification), on prompts no drafter or head was trained on; ``propd-eagle``
+beside them shows what its sizer makes of the same drafts.
 
 The prompts are the EAGLE drafter's validation split (held out of its training: the split of ``report.json``'s
 config over ``shared/data/train``), so tree parameters chosen from this run are not tuned on the benchmark.
@@ -70,7 +71,8 @@ def main() -> None:
 
     drafter_dir = Path(args.drafter) if args.drafter else shipped_heads("smollm2-135m-instruct") / "eagle"
     prompts = held_out_prompts(drafter_dir, args.prompts)
-    runs = {"ar": (Decoder(lm, preset="ar"), None), "medusa": (Decoder(lm, preset="medusa"), None)}
+    runs = {"ar": (Decoder(lm, preset="ar"), None), "medusa": (Decoder(lm, preset="medusa"), None),
+            "propd-eagle": (Decoder(lm, preset="propd-eagle"), None)}  # the sizer choosing N online
     for n in (int(x) for x in args.trees.split(",")):
         prop = Timed(EagleConfig(top_k=args.top_k, depth=args.depth))
         runs[f"eagle N={n}"] = (Decoder(lm, preset=None, sizer=f"static:tree=budget:{n}:{min(args.depth, n - 1)}",
