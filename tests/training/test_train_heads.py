@@ -167,3 +167,46 @@ def test_train_eagle_on_tiny_model(tiny_dir, train_dir, tmp_path):
     ref = Decoder(model, preset="ar").generate_ids(ids, max_new_tokens=20).token_ids
     res = Decoder(model, preset="eagle").generate_ids(ids, max_new_tokens=20)
     assert res.token_ids == ref
+
+
+def test_eagle_prompt_weight_adds_the_prompts_feature_loss_in_training_only():
+    """``prompt_weight`` > 0 puts the prompt's positions into the training feature loss (never the token loss, and
+    never validation's): with a drafter that predicts every answer feature exactly, the loss is zero without it and
+    positive with it."""
+    from propd.models.config import ModelConfig
+    from propd.models.eagle import EagleDrafter
+    from propd.training.eagle import EagleTrainConfig, _batch_loss
+
+    cfg_m = ModelConfig.tiny(num_layers=1)
+    torch.manual_seed(0)
+    drafter = EagleDrafter(cfg_m, bias=False)
+    from propd.models.llama import LlamaModel
+
+    base = LlamaModel(cfg_m)
+    drafter.attach(base)
+    P, A, H = 6, 4, cfg_m.hidden_size
+    tokens = list(range(3, 3 + P + A))
+    feats = {"f": [torch.randn(P + A, H)], "tokens": [tokens], "prompt": [P]}
+    w_draft = base.lm_head.weight.detach()[:32]
+    to_draft = torch.full((cfg_m.vocab_size,), -100, dtype=torch.long)
+    to_draft[:32] = torch.arange(32)
+    with torch.no_grad():
+        def loss(pw, noise):
+            c = EagleTrainConfig(model="m", out="o", prompt_weight=pw, noise=0.0)
+            return _batch_loss(drafter, feats, [0], w_draft, to_draft, c, noise=noise, gen=torch.Generator())
+
+        base_parts = loss(0.0, True)
+        # make the drafter's predicted features exact at the scored (answer) positions only
+        real = drafter.forward
+
+        def exact_at_answers(features, next_tokens, cache, a):
+            out = real(features, next_tokens, cache, a).clone()
+            out[0, P - 2:] = feats["f"][0][P - 1: P + A]  # the predicted f_{t+1} for t + 1 >= P - 1
+            return out
+
+        drafter.forward = exact_at_answers
+        assert float(loss(0.0, True)["vloss"]) == 0.0 and float(loss(1.0, False)["vloss"]) == 0.0
+        assert float(loss(1.0, True)["vloss"]) > 0.0
+        assert torch.equal(loss(1.0, True)["target"], loss(0.0, True)["target"])  # the token loss is unchanged
+        drafter.forward = real
+    assert float(base_parts["vloss"]) > 0
