@@ -175,8 +175,10 @@ class EagleDrafter(nn.Module):
         rows of ``lm_head``) in Q8_0 blocks with 8-bit activations (:mod:`propd.models.quant`, CPU only): about half
         of bf16's bytes streamed per draft step. Drafts need not match the base model's precision: verification
         decides the output."""
-        if dtype == self.dtype and not self.q8 or dtype == "q8" and self.q8:
+        if (dtype == "q8") == self.q8 and (self.q8 or dtype == self.dtype):
             return self
+        if self.q8:
+            raise PropdError("an 8-bit copy of a drafter has no float weights left: ask the original for another type")
         copies = self.__dict__.setdefault("_copies", {})
         if dtype not in copies:
             import copy
