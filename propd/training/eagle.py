@@ -51,10 +51,6 @@ class EagleTrainConfig:
     noise: float = 0.2  # EAGLE's "std" of the uniform input noise
     v_weight: float = 1.0
     p_weight: float = 0.1
-    # feature regression at the prompt's positions too, with this weight relative to an answer position's (0: answers
-    # only, as EAGLE): more, and more varied, context for the drafter; no token loss there (the prompt's next token
-    # is a person's, not the model's guess)
-    prompt_weight: float = 0.0
     grad_clip: float = 0.5
     seed: int = 0
     data: str | None = None
@@ -218,16 +214,13 @@ def _batch_loss(drafter, feats: dict, rows: list[int], w_draft, to_draft, cfg: E
                 gen: torch.Generator | None = None) -> dict:
     """Losses and top-1 accuracy on sequences ``rows`` (the last ``max_len`` positions of each).
 
-    Position t reads (f_t, x_{t+1}) and is scored at the answer's positions: x_{t+2} is a generated token. With
-    ``prompt_weight`` the feature loss also counts the prompt's positions t + 1 < P (weighted), never the token
-    loss."""
+    Position t reads (f_t, x_{t+1}) and is scored at the answer's positions: x_{t+2} is a generated token."""
     dev = drafter.device
     W = max(min(len(feats["tokens"][i]), cfg.max_len) for i in rows) - 1
     B, H = len(rows), drafter.cfg.hidden_size
     f = torch.zeros(B, W + 1, H)
     tok = torch.zeros(B, W + 1, dtype=torch.long)
     score = torch.zeros(B, W, dtype=torch.bool)
-    in_prompt = torch.zeros(B, W, dtype=torch.bool)  # the predicted feature f_{t+1} is a prompt position's
     n = torch.zeros(B, dtype=torch.long)
     for b, i in enumerate(rows):
         ids = feats["tokens"][i]
@@ -237,9 +230,8 @@ def _batch_loss(drafter, feats: dict, rows: list[int], w_draft, to_draft, cfg: E
         tok[b, :N] = torch.tensor(ids[first:])
         t = torch.arange(N - 1) + first  # sequence position read at window index 0 .. N-2
         score[b, : N - 1] = (t + 2 >= feats["prompt"][i]) & (t + 2 <= len(ids) - 1)
-        in_prompt[b, : N - 1] = t + 1 < feats["prompt"][i]
         n[b] = N - 1
-    f, tok, score, n, in_prompt = f.to(dev), tok.to(dev), score.to(dev), n.to(dev), in_prompt.to(dev)
+    f, tok, score, n = f.to(dev), tok.to(dev), score.to(dev), n.to(dev)
     x = f[:, :-1]
     if noise:
         x = x + (torch.rand(x.shape, generator=gen).to(dev) - 0.5) * cfg.noise * 512 / W
@@ -250,8 +242,6 @@ def _batch_loss(drafter, feats: dict, rows: list[int], w_draft, to_draft, cfg: E
     g = drafter(x, tok[:, 1:], cache, a)  # (B, W, H)
     target_tok = to_draft[torch.cat([tok[:, 2:], tok.new_zeros(B, 1)], dim=1)]  # (B, W), -100 outside the vocabulary
     mask = score.float()
-    if noise and cfg.prompt_weight > 0:  # training only: validation scores answers, as before
-        mask = mask + cfg.prompt_weight * (in_prompt & ~score).float()
     denom = mask.sum().clamp(min=1)
     vloss = (F.smooth_l1_loss(g, f[:, 1:], reduction="none").mean(-1) * mask).sum() / denom
     logits = F.linear(g, w_draft)  # (B, W, N)
