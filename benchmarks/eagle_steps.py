@@ -20,24 +20,8 @@ from pathlib import Path
 import torch
 
 from propd.decoder import Decoder
-from propd.hookspecs import hookimpl
 from propd.models.loading import load_model
 from propd.strategies.eagle import EagleConfig, EagleProposer
-
-
-class Timed(EagleProposer):
-    """The eagle proposer, timing each draft (the drafter's catch-up read and its tree)."""
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.times: list[float] = []
-
-    @hookimpl
-    def propd_propose(self, ctx, tree):
-        t = time.perf_counter()
-        d = EagleProposer.propd_propose(self, ctx, tree)
-        self.times.append(time.perf_counter() - t)
-        return d
 
 
 def held_out_prompts(drafter_dir: Path, n: int) -> list[str]:
@@ -74,22 +58,19 @@ def main() -> None:
     runs = {"ar": (Decoder(lm, preset="ar"), None), "medusa": (Decoder(lm, preset="medusa"), None),
             "propd-eagle": (Decoder(lm, preset="propd-eagle"), None)}  # the sizer choosing N online
     for n in (int(x) for x in args.trees.split(",")):
-        prop = Timed(EagleConfig(top_k=args.top_k, depth=args.depth))
+        prop = EagleProposer(EagleConfig(top_k=args.top_k, depth=args.depth))
         runs[f"eagle N={n}"] = (Decoder(lm, preset=None, sizer=f"static:tree=budget:{n}:{min(args.depth, n - 1)}",
                                         proposer=prop), prop)
     rows = {name: {"tokens": 0, "time": 0.0, "steps": [], "accept": [], "draft": []} for name in runs}
     for p in prompts:  # methods take turns prompt by prompt: drift in the machine's speed hits them alike
         for name, (dec, prop) in runs.items():
-            if prop is not None:
-                prop.times.clear()
             r = dec.generate([p], max_new_tokens=args.max_new)
             row = rows[name]
             row["tokens"] += r.new_tokens[0]
             row["time"] += sum(s.step_time_s for s in r.stats)
             row["steps"] += [s.step_time_s for s in r.stats]
             row["accept"] += [s.accepted[0] - 1 for s in r.stats]
-            if prop is not None:
-                row["draft"] += prop.times
+            row["draft"] += [s.draft_time_s for s in r.stats if s.tree_nodes > 1]
     ar_rate = rows["ar"]["tokens"] / rows["ar"]["time"]
     report = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__}, "prompts": len(prompts),
               "max_new": args.max_new, "dtype": args.dtype, "top_k": args.top_k, "depth": args.depth, "methods": {}}

@@ -345,11 +345,13 @@ class Decoder:
             budget: DraftTree = pm.hook.propd_tree(ctx=ctx)
             if not isinstance(budget, DraftTree):
                 raise self._fault("sizer", f"{_kind(budget)} from propd_tree, not a DraftTree")
-            draft = None
+            draft, draft_s = None, 0.0
             if budget.num_nodes > 1:
                 if not self.has_proposer:
                     raise PropdError(f"the sizer chose a {budget.num_nodes}-node tree but no proposer is registered")
+                t_draft = time.perf_counter()
                 draft = self._as_draft(pm.hook.propd_propose(ctx=ctx, tree=budget), budget, roots)
+                draft_s = time.perf_counter() - t_draft
             B = len(live)
             if draft is None:  # a plain AR step
                 draft = Draft(tokens=roots[:, None], tree=self._single(dev))
@@ -439,7 +441,7 @@ class Decoder:
                 gained.append(a + 1)
             st = StepStats(step=step, batch_size=B, row_ids=tuple(live), context_len=ctx_len, tree_nodes=T_real,
                            nodes_after_pruning=sum(row[1] for row in info) / B, accepted=tuple(gained),
-                           step_time_s=time.perf_counter() - t_step)
+                           step_time_s=time.perf_counter() - t_step, draft_time_s=draft_s)
             stats.append(st)
             if tuner is not None:
                 tuner.end(kind, st.step_time_s)

@@ -147,6 +147,7 @@ class StepStats:
     nodes_after_pruning: float  # mean surviving nodes per row
     accepted: tuple[int, ...]  # tokens gained per row this step (accepted guesses + bonus)
     step_time_s: float
+    draft_time_s: float = 0.0  # of step_time_s, in the proposer (its draft and the decoder's check of it)
 
     @property
     def prune_rate(self) -> float:

@@ -86,6 +86,9 @@ def summarize(out: Path) -> list[dict]:
                 row["decode_tokens_per_s"] = (round((tokens - first_tokens) / decode_s, 3) if decode_s > 0
                                               else None)
                 row["mean_step_time_ms"] = round(1000 * decode_s / len(steps), 3) if steps else None
+                # of which drafting (runs made before steps recorded it: None)
+                row["mean_draft_ms"] = (round(1000 * sum(s["draft_time_s"] for s in steps) / len(steps), 3)
+                                        if steps and all("draft_time_s" in s for s in steps) else None)
                 row["mean_tree_nodes"] = round(sum(s["tree_nodes"] for s in steps) / len(steps), 2) if steps else None
                 row["mean_nodes_after_pruning"] = (round(sum(s["nodes_after_pruning"] for s in steps) / len(steps), 2)
                                                    if steps else None)
@@ -162,9 +165,8 @@ def write_report(out: str | Path) -> list[dict]:
     (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     run = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
     cols = ["preset", "batch_size", "tokens_per_s", "speedup_vs_ar", "speedup_ci90", "decode_speedup_vs_ar",
-            "specbench_speedup", "mean_accepted_tokens", "specbench_accept_length",
-            "mean_step_time_ms", "mean_tree_nodes", "mean_nodes_after_pruning", "match_rate_vs_ar", "new_tokens",
-            "prompts"]
+            "specbench_speedup", "mean_accepted_tokens", "specbench_accept_length", "mean_step_time_ms",
+            "mean_draft_ms", "mean_tree_nodes", "mean_nodes_after_pruning", "match_rate_vs_ar", "new_tokens", "prompts"]
     lines = [f"# propd bench: {run.get('model', '?')}", ""]
     m, c = run.get("machine", {}), run.get("config", {})
     lines.append(f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')} "

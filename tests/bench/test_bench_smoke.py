@@ -72,6 +72,10 @@ def test_bench_smoke(tiny_dir, tiny_heads_dir, questions, tmp_path, capsys):
     assert m["decode_speedup_vs_ar"] == pytest.approx(m["decode_tokens_per_s"] / overall[("ar", 2)][
         "decode_tokens_per_s"], rel=1e-2)
     assert overall[("ar", 1)]["decode_speedup_vs_ar"] == 1.0
+    # drafting's share of the steps: recorded per step, none for ar, part of each step's time for a tree method
+    assert overall[("ar", 1)]["mean_draft_ms"] == 0.0
+    assert all(0 < st["draft_time_s"] < st["step_time_s"] for st in steps if st["tree_nodes"] > 1)
+    assert 0 < m["mean_draft_ms"] < m["mean_step_time_ms"]
     # Spec-Bench's own figures, recomputed from its definition (evaluation/speed.py) on the answer files
     for bs in (1, 2):
         for cat in ("all", *CATS):
