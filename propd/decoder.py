@@ -288,7 +288,6 @@ class Decoder:
         tuner = self.threads
         if tuner is not None:
             tuner.restore()  # prefill at the process's thread count
-        last_nodes = 1
         begin = bool(pm.hook.propd_rows_begin.get_hookimpls())
         if begin:
             last_hidden, prompt_hidden = m.prefill(cache, prompts, keep_hidden=True)  # (B, H), (B, P, H)
@@ -332,9 +331,6 @@ class Decoder:
                 gens = [gens[b] for b in keep] if gens else gens
                 acc_hidden, acc_counts = acc_hidden[idx], acc_counts[idx]
                 live = [live[b] for b in keep]
-            kind = (len(live), last_nodes)  # steps of one kind are compared for the thread count
-            if tuner is not None:
-                tuner.begin(kind)
             t_step = time.perf_counter()
             ctx_len = max(cache.host_lengths)
             ctx = StepContext(step=step, row_ids=tuple(live), lengths=cache.lengths.clone(),
@@ -345,6 +341,11 @@ class Decoder:
             budget: DraftTree = pm.hook.propd_tree(ctx=ctx)
             if not isinstance(budget, DraftTree):
                 raise self._fault("sizer", f"{_kind(budget)} from propd_tree, not a DraftTree")
+            # steps of one kind (batch size, tree size) are compared for the thread count; the kind is this step's
+            # own budget, so that a sizer mixing sizes does not look like a slowdown of one kind
+            kind = (len(live), budget.num_nodes)
+            if tuner is not None:
+                tuner.begin(kind)
             draft, draft_s = None, 0.0
             if budget.num_nodes > 1:
                 if not self.has_proposer:
@@ -445,7 +446,6 @@ class Decoder:
             stats.append(st)
             if tuner is not None:
                 tuner.end(kind, st.step_time_s)
-                last_nodes = T_real
             pm.hook.propd_after_step(ctx=ctx, draft=draft, acceptance=acc, stats=st, tree=budget, tokens=tokens)
             step += 1
 

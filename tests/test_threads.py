@@ -123,3 +123,37 @@ def test_bad_threads_argument_is_refused():
 
     with pytest.raises(PropdError, match="threads must be"):
         Decoder(tiny_model(seed=0), preset="ar", threads=0)
+
+
+def test_a_step_is_compared_with_steps_of_its_own_tree_size():
+    """The decoder tells the tuner each step's own kind (batch size, the sizer's budget for that step), so a sizer that
+    mixes tree sizes never makes one kind's median drift (which would read as a slowdown and cost probes)."""
+    from propd import Decoder
+    from propd.testing import random_prompts, tiny_model
+
+    class Spy(ThreadTuner):
+        def __init__(self):
+            super().__init__(fixed=1)
+            self.kinds = []
+
+        def end(self, kind, seconds):
+            self.kinds.append(kind)
+            super().end(kind, seconds)
+
+    model = tiny_model(seed=1, heads=3)
+    prompts = random_prompts(model, 2, [4, 7])
+
+    class Alternate:  # 1-, 4- and 1-node steps in turn
+        from propd.hookspecs import hookimpl
+
+        @hookimpl
+        def propd_tree(self, ctx):
+            from propd.tree import DraftTree, tree_paths
+
+            return DraftTree.from_paths(tree_paths("chain:3" if ctx.step % 3 == 1 else "chain:0"), device=ctx.device)
+
+    dec = Decoder(model, preset=None, sizer=Alternate(), proposer="medusa", threads=None, entry_points=False)
+    dec.threads = Spy()
+    res = dec.generate_ids(prompts, max_new_tokens=12)
+    assert dec.threads.kinds == [(s.batch_size, s.tree_nodes) for s in res.stats]
+    assert {k[1] for k in dec.threads.kinds} == {1, 4}
