@@ -55,15 +55,14 @@ def main() -> None:
 
     drafter_dir = Path(args.drafter) if args.drafter else shipped_heads("smollm2-135m-instruct") / "eagle"
     prompts = held_out_prompts(drafter_dir, args.prompts)
-    runs = {"ar": (Decoder(lm, preset="ar"), None), "medusa": (Decoder(lm, preset="medusa"), None),
-            "propd-eagle": (Decoder(lm, preset="propd-eagle"), None)}  # the sizer choosing N online
+    runs = {"ar": Decoder(lm, preset="ar"), "medusa": Decoder(lm, preset="medusa"),
+            "propd-eagle": Decoder(lm, preset="propd-eagle")}  # the sizer choosing N online
     for n in (int(x) for x in args.trees.split(",")):
-        prop = EagleProposer(EagleConfig(top_k=args.top_k, depth=args.depth))
-        runs[f"eagle N={n}"] = (Decoder(lm, preset=None, sizer=f"static:tree=budget:{n}:{min(args.depth, n - 1)}",
-                                        proposer=prop), prop)
+        runs[f"eagle N={n}"] = Decoder(lm, preset=None, sizer=f"static:tree=budget:{n}:{min(args.depth, n - 1)}",
+                                       proposer=EagleProposer(EagleConfig(top_k=args.top_k, depth=args.depth)))
     rows = {name: {"tokens": 0, "time": 0.0, "steps": [], "accept": [], "draft": []} for name in runs}
     for p in prompts:  # methods take turns prompt by prompt: drift in the machine's speed hits them alike
-        for name, (dec, prop) in runs.items():
+        for name, dec in runs.items():
             r = dec.generate([p], max_new_tokens=args.max_new)
             row = rows[name]
             row["tokens"] += r.new_tokens[0]

@@ -159,11 +159,9 @@ class EagleDrafter(nn.Module):
         key = (w.data_ptr(), tensor_version(w), w.dtype, w.device, self.draft_ids.data_ptr())
         if self._proj is None or self._proj[0] != key:
             if self.q8:
-                from propd.models.quant import QuantLinear, quantize_q8_0
+                from propd.models.quant import QuantLinear
 
-                rows = w.detach().index_select(0, self.draft_ids.to(w.device))
-                proj = QuantLinear.from_blocks(quantize_q8_0(rows), "Q8_0", rows.shape[1], rows.shape[0],
-                                               activations="q8")
+                proj = QuantLinear.q8_from_float(w.detach().index_select(0, self.draft_ids.to(w.device)))
             else:
                 proj = KernelLinear.from_rows(w, self.draft_ids, self.dtype)
             self._proj = (key, proj)
@@ -201,15 +199,13 @@ class EagleDrafter(nn.Module):
     def _quantize_q8(self) -> None:
         """Replace each linear layer whose rows are whole Q8_0 blocks (and whose bias, if any, is zero) by a
         :class:`propd.models.quant.QuantLinear` with 8-bit activations."""
-        from propd.models.quant import QK, QuantLinear, quantize_q8_0
+        from propd.models.quant import QK, QuantLinear
 
         for mod in list(self.modules()):
             for name, child in list(mod.named_children()):
                 if (isinstance(child, nn.Linear) and child.in_features % QK == 0
                         and (child.bias is None or not bool(child.bias.any()))):
-                    setattr(mod, name, QuantLinear.from_blocks(quantize_q8_0(child.weight), "Q8_0",
-                                                               child.in_features, child.out_features,
-                                                               activations="q8"))
+                    setattr(mod, name, QuantLinear.q8_from_float(child.weight))
         self.__dict__["_q8"] = True
 
     def prepare(self) -> None:

@@ -227,6 +227,13 @@ class QuantLinear(nn.Module):
         return cls(pack_blocks(blocks, fmt, out_features, in_features, activations), fmt, in_features, out_features,
                    dense)
 
+    @classmethod
+    def q8_from_float(cls, weight: torch.Tensor) -> "QuantLinear":
+        """A float (O, K) weight, K a multiple of 32, rounded to Q8_0 (:func:`quantize_q8_0`), taking 8-bit
+        activations."""
+        O, K = weight.shape
+        return cls.from_blocks(quantize_q8_0(weight), "Q8_0", K, O, activations="q8")
+
     @property
     def q8(self) -> bool:
         """Whether inputs are rounded to 8 bits per block of 32 (panels packed for 8-bit activations)."""
