@@ -30,9 +30,8 @@ class Preset:
 PROPD_PRUNER: Spec = ("early-topk", {"layer": 2, "k": 50, "min_nodes": 16})
 
 # EAGLE-2's reranked trees: N nodes (root included) at most D deep. EAGLE-2 uses N = 60, D = 5-6, top-k 10 for 7B
-# models on GPUs; on a CPU a step's cost grows fast with N: on the drafter's held-out training prompts N = 3 (D = 2,
-# top-k 4) was within 5% of the fastest fixed tree both in float32 (where N = 4 led) and with GGUF blocks (N = 2),
-# the default dtype (benchmarks/eagle_steps.py; docs/heads.md, "EAGLE drafter").
+# models on GPUs; on a CPU a step's cost grows fast with N, and N = 3 (D = 2, top-k 4) is near the fastest fixed tree
+# on the drafter's held-out training prompts in float32 and with GGUF blocks (docs/heads.md, "EAGLE drafter").
 EAGLE_BUDGET = "budget:3:2"
 EAGLE_PROPOSER: Spec = ("eagle", {"top_k": 4})
 EAGLE_DYNAMIC: Spec = ("propd-dynamic", {"max_depth": 6, "sizes": (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)})
