@@ -797,49 +797,114 @@ inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-// Scores of one query against keys [s0, s1): scale * q.k_s where allowed, -inf elsewhere; returns their max. Four keys
-// at a time (four independent chains of FMAs; one chain would wait on each FMA's latency); every key's score is the
-// same sequence of operations however the keys are grouped.
+// hsum of eight vectors at once: lane i of the result is hsum(v[i]) bit for bit (the same pairs of lanes added in the
+// same order: the two 128-bit halves, then lanes 0+2 and 1+3, then those two), in 21 instructions instead of 48.
+inline __m256 hsum8(const __m256* v) {
+    __m256 s[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i)  // [lo(v_i) + hi(v_i) | lo(v_i+4) + hi(v_i+4)]
+        s[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[i], v[i + 4], 0x20), _mm256_permute2f128_ps(v[i], v[i + 4], 0x31));
+    const __m256 t01 = _mm256_add_ps(_mm256_shuffle_ps(s[0], s[1], 0x44), _mm256_shuffle_ps(s[0], s[1], 0xEE));
+    const __m256 t23 = _mm256_add_ps(_mm256_shuffle_ps(s[2], s[3], 0x44), _mm256_shuffle_ps(s[2], s[3], 0xEE));
+    return _mm256_add_ps(_mm256_shuffle_ps(t01, t23, 0x88), _mm256_shuffle_ps(t01, t23, 0xDD));
+}
+
+// Lane mask (all ones where true) of eight bools.
+inline __m256 allowed8(const bool* a0, const bool* a1) {
+    uint32_t lo, hi;
+    std::memcpy(&lo, a0, 4);
+    std::memcpy(&hi, a1, 4);
+    const __m128i bytes = _mm_set_epi64x(0, static_cast<int64_t>(lo) | (static_cast<int64_t>(hi) << 32));
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(bytes), _mm256_setzero_si256()));
+}
+
+// One query row against one key: q_0 * k_0, then FMAs over d in order, 8 lanes; hsum then gives its score.
 template <typename KV>
-float score_keys(const float* q, const KV* k, int64_t sk, const bool* allowed, int64_t s0, int64_t s1, int64_t D,
-                 float scale, float* scores) {
-    float top = -INFINITY;
+inline __m256 dot_lanes(const float* q, const KV* ks, int64_t D) {
+    __m256 a = _mm256_mul_ps(_mm256_loadu_ps(q), load8(ks));
+    for (int64_t d = 8; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(ks + d), a);
+    return a;
+}
+
+// Scores of R (1 or 2) query rows of one key head against keys [s0, s1): scale * q.k_s where the row may attend,
+// -inf elsewhere; top[r] becomes the max over row r's allowed keys. Eight dot products at a time (one row and 8 keys,
+// or two rows and 4 keys: each key chunk loaded once for both rows), eight independent chains of FMAs, reduced by
+// hsum8. Every (row, key) score is the same sequence of operations (dot_lanes, then hsum) however they are grouped.
+template <int R, typename KV>
+void score_rows(const float* const* q, const KV* k, int64_t sk, const bool* const* allowed, int64_t s0, int64_t s1,
+                int64_t D, float scale, float* const* scores, float* top) {
+    static_assert(R == 1 || R == 2, "one or two rows");
+    constexpr int KB = 8 / R;  // keys per block
+    const __m256 ninf = _mm256_set1_ps(-INFINITY), sc = _mm256_set1_ps(scale);
+    __m256 tops = ninf;  // max is exact in any order: lanes are folded at the end
     int64_t s = s0;
-    for (; s + 4 <= s1; s += 4) {
-        if (!(allowed[s] | allowed[s + 1] | allowed[s + 2] | allowed[s + 3])) {
-            scores[s] = scores[s + 1] = scores[s + 2] = scores[s + 3] = -INFINITY;
+    for (; s + KB <= s1; s += KB) {
+        bool any = false;
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) any = any | allowed[j / KB][s + j % KB];
+        if (!any) {
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j) scores[j / KB][s + j % KB] = -INFINITY;
             continue;
         }
         const KV* k0 = k + s * sk;
-        __m256 q8 = load8(q);
-        __m256 a0 = _mm256_mul_ps(q8, load8(k0)), a1 = _mm256_mul_ps(q8, load8(k0 + sk));
-        __m256 a2 = _mm256_mul_ps(q8, load8(k0 + 2 * sk)), a3 = _mm256_mul_ps(q8, load8(k0 + 3 * sk));
-        for (int64_t d = 8; d < D; d += 8) {
-            q8 = load8(q + d);
-            a0 = _mm256_fmadd_ps(q8, load8(k0 + d), a0);
-            a1 = _mm256_fmadd_ps(q8, load8(k0 + sk + d), a1);
-            a2 = _mm256_fmadd_ps(q8, load8(k0 + 2 * sk + d), a2);
-            a3 = _mm256_fmadd_ps(q8, load8(k0 + 3 * sk + d), a3);
+        __m256 a[8];
+        if constexpr (R == 2) {
+            __m256 kv[4];
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) kv[j] = load8(k0 + j * sk);
+            const __m256 q0 = _mm256_loadu_ps(q[0]), q1 = _mm256_loadu_ps(q[1]);
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) {
+                a[j] = _mm256_mul_ps(q0, kv[j]);
+                a[4 + j] = _mm256_mul_ps(q1, kv[j]);
+            }
+            for (int64_t d = 8; d < D; d += 8) {
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; ++j) kv[j] = load8(k0 + j * sk + d);
+                const __m256 p0 = _mm256_loadu_ps(q[0] + d), p1 = _mm256_loadu_ps(q[1] + d);
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; ++j) {
+                    a[j] = _mm256_fmadd_ps(p0, kv[j], a[j]);
+                    a[4 + j] = _mm256_fmadd_ps(p1, kv[j], a[4 + j]);
+                }
+            }
+        } else {
+            const __m256 q0 = _mm256_loadu_ps(q[0]);
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j) a[j] = _mm256_mul_ps(q0, load8(k0 + j * sk));
+            for (int64_t d = 8; d < D; d += 8) {
+                const __m256 p0 = _mm256_loadu_ps(q[0] + d);
+#pragma GCC unroll 8
+                for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(p0, load8(k0 + j * sk + d), a[j]);
+            }
         }
-        const float x[4] = {hsum(a0) * scale, hsum(a1) * scale, hsum(a2) * scale, hsum(a3) * scale};
-        for (int j = 0; j < 4; ++j) {
-            scores[s + j] = allowed[s + j] ? x[j] : -INFINITY;
-            if (allowed[s + j]) top = std::max(top, x[j]);
+        const __m256 ok = R == 2 ? allowed8(allowed[0] + s, allowed[1] + s) : allowed8(allowed[0] + s, allowed[0] + s + 4);
+        const __m256 x = _mm256_blendv_ps(ninf, _mm256_mul_ps(hsum8(a), sc), ok);
+        if constexpr (R == 2) {
+            _mm_storeu_ps(scores[0] + s, _mm256_castps256_ps128(x));
+            _mm_storeu_ps(scores[1] + s, _mm256_extractf128_ps(x, 1));
+        } else {
+            _mm256_storeu_ps(scores[0] + s, x);
         }
+        tops = _mm256_max_ps(x, tops);
     }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, tops);
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) top[j / KB] = std::max(top[j / KB], lanes[j]);
     for (; s < s1; ++s) {
-        if (!allowed[s]) {
-            scores[s] = -INFINITY;
-            continue;
+#pragma GCC unroll 2
+        for (int r = 0; r < R; ++r) {
+            if (!allowed[r][s]) {
+                scores[r][s] = -INFINITY;
+                continue;
+            }
+            const float x = hsum(dot_lanes(q[r], k + s * sk, D)) * scale;
+            scores[r][s] = x;
+            top[r] = std::max(top[r], x);
         }
-        const KV* ks = k + s * sk;
-        __m256 acc = _mm256_mul_ps(load8(q), load8(ks));
-        for (int64_t d = 8; d < D; d += 8) acc = _mm256_fmadd_ps(load8(q + d), load8(ks + d), acc);
-        const float x = hsum(acc) * scale;
-        scores[s] = x;
-        top = std::max(top, x);
     }
-    return top;
 }
 
 // scores (S8 = S rounded up to 8, the tail -inf) -> exp(score - top), exact 0 where -inf (an allowed key's weight is
@@ -870,36 +935,69 @@ inline float softmax_weights(float* scores, int64_t S8, float top) {
     return 1.0f / hsum(_mm256_load_ps(lanes));
 }
 
-// out (D) += sum over s in [s0, s1) of p_s v_s, s in order; keys of weight 0 (disallowed: their value rows may hold
-// anything) are skipped. 64 values of d at a time in 8 registers.
-template <typename KV>
-void accumulate_values(float* out, const float* p, const KV* v, int64_t sv, int64_t s0, int64_t s1, int64_t D) {
-    int64_t d0 = 0;
-    for (; d0 + 64 <= D; d0 += 64) {
-        __m256 acc[8];
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; ++j) acc[j] = _mm256_loadu_ps(out + d0 + 8 * j);
-        for (int64_t s = s0; s < s1; ++s) {
-            if (p[s] == 0.0f) continue;
-            const __m256 w = _mm256_set1_ps(p[s]);
-            const KV* vs = v + s * sv + d0;
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(w, load8(vs + 8 * j), acc[j]);
+// out_r[d0, d0 + 8 NC) += sum over s in [s0, s1) of p_r[s] v_s, for R rows of one key head, s in order; a key the row
+// may not attend (weight 0; its value row may hold anything) is skipped for that row. Each chunk of a value row
+// is loaded once for the R rows; R x NC accumulators in registers. A row's sums are the same whatever its group.
+template <int R, int NC, typename KV>
+void value_rows(float* const* out, const float* const* p, const bool* const* allowed, const KV* v, int64_t sv,
+                int64_t s0, int64_t s1, int64_t d0) {
+    __m256 acc[R][NC];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int j = 0; j < NC; ++j) acc[r][j] = _mm256_loadu_ps(out[r] + d0 + 8 * j);
+    for (int64_t s = s0; s < s1; ++s) {
+        const KV* vs = v + s * sv + d0;
+        float w[R];
+        bool all = true;
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            w[r] = p[r][s];
+            all = all & allowed[r][s];
         }
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + d0 + 8 * j, acc[j]);
+        if (all) {
+            __m256 wr[R];
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) wr[r] = _mm256_set1_ps(w[r]);
+#pragma GCC unroll 4
+            for (int j = 0; j < NC; ++j) {
+                const __m256 x = load8(vs + 8 * j);
+#pragma GCC unroll 4
+                for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(wr[r], x, acc[r][j]);
+            }
+        } else {
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) {
+                if (!allowed[r][s]) continue;
+                const __m256 wr = _mm256_set1_ps(w[r]);
+#pragma GCC unroll 4
+                for (int j = 0; j < NC; ++j) acc[r][j] = _mm256_fmadd_ps(wr, load8(vs + 8 * j), acc[r][j]);
+            }
+        }
     }
-    for (; d0 < D; d0 += 8) {
-        __m256 acc = _mm256_loadu_ps(out + d0);
-        for (int64_t s = s0; s < s1; ++s) {
-            if (p[s] != 0.0f) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), load8(v + s * sv + d0), acc);
-        }
-        _mm256_storeu_ps(out + d0, acc);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int j = 0; j < NC; ++j) _mm256_storeu_ps(out[r] + d0 + 8 * j, acc[r][j]);
+}
+
+// All of D for R rows: passes of 32 values of d (8 accumulators for 2 rows), then the rest.
+template <int R, typename KV>
+void value_rows(float* const* out, const float* const* p, const bool* const* allowed, const KV* v, int64_t sv,
+                int64_t s0, int64_t s1, int64_t D) {
+    int64_t d0 = 0;
+    for (; d0 + 32 <= D; d0 += 32) value_rows<R, 4>(out, p, allowed, v, sv, s0, s1, d0);
+    switch ((D - d0) / 8) {
+        case 3: value_rows<R, 3>(out, p, allowed, v, sv, s0, s1, d0); break;
+        case 2: value_rows<R, 2>(out, p, allowed, v, sv, s0, s1, d0); break;
+        case 1: value_rows<R, 1>(out, p, allowed, v, sv, s0, s1, d0); break;
+        default: break;
     }
 }
 
 constexpr int64_t kKeyTile = 64;  // keys per tile: a tile's keys (or values) stay in L1 while every row of a block uses them
-constexpr int64_t kRowBlock = 8;  // query rows (of one key head) per block
+constexpr int64_t kRowBlock = 8;  // query rows (of one key head) per work item of the thread pool
+constexpr int kRowGroup = 2;      // rows per register block of the score and value loops
 
 // Query rows that share one key head (the heads of its group times the T tokens, GQA): in blocks of kRowBlock, each
 // block walks the keys tile by tile. A row's result is the same as it would be alone: its sums run over s in order.
@@ -928,15 +1026,23 @@ void attend(const float* q, const KV* k, const KV* v, const bool* mask, float* o
                 std::fill(buf.begin() + r * S8 + S, buf.begin() + (r + 1) * S8, -INFINITY);
                 std::fill(orow[r], orow[r] + D, 0.0f);
             }
-            for (int64_t s0 = 0; s0 < S; s0 += kKeyTile) {
+            float* sr[kRowBlock];
+            const float* pr[kRowBlock];
+            for (int64_t r = 0; r < R; ++r) pr[r] = sr[r] = &buf[r * S8];
+            for (int64_t s0 = 0; s0 < S; s0 += kKeyTile) {  // rows in pairs (registers), each tile in L1
                 const int64_t s1 = std::min(S, s0 + kKeyTile);
-                for (int64_t r = 0; r < R; ++r)
-                    top[r] = std::max(top[r], score_keys(qr[r], kb, ks[2], mr[r], s0, s1, D, scale, &buf[r * S8]));
+                for (int64_t r = 0; r < R; r += kRowGroup)
+                    with_rows<kRowGroup>(std::min<int64_t>(kRowGroup, R - r), [&](auto n) {
+                        score_rows<decltype(n)::value>(qr + r, kb, ks[2], mr + r, s0, s1, D, scale, sr + r, top + r);
+                    });
             }
             for (int64_t r = 0; r < R; ++r) inv[r] = softmax_weights(&buf[r * S8], S8, top[r]);
             for (int64_t s0 = 0; s0 < S; s0 += kKeyTile) {
                 const int64_t s1 = std::min(S, s0 + kKeyTile);
-                for (int64_t r = 0; r < R; ++r) accumulate_values(orow[r], &buf[r * S8], vb, vs[2], s0, s1, D);
+                for (int64_t r = 0; r < R; r += kRowGroup)
+                    with_rows<kRowGroup>(std::min<int64_t>(kRowGroup, R - r), [&](auto n) {
+                        value_rows<decltype(n)::value>(orow + r, pr + r, mr + r, vb, vs[2], s0, s1, D);
+                    });
             }
             for (int64_t r = 0; r < R; ++r) {
                 const __m256 w = _mm256_set1_ps(inv[r]);
