@@ -228,7 +228,9 @@ class DynamicSizer:
         """Update P[d][k] from one verified draft, whatever proposed it: along each row's accepted path, the node at
         depth d has a known true successor (the next accepted token, or the bonus); if one of its children carries it,
         the true token was the proposer's choice of that sibling rank. Only ranks the node had children for are
-        observed (rank k of a node with n <= k children says nothing), so P[d][k] moves for observed ranks only."""
+        observed (rank k of a node with n <= k children says nothing), so P[d][k] moves for observed ranks only; since
+        ranks are then averaged over different nodes, a depth's curve can cross itself, and it is projected back onto
+        curves monotone in k (``monotone``)."""
         R, K = self.cfg.max_rank, len(self.P)
         rows, tokens = draft.rows, draft.tokens
         B, T = tokens.shape
@@ -258,6 +260,19 @@ class DynamicSizer:
                 if c:
                     keep = (1 - a) ** c  # c EMA updates with the same observation
                     self.P[d][r] = keep * self.P[d][r] + (1 - keep) * stats[1][d][r]
+            self.P[d] = monotone(self.P[d])
+
+
+def monotone(curve: list[float]) -> list[float]:
+    """The least-squares non-decreasing fit to ``curve`` (pool adjacent violators: Ayer et al. 1955), so that a
+    cumulative top-k accuracy never falls as k grows."""
+    blocks: list[list[float]] = []  # [mean, count] of pooled runs
+    for v in curve:
+        blocks.append([v, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, n1), (m2, n2) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
+    return [m for m, n in blocks for _ in range(int(n))]
 
 
 @hookimpl
