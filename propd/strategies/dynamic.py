@@ -264,15 +264,14 @@ class DynamicSizer:
 
 
 def monotone(curve: list[float]) -> list[float]:
-    """The least-squares non-decreasing fit to ``curve`` (pool adjacent violators: Ayer et al. 1955), so that a
-    cumulative top-k accuracy never falls as k grows."""
-    blocks: list[list[float]] = []  # [mean, count] of pooled runs
+    """``curve`` lifted to its running maximum, so that a cumulative top-k accuracy never falls as k grows. Lifting
+    (rather than pooling) keeps the lower ranks' estimates, which rest on more observations: rank k is seen only at
+    nodes with more than k children, and rank 0 at every node with one."""
+    out, top = [], float("-inf")
     for v in curve:
-        blocks.append([v, 1.0])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            (m1, n1), (m2, n2) = blocks.pop(), blocks.pop()
-            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
-    return [m for m, n in blocks for _ in range(int(n))]
+        top = max(top, v)
+        out.append(top)
+    return out
 
 
 @hookimpl
