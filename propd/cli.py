@@ -168,6 +168,8 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
     from propd.training.data import DEFAULT_MAX_PROMPTS
     from propd.training.trainer import TrainConfig, train_heads
 
+    if args.kind != "eagle" and args.follow_ups:
+        raise PropdError("--follow-ups is for --kind eagle")
     if args.kind == "eagle":
         if args.draft_vocab_only:
             raise PropdError("--draft-vocab-only is for Medusa heads; an EAGLE run writes its draft_vocab.json itself")
@@ -196,7 +198,8 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
 def _train_eagle(args: argparse.Namespace) -> int:
     from propd.training.eagle import EagleTrainConfig, train_eagle
 
-    given = {k: getattr(args, k) for k in ("max_prompts", "max_new_tokens", "epochs") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("max_prompts", "max_new_tokens", "epochs", "follow_ups")
+             if getattr(args, k) is not None}
     cfg = EagleTrainConfig(model=args.model, out=args.out, device=args.device, seed=args.seed, data=args.data, **given)
     report = train_eagle(cfg)
     v = report["validation"]
@@ -348,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"training prompts (default: {DEFAULT_MAX_PROMPTS} for medusa, all for eagle)")
     t.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default: 96 medusa, 128 eagle)")
     t.add_argument("--epochs", type=int, default=None, help="default: 2 medusa, 12 eagle")
+    t.add_argument("--follow-ups", type=int, default=None,
+                   help="eagle: also train on K second turns per prompt (a generic request about the model's first "
+                        "answer, then its answer; 0-8, default 0)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--data", default=None, help="training prompts folder (default: $PROPD_TRAIN_DATA, else the nearest "

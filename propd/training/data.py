@@ -14,6 +14,12 @@ from propd.errors import PropdError
 
 DEFAULT_MAX_PROMPTS = 400  # train-heads distils from this many; propd tune holds out the rest
 MAX_PROMPT_CHARS = 1500  # some awesome-chatgpt-prompts rows run to 144k characters
+# Second user turns for ``train-heads --kind eagle --follow-ups K``: generic requests about the model's own first
+# answer (no task of any benchmark), so that one training prompt yields K more conversations in the model's voice.
+FOLLOW_UPS = ("Summarize your answer in two sentences.", "Continue.", "Explain that in simpler words.",
+              "Rewrite your answer as a short bulleted list.", "Give one concrete example.",
+              "What is the most important point, and why?", "Write a short title for your answer.",
+              "Rewrite your answer more formally.")
 
 
 def find_train_dir(explicit: str | Path | None = None) -> Path:

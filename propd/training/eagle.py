@@ -11,13 +11,21 @@ noise ``(U(0, 1) - 0.5) * noise * 512 / sequence length`` added to the features 
 the draft vocabulary (the ``draft_vocab`` most frequent tokens of the training answers), the only tokens the shipped
 drafter guesses.
 
-Stages, each cached in ``OUT/work`` so a rerun resumes: (1) answers (shared with the Medusa trainer's format);
-(2) features, in chunks; (3) epochs (a checkpoint per epoch); (4) validation: top-k accuracy of the drafter's first
-guess against the base model's next token on held-out prompts, written to ``OUT/report.json``.
+With ``follow_ups`` K > 0, each training prompt also yields K two-turn conversations: its first answer, then a
+generic second request (``data.FOLLOW_UPS``, the k-th for prompt i being number (i + k) mod 8), then the model's own
+answer to it, trained on like any other answer. The training prompts are few (about 1,400), so this is more text in
+the model's voice without more prompts (docs/lab/2026-12-05-attention-sizer.md: half the gain of twice the prompts,
+at small scale). A held-out prompt's conversations are held out with it.
+
+Stages, each cached in ``OUT/work`` so a rerun resumes: (1) answers (shared with the Medusa trainer's format), then
+the follow-up answers; (2) features, in chunks; (3) epochs (a checkpoint per epoch); (4) validation: top-k accuracy
+of the drafter's first guess against the base model's next token on the held-out prompts' first answers, written to
+``OUT/report.json``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -30,6 +38,7 @@ import torch.nn.functional as F
 
 from propd.errors import PropdError
 from propd.models.heads import DRAFT_VOCAB_FILE
+from propd.training.data import FOLLOW_UPS
 from propd.training.trainer import _answers, _log, _save, _val_seqs, training_prompt_ids
 
 EVAL_TOPK = (1, 3, 5, 10)
@@ -57,6 +66,7 @@ class EagleTrainConfig:
     device: str = "cpu"
     gen_batch_size: int = 16
     val_fraction: float = 0.05
+    follow_ups: int = 0  # second-turn conversations per training prompt (module docstring), at most len(FOLLOW_UPS)
 
 
 def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dict:
@@ -66,6 +76,8 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
 
     if min(cfg.epochs, cfg.max_new_tokens, cfg.batch_tokens, cfg.max_len, cfg.draft_vocab) < 1:
         raise PropdError("--epochs, --max-new-tokens and the batch, length and vocabulary sizes must be positive")
+    if not 0 <= cfg.follow_ups <= len(FOLLOW_UPS):
+        raise PropdError(f"--follow-ups must be 0-{len(FOLLOW_UPS)}, got {cfg.follow_ups}")
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
@@ -75,13 +87,23 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
     decoder, prompt_ids = training_prompt_ids(model, cfg)
 
     answers = _answers(decoder, prompt_ids, cfg, work, log)  # (1)
-    stage_s = {"answers": time.perf_counter() - t_start}
-    feats = _features(model, prompt_ids, answers, cfg, work, log)  # (2)
-    stage_s["features"] = time.perf_counter() - t_start - sum(stage_s.values())
     n = len(prompt_ids)
     val = _val_seqs(n, cfg)
+    owners: list[int] = []
+    if cfg.follow_ups:
+        fu_ids, fu_answers, owners = _follow_ups(decoder, prompt_ids, answers, cfg, work, log)
+    stage_s = {"answers": time.perf_counter() - t_start}
+    feats = _features(model, prompt_ids, answers, cfg, work / "eagle_features", log)  # (2)
+    if cfg.follow_ups:
+        key = hashlib.sha256(json.dumps([fu_ids, fu_answers]).encode()).hexdigest()[:12]
+        more = _features(model, fu_ids, fu_answers, cfg, work / f"eagle_features_follow_ups_{key}", log)
+        feats = {k: feats[k] + more[k] for k in feats}
+        prompt_ids, answers = prompt_ids + fu_ids, answers + fu_answers
+        val |= {n + j for j, i in enumerate(owners) if i in val}
+    stage_s["features"] = time.perf_counter() - t_start - sum(stage_s.values())
+    n = len(prompt_ids)
     train_seqs = [i for i in range(n) if i not in val and len(answers[i]) > 1]
-    val_seqs = sorted(i for i in val if len(answers[i]) > 1)
+    val_seqs = sorted(i for i in val if len(answers[i]) > 1 and i < n - len(owners))  # first answers only
     vocab = _draft_vocab(out, answers, prompt_ids, train_seqs, cfg.draft_vocab, model.config.vocab_size, model.name)
     log(f"{len(train_seqs)} training and {len(val_seqs)} validation sequences; draft vocabulary {len(vocab)} tokens")
 
@@ -138,6 +160,7 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
     report = {"validation": evaluate(drafter, feats, val_seqs, w_draft, to_draft, cfg)}
     drafter.save(out, dtype=torch.bfloat16, base_model=model.name, trained_by="propd train-heads --kind eagle")
     report.update({"model": model.name, "kind": "eagle", "config": attrs.asdict(cfg), "history": history,
+                   "follow_up_sequences": len(owners),
                    "train_sequences": len(train_seqs), "val_sequences": len(val_seqs),
                    "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "wall_time_s": round(time.perf_counter() - t_start, 1),
@@ -164,16 +187,23 @@ def _draft_vocab(out: Path, answers, prompt_ids, train_seqs, size: int, vocab: i
     return ids
 
 
-def _features(model, prompt_ids, answers, cfg: EagleTrainConfig, work: Path, log) -> dict:
+def _features(model, prompt_ids, answers, cfg: EagleTrainConfig, d: Path, log) -> dict:
     """Final normed hidden states (bf16) of every position of prompt + answer, computed once in fp32 and cached in
-    chunks of ``_FEATURE_CHUNK`` sequences. Returns ``{"f": [(N_i, H)], "tokens": [[N_i ids]], "prompt": [P_i]}``."""
+    ``d`` in chunks of ``_FEATURE_CHUNK`` sequences (a chunk left by a run with fewer sequences, or of other lengths,
+    is computed again). Returns ``{"f": [(N_i, H)], "tokens": [[N_i ids]], "prompt": [P_i]}``."""
     from tqdm import tqdm
 
-    d = work / "eagle_features"
     d.mkdir(exist_ok=True)
     n = len(answers)
     chunks = range(0, n, _FEATURE_CHUNK)
-    todo = [s for s in chunks if not (d / f"{s:06d}.pt").is_file()]
+    cached = {}
+    for s in chunks:
+        f = d / f"{s:06d}.pt"
+        part = torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
+        lens = [len(prompt_ids[i]) + len(answers[i]) for i in range(s, min(s + _FEATURE_CHUNK, n))]
+        if part is not None and [x.shape[0] for x in part] == lens:
+            cached[s] = part
+    todo = [s for s in chunks if s not in cached]
     if todo:
         log(f"[2/4] computing hidden states for {sum(min(_FEATURE_CHUNK, n - s) for s in todo)} sequences "
             f"(once; {n - sum(min(_FEATURE_CHUNK, n - s) for s in todo)} cached)")
@@ -189,11 +219,54 @@ def _features(model, prompt_ids, answers, cfg: EagleTrainConfig, work: Path, log
                 h, _ = m.hidden_states(m.new_cache(len(rows), max(len(x) for x in seqs) + 2), seqs)
                 for j, i in enumerate(rows):
                     part[i] = h[j, : len(seqs[j])].to(device="cpu", dtype=torch.bfloat16).clone()
-            _save(d / f"{s:06d}.pt", [part[i] for i in chunk])
-    f = []
-    for s in chunks:
-        f += torch.load(d / f"{s:06d}.pt", map_location="cpu", weights_only=True)
+            cached[s] = [part[i] for i in chunk]
+            _save(d / f"{s:06d}.pt", cached[s])
+    f = [x for s in chunks for x in cached[s]]
     return {"f": f, "tokens": [prompt_ids[i] + answers[i] for i in range(n)], "prompt": [len(p) for p in prompt_ids]}
+
+
+def _follow_ups(decoder, prompt_ids, answers, cfg: EagleTrainConfig, work: Path, log) -> tuple:
+    """The follow-up conversations' prompt ids and the model's greedy answers (module docstring), with the index of
+    the training prompt each belongs to. Answers are cached in ``work/follow_up_answers.jsonl`` by (prompt, k), so
+    that another ``--max-prompts`` or ``--follow-ups`` reuses them."""
+    from tqdm import tqdm
+
+    from propd.chat import conversation
+
+    tok = decoder.model.tokenizer
+    texts = training_prompts_for(cfg)
+    cap = decoder.model.config.max_position_embeddings - cfg.max_new_tokens
+    pairs = [(i, k) for i in range(len(prompt_ids)) for k in range(cfg.follow_ups) if len(answers[i]) > 1]
+    ids = {}
+    for i, k in pairs:
+        first = tok.decode(answers[i], skip_special_tokens=True).strip() or "..."
+        turn = FOLLOW_UPS[(i + k) % len(FOLLOW_UPS)]
+        ids[i, k] = decoder.encode([conversation([texts[i], turn], [first])])[0][-cap:]
+    path = work / "follow_up_answers.jsonl"
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            done[r["i"], r["k"]] = r
+    todo = [p for p in pairs if p not in done or done[p]["prompt"] != ids[p]]
+    if todo:
+        log(f"[1/4] generating answers to {len(todo)} follow-up turns ({len(pairs) - len(todo)} cached)")
+        with path.open("a") as f:
+            for s in tqdm(range(0, len(todo), cfg.gen_batch_size), desc="follow-ups", unit="batch", file=sys.stderr):
+                rows = todo[s: s + cfg.gen_batch_size]
+                res = decoder.generate_ids([ids[p] for p in rows], max_new_tokens=cfg.max_new_tokens)
+                for (i, k), out in zip(rows, res.token_ids):
+                    done[i, k] = {"i": i, "k": k, "prompt": ids[i, k], "answer": out}
+                    f.write(json.dumps(done[i, k]) + "\n")
+                f.flush()
+    return [ids[p] for p in pairs], [done[p]["answer"] for p in pairs], [i for i, _ in pairs]
+
+
+def training_prompts_for(cfg) -> list[str]:
+    """The training prompts' text, in the order of ``training_prompt_ids``."""
+    from propd.training.data import find_train_dir, training_prompts
+
+    return training_prompts(find_train_dir(cfg.data), cfg.max_prompts, cfg.seed)
 
 
 def _batches(seqs: list[int], feats: dict, cfg: EagleTrainConfig) -> list[list[int]]:

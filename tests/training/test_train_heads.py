@@ -167,3 +167,50 @@ def test_train_eagle_on_tiny_model(tiny_dir, train_dir, tmp_path):
     ref = Decoder(model, preset="ar").generate_ids(ids, max_new_tokens=20).token_ids
     res = Decoder(model, preset="eagle").generate_ids(ids, max_new_tokens=20)
     assert res.token_ids == ref
+
+
+def test_train_eagle_with_follow_up_turns(tiny_dir, train_dir, tmp_path):
+    """--follow-ups K adds K second-turn conversations per training prompt (the first answer, a generic request,
+    the model's answer to it): held out with their prompt, cached by (prompt, k) so that another K reuses them, and
+    the validation still reads first answers only."""
+    from propd.training.data import FOLLOW_UPS
+    from propd.training.eagle import EagleTrainConfig, train_eagle
+
+    common = dict(model=str(tiny_dir), max_new_tokens=12, epochs=1, data=str(train_dir), batch_tokens=128,
+                  draft_vocab=64, val_fraction=0.2)
+    plain = train_eagle(EagleTrainConfig(out=str(tmp_path / "plain"), **common), log=lambda m: None)
+    out = tmp_path / "fu"
+    report = train_eagle(EagleTrainConfig(out=str(out), follow_ups=2, **common), log=lambda m: None)
+    rows = [json.loads(line) for line in (out / "work" / "follow_up_answers.jsonl").read_text().splitlines()]
+    assert report["follow_up_sequences"] == len(rows) == 2 * 25 and {(r["i"], r["k"]) for r in rows} == {
+        (i, k) for i in range(25) for k in range(2)}
+    assert report["train_sequences"] == 3 * plain["train_sequences"]  # a held-out prompt's conversations stay out
+    assert report["validation"]["positions"] == plain["validation"]["positions"]
+    tok = load_model(str(tiny_dir), heads="none").tokenizer
+    first = json.loads((out / "work" / "answers.jsonl").read_text().splitlines()[3])
+    text = tok.decode(rows[7]["prompt"])  # prompt 3, k = 1: the second request after prompt 3's own answer
+    assert (rows[7]["i"], rows[7]["k"]) == (3, 1) and FOLLOW_UPS[4] in text
+    assert tok.decode(first, skip_special_tokens=True).strip() in text
+    logs = []
+    again = train_eagle(EagleTrainConfig(out=str(out), follow_ups=1, **common), log=logs.append)
+    assert again["follow_up_sequences"] == 25 and not any("follow-up turns" in m for m in logs)  # all cached
+
+
+def test_train_eagle_recomputes_a_feature_chunk_left_by_a_smaller_run(tiny_dir, train_dir, tmp_path):
+    from propd.training.eagle import EagleTrainConfig, train_eagle
+
+    common = dict(model=str(tiny_dir), out=str(tmp_path / "e"), max_new_tokens=8, epochs=1, data=str(train_dir),
+                  batch_tokens=128, draft_vocab=64, val_fraction=0.2)
+    train_eagle(EagleTrainConfig(max_prompts=16, **common), log=lambda m: None)  # caches a chunk of 16 sequences
+    logs = []
+    report = train_eagle(EagleTrainConfig(**common), log=logs.append)  # 25: that chunk must be computed again
+    assert report["train_sequences"] + report["val_sequences"] == 25
+    assert any("computing hidden states for 25 sequences" in m for m in logs)
+
+
+@pytest.mark.parametrize("argv, message", [(["--follow-ups", "1"], "is for --kind eagle"),
+                                           (["--kind", "eagle", "--follow-ups", "9"], "--follow-ups must be 0-8")])
+def test_train_heads_cli_rejects_bad_follow_ups(tiny_dir, train_dir, tmp_path, capsys, argv, message):
+    code = main(["train-heads", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--data", str(train_dir)]
+                + argv)
+    assert code == 2 and message in capsys.readouterr().err
