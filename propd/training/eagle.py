@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from propd.errors import PropdError
 from propd.models.heads import DRAFT_VOCAB_FILE
 from propd.training.data import FOLLOW_UPS
-from propd.training.trainer import _answers, _log, _save, _val_seqs, training_prompt_ids
+from propd.training.trainer import _answers, _log, _save, _val_seqs, generate_in_batches, training_prompt_ids
 
 EVAL_TOPK = (1, 3, 5, 10)
 _FEATURE_CHUNK = 64  # sequences per cached feature file
@@ -229,8 +229,6 @@ def _follow_ups(decoder, prompt_ids, answers, cfg: EagleTrainConfig, work: Path,
     """The follow-up conversations' prompt ids and the model's greedy answers (module docstring), with the index of
     the training prompt each belongs to. Answers are cached in ``work/follow_up_answers.jsonl`` by (prompt, k), so
     that another ``--max-prompts`` or ``--follow-ups`` reuses them."""
-    from tqdm import tqdm
-
     from propd.chat import conversation
 
     tok = decoder.model.tokenizer
@@ -252,10 +250,9 @@ def _follow_ups(decoder, prompt_ids, answers, cfg: EagleTrainConfig, work: Path,
     if todo:
         log(f"[1/4] generating answers to {len(todo)} follow-up turns ({len(pairs) - len(todo)} cached)")
         with path.open("a") as f:
-            for s in tqdm(range(0, len(todo), cfg.gen_batch_size), desc="follow-ups", unit="batch", file=sys.stderr):
-                rows = todo[s: s + cfg.gen_batch_size]
-                res = decoder.generate_ids([ids[p] for p in rows], max_new_tokens=cfg.max_new_tokens)
-                for (i, k), out in zip(rows, res.token_ids):
+            for rows, outs in generate_in_batches(decoder, [ids[p] for p in todo], cfg, "follow-ups"):
+                for r, out in zip(rows, outs):
+                    i, k = todo[r]
                     done[i, k] = {"i": i, "k": k, "prompt": ids[i, k], "answer": out}
                     f.write(json.dumps(done[i, k]) + "\n")
                 f.flush()

@@ -179,8 +179,6 @@ def training_prompt_ids(model, cfg) -> tuple:
 
 
 def _answers(decoder, prompt_ids: list[list[int]], cfg: TrainConfig, work: Path, log) -> list[list[int]]:
-    from tqdm import tqdm
-
     ans_file = work / "answers.jsonl"
     answers = [json.loads(x) for x in ans_file.read_text().splitlines()] if ans_file.is_file() else []
     answers = answers[: len(prompt_ids)]
@@ -188,14 +186,22 @@ def _answers(decoder, prompt_ids: list[list[int]], cfg: TrainConfig, work: Path,
     if todo:
         log(f"[1/4] generating answers for {len(todo)} of {len(prompt_ids)} training prompts (greedy, batched)")
         with ans_file.open("a") as f:
-            for s in tqdm(range(0, len(todo), cfg.gen_batch_size), desc="answers", unit="batch", file=sys.stderr):
-                rows = todo[s: s + cfg.gen_batch_size]
-                res = decoder.generate_ids([prompt_ids[i] for i in rows], max_new_tokens=cfg.max_new_tokens)
-                for ids in res.token_ids:
+            for _, outs in generate_in_batches(decoder, [prompt_ids[i] for i in todo], cfg, "answers"):
+                for ids in outs:
                     f.write(json.dumps(ids) + "\n")
                     answers.append(ids)
                 f.flush()
     return answers
+
+
+def generate_in_batches(decoder, prompts: list[list[int]], cfg, desc: str):
+    """Greedy answers (``cfg.max_new_tokens``) to ``prompts`` in batches of ``cfg.gen_batch_size`` with a progress
+    bar, yielded batch by batch as (indices into ``prompts``, answers), so that callers cache each batch."""
+    from tqdm import tqdm
+
+    for s in tqdm(range(0, len(prompts), cfg.gen_batch_size), desc=desc, unit="batch", file=sys.stderr):
+        rows = list(range(s, min(s + cfg.gen_batch_size, len(prompts))))
+        yield rows, decoder.generate_ids([prompts[i] for i in rows], max_new_tokens=cfg.max_new_tokens).token_ids
 
 
 def _val_seqs(n_seq: int, cfg: TrainConfig) -> set[int]:

@@ -375,7 +375,8 @@ def test_acceptance_estimates_stay_monotone_whatever_trees_ran(monkeypatch):
 
     for seed in range(4):
         rnd = random.Random(seed)
-        monkeypatch.setattr(DynamicSizer, "choose", lambda self, cost, values, trees_only=False: rnd.choice([2, 4, 8, 16]))
+        monkeypatch.setattr(DynamicSizer, "choose",
+                            lambda self, cost, values, trees_only=False: rnd.choice([2, 4, 8, 16]))
         dec = Decoder(MODEL, preset="propd-dynamic-only")
         sizer = next(obj for role, obj in dec.components if role == "sizer")
         prompts = prompts_from(9, [4, 6])
