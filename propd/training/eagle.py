@@ -84,6 +84,8 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg.model, device=cfg.device, dtype="float32", heads="none")
+    if cfg.follow_ups and not getattr(model.tokenizer, "chat_template", None):
+        raise PropdError(f"--follow-ups needs a chat template to write second turns; {model.name}'s tokenizer has none")
     decoder, prompt_ids = training_prompt_ids(model, cfg)
 
     answers = _answers(decoder, prompt_ids, cfg, work, log)  # (1)

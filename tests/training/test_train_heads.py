@@ -196,6 +196,22 @@ def test_train_eagle_with_follow_up_turns(tiny_dir, train_dir, tmp_path):
     assert again["follow_up_sequences"] == 25 and not any("follow-up turns" in m for m in logs)  # all cached
 
 
+def test_follow_ups_need_a_chat_template(tiny_dir, train_dir, tmp_path):
+    import shutil
+
+    from propd.training.eagle import EagleTrainConfig, train_eagle
+
+    plain = tmp_path / "no-template"
+    shutil.copytree(tiny_dir, plain)
+    conf = json.loads((plain / "tokenizer_config.json").read_text())
+    conf.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(conf))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(PropdError, match="needs a chat template"):
+        train_eagle(EagleTrainConfig(model=str(plain), out=str(tmp_path / "o"), data=str(train_dir), follow_ups=1),
+                    log=lambda m: None)
+
+
 def test_train_eagle_recomputes_a_feature_chunk_left_by_a_smaller_run(tiny_dir, train_dir, tmp_path):
     from propd.training.eagle import EagleTrainConfig, train_eagle
 
