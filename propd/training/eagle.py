@@ -14,8 +14,8 @@ drafter guesses.
 With ``follow_ups`` K > 0, each training prompt also yields K two-turn conversations: its first answer, then a
 generic second request (``data.FOLLOW_UPS``, the k-th for prompt i being number (i + k) mod 8), then the model's own
 answer to it, trained on like any other answer. The training prompts are few (about 1,400), so this is more text in
-the model's voice without more prompts (docs/lab/2026-12-05-attention-sizer.md: half the gain of twice the prompts,
-at small scale). A held-out prompt's conversations are held out with it.
+the model's voice without more prompts (docs/heads.md, "More text from the same prompts"). A held-out prompt's
+conversations are held out with it.
 
 Stages, each cached in ``OUT/work`` so a rerun resumes: (1) answers (shared with the Medusa trainer's format), then
 the follow-up answers; (2) features, in chunks; (3) epochs (a checkpoint per epoch); (4) validation: top-k accuracy
