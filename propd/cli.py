@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"training prompts (default: {DEFAULT_MAX_PROMPTS} for medusa, all for eagle)")
     t.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default: 96 medusa, 128 eagle)")
     t.add_argument("--epochs", type=int, default=None, help="default: 2 medusa, 12 eagle")
-    t.add_argument("--follow-ups", type=int, default=None,
+    t.add_argument("--follow-ups", type=int, default=None, metavar="K",
                    help="eagle: also train on K second turns per prompt (a generic request about the model's first "
                         "answer, then its answer; 0-8, default 0)")
     t.add_argument("--device", default="cpu")
