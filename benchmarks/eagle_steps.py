@@ -25,13 +25,12 @@ from propd.strategies.eagle import EagleConfig, EagleProposer
 
 
 def held_out_prompts(drafter_dir: Path, n: int) -> list[str]:
-    from propd.training.data import find_train_dir, training_prompts
-    from propd.training.trainer import _val_seqs
     from propd.training.eagle import EagleTrainConfig
+    from propd.training.trainer import _val_seqs, training_prompt_texts
 
-    cfg = json.loads((drafter_dir / "report.json").read_text())["config"]
-    prompts = training_prompts(find_train_dir(cfg.get("data")), cfg.get("max_prompts"), cfg.get("seed", 0))
-    val = sorted(_val_seqs(len(prompts), EagleTrainConfig(**cfg)))
+    cfg = EagleTrainConfig(**json.loads((drafter_dir / "report.json").read_text())["config"])
+    prompts = training_prompt_texts(cfg)
+    val = sorted(_val_seqs(len(prompts), cfg))
     return [prompts[i] for i in val[:n]]
 
 

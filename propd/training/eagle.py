@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from propd.errors import PropdError
 from propd.models.heads import DRAFT_VOCAB_FILE
 from propd.training.data import FOLLOW_UPS
-from propd.training.trainer import _answers, _log, _save, _val_seqs, generate_in_batches, training_prompt_ids
+from propd.training.trainer import (_answers, _log, _save, _val_seqs, generate_in_batches, training_prompt_ids,
+                                   training_prompt_texts)
 
 EVAL_TOPK = (1, 3, 5, 10)
 _FEATURE_CHUNK = 64  # sequences per cached feature file
@@ -234,7 +235,7 @@ def _follow_ups(decoder, prompt_ids, answers, cfg: EagleTrainConfig, work: Path,
     from propd.chat import conversation
 
     tok = decoder.model.tokenizer
-    texts = training_prompts_for(cfg)
+    texts = training_prompt_texts(cfg)
     cap = decoder.model.config.max_position_embeddings - cfg.max_new_tokens
     pairs = [(i, k) for i in range(len(prompt_ids)) for k in range(cfg.follow_ups) if len(answers[i]) > 1]
     ids = {}
@@ -259,13 +260,6 @@ def _follow_ups(decoder, prompt_ids, answers, cfg: EagleTrainConfig, work: Path,
                     f.write(json.dumps(done[i, k]) + "\n")
                 f.flush()
     return [ids[p] for p in pairs], [done[p]["answer"] for p in pairs], [i for i, _ in pairs]
-
-
-def training_prompts_for(cfg) -> list[str]:
-    """The training prompts' text, in the order of ``training_prompt_ids``."""
-    from propd.training.data import find_train_dir, training_prompts
-
-    return training_prompts(find_train_dir(cfg.data), cfg.max_prompts, cfg.seed)
 
 
 def _batches(seqs: list[int], feats: dict, cfg: EagleTrainConfig) -> list[list[int]]:

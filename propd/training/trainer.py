@@ -170,12 +170,19 @@ def training_prompt_ids(model, cfg) -> tuple:
     """An ``ar`` decoder for ``model`` and the token ids of ``cfg``'s training prompts (``data``, ``max_prompts``,
     ``seed``) through the chat template, each cut to its last tokens so that ``max_new_tokens`` more fit the context."""
     from propd.decoder import Decoder
-    from propd.training.data import find_train_dir, training_prompts
 
-    prompts = training_prompts(find_train_dir(cfg.data), cfg.max_prompts, cfg.seed)
+    prompts = training_prompt_texts(cfg)
     decoder = Decoder(model, preset="ar")
     cap = model.config.max_position_embeddings - cfg.max_new_tokens
     return decoder, [p[-cap:] for p in decoder.encode(prompts)]
+
+
+def training_prompt_texts(cfg) -> list[str]:
+    """The text of ``cfg``'s training prompts (``data``, ``max_prompts``, ``seed``), in the order of
+    :func:`training_prompt_ids`."""
+    from propd.training.data import find_train_dir, training_prompts
+
+    return training_prompts(find_train_dir(cfg.data), cfg.max_prompts, cfg.seed)
 
 
 def _answers(decoder, prompt_ids: list[list[int]], cfg: TrainConfig, work: Path, log) -> list[list[int]]:
