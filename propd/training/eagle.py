@@ -17,6 +17,12 @@ answer to it, trained on like any other answer. The training prompts are few (ab
 the model's voice without more prompts (docs/heads.md, "More text from the same prompts"). A held-out prompt's
 conversations are held out with it.
 
+With ``ttt_steps`` S > 1 the drafter is also trained as it drafts (EAGLE-3's "training-time test", Li et al. 2025,
+arXiv 2503.01840; HASS, Zhang et al. 2024, arXiv 2408.15766): step s reads, at position t, the drafter's own step
+s-1 output for f_t (no gradient through it) with the true x_{t+1}, attends to true-feature positions up to its root
+t-s+1 and to its own chain above it, and is scored against the same targets, with weight ``ttt_decay`` ** (s-1).
+Drafting at depth s >= 2 reads predicted features only, so training on teacher-forced features alone leaves a gap.
+
 Stages, each cached in ``OUT/work`` so a rerun resumes: (1) answers (shared with the Medusa trainer's format), then
 the follow-up answers; (2) features, in chunks; (3) epochs (a checkpoint per epoch); (4) validation: top-k accuracy
 of the drafter's first guess against the base model's next token on the held-out prompts' first answers, written to
@@ -45,6 +51,7 @@ from propd.training.trainer import (_answers, _log, _save, _val_seqs, generate_i
 EVAL_TOPK = (1, 3, 5, 10)
 _FEATURE_CHUNK = 64  # sequences per cached feature file
 _FEATURE_BATCH = 8  # sequences per base-model forward
+MAX_TTT_STEPS = 4  # a step-S batch is an S x longer tree: attention grows as S^2
 
 
 @attrs.frozen
@@ -68,6 +75,8 @@ class EagleTrainConfig:
     gen_batch_size: int = 16
     val_fraction: float = 0.05
     follow_ups: int = 0  # second-turn conversations per training prompt (module docstring), at most len(FOLLOW_UPS)
+    ttt_steps: int = 1  # draft steps unrolled in training (module docstring); 1: EAGLE-1's teacher forcing alone
+    ttt_decay: float = 0.8  # loss weight of step s: ttt_decay ** (s - 1)
 
 
 def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dict:
@@ -79,6 +88,8 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
         raise PropdError("--epochs, --max-new-tokens and the batch, length and vocabulary sizes must be positive")
     if not 0 <= cfg.follow_ups <= len(FOLLOW_UPS):
         raise PropdError(f"--follow-ups must be 0-{len(FOLLOW_UPS)}, got {cfg.follow_ups}")
+    if not 1 <= cfg.ttt_steps <= MAX_TTT_STEPS:
+        raise PropdError(f"--ttt-steps must be 1-{MAX_TTT_STEPS}, got {cfg.ttt_steps}")
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
@@ -125,7 +136,7 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
     first_epoch, history = 0, []
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state.get("config") == attrs.asdict(cfg):
+        if _same_config(state.get("config"), cfg):
             drafter.load_state_dict(state["drafter"])
             opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"])
@@ -262,6 +273,14 @@ def _follow_ups(decoder, prompt_ids, answers, cfg: EagleTrainConfig, work: Path,
     return [ids[p] for p in pairs], [done[p]["answer"] for p in pairs], [i for i, _ in pairs]
 
 
+def _same_config(saved: dict | None, cfg: EagleTrainConfig) -> bool:
+    """Whether a checkpoint's config is ``cfg``; fields added since it was saved count as their defaults."""
+    if saved is None:
+        return False
+    defaults = {f.name: f.default for f in attrs.fields(EagleTrainConfig) if f.default is not attrs.NOTHING}
+    return {**defaults, **saved} == attrs.asdict(cfg)
+
+
 def _batches(seqs: list[int], feats: dict, cfg: EagleTrainConfig) -> list[list[int]]:
     """Sequences grouped by length into batches of at most ``batch_tokens`` padded positions."""
     length = {i: min(len(feats["tokens"][i]), cfg.max_len) for i in seqs}
@@ -277,11 +296,14 @@ def _batches(seqs: list[int], feats: dict, cfg: EagleTrainConfig) -> list[list[i
 
 
 def _batch_loss(drafter, feats: dict, rows: list[int], w_draft, to_draft, cfg: EagleTrainConfig, noise: bool,
-                gen: torch.Generator | None = None) -> dict:
-    """Losses and top-1 accuracy on sequences ``rows`` (the last ``max_len`` positions of each).
+                gen: torch.Generator | None = None, steps: int | None = None) -> dict:
+    """Losses and top-1 accuracy on sequences ``rows`` (the last ``max_len`` positions of each), over ``steps``
+    (default ``cfg.ttt_steps``) unrolled draft steps (module docstring).
 
-    Position t reads (f_t, x_{t+1}) and is scored at the answer's positions: x_{t+2} is a generated token."""
+    Position t reads (f_t, x_{t+1}) and is scored at the answer's positions: x_{t+2} is a generated token. Returns
+    the weighted ``vloss`` and ``ploss``, step 1's ``acc``, and per step ``logits`` (B, W, N) and ``target`` (B, W)."""
     dev = drafter.device
+    S = cfg.ttt_steps if steps is None else steps
     W = max(min(len(feats["tokens"][i]), cfg.max_len) for i in rows) - 1
     B, H = len(rows), drafter.cfg.hidden_size
     f = torch.zeros(B, W + 1, H)
@@ -301,41 +323,83 @@ def _batch_loss(drafter, feats: dict, rows: list[int], w_draft, to_draft, cfg: E
     x = f[:, :-1]
     if noise:
         x = x + (torch.rand(x.shape, generator=gen).to(dev) - 0.5) * cfg.noise * 512 / W
-    cache = drafter.new_cache(B, W + 2)
-    ar = torch.arange(W, device=dev)
-    node_idx = torch.where(ar[None, :] < n[:, None], ar[None, :], torch.full_like(ar, W)[None, :])
-    a = drafter.attention_inputs(cache, node_idx, torch.ones(W, W, dtype=torch.bool, device=dev).tril(), ar)
-    g = drafter(x, tok[:, 1:], cache, a)  # (B, W, H)
+    inputs = [x]
+    for _ in range(1, S):  # step s reads step s-1's output at t-1 in place of f_t
+        with torch.no_grad():
+            prev = _unrolled(drafter, inputs, tok[:, 1:], n)[-1]
+        inputs.append(torch.cat([prev.new_zeros(B, 1, H), prev[:, :-1]], dim=1))
+    outs = _unrolled(drafter, inputs, tok[:, 1:], n)
     target_tok = to_draft[torch.cat([tok[:, 2:], tok.new_zeros(B, 1)], dim=1)]  # (B, W), -100 outside the vocabulary
-    mask = score.float()
-    denom = mask.sum().clamp(min=1)
-    vloss = (F.smooth_l1_loss(g, f[:, 1:], reduction="none").mean(-1) * mask).sum() / denom
-    logits = F.linear(g, w_draft)  # (B, W, N)
-    tgt = torch.where(score, target_tok, torch.full_like(target_tok, -100))
-    ploss = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
-    if not bool((tgt != -100).any()):
-        ploss = logits.sum() * 0.0
+    vloss = ploss = 0.0
+    total_w = sum(cfg.ttt_decay ** s for s in range(S))
+    logits_s, target_s = [], []
+    for s, g in enumerate(outs):
+        scored = score.clone()
+        scored[:, :s] = False  # step s + 1 at position t has its root at t - s
+        mask = scored.float()
+        v = (F.smooth_l1_loss(g, f[:, 1:], reduction="none").mean(-1) * mask).sum() / mask.sum().clamp(min=1)
+        logits = F.linear(g, w_draft)  # (B, W, N)
+        tgt = torch.where(scored, target_tok, torch.full_like(target_tok, -100))
+        p = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
+        if not bool((tgt != -100).any()):
+            p = logits.sum() * 0.0
+        w = cfg.ttt_decay ** s / total_w
+        vloss, ploss = vloss + w * v, ploss + w * p
+        logits_s.append(logits.detach())
+        target_s.append(tgt)
     with torch.no_grad():
-        hit = (logits.argmax(-1) == tgt) & (tgt != -100)
+        tgt = target_s[0]
+        hit = (logits_s[0].argmax(-1) == tgt) & (tgt != -100)
         acc = hit.sum().float() / (tgt != -100).sum().clamp(min=1)
-    return {"vloss": vloss, "ploss": ploss, "acc": acc.item(), "logits": logits.detach(), "target": tgt,
+    return {"vloss": vloss, "ploss": ploss, "acc": acc.item(), "logits": logits_s, "target": target_s,
             "scored": score}
+
+
+def _unrolled(drafter, inputs: list[torch.Tensor], next_tokens: torch.Tensor, n: torch.Tensor) -> list[torch.Tensor]:
+    """One forward over S = len(inputs) unrolled steps of W positions each, as one tree of S*W nodes.
+
+    ``inputs[s]`` (B, W, H) are step s+1's features; every step reads the same ``next_tokens`` (B, W). Step a's node
+    at position i sees step 1's nodes at positions <= i - a + 1 (true features: the accepted context of its root)
+    and step b's node at i - a + b for 2 <= b <= a (its own chain), as drafting depth a from root i - a + 1 would.
+    Positions j >= n[b] are padding. Returns each step's output (B, W, H)."""
+    S, (B, W, _) = len(inputs), inputs[0].shape
+    dev = inputs[0].device
+    i = torch.arange(W, device=dev)
+    mask = torch.zeros(S, W, S, W, dtype=torch.bool, device=dev)  # (step a, position i, step b, position j)
+    for a in range(S):
+        mask[a, :, 0] = i[None, :] <= i[:, None] - a
+        for b in range(1, a + 1):
+            mask[a, :, b] = i[None, :] == i[:, None] - a + b
+    T = S * W
+    cache = drafter.new_cache(B, T + 2)
+    node = torch.arange(T, device=dev)[None, :].expand(B, T)
+    node = torch.where((node % W) < n[:, None], node, torch.full_like(node, T))
+    a = drafter.attention_inputs(cache, node, mask.reshape(T, T), i.repeat(S))
+    g = drafter(torch.cat(inputs, dim=1), next_tokens.repeat(1, S), cache, a)  # (B, T, H)
+    return list(g.split(W, dim=1))
 
 
 @torch.no_grad()
 def evaluate(drafter, feats: dict, seqs: list[int], w_draft, to_draft, cfg: EagleTrainConfig) -> dict:
     """Top-k accuracy of the drafter's first guess (teacher-forced features) against the base model's greedy next
-    token, at the answer positions of ``seqs``; tokens outside the draft vocabulary count as misses."""
+    token, at the answer positions of ``seqs``, and ``step2_top1``: the top-1 accuracy of its second step, which
+    reads its own first predicted feature (the true tokens: the chance of a second hit after a first). Tokens
+    outside the draft vocabulary count as misses; ``vloss`` and ``ploss`` are the first step's."""
+    one = attrs.evolve(cfg, ttt_steps=1)
     hits = torch.zeros(len(EVAL_TOPK))
-    total, vloss, ploss, nb = 0, 0.0, 0.0, 0
+    total, vloss, ploss, nb, hits2, total2 = 0, 0.0, 0.0, 0, 0, 0
     for rows in _batches(seqs, feats, cfg):
-        parts = _batch_loss(drafter, feats, rows, w_draft, to_draft, cfg, noise=False)
-        valid = parts["target"] != -100
-        top = parts["logits"].topk(min(max(EVAL_TOPK), parts["logits"].shape[-1]), dim=-1).indices
+        parts = _batch_loss(drafter, feats, rows, w_draft, to_draft, one, noise=False)
+        valid = parts["target"][0] != -100
+        top = parts["logits"][0].topk(min(max(EVAL_TOPK), parts["logits"][0].shape[-1]), dim=-1).indices
         for j, k in enumerate(EVAL_TOPK):
-            hits[j] += ((top[..., :k] == parts["target"][..., None]).any(-1) & valid).sum().item()
+            hits[j] += ((top[..., :k] == parts["target"][0][..., None]).any(-1) & valid).sum().item()
         total += int(parts["scored"].sum())
         vloss, ploss, nb = vloss + float(parts["vloss"]), ploss + float(parts["ploss"]), nb + 1
+        two = _batch_loss(drafter, feats, rows, w_draft, to_draft, one, noise=False, steps=2)
+        tgt = two["target"][1]
+        hits2 += int(((two["logits"][1].argmax(-1) == tgt) & (tgt != -100)).sum())
+        total2 += int(two["scored"][:, 1:].sum())
     return {"positions": total, **{f"top{k}": round(float(hits[j]) / max(total, 1), 4) for j, k in enumerate(EVAL_TOPK)},
+            "step2_top1": round(hits2 / max(total2, 1), 4),
             "vloss": round(vloss / max(nb, 1), 4), "ploss": round(ploss / max(nb, 1), 4)}
-

@@ -2,6 +2,7 @@
 
 import json
 
+import attrs
 import pytest
 import torch
 
@@ -225,8 +226,84 @@ def test_train_eagle_recomputes_a_feature_chunk_left_by_a_smaller_run(tiny_dir, 
 
 
 @pytest.mark.parametrize("argv, message", [(["--follow-ups", "1"], "is for --kind eagle"),
-                                           (["--kind", "eagle", "--follow-ups", "9"], "--follow-ups must be 0-8")])
+                                           (["--kind", "eagle", "--follow-ups", "9"], "--follow-ups must be 0-8"),
+                                           (["--ttt-steps", "2"], "is for --kind eagle"),
+                                           (["--kind", "eagle", "--ttt-steps", "0"], "--ttt-steps must be 1-4")])
 def test_train_heads_cli_rejects_bad_follow_ups(tiny_dir, train_dir, tmp_path, capsys, argv, message):
     code = main(["train-heads", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--data", str(train_dir)]
                 + argv)
     assert code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_unrolled_training_steps_see_what_drafting_sees(tiny_dir, seed):
+    """Step s of the training-time test, read at position i, equals drafting depth s from root i - s + 1: the
+    drafter's cache holds true-feature positions up to the root, then each deeper node reads the previous one's
+    predicted feature (EAGLE-3 / HASS; propd.training.eagle._unrolled)."""
+    import attrs
+
+    from propd.models.eagle import EagleDrafter
+    from propd.training.eagle import _unrolled
+
+    torch.manual_seed(seed)
+    m = load_model(str(tiny_dir), heads="none").model
+    drafter = EagleDrafter(attrs.evolve(m.cfg, num_layers=1), bias=False).attach(m)
+    for p in drafter.parameters():  # a drafter far from the identity, so a wrong mask would show
+        torch.nn.init.normal_(p, std=0.1)
+    B, W, H = 2, 9, m.cfg.hidden_size
+    x = torch.randn(B, W, H)
+    y = torch.randint(0, m.cfg.vocab_size, (B, W))
+    n = torch.tensor([W, W - 2])  # row 1 has two positions of padding
+    with torch.no_grad():
+        g1 = _unrolled(drafter, [x], y, n)[0]
+        step2 = torch.cat([torch.zeros(B, 1, H), g1[:, :-1]], dim=1)
+        g2 = _unrolled(drafter, [x, step2], y, n)[1]
+        step3 = torch.cat([torch.zeros(B, 1, H), g2[:, :-1]], dim=1)
+        outs = _unrolled(drafter, [x, step2, step3], y, n)
+        real = torch.arange(W)[None, :] < n[:, None]  # padding positions hold anything
+        assert torch.allclose(outs[0][real], g1[real], atol=1e-4) and torch.allclose(outs[1][real], g2[real], atol=1e-4)
+        for b in range(B):
+            for root in range(int(n[b]) - 2):
+                cache = drafter.new_cache(1, W + 4)
+                r = root + 1
+                a = drafter.attention_inputs(cache, torch.arange(r)[None], torch.ones(r, r, dtype=torch.bool).tril(),
+                                             torch.arange(r))
+                g = drafter(x[b:b + 1, :r], y[b:b + 1, :r], cache, a)  # the accepted context, true features
+                cache.advance(torch.tensor([r]), [r])
+                feat = g[:, -1:]
+                for depth in (2, 3):  # one node per step, reading the last predicted feature
+                    pos = root + depth - 1
+                    one = torch.ones(1, 1, dtype=torch.bool)
+                    a = drafter.attention_inputs(cache, torch.zeros(1, 1, dtype=torch.long), one,
+                                                 torch.zeros(1, dtype=torch.long))
+                    feat = drafter(feat, y[b:b + 1, pos:pos + 1], cache, a)
+                    cache.advance(torch.tensor([1]), [1])
+                    assert torch.allclose(feat[0, 0], outs[depth - 1][b, pos], rtol=1e-4, atol=1e-4), (b, root, depth)
+
+
+def test_train_eagle_unrolled_and_a_checkpoint_from_before_the_option(tiny_dir, train_dir, tmp_path):
+    """--ttt-steps 2 trains (the loss falls, the report has the second step's accuracy); a checkpoint written before
+    the ttt fields existed resumes as ttt_steps=1, and not as another config."""
+    from propd.training.eagle import EagleTrainConfig, train_eagle
+
+    common = dict(model=str(tiny_dir), max_new_tokens=16, data=str(train_dir), batch_tokens=128, draft_vocab=64,
+                  lr=3e-3, val_fraction=0.2)
+    report = train_eagle(EagleTrainConfig(out=str(tmp_path / "t"), epochs=4, ttt_steps=2, **common),
+                         log=lambda m: None)
+    hist, val = report["history"], report["validation"]
+    assert report["config"]["ttt_steps"] == 2 and hist[-1]["train_loss"] < hist[0]["train_loss"] * 0.9
+    assert 0 < val["step2_top1"] <= 1 and 0 < val["top1"] <= 1
+    out = tmp_path / "old"
+    cfg = EagleTrainConfig(out=str(out), epochs=1, **common)
+    train_eagle(cfg, log=lambda m: None)
+    ckpt = out / "work" / "eagle_checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False)
+    for key in ("ttt_steps", "ttt_decay"):
+        del state["config"][key]
+    torch.save(state, ckpt)
+    logs = []
+    train_eagle(cfg, log=logs.append)
+    assert "resuming after epoch 1" in logs
+    logs.clear()
+    train_eagle(attrs.evolve(cfg, ttt_steps=2), log=logs.append)
+    assert "resuming after epoch 1" not in logs
