@@ -20,7 +20,8 @@ conversations are held out with it.
 With ``ttt_steps`` S > 1 the drafter is also trained as it drafts (EAGLE-3's "training-time test", Li et al. 2025,
 arXiv 2503.01840; HASS, Zhang et al. 2024, arXiv 2408.15766): step s reads, at position t, the drafter's own step
 s-1 output for f_t (no gradient through it) with the true x_{t+1}, attends to true-feature positions up to its root
-t-s+1 and to its own chain above it, and is scored against the same targets, with weight ``ttt_decay`` ** (s-1).
+t-s+1 and to its own chain above it, and is scored against the same targets; the losses add up with weights
+``ttt_decay`` ** (s-1).
 Drafting at depth s >= 2 reads predicted features only, so training on teacher-forced features alone leaves a gap.
 
 Stages, each cached in ``OUT/work`` so a rerun resumes: (1) answers (shared with the Medusa trainer's format), then
@@ -331,7 +332,6 @@ def _batch_loss(drafter, feats: dict, rows: list[int], w_draft, to_draft, cfg: E
     outs = _unrolled(drafter, inputs, tok[:, 1:], n)
     target_tok = to_draft[torch.cat([tok[:, 2:], tok.new_zeros(B, 1)], dim=1)]  # (B, W), -100 outside the vocabulary
     vloss = ploss = 0.0
-    total_w = sum(cfg.ttt_decay ** s for s in range(S))
     logits_s, target_s = [], []
     for s, g in enumerate(outs):
         scored = score.clone()
@@ -343,7 +343,7 @@ def _batch_loss(drafter, feats: dict, rows: list[int], w_draft, to_draft, cfg: E
         p = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
         if not bool((tgt != -100).any()):
             p = logits.sum() * 0.0
-        w = cfg.ttt_decay ** s / total_w
+        w = cfg.ttt_decay ** s  # a sum, as EAGLE-3: step 1 keeps the gradient it has without the later steps
         vloss, ploss = vloss + w * v, ploss + w * p
         logits_s.append(logits.detach())
         target_s.append(tgt)
