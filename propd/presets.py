@@ -34,7 +34,8 @@ PROPD_PRUNER: Spec = ("early-topk", {"layer": 2, "k": 50, "min_nodes": 16})
 # on the drafter's held-out training prompts in float32 and with GGUF blocks (docs/heads.md, "EAGLE drafter").
 EAGLE_BUDGET = "budget:3:2"
 EAGLE_PROPOSER: Spec = ("eagle", {"top_k": 4})
-EAGLE_DYNAMIC: Spec = ("propd-dynamic", {"max_depth": 6, "sizes": (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)})
+EAGLE_DYNAMIC: Spec = ("propd-dynamic", {"max_depth": 6, "sizes": (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+                                         "unseen": "inherit"})
 
 PRESETS = {
     p.name: p

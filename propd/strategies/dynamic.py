@@ -68,6 +68,11 @@ class DynamicConfig:
     probe_size: int = 2  # the probe tree while at 1 node: the candidate nearest this, above 1; 0: the best tree
     # "drift": step time = speed x relative cost of the size (DriftCostModel); "paper": the EMA T_perf^i (CostModel)
     cost: str = attrs.field(default="drift", validator=attrs.validators.in_(("drift", "paper")))
+    # a depth no step has observed yet: "prior", the neutral prior, which falls with depth (Medusa heads, each weaker
+    # than the one before); "inherit", the deepest observed depth's curve, also as the start of its EMA (a feature
+    # drafter, whose later guesses read its earlier ones, stays about as accurate: under the falling prior its trees
+    # stay too shallow for the deeper depths ever to be observed)
+    unseen: str = attrs.field(default="prior", validator=attrs.validators.in_(("prior", "inherit")))
 
 
 
@@ -81,6 +86,7 @@ class DynamicSizer:
         larger = [s for s in self.sizes if s > 1]
         self.probe = min(larger, key=lambda s: abs(s - config.probe_size)) if larger else 1
         self.P: list[list[float]] = []  # P[i][k]: EMA of P(true token within the top k+1 children at depth i)
+        self.seen: list[bool] = []  # whether depth i has been observed
         self.costs: dict[tuple[int, int], CostModel] = {}
         self.key: tuple[int, int] | None = None
         self.size = 1
@@ -131,6 +137,16 @@ class DynamicSizer:
         R = self.cfg.max_rank
         # a neutral prior (no pre-characterization): rank r at depth i right with a chance that falls with both
         self.P = [[min(1.0, 0.5 / (i + 1) * (1 + k) / (1 + k + 1)) for k in range(R)] for i in range(K)]
+        self.seen = [False] * K
+
+    def curves(self) -> list[list[float]]:
+        """The acceptance curves trees are built from: ``P``, with each unobserved depth below the first taken from
+        the depth above it when ``unseen`` is ``"inherit"``."""
+        out = []
+        for d, curve in enumerate(self.P):
+            inherit = self.cfg.unseen == "inherit" and d > 0 and not self.seen[d]
+            out.append(list(out[-1]) if inherit else curve)
+        return out
 
     DEFAULT_DEPTH = 6  # tree depth without Medusa heads to bound it (max_depth sets it)
 
@@ -182,7 +198,7 @@ class DynamicSizer:
         # best-first search pops nodes in a fixed order, so the best tree of size s is the first s-1 paths of the
         # largest one: one search serves both the choice and the tree
         if self._best is None:  # searched again only after the acceptance estimates moved
-            self._best = best_tree(rank_probabilities(self.P), max(self.sizes))
+            self._best = best_tree(rank_probabilities(self.curves()), max(self.sizes))
         paths, values = self._best
         if key != self.key or self.since >= self.cfg.refresh or self.probed:
             entering, was = key != self.key, self.size
@@ -254,7 +270,10 @@ class DynamicSizer:
         mean = (within * observed).sum(dim=0) / count.clamp(min=1)
         stats = torch.stack([count, mean]).tolist()  # one small transfer per step
         a = self.cfg.alpha
+        start = self.curves()
         for d in range(D):
+            if not self.seen[d] and any(stats[0][d]):
+                self.P[d], self.seen[d] = list(start[d]), True  # the EMA starts from the curve trees were built from
             for r in range(R):
                 c = stats[0][d][r]
                 if c:

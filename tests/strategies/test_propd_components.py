@@ -384,6 +384,29 @@ def test_acceptance_estimates_stay_monotone_whatever_trees_ran(monkeypatch):
         assert all(row == sorted(row) for row in sizer.P), seed
 
 
+def test_unseen_depths_inherit_the_deepest_observed_curve():
+    """With ``unseen="inherit"`` (the EAGLE presets) a depth no step has observed is estimated from the one above it,
+    so trees grow deep enough to observe it; under the falling neutral prior (Medusa's default) an 8-node tree from a
+    good first depth stays two levels deep, and deeper guesses would never be seen."""
+    observed = [0.5, 0.7, 0.8, 0.85, 0.88, 0.9, 0.91, 0.92, 0.93, 0.94]
+    depth = {}
+    for unseen in ("prior", "inherit"):
+        sizer = DynamicSizer(DynamicConfig(max_depth=4, unseen=unseen))
+        sizer.propd_setup(MODEL)
+        prior = [row[:] for row in sizer.P]
+        sizer.P[0], sizer.seen[0] = observed[:], True
+        curves = sizer.curves()
+        assert curves[0] == observed and sizer.P[1:] == prior[1:]
+        assert curves[1:] == ([observed] * 3 if unseen == "inherit" else prior[1:])
+        depth[unseen] = max(len(path) for path in best_tree(rank_probabilities(curves), 8)[0])
+    assert depth["prior"] <= 2 < depth["inherit"]
+    dec = Decoder(MODEL, preset="propd-dynamic-only", sizer=("propd-dynamic", {"unseen": "inherit"}))
+    sizer = next(obj for role, obj in dec.components if role == "sizer")
+    prompts = prompts_from(9, [4, 6])
+    assert dec.generate_ids(prompts, max_new_tokens=30).token_ids == ar(prompts, 30)
+    assert sizer.seen[0] and all(row == sorted(row) for row in sizer.P)
+
+
 @given(st.lists(st.floats(0, 1), min_size=1, max_size=12))
 def test_monotone_lifts_a_curve_to_its_running_maximum(curve):
     fit = monotone(curve)
