@@ -106,13 +106,20 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
     val = _val_seqs(n, cfg)
     owners: list[int] = []
     if cfg.follow_ups:
-        fu_ids, fu_answers, owners = _follow_ups(decoder, prompt_ids, answers, cfg, work, log)
+        fu_ids, fu_answers, owners, fu_ks = _follow_ups(decoder, prompt_ids, answers, cfg, work, log)
     stage_s = {"answers": time.perf_counter() - t_start}
     feats = _features(model, prompt_ids, answers, cfg, work / "eagle_features", log)  # (2)
-    if cfg.follow_ups:
-        key = hashlib.sha256(json.dumps([fu_ids, fu_answers]).encode()).hexdigest()[:12]
-        more = _features(model, fu_ids, fu_answers, cfg, work / f"eagle_features_follow_ups_{key}", log)
-        feats = {k: feats[k] + more[k] for k in feats}
+    if cfg.follow_ups:  # cached per turn number k, so that another --follow-ups reuses the turns it shares
+        more = {name: [None] * len(fu_ids) for name in feats}
+        for k in sorted(set(fu_ks)):
+            sel = [j for j, kk in enumerate(fu_ks) if kk == k]
+            sub = [fu_ids[j] for j in sel], [fu_answers[j] for j in sel]
+            key = hashlib.sha256(json.dumps(list(sub)).encode()).hexdigest()[:12]
+            part = _features(model, *sub, cfg, work / f"eagle_features_follow_ups_{key}", log)
+            for name in more:
+                for j, x in zip(sel, part[name]):
+                    more[name][j] = x
+        feats = {name: feats[name] + more[name] for name in feats}
         prompt_ids, answers = prompt_ids + fu_ids, answers + fu_answers
         val |= {n + j for j, i in enumerate(owners) if i in val}
     stage_s["features"] = time.perf_counter() - t_start - sum(stage_s.values())
@@ -243,7 +250,8 @@ def _features(model, prompt_ids, answers, cfg: EagleTrainConfig, d: Path, log) -
 def _follow_ups(decoder, prompt_ids, answers, cfg: EagleTrainConfig, work: Path, log) -> tuple:
     """The follow-up conversations' prompt ids and the model's greedy answers (module docstring), with the index of
     the training prompt each belongs to. Answers are cached in ``work/follow_up_answers.jsonl`` by (prompt, k), so
-    that another ``--max-prompts`` or ``--follow-ups`` reuses them."""
+    that another ``--max-prompts`` or ``--follow-ups`` reuses them. Returns the ids, the answers, and for each the
+    training prompt it belongs to and its turn number k."""
     from propd.chat import conversation
 
     tok = decoder.model.tokenizer
@@ -271,7 +279,8 @@ def _follow_ups(decoder, prompt_ids, answers, cfg: EagleTrainConfig, work: Path,
                     done[i, k] = {"i": i, "k": k, "prompt": ids[i, k], "answer": out}
                     f.write(json.dumps(done[i, k]) + "\n")
                 f.flush()
-    return [ids[p] for p in pairs], [done[p]["answer"] for p in pairs], [i for i, _ in pairs]
+    return ([ids[p] for p in pairs], [done[p]["answer"] for p in pairs], [i for i, _ in pairs],
+            [k for _, k in pairs])
 
 
 def _same_config(saved: dict | None, cfg: EagleTrainConfig) -> bool:

@@ -195,6 +195,7 @@ def test_train_eagle_with_follow_up_turns(tiny_dir, train_dir, tmp_path):
     logs = []
     again = train_eagle(EagleTrainConfig(out=str(out), follow_ups=1, **common), log=logs.append)
     assert again["follow_up_sequences"] == 25 and not any("follow-up turns" in m for m in logs)  # all cached
+    assert not any("computing hidden states" in m for m in logs)  # turn k = 0's features too
 
 
 def test_follow_ups_need_a_chat_template(tiny_dir, train_dir, tmp_path):
