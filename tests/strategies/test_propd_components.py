@@ -336,22 +336,22 @@ def test_dynamic_sizer_probes_while_at_one_node_and_reuses_costs_for_a_new_batch
 
 
 def test_dynamic_sizer_runs_no_heads_on_one_node_steps():
-    dec = Decoder(MODEL, preset="propd-dynamic-only")
+    """While the sizer chooses 1-node steps the proposer (Medusa's heads) is not run: it drafts at tree steps only.
+    Exploration is kept to 1 and 2 nodes so that it ends within the first call whatever the step times."""
+    dec = Decoder(MODEL, preset="propd-dynamic-only", sizer=("propd-dynamic", {"explore": (1, 2)}))
     sizer = next(obj for role, obj in dec.components if role == "sizer")
+    proposer = next(obj for role, obj in dec.components if role == "proposer")
     calls = []
-    heads = MODEL.heads
-    MODEL.heads = lambda h: calls.append(h.shape) or heads(h)
-    try:
-        prompts = prompts_from(11, [5])
-        # explore first, then make the sizer believe trees never pay
-        dec.generate_ids(prompts, max_new_tokens=8)
-        for cost in sizer.costs.values():
-            cost.estimate = lambda size: 1.0 * size
-        sizer.since = sizer.cfg.refresh
-        calls.clear()
-        res = dec.generate_ids(prompts, max_new_tokens=12)
-    finally:
-        MODEL.heads = heads
+    topk = proposer.topk
+    proposer.topk = lambda hidden, k: calls.append(hidden.shape) or topk(hidden, k)
+    prompts = prompts_from(11, [5])
+    first = dec.generate_ids(prompts, max_new_tokens=8)  # explores 1 and 2 nodes
+    assert len(calls) == sum(1 for s in first.stats if s.tree_nodes > 1) > 0
+    for cost in sizer.costs.values():  # then make the sizer believe trees never pay
+        cost.estimate = lambda size: 1.0 * size
+    sizer.since = sizer.cfg.refresh
+    calls.clear()
+    res = dec.generate_ids(prompts, max_new_tokens=12)
     one_node = sum(1 for s in res.stats if s.tree_nodes == 1)
     assert res.token_ids == ar(prompts, 12) and one_node > 0
     assert len(calls) == sum(1 for s in res.stats if s.tree_nodes > 1)
