@@ -19,7 +19,7 @@ import torch
 
 from propd.models.eagle import EagleDrafter
 from propd.models.loading import load_model
-from propd.training.eagle import EagleTrainConfig, _features, evaluate
+from propd.training.eagle import EagleTrainConfig, _features, draft_projection, evaluate
 from propd.training.trainer import _answers, _val_seqs, training_prompt_ids
 
 
@@ -40,9 +40,7 @@ def main() -> None:
     for d in args.drafters:
         drafter = EagleDrafter.load(d, m.cfg).attach(m)
         ids = drafter.draft_ids if drafter.draft_ids is not None else torch.arange(m.cfg.vocab_size)
-        w_draft = m.lm_head.weight.detach().index_select(0, ids)
-        to_draft = torch.full((m.cfg.vocab_size,), -100, dtype=torch.long)
-        to_draft[ids] = torch.arange(len(ids))
+        w_draft, to_draft = draft_projection(m, ids)
         v = evaluate(drafter, feats, val, w_draft, to_draft, attrs.evolve(cfg, ttt_steps=1))
         print(json.dumps({"drafter": d, **v}), flush=True)
 

@@ -270,7 +270,7 @@ class DynamicSizer:
         mean = (within * observed).sum(dim=0) / count.clamp(min=1)
         stats = torch.stack([count, mean]).tolist()  # one small transfer per step
         a = self.cfg.alpha
-        start = self.curves()
+        start = None if all(self.seen) else self.curves()  # needed only while a depth is unobserved
         for d in range(D):
             if not self.seen[d] and any(stats[0][d]):
                 self.P[d], self.seen[d] = list(start[d]), True  # the EMA starts from the curve trees were built from

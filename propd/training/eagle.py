@@ -132,10 +132,7 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
     # (3) training
     m = model.model
     drafter = EagleDrafter(attrs.evolve(m.cfg, num_layers=1), bias=False).to(model.device).attach(m)
-    ids = torch.tensor(vocab, dtype=torch.long, device=model.device)
-    w_draft = m.lm_head.weight.detach().index_select(0, ids)  # (N, H) frozen
-    to_draft = torch.full((model.config.vocab_size,), -100, dtype=torch.long, device=model.device)
-    to_draft[ids] = torch.arange(len(vocab), device=model.device)
+    w_draft, to_draft = draft_projection(m, vocab)
     batches = _batches(train_seqs, feats, cfg)
     steps = len(batches) * cfg.epochs
     opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -281,6 +278,15 @@ def _follow_ups(decoder, prompt_ids, answers, cfg: EagleTrainConfig, work: Path,
                 f.flush()
     return ([ids[p] for p in pairs], [done[p]["answer"] for p in pairs], [i for i, _ in pairs],
             [k for _, k in pairs])
+
+
+def draft_projection(m, vocab) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a draft vocabulary ``vocab`` (N token ids) of base model ``m``: the frozen ``lm_head`` rows (N, H) that score
+    it, and the map (V,) from a token id to its column, -100 for tokens outside it (cross-entropy's ignore index)."""
+    ids = torch.as_tensor(vocab, dtype=torch.long, device=m.lm_head.weight.device)
+    to_draft = torch.full((m.cfg.vocab_size,), -100, dtype=torch.long, device=ids.device)
+    to_draft[ids] = torch.arange(len(ids), device=ids.device)
+    return m.lm_head.weight.detach().index_select(0, ids), to_draft
 
 
 def _same_config(saved: dict | None, cfg: EagleTrainConfig) -> bool:
