@@ -288,29 +288,46 @@ class LlamaModel(nn.Module):
         cache.advance(lens, host_lens)
         return (last, full) if keep_hidden else last
 
+    # a prefill runs its prompts in chunks of this many positions: a chunk attends only to the chunks before it and to
+    # itself, so attention computes about P^2 / 2 + P * C / 2 scores where one P x P masked call computes P^2 (the
+    # masked half too), and the mask is (C, S) instead of (P, P). Above KernelLinear's skinny range (256 rows), the
+    # products stay plain matrix products.
+    PREFILL_CHUNK = 512
+
     def hidden_states(self, cache: KVCache, seqs: list[list[int]], capture: tuple[int, ...] = ()
                       ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run whole sequences (different lengths) into an empty cache and advance it.
 
         Returns the final normed hidden states (B, N, H) and, for each n in ``capture``, the hidden states after n
-        layers (B, N, H); positions past a row's length are padding.
+        layers (B, N, H); positions past a row's length are padding. The positions run in chunks of
+        ``PREFILL_CHUNK``, each as a chain over the cache the chunks before it filled; a row whose prompt ended sends
+        only padding, which writes to its scratch slot and attends to it alone (see :func:`tree_attention_inputs`).
         """
+        if max(cache.host_lengths, default=0) > 0:
+            raise PropdError("hidden_states runs sequences into an empty cache")
         dev = self.device
         n = len(seqs)
         longest = max(len(p) for p in seqs)
         tokens = torch.zeros(n, longest, dtype=torch.long, device=dev)
-        lens = torch.tensor([len(p) for p in seqs], dtype=torch.long, device=dev)
+        host_lens = [len(p) for p in seqs]
+        lens = torch.tensor(host_lens, dtype=torch.long, device=dev)
         for i, p in enumerate(seqs):
             tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        ar = torch.arange(longest, device=dev)
-        node_idx = torch.where(ar[None, :] < lens[:, None], ar[None, :], torch.full_like(tokens, longest))
-        causal = torch.tril(torch.ones(longest, longest, dtype=torch.bool, device=dev))
-        a = self.attention_inputs(cache, node_idx, causal, ar, decoding=False)
-        h = self.embed(tokens)
-        captured, start = {}, 0
-        for layer in sorted(set(capture)):
-            h = self.run_layers(h, start, layer, cache, a)
-            captured[layer], start = h, layer
-        h = self.run_layers(h, start, self.num_layers, cache, a)
-        cache.advance(lens, [len(p) for p in seqs])
-        return self.norm(h), captured
+        layers = sorted(set(capture))
+        finals, caps = [], {layer: [] for layer in layers}
+        for start in range(0, longest, self.PREFILL_CHUNK):
+            T = min(self.PREFILL_CHUNK, longest - start)  # the last chunk's scratch slot stays within the capacity
+            ar = torch.arange(T, device=dev)
+            real = (lens - start).clamp(0, T)  # (n,) real positions of each row in this chunk
+            node_idx = torch.where(ar[None, :] < real[:, None], ar[None, :], torch.full((n, T), T, device=dev))
+            causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=dev))
+            a = self.attention_inputs(cache, node_idx, causal, ar, decoding=False)
+            h, at = self.embed(tokens[:, start:start + T]), 0
+            for layer in layers:
+                h = self.run_layers(h, at, layer, cache, a)
+                caps[layer].append(h)
+                at = layer
+            finals.append(self.run_layers(h, at, self.num_layers, cache, a))
+            cache.advance(real, [min(max(x - start, 0), T) for x in host_lens])
+        cat = (lambda xs: xs[0] if len(xs) == 1 else torch.cat(xs, dim=1))
+        return self.norm(cat(finals)), {layer: cat(xs) for layer, xs in caps.items()}

@@ -52,6 +52,30 @@ def test_batched_prefill_matches_transformers(pair, lens, seed):
     assert cache.host_lengths == lens and cache.lengths.tolist() == lens
 
 
+@given(st.lists(st.integers(1, 24), min_size=1, max_size=4), st.integers(1, 9), st.integers(0, 1000))
+def test_chunked_prefill_matches_transformers_at_every_position(pair, lens, chunk, seed):
+    hf, m = pair
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in lens]
+    cache = m.new_cache(len(prompts), max(lens) + 2)  # the capacity hidden_states' callers give it
+    whole = m.new_cache(len(prompts), max(lens) + 2)
+    m.PREFILL_CHUNK = chunk  # an instance attribute: the class's stays
+    try:
+        with torch.no_grad():
+            final, cap = m.hidden_states(cache, prompts, (1,))
+    finally:
+        del m.PREFILL_CHUNK
+    with torch.no_grad():
+        _, cap_whole = m.hidden_states(whole, prompts, (1,))
+        for i, p in enumerate(prompts):
+            ref = hf(torch.tensor([p])).logits[0]  # (n, V)
+            torch.testing.assert_close(m.logits(final[i, : len(p)]), ref, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(cap[1][i, : len(p)], cap_whole[1][i, : len(p)], atol=1e-5, rtol=1e-4)
+            n = len(p)
+            torch.testing.assert_close(cache.k[:, i, :, :n], whole.k[:, i, :, :n], atol=1e-5, rtol=1e-4)
+    assert cache.host_lengths == lens and cache.lengths.tolist() == lens
+
+
 @given(st.lists(st.integers(1, 800), min_size=1, max_size=16), st.sampled_from([0.0, 0.125, 1.0]))
 def test_prefill_groups_cover_every_row_once_and_bound_the_padding(lens, waste):
     groups = prefill_groups(lens, waste)
