@@ -24,6 +24,7 @@ import torch
 
 from propd.errors import PropdError
 from propd.hookspecs import hookimpl
+from propd.models.llama import LlamaModel
 from propd.tree import RowTrees
 from propd.types import Draft
 
@@ -83,12 +84,14 @@ class EagleProposer:
         self.cache = d.new_cache(B, P + 128)
         self._pending, self._absorbed = [], -1
         n = rows.prompt_lengths - 1  # (B,) pairs per row
-        W = P - 1
-        if W < 1:
-            return
-        ar = torch.arange(W, device=n.device)
-        node_idx = torch.where(ar[None, :] < n[:, None], ar[None, :], torch.full_like(ar, W)[None, :]).expand(B, W)
-        self._read(rows.hidden[:, :W], rows.prompt_ids[:, 1:P], node_idx, n, W)
+        # in chunks, as the base model's prefill (LlamaModel.PREFILL_CHUNK): each attends to itself and those before
+        for start in range(0, P - 1, LlamaModel.PREFILL_CHUNK):
+            W = min(LlamaModel.PREFILL_CHUNK, P - 1 - start)
+            real = (n - start).clamp(0, W)  # (B,) pairs of each row in this chunk
+            ar = torch.arange(W, device=n.device)
+            node_idx = torch.where(ar[None, :] < real[:, None], ar[None, :], torch.full_like(ar, W)[None, :])
+            self._read(rows.hidden[:, start:start + W], rows.prompt_ids[:, start + 1:start + 1 + W], node_idx, real,
+                       W)
 
     @hookimpl
     def propd_rows_leave(self, keep, left):

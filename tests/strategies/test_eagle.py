@@ -14,6 +14,7 @@ from propd import Decoder
 from propd.errors import PropdError
 from propd.hookspecs import hookimpl
 from propd.models.eagle import EagleDrafter, is_eagle_checkpoint
+from propd.models.llama import LlamaModel
 from propd.strategies.eagle import EagleConfig, EagleProposer
 from propd.testing import assert_lossless, random_prompts, tiny_model
 
@@ -68,12 +69,16 @@ class Alternate:
         return DraftTree.from_paths(tree_paths(spec), device=ctx.device)
 
 
-@pytest.mark.parametrize("sizer, catch_up", [("static:tree=budget:8:3", 8), ("alternate", 8), ("alternate", 1),
-                                             ("alternate", 0)])
-def test_drafter_reads_every_committed_token_once_in_order(sizer, catch_up):
+@pytest.mark.parametrize("sizer, catch_up, chunk", [("static:tree=budget:8:3", 8, None), ("alternate", 8, None),
+                                                    ("alternate", 1, None), ("alternate", 0, None),
+                                                    ("alternate", 8, 2)])
+def test_drafter_reads_every_committed_token_once_in_order(sizer, catch_up, chunk, monkeypatch):
     """After any mix of tree and 1-node steps and rows leaving, the drafter's prediction for each row's root equals a
     fresh drafter's pass over that row's prompt and generated tokens, whether the steps without a draft are read at
-    the next draft (catch_up 0, or 8 with 2 such steps in a row) or between steps (catch_up 1)."""
+    the next draft (catch_up 0, or 8 with 2 such steps in a row) or between steps (catch_up 1), and whether the
+    prompts are read in one call or in chunks (``chunk``: the prefill's chunk size)."""
+    if chunk is not None:
+        monkeypatch.setattr(LlamaModel, "PREFILL_CHUNK", chunk)
     model = tiny_model(seed=1, drafter=True, eos=frozenset(range(3, 128, 31)))  # rows leave at different steps
     spy = Spy(EagleConfig(top_k=3, depth=3, dtype="float32", catch_up=catch_up))
     prompts = random_prompts(model, 4, [5, 2, 9, 1, 3, 7])
