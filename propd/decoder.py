@@ -442,7 +442,8 @@ class Decoder:
                 gained.append(a + 1)
             st = StepStats(step=step, batch_size=B, row_ids=tuple(live), context_len=ctx_len, tree_nodes=T_real,
                            nodes_after_pruning=sum(row[1] for row in info) / B, accepted=tuple(gained),
-                           step_time_s=time.perf_counter() - t_step, draft_time_s=draft_s)
+                           step_time_s=time.perf_counter() - t_step, draft_time_s=draft_s,
+                           threads=torch.get_num_threads() if dev.type == "cpu" else 0)
             stats.append(st)
             if tuner is not None:
                 tuner.end(kind, st.step_time_s)

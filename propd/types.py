@@ -148,6 +148,7 @@ class StepStats:
     accepted: tuple[int, ...]  # tokens gained per row this step (accepted guesses + bonus)
     step_time_s: float
     draft_time_s: float = 0.0  # of step_time_s, in the proposer (its draft and the decoder's check of it)
+    threads: int = 0  # CPU threads the step ran with (the thread tuner's choice); 0 on other devices
 
     @property
     def prune_rate(self) -> float:

@@ -110,11 +110,13 @@ def test_switching_thread_counts_every_step_keeps_the_output(seed, preset, lens)
     before = torch.get_num_threads()
     dec = Decoder(model, preset=preset, threads=None)
     dec.threads = ThreadTuner(probe_every=1, probe_steps=1, margin=1e9, slow=0.0, window=1)
-    got = dec.generate_ids(prompts, max_new_tokens=16).token_ids
-    assert got == want
+    res = dec.generate_ids(prompts, max_new_tokens=16)
+    assert res.token_ids == want
     assert torch.get_num_threads() == before
+    assert all(1 <= s.threads <= before for s in res.stats)  # each step records the count it ran with
     if before > 1:
         assert dec.threads.switches > 0
+        assert len({s.threads for s in res.stats}) > 1
 
 
 def test_bad_threads_argument_is_refused():
