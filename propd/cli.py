@@ -170,6 +170,8 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
 
     if args.kind != "eagle" and args.follow_ups:
         raise PropdError("--follow-ups is for --kind eagle")
+    if args.kind != "eagle" and args.tasks:
+        raise PropdError("--tasks is for --kind eagle")
     if args.kind != "eagle" and args.ttt_steps is not None:
         raise PropdError("--ttt-steps is for --kind eagle")
     if args.kind == "eagle":
@@ -200,7 +202,7 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
 def _train_eagle(args: argparse.Namespace) -> int:
     from propd.training.eagle import EagleTrainConfig, train_eagle
 
-    given = {k: getattr(args, k) for k in ("max_prompts", "max_new_tokens", "epochs", "follow_ups", "ttt_steps")
+    given = {k: getattr(args, k) for k in ("max_prompts", "max_new_tokens", "epochs", "follow_ups", "tasks", "ttt_steps")
              if getattr(args, k) is not None}
     cfg = EagleTrainConfig(model=args.model, out=args.out, device=args.device, seed=args.seed, data=args.data, **given)
     report = train_eagle(cfg)
@@ -356,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--follow-ups", type=int, default=None, metavar="K",
                    help="eagle: also train on K second turns per prompt (a generic request about the model's first "
                         "answer, then its answer; 0-8, default 0)")
+    t.add_argument("--tasks", type=int, default=None, metavar="K",
+                   help="eagle: also train on K requests per prompt that hand the model its first answer as a text to "
+                        "summarize, translate, answer questions about, ... (0-8, default 0)")
     t.add_argument("--ttt-steps", type=int, default=None, metavar="S",
                    help="eagle: draft steps unrolled in training (EAGLE-3's training-time test: step s reads the "
                         "drafter's own step s-1 feature; 1-4, default 1)")

@@ -20,6 +20,20 @@ FOLLOW_UPS = ("Summarize your answer in two sentences.", "Continue.", "Explain t
               "Rewrite your answer as a short bulleted list.", "Give one concrete example.",
               "What is the most important point, and why?", "Write a short title for your answer.",
               "Rewrite your answer more formally.")
+# Single-turn requests for ``train-heads --kind eagle --tasks K``: each wraps the model's own first answer to a training
+# prompt ({text}) in a user turn, so that the drafter also learns answers that read a long user-given text (summaries,
+# extraction, question answering over a passage, rewriting, translation), where most output copies or condenses the
+# input. Written as common request types, not from any benchmark's prompts.
+TASKS = ("Summarize the following text in a few sentences.\n\n{text}",
+         "Extract the key facts from the text below as a short bulleted list.\n\n{text}",
+         "Read the passage and answer the question.\n\nPassage: {text}\n\nQuestion: What is the main point of the "
+         "passage, and what reasons does it give?",
+         "Translate the following text into French.\n\n{text}",
+         "Rewrite the following text in plain, simple English.\n\n{text}",
+         "Write a short headline and a one-paragraph summary for this article.\n\n{text}",
+         "Answer using only the information in the document below: which steps or recommendations does it list?"
+         "\n\nDocument:\n{text}",
+         "Correct any grammar or spelling mistakes in the following text and return the corrected text.\n\n{text}")
 
 
 def find_train_dir(explicit: str | Path | None = None) -> Path:

@@ -14,8 +14,11 @@ drafter guesses.
 With ``follow_ups`` K > 0, each training prompt also yields K two-turn conversations: its first answer, then a
 generic second request (``data.FOLLOW_UPS``, the k-th for prompt i being number (i + k) mod 8), then the model's own
 answer to it, trained on like any other answer. The training prompts are few (about 1,400), so this is more text in
-the model's voice without more prompts (docs/heads.md, "More text from the same prompts"). A held-out prompt's
-conversations are held out with it.
+the model's voice without more prompts (docs/heads.md, "More text from the same prompts"). With ``tasks`` K > 0, each
+also yields K single-turn requests that hand the model its own first answer as a text to work on (``data.TASKS``:
+summarize, extract, answer a question about the passage, translate, rewrite, the k-th for prompt i being number
+(i + k) mod 8), and the model's answers to them: outputs that copy from or condense a long user-given text, which
+plain prompts never ask for. A held-out prompt's conversations are held out with it.
 
 With ``ttt_steps`` S > 1 the drafter is also trained as it drafts (EAGLE-3's "training-time test", Li et al. 2025,
 arXiv 2503.01840; HASS, Zhang et al. 2024, arXiv 2408.15766): step s reads, at position t, the drafter's own step
@@ -45,7 +48,7 @@ import torch.nn.functional as F
 
 from propd.errors import PropdError
 from propd.models.heads import DRAFT_VOCAB_FILE
-from propd.training.data import FOLLOW_UPS
+from propd.training.data import FOLLOW_UPS, TASKS
 from propd.training.trainer import (_answers, _log, _save, _val_seqs, generate_in_batches, training_prompt_ids,
                                    training_prompt_texts)
 
@@ -76,6 +79,7 @@ class EagleTrainConfig:
     gen_batch_size: int = 16
     val_fraction: float = 0.05
     follow_ups: int = 0  # second-turn conversations per training prompt (module docstring), at most len(FOLLOW_UPS)
+    tasks: int = 0  # single-turn task requests around each prompt's first answer (module docstring), <= len(TASKS)
     ttt_steps: int = 1  # draft steps unrolled in training (module docstring); 1: EAGLE-1's teacher forcing alone
     ttt_decay: float = 0.8  # loss weight of step s: ttt_decay ** (s - 1)
 
@@ -89,6 +93,8 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
         raise PropdError("--epochs, --max-new-tokens and the batch, length and vocabulary sizes must be positive")
     if not 0 <= cfg.follow_ups <= len(FOLLOW_UPS):
         raise PropdError(f"--follow-ups must be 0-{len(FOLLOW_UPS)}, got {cfg.follow_ups}")
+    if not 0 <= cfg.tasks <= len(TASKS):
+        raise PropdError(f"--tasks must be 0-{len(TASKS)}, got {cfg.tasks}")
     if not 1 <= cfg.ttt_steps <= MAX_TTT_STEPS:
         raise PropdError(f"--ttt-steps must be 1-{MAX_TTT_STEPS}, got {cfg.ttt_steps}")
     t_start = time.perf_counter()
@@ -102,30 +108,34 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
     decoder, prompt_ids = training_prompt_ids(model, cfg)
 
     answers = _answers(decoder, prompt_ids, cfg, work, log)  # (1)
-    n = len(prompt_ids)
-    val = _val_seqs(n, cfg)
-    owners: list[int] = []
-    if cfg.follow_ups:
-        fu_ids, fu_answers, owners, fu_ks = _follow_ups(decoder, prompt_ids, answers, cfg, work, log)
+    n0 = len(prompt_ids)
+    val = _val_seqs(n0, cfg)
+    extras = []  # (kind, ids, answers, owning training prompt, turn number k) of the extra conversations
+    for kind, count in (("follow_ups", cfg.follow_ups), ("tasks", cfg.tasks)):
+        if count:
+            extras.append((kind, *_extra_conversations(kind, decoder, prompt_ids, answers, cfg, work, log)))
     stage_s = {"answers": time.perf_counter() - t_start}
     feats = _features(model, prompt_ids, answers, cfg, work / "eagle_features", log)  # (2)
-    if cfg.follow_ups:  # cached per turn number k, so that another --follow-ups reuses the turns it shares
-        more = {name: [None] * len(fu_ids) for name in feats}
-        for k in sorted(set(fu_ks)):
-            sel = [j for j, kk in enumerate(fu_ks) if kk == k]
-            sub = [fu_ids[j] for j in sel], [fu_answers[j] for j in sel]
+    owners: dict[str, list[int]] = {}
+    for kind, x_ids, x_answers, x_owners, x_ks in extras:
+        # features cached per turn number k, so that another K reuses the conversations it shares
+        more = {name: [None] * len(x_ids) for name in feats}
+        for k in sorted(set(x_ks)):
+            sel = [j for j, kk in enumerate(x_ks) if kk == k]
+            sub = [x_ids[j] for j in sel], [x_answers[j] for j in sel]
             key = hashlib.sha256(json.dumps(list(sub)).encode()).hexdigest()[:12]
-            part = _features(model, *sub, cfg, work / f"eagle_features_follow_ups_{key}", log)
+            part = _features(model, *sub, cfg, work / f"eagle_features_{kind}_{key}", log)
             for name in more:
                 for j, x in zip(sel, part[name]):
                     more[name][j] = x
         feats = {name: feats[name] + more[name] for name in feats}
-        prompt_ids, answers = prompt_ids + fu_ids, answers + fu_answers
-        val |= {n + j for j, i in enumerate(owners) if i in val}
+        val |= {len(prompt_ids) + j for j, i in enumerate(x_owners) if i in val}  # held out with their prompt
+        prompt_ids, answers = prompt_ids + x_ids, answers + x_answers
+        owners[kind] = x_owners
     stage_s["features"] = time.perf_counter() - t_start - sum(stage_s.values())
     n = len(prompt_ids)
     train_seqs = [i for i in range(n) if i not in val and len(answers[i]) > 1]
-    val_seqs = sorted(i for i in val if len(answers[i]) > 1 and i < n - len(owners))  # first answers only
+    val_seqs = sorted(i for i in val if len(answers[i]) > 1 and i < n0)  # first answers only
     vocab = _draft_vocab(out, answers, prompt_ids, train_seqs, cfg.draft_vocab, model.config.vocab_size, model.name)
     log(f"{len(train_seqs)} training and {len(val_seqs)} validation sequences; draft vocabulary {len(vocab)} tokens")
 
@@ -179,7 +189,8 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
     report = {"validation": evaluate(drafter, feats, val_seqs, w_draft, to_draft, cfg)}
     drafter.save(out, dtype=torch.bfloat16, base_model=model.name, trained_by="propd train-heads --kind eagle")
     report.update({"model": model.name, "kind": "eagle", "config": attrs.asdict(cfg), "history": history,
-                   "follow_up_sequences": len(owners),
+                   "follow_up_sequences": len(owners.get("follow_ups", [])),
+                   "task_sequences": len(owners.get("tasks", [])),
                    "train_sequences": len(train_seqs), "val_sequences": len(val_seqs),
                    "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "wall_time_s": round(time.perf_counter() - t_start, 1),
@@ -244,23 +255,29 @@ def _features(model, prompt_ids, answers, cfg: EagleTrainConfig, d: Path, log) -
     return {"f": f, "tokens": [prompt_ids[i] + answers[i] for i in range(n)], "prompt": [len(p) for p in prompt_ids]}
 
 
-def _follow_ups(decoder, prompt_ids, answers, cfg: EagleTrainConfig, work: Path, log) -> tuple:
-    """The follow-up conversations' prompt ids and the model's greedy answers (module docstring), with the index of
-    the training prompt each belongs to. Answers are cached in ``work/follow_up_answers.jsonl`` by (prompt, k), so
-    that another ``--max-prompts`` or ``--follow-ups`` reuses them. Returns the ids, the answers, and for each the
-    training prompt it belongs to and its turn number k."""
+def _extra_conversations(kind: str, decoder, prompt_ids, answers, cfg: EagleTrainConfig, work: Path, log) -> tuple:
+    """The extra conversations built on each training prompt's first answer (module docstring), with the model's
+    greedy answers: ``kind`` "follow_ups", the prompt, the first answer and a second request (``FOLLOW_UPS``);
+    "tasks", one user turn wrapping the first answer (``TASKS``). The k-th for prompt i takes request (i + k) mod 8.
+    Answers are cached in ``work/follow_up_answers.jsonl`` or ``work/task_answers.jsonl`` by (prompt, k), so that
+    another ``--max-prompts`` or K reuses them. Returns the ids, the answers, and for each the training prompt it
+    belongs to and its turn number k."""
     from propd.chat import conversation
 
     tok = decoder.model.tokenizer
     texts = training_prompt_texts(cfg)
     cap = decoder.model.config.max_position_embeddings - cfg.max_new_tokens
-    pairs = [(i, k) for i in range(len(prompt_ids)) for k in range(cfg.follow_ups) if len(answers[i]) > 1]
+    count, turns = (cfg.follow_ups, FOLLOW_UPS) if kind == "follow_ups" else (cfg.tasks, TASKS)
+    pairs = [(i, k) for i in range(len(prompt_ids)) for k in range(count) if len(answers[i]) > 1]
     ids = {}
     for i, k in pairs:
         first = tok.decode(answers[i], skip_special_tokens=True).strip() or "..."
-        turn = FOLLOW_UPS[(i + k) % len(FOLLOW_UPS)]
-        ids[i, k] = decoder.encode([conversation([texts[i], turn], [first])])[0][-cap:]
-    path = work / "follow_up_answers.jsonl"
+        turn = turns[(i + k) % len(turns)]
+        if kind == "follow_ups":
+            ids[i, k] = decoder.encode([conversation([texts[i], turn], [first])])[0][-cap:]
+        else:
+            ids[i, k] = decoder.encode([turn.format(text=first)])[0][-cap:]
+    path = work / ("follow_up_answers.jsonl" if kind == "follow_ups" else "task_answers.jsonl")
     done = {}
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -268,9 +285,10 @@ def _follow_ups(decoder, prompt_ids, answers, cfg: EagleTrainConfig, work: Path,
             done[r["i"], r["k"]] = r
     todo = [p for p in pairs if p not in done or done[p]["prompt"] != ids[p]]
     if todo:
-        log(f"[1/4] generating answers to {len(todo)} follow-up turns ({len(pairs) - len(todo)} cached)")
+        what = "follow-up turns" if kind == "follow_ups" else "task requests"
+        log(f"[1/4] generating answers to {len(todo)} {what} ({len(pairs) - len(todo)} cached)")
         with path.open("a") as f:
-            for rows, outs in generate_in_batches(decoder, [ids[p] for p in todo], cfg, "follow-ups"):
+            for rows, outs in generate_in_batches(decoder, [ids[p] for p in todo], cfg, kind.replace("_", "-")):
                 for r, out in zip(rows, outs):
                     i, k = todo[r]
                     done[i, k] = {"i": i, "k": k, "prompt": ids[i, k], "answer": out}

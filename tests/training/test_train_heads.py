@@ -198,6 +198,35 @@ def test_train_eagle_with_follow_up_turns(tiny_dir, train_dir, tmp_path):
     assert not any("computing hidden states" in m for m in logs)  # turn k = 0's features too
 
 
+def test_train_eagle_with_task_requests(tiny_dir, train_dir, tmp_path):
+    """--tasks K adds K single-turn requests per training prompt that wrap its first answer (data.TASKS), beside
+    any follow-ups: held out with their prompt, cached by (prompt, k) in their own file, validation on first answers
+    only."""
+    from propd.training.data import TASKS
+    from propd.training.eagle import EagleTrainConfig, train_eagle
+
+    common = dict(model=str(tiny_dir), max_new_tokens=12, epochs=1, data=str(train_dir), batch_tokens=128,
+                  draft_vocab=64, val_fraction=0.2)
+    plain = train_eagle(EagleTrainConfig(out=str(tmp_path / "plain"), **common), log=lambda m: None)
+    out = tmp_path / "tasks"
+    report = train_eagle(EagleTrainConfig(out=str(out), follow_ups=1, tasks=2, **common), log=lambda m: None)
+    rows = [json.loads(line) for line in (out / "work" / "task_answers.jsonl").read_text().splitlines()]
+    assert report["task_sequences"] == len(rows) == 2 * 25 and report["follow_up_sequences"] == 25
+    assert {(r["i"], r["k"]) for r in rows} == {(i, k) for i in range(25) for k in range(2)}
+    assert report["train_sequences"] == 4 * plain["train_sequences"]  # a held-out prompt's requests stay out
+    assert report["validation"]["positions"] == plain["validation"]["positions"]
+    tok = load_model(str(tiny_dir), heads="none").tokenizer
+    first = json.loads((out / "work" / "answers.jsonl").read_text().splitlines()[3])
+    row = next(r for r in rows if (r["i"], r["k"]) == (3, 1))
+    text = tok.decode(row["prompt"])  # request (3 + 1) mod 8 around prompt 3's own answer, in the user's turn
+    assert TASKS[4].split("{text}")[0].strip() in text
+    assert tok.decode(first, skip_special_tokens=True).strip() in text
+    logs = []
+    again = train_eagle(EagleTrainConfig(out=str(out), follow_ups=1, tasks=1, **common), log=logs.append)
+    assert again["task_sequences"] == 25 and not any("task requests" in m for m in logs)  # all cached
+    assert not any("computing hidden states" in m for m in logs)
+
+
 def test_follow_ups_need_a_chat_template(tiny_dir, train_dir, tmp_path):
     import shutil
 
@@ -229,6 +258,8 @@ def test_train_eagle_recomputes_a_feature_chunk_left_by_a_smaller_run(tiny_dir, 
 @pytest.mark.parametrize("argv, message", [(["--follow-ups", "1"], "is for --kind eagle"),
                                            (["--kind", "eagle", "--follow-ups", "9"], "--follow-ups must be 0-8"),
                                            (["--ttt-steps", "2"], "is for --kind eagle"),
+                                           (["--tasks", "1"], "is for --kind eagle"),
+                                           (["--kind", "eagle", "--tasks", "9"], "--tasks must be 0-8"),
                                            (["--kind", "eagle", "--ttt-steps", "0"], "--ttt-steps must be 1-4")])
 def test_train_heads_cli_rejects_bad_follow_ups(tiny_dir, train_dir, tmp_path, capsys, argv, message):
     code = main(["train-heads", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--data", str(train_dir)]
