@@ -7,6 +7,11 @@ config over ``shared/data/train``), so tree parameters chosen from this run are 
 
     python benchmarks/eagle_steps.py --prompts 8 --max-new 96        # about 10 minutes on 2 CPU cores
     python benchmarks/eagle_steps.py --drafter out/eagle --trees 16,32 --top-k 8 --depth 6
+    python benchmarks/eagle_steps.py --tasks --trees 3,4 --depth 4 --top-k 4   # held-out answers in task requests
+
+With ``--tasks`` each held-out prompt is replaced by a request around the model's own answer to it (``data.TASKS``,
+request i mod 8: summarize, extract, translate, answer a question about it, ...), the kind of long user-given text that
+``train-heads --kind eagle --tasks K`` trains on.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--tasks", action="store_true", help="wrap each prompt's greedy answer in a task request")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
     lm = load_model("smollm2-135m-instruct", dtype=args.dtype)  # the shipped Medusa heads (and drafter)
@@ -54,6 +60,11 @@ def main() -> None:
 
     drafter_dir = Path(args.drafter) if args.drafter else shipped_heads("smollm2-135m-instruct") / "eagle"
     prompts = held_out_prompts(drafter_dir, args.prompts)
+    if args.tasks:
+        from propd.training.data import TASKS
+
+        answers = Decoder(lm, preset="ar").generate(prompts, max_new_tokens=128).texts  # as train-heads answers
+        prompts = [TASKS[i % len(TASKS)].format(text=a.strip() or "...") for i, a in enumerate(answers)]
     runs = {"ar": Decoder(lm, preset="ar"), "medusa": Decoder(lm, preset="medusa"),
             "propd-eagle": Decoder(lm, preset="propd-eagle")}  # the sizer choosing N online
     for n in (int(x) for x in args.trees.split(",")):
@@ -71,6 +82,7 @@ def main() -> None:
             row["draft"] += [s.draft_time_s for s in r.stats if s.tree_nodes > 1]
     ar_rate = rows["ar"]["tokens"] / rows["ar"]["time"]
     report = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__}, "prompts": len(prompts),
+              "tasks": args.tasks,
               "max_new": args.max_new, "dtype": args.dtype, "top_k": args.top_k, "depth": args.depth, "methods": {}}
     print(f"{'method':14s} {'tok/step':>8s} {'speed/ar':>8s} {'step ms':>8s} {'draft ms':>8s}  P(accept >= d), d = 1..6")
     for name, row in rows.items():
