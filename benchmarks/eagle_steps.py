@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--tasks", action="store_true", help="wrap each prompt's greedy answer in a task request")
+    ap.add_argument("--skip", default="", help="comma-separated methods to leave out: medusa, propd-eagle")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
     lm = load_model("smollm2-135m-instruct", dtype=args.dtype)  # the shipped Medusa heads (and drafter)
@@ -67,6 +68,10 @@ def main() -> None:
         prompts = [TASKS[i % len(TASKS)].format(text=a.strip() or "...") for i, a in enumerate(answers)]
     runs = {"ar": Decoder(lm, preset="ar"), "medusa": Decoder(lm, preset="medusa"),
             "propd-eagle": Decoder(lm, preset="propd-eagle")}  # the sizer choosing N online
+    for name in filter(None, args.skip.split(",")):
+        if name not in ("medusa", "propd-eagle"):
+            raise SystemExit(f"--skip takes medusa and propd-eagle, not {name!r}")
+        del runs[name]
     for n in (int(x) for x in args.trees.split(",")):
         runs[f"eagle N={n}"] = Decoder(lm, preset=None, sizer=f"static:tree=budget:{n}:{min(args.depth, n - 1)}",
                                        proposer=EagleProposer(EagleConfig(top_k=args.top_k, depth=args.depth)))

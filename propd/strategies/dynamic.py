@@ -178,9 +178,17 @@ class DynamicSizer:
 
     def choose(self, cost: CostModel, values: list[float], trees_only: bool = False) -> int:
         """The size maximizing l(i) / T_est(i); ``values`` are the node values of the largest best tree. The caller
-        has checked that nothing is left to explore at this key. With ``trees_only``, the best size above 1."""
+        has checked that nothing is left to explore at this key. With ``trees_only``, the best size above 1.
+
+        Candidates are the sizes up to the largest one priced by a measurement (here, or inherited from another key)
+        and the next size above it: the weighted line interpolates between measured sizes well enough, but
+        extrapolated far beyond them from a few noisy small sizes it can slope down and promise a large tree for
+        less than a 1-node step. Larger trees are reached one size at a time, each measured as it is chosen."""
+        top = max([1, *cost.n])
+        above = [s for s in self.sizes if s > top][:1]
+        candidates = [s for s in self.sizes if s <= top] + above
         best, best_rate = 1, -1.0
-        for s in self.sizes[1:] if trees_only and len(self.sizes) > 1 else self.sizes:
+        for s in [c for c in candidates if c > 1] or candidates if trees_only else candidates:
             rate = self._l(s, values) / cost.estimate(s)
             if rate > best_rate:
                 best, best_rate = s, rate

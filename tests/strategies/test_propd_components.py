@@ -281,6 +281,24 @@ def test_dynamic_sizer_finds_a_cheap_size_off_the_line():
     assert set(sizer.history[-100:]) == {4}
 
 
+def test_sizer_never_jumps_past_the_next_size_above_what_it_measured():
+    """The weighted line prices sizes never measured; fitted through two noisy small sizes (a 4-node step measured
+    faster than a 2-node one) it slopes down, and far beyond them it promised a 48-node tree at half a 1-node step
+    (a Spec-Bench run at batch 12 then ran one that cost 37 AR steps). Only the next size above the largest priced
+    one may be chosen."""
+    sizer = DynamicSizer(DynamicConfig(sizes=(1, 2, 4, 8, 48)))
+    cm = DriftCostModel(alpha=0.3, lam=0.05)
+    for clock, (size, t) in enumerate([(1, 0.010), (2, 0.016), (2, 0.016), (4, 0.014), (4, 0.014)], start=1):
+        cm.observe(size, t, now=clock)
+    assert cm.estimate(48) < cm.estimate(1)  # the line's promise
+    values = [0.5] * 47  # l(48) = 24.5: any tree pays on paper
+    assert sizer.choose(cm, values) == 8  # the next size up, whose first step measures it
+    cm.observe(8, 0.030, now=6)
+    cm.observe(8, 0.030, now=7)
+    assert sizer.choose(cm, values) == 48  # priced by the line now only one size beyond the largest measured
+    assert sizer.choose(cm, values, trees_only=True) == 48
+
+
 def test_a_stalled_first_step_does_not_price_a_size_for_the_rest_of_the_run():
     """A size's first step cannot be clipped, so the second keeps the faster of the two (interference only slows steps).
     benchmarks/sizer_trace.py at c35ee64: the 8-node tree's one exploration step took 69 ms against 47 ms for a
