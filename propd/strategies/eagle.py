@@ -24,7 +24,7 @@ import torch
 
 from propd.errors import PropdError
 from propd.hookspecs import hookimpl
-from propd.models.llama import LlamaModel
+from propd.models.llama import LlamaModel, prefill_groups
 from propd.tree import RowTrees
 from propd.types import Draft
 
@@ -78,20 +78,40 @@ class EagleProposer:
     @hookimpl
     def propd_rows_begin(self, rows):
         """Read each prompt's pairs (f_t, x_{t+1}), t = 0 .. P-2; the pair of the last prompt token and the first
-        generated token comes with step 0's accepted features."""
+        generated token comes with step 0's accepted features. Rows are read in the base model's prefill groups
+        (``prefill_groups``: rows of similar length, each group into a cache of its own copied into the batch's rows),
+        so that the work follows the real pairs, not batch x longest prompt."""
         d = self.drafter
         B, P = rows.prompt_ids.shape
         self.cache = d.new_cache(B, P + 128)
         self._pending, self._absorbed = [], -1
         n = rows.prompt_lengths - 1  # (B,) pairs per row
-        # in chunks, as the base model's prefill (LlamaModel.PREFILL_CHUNK): each attends to itself and those before
-        for start in range(0, P - 1, LlamaModel.PREFILL_CHUNK):
-            W = min(LlamaModel.PREFILL_CHUNK, P - 1 - start)
-            real = (n - start).clamp(0, W)  # (B,) pairs of each row in this chunk
-            ar = torch.arange(W, device=n.device)
-            node_idx = torch.where(ar[None, :] < real[:, None], ar[None, :], torch.full_like(ar, W)[None, :])
-            self._read(rows.hidden[:, start:start + W], rows.prompt_ids[:, start + 1:start + 1 + W], node_idx, real,
-                       W)
+        host_n = n.tolist()
+        groups = prefill_groups([x + 1 for x in host_n], LlamaModel.PREFILL_WASTE)
+        if len(groups) == 1:
+            self._read_prompts(self.cache, rows.hidden, rows.prompt_ids, n, P - 1)
+            return
+        for g in groups:
+            W = max(host_n[i] for i in g)
+            if W < 1:
+                continue
+            idx = torch.tensor(g, device=n.device)
+            part = d.new_cache(len(g), W + 2)  # + the padding's scratch slot
+            self._read_prompts(part, rows.hidden[idx, :W], rows.prompt_ids[idx, :W + 1], n[idx], W)
+            self.cache.k[:, idx, :, :W] = part.k[:, :, :, :W]
+            self.cache.v[:, idx, :, :W] = part.v[:, :, :, :W]
+        self.cache.advance(n, host_n)
+
+    def _read_prompts(self, cache, hidden: torch.Tensor, prompt_ids: torch.Tensor, n: torch.Tensor, W: int) -> None:
+        """Read ``n`` (B,) pairs per row from ``hidden`` (B, >= W, H) and ``prompt_ids`` (B, >= W + 1) into an empty
+        ``cache``, in chunks as the base model's prefill (``LlamaModel.PREFILL_CHUNK``): each attends to itself and
+        the chunks before it."""
+        for start in range(0, W, LlamaModel.PREFILL_CHUNK):
+            T = min(LlamaModel.PREFILL_CHUNK, W - start)
+            real = (n - start).clamp(0, T)  # (B,) pairs of each row in this chunk
+            ar = torch.arange(T, device=n.device)
+            node_idx = torch.where(ar[None, :] < real[:, None], ar[None, :], torch.full_like(ar, T)[None, :])
+            self._read(hidden[:, start:start + T], prompt_ids[:, start + 1:start + 1 + T], node_idx, real, T, cache)
 
     @hookimpl
     def propd_rows_leave(self, keep, left):
@@ -117,10 +137,10 @@ class EagleProposer:
             self._catch_up(ctx)
 
     def _read(self, features: torch.Tensor, next_tokens: torch.Tensor, node_idx: torch.Tensor, n: torch.Tensor,
-              W: int) -> torch.Tensor:
-        """Run pairs into the drafter's cache after each row's length: features (B, W, H), next tokens (B, W),
-        ``node_idx`` (B, W) (W = padding), ``n`` (B,) real pairs. Returns the outputs g (B, W, H)."""
-        d, cache = self.drafter, self.cache
+              W: int, cache=None) -> torch.Tensor:
+        """Run pairs into the drafter's cache (or ``cache``) after each row's length: features (B, W, H), next tokens
+        (B, W), ``node_idx`` (B, W) (W = padding), ``n`` (B,) real pairs. Returns the outputs g (B, W, H)."""
+        d, cache = self.drafter, self.cache if cache is None else cache
         cache.reserve(max(cache.host_lengths) + W + 2)
         ar = torch.arange(W, device=node_idx.device)
         a = d.attention_inputs(cache, node_idx, torch.ones(W, W, dtype=torch.bool, device=ar.device).tril(), ar)
