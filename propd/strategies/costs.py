@@ -18,6 +18,7 @@ class _Measured:
     def __init__(self, lam: float):
         self.lam = lam
         self.n: dict[int, int] = {}  # fresh measurements per size (0 for a prior inherited from another key)
+        self.foreign = False  # the prior came from another batch size (DynamicSizer.choose trusts it less)
         self.last: dict[int, int] = {}  # clock of the last measurement
         self.clock = 0
 

@@ -180,11 +180,15 @@ class DynamicSizer:
         """The size maximizing l(i) / T_est(i); ``values`` are the node values of the largest best tree. The caller
         has checked that nothing is left to explore at this key. With ``trees_only``, the best size above 1.
 
-        Candidates are the sizes up to the largest one priced by a measurement (here, or inherited from another key)
-        and the next size above it: the weighted line interpolates between measured sizes well enough, but
-        extrapolated far beyond them from a few noisy small sizes it can slope down and promise a large tree for
-        less than a 1-node step. Larger trees are reached one size at a time, each measured as it is chosen."""
-        top = max([1, *cost.n])
+        Candidates are the sizes up to the largest one priced by a measurement (here, or inherited from a key of the
+        same batch size) and the next size above it: the weighted line interpolates between measured sizes well
+        enough, but extrapolated far beyond them from a few noisy small sizes it can slope down and promise a large
+        tree for less than a 1-node step. Prices inherited from another batch size count only up to the sizes
+        measured here: a tree's cost relative to a 1-node step grows with the rows it adds (nodes x batch), so a
+        48-node tree priced at batch 1 looked cheap at batch 12, where it cost 37 AR steps. Larger trees are reached
+        one size at a time, each measured as it is chosen."""
+        fresh = [s for s, count in cost.n.items() if count > 0]
+        top = max([1, *(fresh if cost.foreign else cost.n)])
         above = [s for s in self.sizes if s > top][:1]
         candidates = [s for s in self.sizes if s <= top] + above
         best, best_rate = 1, -1.0
@@ -202,6 +206,7 @@ class DynamicSizer:
             cost = (DriftCostModel if self.cfg.cost == "drift" else CostModel)(self.cfg.time_alpha, self.cfg.lam)
             if self.key in self.costs:
                 cost.seeded_from(self.costs[self.key])
+                cost.foreign = self.key[0] != key[0]  # inherited from another batch size (see ``choose``)
             self.costs[key] = cost
         # best-first search pops nodes in a fixed order, so the best tree of size s is the first s-1 paths of the
         # largest one: one search serves both the choice and the tree

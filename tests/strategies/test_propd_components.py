@@ -299,6 +299,25 @@ def test_sizer_never_jumps_past_the_next_size_above_what_it_measured():
     assert sizer.choose(cm, values, trees_only=True) == 48
 
 
+def test_prices_inherited_from_another_batch_size_reach_only_the_next_size_up():
+    """A 48-node tree that cost 3 AR steps at batch 1 costs about 40 at batch 12; a key of another batch size inherits
+    the relative costs as a prior, but chooses only up to the next size above what it measured itself. A key of the
+    same batch size (a new context bucket) trusts the inherited prices."""
+    sizer = DynamicSizer(DynamicConfig(sizes=(1, 2, 3, 4, 8, 48)))
+    base = DriftCostModel(alpha=0.3, lam=0.05)
+    for clock, (size, t) in enumerate([(1, 0.010), (2, 0.012), (2, 0.012), (3, 0.013), (3, 0.013), (4, 0.014),
+                                       (4, 0.014), (8, 0.018), (8, 0.018), (48, 0.030), (48, 0.030)], start=1):
+        base.observe(size, t, now=clock)
+    values = [0.2] * 47  # l(48) = 10.4: at batch 1 the 48-node tree wins
+    assert sizer.choose(base, values) == 48
+    for foreign, want in ((True, {1, 2, 3}), (False, {48})):
+        cost = DriftCostModel(alpha=0.3, lam=0.05).seeded_from(base)
+        cost.foreign = foreign
+        cost.observe(1, 0.040, now=20)
+        cost.observe(2, 0.064, now=21)  # a 2-node tree costs 1.6 AR steps at this batch size
+        assert sizer.choose(cost, values) in want
+
+
 def test_a_stalled_first_step_does_not_price_a_size_for_the_rest_of_the_run():
     """A size's first step cannot be clipped, so the second keeps the faster of the two (interference only slows steps).
     benchmarks/sizer_trace.py at c35ee64: the 8-node tree's one exploration step took 69 ms against 47 ms for a
