@@ -30,46 +30,67 @@ from propd.strategies.eagle import EagleConfig, EagleProposer
 from propd.training.data import FOLLOW_UPS, find_train_dir
 from propd.training.eagle import EagleTrainConfig, train_eagle
 
-root = Path(sys.argv[1] if len(sys.argv) > 1 else "out/eagle-data-ab")
-train = find_train_dir()
-awesome = root / "train_awesome"  # the awesome-chatgpt prompts alone
-if not awesome.is_dir():
-    shutil.copytree(train / "awesome_chatgpt_prompts", awesome / "awesome_chatgpt_prompts")
-common = dict(model="smollm2-135m-instruct", data=str(awesome), max_new_tokens=64, epochs=6, seed=0)
-train_eagle(EagleTrainConfig(out=str(root / "A"), max_prompts=320, **common))
-first = [json.loads(line) for line in (root / "A" / "work" / "answers.jsonl").read_text().splitlines()]
+
+def awesome_only(root: Path) -> Path:
+    """A training data folder under ``root`` holding the awesome-chatgpt prompts alone."""
+    awesome = root / "train_awesome"
+    if not awesome.is_dir():
+        shutil.copytree(find_train_dir() / "awesome_chatgpt_prompts", awesome / "awesome_chatgpt_prompts")
+    return awesome
 
 
-def with_follow_ups(model, cfg, base=te.training_prompt_ids):
-    decoder, ids = base(model, cfg)
-    tok = model.tokenizer
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    extra = []
-    for i, (p, a) in enumerate(zip(ids, first)):
-        turn = tok(("\n" if a and a[-1] == end else "<|im_end|>\n") + "<|im_start|>user\n"
-                   + FOLLOW_UPS[i % len(FOLLOW_UPS)] + "<|im_end|>\n<|im_start|>assistant\n",
-                   add_special_tokens=False)["input_ids"]
-        extra.append(p + a + turn)
-    return decoder, ids + extra
+def unseen_prompts() -> list[str]:
+    """The first 10 vicuna-bench and 10 Alpaca prompts of ``train/``, which the awesome-only drafters never saw."""
+    prompts = []
+    for src in ("vicuna_bench", "eagle_alpaca"):
+        lines = (find_train_dir() / src / "question.jsonl").read_text().splitlines()
+        prompts += [json.loads(line)["turns"][0] for line in lines[:10]]
+    return prompts
 
 
-for name in ("F", "C"):  # both start from A's answers and hidden states
+def start_from(root: Path, base: str, name: str) -> None:
+    """Give run ``name`` the answers and hidden states of run ``base`` (both in ``root``) to resume from."""
     work = root / name / "work"
     if not (work / "answers.jsonl").exists():
-        shutil.copytree(root / "A" / "work" / "eagle_features", work / "eagle_features")
-        shutil.copy(root / "A" / "work" / "answers.jsonl", work / "answers.jsonl")
-te.training_prompt_ids = with_follow_ups
-train_eagle(EagleTrainConfig(out=str(root / "F"), max_prompts=320, **common))
-te.training_prompt_ids = with_follow_ups.__defaults__[0]
-train_eagle(EagleTrainConfig(out=str(root / "C"), max_prompts=640, **common))
+        shutil.copytree(root / base / "work" / "eagle_features", work / "eagle_features")
+        shutil.copy(root / base / "work" / "answers.jsonl", work / "answers.jsonl")
 
-prompts = []
-for src in ("vicuna_bench", "eagle_alpaca"):
-    lines = (train / src / "question.jsonl").read_text().splitlines()
-    prompts += [json.loads(line)["turns"][0] for line in lines[:10]]
-lm = load_model("smollm2-135m-instruct", dtype="float32")
-for name in ("A", "F", "C"):
-    lm.load_drafter(root / name)
-    dec = Decoder(lm, preset=None, sizer="static:tree=budget:4:3", proposer=EagleProposer(EagleConfig(top_k=4, depth=4)))
-    acc = [s.accepted[0] for p in prompts for s in dec.generate([p], max_new_tokens=64).stats]
-    print(f"{name}: {sum(acc) / len(acc):.3f} accepted tokens per step over {len(acc)} steps", flush=True)
+
+def main() -> None:
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "out/eagle-data-ab")
+    common = dict(model="smollm2-135m-instruct", data=str(awesome_only(root)), max_new_tokens=64, epochs=6, seed=0)
+    train_eagle(EagleTrainConfig(out=str(root / "A"), max_prompts=320, **common))
+    first = [json.loads(line) for line in (root / "A" / "work" / "answers.jsonl").read_text().splitlines()]
+
+
+    def with_follow_ups(model, cfg, base=te.training_prompt_ids):
+        decoder, ids = base(model, cfg)
+        tok = model.tokenizer
+        end = tok.convert_tokens_to_ids("<|im_end|>")
+        extra = []
+        for i, (p, a) in enumerate(zip(ids, first)):
+            turn = tok(("\n" if a and a[-1] == end else "<|im_end|>\n") + "<|im_start|>user\n"
+                       + FOLLOW_UPS[i % len(FOLLOW_UPS)] + "<|im_end|>\n<|im_start|>assistant\n",
+                       add_special_tokens=False)["input_ids"]
+            extra.append(p + a + turn)
+        return decoder, ids + extra
+
+    for name in ("F", "C"):  # both start from A's answers and hidden states
+        start_from(root, "A", name)
+    te.training_prompt_ids = with_follow_ups
+    train_eagle(EagleTrainConfig(out=str(root / "F"), max_prompts=320, **common))
+    te.training_prompt_ids = with_follow_ups.__defaults__[0]
+    train_eagle(EagleTrainConfig(out=str(root / "C"), max_prompts=640, **common))
+
+    prompts = unseen_prompts()
+    lm = load_model("smollm2-135m-instruct", dtype="float32")
+    for name in ("A", "F", "C"):
+        lm.load_drafter(root / name)
+        dec = Decoder(lm, preset=None, sizer="static:tree=budget:4:3",
+                      proposer=EagleProposer(EagleConfig(top_k=4, depth=4)))
+        acc = [s.accepted[0] for p in prompts for s in dec.generate([p], max_new_tokens=64).stats]
+        print(f"{name}: {sum(acc) / len(acc):.3f} accepted tokens per step over {len(acc)} steps", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,34 +11,24 @@ Timing-free; about 25 minutes on 2 CPU cores; each stage resumes from its cache.
     python benchmarks/eagle_tasks_ab.py OUT
 """
 
-import json
-import shutil
 import sys
 from pathlib import Path
 
+from eagle_data_ab import awesome_only, start_from, unseen_prompts
 from propd.decoder import Decoder
 from propd.models.loading import load_model
 from propd.strategies.eagle import EagleConfig, EagleProposer
-from propd.training.data import TASKS, find_train_dir
+from propd.training.data import TASKS
 from propd.training.eagle import EagleTrainConfig, train_eagle
 
 root = Path(sys.argv[1] if len(sys.argv) > 1 else "out/eagle-tasks-ab")
-train = find_train_dir()
-awesome = root / "train_awesome"  # the awesome-chatgpt prompts alone
-if not awesome.is_dir():
-    shutil.copytree(train / "awesome_chatgpt_prompts", awesome / "awesome_chatgpt_prompts")
-common = dict(model="smollm2-135m-instruct", data=str(awesome), max_prompts=320, max_new_tokens=64, epochs=6, seed=0)
+common = dict(model="smollm2-135m-instruct", data=str(awesome_only(root)), max_prompts=320, max_new_tokens=64,
+              epochs=6, seed=0)
 train_eagle(EagleTrainConfig(out=str(root / "A"), **common))
-work = root / "T" / "work"
-if not (work / "answers.jsonl").exists():  # T starts from A's answers and hidden states
-    shutil.copytree(root / "A" / "work" / "eagle_features", work / "eagle_features")
-    shutil.copy(root / "A" / "work" / "answers.jsonl", work / "answers.jsonl")
+start_from(root, "A", "T")  # T starts from A's answers and hidden states
 train_eagle(EagleTrainConfig(out=str(root / "T"), tasks=1, **common))
 
-prompts = []
-for src in ("vicuna_bench", "eagle_alpaca"):
-    lines = (train / src / "question.jsonl").read_text().splitlines()
-    prompts += [json.loads(line)["turns"][0] for line in lines[:10]]
+prompts = unseen_prompts()
 lm = load_model("smollm2-135m-instruct", dtype="float32")
 answers = Decoder(lm, preset="ar").generate(prompts, max_new_tokens=96).texts
 sets = {"plain": prompts, "tasks": [TASKS[i % len(TASKS)].format(text=a.strip()) for i, a in enumerate(answers)]}

@@ -68,6 +68,12 @@ class KVCache:
             buf.scatter_(3, dst, moved)
         self.advance(counts, host_counts)
 
+    def put_rows(self, rows: torch.Tensor, part: "KVCache", length: int) -> None:
+        """Copy positions ``0 .. length-1`` of every row of ``part`` (a cache of ``len(rows)`` rows, filled apart, e.g.
+        by one prefill group) into batch rows ``rows``; lengths are left to the caller's :meth:`advance`."""
+        self.k[:, rows, :, :length] = part.k[:, :, :, :length]
+        self.v[:, rows, :, :length] = part.v[:, :, :, :length]
+
     def advance(self, counts: torch.Tensor, host_counts: list[int]) -> None:
         self.lengths += counts
         self.host_lengths = [a + b for a, b in zip(self.host_lengths, host_counts)]

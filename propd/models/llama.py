@@ -141,6 +141,18 @@ def prefill_groups(lengths: list[int], waste: float) -> list[list[int]]:
     return groups
 
 
+def prefill_chunks(lens: torch.Tensor, longest: int, chunk: int):
+    """The chunks a prefill of rows of ``lens`` (B,) positions (padded to ``longest``) runs in: for each, its start,
+    width T = min(chunk, longest - start) (the last chunk's padding slot stays within a cache of longest + 2), each
+    row's real positions in it (B,) and the query node indices (B, T) with T for padding (a row whose positions ended
+    sends only padding)."""
+    for start in range(0, longest, chunk):
+        T = min(chunk, longest - start)
+        ar = torch.arange(T, device=lens.device)
+        real = (lens - start).clamp(0, T)
+        yield start, T, real, torch.where(ar[None, :] < real[:, None], ar[None, :], torch.full_like(ar, T)[None, :])
+
+
 def tree_attention_inputs(cfg: ModelConfig, inv_freq: torch.Tensor, dtype: torch.dtype, cache: KVCache,
                           node_idx: torch.Tensor, tree_mask: torch.Tensor, depths: torch.Tensor,
                           decoding: bool = True) -> AttentionInputs:
@@ -280,8 +292,7 @@ class LlamaModel(nn.Module):
             part = self.new_cache(len(rows), longest + 2)  # + the padding's scratch slot
             final, _ = self.hidden_states(part, seqs)
             idx = torch.tensor(rows, dtype=torch.long, device=self.device)
-            cache.k[:, idx, :, :longest] = part.k[:, :, :, :longest]
-            cache.v[:, idx, :, :longest] = part.v[:, :, :, :longest]
+            cache.put_rows(idx, part, longest)
             last[idx] = final[torch.arange(len(rows), device=self.device), lens[idx] - 1]
             if full is not None:
                 full[idx, :longest] = final
@@ -315,13 +326,9 @@ class LlamaModel(nn.Module):
             tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
         layers = sorted(set(capture))
         finals, caps = [], {layer: [] for layer in layers}
-        for start in range(0, longest, self.PREFILL_CHUNK):
-            T = min(self.PREFILL_CHUNK, longest - start)  # the last chunk's scratch slot stays within the capacity
-            ar = torch.arange(T, device=dev)
-            real = (lens - start).clamp(0, T)  # (n,) real positions of each row in this chunk
-            node_idx = torch.where(ar[None, :] < real[:, None], ar[None, :], torch.full((n, T), T, device=dev))
+        for start, T, real, node_idx in prefill_chunks(lens, longest, self.PREFILL_CHUNK):
             causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=dev))
-            a = self.attention_inputs(cache, node_idx, causal, ar, decoding=False)
+            a = self.attention_inputs(cache, node_idx, causal, torch.arange(T, device=dev), decoding=False)
             h, at = self.embed(tokens[:, start:start + T]), 0
             for layer in layers:
                 h = self.run_layers(h, at, layer, cache, a)

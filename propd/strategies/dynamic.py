@@ -191,8 +191,10 @@ class DynamicSizer:
         top = max([1, *(fresh if cost.foreign else cost.n)])
         above = [s for s in self.sizes if s > top][:1]
         candidates = [s for s in self.sizes if s <= top] + above
+        if trees_only:
+            candidates = [s for s in candidates if s > 1] or candidates
         best, best_rate = 1, -1.0
-        for s in [c for c in candidates if c > 1] or candidates if trees_only else candidates:
+        for s in candidates:
             rate = self._l(s, values) / cost.estimate(s)
             if rate > best_rate:
                 best, best_rate = s, rate

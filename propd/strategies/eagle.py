@@ -24,7 +24,7 @@ import torch
 
 from propd.errors import PropdError
 from propd.hookspecs import hookimpl
-from propd.models.llama import LlamaModel, prefill_groups
+from propd.models.llama import LlamaModel, prefill_chunks, prefill_groups
 from propd.tree import RowTrees
 from propd.types import Draft
 
@@ -98,19 +98,14 @@ class EagleProposer:
             idx = torch.tensor(g, device=n.device)
             part = d.new_cache(len(g), W + 2)  # + the padding's scratch slot
             self._read_prompts(part, rows.hidden[idx, :W], rows.prompt_ids[idx, :W + 1], n[idx], W)
-            self.cache.k[:, idx, :, :W] = part.k[:, :, :, :W]
-            self.cache.v[:, idx, :, :W] = part.v[:, :, :, :W]
+            self.cache.put_rows(idx, part, W)
         self.cache.advance(n, host_n)
 
     def _read_prompts(self, cache, hidden: torch.Tensor, prompt_ids: torch.Tensor, n: torch.Tensor, W: int) -> None:
         """Read ``n`` (B,) pairs per row from ``hidden`` (B, >= W, H) and ``prompt_ids`` (B, >= W + 1) into an empty
         ``cache``, in chunks as the base model's prefill (``LlamaModel.PREFILL_CHUNK``): each attends to itself and
         the chunks before it."""
-        for start in range(0, W, LlamaModel.PREFILL_CHUNK):
-            T = min(LlamaModel.PREFILL_CHUNK, W - start)
-            real = (n - start).clamp(0, T)  # (B,) pairs of each row in this chunk
-            ar = torch.arange(T, device=n.device)
-            node_idx = torch.where(ar[None, :] < real[:, None], ar[None, :], torch.full_like(ar, T)[None, :])
+        for start, T, real, node_idx in prefill_chunks(n, W, LlamaModel.PREFILL_CHUNK):
             self._read(hidden[:, start:start + T], prompt_ids[:, start + 1:start + 1 + T], node_idx, real, T, cache)
 
     @hookimpl
