@@ -185,8 +185,8 @@ class DynamicSizer:
         enough, but extrapolated far beyond them from a few noisy small sizes it can slope down and promise a large
         tree for less than a 1-node step. Prices inherited from another batch size count only up to the sizes
         measured here: a tree's cost relative to a 1-node step grows with the rows it adds (nodes x batch), so a
-        48-node tree priced at batch 1 looked cheap at batch 12, where it cost 37 AR steps. Larger trees are reached
-        one size at a time, each measured as it is chosen."""
+        large tree priced at a small batch looks far cheaper than it is at a large one. Larger trees are reached one
+        size at a time, each measured as it is chosen."""
         fresh = [s for s, count in cost.n.items() if count > 0]
         top = max([1, *(fresh if cost.foreign else cost.n)])
         above = [s for s in self.sizes if s > top][:1]

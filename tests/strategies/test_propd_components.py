@@ -283,9 +283,8 @@ def test_dynamic_sizer_finds_a_cheap_size_off_the_line():
 
 def test_sizer_never_jumps_past_the_next_size_above_what_it_measured():
     """The weighted line prices sizes never measured; fitted through two noisy small sizes (a 4-node step measured
-    faster than a 2-node one) it slopes down, and far beyond them it promised a 48-node tree at half a 1-node step
-    (a Spec-Bench run at batch 12 then ran one that cost 37 AR steps). Only the next size above the largest priced
-    one may be chosen."""
+    faster than a 2-node one) it slopes down, and far beyond them it prices a 48-node tree at half a 1-node step.
+    Only the next size above the largest priced one may be chosen."""
     sizer = DynamicSizer(DynamicConfig(sizes=(1, 2, 4, 8, 48)))
     cm = DriftCostModel(alpha=0.3, lam=0.05)
     for clock, (size, t) in enumerate([(1, 0.010), (2, 0.016), (2, 0.016), (4, 0.014), (4, 0.014)], start=1):
@@ -300,9 +299,9 @@ def test_sizer_never_jumps_past_the_next_size_above_what_it_measured():
 
 
 def test_prices_inherited_from_another_batch_size_reach_only_the_next_size_up():
-    """A 48-node tree that cost 3 AR steps at batch 1 costs about 40 at batch 12; a key of another batch size inherits
-    the relative costs as a prior, but chooses only up to the next size above what it measured itself. A key of the
-    same batch size (a new context bucket) trusts the inherited prices."""
+    """A 48-node tree that costs 3 AR steps at a small batch costs dozens at a large one; a key of another batch size
+    inherits the relative costs as a prior, but chooses only up to the next size above what it measured itself. A key
+    of the same batch size (a new context bucket) trusts the inherited prices."""
     sizer = DynamicSizer(DynamicConfig(sizes=(1, 2, 3, 4, 8, 48)))
     base = DriftCostModel(alpha=0.3, lam=0.05)
     for clock, (size, t) in enumerate([(1, 0.010), (2, 0.012), (2, 0.012), (3, 0.013), (3, 0.013), (4, 0.014),
