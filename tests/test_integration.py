@@ -58,12 +58,12 @@ def test_shipped_heads_load_with_the_default_model(model):
 
 
 @pytest.mark.parametrize("preset", ["bpd", "medusa", "propd", "propd-prune-only", "propd-dynamic-only", "eagle",
-                                    "propd-eagle", "propd-eagle-prune-only"])
+                                    "propd-eagle", "propd-eagle-prune-only", "eagle+lookup"])
 def test_presets_with_shipped_heads_equal_ar_and_accept_more_than_one(model, preset):
     ar = Decoder(model, preset="ar").generate(PROMPTS, max_new_tokens=24)
     res = Decoder(model, preset=preset).generate(PROMPTS, max_new_tokens=24)
     assert res.token_ids == ar.token_ids
-    if preset in ("bpd", "medusa", "eagle", "propd-eagle-prune-only"):
+    if preset in ("bpd", "medusa", "eagle", "propd-eagle-prune-only", "eagle+lookup"):
         assert sum(res.new_tokens) / sum(res.steps) > 1.0  # the trained heads are right some of the time
 
 

@@ -12,8 +12,9 @@ The search runs on the device over the whole history at once, (B, C) ids against
 per step brings the candidates to the host to build the tries.
 
 Presets ``lookup`` (a budget of ``max_tokens`` + 1 nodes), ``propd-lookup`` (the budget chosen online by ProPD's
-``propd-dynamic`` sizer) and ``medusa+lookup`` (a lookup match first, Medusa's
-mc_sim_7b_63 guesses in the rest of a 64-node budget, through propd's ``composite`` proposer).
+``propd-dynamic`` sizer), ``medusa+lookup`` (a lookup match first, Medusa's mc_sim_7b_63 guesses in the rest of a
+64-node budget) and ``eagle+lookup`` (the best match of the last 2-3 tokens, at most 4 tokens, beside the ``eagle``
+preset's 3-node tree), both through propd's ``composite`` proposer.
 """
 
 from __future__ import annotations
@@ -96,6 +97,13 @@ def propd_register_components(register):
              "continuations of the row's last n-gram found earlier in its own prompt and output (Saxena 2023)")
 
 
+# ``eagle+lookup``: a row with a match of its last 2-3 tokens verifies that match's next 4 tokens beside the drafter's
+# 3-node tree (7 nodes at most), a row without one the drafter's tree alone. Chosen on the EAGLE drafter's held-out
+# training prompts, plain and as task requests (docs/results.md): 1-gram matches and longer lookups added more
+# verified nodes than accepted tokens on a CPU.
+EAGLE_LOOKUP = {"parts": ["prompt-lookup:min_ngram=2,max_tokens=4,max_matches=1", "eagle:top_k=4"], "budgets": [5, 3]}
+
+
 @propd.hookimpl
 def propd_register_presets(register):
     register("lookup", "prompt lookup decoding: continuations of matching n-grams of the prompt and output",
@@ -105,3 +113,5 @@ def propd_register_presets(register):
     register("medusa+lookup", "a prompt-lookup match, then Medusa's guesses, in one 64-node tree",
              sizer=("static", {"tree": "mc_sim_7b_63"}),
              proposer=("composite", {"parts": ["prompt-lookup", "medusa"]}))
+    register("eagle+lookup", "a prompt-lookup match of the last 2-3 tokens beside EAGLE's 3-node tree (7 nodes)",
+             sizer=("static", {"tree": "budget:7:2"}), proposer=("composite", EAGLE_LOOKUP))

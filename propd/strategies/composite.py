@@ -3,7 +3,11 @@
 Each part drafts within the sizer's budget; their trees are merged as tries (a path two parts share is one path),
 the parts taken in the order given, each part's nodes in its own order, until the budget is full. Put the most
 precise part first: ``composite:parts=["prompt-lookup","medusa"]`` keeps a lookup match whole and fills the rest of
-the budget with Medusa's guesses. Lossless like any draft: the verifier decides.
+the budget with Medusa's guesses. ``budgets`` caps each part's share (nodes, root included): with
+``parts=["prompt-lookup","eagle"],budgets=[7,3]`` in a 9-node budget, a row whose history has no match verifies
+EAGLE's 3 nodes, and one with a match adds up to 6 lookup tokens; without caps a part fills whatever budget is left,
+which on a CPU, where every verified node costs, makes a proposer that always fills its budget (``eagle``,
+``medusa``) as dear as the largest tree. Lossless like any draft: the verifier decides.
 """
 
 from __future__ import annotations
@@ -22,16 +26,23 @@ class CompositeConfig:
     """``parts``: proposer names, each ``NAME`` or ``NAME:key=value,...`` (installed plugins' proposers included)."""
 
     parts: tuple[str, ...] = ("prompt-lookup", "medusa")
+    # per part, the most nodes (root included) it drafts within the sizer's budget; empty: each the whole budget
+    budgets: tuple[int, ...] = attrs.field(default=(), converter=tuple)
 
 
 class CompositeProposer:
     def __init__(self, config: CompositeConfig):
         if len(config.parts) < 1:
             raise PropdError("composite needs at least one part: parts=[\"NAME\", ...]")
+        if config.budgets and (len(config.budgets) != len(config.parts)
+                               or not all(isinstance(b, int) and b >= 1 for b in config.budgets)):
+            raise PropdError(f"composite budgets={list(config.budgets)}: give one node count >= 1 per part "
+                             f"({len(config.parts)} parts)")
         self.cfg = config
         self.parts: list = []
         self.names: list[str] = []
         self.vocab_size = None
+        self._sub_trees: dict = {}  # (nodes, depth, device) -> the budget tree a capped part drafts in
 
     def bind_registry(self, registry) -> None:
         """Build the parts from the registry of the Decoder that built this component (its plugins included)."""
@@ -84,8 +95,10 @@ class CompositeProposer:
         trie = TrieRows(roots, tree.num_nodes)
         from propd.decoder import check_draft
 
-        for name, part in zip(self.names, self.parts):
-            d = check_draft(part.propd_propose(ctx=ctx, tree=tree), tree, ctx.roots, self.vocab_size,
+        caps = self.cfg.budgets or (tree.num_nodes,) * len(self.parts)
+        for name, part, cap in zip(self.names, self.parts, caps):
+            sub = self._sub_tree(min(cap, tree.num_nodes), tree.max_depth, ctx.device) if cap < tree.num_nodes else tree
+            d = check_draft(part.propd_propose(ctx=ctx, tree=sub), sub, ctx.roots, self.vocab_size,
                             f"proposer 'composite' part {name!r}")
             rows = d.rows
             tokens, parents = d.tokens.tolist(), rows.parents.tolist()
@@ -99,6 +112,15 @@ class CompositeProposer:
                     if parent is not None:
                         mapped[i] = trie.add(b, parent, tokens[b][i])
         return trie.draft(ctx.device)
+
+    def _sub_tree(self, nodes: int, depth: int, device):
+        """The budget a capped part drafts in: ``budget:nodes:D``, D the sizer's depth bounded by nodes - 1."""
+        from propd.tree import DraftTree, tree_paths
+
+        key = (nodes, min(depth, nodes - 1), device)
+        if key not in self._sub_trees:
+            self._sub_trees[key] = DraftTree.from_paths(tree_paths(f"budget:{nodes}:{key[1]}"), device=device)
+        return self._sub_trees[key]
 
 
 @hookimpl

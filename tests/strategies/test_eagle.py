@@ -17,6 +17,8 @@ from propd.models.eagle import EagleDrafter, is_eagle_checkpoint
 from propd.models.llama import LlamaModel
 from propd.strategies.eagle import EagleConfig, EagleProposer
 from propd.testing import assert_lossless, random_prompts, tiny_model
+from propd.tree import DraftTree, tree_paths
+from propd.types import Draft, StepContext
 
 MODEL = tiny_model(seed=1, heads=3, early=(1, 2), drafter=True)
 
@@ -262,6 +264,55 @@ def test_eagle_inside_a_composite_is_lossless_and_kept_in_step():
     prompts = random_prompts(MODEL, 3, [3, 9, 1, 5])
     assert_lossless(MODEL, prompts, 24, sizer="static:tree=budget:12:3",
                     proposer=("composite", {"parts": ["eagle:dtype=float32", "medusa"]}), entry_points=False)
+
+
+class ChainPart:
+    """A proposer that fills whatever budget it is given with a chain of tokens ``start``, ``start + 1``, ...;
+    records the budgets it saw."""
+
+    def __init__(self, start: int):
+        self.start, self.seen = start, []
+
+    @hookimpl
+    def propd_propose(self, ctx, tree):
+        self.seen.append((tree.num_nodes, tree.max_depth))
+        chain = DraftTree.chain(tree.num_nodes - 1)
+        guesses = torch.arange(self.start, self.start + tree.num_nodes - 1).expand(ctx.batch_size, -1)
+        return Draft(tokens=torch.cat([ctx.roots[:, None], guesses], dim=1), tree=chain)
+
+
+def test_composite_budgets_cap_each_parts_share():
+    """budgets=[3, 2] in a 6-node budget: the first part drafts in 3 nodes, the second in 2, the merged tree has
+    1 + 2 + 1 nodes; without budgets each part drafts in all 6 and the first fills the tree."""
+    from propd.strategies.composite import CompositeConfig, CompositeProposer
+
+    def ctx_for(roots):
+        B = len(roots)
+        z = torch.zeros(B, dtype=torch.long)
+        return StepContext(step=0, row_ids=tuple(range(B)), lengths=z, host_lengths=(0,) * B,
+                           num_generated=(1,) * B, roots=torch.tensor(roots), last_hidden=torch.zeros(B, 4),
+                           vocab_size=MODEL.model.cfg.vocab_size, device=torch.device("cpu"))
+
+    tree = DraftTree.from_paths(tree_paths("budget:6:4"))
+    for budgets, seen, nodes in (((3, 2), [(3, 2), (2, 1)], 4), ((), [(6, 4), (6, 4)], 6)):
+        comp = CompositeProposer(CompositeConfig(parts=("a", "b"), budgets=budgets))
+        comp.parts, comp.names, comp.vocab_size = [ChainPart(10), ChainPart(20)], ["a", "b"], MODEL.model.cfg.vocab_size
+        draft = comp.propd_propose(ctx_for([1, 2]), tree)
+        assert [p.seen[0] for p in comp.parts] == seen
+        assert draft.present.sum(dim=1).tolist() == [nodes, nodes]
+        assert draft.tokens[0][draft.present[0]].tolist()[:3] == [1, 10, 11]  # the first part's chain comes first
+    for bad in ((3,), (3, 0)):
+        with pytest.raises(PropdError, match="composite budgets"):
+            CompositeProposer(CompositeConfig(parts=("a", "b"), budgets=bad))
+
+
+def test_eagle_with_capped_parts_is_lossless():
+    prompts = random_prompts(MODEL, 5, [4, 12, 2])
+    prompts = [p + p[: len(p) // 2 + 1] for p in prompts]  # something for the lookup-like first part to repeat
+    res = assert_lossless(MODEL, prompts, 24, sizer="static:tree=budget:7:2", entry_points=False,
+                          proposer=("composite", {"parts": ["medusa", "eagle:dtype=float32,top_k=4"],
+                                                  "budgets": [5, 3]}))
+    assert max(s.tree_nodes for s in res.stats) <= 7
 
 
 class BadPart:

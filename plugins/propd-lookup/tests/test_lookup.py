@@ -13,6 +13,7 @@ from propd.testing import assert_lossless, random_prompts, tiny_model  # noqa: E
 from propd_lookup import LookupConfig, PromptLookupProposer, find_matches  # noqa: E402
 
 MODEL = tiny_model(seed=3, heads=4)
+TREE_MODEL = tiny_model(seed=4, heads=4, early=(1, 2), drafter=True)
 
 
 def looping(seed: int, lengths) -> list[list[int]]:
@@ -34,11 +35,30 @@ def test_prompt_lookup_is_lossless(lens, seed, max_ngram, max_tokens, matches, b
 
 @settings(deadline=None, max_examples=20, derandomize=True)
 @given(lens=st.lists(st.integers(1, 16), min_size=1, max_size=4), seed=st.integers(0, 10_000),
-       preset=st.sampled_from(["lookup", "propd-lookup", "medusa+lookup"]), prune=st.booleans())
+       preset=st.sampled_from(["lookup", "propd-lookup", "medusa+lookup", "eagle+lookup"]), prune=st.booleans())
 def test_presets_and_pruning_are_lossless(lens, seed, preset, prune):
-    model = tiny_model(seed=4, heads=4, early=(1, 2))
+    model = TREE_MODEL
     pruners = [("early-topk", {"layer": 1, "k": 8})] if prune else None
     assert_lossless(model, looping(seed, lens), 20, preset=preset, pruners=pruners, plugins=[propd_lookup])
+
+
+def test_eagle_lookup_adds_a_match_to_the_drafters_tree():
+    """``eagle+lookup``: a row whose last two tokens (the prompt's last and the first generated) occurred before
+    verifies the 4 tokens that followed them beside EAGLE's 3 nodes; a row without a match EAGLE's 3 nodes alone."""
+    from propd.testing import ar_reference
+
+    tail, first = list(range(40, 52)), 0
+    for _ in range(8):  # a prompt "tail[-1] first ... tail" whose greedy continuation is ``first``: a 2-gram match
+        prompt = [tail[-1], first] + list(range(60, 66)) + tail
+        nxt = ar_reference(TREE_MODEL, [prompt], 1)[0][0]
+        if nxt == first:
+            break
+        first = nxt
+    assert nxt == first
+    matched = assert_lossless(TREE_MODEL, [prompt], 4, preset="eagle+lookup", plugins=[propd_lookup])
+    assert 3 + 2 <= matched.stats[0].tree_nodes <= 7  # the match's 4 tokens (some may coincide with EAGLE's)
+    fresh = assert_lossless(TREE_MODEL, [tail], 4, preset="eagle+lookup", plugins=[propd_lookup])
+    assert fresh.stats[0].tree_nodes == 3
 
 
 def test_dynamic_sizing_drives_lookup():
