@@ -321,7 +321,7 @@ class Decoder:
                 now = time.perf_counter() - t_start
                 for b in done:
                     row_time[live[b]] = now
-                keep = [b for b in range(len(live)) if b not in done]
+                keep = fill_holes(len(live), done)
                 pm.hook.propd_rows_leave(keep=keep, left=tuple(live[b] for b in sorted(done)))
                 if not keep:
                     return
@@ -466,6 +466,18 @@ class Decoder:
         if key not in self._single_trees:
             self._single_trees[key] = DraftTree.from_paths((), device=device)
         return self._single_trees[key]
+
+
+def fill_holes(n: int, done: set[int]) -> list[int]:
+    """The rows that stay when ``done`` leave a batch of ``n``, in their new order: each row keeps its place, and
+    each place a leaving row frees below the new size takes a staying row from beyond it, so the KV cache moves one
+    row per hole rather than every row after the first that left (:meth:`KVCache.select_rows`)."""
+    m = n - len(done)
+    keep = list(range(m))
+    tail = [b for b in range(m, n) if b not in done]
+    for hole, b in zip((h for h in range(m) if h in done), tail):
+        keep[hole] = b
+    return keep
 
 
 def check_draft(out: Any, budget: DraftTree, roots: torch.Tensor, vocab_size: int, who: str) -> Draft:

@@ -312,3 +312,32 @@ def test_static_shapes_with_pruning_presets(preset):
     assert stats[0] == stats[1]
     if preset != "medusa":
         assert any(s.nodes_after_pruning < s.tree_nodes for s in runs[1].stats)  # it pruned, at a fixed width
+
+
+@given(n=st.integers(1, 12), data=st.data())
+def test_rows_leaving_move_one_row_per_hole_and_keep_every_rows_cache(n, data):
+    """``fill_holes`` keeps each staying row in place or moves it from beyond the new size into a hole; the KV cache
+    then holds each staying row's committed positions in its new slot (scratch past a row's length is not kept)."""
+    from propd.decoder import fill_holes
+    from propd.models.cache import KVCache
+
+    done = set(data.draw(st.lists(st.integers(0, n - 1), unique=True, max_size=n)))
+    keep = fill_holes(n, done)
+    m = n - len(done)
+    assert sorted(keep) == sorted(set(range(n)) - done) and len(keep) == m
+    assert all(b == i or (i in done and b >= m) for i, b in enumerate(keep))
+    lengths = data.draw(st.lists(st.integers(0, 6), min_size=n, max_size=n))
+    cache = KVCache(2, n, 2, 8, 3, torch.float32, "cpu")
+    cache.k.copy_(torch.randn(cache.k.shape))
+    cache.v.copy_(torch.randn(cache.v.shape))
+    cache.advance(torch.tensor(lengths), lengths)
+    k0, v0 = cache.k.clone(), cache.v.clone()
+    order = data.draw(st.permutations(keep))  # any order of distinct rows is served
+    cache.select_rows(order)
+    assert cache.k.shape[1] == m and cache.host_lengths == [lengths[b] for b in order]
+    assert cache.lengths.tolist() == cache.host_lengths
+    for i, b in enumerate(order):
+        torch.testing.assert_close(cache.k[:, i, :, :lengths[b]], k0[:, b, :, :lengths[b]], rtol=0, atol=0)
+        torch.testing.assert_close(cache.v[:, i, :, :lengths[b]], v0[:, b, :, :lengths[b]], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="distinct"):
+        cache.select_rows([0, 0] if m else [1])

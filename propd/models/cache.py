@@ -79,9 +79,24 @@ class KVCache:
         self.host_lengths = [a + b for a, b in zip(self.host_lengths, host_counts)]
 
     def select_rows(self, rows: list[int]) -> None:
-        """Keep only the given batch rows (finished rows leave the batch and cost nothing more)."""
-        idx = torch.tensor(rows, dtype=torch.long, device=self.k.device)
-        self.k = self.k.index_select(1, idx)
-        self.v = self.v.index_select(1, idx)
+        """Keep only the given batch rows, in that order (finished rows leave the batch and cost nothing more).
+
+        In place: slot i receives row ``rows[i]`` where they differ (its committed positions only; the rest is
+        scratch), and the buffers become views of their first ``len(rows)`` rows. A leaving row costs a copy of the
+        rows that move into its slot, not a copy of every row's whole capacity (``Decoder`` fills each hole with a row
+        from the tail, so at most one row moves per row that leaves)."""
+        n = len(rows)
+        if len(set(rows)) != n or not all(0 <= r < len(self.host_lengths) for r in rows):
+            raise ValueError(f"select_rows takes distinct batch rows, got {rows}")
+        moves = [(i, r) for i, r in enumerate(rows) if r != i]
+        if moves:
+            dev = self.k.device
+            dst = torch.tensor([i for i, _ in moves], dtype=torch.long, device=dev)
+            src = torch.tensor([r for _, r in moves], dtype=torch.long, device=dev)
+            length = max(self.host_lengths[r] for _, r in moves)
+            for buf in (self.k, self.v):
+                buf[:, dst, :, :length] = buf[:, src, :, :length]  # the right side is gathered before the write
+        self.k, self.v = self.k[:, :n], self.v[:, :n]
+        idx = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
         self.lengths = self.lengths.index_select(0, idx)
         self.host_lengths = [self.host_lengths[r] for r in rows]
