@@ -13,8 +13,9 @@ per step brings the candidates to the host to build the tries.
 
 Presets ``lookup`` (a budget of ``max_tokens`` + 1 nodes), ``propd-lookup`` (the budget chosen online by ProPD's
 ``propd-dynamic`` sizer), ``medusa+lookup`` (a lookup match first, Medusa's mc_sim_7b_63 guesses in the rest of a
-64-node budget) and ``eagle+lookup`` (the best match of the last 2-3 tokens, at most 4 tokens, beside the ``eagle``
-preset's 3-node tree), both through propd's ``composite`` proposer.
+64-node budget), ``eagle+lookup`` (the best match of the last 2-3 tokens, at most 4 tokens, beside the ``eagle``
+preset's 3-node tree) and ``propd-eagle+lookup`` (those drafts in a budget chosen online), through propd's
+``composite`` proposer.
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ def propd_register_components(register):
 # training prompts, plain and as task requests (docs/results.md): 1-gram matches and longer lookups added more
 # verified nodes than accepted tokens on a CPU.
 EAGLE_LOOKUP = {"parts": ["prompt-lookup:min_ngram=2,max_tokens=4,max_matches=1", "eagle:top_k=4"], "budgets": [5, 3]}
+# ``propd-eagle+lookup``: the same drafts in a budget of 1-7 nodes chosen online (at larger batches, where a row's
+# extra nodes cost as much as a whole AR step's rows, it falls back to 1-node steps)
+EAGLE_LOOKUP_DYNAMIC = {"max_depth": 6, "sizes": [1, 2, 3, 4, 5, 6, 7], "explore": [1, 2, 4, 7], "unseen": "inherit"}
 
 
 @propd.hookimpl
@@ -115,3 +119,5 @@ def propd_register_presets(register):
              proposer=("composite", {"parts": ["prompt-lookup", "medusa"]}))
     register("eagle+lookup", "a prompt-lookup match of the last 2-3 tokens beside EAGLE's 3-node tree (7 nodes)",
              sizer=("static", {"tree": "budget:7:2"}), proposer=("composite", EAGLE_LOOKUP))
+    register("propd-eagle+lookup", "eagle+lookup's drafts with ProPD's dynamic sizing (1-7 nodes, chosen online)",
+             sizer=("propd-dynamic", EAGLE_LOOKUP_DYNAMIC), proposer=("composite", EAGLE_LOOKUP))

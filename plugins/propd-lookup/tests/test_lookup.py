@@ -35,7 +35,8 @@ def test_prompt_lookup_is_lossless(lens, seed, max_ngram, max_tokens, matches, b
 
 @settings(deadline=None, max_examples=20, derandomize=True)
 @given(lens=st.lists(st.integers(1, 16), min_size=1, max_size=4), seed=st.integers(0, 10_000),
-       preset=st.sampled_from(["lookup", "propd-lookup", "medusa+lookup", "eagle+lookup"]), prune=st.booleans())
+       preset=st.sampled_from(["lookup", "propd-lookup", "medusa+lookup", "eagle+lookup", "propd-eagle+lookup"]),
+       prune=st.booleans())
 def test_presets_and_pruning_are_lossless(lens, seed, preset, prune):
     model = TREE_MODEL
     pruners = [("early-topk", {"layer": 1, "k": 8})] if prune else None
