@@ -54,6 +54,7 @@ class EagleProposer:
         self.cache = None
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (features (B, A, H), counts (B,)) not yet read
         self._absorbed = -1  # the last step whose accepted features went into _pending
+        self._causal: dict = {}  # (W, device) -> a W-token causal mask and its depths, for reads
 
     @hookimpl
     def propd_setup(self, model):
@@ -137,8 +138,11 @@ class EagleProposer:
         (B, W), ``node_idx`` (B, W) (W = padding), ``n`` (B,) real pairs. Returns the outputs g (B, W, H)."""
         d, cache = self.drafter, self.cache if cache is None else cache
         cache.reserve(max(cache.host_lengths) + W + 2)
-        ar = torch.arange(W, device=node_idx.device)
-        a = d.attention_inputs(cache, node_idx, torch.ones(W, W, dtype=torch.bool, device=ar.device).tril(), ar)
+        causal = self._causal.get((W, node_idx.device))
+        if causal is None:
+            causal = self._causal[(W, node_idx.device)] = (
+                torch.ones(W, W, dtype=torch.bool, device=node_idx.device).tril(), torch.arange(W, device=node_idx.device))
+        a = d.attention_inputs(cache, node_idx, *causal)
         g = d(features, next_tokens, cache, a)
         cache.advance(n, n.tolist())
         return g
@@ -148,15 +152,17 @@ class EagleProposer:
         feature, from which the root's children are guessed."""
         self._absorb(ctx)
         cache = self.cache
-        feats = torch.cat([f for f, _ in self._pending], dim=1)  # (B, sum A, H)
-        valid = torch.cat([torch.arange(f.shape[1], device=f.device)[None, :] < c[:, None]
-                           for f, c in self._pending], dim=1)  # (B, sum A)
-        self._pending = []
         n_host = [a - b for a, b in zip(ctx.host_lengths, cache.host_lengths)]
         W = max(n_host)
-        # compact each row's real features to the left, in order
-        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :W]
-        feats = feats.gather(1, order[..., None].expand(-1, -1, feats.shape[-1]))  # (B, W, H)
+        if len(self._pending) == 1:  # one step's features: each row's real ones are a prefix already
+            feats = self._pending[0][0][:, :W]
+        else:  # compact each row's real features to the left, in order
+            feats = torch.cat([f for f, _ in self._pending], dim=1)  # (B, sum A, H)
+            valid = torch.cat([torch.arange(f.shape[1], device=f.device)[None, :] < c[:, None]
+                               for f, c in self._pending], dim=1)  # (B, sum A)
+            order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :W]
+            feats = feats.gather(1, order[..., None].expand(-1, -1, feats.shape[-1]))  # (B, W, H)
+        self._pending = []
         n = ctx.lengths - cache.lengths  # (B,)
         ar = torch.arange(W, device=n.device)
         node_idx = torch.where(ar[None, :] < n[:, None], ar[None, :], torch.full_like(ar, W)[None, :])
@@ -171,9 +177,10 @@ class EagleProposer:
     def _guesses(self, g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k best guesses after predicted features g (.., H): token ids (.., k) and log-probabilities (.., k)."""
         logits, ids = self.drafter.draft_logits(g)
-        top = torch.log_softmax(logits.float(), dim=-1).topk(min(k, logits.shape[-1]), dim=-1)
+        logits = logits.float()
+        top = logits.topk(min(k, logits.shape[-1]), dim=-1)  # log-softmax keeps the order: the top-k of the logits
         tokens = top.indices if ids is None else ids[top.indices]
-        return tokens, top.values
+        return tokens, top.values - logits.logsumexp(dim=-1, keepdim=True)
 
     @hookimpl
     def propd_propose(self, ctx, tree):
