@@ -10,7 +10,8 @@ nothing here is tuned on Spec-Bench. Needs the lookup plugin: ``pip install -e p
     python benchmarks/eagle_lookup.py --prompts 8 --tasks
 
 A variant ``L/E nN`` drafts a lookup match of the last N..3 tokens in at most L nodes (L - 1 tokens) and EAGLE's
-tree in E nodes, in an (L + E - 1)-node budget; methods take turns prompt by prompt.
+tree in E nodes, in an (L + E - 1)-node budget; ``L/E nN or`` drafts with EAGLE only when the lookup found nothing
+(``composite:later=empty``). Methods take turns prompt by prompt.
 """
 
 from __future__ import annotations
@@ -27,13 +28,16 @@ from eagle_steps import held_out_prompts  # noqa: E402
 from propd.decoder import Decoder  # noqa: E402
 from propd.models.loading import load_model, shipped_heads  # noqa: E402
 
-VARIANTS = ((5, 3, 1), (5, 3, 2), (5, 3, 3), (6, 3, 2), (7, 3, 2), (5, 4, 2))  # (L, E, min n-gram)
+# (L, E, min n-gram, later): "empty" drafts with EAGLE only when the lookup found nothing
+VARIANTS = ((5, 3, 1, "always"), (5, 3, 2, "always"), (5, 3, 3, "always"), (6, 3, 2, "always"), (7, 3, 2, "always"),
+            (5, 4, 2, "always"), (5, 3, 2, "empty"), (7, 3, 2, "empty"))
 
 
-def composite(lookup_nodes: int, eagle_nodes: int, min_ngram: int) -> dict:
+def composite(lookup_nodes: int, eagle_nodes: int, min_ngram: int, later: str = "always") -> dict:
     part = f"prompt-lookup:min_ngram={min_ngram},max_tokens={lookup_nodes - 1},max_matches=1"
     return dict(preset=None, sizer=f"static:tree=budget:{lookup_nodes + eagle_nodes - 1}:2",
-                proposer=("composite", {"parts": [part, "eagle:top_k=4"], "budgets": [lookup_nodes, eagle_nodes]}))
+                proposer=("composite", {"parts": [part, "eagle:top_k=4"], "budgets": [lookup_nodes, eagle_nodes],
+                                        "later": later}))
 
 
 def main() -> None:
@@ -51,8 +55,8 @@ def main() -> None:
         answers = Decoder(lm, preset="ar").generate(prompts, max_new_tokens=128).texts
         prompts = [TASKS[i % len(TASKS)].format(text=a.strip() or "...") for i, a in enumerate(answers)]
     runs = {name: Decoder(lm, preset=name) for name in ("ar", "eagle", "lookup")}
-    for lk, e, n in VARIANTS:
-        runs[f"{lk}/{e} n{n}"] = Decoder(lm, **composite(lk, e, n))
+    for lk, e, n, later in VARIANTS:
+        runs[f"{lk}/{e} n{n}" + (" or" if later == "empty" else "")] = Decoder(lm, **composite(lk, e, n, later))
     rows = {name: {"tokens": 0, "time": 0.0, "accepted": [], "nodes": []} for name in runs}
     for p in prompts:
         for name, dec in runs.items():

@@ -13,8 +13,8 @@ per step brings the candidates to the host to build the tries.
 
 Presets ``lookup`` (a budget of ``max_tokens`` + 1 nodes), ``propd-lookup`` (the budget chosen online by ProPD's
 ``propd-dynamic`` sizer), ``medusa+lookup`` (a lookup match first, Medusa's mc_sim_7b_63 guesses in the rest of a
-64-node budget), ``eagle+lookup`` (the best match of the last 2-3 tokens, at most 4 tokens, beside the ``eagle``
-preset's 3-node tree) and ``propd-eagle+lookup`` (those drafts in a budget chosen online), through propd's
+64-node budget), ``eagle+lookup`` (the best match of the last 2-3 tokens, at most 4 tokens, or where there is none
+the ``eagle`` preset's 3-node tree) and ``propd-eagle+lookup`` (those drafts in a budget chosen online), through propd's
 ``composite`` proposer.
 """
 
@@ -98,14 +98,16 @@ def propd_register_components(register):
              "continuations of the row's last n-gram found earlier in its own prompt and output (Saxena 2023)")
 
 
-# ``eagle+lookup``: a row with a match of its last 2-3 tokens verifies that match's next 4 tokens beside the drafter's
-# 3-node tree (7 nodes at most), a row without one the drafter's tree alone. Chosen on the EAGLE drafter's held-out
-# training prompts, plain and as task requests (docs/results.md): 1-gram matches and longer lookups added more
-# verified nodes than accepted tokens on a CPU.
-EAGLE_LOOKUP = {"parts": ["prompt-lookup:min_ngram=2,max_tokens=4,max_matches=1", "eagle:top_k=4"], "budgets": [5, 3]}
-# ``propd-eagle+lookup``: the same drafts in a budget of 1-7 nodes chosen online (at larger batches, where a row's
+# ``eagle+lookup``: a row with a match of its last 2-3 tokens verifies that match's next 4 tokens, a row without one
+# the drafter's 3-node tree (a step whose every row has a match does not draft with EAGLE). Chosen on the EAGLE
+# drafter's held-out training prompts, plain and as task requests (docs/results.md): 1-gram matches and longer
+# lookups added more verified nodes than accepted tokens on a CPU, and EAGLE's nodes beside a match repaid less than
+# its drafting cost.
+EAGLE_LOOKUP = {"parts": ["prompt-lookup:min_ngram=2,max_tokens=4,max_matches=1", "eagle:top_k=4"], "budgets": [5, 3],
+                "later": "empty"}
+# ``propd-eagle+lookup``: the same drafts in a budget of 1-5 nodes chosen online (at larger batches, where a row's
 # extra nodes cost as much as a whole AR step's rows, it falls back to 1-node steps)
-EAGLE_LOOKUP_DYNAMIC = {"max_depth": 6, "sizes": [1, 2, 3, 4, 5, 6, 7], "explore": [1, 2, 4, 7], "unseen": "inherit"}
+EAGLE_LOOKUP_DYNAMIC = {"max_depth": 6, "sizes": [1, 2, 3, 4, 5], "explore": [1, 2, 3, 5], "unseen": "inherit"}
 
 
 @propd.hookimpl
@@ -117,7 +119,7 @@ def propd_register_presets(register):
     register("medusa+lookup", "a prompt-lookup match, then Medusa's guesses, in one 64-node tree",
              sizer=("static", {"tree": "mc_sim_7b_63"}),
              proposer=("composite", {"parts": ["prompt-lookup", "medusa"]}))
-    register("eagle+lookup", "a prompt-lookup match of the last 2-3 tokens beside EAGLE's 3-node tree (7 nodes)",
-             sizer=("static", {"tree": "budget:7:2"}), proposer=("composite", EAGLE_LOOKUP))
-    register("propd-eagle+lookup", "eagle+lookup's drafts with ProPD's dynamic sizing (1-7 nodes, chosen online)",
+    register("eagle+lookup", "a prompt-lookup match of the last 2-3 tokens (4 tokens), else EAGLE's 3-node tree",
+             sizer=("static", {"tree": "budget:5:2"}), proposer=("composite", EAGLE_LOOKUP))
+    register("propd-eagle+lookup", "eagle+lookup's drafts with ProPD's dynamic sizing (1-5 nodes, chosen online)",
              sizer=("propd-dynamic", EAGLE_LOOKUP_DYNAMIC), proposer=("composite", EAGLE_LOOKUP))

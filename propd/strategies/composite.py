@@ -7,7 +7,9 @@ the budget with Medusa's guesses. ``budgets`` caps each part's share (nodes, roo
 ``parts=["prompt-lookup","eagle"],budgets=[7,3]`` in a 9-node budget, a row whose history has no match verifies
 EAGLE's 3 nodes, and one with a match adds up to 6 lookup tokens; without caps a part fills whatever budget is left,
 which on a CPU, where every verified node costs, makes a proposer that always fills its budget (``eagle``,
-``medusa``) as dear as the largest tree. Lossless like any draft: the verifier decides.
+``medusa``) as dear as the largest tree. ``later="empty"`` runs a later part only for rows the parts before it left
+empty (a step whose every row has a lookup match then skips EAGLE's drafting; its reading waits for the next draft).
+Lossless like any draft: the verifier decides.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ class CompositeConfig:
     parts: tuple[str, ...] = ("prompt-lookup", "medusa")
     # per part, the most nodes (root included) it drafts within the sizer's budget; empty: each the whole budget
     budgets: tuple[int, ...] = attrs.field(default=(), converter=tuple)
+    # "always": every part drafts every step; "empty": a later part drafts only when some row's tree is still its
+    # root alone, and adds nodes to those rows only (a step where every row has a match skips it)
+    later: str = attrs.field(default="always", validator=attrs.validators.in_(("always", "empty")))
 
 
 class CompositeProposer:
@@ -96,14 +101,19 @@ class CompositeProposer:
         from propd.decoder import check_draft
 
         caps = self.cfg.budgets or (tree.num_nodes,) * len(self.parts)
-        for name, part, cap in zip(self.names, self.parts, caps):
+        for j, (name, part, cap) in enumerate(zip(self.names, self.parts, caps)):
+            rows_open = range(len(roots))
+            if j and self.cfg.later == "empty":
+                rows_open = [b for b in rows_open if len(trie.tokens[b]) == 1]
+                if not rows_open:
+                    continue
             sub = self._sub_tree(min(cap, tree.num_nodes), tree.max_depth, ctx.device) if cap < tree.num_nodes else tree
             d = check_draft(part.propd_propose(ctx=ctx, tree=sub), sub, ctx.roots, self.vocab_size,
                             f"proposer 'composite' part {name!r}")
             rows = d.rows
             tokens, parents = d.tokens.tolist(), rows.parents.tolist()
             present = d.present.tolist() if d.present is not None else None
-            for b in range(len(roots)):
+            for b in rows_open:
                 mapped = [0] + [None] * (len(tokens[b]) - 1)  # part node -> merged node
                 for i in range(1, len(tokens[b])):
                     if present is not None and not present[b][i]:

@@ -17,7 +17,7 @@ from propd.models.eagle import EagleDrafter, is_eagle_checkpoint
 from propd.models.llama import LlamaModel
 from propd.strategies.eagle import EagleConfig, EagleProposer
 from propd.testing import assert_lossless, random_prompts, tiny_model
-from propd.tree import DraftTree, tree_paths
+from propd.tree import DraftTree, RowTrees, tree_paths
 from propd.types import Draft, StepContext
 
 MODEL = tiny_model(seed=1, heads=3, early=(1, 2), drafter=True)
@@ -281,6 +281,22 @@ class ChainPart:
         return Draft(tokens=torch.cat([ctx.roots[:, None], guesses], dim=1), tree=chain)
 
 
+class RowPart(ChainPart):
+    """A ChainPart that drafts for ``rows`` only (the other rows' nodes are absent)."""
+
+    def __init__(self, start: int, rows: list[int]):
+        super().__init__(start)
+        self.rows = rows
+
+    @hookimpl
+    def propd_propose(self, ctx, tree):
+        d = super().propd_propose(ctx, tree)
+        present = torch.zeros(d.tokens.shape, dtype=torch.bool)
+        present[:, 0] = True
+        present[self.rows] = True
+        return Draft(tokens=d.tokens, tree=RowTrees.from_parents(d.rows.parents), present=present)
+
+
 def test_composite_budgets_cap_each_parts_share():
     """budgets=[3, 2] in a 6-node budget: the first part drafts in 3 nodes, the second in 2, the merged tree has
     1 + 2 + 1 nodes; without budgets each part drafts in all 6 and the first fills the tree."""
@@ -304,6 +320,16 @@ def test_composite_budgets_cap_each_parts_share():
     for bad in ((3,), (3, 0)):
         with pytest.raises(PropdError, match="composite budgets"):
             CompositeProposer(CompositeConfig(parts=("a", "b"), budgets=bad))
+    # later="empty": the second part drafts only for rows the first left empty, and not at all when none is
+    comp = CompositeProposer(CompositeConfig(parts=("a", "b"), budgets=(3, 2), later="empty"))
+    comp.parts, comp.names, comp.vocab_size = [RowPart(10, rows=[0]), ChainPart(20)], ["a", "b"], 64
+    draft = comp.propd_propose(ctx_for([1, 2]), tree)
+    assert draft.tokens[0][draft.present[0]].tolist() == [1, 10, 11]  # row 0: the first part's chain alone
+    assert draft.tokens[1][draft.present[1]].tolist() == [2, 20]  # row 1: the second part's
+    comp.parts[0].rows = [0, 1]
+    comp.parts[1].seen.clear()
+    comp.propd_propose(ctx_for([1, 2]), tree)
+    assert comp.parts[1].seen == []  # every row had a draft: the second part was not asked
 
 
 def test_eagle_with_capped_parts_is_lossless():
