@@ -67,7 +67,8 @@ def main() -> None:
             row["accepted"] += [s.accepted[0] for s in r.stats]
             row["nodes"] += [s.tree_nodes for s in r.stats]
     ar_rate = rows["ar"]["tokens"] / rows["ar"]["time"]
-    print(f"{len(prompts)} {'task requests' if args.tasks else 'plain prompts'}, {args.max_new} new tokens, {args.dtype}")
+    kind = "task requests" if args.tasks else "plain prompts"
+    print(f"{len(prompts)} {kind}, {args.max_new} new tokens, {args.dtype}")
     print(f"{'method':12s} {'tok/step':>8s} {'nodes':>6s} {'step ms':>8s} {'speed/ar':>8s}")
     for name, row in rows.items():
         steps = len(row["accepted"])

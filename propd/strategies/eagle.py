@@ -138,10 +138,11 @@ class EagleProposer:
         (B, W), ``node_idx`` (B, W) (W = padding), ``n`` (B,) real pairs. Returns the outputs g (B, W, H)."""
         d, cache = self.drafter, self.cache if cache is None else cache
         cache.reserve(max(cache.host_lengths) + W + 2)
-        causal = self._causal.get((W, node_idx.device))
+        dev = node_idx.device
+        causal = self._causal.get((W, dev))
         if causal is None:
-            causal = self._causal[(W, node_idx.device)] = (
-                torch.ones(W, W, dtype=torch.bool, device=node_idx.device).tril(), torch.arange(W, device=node_idx.device))
+            causal = self._causal[(W, dev)] = (torch.ones(W, W, dtype=torch.bool, device=dev).tril(),
+                                               torch.arange(W, device=dev))
         a = d.attention_inputs(cache, node_idx, *causal)
         g = d(features, next_tokens, cache, a)
         cache.advance(n, n.tolist())
