@@ -83,6 +83,11 @@ class Decoder:
         self.pm = step_manager(chosen)
         self.has_proposer = any(role == "proposer" for role, _ in chosen)
         self.pm.hook.propd_setup(model=model)
+        # greedy steps of a verifier that reads only each node's argmax take it through the lm_head's argmax screen
+        verifiers = [impl.plugin for impl in self.pm.hook.propd_verify.get_hookimpls()]
+        self._argmax_only = bool(verifiers) and all(getattr(v, "argmax_only", False) for v in verifiers)
+        if self._argmax_only and hasattr(model.model, "prepare_screen"):
+            model.model.prepare_screen()
         L = model.config.num_layers
         declared = {id(impl.plugin): impl.function() for impl in self.pm.hook.propd_prune_layer.get_hookimpls()}
         self._pruners_at: dict[int, list] = {}
@@ -294,7 +299,7 @@ class Decoder:
         else:
             last_hidden = m.prefill(cache, prompts)  # (B, H)
         if params.greedy:
-            roots = m.logits(last_hidden).argmax(dim=-1)  # (B,)
+            roots = m.argmax(last_hidden)  # (B,)
         else:
             p0 = probabilities(m.logits(last_hidden), params)
             roots = torch.tensor([draw(p0[b], g) for b, g in enumerate(gens)], dtype=torch.long, device=dev)
@@ -398,7 +403,13 @@ class Decoder:
                 node_idx = new_idx
                 attn = m.attention_inputs(cache, node_idx, tree_mask, tree_depths)
             h = m.norm(m.run_layers(h, start, m.num_layers, cache, attn))  # (B, T', H)
-            logits = m.logits(h)  # (B, T', V)
+            if self._argmax_only and pm is self.pm and params.greedy and m.screens(h):
+                # the exact argmax per node, as logits that are 0 there and -inf elsewhere (hookspecs.propd_verify)
+                ids = m.argmax(h)  # (B, T')
+                logits = torch.full((*ids.shape, model.config.vocab_size), float("-inf"), device=dev)
+                logits.scatter_(2, ids[..., None], 0.0)
+            else:
+                logits = m.logits(h)  # (B, T', V)
             nodes = LiveNodes(node_idx, valid, T)
             acc = pm.hook.propd_verify(ctx=ctx, draft=draft, nodes=nodes, logits=logits,
                                             tree=draft.tree, tokens=tokens,

@@ -127,7 +127,10 @@ def propd_verify(ctx: "StepContext", draft: "Draft", nodes: "LiveNodes", logits:
     """Verifier: the accepted path and bonus token of every row.
 
     ``logits`` (B, T', V) belong to the live ``nodes``. The best node must be live and ``accept_len`` its depth.
-    firstresult; exactly one verifier.
+    firstresult; exactly one verifier. A verifier whose class sets ``argmax_only = True`` reads only each node's
+    argmax: in greedy decoding it may get logits that are exact only in that (0 at each node's argmax, the lowest id
+    among equal maxima as ``torch.argmax``, and -inf elsewhere), which the model finds for a quarter of the
+    ``lm_head``'s bytes (:mod:`propd.models.screen`).
     """
 
 

@@ -235,6 +235,23 @@ class LlamaModel(nn.Module):
             cpu_modules.swap_in(self)
             self.__dict__["fused_layers"] = cpu_modules.run_layers_fused
 
+    def prepare_screen(self) -> None:
+        """Build the argmax screen of the ``lm_head`` (:mod:`propd.models.screen`) where it applies: float32
+        weights on a CPU with propd's extension, served by the packed kernel. Idempotent."""
+        from propd.models.cpu_modules import KernelLinear
+        from propd.models.screen import ArgmaxScreen
+
+        w = self.lm_head.weight
+        key = (w.data_ptr(), tensor_version(w), tuple(w.shape))
+        cached = self.__dict__.get("_screen")
+        if cached is not None and cached.key == key:
+            return
+        self.__dict__["_screen"] = None
+        if isinstance(self.lm_head, KernelLinear) and ArgmaxScreen.available(w):
+            screen = ArgmaxScreen(w.detach())
+            screen.key = key
+            self.__dict__["_screen"] = screen
+
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.cfg
         return KVCache(c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim, self.dtype, self.device)
@@ -262,6 +279,25 @@ class LlamaModel(nn.Module):
 
     def logits(self, h_normed: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h_normed)
+
+    SCREEN_ROWS = 16  # the argmax screen serves steps of up to this many rows (above, the full product is cheaper)
+
+    def screens(self, h_normed: torch.Tensor) -> bool:
+        """Whether :meth:`argmax` of ``h_normed`` goes through the screen (not the full logits)."""
+        screen = self.__dict__.get("_screen")
+        rows = h_normed.numel() // h_normed.shape[-1]
+        w = self.lm_head.weight
+        return (screen is not None and 1 <= rows <= self.SCREEN_ROWS and h_normed.dtype == torch.float32
+                and screen.key == (w.data_ptr(), tensor_version(w), tuple(w.shape)))  # not if weights changed since
+
+    def argmax(self, h_normed: torch.Tensor) -> torch.Tensor:
+        """The argmax of :meth:`logits` (..., V) as ids (...), the same bit for bit: through the Q8 screen
+        (:mod:`propd.models.screen`) where :meth:`prepare` built one and the step has at most ``SCREEN_ROWS`` rows,
+        else from the full logits."""
+        if not self.screens(h_normed):
+            return self.logits(h_normed).argmax(dim=-1)
+        x = h_normed.reshape(-1, h_normed.shape[-1])
+        return self.__dict__["_screen"].argmax(x, self.logits).view(h_normed.shape[:-1])
 
     # a prefill group pads its rows to its longest prompt by at most this share of its real tokens
     PREFILL_WASTE = 0.125

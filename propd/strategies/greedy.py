@@ -33,6 +33,8 @@ def accept_from_correct(rows, correct: torch.Tensor, pred: torch.Tensor) -> Acce
 
 
 class GreedyVerifier:
+    argmax_only = True  # reads each node's argmax alone: greedy steps may pass logits exact only there
+
     def __init__(self, config=None):
         pass
 

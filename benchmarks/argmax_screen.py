@@ -1,0 +1,67 @@
+"""The float32 ``lm_head``'s argmax through the Q8 screen (:mod:`propd.models.screen`) against the full product, on
+the default model's own hidden states: equal ids at every position, time per call, candidates per row.
+
+    python benchmarks/argmax_screen.py          # about 30 seconds on 2 CPU cores
+
+The hidden states are the final normed states of a few chat prompts and the model's greedy answers to them (every
+position, one row at a time, as a batch-1 decoding step sees them).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from propd.decoder import Decoder
+from propd.models.loading import load_model
+from propd.models.screen import ArgmaxScreen
+
+PROMPTS = ["Explain how photosynthesis works, step by step.", "Write a short poem about the sea.",
+           "What is 17 times 23? Show your work.", "Summarize the causes of the First World War in three sentences."]
+
+
+def median_ms(f, n=30) -> float:
+    f()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+@torch.inference_mode()
+def main() -> None:
+    lm = load_model("smollm2-135m-instruct", dtype="float32")
+    lm.prepare()
+    m = lm.model
+    t = time.perf_counter()
+    screen = ArgmaxScreen(m.lm_head.weight.detach())
+    print(f"screen built in {time.perf_counter() - t:.2f} s")
+    dec = Decoder(lm, preset="ar")
+    res = dec.generate(PROMPTS, max_new_tokens=64)
+    states = []
+    for ids in (list(p) + out for p, out in zip(dec.encode(PROMPTS), res.token_ids)):
+        cache = m.new_cache(1, len(ids) + 8)
+        _, hidden = m.prefill(cache, [ids], keep_hidden=True)
+        states.append(m.norm(hidden[0]))
+    h = torch.cat(states)  # (positions, H)
+    same, counts = 0, []
+    for i in range(h.shape[0]):
+        x = h[i:i + 1]
+        same += int(screen.argmax(x, m.logits)[0] == m.logits(x).argmax(dim=-1)[0])
+        counts.append(int(screen.candidates(x)[0]))
+    print(f"{same} of {h.shape[0]} positions: the same id; candidates per row: median {statistics.median(counts)}, "
+          f"90th percentile {sorted(counts)[int(0.9 * len(counts))]}, max {max(counts)}")
+    x = h[-1:]
+    full, screened = median_ms(lambda: m.logits(x).argmax(dim=-1)), median_ms(lambda: screen.argmax(x, m.logits))
+    print(f"one row: full lm_head + argmax {full:.2f} ms, screen {screened:.2f} ms ({full / screened:.2f}x)")
+    total = [median_ms(lambda: m.logits(h[i:i + 1]).argmax(dim=-1), 3) for i in range(0, h.shape[0], 8)]
+    scr = [median_ms(lambda: screen.argmax(h[i:i + 1], m.logits), 3) for i in range(0, h.shape[0], 8)]
+    print(f"every 8th position: full {statistics.mean(total):.2f} ms, screen {statistics.mean(scr):.2f} ms on average")
+
+
+if __name__ == "__main__":
+    main()

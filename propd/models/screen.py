@@ -1,0 +1,78 @@
+"""The exact argmax of a float32 ``lm_head`` for about a quarter of its bytes (CPU, propd's extension).
+
+Greedy decoding needs each position's argmax, not its logits. :class:`ArgmaxScreen` keeps the (V, K) weight W also
+as Q8_0 blocks (ggml's: 32 weights share a float16 scale; :mod:`propd.models.quant`) and, per row x:
+
+1. approximate logits z'_v = W'_v x with the 8-bit weights W' (dequantized in registers, float32 activations and
+   sums) in one pass over about a quarter of W's bytes;
+2. a bound |z'_v - z_v| <= e_v on the distance to the float32 kernel's logits z_v: per block b of 32 inputs,
+   e_v = sum_b (E[v, b] + 2e-4 A[v, b]) |x_b|_1, with E the largest weight rounding error |w - w'| and A the largest
+   weight magnitude of row v's block b (both measured once); 2e-4 A |x_b|_1 covers both products' float32 rounding
+   (sums of K = 576 terms: about 2 x 576 x 2^-24 = 7e-5 relative) three times over;
+3. candidates: every v with z'_v + e_v >= max_u (z'_u - e_u), a set that holds every maximum of z;
+4. the candidates' exact logits, by the same packed float32 kernel as the full ``lm_head`` (each output one chain of
+   fused multiply-adds over k in order, whatever rows sit beside it), and their argmax, the lowest index among equal
+   maxima, as ``torch.argmax``.
+
+So the result is the full ``lm_head``'s argmax bit for bit (tested against it on random weights with near-ties, and
+on the default model's states: ``benchmarks/argmax_screen.py``, where a row leaves 1-2 candidates). A row with more
+than ``max_candidates`` candidates, or with a value that is not finite, takes the full product.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from propd.models import cpu_kernel
+
+QK = 32
+ROUNDING = 2e-4  # relative slack for float32 rounding in both products (see the module docstring)
+
+
+class ArgmaxScreen:
+    def __init__(self, weight: torch.Tensor, max_candidates: int = 64):
+        from propd.models.quant import QuantLinear, quantize_q8_0
+
+        V, K = weight.shape
+        self.weight = weight  # the float32 (V, K) weight, read for the candidates' rows
+        self.q8 = QuantLinear.from_blocks(quantize_q8_0(weight), "Q8_0", K, V)  # float32 activations
+        w = weight.detach().float().reshape(V, K // QK, QK)
+        wq = self.q8.dequantized().reshape(V, K // QK, QK)
+        mag = torch.maximum(w.abs(), wq.abs()).amax(dim=2)  # (V, nb): A
+        self.coef = ((w - wq).abs().amax(dim=2) + ROUNDING * mag).T.contiguous()  # (nb, V): E + 2e-4 A
+        self.max_candidates = max_candidates
+
+    @staticmethod
+    def available(weight: torch.Tensor) -> bool:
+        return (weight.dim() == 2 and weight.dtype == torch.float32 and weight.device.type == "cpu"
+                and weight.shape[1] % QK == 0 and cpu_kernel.extension() is not None)
+
+    def _candidates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidates (N, V) bool for rows ``x`` (N, K) contiguous float32, and whether each row's bound is finite."""
+        N, K = x.shape
+        approx = self.q8(x)  # (N, V)
+        bound = x.view(N, K // QK, QK).abs().sum(dim=2) @ self.coef  # (N, V)
+        floor = (approx - bound).amax(dim=1, keepdim=True)
+        return (approx + bound) >= floor, torch.isfinite(floor[:, 0]) & torch.isfinite(x).all(dim=1)
+
+    def candidates(self, x: torch.Tensor) -> torch.Tensor:
+        """How many ids (N,) each row of ``x`` (N, K) leaves to the exact check."""
+        return self._candidates(x.contiguous())[0].sum(dim=1)
+
+    def argmax(self, x: torch.Tensor, full) -> torch.Tensor:
+        """Argmax ids (N,) of ``x`` (N, K) float32 times the weight; ``full(x)`` gives the full logits (N, V) for the
+        rows the screen cannot settle."""
+        x = x.contiguous()
+        cand, finite = self._candidates(x)
+        ok = (cand.sum(dim=1) <= self.max_candidates) & finite
+        out = torch.empty(x.shape[0], dtype=torch.long)
+        rows = ok.nonzero()[:, 0].tolist()
+        if rows:
+            ids = cand[rows].any(dim=0).nonzero()[:, 0]  # the union of the settled rows' candidates, ascending
+            exact = cpu_kernel.linear(x[rows], cpu_kernel.pack(self.weight.index_select(0, ids)), ids.numel())
+            exact = exact.masked_fill(~cand[rows][:, ids], float("-inf"))  # (R, C): each row's own candidates
+            out[rows] = ids[exact.argmax(dim=1)]  # first maximum: the lowest id among equals
+        rest = (~ok).nonzero()[:, 0].tolist()
+        if rest:
+            out[rest] = full(x[rest]).argmax(dim=1)
+        return out

@@ -1,0 +1,67 @@
+"""The lm_head's argmax screen (propd.models.screen) gives the full float32 kernel's argmax bit for bit."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from propd.models import cpu_kernel
+from propd.models.screen import ArgmaxScreen
+
+pytestmark = pytest.mark.skipif(cpu_kernel.extension() is None, reason="needs propd's CPU extension")
+
+
+def full_argmax(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return cpu_kernel.linear(x.contiguous(), cpu_kernel.pack(w), w.shape[0]).argmax(dim=1)
+
+
+@settings(deadline=None, max_examples=60, derandomize=True)
+@given(seed=st.integers(0, 10_000), V=st.integers(1, 300), K=st.sampled_from([32, 64, 96]),
+       rows=st.integers(1, 6), ties=st.integers(0, 4), scale=st.sampled_from([0.01, 1.0, 30.0]),
+       cap=st.sampled_from([1, 4, 256]), cluster=st.booleans())
+def test_screen_equals_the_full_argmax(seed, V, K, rows, ties, scale, cap, cluster):
+    """Random weights with near-ties and exact ties (copied rows, rows nudged by one ulp, or every row a small
+    perturbation of one, where 8-bit rounding reorders the logits): the screen's argmax is the full product's, also
+    when rows have more candidates than ``cap`` (they take the full product)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(V, K, generator=g) * scale
+    if cluster:
+        w = w[:1] + 1e-3 * w
+    for i in range(min(ties, V - 1)):
+        src, dst = torch.randint(V, (2,), generator=g).tolist()
+        w[dst] = w[src] if i % 2 else torch.nextafter(w[src], torch.full_like(w[src], float("inf")))
+    x = torch.randn(rows, K, generator=g) * torch.rand(rows, 1, generator=g) * 5
+    screen = ArgmaxScreen(w, max_candidates=cap)
+    full = lambda xs: cpu_kernel.linear(xs.contiguous(), cpu_kernel.pack(w), V)  # noqa: E731
+    assert screen.argmax(x, full).tolist() == full_argmax(w, x).tolist()
+
+
+def test_screen_on_ties_takes_the_lowest_id_and_skips_non_finite_rows():
+    w = torch.randn(50, 64)
+    w[7] = w[31] = w[3] * 4  # equal rows: equal logits
+    x = torch.stack([w[3], torch.full((64,), float("nan")), w[3]])
+    calls = []
+
+    def full(xs):
+        calls.append(xs.shape[0])
+        return cpu_kernel.linear(xs.contiguous(), cpu_kernel.pack(w), 50)
+
+    got = ArgmaxScreen(w).argmax(x, full)
+    want = full_argmax(w, x)
+    assert got[0].item() == got[2].item() == want[0].item() == 7 and got[1].item() == want[1].item()
+    assert calls == [1]  # only the NaN row took the full product
+
+
+def test_model_argmax_uses_the_screen_and_equals_the_logits():
+    from propd.testing import tiny_model
+
+    m = tiny_model(seed=5, hidden_size=64, head_dim=16).model
+    m.prepare()
+    m.prepare_screen()
+    h = torch.randn(2, 3, 64)
+    assert m.screens(h) and not m.screens(torch.randn(5, 4, 64))  # 20 rows: above SCREEN_ROWS
+    torch.testing.assert_close(m.argmax(h), m.logits(h).argmax(dim=-1), rtol=0, atol=0)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(-1)  # changed in place: the screen is stale and must not serve
+    assert not m.screens(h)
+    torch.testing.assert_close(m.argmax(h), m.logits(h).argmax(dim=-1), rtol=0, atol=0)
