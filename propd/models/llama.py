@@ -280,7 +280,7 @@ class LlamaModel(nn.Module):
     def logits(self, h_normed: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h_normed)
 
-    SCREEN_ROWS = 16  # the argmax screen serves steps of up to this many rows (above, the full product is cheaper)
+    SCREEN_ROWS = 8  # the argmax screen serves steps of up to this many rows (above, the full product is cheaper)
 
     def screens(self, h_normed: torch.Tensor) -> bool:
         """Whether :meth:`argmax` of ``h_normed`` goes through the screen (not the full logits)."""
