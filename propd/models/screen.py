@@ -3,19 +3,20 @@
 Greedy decoding needs each position's argmax, not its logits. :class:`ArgmaxScreen` keeps the (V, K) weight W also
 as Q8_0 blocks (ggml's: 32 weights share a float16 scale; :mod:`propd.models.quant`) and, per row x:
 
-1. approximate logits z'_v = W'_v x with the 8-bit weights W' (dequantized in registers, float32 activations and
-   sums) in one pass over about a quarter of W's bytes;
-2. a bound |z'_v - z_v| <= e_v on the distance to the float32 kernel's logits z_v: per block b of 32 inputs,
-   e_v = sum_b (E[v, b] + 2e-4 A[v, b]) |x_b|_1, with E the largest weight rounding error |w - w'| and A the largest
-   weight magnitude of row v's block b (both measured once); 2e-4 A |x_b|_1 covers both products' float32 rounding
-   (sums of K = 576 terms: about 2 x 576 x 2^-24 = 7e-5 relative) three times over;
+1. approximate logits z'_v = W'_v x' with the 8-bit weights W' and x rounded to 8 bits per block of 32 as the
+   kernel rounds it (x'; integer products, float32 scales and sums), in one pass over a quarter of W's bytes;
+2. a bound |z'_v - z_v| <= e_v on the distance to the float32 kernel's logits z_v: per block b,
+   |w x - w' x'| <= |w - w'| |x| + |w'| |x - x'|, so e_v = sum_b (E[v, b] + 2e-4 A[v, b]) |x_b|_1 +
+   (1 + 2e-4) |w'_vb|_2 |x_b - x'_b|_2 (Cauchy-Schwarz), with E the largest weight rounding error and A the largest
+   weight magnitude of row v's block b (measured once); 2e-4 A |x_b|_1 covers both products' float32 rounding
+   (sums of K = 576 terms: about 4e-5 relative) several times over;
 3. candidates: every v with z'_v + e_v >= max_u (z'_u - e_u), a set that holds every maximum of z;
 4. the candidates' exact logits, by the same packed float32 kernel as the full ``lm_head`` (each output one chain of
    fused multiply-adds over k in order, whatever rows sit beside it), and their argmax, the lowest index among equal
    maxima, as ``torch.argmax``.
 
 So the result is the full ``lm_head``'s argmax bit for bit (tested against it on random weights with near-ties, and
-on the default model's states: ``benchmarks/argmax_screen.py``, where a row leaves 1-2 candidates). A row with more
+on the default model's states: ``benchmarks/argmax_screen.py``, where a row leaves a few candidates). A row with more
 than ``max_candidates`` candidates, or with a value that is not finite, takes the full product.
 """
 
@@ -30,16 +31,17 @@ ROUNDING = 2e-4  # relative slack for float32 rounding in both products (see the
 
 
 class ArgmaxScreen:
-    def __init__(self, weight: torch.Tensor, max_candidates: int = 64):
-        from propd.models.quant import QuantLinear, quantize_q8_0
+    def __init__(self, weight: torch.Tensor, max_candidates: int = 128):
+        from propd.models.quant import QuantLinear
 
         V, K = weight.shape
         self.weight = weight  # the float32 (V, K) weight, read for the candidates' rows
-        self.q8 = QuantLinear.from_blocks(quantize_q8_0(weight), "Q8_0", K, V)  # float32 activations
+        self.q8 = QuantLinear.q8_from_float(weight)  # Q8_0 blocks, 8-bit activations
         w = weight.detach().float().reshape(V, K // QK, QK)
         wq = self.q8.dequantized().reshape(V, K // QK, QK)
         mag = torch.maximum(w.abs(), wq.abs()).amax(dim=2)  # (V, nb): A
-        self.coef = ((w - wq).abs().amax(dim=2) + ROUNDING * mag).T.contiguous()  # (nb, V): E + 2e-4 A
+        err = (w - wq).abs().amax(dim=2) + ROUNDING * mag  # E + 2e-4 A
+        self.coef = torch.cat([err, wq.norm(dim=2) * (1 + ROUNDING)], dim=1).T.contiguous()  # (2 nb, V)
         self.max_candidates = max_candidates
 
     @staticmethod
@@ -51,7 +53,10 @@ class ArgmaxScreen:
         """Candidates (N, V) bool for rows ``x`` (N, K) contiguous float32, and whether each row's bound is finite."""
         N, K = x.shape
         approx = self.q8(x)  # (N, V)
-        bound = x.view(N, K // QK, QK).abs().sum(dim=2) @ self.coef  # (N, V)
+        xq, dx, _, _ = cpu_kernel.quantize_rows_q8(x)  # the activations as the kernel rounds them
+        xb = x.view(N, K // QK, QK)
+        err = xb - xq.view(N, K // QK, QK).float() * dx[..., None]
+        bound = torch.cat([xb.abs().sum(dim=2), err.norm(dim=2)], dim=1) @ self.coef  # (N, V)
         floor = (approx - bound).amax(dim=1, keepdim=True)
         return (approx + bound) >= floor, torch.isfinite(floor[:, 0]) & torch.isfinite(x).all(dim=1)
 
