@@ -403,9 +403,8 @@ class Decoder:
                 node_idx = new_idx
                 attn = m.attention_inputs(cache, node_idx, tree_mask, tree_depths)
             h = m.norm(m.run_layers(h, start, m.num_layers, cache, attn))  # (B, T', H)
-            if self._argmax_only and pm is self.pm and params.greedy and m.screens(h):
-                # the exact argmax per node, as logits that are 0 there and -inf elsewhere (hookspecs.propd_verify)
-                ids = m.argmax(h)  # (B, T')
+            ids = m.screened_argmax(h) if self._argmax_only and pm is self.pm and params.greedy else None  # (B, T')
+            if ids is not None:  # the exact argmax per node, as logits 0 there and -inf elsewhere (propd_verify)
                 logits = torch.full((*ids.shape, model.config.vocab_size), float("-inf"), device=dev)
                 logits.scatter_(2, ids[..., None], 0.0)
             else:

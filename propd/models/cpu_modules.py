@@ -14,7 +14,7 @@ from torch import nn
 
 from propd.models import cpu_kernel
 from propd.models.cache import KVCache
-from propd.models.llama import Attention, AttentionInputs, DecoderLayer, RMSNorm, tensor_version
+from propd.models.llama import Attention, AttentionInputs, DecoderLayer, RMSNorm, tensor_version, weight_key
 from propd.models.quant import QuantLinear
 
 
@@ -52,7 +52,7 @@ class KernelLinear(nn.Linear):
         """The weight packed for the CPU kernel, or None: packed on first use, and again when the weight is replaced or
         changed in place (``load_state_dict``)."""
         w = self.weight
-        key = (w.data_ptr(), tensor_version(w), tuple(w.shape))
+        key = weight_key(w)
         cached = getattr(self, "_packed", None)
         if cached is not None and cached[0] == key:
             return cached[1]

@@ -44,6 +44,12 @@ def tensor_version(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
+def weight_key(w: torch.Tensor) -> tuple:
+    """What identifies a weight's current values for a cache derived from it (a packed copy, a screen): its storage,
+    in-place change counter and shape."""
+    return w.data_ptr(), tensor_version(w), tuple(w.shape)
+
+
 Linear = nn.Linear  # the reference forward's linear layers; on CPU, prepare() swaps in cpu_modules.KernelLinear
 
 
@@ -242,15 +248,13 @@ class LlamaModel(nn.Module):
         from propd.models.screen import ArgmaxScreen
 
         w = self.lm_head.weight
-        key = (w.data_ptr(), tensor_version(w), tuple(w.shape))
+        key = weight_key(w)
         cached = self.__dict__.get("_screen")
-        if cached is not None and cached.key == key:
+        if cached is not None and cached[0] == key:
             return
         self.__dict__["_screen"] = None
         if isinstance(self.lm_head, KernelLinear) and ArgmaxScreen.available(w):
-            screen = ArgmaxScreen(w.detach())
-            screen.key = key
-            self.__dict__["_screen"] = screen
+            self.__dict__["_screen"] = (key, ArgmaxScreen(w.detach()))
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.cfg
@@ -282,22 +286,22 @@ class LlamaModel(nn.Module):
 
     SCREEN_ROWS = 8  # the argmax screen serves steps of up to this many rows (above, the full product is cheaper)
 
-    def screens(self, h_normed: torch.Tensor) -> bool:
-        """Whether :meth:`argmax` of ``h_normed`` goes through the screen (not the full logits)."""
-        screen = self.__dict__.get("_screen")
+    def screened_argmax(self, h_normed: torch.Tensor) -> torch.Tensor | None:
+        """The argmax ids (...) of :meth:`logits` of ``h_normed`` (..., H) through the Q8 screen
+        (:mod:`propd.models.screen`), the same bit for bit; None where it does not serve: no screen built
+        (:meth:`prepare_screen`), not float32, more than ``SCREEN_ROWS`` rows, or the weights changed since."""
+        cached = self.__dict__.get("_screen")
         rows = h_normed.numel() // h_normed.shape[-1]
-        w = self.lm_head.weight
-        return (screen is not None and 1 <= rows <= self.SCREEN_ROWS and h_normed.dtype == torch.float32
-                and screen.key == (w.data_ptr(), tensor_version(w), tuple(w.shape)))  # not if weights changed since
+        if (cached is None or not 1 <= rows <= self.SCREEN_ROWS or h_normed.dtype != torch.float32
+                or cached[0] != weight_key(self.lm_head.weight)):
+            return None
+        x = h_normed.reshape(rows, h_normed.shape[-1])
+        return cached[1].argmax(x, self.logits).view(h_normed.shape[:-1])
 
     def argmax(self, h_normed: torch.Tensor) -> torch.Tensor:
-        """The argmax of :meth:`logits` (..., V) as ids (...), the same bit for bit: through the Q8 screen
-        (:mod:`propd.models.screen`) where :meth:`prepare` built one and the step has at most ``SCREEN_ROWS`` rows,
-        else from the full logits."""
-        if not self.screens(h_normed):
-            return self.logits(h_normed).argmax(dim=-1)
-        x = h_normed.reshape(-1, h_normed.shape[-1])
-        return self.__dict__["_screen"].argmax(x, self.logits).view(h_normed.shape[:-1])
+        """The argmax of :meth:`logits` (..., V) as ids (...): screened where it can be, else from the full logits."""
+        ids = self.screened_argmax(h_normed)
+        return self.logits(h_normed).argmax(dim=-1) if ids is None else ids
 
     # a prefill group pads its rows to its longest prompt by at most this share of its real tokens
     PREFILL_WASTE = 0.125

@@ -73,9 +73,10 @@ class ArgmaxScreen:
         out = torch.empty(x.shape[0], dtype=torch.long)
         rows = ok.nonzero()[:, 0].tolist()
         if rows:
-            ids = cand[rows].any(dim=0).nonzero()[:, 0]  # the union of the settled rows' candidates, ascending
+            settled = cand[rows]  # (R, V)
+            ids = settled.any(dim=0).nonzero()[:, 0]  # the union of the settled rows' candidates, ascending
             exact = cpu_kernel.linear(x[rows], cpu_kernel.pack(self.weight.index_select(0, ids)), ids.numel())
-            exact = exact.masked_fill(~cand[rows][:, ids], float("-inf"))  # (R, C): each row's own candidates
+            exact = exact.masked_fill(~settled[:, ids], float("-inf"))  # (R, C): each row's own candidates
             out[rows] = ids[exact.argmax(dim=1)]  # first maximum: the lowest id among equals
         rest = (~ok).nonzero()[:, 0].tolist()
         if rest:

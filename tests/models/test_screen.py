@@ -59,9 +59,10 @@ def test_model_argmax_uses_the_screen_and_equals_the_logits():
     m.prepare()
     m.prepare_screen()
     h = torch.randn(2, 3, 64)
-    assert m.screens(h) and not m.screens(torch.randn(5, 4, 64))  # 20 rows: above SCREEN_ROWS
+    assert m.screened_argmax(torch.randn(5, 4, 64)) is None  # 20 rows: above SCREEN_ROWS
+    torch.testing.assert_close(m.screened_argmax(h), m.logits(h).argmax(dim=-1), rtol=0, atol=0)
     torch.testing.assert_close(m.argmax(h), m.logits(h).argmax(dim=-1), rtol=0, atol=0)
     with torch.no_grad():
         m.lm_head.weight.mul_(-1)  # changed in place: the screen is stale and must not serve
-    assert not m.screens(h)
+    assert m.screened_argmax(h) is None
     torch.testing.assert_close(m.argmax(h), m.logits(h).argmax(dim=-1), rtol=0, atol=0)
