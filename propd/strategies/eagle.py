@@ -54,7 +54,6 @@ class EagleProposer:
         self.cache = None
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (features (B, A, H), counts (B,)) not yet read
         self._absorbed = -1  # the last step whose accepted features went into _pending
-        self._causal: dict = {}  # (W, device) -> a W-token causal mask and its depths, for reads
 
     @hookimpl
     def propd_setup(self, model):
@@ -138,12 +137,8 @@ class EagleProposer:
         (B, W), ``node_idx`` (B, W) (W = padding), ``n`` (B,) real pairs. Returns the outputs g (B, W, H)."""
         d, cache = self.drafter, self.cache if cache is None else cache
         cache.reserve(max(cache.host_lengths) + W + 2)
-        dev = node_idx.device
-        causal = self._causal.get((W, dev))
-        if causal is None:
-            causal = self._causal[(W, dev)] = (torch.ones(W, W, dtype=torch.bool, device=dev).tril(),
-                                               torch.arange(W, device=dev))
-        a = d.attention_inputs(cache, node_idx, *causal)
+        ar = torch.arange(W, device=node_idx.device)
+        a = d.attention_inputs(cache, node_idx, torch.ones(W, W, dtype=torch.bool, device=ar.device).tril(), ar)
         g = d(features, next_tokens, cache, a)
         cache.advance(n, n.tolist())
         return g
@@ -155,15 +150,13 @@ class EagleProposer:
         cache = self.cache
         n_host = [a - b for a, b in zip(ctx.host_lengths, cache.host_lengths)]
         W = max(n_host)
-        if len(self._pending) == 1:  # one step's features: each row's real ones are a prefix already
-            feats = self._pending[0][0][:, :W]
-        else:  # compact each row's real features to the left, in order
-            feats = torch.cat([f for f, _ in self._pending], dim=1)  # (B, sum A, H)
-            valid = torch.cat([torch.arange(f.shape[1], device=f.device)[None, :] < c[:, None]
-                               for f, c in self._pending], dim=1)  # (B, sum A)
-            order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :W]
-            feats = feats.gather(1, order[..., None].expand(-1, -1, feats.shape[-1]))  # (B, W, H)
+        feats = torch.cat([f for f, _ in self._pending], dim=1)  # (B, sum A, H)
+        valid = torch.cat([torch.arange(f.shape[1], device=f.device)[None, :] < c[:, None]
+                           for f, c in self._pending], dim=1)  # (B, sum A)
         self._pending = []
+        # compact each row's real features to the left, in order
+        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :W]
+        feats = feats.gather(1, order[..., None].expand(-1, -1, feats.shape[-1]))  # (B, W, H)
         n = ctx.lengths - cache.lengths  # (B,)
         ar = torch.arange(W, device=n.device)
         node_idx = torch.where(ar[None, :] < n[:, None], ar[None, :], torch.full_like(ar, W)[None, :])
