@@ -10,26 +10,22 @@ position, one row at a time, as a batch-1 decoding step sees them).
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from propd.decoder import Decoder
-from propd.models.loading import load_model
-from propd.models.screen import ArgmaxScreen
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from step_times import median_ms  # noqa: E402
+
+from propd.decoder import Decoder  # noqa: E402
+from propd.models.loading import load_model  # noqa: E402
+from propd.models.screen import ArgmaxScreen  # noqa: E402
 
 PROMPTS = ["Explain how photosynthesis works, step by step.", "Write a short poem about the sea.",
            "What is 17 times 23? Show your work.", "Summarize the causes of the First World War in three sentences."]
-
-
-def median_ms(f, n=30) -> float:
-    f()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
 
 
 @torch.inference_mode()
