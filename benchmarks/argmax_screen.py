@@ -1,7 +1,7 @@
 """The float32 ``lm_head``'s argmax through the Q8 screen (:mod:`propd.models.screen`) against the full product, on
 the default model's own hidden states: equal ids at every position, time per call, candidates per row.
 
-    python benchmarks/argmax_screen.py          # about 30 seconds on 2 CPU cores
+    python benchmarks/argmax_screen.py          # about 40 seconds on 2 CPU cores
 
 The hidden states are the final normed states of a few chat prompts and the model's greedy answers to them (every
 position, one row at a time, as a batch-1 decoding step sees them).
@@ -57,6 +57,11 @@ def main() -> None:
     total = [median_ms(lambda: m.logits(h[i:i + 1]).argmax(dim=-1), 3) for i in range(0, h.shape[0], 8)]
     scr = [median_ms(lambda: screen.argmax(h[i:i + 1], m.logits), 3) for i in range(0, h.shape[0], 8)]
     print(f"every 8th position: full {statistics.mean(total):.2f} ms, screen {statistics.mean(scr):.2f} ms on average")
+    print("rows per call (consecutive positions, as a chain step or a batch): full / screen, ms")
+    for n in (1, 2, 4, 8, 12, 16, 24, 32):
+        x = h[-n:]
+        full, screened = median_ms(lambda: m.logits(x).argmax(dim=-1)), median_ms(lambda: screen.argmax(x, m.logits))
+        print(f"  {n:2d} rows: {full:6.2f} / {screened:6.2f} ({full / screened:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@ Proposer ``prompt-lookup`` (prompt lookup decoding, Saxena 2023; transformers' `
 llama.cpp's lookup decoding): a row's last n tokens (n from ``max_ngram`` down to ``min_ngram``) are searched for in
 its own history (prompt + generated ids, ``ctx.history``); the tokens that followed the ``max_matches`` best matches
 (longest n first, then the most recent) are proposed, merged into a per-row trie of at most the sizer's budget of
-nodes, each branch at most ``max_tokens`` long. A row without a match drafts nothing (its root alone); when no row
-matches the step is a plain AR step. Summaries, retrieval-augmented answers and code edits copy long spans of their
-input, which is where this pays.
+nodes, each branch at most ``max_tokens`` long and, after a match of n tokens, at most ceil(``length_factor`` * n):
+a 1-token match is a weak guess (2 tokens drafted), a match of 7 or more tokens usually a copy in progress (all 10).
+A row without a match drafts nothing (its root alone); when no row matches the step is a plain AR step. Summaries,
+retrieval-augmented answers and code edits copy long spans of their input, which is where this pays.
 
-The search runs on the device over the whole history at once, (B, C) ids against (B, n) suffixes; one small transfer
-per step brings the candidates to the host to build the tries.
+The search runs on the device over the whole history at once, (B, C) ids against (B, max_ngram) suffixes; one small
+transfer per step brings the candidates to the host to build the tries. The defaults (``max_ngram`` 8,
+``length_factor`` 1.5) were chosen on task requests over held-out training prompts (``benchmarks/lookup_length.py``);
+``max_ngram=3,length_factor=0`` drafts as transformers' ``prompt_lookup_num_tokens=10`` does.
 
 Presets ``lookup`` (a budget of ``max_tokens`` + 1 nodes), ``propd-lookup`` (the budget chosen online by ProPD's
 ``propd-dynamic`` sizer), ``medusa+lookup`` (a lookup match first, Medusa's mc_sim_7b_63 guesses in the rest of a
@@ -36,10 +39,13 @@ def _positive(_, attribute, value):
 
 @attrs.frozen
 class LookupConfig:
-    max_ngram: int = attrs.field(default=3, validator=_positive)  # longest suffix searched for
+    max_ngram: int = attrs.field(default=8, validator=_positive)  # longest suffix searched for
     min_ngram: int = attrs.field(default=1, validator=_positive)  # shortest
     max_tokens: int = attrs.field(default=10, validator=_positive)  # longest branch (tokens after the root)
     max_matches: int = attrs.field(default=3, validator=_positive)  # branches per row
+    # > 0: a branch after a match of n ids is at most ceil(length_factor * n) tokens long (SuffixDecoding's adaptive
+    # speculation length, Oliaro et al. 2024, arXiv 2411.04975: a longer match predicts a longer copy)
+    length_factor: float = attrs.field(default=1.5, converter=float, validator=attrs.validators.ge(0))
 
     def __attrs_post_init__(self):
         if self.min_ngram > self.max_ngram:
@@ -49,29 +55,33 @@ class LookupConfig:
 def find_matches(history: torch.Tensor, lengths: torch.Tensor, cfg: LookupConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate continuations per row: tokens (B, M, L) and which are real (B, M, L), best match first.
 
-    ``history`` (B, C) holds each row's ids at 0 .. lengths[b]-1 (the last one is the root). A match of the last n
-    ids at positions s .. s+n-1 (ending before the suffix itself ends) proposes the ids from s+n on, up to the end of
-    the history. Matches are ranked by n, then by recency; a continuation start found by several n counts once.
+    ``history`` (B, C) holds each row's ids at 0 .. lengths[b]-1 (the last one is the root). A continuation start p
+    (1 <= p <= lengths[b] - 1) matches n ids when the n ids before p equal the row's last n ids; n counts up to
+    ``max_ngram`` (one comparison of (B, C + 1, max_ngram) windows, newest id first, and a running product). Starts
+    matching at least ``min_ngram`` ids are ranked by n, then by recency, and propose the ids from p on, up to the end
+    of the history and, with ``length_factor``, at most ceil(length_factor * n) of them.
     """
     B, C = history.shape
     dev = history.device
-    score = torch.zeros(B, C + 1, dtype=torch.long, device=dev)  # per continuation start p: its best match's score
-    for n in range(cfg.max_ngram, cfg.min_ngram - 1, -1):
-        if C < n + 1:
-            continue
-        idx = (lengths[:, None] - n + torch.arange(n, device=dev)).clamp(min=0)  # (B, n) the suffix's positions
-        suffix = history.gather(1, idx)
-        windows = history.unfold(1, n, 1)  # (B, C-n+1, n): windows[b, s] = history[b, s : s+n]
-        s = torch.arange(C - n + 1, device=dev)
-        ok = (windows == suffix[:, None, :]).all(dim=2) & (s[None, :] + n <= lengths[:, None] - 1)
-        ok &= (lengths >= n + 1)[:, None]
-        p_score = torch.where(ok, n * (C + 1) + s[None, :] + n, 0)  # longer n first, then the latest start
-        score[:, n:] = torch.maximum(score[:, n:], p_score)
+    N = cfg.max_ngram
+    padded = torch.cat([history.new_full((B, N), -1), history], dim=1)  # (B, N + C): ids never below 0
+    back = torch.arange(N, device=dev)
+    suffix = padded.gather(1, lengths[:, None] - 1 - back + N)  # (B, N) the last N ids, newest first
+    suffix = torch.where(lengths[:, None] - 1 - back >= 0, suffix, -2)  # before the row's start: matches nothing
+    windows = padded.unfold(1, N, 1).flip(-1)  # (B, C + 1, N): windows[b, p] = the N ids before p, newest first
+    n = (windows == suffix[:, None, :]).to(torch.int32).cumprod(dim=2).sum(dim=2)  # (B, C + 1) ids matched
+    p = torch.arange(C + 1, device=dev)
+    ok = (n >= cfg.min_ngram) & (p[None, :] >= 1) & (p[None, :] <= lengths[:, None] - 1)
+    score = torch.where(ok, n.long() * (C + 1) + p[None, :], 0)  # longer match first, then the latest start
     M = min(cfg.max_matches, C + 1)
     best, start = score.topk(M, dim=1)  # (B, M): scores and continuation starts
-    pos = start[..., None] + torch.arange(cfg.max_tokens, device=dev)  # (B, M, L)
+    steps = torch.arange(cfg.max_tokens, device=dev)
+    pos = start[..., None] + steps  # (B, M, L)
     tokens = history.gather(1, pos.clamp(max=C - 1).flatten(1)).view(B, M, cfg.max_tokens)
     real = (pos < lengths[:, None, None]) & (best > 0)[..., None]
+    if cfg.length_factor > 0:
+        limit = torch.ceil(cfg.length_factor * (best // (C + 1)).to(torch.float64))  # (B, M)
+        real &= steps < limit[..., None]
     return tokens, real
 
 
@@ -103,7 +113,8 @@ def propd_register_components(register):
 # drafter's held-out training prompts, plain and as task requests (docs/results.md): 1-gram matches and longer
 # lookups added more verified nodes than accepted tokens on a CPU, and EAGLE's nodes beside a match repaid less than
 # its drafting cost.
-EAGLE_LOOKUP = {"parts": ["prompt-lookup:min_ngram=2,max_tokens=4,max_matches=1", "eagle:top_k=4"], "budgets": [5, 3],
+EAGLE_LOOKUP = {"parts": ["prompt-lookup:max_ngram=3,min_ngram=2,max_tokens=4,max_matches=1,length_factor=0",
+                          "eagle:top_k=4"], "budgets": [5, 3],
                 "later": "empty"}
 # ``propd-eagle+lookup``: the same drafts in a budget of 1-5 nodes chosen online (at larger batches, where a row's
 # extra nodes cost as much as a whole AR step's rows, it falls back to 1-node steps)

@@ -23,11 +23,13 @@ def looping(seed: int, lengths) -> list[list[int]]:
 
 @settings(deadline=None, max_examples=30, derandomize=True)
 @given(lens=st.lists(st.integers(1, 16), min_size=1, max_size=6), seed=st.integers(0, 10_000),
-       max_ngram=st.integers(1, 4), max_tokens=st.integers(1, 12), matches=st.integers(1, 4),
-       budget=st.sampled_from([2, 4, 8, 16]), max_new=st.integers(1, 24), repeat=st.booleans())
-def test_prompt_lookup_is_lossless(lens, seed, max_ngram, max_tokens, matches, budget, max_new, repeat):
+       max_ngram=st.integers(1, 8), max_tokens=st.integers(1, 12), matches=st.integers(1, 4),
+       budget=st.sampled_from([2, 4, 8, 16]), max_new=st.integers(1, 24), repeat=st.booleans(),
+       factor=st.sampled_from([0, 1, 1.5]))
+def test_prompt_lookup_is_lossless(lens, seed, max_ngram, max_tokens, matches, budget, max_new, repeat, factor):
     prompts = looping(seed, lens) if repeat else random_prompts(MODEL, seed, lens)
-    cfg = LookupConfig(max_ngram=max_ngram, min_ngram=1, max_tokens=max_tokens, max_matches=matches)
+    cfg = LookupConfig(max_ngram=max_ngram, min_ngram=1, max_tokens=max_tokens, max_matches=matches,
+                       length_factor=factor)
     res = assert_lossless(MODEL, prompts, max_new, sizer=("static", {"tree": f"chain:{budget - 1}"}),
                           proposer=PromptLookupProposer(cfg), plugins=[propd_lookup])
     assert all(s.tree_nodes <= budget for s in res.stats)
@@ -96,24 +98,32 @@ def test_draft_is_a_trie_of_the_best_matches_per_row():
 
 def _expected(seq: list[int], cfg: LookupConfig) -> list[list[int]]:
     """The reference search on one row, in plain Python: best matches' continuations, best first."""
+    import math
+
     found = {}
     for n in range(cfg.max_ngram, cfg.min_ngram - 1, -1):
         if len(seq) < n + 1:
             continue
         suffix = seq[-n:]
         for s in range(len(seq) - n):
+            if n < cfg.min_ngram:
+                continue
             if seq[s: s + n] == suffix and s + n <= len(seq) - 1:
                 p = s + n
                 found[p] = max(found.get(p, 0), n * 10_000 + p)
     order = sorted(found, key=lambda p: -found[p])[: cfg.max_matches]
-    return [seq[p: p + cfg.max_tokens] for p in order]
+    longest = [cfg.max_tokens if cfg.length_factor == 0 else
+               min(cfg.max_tokens, math.ceil(cfg.length_factor * (found[p] // 10_000))) for p in order]
+    return [seq[p: p + n] for p, n in zip(order, longest)]
 
 
-@settings(deadline=None, max_examples=60, derandomize=True)
+@settings(deadline=None, max_examples=80, derandomize=True)
 @given(rows=st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=30), min_size=1, max_size=4),
-       max_ngram=st.integers(1, 4), max_tokens=st.integers(1, 6), matches=st.integers(1, 4))
-def test_find_matches_equals_a_plain_search(rows, max_ngram, max_tokens, matches):
-    cfg = LookupConfig(max_ngram=max_ngram, min_ngram=1, max_tokens=max_tokens, max_matches=matches)
+       max_ngram=st.integers(1, 9), min_ngram=st.integers(1, 3), max_tokens=st.integers(1, 6),
+       matches=st.integers(1, 4), factor=st.sampled_from([0, 0.5, 1, 1.5, 2]))
+def test_find_matches_equals_a_plain_search(rows, max_ngram, min_ngram, max_tokens, matches, factor):
+    cfg = LookupConfig(max_ngram=max(max_ngram, min_ngram), min_ngram=min_ngram, max_tokens=max_tokens,
+                       max_matches=matches, length_factor=factor)
     C = max(len(r) for r in rows) + 5
     history = torch.full((len(rows), C), 7)  # scratch past each row's length must never match
     for b, r in enumerate(rows):
