@@ -11,7 +11,8 @@ nothing here is tuned on Spec-Bench. Needs the lookup plugin: ``pip install -e p
 
 A variant ``L/E nN`` drafts a lookup match of the last N..3 tokens in at most L nodes (L - 1 tokens) and EAGLE's
 tree in E nodes, in an (L + E - 1)-node budget; ``L/E nN or`` drafts with EAGLE only when the lookup found nothing
-(``composite:later=empty``). Methods take turns prompt by prompt.
+(``composite:later=empty``); ``xF``: the match's tokens are at most F times its length (``length_factor``, matches of
+up to 8 tokens counted). Methods take turns prompt by prompt.
 """
 
 from __future__ import annotations
@@ -28,13 +29,17 @@ from eagle_steps import held_out_prompts  # noqa: E402
 from propd.decoder import Decoder  # noqa: E402
 from propd.models.loading import load_model, shipped_heads  # noqa: E402
 
-# (L, E, min n-gram, later): "empty" drafts with EAGLE only when the lookup found nothing
-VARIANTS = ((5, 3, 1, "always"), (5, 3, 2, "always"), (5, 3, 3, "always"), (6, 3, 2, "always"), (7, 3, 2, "always"),
-            (5, 4, 2, "always"), (5, 3, 2, "empty"), (7, 3, 2, "empty"))
+# (L, E, min n-gram, later, factor): "empty" drafts with EAGLE only when the lookup found nothing; factor > 0: the
+# match's tokens are at most factor x its length (up to 8 counted), else matches of up to 3 tokens, L - 1 tokens drafted
+VARIANTS = ((5, 3, 1, "always", 0), (5, 3, 2, "always", 0), (5, 3, 3, "always", 0), (6, 3, 2, "always", 0),
+            (7, 3, 2, "always", 0), (5, 4, 2, "always", 0), (5, 3, 2, "empty", 0), (7, 3, 2, "empty", 0),
+            (5, 3, 2, "empty", 1.5), (7, 3, 2, "empty", 1.5), (11, 3, 2, "empty", 1.5))
 
 
-def composite(lookup_nodes: int, eagle_nodes: int, min_ngram: int, later: str = "always") -> dict:
-    part = f"prompt-lookup:min_ngram={min_ngram},max_tokens={lookup_nodes - 1},max_matches=1"
+def composite(lookup_nodes: int, eagle_nodes: int, min_ngram: int, later: str = "always", factor: float = 0) -> dict:
+    n = 8 if factor else 3
+    part = (f"prompt-lookup:max_ngram={n},min_ngram={min_ngram},max_tokens={lookup_nodes - 1},max_matches=1,"
+            f"length_factor={factor}")
     return dict(preset=None, sizer=f"static:tree=budget:{lookup_nodes + eagle_nodes - 1}:2",
                 proposer=("composite", {"parts": [part, "eagle:top_k=4"], "budgets": [lookup_nodes, eagle_nodes],
                                         "later": later}))
@@ -46,6 +51,8 @@ def main() -> None:
     ap.add_argument("--max-new", type=int, default=96)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--tasks", action="store_true", help="wrap each prompt's greedy answer in a task request")
+    ap.add_argument("--variants", default=None, help="comma-separated indices into VARIANTS (default: all)")
+    ap.add_argument("--presets", default="eagle,lookup", help="presets beside ar and the variants")
     args = ap.parse_args()
     lm = load_model("smollm2-135m-instruct", dtype=args.dtype)
     prompts = held_out_prompts(shipped_heads("smollm2-135m-instruct") / "eagle", args.prompts)
@@ -54,9 +61,11 @@ def main() -> None:
 
         answers = Decoder(lm, preset="ar").generate(prompts, max_new_tokens=128).texts
         prompts = [TASKS[i % len(TASKS)].format(text=a.strip() or "...") for i, a in enumerate(answers)]
-    runs = {name: Decoder(lm, preset=name) for name in ("ar", "eagle", "lookup")}
-    for lk, e, n, later in VARIANTS:
-        runs[f"{lk}/{e} n{n}" + (" or" if later == "empty" else "")] = Decoder(lm, **composite(lk, e, n, later))
+    runs = {name: Decoder(lm, preset=name) for name in ["ar", *args.presets.split(",")]}
+    variants = VARIANTS if args.variants is None else [VARIANTS[int(i)] for i in args.variants.split(",")]
+    for lk, e, n, later, f in variants:
+        name = f"{lk}/{e} n{n}" + (" or" if later == "empty" else "") + (f" x{f:g}" if f else "")
+        runs[name] = Decoder(lm, **composite(lk, e, n, later, f))
     rows = {name: {"tokens": 0, "time": 0.0, "accepted": [], "nodes": []} for name in runs}
     for p in prompts:
         for name, dec in runs.items():
@@ -69,10 +78,10 @@ def main() -> None:
     ar_rate = rows["ar"]["tokens"] / rows["ar"]["time"]
     kind = "task requests" if args.tasks else "plain prompts"
     print(f"{len(prompts)} {kind}, {args.max_new} new tokens, {args.dtype}")
-    print(f"{'method':12s} {'tok/step':>8s} {'nodes':>6s} {'step ms':>8s} {'speed/ar':>8s}")
+    print(f"{'method':18s} {'tok/step':>8s} {'nodes':>6s} {'step ms':>8s} {'speed/ar':>8s}")
     for name, row in rows.items():
         steps = len(row["accepted"])
-        print(f"{name:12s} {statistics.mean(row['accepted']):8.2f} {statistics.mean(row['nodes']):6.1f} "
+        print(f"{name:18s} {statistics.mean(row['accepted']):8.2f} {statistics.mean(row['nodes']):6.1f} "
               f"{1000 * row['time'] / steps:8.1f} {row['tokens'] / row['time'] / ar_rate:8.3f}")
 
 

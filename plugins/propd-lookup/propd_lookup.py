@@ -16,7 +16,7 @@ transfer per step brings the candidates to the host to build the tries. The defa
 
 Presets ``lookup`` (a budget of ``max_tokens`` + 1 nodes), ``propd-lookup`` (the budget chosen online by ProPD's
 ``propd-dynamic`` sizer), ``medusa+lookup`` (a lookup match first, Medusa's mc_sim_7b_63 guesses in the rest of a
-64-node budget), ``eagle+lookup`` (the best match of the last 2-3 tokens, at most 4 tokens, or where there is none
+64-node budget), ``eagle+lookup`` (the best match of the last 2-8 tokens, up to 10 tokens, or where there is none
 the ``eagle`` preset's 3-node tree) and ``propd-eagle+lookup`` (those drafts in a budget chosen online), through propd's
 ``composite`` proposer.
 """
@@ -108,29 +108,35 @@ def propd_register_components(register):
              "continuations of the row's last n-gram found earlier in its own prompt and output (Saxena 2023)")
 
 
-# ``eagle+lookup``: a row with a match of its last 2-3 tokens verifies that match's next 4 tokens, a row without one
-# the drafter's 3-node tree (a step whose every row has a match does not draft with EAGLE). Chosen on the EAGLE
-# drafter's held-out training prompts, plain and as task requests (docs/results.md): 1-gram matches and longer
-# lookups added more verified nodes than accepted tokens on a CPU, and EAGLE's nodes beside a match repaid less than
-# its drafting cost.
-EAGLE_LOOKUP = {"parts": ["prompt-lookup:max_ngram=3,min_ngram=2,max_tokens=4,max_matches=1,length_factor=0",
-                          "eagle:top_k=4"], "budgets": [5, 3],
-                "later": "empty"}
-# ``propd-eagle+lookup``: the same drafts in a budget of 1-5 nodes chosen online (at larger batches, where a row's
+# ``eagle+lookup``: a row with a match of its last 2-8 tokens verifies what followed the latest longest match (at most
+# 1.5 times the match's length, 10 tokens), a row without one the drafter's 3-node tree (a step whose every row has a
+# match does not draft with EAGLE). Chosen on the EAGLE drafter's held-out training prompts, plain and as task
+# requests (``benchmarks/eagle_lookup.py``, docs/results.md): 1-gram matches added more verified nodes than accepted
+# tokens on a CPU, and EAGLE's nodes beside a match repaid less than its drafting cost.
+EAGLE_LOOKUP = {"parts": ["prompt-lookup:max_ngram=8,min_ngram=2,max_tokens=10,max_matches=1,length_factor=1.5",
+                          "eagle:top_k=4"], "budgets": [11, 3], "later": "empty"}
+# ``propd-eagle+lookup``: the same drafts in a budget of 1-11 nodes chosen online (at larger batches, where a row's
 # extra nodes cost as much as a whole AR step's rows, it falls back to 1-node steps)
-EAGLE_LOOKUP_DYNAMIC = {"max_depth": 6, "sizes": [1, 2, 3, 4, 5], "explore": [1, 2, 3, 5], "unseen": "inherit"}
+EAGLE_LOOKUP_DYNAMIC = {"max_depth": 10, "sizes": [1, 2, 3, 4, 5, 8, 11], "explore": [1, 2, 3, 5, 11],
+                        "unseen": "inherit"}
+
+
+# the static presets' trees are cut in batches to this many token rows per step in all (``static:max_rows``): a
+# 10-token branch per row costs little at batch 1 but 176 rows at batch 16, past what a CPU step's fused kernels serve
+MAX_ROWS = 64
 
 
 @propd.hookimpl
 def propd_register_presets(register):
     register("lookup", "prompt lookup decoding: continuations of matching n-grams of the prompt and output",
-             sizer=("static", {"tree": f"chain:{LookupConfig().max_tokens}"}), proposer="prompt-lookup")
+             sizer=("static", {"tree": f"chain:{LookupConfig().max_tokens}", "max_rows": MAX_ROWS}),
+             proposer="prompt-lookup")
     register("propd-lookup", "prompt lookup with ProPD's dynamic tree sizing (the budget chosen online)",
              sizer="propd-dynamic", proposer="prompt-lookup")
     register("medusa+lookup", "a prompt-lookup match, then Medusa's guesses, in one 64-node tree",
              sizer=("static", {"tree": "mc_sim_7b_63"}),
              proposer=("composite", {"parts": ["prompt-lookup", "medusa"]}))
-    register("eagle+lookup", "a prompt-lookup match of the last 2-3 tokens (4 tokens), else EAGLE's 3-node tree",
-             sizer=("static", {"tree": "budget:5:2"}), proposer=("composite", EAGLE_LOOKUP))
-    register("propd-eagle+lookup", "eagle+lookup's drafts with ProPD's dynamic sizing (1-5 nodes, chosen online)",
+    register("eagle+lookup", "a prompt-lookup match of the last 2-8 tokens (up to 10), else EAGLE's 3-node tree",
+             sizer=("static", {"tree": "budget:13:2", "max_rows": MAX_ROWS}), proposer=("composite", EAGLE_LOOKUP))
+    register("propd-eagle+lookup", "eagle+lookup's drafts with ProPD's dynamic sizing (1-11 nodes, chosen online)",
              sizer=("propd-dynamic", EAGLE_LOOKUP_DYNAMIC), proposer=("composite", EAGLE_LOOKUP))

@@ -507,6 +507,37 @@ def test_static_sizer_builds_its_tree_once_per_device():
     assert sizer.propd_tree(ctx=ctx) is first and first.num_nodes == 4
 
 
+def test_static_sizer_caps_the_rows_of_a_batch():
+    """``max_rows``: B rows x nodes stays within the cap; budget trees keep their depth where they can, other trees
+    are cut breadth-first (still trees, every kept node's parent kept)."""
+    from types import SimpleNamespace
+
+    from propd.strategies.static import StaticConfig, StaticSizer
+
+    def tree(spec, cap, b):
+        sizer = StaticSizer(StaticConfig(tree=spec, max_rows=cap))
+        return sizer.propd_tree(ctx=SimpleNamespace(device=torch.device("cpu"), batch_size=b))
+
+    assert [tree("budget:13:2", 64, b).num_nodes for b in (1, 4, 8, 16, 64, 100)] == [13, 13, 8, 4, 1, 1]
+    assert tree("budget:13:2", 64, 16).max_depth == 2 and tree("budget:13:2", 64, 32).max_depth == 1
+    assert tree("chain:10", 16, 4).paths == ((0,), (0, 0), (0, 0, 0))
+    cut = tree("mc_sim_7b_63", 64, 4)
+    assert cut.num_nodes == 16 and all(p[:-1] in set(cut.paths) | {()} for p in cut.paths)
+    assert tree("mc_sim_7b_63", 0, 16).num_nodes == 64  # no cap
+
+
+def test_static_sizer_row_cap_is_lossless():
+    """5 rows under a cap of 10 token rows verify 2 nodes each; 2 rows (or 1 as the last row finishes) the whole
+    5-node chain; the output is ar's either way."""
+    prompts = prompts_from(11, [3, 9, 5, 14, 2])
+    refs = ar(prompts, 20)
+    dec = Decoder(MODEL, preset="medusa", sizer=("static", {"tree": "chain:4", "max_rows": 10}))
+    wide = dec.generate_ids(prompts, max_new_tokens=20)
+    assert wide.token_ids == refs and wide.stats[0].tree_nodes == 2
+    pairs = dec.generate_ids(prompts, max_new_tokens=20, batch_size=2)
+    assert pairs.token_ids == refs and {s.tree_nodes for s in pairs.stats} == {5}
+
+
 def test_one_unlucky_tree_step_does_not_stop_exploration():
     """The calibration c of l(i) starts at 1 and moves with the tree steps: a first tree step that accepts nothing
     must not make every tree look worthless (c = 0 stopped exploration after the 2-node tree on the default model)."""

@@ -47,7 +47,7 @@ def test_presets_and_pruning_are_lossless(lens, seed, preset, prune):
 
 def test_eagle_lookup_adds_a_match_to_the_drafters_tree():
     """``eagle+lookup``: a row whose last two tokens (the prompt's last and the first generated) occurred before
-    verifies the 4 tokens that followed them; a row without a match, EAGLE's 3 nodes."""
+    verifies the 3 tokens that followed them (1.5 x the match's length); a row without a match, EAGLE's 3 nodes."""
     from propd.testing import ar_reference
 
     tail, first = list(range(40, 52)), 0
@@ -59,7 +59,7 @@ def test_eagle_lookup_adds_a_match_to_the_drafters_tree():
         first = nxt
     assert nxt == first
     matched = assert_lossless(TREE_MODEL, [prompt], 4, preset="eagle+lookup", plugins=[propd_lookup])
-    assert matched.stats[0].tree_nodes == 5  # the root and the match's 4 tokens
+    assert matched.stats[0].tree_nodes == 4  # the root and 3 tokens after the 2-token match
     fresh = assert_lossless(TREE_MODEL, [tail], 4, preset="eagle+lookup", plugins=[propd_lookup])
     assert fresh.stats[0].tree_nodes == 3
 
