@@ -33,7 +33,8 @@ from propd.models.loading import load_model, shipped_heads  # noqa: E402
 # match's tokens are at most factor x its length (up to 8 counted), else matches of up to 3 tokens, L - 1 tokens drafted
 VARIANTS = ((5, 3, 1, "always", 0), (5, 3, 2, "always", 0), (5, 3, 3, "always", 0), (6, 3, 2, "always", 0),
             (7, 3, 2, "always", 0), (5, 4, 2, "always", 0), (5, 3, 2, "empty", 0), (7, 3, 2, "empty", 0),
-            (5, 3, 2, "empty", 1.5), (7, 3, 2, "empty", 1.5), (11, 3, 2, "empty", 1.5))
+            (5, 3, 2, "empty", 1.5), (7, 3, 2, "empty", 1.5), (11, 3, 2, "empty", 1.5), (11, 3, 3, "empty", 1.5),
+            (11, 3, 2, "empty", 2))
 
 
 def composite(lookup_nodes: int, eagle_nodes: int, min_ngram: int, later: str = "always", factor: float = 0) -> dict:
