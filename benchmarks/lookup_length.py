@@ -9,8 +9,9 @@ several hundred tokens as in summarization and retrieval-augmented answering. Me
 
     python benchmarks/lookup_length.py --requests 8 --join 3    # about 6 minutes on 2 CPU cores
 
-Prints tokens per step, nodes per step, step time and speed over ``ar`` (decoding steps only), and per variant how
-many draft tokens each drafting step accepted.
+Prints tokens per step (per row), nodes per step, step time and speed over ``ar`` (decoding steps only), and per
+variant how many draft tokens each drafting step accepted. ``--batch B --max-rows 0,32,64`` decodes B requests
+together with each variant's tree cut to at most that many token rows per step (``static:max_rows``).
 """
 
 from __future__ import annotations
@@ -59,35 +60,41 @@ def main() -> None:
     ap.add_argument("--variants", default=";".join(VARIANTS),
                     help="';'-separated prompt-lookup options to compare, each in a chain of max_tokens nodes")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch", type=int, default=1, help="requests decoded together (batches taking turns)")
+    ap.add_argument("--max-rows", default="0", help="comma-separated static:max_rows caps, each variant run under each")
     args = ap.parse_args()
     lm = load_model("smollm2-135m-instruct", dtype=args.dtype)
     requests = task_requests(lm, args.requests, args.join, args.skip)
     runs = {"ar": Decoder(lm, preset="ar")}
+    caps = [int(c) for c in args.max_rows.split(",")]
     for opts in args.variants.split(";"):
         L = LookupConfig(**parse_component(f"x:{opts}")[1]).max_tokens
-        runs[opts] = Decoder(lm, preset=None, sizer=f"static:tree=chain:{L}", proposer=f"prompt-lookup:{opts}")
+        for cap in caps:
+            runs[opts + (f" rows<={cap}" if cap else "")] = Decoder(
+                lm, preset=None, sizer=f"static:tree=chain:{L},max_rows={cap}", proposer=f"prompt-lookup:{opts}")
     runs["propd-lookup"] = Decoder(lm, preset="propd-lookup")
     rows = {name: {"tokens": 0, "time": 0.0, "accepted": [], "nodes": []} for name in runs}
     context = []
-    for p in requests:
+    for i in range(0, len(requests), args.batch):
+        batch = requests[i:i + args.batch]
         for name, dec in runs.items():
-            r = dec.generate([p], max_new_tokens=args.max_new)
+            r = dec.generate(batch, max_new_tokens=args.max_new)
             row = rows[name]
-            row["tokens"] += r.new_tokens[0]
+            row["tokens"] += sum(r.new_tokens)
             row["time"] += sum(s.step_time_s for s in r.stats)
-            row["accepted"] += [s.accepted[0] for s in r.stats]
+            row["accepted"] += [statistics.mean(s.accepted) for s in r.stats]
             row["nodes"] += [s.tree_nodes for s in r.stats]
-        context.append(len(runs["ar"].encode([p])[0]))
+        context += [len(ids) for ids in runs["ar"].encode(batch)]
     ar_rate = rows["ar"]["tokens"] / rows["ar"]["time"]
     print(f"{len(requests)} requests, prompts of {min(context)}-{max(context)} tokens (median "
-          f"{statistics.median(context):.0f}), {args.max_new} new tokens, {args.dtype}")
+          f"{statistics.median(context):.0f}), {args.max_new} new tokens, {args.dtype}, batches of {args.batch}")
     width = max(len(name) for name in runs)
     print(f"{'method':{width}s} {'tok/step':>8s} {'nodes':>6s} {'step ms':>8s} {'speed/ar':>8s}")
     for name, row in rows.items():
         steps = len(row["accepted"])
         print(f"{name:{width}s} {statistics.mean(row['accepted']):8.2f} {statistics.mean(row['nodes']):6.2f} "
               f"{1000 * row['time'] / steps:8.1f} {row['tokens'] / row['time'] / ar_rate:8.3f}")
-    for name in runs:
+    for name in runs if args.batch == 1 else ():
         if name in ("ar", "propd-lookup"):
             continue
         drafted = [a - 1 for a, n in zip(rows[name]["accepted"], rows[name]["nodes"]) if n > 1]
