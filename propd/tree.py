@@ -188,6 +188,10 @@ class RowTrees:
         depth (the width of ``paths_to``) and the checks, unless ``max_depth`` is given (then nothing is checked)."""
         parents = parents.long()
         B, T = parents.shape
+        if max_depth is not None and parents.device.type == "cpu" and B * T * T <= cls.HOST_CELLS:
+            host = cls._from_host_parents(parents, max_depth)
+            if host is not None:
+                return host
         idx = torch.arange(T, device=parents.device)
         if max_depth is None:
             if T == 0 or bool((parents[:, 0] != -1).any()):
@@ -210,6 +214,40 @@ class RowTrees:
         spill.scatter_(2, slot, idx.expand(B, T, T).contiguous())  # ancestor j of i lands at column depth(j)
         paths_to = spill[..., : D + 1]
         return cls(parents=parents, depths=depths, mask=mask, paths_to=paths_to, max_depth=D)
+
+    # small trees on the CPU: the same tensors from a walk down each row's parents, cheaper than a dozen tensor ops
+    HOST_CELLS = 2048  # B * T * T
+
+    @classmethod
+    def _from_host_parents(cls, parents: torch.Tensor, D: int) -> "RowTrees | None":
+        """:meth:`from_parents` with ``max_depth`` D for a CPU ``parents`` (B, T), in Python: each node's ancestors
+        and path from its parent's (node 0 the root). None if some node does not come after its parent (then the
+        tensor path gives its answer)."""
+        B, T = parents.shape
+        masks, depths, paths = [], [], []
+        for row in parents.tolist():
+            anc: list[list[int]] = []
+            dep: list[int] = []
+            for i, p in enumerate(row):
+                if i == 0:
+                    anc.append([0])
+                    dep.append(0)
+                    continue
+                if not 0 <= p < i:
+                    return None
+                anc.append(anc[p] + [i])
+                dep.append(dep[p] + 1)
+            mask = [[False] * T for _ in range(T)]
+            path = []
+            for i, chain in enumerate(anc):  # ancestors root first, one per depth: column d holds the depth-d one
+                for j in chain:
+                    mask[i][j] = True
+                path.append([chain[d] if d < len(chain) else i for d in range(D + 1)])
+            masks.append(mask)
+            depths.append(dep)
+            paths.append(path)
+        return cls(parents=parents, depths=torch.tensor(depths, dtype=torch.long), mask=torch.tensor(masks),
+                   paths_to=torch.tensor(paths, dtype=torch.long), max_depth=D)
 
     def keep_closure(self, keep: torch.Tensor) -> torch.Tensor:
         """As :meth:`DraftTree.keep_closure`, per row."""

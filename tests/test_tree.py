@@ -78,3 +78,27 @@ def test_budget_trees_have_their_size_and_depth():
     for bad in ["budget:8:0", "budget:8:8", "budget:0:0", "budget:x:2", "budget:4"]:
         with pytest.raises(PropdError, match="budget"):
             tree_paths(bad)
+
+
+@given(rows=st.lists(st.lists(st.integers(0, 10**6), min_size=0, max_size=14), min_size=1, max_size=5),
+       extra_depth=st.integers(-1, 3))
+def test_row_trees_from_host_parents_equal_the_tensor_path(rows, extra_depth):
+    """Small CPU trees are built by a walk in Python; every tensor equals the repeated-squaring path's, also when the
+    given depth is one below or above the deepest node's."""
+    from propd.tree import RowTrees
+
+    T = max(len(r) for r in rows) + 1
+    parents = torch.tensor([[-1] + [c % (i + 1) for i, c in enumerate(r + [0] * (T - 1 - len(r)))] for r in rows])
+    deepest = int(RowTrees.from_parents(parents).max_depth)
+    D = max(0, deepest + extra_depth)
+    fast = RowTrees.from_parents(parents, max_depth=D)
+    big = RowTrees.HOST_CELLS
+    try:
+        RowTrees.HOST_CELLS = 0  # the tensor path
+        slow = RowTrees.from_parents(parents, max_depth=D)
+    finally:
+        RowTrees.HOST_CELLS = big
+    for name in ("parents", "depths", "mask", "paths_to"):
+        a, b = getattr(fast, name), getattr(slow, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert fast.max_depth == slow.max_depth == D
