@@ -18,13 +18,12 @@ up to 8 tokens counted). Methods take turns prompt by prompt.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from eagle_steps import held_out_prompts  # noqa: E402
+from eagle_steps import held_out_prompts, print_turns, take_turns  # noqa: E402
 
 from propd.decoder import Decoder  # noqa: E402
 from propd.models.loading import load_model, shipped_heads  # noqa: E402
@@ -67,23 +66,10 @@ def main() -> None:
     for lk, e, n, later, f in variants:
         name = f"{lk}/{e} n{n}" + (" or" if later == "empty" else "") + (f" x{f:g}" if f else "")
         runs[name] = Decoder(lm, **composite(lk, e, n, later, f))
-    rows = {name: {"tokens": 0, "time": 0.0, "accepted": [], "nodes": []} for name in runs}
-    for p in prompts:
-        for name, dec in runs.items():
-            r = dec.generate([p], max_new_tokens=args.max_new)
-            row = rows[name]
-            row["tokens"] += r.new_tokens[0]
-            row["time"] += sum(s.step_time_s for s in r.stats)
-            row["accepted"] += [s.accepted[0] for s in r.stats]
-            row["nodes"] += [s.tree_nodes for s in r.stats]
-    ar_rate = rows["ar"]["tokens"] / rows["ar"]["time"]
+    rows = take_turns(runs, prompts, args.max_new)
     kind = "task requests" if args.tasks else "plain prompts"
     print(f"{len(prompts)} {kind}, {args.max_new} new tokens, {args.dtype}")
-    print(f"{'method':18s} {'tok/step':>8s} {'nodes':>6s} {'step ms':>8s} {'speed/ar':>8s}")
-    for name, row in rows.items():
-        steps = len(row["accepted"])
-        print(f"{name:18s} {statistics.mean(row['accepted']):8.2f} {statistics.mean(row['nodes']):6.1f} "
-              f"{1000 * row['time'] / steps:8.1f} {row['tokens'] / row['time'] / ar_rate:8.3f}")
+    print_turns(rows)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,33 @@ from propd.models.loading import load_model
 from propd.strategies.eagle import EagleConfig, EagleProposer
 
 
+def take_turns(runs: dict, prompts: list, max_new: int, batch: int = 1) -> dict:
+    """Decode ``prompts`` with every decoder of ``runs`` (name -> Decoder), taking turns batch by batch so that the
+    machine's drift slows them alike; per name: new tokens, summed step time, tokens per step (mean over a step's
+    rows) and nodes per step."""
+    rows = {name: {"tokens": 0, "time": 0.0, "accepted": [], "nodes": []} for name in runs}
+    for i in range(0, len(prompts), batch):
+        for name, dec in runs.items():
+            r = dec.generate(prompts[i:i + batch], max_new_tokens=max_new)
+            row = rows[name]
+            row["tokens"] += sum(r.new_tokens)
+            row["time"] += sum(s.step_time_s for s in r.stats)
+            row["accepted"] += [statistics.mean(s.accepted) for s in r.stats]
+            row["nodes"] += [s.tree_nodes for s in r.stats]
+    return rows
+
+
+def print_turns(rows: dict) -> None:
+    """:func:`take_turns`' table: tokens and nodes per step, step time (ms) and speed over the run named ``ar``."""
+    ar_rate = rows["ar"]["tokens"] / rows["ar"]["time"]
+    width = max(len(name) for name in rows)
+    print(f"{'method':{width}s} {'tok/step':>8s} {'nodes':>6s} {'step ms':>8s} {'speed/ar':>8s}")
+    for name, row in rows.items():
+        steps = len(row["accepted"])
+        print(f"{name:{width}s} {statistics.mean(row['accepted']):8.2f} {statistics.mean(row['nodes']):6.2f} "
+              f"{1000 * row['time'] / steps:8.1f} {row['tokens'] / row['time'] / ar_rate:8.3f}")
+
+
 def held_out_prompts(drafter_dir: Path, n: int) -> list[str]:
     from propd.training.eagle import EagleTrainConfig
     from propd.training.trainer import _val_seqs, training_prompt_texts

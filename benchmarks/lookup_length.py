@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from eagle_steps import held_out_prompts  # noqa: E402
+from eagle_steps import held_out_prompts, print_turns, take_turns  # noqa: E402
 
 from propd.decoder import Decoder  # noqa: E402
 from propd.models.loading import load_model, shipped_heads  # noqa: E402
@@ -73,27 +73,11 @@ def main() -> None:
             runs[opts + (f" rows<={cap}" if cap else "")] = Decoder(
                 lm, preset=None, sizer=f"static:tree=chain:{L},max_rows={cap}", proposer=f"prompt-lookup:{opts}")
     runs["propd-lookup"] = Decoder(lm, preset="propd-lookup")
-    rows = {name: {"tokens": 0, "time": 0.0, "accepted": [], "nodes": []} for name in runs}
-    context = []
-    for i in range(0, len(requests), args.batch):
-        batch = requests[i:i + args.batch]
-        for name, dec in runs.items():
-            r = dec.generate(batch, max_new_tokens=args.max_new)
-            row = rows[name]
-            row["tokens"] += sum(r.new_tokens)
-            row["time"] += sum(s.step_time_s for s in r.stats)
-            row["accepted"] += [statistics.mean(s.accepted) for s in r.stats]
-            row["nodes"] += [s.tree_nodes for s in r.stats]
-        context += [len(ids) for ids in runs["ar"].encode(batch)]
-    ar_rate = rows["ar"]["tokens"] / rows["ar"]["time"]
+    rows = take_turns(runs, requests, args.max_new, args.batch)
+    context = [len(ids) for ids in runs["ar"].encode(requests)]
     print(f"{len(requests)} requests, prompts of {min(context)}-{max(context)} tokens (median "
           f"{statistics.median(context):.0f}), {args.max_new} new tokens, {args.dtype}, batches of {args.batch}")
-    width = max(len(name) for name in runs)
-    print(f"{'method':{width}s} {'tok/step':>8s} {'nodes':>6s} {'step ms':>8s} {'speed/ar':>8s}")
-    for name, row in rows.items():
-        steps = len(row["accepted"])
-        print(f"{name:{width}s} {statistics.mean(row['accepted']):8.2f} {statistics.mean(row['nodes']):6.2f} "
-              f"{1000 * row['time'] / steps:8.1f} {row['tokens'] / row['time'] / ar_rate:8.3f}")
+    print_turns(rows)
     for name in runs if args.batch == 1 else ():
         if name in ("ar", "propd-lookup"):
             continue

@@ -26,7 +26,8 @@ import torch
 from propd.errors import PropdError
 
 
-def _normalize_paths(paths: Iterable[Sequence[int]]) -> tuple[tuple[int, ...], ...]:
+def normalize_paths(paths: Iterable[Sequence[int]]) -> tuple[tuple[int, ...], ...]:
+    """Distinct paths in breadth-first order (by depth, then ranks), each path's parent before it; checked."""
     uniq = {tuple(int(r) for r in p) for p in paths}
     uniq.discard(())
     for p in uniq:
@@ -66,7 +67,7 @@ class DraftTree:
 
     @classmethod
     def from_paths(cls, paths: Iterable[Sequence[int]], device: torch.device | str = "cpu") -> "DraftTree":
-        paths = _normalize_paths(paths)
+        paths = normalize_paths(paths)
         index = {(): 0}
         for i, p in enumerate(paths, start=1):
             index[p] = i
@@ -223,20 +224,14 @@ class RowTrees:
         """:meth:`from_parents` with ``max_depth`` D for a CPU ``parents`` (B, T), in Python: each node's ancestors
         and path from its parent's (node 0 the root). None if some node does not come after its parent (then the
         tensor path gives its answer)."""
-        B, T = parents.shape
+        T = parents.shape[1]
         masks, depths, paths = [], [], []
         for row in parents.tolist():
-            anc: list[list[int]] = []
-            dep: list[int] = []
-            for i, p in enumerate(row):
-                if i == 0:
-                    anc.append([0])
-                    dep.append(0)
-                    continue
+            anc = [[0]]  # per node: its ancestors and itself, root first (one per depth)
+            for i, p in enumerate(row[1:], start=1):
                 if not 0 <= p < i:
                     return None
                 anc.append(anc[p] + [i])
-                dep.append(dep[p] + 1)
             mask = [[False] * T for _ in range(T)]
             path = []
             for i, chain in enumerate(anc):  # ancestors root first, one per depth: column d holds the depth-d one
@@ -244,7 +239,7 @@ class RowTrees:
                     mask[i][j] = True
                 path.append([chain[d] if d < len(chain) else i for d in range(D + 1)])
             masks.append(mask)
-            depths.append(dep)
+            depths.append([len(chain) - 1 for chain in anc])
             paths.append(path)
         return cls(parents=parents, depths=torch.tensor(depths, dtype=torch.long), mask=torch.tensor(masks),
                    paths_to=torch.tensor(paths, dtype=torch.long), max_depth=D)

@@ -6,8 +6,7 @@ import attrs
 
 from propd.errors import PropdError
 from propd.hookspecs import hookimpl
-from propd.tree import tree_paths
-from propd.tree import DraftTree
+from propd.tree import DraftTree, normalize_paths, tree_paths
 
 
 @attrs.frozen
@@ -17,7 +16,8 @@ class StaticConfig:
     ``max_rows`` (0: no cap): the most token rows a step verifies in all, batch rows x nodes. With B rows each row's
     tree is cut to max(1, max_rows // B) nodes: a ``budget:N:D`` tree to ``budget:K:min(D, K - 1)``, any other to
     its first K - 1 paths in breadth-first order (each path's parent comes before it, so the cut is a tree). A
-    budget sized for one row then stays affordable in a batch (64: the rows a CPU step's fused kernels serve)."""
+    budget sized for one row then stays affordable in a batch, where each row's extra nodes cost about as much as more
+    rows."""
 
     tree: str | tuple = attrs.field(default="mc_sim_7b_63")
     max_rows: int = attrs.field(default=0, validator=attrs.validators.ge(0))
@@ -46,7 +46,7 @@ class StaticSizer:
         if isinstance(self.spec, str) and self.spec.startswith("budget:"):
             depth = max((len(p) for p in self.paths), default=0)
             return tree_paths(f"budget:{k}:{min(depth, k - 1)}")
-        return DraftTree.from_paths(self.paths).paths[:k - 1]
+        return normalize_paths(self.paths)[:k - 1]
 
     @hookimpl
     def propd_tree(self, ctx):
