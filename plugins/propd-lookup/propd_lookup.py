@@ -122,9 +122,8 @@ EAGLE_LOOKUP_DYNAMIC = {"max_depth": 10, "sizes": [1, 2, 3, 4, 5, 8, 11], "explo
 
 
 # the static presets' trees are cut in batches to this many token rows per step in all (``static:max_rows``): a
-# 10-token branch per row costs little at batch 1, but above it each row's extra nodes cost about as much as more rows
-# (the products' arithmetic). 16 was the best of 16, 32 and 64 at batch 2, 4 and 8 on task requests over held-out
-# training prompts (``benchmarks/lookup_length.py --batch B --max-rows 16,32,64``); at batch 16 it means AR steps
+# 10-token branch per row costs little at batch 1, but above it each row's extra nodes cost about as much as more rows.
+# Chosen on held-out task requests (``benchmarks/lookup_length.py --batch B --max-rows ...``); at batch 16: AR steps
 MAX_ROWS = 16
 
 
