@@ -312,3 +312,9 @@ def linear(x2: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.T
     """``x2 @ W^T`` for a contiguous (rows, K) ``x2`` of ``W``'s dtype (float32 or bfloat16) and ``packed = pack(W)``.
     bfloat16 is computed in float32 and rounded once at the end."""
     return _state["ext"].packed_linear(x2, packed, out_features)
+
+
+def linears(x2: torch.Tensor, packed: list[torch.Tensor], out_features: list[int]) -> list[torch.Tensor]:
+    """:func:`linear` of one ``x2`` by several weights packed alike (one dtype and layout), in one parallel region (a
+    decoder layer's q, k and v; gate and up): each result equals :func:`linear`'s alone, bit for bit."""
+    return _state["ext"].packed_linears(x2, list(packed), list(out_features))

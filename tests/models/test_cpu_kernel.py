@@ -79,6 +79,15 @@ def test_packed_product_equals_matmul_and_each_row_alone(rows, k, out, seed, dty
         torch.testing.assert_close(y, exact.float(), rtol=1e-5, atol=1e-4)
     else:  # float32 products and sums of the bf16 values, rounded once: within one bf16 rounding of the exact result
         torch.testing.assert_close(y.double(), exact, rtol=2**-8, atol=1e-3)
+        # weights widened in registers (the path without AVX512-BF16): the float32 kernel's sums on the widened
+        # values, rounded as torch rounds
+        ext = cpu_kernel.extension()
+        ext.set_isa_limit(1)
+        try:
+            widened = cpu_kernel.linear(x, cpu_kernel.pack(w), out)
+        finally:
+            ext.set_isa_limit(0)
+        assert torch.equal(widened, cpu_kernel.linear(x.float(), cpu_kernel.pack(w.float()), out).to(dtype))
     for r in range(rows):  # batch invariance: a row's result does not depend on the other rows, bit for bit
         assert torch.equal(cpu_kernel.linear(x[r:r + 1].contiguous(), packed, out)[0], y[r])
 
@@ -182,6 +191,9 @@ def test_attention_equals_sdpa_and_each_query_alone(b, hk, group, t, s, d, seed,
     assert out.shape == (b, t, hk * group * d) and out.dtype == dtype
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=2e-2)
     torch.testing.assert_close(out.double(), ref, **tol)
+    if dtype == torch.bfloat16:  # bf16 is the float32 computation on the widened values, rounded once as torch rounds
+        wide = cpu_kernel.attention(q.float(), k.float(), v.float(), mask, d ** -0.5)
+        assert torch.equal(out, wide.to(torch.bfloat16))
     # bit for bit: a query alone, a row alone, and more keys that are all masked give the same result
     for i in range(t):
         alone = cpu_kernel.attention(q[:, :, i:i + 1].contiguous(), k, v, mask[:, i:i + 1], d ** -0.5)

@@ -283,3 +283,37 @@ def test_dtype_gguf_needs_a_gguf_source(capsys, tiny_dir):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "dtype gguf" in err and ("not a .gguf file" in err or "CPU extension" in err)
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(["float32", "bfloat16", "Q4_1", "Q8_0", "Q4_1-q8", "Q8_0-q8"]), m=st.integers(1, 20),
+       outs=st.lists(st.integers(1, 90), min_size=1, max_size=3), nb=st.integers(1, 4), avx2=st.booleans(),
+       seed=st.integers(0, 999))
+def test_products_sharing_an_input_equal_each_product_alone(kind, m, outs, nb, avx2, seed):
+    """``cpu_kernel.linears`` (a layer's q, k and v in one parallel region) gives each product's own result bit for
+    bit, for every weight layout and on both ISA paths; weights packed differently are refused."""
+    ext = cpu_kernel.extension()
+    g = torch.Generator().manual_seed(seed)
+    K = 32 * nb
+    ext.set_isa_limit(int(avx2))  # bf16's packing follows the path (pairs on AVX512-BF16)
+    try:
+        if kind in ("float32", "bfloat16"):
+            dtype = getattr(torch, kind)
+            packed = [cpu_kernel.pack(torch.randn(o, K, generator=g).to(dtype)) for o in outs]
+        else:
+            fmt, _, acts = kind.partition("-")
+            dtype = torch.float32
+            packed = [quant.pack_blocks(random_blocks(fmt, o, K, g), fmt, o, K, activations=acts or "float32")
+                      for o in outs]
+        x = torch.randn(m, K, generator=g).to(dtype)
+        ys = cpu_kernel.linears(x, packed, outs)
+        assert len(ys) == len(outs)
+        for y, p, o in zip(ys, packed, outs):
+            assert y.shape == (m, o) and y.dtype == dtype
+            assert torch.equal(y, cpu_kernel.linear(x, p, o))
+    finally:
+        ext.set_isa_limit(0)
+    other = cpu_kernel.pack(torch.randn(16, K, generator=g).to(torch.bfloat16 if dtype == torch.float32 else torch.float32))
+    with pytest.raises(RuntimeError, match="packed alike"):
+        cpu_kernel.linears(x, [packed[0], other], [outs[0], 16])

@@ -26,6 +26,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -224,63 +226,115 @@ bool cpu_has_avx512bf16() {
 // bf16 weights packed from now on go to the AVX512-BF16 path (weights packed earlier keep their layout)
 bool use_bf16_pairs() { return g_isa_limit == 0 && cpu_has_avx512bf16(); }
 
-// The panel loop shared by every path: panels over torch's threads; each panel's M rows in balanced blocks of at most
+// A product's work in units (panels, or groups of panels) that any thread may take: run(begin, end) computes units
+// [begin, end). Products that share their input (a layer's q, k and v; gate and up) go through one parallel region
+// (run_jobs): the memory stream does not stop and restart at a barrier between them, and each output is computed as
+// it would be alone.
+struct Job {
+    int64_t units = 0;
+    std::function<void(int64_t, int64_t)> run;
+};
+
+// One parallel region over the jobs' units laid end to end, split in contiguous ranges over torch's threads.
+void run_jobs(const std::vector<Job>& jobs) {
+    int64_t total = 0;
+    for (const auto& j : jobs) total += j.units;
+    if (total == 0) return;
+    at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
+        int64_t base = 0;
+        for (const auto& j : jobs) {
+            const int64_t b = std::max(begin, base), e = std::min(end, base + j.units);
+            if (b < e) j.run(b - base, e - base);
+            base += j.units;
+        }
+    });
+}
+
+// The panel loop shared by every path, over panels [begin, end): each panel's M rows in balanced blocks of at most
 // 6 (AVX2) or 12 (``wide``, the AVX-512 paths) rows, 8 rows as 4 + 4 rather than 6 + 2; with more than one block,
-// block j prefetches lines [j * share, (j + 1) * share) of the thread's next panel while it computes. ``steps`` is
+// block j prefetches lines [j * share, (j + 1) * share) of the next panel of the range while it computes. ``steps`` is
 // the micro-kernel's trip count over a panel (K, or K/2 for bf16 pairs); ``f(p, m, mr, width, pf)`` runs rows
 // m .. m + mr - 1 of panel p, whose ``width`` outputs are real.
 template <typename F>
-void for_each_block(const char* panels, int64_t panel_bytes, int64_t steps, int64_t M, int64_t O, int64_t P, bool wide,
-                    F&& f) {
+void for_each_block(const char* panels, int64_t panel_bytes, int64_t steps, int64_t M, int64_t O, bool wide,
+                    int64_t begin, int64_t end, F&& f) {
     const int64_t panel_lines = (panel_bytes + kLine - 1) / kLine;
     const int64_t max_block = wide ? kMaxBlock512 : kMaxBlock;
     // AVX-512: at least two blocks from 7 rows, so that one block streams the next panel while the other computes
     // (a single block has nobody prefetching; docs/lab/2026-12-02.md)
     const int64_t nblocks = std::max<int64_t>((M + max_block - 1) / max_block, wide && M > kMaxBlock ? 2 : 1);
     const int64_t share = (panel_lines + nblocks - 1) / nblocks;
-    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) {
-            const int64_t width = std::min<int64_t>(kPanel, O - kPanel * p);
-            int64_t m = 0;
-            for (int64_t j = 0; m < M; ++j) {
-                const int64_t left = M - m;
-                const int64_t blocks = wide ? nblocks - j : (left + max_block - 1) / max_block;
-                const int64_t mr = (left + blocks - 1) / blocks;
-                Prefetch pf;
-                const int64_t lines = std::min(share, panel_lines - j * share);
-                if (nblocks > 1 && p + 1 < end && lines > 0) {
-                    pf.next = panels + (p + 1) * panel_bytes + j * share * kLine;
-                    pf.every = std::max<int64_t>(1, steps / lines);
-                }
-                f(p, m, mr, width, pf);
-                m += mr;
+    for (int64_t p = begin; p < end; ++p) {
+        const int64_t width = std::min<int64_t>(kPanel, O - kPanel * p);
+        int64_t m = 0;
+        for (int64_t j = 0; m < M; ++j) {
+            const int64_t left = M - m;
+            const int64_t blocks = wide ? nblocks - j : (left + max_block - 1) / max_block;
+            const int64_t mr = (left + blocks - 1) / blocks;
+            Prefetch pf;
+            const int64_t lines = std::min(share, panel_lines - j * share);
+            if (nblocks > 1 && p + 1 < end && lines > 0) {
+                pf.next = panels + (p + 1) * panel_bytes + j * share * kLine;
+                pf.every = std::max<int64_t>(1, steps / lines);
             }
+            f(p, m, mr, width, pf);
+            m += mr;
         }
-    });
+    }
 }
 
-// y (M, O) float32 = x (M, K) float32 times the packed weight (P, K, 16) of element type W.
+// The output of a product: float32 y, or bfloat16 yb (rows of ldy): then each block's float32 sums go to a tile on the
+// stack and are rounded to bfloat16 as torch rounds (to nearest even) by the thread that computed them, so a bfloat16
+// product needs no float32 result tensor and no conversion op after it.
+struct Out {
+    float* y = nullptr;
+    uint16_t* yb = nullptr;
+    int64_t ldy = 0;
+    // runs kernel(dst, ld) for rows m .. m + mr - 1, outputs [16 p, 16 p + width)
+    template <typename Kernel>
+    void block(int64_t p, int64_t m, int64_t mr, int64_t width, Kernel&& kernel) const {
+        if (yb == nullptr) {
+            kernel(y + m * ldy + kPanel * p, ldy);
+            return;
+        }
+        alignas(64) float tile[kMaxBlock512 * kPanel];
+        kernel(tile, kPanel);
+        for (int64_t r = 0; r < mr; ++r) {
+            uint16_t* dst = yb + (m + r) * ldy + kPanel * p;
+            for (int64_t j = 0; j < width; ++j) dst[j] = c10::BFloat16(tile[r * kPanel + j]).x;
+        }
+    }
+};
+
+// x (M, K) float32 times the packed weight (P, K, 16) of element type W; a unit is a panel.
 template <typename W>
-void run(const float* xp, const W* pp, float* yp, int64_t M, int64_t K, int64_t O, int64_t P) {
+Job job_dense(const float* xp, const W* pp, Out out, int64_t M, int64_t K, int64_t O, int64_t P) {
     const bool wide = use_avx512();
-    for_each_block(reinterpret_cast<const char*>(pp), K * kPanel * static_cast<int64_t>(sizeof(W)), K, M, O, P, wide,
-                   [&](int64_t p, int64_t m, int64_t mr, int64_t width, Prefetch pf) {
-                       const W* panel = pp + p * K * kPanel;
-                       if (wide) {
-                           block512(mr, panel, xp + m * K, K, yp + m * O + kPanel * p, O, width, pf);
-                       } else {
-                           block(mr, panel, xp + m * K, K, yp + m * O + kPanel * p, O, width, pf);
-                       }
-                   });
+    return {P, [=](int64_t begin, int64_t end) {
+        for_each_block(reinterpret_cast<const char*>(pp), K * kPanel * static_cast<int64_t>(sizeof(W)), K, M, O, wide,
+                       begin, end, [&](int64_t p, int64_t m, int64_t mr, int64_t width, Prefetch pf) {
+                           const W* panel = pp + p * K * kPanel;
+                           out.block(p, m, mr, width, [&](float* y, int64_t ldy) {
+                               if (wide) {
+                                   block512(mr, panel, xp + m * K, K, y, ldy, width, pf);
+                               } else {
+                                   block(mr, panel, xp + m * K, K, y, ldy, width, pf);
+                               }
+                           });
+                       });
+    }};
 }
 
-// y (M, O) float32 = x (M, 2 K2) bf16 (zero-padded to even K) times pair-packed bf16 panels (P, K2, 32).
-void run_dp(const uint16_t* xp, const uint16_t* pp, float* yp, int64_t M, int64_t K2, int64_t O, int64_t P) {
-    for_each_block(reinterpret_cast<const char*>(pp), K2 * 2 * kPanel * 2, K2, M, O, P, true,
-                   [&](int64_t p, int64_t m, int64_t mr, int64_t width, Prefetch pf) {
-                       block_dp(mr, pp + p * K2 * 2 * kPanel, xp + m * 2 * K2, K2, yp + m * O + kPanel * p, O, width,
-                                pf);
-                   });
+// x (M, 2 K2) bf16 (zero-padded to even K) times pair-packed bf16 panels (P, K2, 32).
+Job job_dp(const uint16_t* xp, const uint16_t* pp, Out out, int64_t M, int64_t K2, int64_t O, int64_t P) {
+    return {P, [=](int64_t begin, int64_t end) {
+        for_each_block(reinterpret_cast<const char*>(pp), K2 * 2 * kPanel * 2, K2, M, O, true, begin, end,
+                       [&](int64_t p, int64_t m, int64_t mr, int64_t width, Prefetch pf) {
+                           out.block(p, m, mr, width, [&](float* y, int64_t ldy) {
+                               block_dp(mr, pp + p * K2 * 2 * kPanel, xp + m * 2 * K2, K2, y, ldy, width, pf);
+                           });
+                       });
+    }};
 }
 
 
@@ -474,46 +528,41 @@ void block_q(int64_t mr, const uint8_t* panel, const float* x, int64_t K, float*
     with_rows<kMaxBlock>(mr, [&](auto rows) { micro_q<decltype(rows)::value, F>(panel, x, K, y, ldy, width, pf); });
 }
 
-// y (M, O) float32 = x (M, K) float32 times block-packed panels (P, K / 32, bytes) of format F.
+// y (M, O) float32 = x (M, K) float32 times block-packed panels (P, K / 32, bytes) of format F. A unit is a panel,
+// except for one or two rows on AVX-512: then whole groups of four panels side by side (micro_q512_wide), then the
+// last few panels one by one.
 template <int F>
-void run_q(const float* xp, const uint8_t* pp, float* yp, int64_t M, int64_t K, int64_t O, int64_t P) {
+Job job_q(const float* xp, const uint8_t* pp, float* yp, int64_t M, int64_t K, int64_t O, int64_t P) {
     const bool wide = use_avx512();
     const int64_t panel_bytes = (K / kQK) * (F == kQ41 ? kQ41Bytes : kQ80Bytes);
-    // one or two rows: four panels side by side (micro_q512_wide); from three rows a panel has chains enough
+    const int64_t steps = F == kQ41 ? K / 2 : K;
+    // one or two rows: four panels side by side; from three rows a panel has chains enough
     constexpr int64_t group = 4;
-    const int64_t groups = O / (group * kPanel);  // groups of whole panels; the rest below
-    if (wide && M <= 2 && groups > 0) {
-        at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-            for (int64_t g = begin; g < end; ++g) {
-                const uint8_t* panel = pp + g * group * panel_bytes;
-                float* y = yp + g * group * kPanel;
-                if (M == 1) {
-                    micro_q512_wide<1, F, group>(panel, panel_bytes, xp, K, y, O);
-                } else {
-                    micro_q512_wide<2, F, group>(panel, panel_bytes, xp, K, y, O);
-                }
+    const int64_t groups = wide && M <= 2 ? O / (group * kPanel) : 0;  // groups of whole panels; the rest one by one
+    const int64_t done = groups * group;
+    return {groups + P - done, [=](int64_t begin, int64_t end) {
+        for (int64_t g = begin; g < std::min(end, groups); ++g) {
+            const uint8_t* panel = pp + g * group * panel_bytes;
+            float* y = yp + g * group * kPanel;
+            if (M == 1) {
+                micro_q512_wide<1, F, group>(panel, panel_bytes, xp, K, y, O);
+            } else {
+                micro_q512_wide<2, F, group>(panel, panel_bytes, xp, K, y, O);
             }
-        });
-        const int64_t done = groups * group;
-        if (done == P) return;
-        const int64_t rest = P - done;  // the last few panels: the general loop on the remaining outputs
-        for_each_block(reinterpret_cast<const char*>(pp + done * panel_bytes), panel_bytes, F == kQ41 ? K / 2 : K, M,
-                       O - done * kPanel, rest, wide,
+        }
+        // units from ``groups`` on: panels done + (unit - groups)
+        const int64_t b = std::max(begin, groups) - groups + done, e = end - groups + done;
+        if (b >= e) return;
+        for_each_block(reinterpret_cast<const char*>(pp), panel_bytes, steps, M, O, wide, b, e,
                        [&](int64_t p, int64_t m, int64_t mr, int64_t width, Prefetch pf) {
-                           block_q512<F>(mr, pp + (done + p) * panel_bytes, xp + m * K, K,
-                                         yp + m * O + kPanel * (done + p), O, width, pf);
+                           const uint8_t* panel = pp + p * panel_bytes;
+                           if (wide) {
+                               block_q512<F>(mr, panel, xp + m * K, K, yp + m * O + kPanel * p, O, width, pf);
+                           } else {
+                               block_q<F>(mr, panel, xp + m * K, K, yp + m * O + kPanel * p, O, width, pf);
+                           }
                        });
-        return;
-    }
-    for_each_block(reinterpret_cast<const char*>(pp), panel_bytes, F == kQ41 ? K / 2 : K, M, O, P, wide,
-                   [&](int64_t p, int64_t m, int64_t mr, int64_t width, Prefetch pf) {
-                       const uint8_t* panel = pp + p * panel_bytes;
-                       if (wide) {
-                           block_q512<F>(mr, panel, xp + m * K, K, yp + m * O + kPanel * p, O, width, pf);
-                       } else {
-                           block_q<F>(mr, panel, xp + m * K, K, yp + m * O + kPanel * p, O, width, pf);
-                       }
-                   });
+    }};
 }
 
 // ------------------------------------------------------------------------- GGUF blocks, 8-bit activations
@@ -735,29 +784,39 @@ void block_q8(int64_t mr, const uint8_t* panel, Q8Rows xr, int64_t K, float* y, 
     with_rows<kMaxBlock>(mr, [&](auto rows) { micro_q8<decltype(rows)::value, F>(panel, xr, K, y, ldy, width, pf); });
 }
 
-// y (M, O) float32 = x (M, K) float32, rounded to 8 bits per block, times panels of format F for 8-bit activations
+// x (M, K) float32 rounded to 8 bits per block (quantize_rows_q8), shared by the products that take it.
+struct Q8Input {
+    std::vector<int8_t> xq;
+    std::vector<float> dx, sx;
+    std::vector<int32_t> qsum;
+    Q8Input(const float* xp, int64_t M, int64_t K)
+        : xq(M * K), dx(M * (K / kQK)), sx(M * (K / kQK)), qsum(M * (K / kQK)) {
+        quantize_rows_q8(xp, M, K, xq.data(), dx.data(), sx.data(), qsum.data());
+    }
+};
+
+// y (M, O) float32 = x (M, K), rounded to 8 bits per block, times panels of format F for 8-bit activations
 // (P, K / 32, bytes). Every row count goes here (prefill too): blocks of up to 12 rows reread a panel from cache.
 template <int F>
-void run_q8(const float* xp, const uint8_t* pp, float* yp, int64_t M, int64_t K, int64_t O, int64_t P) {
+Job job_q8(std::shared_ptr<const Q8Input> x, const uint8_t* pp, float* yp, int64_t M, int64_t K, int64_t O,
+           int64_t P) {
     constexpr int64_t bytes = F == kQ41 ? kQ8Q41Bytes : kQ8Q80Bytes;
     const int64_t nb = K / kQK;
-    std::vector<int8_t> xq(M * K);
-    std::vector<float> dx(M * nb), sx(M * nb);
-    std::vector<int32_t> qsum(M * nb);
-    quantize_rows_q8(xp, M, K, xq.data(), dx.data(), sx.data(), qsum.data());
     const bool vnni = use_vnni();
-    for_each_block(reinterpret_cast<const char*>(pp), nb * bytes, nb * (F == kQ41 ? 4 : 8), M, O, P, vnni,
-                   [&](int64_t p, int64_t m, int64_t mr, int64_t width, Prefetch pf) {
-                       const uint8_t* panel = pp + p * nb * bytes;
-                       const Q8Rows xr{xq.data() + m * K, dx.data() + m * nb, sx.data() + m * nb,
-                                       qsum.data() + m * nb};
-                       float* y = yp + m * O + kPanel * p;
-                       if (vnni) {
-                           block_q8_512<F>(mr, panel, xr, K, y, O, width, pf);
-                       } else {
-                           block_q8<F>(mr, panel, xr, K, y, O, width, pf);
-                       }
-                   });
+    return {P, [=](int64_t begin, int64_t end) {
+        for_each_block(reinterpret_cast<const char*>(pp), nb * bytes, nb * (F == kQ41 ? 4 : 8), M, O, vnni, begin, end,
+                       [&](int64_t p, int64_t m, int64_t mr, int64_t width, Prefetch pf) {
+                           const uint8_t* panel = pp + p * nb * bytes;
+                           const Q8Rows xr{x->xq.data() + m * K, x->dx.data() + m * nb, x->sx.data() + m * nb,
+                                           x->qsum.data() + m * nb};
+                           float* y = yp + m * O + kPanel * p;
+                           if (vnni) {
+                               block_q8_512<F>(mr, panel, xr, K, y, O, width, pf);
+                           } else {
+                               block_q8<F>(mr, panel, xr, K, y, O, width, pf);
+                           }
+                       });
+    }};
 }
 
 bool kernel_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16; }
@@ -765,6 +824,14 @@ bool kernel_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat
 // ---------------------------------------------------------------------------------------------------- attention
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+inline float widen_bits(float x) { return x; }
+inline float widen_bits(uint16_t x) {  // a bfloat16's bits: the upper half of its float32
+    const uint32_t u = static_cast<uint32_t>(x) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+}
 
 inline __m256 load8(const uint16_t* p) {
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -1001,27 +1068,45 @@ constexpr int kRowGroup = 2;      // rows per register block of the score and va
 
 // Query rows that share one key head (the heads of its group times the T tokens, GQA): in blocks of kRowBlock, each
 // block walks the keys tile by tile. A row's result is the same as it would be alone: its sums run over s in order.
+// q and out are of the cache's type KV (bfloat16 as its bits: each q row is widened to float32 on the stack, and each
+// output row rounded to bfloat16 as torch rounds once it is done).
 template <typename KV>
-void attend(const float* q, const KV* k, const KV* v, const bool* mask, float* out, int64_t B, int64_t Hq,
+void attend(const KV* q, const KV* k, const KV* v, const bool* mask, KV* out, int64_t B, int64_t Hq,
             int64_t Hk, int64_t T, int64_t S, int64_t D, const int64_t* ks, const int64_t* vs, float scale) {
+    constexpr bool wide = std::is_same_v<KV, float>;
     const int64_t group = Hq / Hk, S8 = (S + 7) / 8 * 8, rows = group * T;
-    const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
+    // blocks of at most kRowBlock rows, balanced, and at least two work items per thread where there are rows enough
+    // (one query token: B * Hk items of `group` rows would leave a thread idle a third of the time for Hk = 3)
+    const int64_t items_per_head = (2 * at::get_num_threads() + B * Hk - 1) / (B * Hk);
+    const int64_t per_head = std::max((rows + kRowBlock - 1) / kRowBlock, std::min(rows, items_per_head));
+    const int64_t block_rows = (rows + per_head - 1) / per_head;
+    const int64_t blocks = (rows + block_rows - 1) / block_rows;
     at::parallel_for(0, B * Hk * blocks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> buf(kRowBlock * S8);
+        std::vector<float> buf(kRowBlock * S8), rows_f(wide ? 0 : 2 * kRowBlock * D);
+        KV* dst[kRowBlock];
         const float* qr[kRowBlock];
         const bool* mr[kRowBlock];
         float* orow[kRowBlock];
         float top[kRowBlock], inv[kRowBlock];
         for (int64_t i = begin; i < end; ++i) {
-            const int64_t b = i / (Hk * blocks), g = (i / blocks) % Hk, r0 = (i % blocks) * kRowBlock;
-            const int64_t R = std::min(kRowBlock, rows - r0);
+            const int64_t b = i / (Hk * blocks), g = (i / blocks) % Hk, r0 = (i % blocks) * block_rows;
+            const int64_t R = std::min(block_rows, rows - r0);
             const KV* kb = k + b * ks[0] + g * ks[1];
             const KV* vb = v + b * vs[0] + g * vs[1];
             for (int64_t r = 0; r < R; ++r) {  // row r0 + r: query head g * group + (r0 + r) / T, token (r0 + r) % T
                 const int64_t h = g * group + (r0 + r) / T, t = (r0 + r) % T;
-                qr[r] = q + ((b * Hq + h) * T + t) * D;
+                const KV* qs = q + ((b * Hq + h) * T + t) * D;
+                dst[r] = out + ((b * T + t) * Hq + h) * D;
+                if constexpr (wide) {
+                    qr[r] = qs;
+                    orow[r] = dst[r];
+                } else {
+                    float* qw = rows_f.data() + r * D;
+                    for (int64_t d = 0; d < D; ++d) qw[d] = widen_bits(qs[d]);
+                    qr[r] = qw;
+                    orow[r] = rows_f.data() + (kRowBlock + r) * D;
+                }
                 mr[r] = mask + (b * T + t) * S;
-                orow[r] = out + ((b * T + t) * Hq + h) * D;
                 top[r] = -INFINITY;
                 std::fill(buf.begin() + r * S8 + S, buf.begin() + (r + 1) * S8, -INFINITY);
                 std::fill(orow[r], orow[r] + D, 0.0f);
@@ -1047,6 +1132,9 @@ void attend(const float* q, const KV* k, const KV* v, const bool* mask, float* o
             for (int64_t r = 0; r < R; ++r) {
                 const __m256 w = _mm256_set1_ps(inv[r]);
                 for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(orow[r] + d, _mm256_mul_ps(_mm256_loadu_ps(orow[r] + d), w));
+                if constexpr (!wide) {
+                    for (int64_t d = 0; d < D; ++d) dst[r][d] = c10::BFloat16(orow[r][d]).x;
+                }
             }
         }
     });
@@ -1070,21 +1158,21 @@ torch::Tensor tree_attention(const torch::Tensor& q, const torch::Tensor& k, con
                 "tree_attention: shapes do not fit");
     TORCH_CHECK(mask.scalar_type() == at::kBool && mask.size(0) == B && mask.size(1) == T && mask.size(2) == S,
                 "tree_attention: mask must be (B, T, S) bool");
-    const auto qf = q.to(at::kFloat).contiguous();
+    const auto qc = q.contiguous();
     const auto m = mask.contiguous();
-    auto out = torch::empty({B, T, Hq * D}, qf.options());
+    auto out = torch::empty({B, T, Hq * D}, qc.options());
     const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)}, vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
     if (B * T * Hq > 0 && S > 0) {
         if (q.scalar_type() == at::kBFloat16) {
-            attend(qf.data_ptr<float>(), reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>()),
-                   reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>()), m.data_ptr<bool>(),
-                   out.data_ptr<float>(), B, Hq, Hk, T, S, D, ks, vs, static_cast<float>(scale));
+            const auto bits = [](const torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
+            attend<uint16_t>(bits(qc), bits(k), bits(v), m.data_ptr<bool>(), bits(out), B, Hq, Hk, T, S, D, ks, vs,
+                             static_cast<float>(scale));
         } else {
-            attend(qf.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), m.data_ptr<bool>(),
-                   out.data_ptr<float>(), B, Hq, Hk, T, S, D, ks, vs, static_cast<float>(scale));
+            attend<float>(qc.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), m.data_ptr<bool>(),
+                          out.data_ptr<float>(), B, Hq, Hk, T, S, D, ks, vs, static_cast<float>(scale));
         }
     }
-    return q.scalar_type() == at::kBFloat16 ? out.to(at::kBFloat16) : out;
+    return out;
 }
 
 // (O, K) float32 or bfloat16 -> (ceil(O/16), K, 16) of the same type, zero-padded.
@@ -1253,60 +1341,103 @@ torch::Tensor dequantize_packed(const torch::Tensor& packed, int64_t O) {
     return w;
 }
 
-// x: (M, K) contiguous, of the packed weight's type; packed: pack(w) for w of O rows. Returns (M, O) of that type.
-torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t O) {
-    const bool q8 = packed.scalar_type() == at::kChar;  // int8: GGUF panels for 8-bit activations (pack_gguf_for_q8)
-    if (q8 || packed.scalar_type() == at::kByte) {       // uint8: GGUF blocks for float32 activations
+// x: (M, K) contiguous, of the packed weights' type; packed[i]: pack(w_i) for w_i of outs[i] rows, all packed alike
+// (one dtype, one panel layout). Returns x @ w_i^T, (M, outs[i]) of x's type, for each i, computed in one parallel
+// region (run_jobs); each result is the one packed_linear(x, packed[i], outs[i]) gives alone, bit for bit.
+std::vector<torch::Tensor> packed_linears(const torch::Tensor& x, const std::vector<torch::Tensor>& packed,
+                                          const std::vector<int64_t>& outs) {
+    TORCH_CHECK(!packed.empty() && packed.size() == outs.size(), "packed_linear: one output size per packed weight");
+    const auto& p0 = packed[0];
+    for (const auto& p : packed) {
+        TORCH_CHECK(p.dim() == 3 && p.is_contiguous() && p.scalar_type() == p0.scalar_type() &&
+                        p.size(2) == p0.size(2) && p.size(1) == p0.size(1),
+                    "packed_linear: the packed weights of one call must be packed alike");
+    }
+    const int64_t M = x.dim() == 2 ? x.size(0) : 0, K = x.dim() == 2 ? x.size(1) : 0;
+    std::vector<torch::Tensor> ys;
+    std::vector<Job> jobs;
+    const bool q8 = p0.scalar_type() == at::kChar;  // int8: GGUF panels for 8-bit activations (pack_gguf_for_q8)
+    if (q8 || p0.scalar_type() == at::kByte) {       // uint8: GGUF blocks for float32 activations
         TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() && x.scalar_type() == at::kFloat,
                     "packed_linear: GGUF blocks take a contiguous 2-D float32 CPU x");
-        const int64_t M = x.size(0), K = x.size(1), P = packed.size(0);
         const int64_t q41_bytes = q8 ? kQ8Q41Bytes : kQ41Bytes, q80_bytes = q8 ? kQ8Q80Bytes : kQ80Bytes;
-        TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && K % kQK == 0 && packed.size(1) == K / kQK &&
-                        (packed.size(2) == q41_bytes || packed.size(2) == q80_bytes) &&
-                        (O + kPanel - 1) / kPanel == P,
+        const bool q41 = p0.size(2) == q41_bytes;
+        TORCH_CHECK(K % kQK == 0 && p0.size(1) == K / kQK && (q41 || p0.size(2) == q80_bytes),
                     "packed_linear: the block-packed weight does not fit x or O");
-        auto y = torch::empty({M, O}, x.options());
-        if (M > 0 && O > 0) {
-            const uint8_t* pp = reinterpret_cast<const uint8_t*>(packed.data_ptr());
-            const bool q41 = packed.size(2) == q41_bytes;
-            const auto run_blocks = q8 ? (q41 ? run_q8<kQ41> : run_q8<kQ80>) : (q41 ? run_q<kQ41> : run_q<kQ80>);
-            run_blocks(x.data_ptr<float>(), pp, y.data_ptr<float>(), M, K, O, P);
+        std::shared_ptr<const Q8Input> xq;
+        if (q8 && M > 0) xq = std::make_shared<const Q8Input>(x.data_ptr<float>(), M, K);
+        for (size_t i = 0; i < packed.size(); ++i) {
+            const int64_t O = outs[i], P = packed[i].size(0);
+            TORCH_CHECK((O + kPanel - 1) / kPanel == P, "packed_linear: the block-packed weight does not fit x or O");
+            ys.push_back(torch::empty({M, O}, x.options()));
+            if (M == 0 || O == 0) continue;
+            const uint8_t* pp = reinterpret_cast<const uint8_t*>(packed[i].data_ptr());
+            float* yp = ys.back().data_ptr<float>();
+            if (q8) {
+                jobs.push_back(q41 ? job_q8<kQ41>(xq, pp, yp, M, K, O, P) : job_q8<kQ80>(xq, pp, yp, M, K, O, P));
+            } else {
+                const float* xp = x.data_ptr<float>();
+                jobs.push_back(q41 ? job_q<kQ41>(xp, pp, yp, M, K, O, P) : job_q<kQ80>(xp, pp, yp, M, K, O, P));
+            }
         }
-        return y;
+        run_jobs(jobs);
+        return ys;
     }
-    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() && x.scalar_type() == packed.scalar_type(),
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() && x.scalar_type() == p0.scalar_type(),
                 "packed_linear: x must be a contiguous 2-D CPU tensor of the packed weight's type");
-    TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && kernel_dtype(packed.scalar_type()),
-                "packed_linear: bad packed weight");
-    const int64_t M = x.size(0), K = x.size(1), P = packed.size(0);
-    if (packed.size(2) == 2 * kPanel) {  // bf16 pairs: the AVX512-BF16 path
-        const int64_t K2 = packed.size(1);
-        TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && K2 == (K + 1) / 2 && (O + kPanel - 1) / kPanel == P &&
-                        cpu_has_avx512bf16(),
-                    "packed_linear: the pair-packed weight does not fit x or O");
-        const auto xe = K % 2 ? at::constant_pad_nd(x, {0, 1}) : x;
-        auto y = torch::empty({M, O}, x.options().dtype(at::kFloat));
-        if (M > 0 && O > 0) {
-            run_dp(reinterpret_cast<const uint16_t*>(xe.data_ptr<at::BFloat16>()),
-                   reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), y.data_ptr<float>(), M, K2, O,
-                   P);
-        }
-        return y.to(at::kBFloat16);
-    }
-    TORCH_CHECK(packed.size(1) == K && packed.size(2) == kPanel && (O + kPanel - 1) / kPanel == P,
+    TORCH_CHECK(kernel_dtype(p0.scalar_type()), "packed_linear: bad packed weight");
+    const bool bf16 = p0.scalar_type() == at::kBFloat16;
+    const bool pairs = p0.size(2) == 2 * kPanel;  // bf16 pairs: the AVX512-BF16 path
+    TORCH_CHECK(pairs ? bf16 && p0.size(1) == (K + 1) / 2 && cpu_has_avx512bf16()
+                      : p0.size(1) == K && p0.size(2) == kPanel,
                 "packed_linear: the packed weight does not fit x or O");
-    const bool bf16 = packed.scalar_type() == at::kBFloat16;
-    const auto xf = bf16 ? x.to(at::kFloat) : x;
-    auto y = torch::empty({M, O}, xf.options());
-    if (M > 0 && O > 0) {
+    // pairs take x as bf16 (zero-padded to even K); panels of widened weights take it as float32
+    const auto xk = pairs ? (K % 2 ? at::constant_pad_nd(x, {0, 1}) : x) : (bf16 ? x.to(at::kFloat) : x);
+    for (size_t i = 0; i < packed.size(); ++i) {
+        const int64_t O = outs[i], P = packed[i].size(0);
+        TORCH_CHECK((O + kPanel - 1) / kPanel == P, "packed_linear: the packed weight does not fit x or O");
+        ys.push_back(torch::empty({M, O}, x.options()));
+        if (M == 0 || O == 0) continue;
+        Out out;
+        out.ldy = O;
         if (bf16) {
-            run(xf.data_ptr<float>(), reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()),
-                y.data_ptr<float>(), M, K, O, P);
+            out.yb = reinterpret_cast<uint16_t*>(ys.back().data_ptr<at::BFloat16>());
         } else {
-            run(xf.data_ptr<float>(), packed.data_ptr<float>(), y.data_ptr<float>(), M, K, O, P);
+            out.y = ys.back().data_ptr<float>();
+        }
+        if (pairs) {
+            jobs.push_back(job_dp(reinterpret_cast<const uint16_t*>(xk.data_ptr<at::BFloat16>()),
+                                  reinterpret_cast<const uint16_t*>(packed[i].data_ptr<at::BFloat16>()), out, M,
+                                  p0.size(1), O, P));
+        } else if (bf16) {
+            jobs.push_back(job_dense(xk.data_ptr<float>(),
+                                     reinterpret_cast<const uint16_t*>(packed[i].data_ptr<at::BFloat16>()), out, M, K,
+                                     O, P));
+        } else {
+            jobs.push_back(job_dense(xk.data_ptr<float>(), packed[i].data_ptr<float>(), out, M, K, O, P));
         }
     }
-    return bf16 ? y.to(at::kBFloat16) : y;
+    run_jobs(jobs);
+    return ys;
+}
+
+// packed_linears where the weights are packed alike, else one packed_linear each (a GGUF file may mix block types).
+std::vector<torch::Tensor> packed_linears_any(const torch::Tensor& x, const std::vector<torch::Tensor>& packed,
+                                              const std::vector<int64_t>& outs) {
+    bool alike = true;
+    for (const auto& p : packed) {
+        alike = alike && p.dim() == 3 && p.scalar_type() == packed[0].scalar_type() && p.size(1) == packed[0].size(1) &&
+                p.size(2) == packed[0].size(2);
+    }
+    if (alike) return packed_linears(x, packed, outs);
+    std::vector<torch::Tensor> ys;
+    for (size_t i = 0; i < packed.size(); ++i) ys.push_back(packed_linears(x, {packed[i]}, {outs[i]})[0]);
+    return ys;
+}
+
+// x: (M, K) contiguous, of the packed weight's type; packed: pack(w) for w of O rows. Returns (M, O) of that type.
+torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t O) {
+    return packed_linears(x, {packed}, {O})[0];
 }
 
 namespace {
@@ -1424,7 +1555,8 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
 
 // One Llama decoder layer for a decoding step, in one call: the same functions and torch ops, in the same order, as
 // propd.models.llama.DecoderLayer.forward takes when each of its parts goes to this extension, so the result is the
-// same bit for bit; only the Python between them is gone (a few dozen calls per layer). x: (B, T, H); w: the input
+// same bit for bit; only the Python between them is gone (a few dozen calls per layer), and q, k, v (and gate, up)
+// share one parallel region (packed_linears), so the weights stream without a barrier between them. x: (B, T, H); w: the input
 // norm's weight (empty: no input norm, as EAGLE's drafter layer), q, k, v and o packed, the post-attention norm's
 // weight, gate, up and down packed; outs: the output sizes of q, k, v, o, gate, up, down; mask: (B, T, S) with S the
 // keys to read.
@@ -1436,14 +1568,16 @@ torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Ten
     const int64_t B = x.size(0), T = x.size(1), H = x.size(2), R = B * T, S = mask.size(2);
     const auto x2 = x.reshape({R, H}).contiguous();
     const auto h = w[0].numel() == 0 ? x2 : rms_norm(x2, w[0], eps);
-    const auto q = packed_linear(h, w[1], outs[0]).view({B, T, outs[0]});
-    const auto k = packed_linear(h, w[2], outs[1]).view({B, T, outs[1]});
-    const auto v = packed_linear(h, w[3], outs[2]).view({B, T, outs[2]});
+    const auto qkv = packed_linears_any(h, {w[1], w[2], w[3]}, {outs[0], outs[1], outs[2]});
+    const auto q = qkv[0].view({B, T, outs[0]});
+    const auto k = qkv[1].view({B, T, outs[1]});
+    const auto v = qkv[2].view({B, T, outs[2]});
     const auto qr = rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, pos);
     const auto att = tree_attention(qr, k_cache.narrow(2, 0, S), v_cache.narrow(2, 0, S), mask, scale);
     const auto x1 = x2 + packed_linear(att.view({R, outs[0]}), w[4], outs[3]);
     const auto h2 = rms_norm(x1, w[5], eps);
-    const auto a = at::silu(packed_linear(h2, w[6], outs[4])) * packed_linear(h2, w[7], outs[5]);
+    const auto gate_up = packed_linears_any(h2, {w[6], w[7]}, {outs[4], outs[5]});
+    const auto a = at::silu(gate_up[0]) * gate_up[1];
     return (x1 + packed_linear(a, w[8], outs[6])).view({B, T, H});
 }
 
@@ -1487,6 +1621,7 @@ struct LayerStack {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("pack", &pack, "pack a (O, K) float32 or bfloat16 weight into 16-row panels");
+    m.def("packed_linears", &packed_linears, "packed_linear of one x by several weights packed alike, in one parallel region");
     m.def("packed_linear", &packed_linear, "x @ w.T for few rows of x, w packed by pack() or GGUF blocks packed by propd.models.quant");
     m.def("pack_gguf_blocks", &pack_gguf_blocks, "ggml Q4_1 or Q8_0 blocks into the block kernel's panels");
     m.def("pack_gguf_for_q8", &pack_gguf_for_q8, "ggml Q4_1 or Q8_0 blocks into panels for 8-bit activations");
