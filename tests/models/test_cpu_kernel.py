@@ -215,7 +215,7 @@ def test_attention_equals_sdpa_and_each_query_alone(b, hk, group, t, s, d, seed,
 
 @settings(max_examples=30, deadline=None)
 @given(b=st.integers(1, 3), t=st.integers(1, 20), hk=st.integers(1, 3), group=st.integers(1, 3),
-       d=st.sampled_from([4, 16, 64]), seed=st.integers(0, 1000), dtype=st.sampled_from(cpu_kernel.DTYPES))
+       d=st.sampled_from([4, 16, 24, 64, 128]), seed=st.integers(0, 1000), dtype=st.sampled_from(cpu_kernel.DTYPES))
 def test_rope_and_cache_equals_torch_bit_for_bit(b, t, hk, group, d, seed, dtype):
     if not X86_AVX2:
         pytest.skip("the CPU kernel needs x86-64 with AVX2/FMA; this machine lacks them")

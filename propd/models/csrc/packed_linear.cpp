@@ -1448,10 +1448,44 @@ template <typename E> inline E narrow(float x) { return static_cast<E>(x); }  //
 
 // Rotary embedding of one head vector, as torch computes ``x * cos + rotate_half(x) * sin`` element by element in
 // type E: each product rounded to E, then the sum (this file is built with -ffp-contract=off, so no FMA merges them).
+// Eight lanes at a time: the same operations on each element (float32 products and sums, each rounded to E as torch
+// rounds: bfloat16 to nearest even, NaN to 0x7FC0), so the same bits as the scalar loop that finishes the row.
+inline __m256 load8e(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8e(const at::BFloat16* p) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline __m256i bf16_bits8(__m256 v) {  // c10's round_to_nearest_even, lane by lane: the bfloat16 bits in 32-bit lanes
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+}
+inline __m256 round8(__m256 v, float) { return v; }
+inline __m256 round8(__m256 v, at::BFloat16) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(v), 16)); }
+inline void store8e(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8e(at::BFloat16* p, __m256 v) {
+    const __m256i b = bf16_bits8(v);  // 8 x 32-bit lanes holding 16-bit values: pack them to 8 x 16 bits
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
 template <typename E>
 inline void rotate(const E* x, const E* c, const E* sn, E* out, int64_t D) {
     const int64_t h = D / 2;
-    for (int64_t i = 0; i < h; ++i) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= h; i += 8) {
+        const __m256 x1 = load8e(x + i), x2 = load8e(x + i + h);
+        const __m256 a = round8(_mm256_mul_ps(x1, load8e(c + i)), E());
+        const __m256 b = round8(_mm256_mul_ps(_mm256_xor_ps(x2, sign), load8e(sn + i)), E());
+        store8e(out + i, _mm256_add_ps(a, b));
+        const __m256 a2 = round8(_mm256_mul_ps(x2, load8e(c + i + h)), E());
+        const __m256 b2 = round8(_mm256_mul_ps(x1, load8e(sn + i + h)), E());
+        store8e(out + i + h, _mm256_add_ps(a2, b2));
+    }
+    for (; i < h; ++i) {
         const float x1 = widen(x[i]), x2 = widen(x[i + h]);
         const float a = widen(narrow<E>(x1 * widen(c[i]))), b = widen(narrow<E>(-x2 * widen(sn[i])));
         out[i] = narrow<E>(a + b);
