@@ -194,6 +194,12 @@ def test_attention_equals_sdpa_and_each_query_alone(b, hk, group, t, s, d, seed,
     if dtype == torch.bfloat16:  # bf16 is the float32 computation on the widened values, rounded once as torch rounds
         wide = cpu_kernel.attention(q.float(), k.float(), v.float(), mask, d ** -0.5)
         assert torch.equal(out, wide.to(torch.bfloat16))
+    ext = cpu_kernel.extension()  # the AVX2 path (where the CPU has AVX-512, scores and values run 16 lanes wide)
+    ext.set_isa_limit(1)
+    try:
+        assert torch.equal(cpu_kernel.attention(q, k, v, mask, d ** -0.5), out)
+    finally:
+        ext.set_isa_limit(0)
     # bit for bit: a query alone, a row alone, and more keys that are all masked give the same result
     for i in range(t):
         alone = cpu_kernel.attention(q[:, :, i:i + 1].contiguous(), k, v, mask[:, i:i + 1], d ** -0.5)

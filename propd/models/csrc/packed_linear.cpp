@@ -906,10 +906,8 @@ void score_rows(const float* const* q, const KV* k, int64_t sk, const bool* cons
     __m256 tops = ninf;  // max is exact in any order: lanes are folded at the end
     int64_t s = s0;
     for (; s + KB <= s1; s += KB) {
-        bool any = false;
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; ++j) any = any | allowed[j / KB][s + j % KB];
-        if (!any) {
+        const __m256 ok = R == 2 ? allowed8(allowed[0] + s, allowed[1] + s) : allowed8(allowed[0] + s, allowed[0] + s + 4);
+        if (_mm256_movemask_ps(ok) == 0) {
 #pragma GCC unroll 8
             for (int j = 0; j < 8; ++j) scores[j / KB][s + j % KB] = -INFINITY;
             continue;
@@ -946,7 +944,6 @@ void score_rows(const float* const* q, const KV* k, int64_t sk, const bool* cons
                 for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(p0, load8(k0 + j * sk + d), a[j]);
             }
         }
-        const __m256 ok = R == 2 ? allowed8(allowed[0] + s, allowed[1] + s) : allowed8(allowed[0] + s, allowed[0] + s + 4);
         const __m256 x = _mm256_blendv_ps(ninf, _mm256_mul_ps(hsum8(a), sc), ok);
         if constexpr (R == 2) {
             _mm_storeu_ps(scores[0] + s, _mm256_castps256_ps128(x));
@@ -963,6 +960,80 @@ void score_rows(const float* const* q, const KV* k, int64_t sk, const bool* cons
     for (; s < s1; ++s) {
 #pragma GCC unroll 2
         for (int r = 0; r < R; ++r) {
+            if (!allowed[r][s]) {
+                scores[r][s] = -INFINITY;
+                continue;
+            }
+            const float x = hsum(dot_lanes(q[r], k + s * sk, D)) * scale;
+            scores[r][s] = x;
+            top[r] = std::max(top[r], x);
+        }
+    }
+}
+
+// Two query rows against eight keys at a time on AVX-512 (chosen at run time): one 16-lane register per key holds row
+// 0's eight dot-product lanes in its low half and row 1's in its high half, each half the chain of dot_lanes op for op
+// (q_0 * k_0, then FMAs over d in order), and each half's horizontal sum is hsum's (hsum8 of the halves): every score
+// is the AVX2 path's bit for bit, at sixteen multiply-adds per instruction. Head sizes up to kPairMaxD.
+constexpr int64_t kPairMaxD = 256;
+
+PROPD_AVX512 inline __m512 key_pair(const float* p) {  // eight values of a key in both halves
+    return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(p))));
+}
+PROPD_AVX512 inline __m512 key_pair(const uint16_t* p) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_broadcastsi128_si256(raw)), 16));
+}
+
+template <typename KV>
+PROPD_AVX512 void score_pair512(const float* const* q, const KV* k, int64_t sk, const bool* const* allowed,
+                                int64_t s0, int64_t s1, int64_t D, float scale, float* const* scores, float* top) {
+    alignas(64) float qp[2 * kPairMaxD];  // chunk c: [q_0[8c, 8c + 8) | q_1[8c, 8c + 8)]
+    for (int64_t c = 0; c < D / 8; ++c) {
+        std::memcpy(qp + 16 * c, q[0] + 8 * c, 8 * sizeof(float));
+        std::memcpy(qp + 16 * c + 8, q[1] + 8 * c, 8 * sizeof(float));
+    }
+    const __m256 ninf = _mm256_set1_ps(-INFINITY), sc = _mm256_set1_ps(scale);
+    __m256 tops0 = ninf, tops1 = ninf;
+    int64_t s = s0;
+    for (; s + 8 <= s1; s += 8) {
+        const __m256 ok0 = allowed8(allowed[0] + s, allowed[0] + s + 4);
+        const __m256 ok1 = allowed8(allowed[1] + s, allowed[1] + s + 4);
+        if (_mm256_movemask_ps(_mm256_or_ps(ok0, ok1)) == 0) {
+            _mm256_storeu_ps(scores[0] + s, ninf);
+            _mm256_storeu_ps(scores[1] + s, ninf);
+            continue;
+        }
+        const KV* k0 = k + s * sk;
+        __m512 a[8];
+        __m512 qc = _mm512_load_ps(qp);
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) a[j] = _mm512_mul_ps(qc, key_pair(k0 + j * sk));
+        for (int64_t d = 8; d < D; d += 8) {
+            qc = _mm512_load_ps(qp + 2 * d);
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j) a[j] = _mm512_fmadd_ps(qc, key_pair(k0 + j * sk + d), a[j]);
+        }
+        __m256 lo[8], hi[8];
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) {
+            lo[j] = _mm512_castps512_ps256(a[j]);
+            hi[j] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[j]), 1));
+        }
+        const __m256 x0 = _mm256_blendv_ps(ninf, _mm256_mul_ps(hsum8(lo), sc), ok0);
+        const __m256 x1 = _mm256_blendv_ps(ninf, _mm256_mul_ps(hsum8(hi), sc), ok1);
+        _mm256_storeu_ps(scores[0] + s, x0);
+        _mm256_storeu_ps(scores[1] + s, x1);
+        tops0 = _mm256_max_ps(x0, tops0);
+        tops1 = _mm256_max_ps(x1, tops1);
+    }
+    alignas(32) float lanes[2][8];
+    _mm256_store_ps(lanes[0], tops0);
+    _mm256_store_ps(lanes[1], tops1);
+    for (int r = 0; r < 2; ++r)
+        for (int j = 0; j < 8; ++j) top[r] = std::max(top[r], lanes[r][j]);
+    for (; s < s1; ++s) {
+        for (int r = 0; r < 2; ++r) {
             if (!allowed[r][s]) {
                 scores[r][s] = -INFINITY;
                 continue;
@@ -1062,6 +1133,82 @@ void value_rows(float* const* out, const float* const* p, const bool* const* all
     }
 }
 
+// The same sums on AVX-512 (CPUs with AVX-512F, chosen at run time): each output element's chain of FMAs over s is the
+// one above, lane for lane (the values have no horizontal sums), so the bits are the same; 16 lanes per register and
+// up to 128 values of a row in registers, so each key's weight and mask are read once per 128 values rather than once
+// per 32. ``tail``: the lanes of the last chunk that are real (D need only be a multiple of 8).
+PROPD_AVX512 inline __m512 load16v(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+PROPD_AVX512 inline __m512 load16v(const uint16_t* p, __mmask16 m) {
+    const __m256i raw = m == 0xFFFF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                    : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <int R, int NC, typename KV>
+PROPD_AVX512 void value_rows512(float* const* out, const float* const* p, const bool* const* allowed, const KV* v,
+                                int64_t sv, int64_t s0, int64_t s1, int64_t d0, __mmask16 tail) {
+    __m512 acc[R][NC];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int j = 0; j < NC; ++j) acc[r][j] = _mm512_maskz_loadu_ps(j == NC - 1 ? tail : 0xFFFF, out[r] + d0 + 16 * j);
+    for (int64_t s = s0; s < s1; ++s) {
+        const KV* vs = v + s * sv + d0;
+        float w[R];
+        bool all = true;
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            w[r] = p[r][s];
+            all = all & allowed[r][s];
+        }
+        if (all) {
+            __m512 wr[R];
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) wr[r] = _mm512_set1_ps(w[r]);
+#pragma GCC unroll 8
+            for (int j = 0; j < NC; ++j) {
+                const __m512 x = load16v(vs + 16 * j, j == NC - 1 ? tail : 0xFFFF);
+#pragma GCC unroll 4
+                for (int r = 0; r < R; ++r) acc[r][j] = _mm512_fmadd_ps(wr[r], x, acc[r][j]);
+            }
+        } else {
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) {
+                if (!allowed[r][s]) continue;
+                const __m512 wr = _mm512_set1_ps(w[r]);
+#pragma GCC unroll 8
+                for (int j = 0; j < NC; ++j)
+                    acc[r][j] = _mm512_fmadd_ps(wr, load16v(vs + 16 * j, j == NC - 1 ? tail : 0xFFFF), acc[r][j]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int j = 0; j < NC; ++j) _mm512_mask_storeu_ps(out[r] + d0 + 16 * j, j == NC - 1 ? tail : 0xFFFF, acc[r][j]);
+}
+
+// All of D for R rows on AVX-512: passes of 128 values of d, then the rest in one pass of up to 8 chunks.
+template <int R, typename KV>
+PROPD_AVX512 void value_rows512(float* const* out, const float* const* p, const bool* const* allowed, const KV* v,
+                                int64_t sv, int64_t s0, int64_t s1, int64_t D) {
+    int64_t d0 = 0;
+    for (; d0 + 128 <= D; d0 += 128) value_rows512<R, 8>(out, p, allowed, v, sv, s0, s1, d0, 0xFFFF);
+    const int64_t left = D - d0;  // a multiple of 8, below 128
+    if (left == 0) return;
+    const __mmask16 tail = left % 16 ? static_cast<__mmask16>(0x00FF) : static_cast<__mmask16>(0xFFFF);
+    switch ((left + 15) / 16) {
+        case 1: value_rows512<R, 1>(out, p, allowed, v, sv, s0, s1, d0, tail); break;
+        case 2: value_rows512<R, 2>(out, p, allowed, v, sv, s0, s1, d0, tail); break;
+        case 3: value_rows512<R, 3>(out, p, allowed, v, sv, s0, s1, d0, tail); break;
+        case 4: value_rows512<R, 4>(out, p, allowed, v, sv, s0, s1, d0, tail); break;
+        case 5: value_rows512<R, 5>(out, p, allowed, v, sv, s0, s1, d0, tail); break;
+        case 6: value_rows512<R, 6>(out, p, allowed, v, sv, s0, s1, d0, tail); break;
+        case 7: value_rows512<R, 7>(out, p, allowed, v, sv, s0, s1, d0, tail); break;
+        default: value_rows512<R, 8>(out, p, allowed, v, sv, s0, s1, d0, tail); break;
+    }
+}
+
 constexpr int64_t kKeyTile = 64;  // keys per tile: a tile's keys (or values) stay in L1 while every row of a block uses them
 constexpr int64_t kRowBlock = 8;  // query rows (of one key head) per work item of the thread pool
 constexpr int kRowGroup = 2;      // rows per register block of the score and value loops
@@ -1073,7 +1220,8 @@ constexpr int kRowGroup = 2;      // rows per register block of the score and va
 template <typename KV>
 void attend(const KV* q, const KV* k, const KV* v, const bool* mask, KV* out, int64_t B, int64_t Hq,
             int64_t Hk, int64_t T, int64_t S, int64_t D, const int64_t* ks, const int64_t* vs, float scale) {
-    constexpr bool wide = std::is_same_v<KV, float>;
+    constexpr bool float_kv = std::is_same_v<KV, float>;
+    const bool wide_isa = use_avx512();
     const int64_t group = Hq / Hk, S8 = (S + 7) / 8 * 8, rows = group * T;
     // blocks of at most kRowBlock rows, balanced, and at least two work items per thread where there are rows enough
     // (one query token: B * Hk items of `group` rows would leave a thread idle a third of the time for Hk = 3)
@@ -1082,7 +1230,7 @@ void attend(const KV* q, const KV* k, const KV* v, const bool* mask, KV* out, in
     const int64_t block_rows = (rows + per_head - 1) / per_head;
     const int64_t blocks = (rows + block_rows - 1) / block_rows;
     at::parallel_for(0, B * Hk * blocks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> buf(kRowBlock * S8), rows_f(wide ? 0 : 2 * kRowBlock * D);
+        std::vector<float> buf(kRowBlock * S8), rows_f(float_kv ? 0 : 2 * kRowBlock * D);
         KV* dst[kRowBlock];
         const float* qr[kRowBlock];
         const bool* mr[kRowBlock];
@@ -1097,7 +1245,7 @@ void attend(const KV* q, const KV* k, const KV* v, const bool* mask, KV* out, in
                 const int64_t h = g * group + (r0 + r) / T, t = (r0 + r) % T;
                 const KV* qs = q + ((b * Hq + h) * T + t) * D;
                 dst[r] = out + ((b * T + t) * Hq + h) * D;
-                if constexpr (wide) {
+                if constexpr (float_kv) {
                     qr[r] = qs;
                     orow[r] = dst[r];
                 } else {
@@ -1118,7 +1266,11 @@ void attend(const KV* q, const KV* k, const KV* v, const bool* mask, KV* out, in
                 const int64_t s1 = std::min(S, s0 + kKeyTile);
                 for (int64_t r = 0; r < R; r += kRowGroup)
                     with_rows<kRowGroup>(std::min<int64_t>(kRowGroup, R - r), [&](auto n) {
-                        score_rows<decltype(n)::value>(qr + r, kb, ks[2], mr + r, s0, s1, D, scale, sr + r, top + r);
+                        if (decltype(n)::value == 2 && wide_isa && D <= kPairMaxD) {
+                            score_pair512(qr + r, kb, ks[2], mr + r, s0, s1, D, scale, sr + r, top + r);
+                        } else {
+                            score_rows<decltype(n)::value>(qr + r, kb, ks[2], mr + r, s0, s1, D, scale, sr + r, top + r);
+                        }
                     });
             }
             for (int64_t r = 0; r < R; ++r) inv[r] = softmax_weights(&buf[r * S8], S8, top[r]);
@@ -1126,13 +1278,17 @@ void attend(const KV* q, const KV* k, const KV* v, const bool* mask, KV* out, in
                 const int64_t s1 = std::min(S, s0 + kKeyTile);
                 for (int64_t r = 0; r < R; r += kRowGroup)
                     with_rows<kRowGroup>(std::min<int64_t>(kRowGroup, R - r), [&](auto n) {
-                        value_rows<decltype(n)::value>(orow + r, pr + r, mr + r, vb, vs[2], s0, s1, D);
+                        if (wide_isa) {
+                            value_rows512<decltype(n)::value>(orow + r, pr + r, mr + r, vb, vs[2], s0, s1, D);
+                        } else {
+                            value_rows<decltype(n)::value>(orow + r, pr + r, mr + r, vb, vs[2], s0, s1, D);
+                        }
                     });
             }
             for (int64_t r = 0; r < R; ++r) {
                 const __m256 w = _mm256_set1_ps(inv[r]);
                 for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(orow[r] + d, _mm256_mul_ps(_mm256_loadu_ps(orow[r] + d), w));
-                if constexpr (!wide) {
+                if constexpr (!float_kv) {
                     for (int64_t d = 0; d < D; ++d) dst[r][d] = c10::BFloat16(orow[r][d]).x;
                 }
             }
