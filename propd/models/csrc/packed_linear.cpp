@@ -7,9 +7,9 @@
 // so that for each k one load feeds 16 outputs; each panel is streamed from memory once per call, and the rows of x
 // are taken in balanced blocks of at most 6 (12 accumulator registers), the register-blocked outer-product scheme of
 // BLIS-style GEMM micro-kernels (Van Zee and van de Geijn, "BLIS: A Framework for Rapidly Instantiating BLAS
-// Functionality", ACM TOMS 2015). With more than one block per panel, the later blocks read the panel from cache and
-// the memory bus would idle; so each block also prefetches its share of the next panel, which keeps up to about 16
-// rows as cheap as one row's memory stream (benchmarks/linear_kernel.py).
+// Functionality", ACM TOMS 2015). While a panel is computed, its blocks prefetch the next panel (each block its share,
+// the later blocks reading the current panel from cache), so the memory stream runs a panel ahead of the arithmetic
+// and up to about 16 rows cost little more than one row's stream (benchmarks/linear_kernel.py).
 //
 // bfloat16 weights stay bfloat16 in memory (half the bytes to stream) and are widened to float32 in registers (a
 // bfloat16 is the upper half of a float32); x is widened once per call, products and sums are float32, and y is rounded
@@ -251,8 +251,9 @@ void run_jobs(const std::vector<Job>& jobs) {
 }
 
 // The panel loop shared by every path, over panels [begin, end): each panel's M rows in balanced blocks of at most
-// 6 (AVX2) or 12 (``wide``, the AVX-512 paths) rows, 8 rows as 4 + 4 rather than 6 + 2; with more than one block,
-// block j prefetches lines [j * share, (j + 1) * share) of the next panel of the range while it computes. ``steps`` is
+// 6 (AVX2) or 12 (``wide``, the AVX-512 paths) rows, 8 rows as 4 + 4 rather than 6 + 2; block j of n prefetches
+// lines [j * share, (j + 1) * share) of the next panel of the range while it computes (one block: all of it), so the
+// memory stream runs one panel ahead of the arithmetic and a few rows cost about one row's stream. ``steps`` is
 // the micro-kernel's trip count over a panel (K, or K/2 for bf16 pairs); ``f(p, m, mr, width, pf)`` runs rows
 // m .. m + mr - 1 of panel p, whose ``width`` outputs are real.
 template <typename F>
@@ -260,9 +261,7 @@ void for_each_block(const char* panels, int64_t panel_bytes, int64_t steps, int6
                     int64_t begin, int64_t end, F&& f) {
     const int64_t panel_lines = (panel_bytes + kLine - 1) / kLine;
     const int64_t max_block = wide ? kMaxBlock512 : kMaxBlock;
-    // AVX-512: at least two blocks from 7 rows, so that one block streams the next panel while the other computes
-    // (a single block has nobody prefetching; docs/lab/2026-12-02.md)
-    const int64_t nblocks = std::max<int64_t>((M + max_block - 1) / max_block, wide && M > kMaxBlock ? 2 : 1);
+    const int64_t nblocks = (M + max_block - 1) / max_block;
     const int64_t share = (panel_lines + nblocks - 1) / nblocks;
     for (int64_t p = begin; p < end; ++p) {
         const int64_t width = std::min<int64_t>(kPanel, O - kPanel * p);
@@ -273,7 +272,7 @@ void for_each_block(const char* panels, int64_t panel_bytes, int64_t steps, int6
             const int64_t mr = (left + blocks - 1) / blocks;
             Prefetch pf;
             const int64_t lines = std::min(share, panel_lines - j * share);
-            if (nblocks > 1 && p + 1 < end && lines > 0) {
+            if (p + 1 < end && lines > 0) {
                 pf.next = panels + (p + 1) * panel_bytes + j * share * kLine;
                 pf.every = std::max<int64_t>(1, steps / lines);
             }
