@@ -258,9 +258,9 @@ void run_jobs(const std::vector<Job>& jobs) {
 // m .. m + mr - 1 of panel p, whose ``width`` outputs are real.
 template <typename F>
 void for_each_block(const char* panels, int64_t panel_bytes, int64_t steps, int64_t M, int64_t O, bool wide,
-                    int64_t begin, int64_t end, F&& f) {
+                    int64_t begin, int64_t end, F&& f, int64_t wide_block = kMaxBlock512) {
     const int64_t panel_lines = (panel_bytes + kLine - 1) / kLine;
-    const int64_t max_block = wide ? kMaxBlock512 : kMaxBlock;
+    const int64_t max_block = wide ? wide_block : kMaxBlock;
     const int64_t nblocks = (M + max_block - 1) / max_block;
     const int64_t share = (panel_lines + nblocks - 1) / nblocks;
     for (int64_t p = begin; p < end; ++p) {
@@ -513,10 +513,14 @@ inline void micro_q(const uint8_t* __restrict__ panel, const float* __restrict__
     store_rows<MR>(a0, a1, y, ldy, width);
 }
 
+// GGUF blocks on AVX-512: up to 16 rows per block (16 accumulators beside the dequantization's few registers), so
+// that a panel block is dequantized once for up to 16 rows.
+constexpr int64_t kMaxBlockQ512 = 16;
+
 template <int F>
 PROPD_AVX512 void block_q512(int64_t mr, const uint8_t* panel, const float* x, int64_t K, float* y, int64_t ldy,
                              int64_t width, Prefetch pf) {
-    with_rows<kMaxBlock512>(mr, [&](auto rows) {
+    with_rows<kMaxBlockQ512>(mr, [&](auto rows) {
         micro_q512<decltype(rows)::value, F>(panel, x, K, y, ldy, width, pf);
     });
 }
@@ -560,7 +564,7 @@ Job job_q(const float* xp, const uint8_t* pp, float* yp, int64_t M, int64_t K, i
                            } else {
                                block_q<F>(mr, panel, xp + m * K, K, yp + m * O + kPanel * p, O, width, pf);
                            }
-                       });
+                       }, kMaxBlockQ512);
     }};
 }
 
