@@ -48,7 +48,8 @@ def test_dequantize_equals_gguf_and_packing_keeps_every_weight(fmt, rows, nb, se
 
 @needs_kernel
 @settings(max_examples=60, deadline=None)
-@given(fmt=st.sampled_from(["Q4_1", "Q8_0"]), m=st.integers(1, 64), out=st.integers(1, 50), nb=st.integers(1, 5),
+@given(fmt=st.sampled_from(["Q4_1", "Q8_0"]), m=st.one_of(st.integers(1, 4), st.integers(1, 64)),
+       out=st.one_of(st.integers(1, 50), st.integers(64, 150)), nb=st.integers(1, 5),
        seed=st.integers(0, 999))
 def test_block_kernel_equals_the_float32_kernel_on_every_path(fmt, m, out, nb, seed):
     """y = x W^T from blocks equals the float32 kernel's on the dequantized W bit for bit, on the AVX-512 and AVX2

@@ -396,19 +396,27 @@ PROPD_AVX512 inline void micro_q512(const uint8_t* __restrict__ panel, const flo
     for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + r * ldy, keep, a[r]);
 }
 
-// MR (1 or 2) rows against NP whole panels at once: each output's sum is a chain of dependent FMAs, and one or two
-// rows give a panel only one or two chains, so the FMA latency, not the dequantization, would set the pace; NP panels
-// side by side give NP * MR independent chains. Each output's chain is the one above, op for op.
+// MR (1-4) rows against NP whole panels at once: each output's sum is a chain of dependent FMAs, and a few rows give a
+// panel only a few chains, so the FMA latency, not the dequantization, would set the pace; NP panels side by side give
+// NP * MR independent chains. Each output's chain is the one above, op for op. While a group is computed, the next
+// group is prefetched, a share per block of k: the hardware prefetcher alone left these one-row products at about a
+// third of the memory bandwidth (docs/lab/2026-12-06-cpu-step.md).
 template <int MR, int F, int NP>
 PROPD_AVX512 inline void micro_q512_wide(const uint8_t* __restrict__ panel, int64_t panel_bytes,
-                                         const float* __restrict__ x, int64_t K, float* __restrict__ y, int64_t ldy) {
+                                         const float* __restrict__ x, int64_t K, float* __restrict__ y, int64_t ldy,
+                                         const uint8_t* next = nullptr) {
     constexpr int64_t bytes = F == kQ41 ? kQ41Bytes : kQ80Bytes;
+    // next: the following group of NP panels, prefetched a share per block of k while this group is computed
+    const int64_t nb = K / kQK, lines = (NP * panel_bytes + kLine - 1) / kLine, per = (lines + nb - 1) / nb;
     __m512 a[NP][MR];
 #pragma GCC unroll 8
     for (int p = 0; p < NP; ++p)
 #pragma GCC unroll 4
         for (int r = 0; r < MR; ++r) a[p][r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < K / kQK; ++b) {
+        if (next != nullptr) {
+            for (int64_t l = b * per; l < std::min(lines, (b + 1) * per); ++l) _mm_prefetch(reinterpret_cast<const char*>(next) + l * kLine, _MM_HINT_T0);
+        }
         const float* xb = x + b * kQK;
         __m512 d[NP], m[NP];
 #pragma GCC unroll 8
@@ -532,25 +540,30 @@ void block_q(int64_t mr, const uint8_t* panel, const float* x, int64_t K, float*
 }
 
 // y (M, O) float32 = x (M, K) float32 times block-packed panels (P, K / 32, bytes) of format F. A unit is a panel,
-// except for one or two rows on AVX-512: then whole groups of four panels side by side (micro_q512_wide), then the
+// except for one to four rows on AVX-512: then whole groups of four panels side by side (micro_q512_wide), then the
 // last few panels one by one.
 template <int F>
 Job job_q(const float* xp, const uint8_t* pp, float* yp, int64_t M, int64_t K, int64_t O, int64_t P) {
     const bool wide = use_avx512();
     const int64_t panel_bytes = (K / kQK) * (F == kQ41 ? kQ41Bytes : kQ80Bytes);
     const int64_t steps = F == kQ41 ? K / 2 : K;
-    // one or two rows: four panels side by side; from three rows a panel has chains enough
+    // one to four rows: four panels side by side (up to 16 accumulators); from five rows a panel has chains enough
     constexpr int64_t group = 4;
-    const int64_t groups = wide && M <= 2 ? O / (group * kPanel) : 0;  // groups of whole panels; the rest one by one
+    const int64_t groups = wide && M <= 4 ? O / (group * kPanel) : 0;  // groups of whole panels; the rest one by one
     const int64_t done = groups * group;
     return {groups + P - done, [=](int64_t begin, int64_t end) {
         for (int64_t g = begin; g < std::min(end, groups); ++g) {
             const uint8_t* panel = pp + g * group * panel_bytes;
             float* y = yp + g * group * kPanel;
+            const uint8_t* next = g + 1 < std::min(end, groups) ? panel + group * panel_bytes : nullptr;
             if (M == 1) {
-                micro_q512_wide<1, F, group>(panel, panel_bytes, xp, K, y, O);
+                micro_q512_wide<1, F, group>(panel, panel_bytes, xp, K, y, O, next);
+            } else if (M == 2) {
+                micro_q512_wide<2, F, group>(panel, panel_bytes, xp, K, y, O, next);
+            } else if (M == 3) {
+                micro_q512_wide<3, F, group>(panel, panel_bytes, xp, K, y, O, next);
             } else {
-                micro_q512_wide<2, F, group>(panel, panel_bytes, xp, K, y, O);
+                micro_q512_wide<4, F, group>(panel, panel_bytes, xp, K, y, O, next);
             }
         }
         // units from ``groups`` on: panels done + (unit - groups)
