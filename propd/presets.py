@@ -72,11 +72,9 @@ def auto_preset(model: Any) -> str:
 
     The rule: on a GPU, ``propd`` when the model has Medusa heads and the early head its pruner reads, else
     ``propd-dynamic-only`` with Medusa heads alone; ``ar`` without heads and on a CPU. On a CPU a tree step costs
-    well above an AR step (an 8-node forward pass about 1.6 AR steps in float32, 2-3 with GGUF blocks:
-    docs/architecture.md) and the shipped drafts accept too few tokens to repay it: ``propd`` measured 0.77-0.87x
-    ``ar`` on the quick-start prompt with the default GGUF blocks, its exploration steps included, and 0.92x-1.03x
-    on the Spec-Bench sample at batch 1-16 in gguf-q8 (docs/results.md). On a GPU a 64-node step costs
-    about 1.2 AR steps, so trees can pay.
+    well above an AR step (with the default GGUF blocks an 8-node forward pass is about 2 AR steps:
+    docs/architecture.md) and the shipped drafts accept too few tokens to repay it (README and docs/results.md give
+    the measured figures). On a GPU a 64-node step costs about 1.2 AR steps, so trees can pay.
     """
     if getattr(model, "heads", None) is None or getattr(model, "device", None) is None:
         return "ar"
