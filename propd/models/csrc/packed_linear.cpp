@@ -399,8 +399,8 @@ PROPD_AVX512 inline void micro_q512(const uint8_t* __restrict__ panel, const flo
 // MR (1-4) rows against NP whole panels at once: each output's sum is a chain of dependent FMAs, and a few rows give a
 // panel only a few chains, so the FMA latency, not the dequantization, would set the pace; NP panels side by side give
 // NP * MR independent chains. Each output's chain is the one above, op for op. While a group is computed, the next
-// group is prefetched, a share per block of k: the hardware prefetcher alone left these one-row products at about a
-// third of the memory bandwidth (docs/lab/2026-12-06-cpu-step.md).
+// group is prefetched, a share per block of k: the hardware prefetcher alone does not keep these few-row products at
+// the memory's pace.
 template <int MR, int F, int NP>
 PROPD_AVX512 inline void micro_q512_wide(const uint8_t* __restrict__ panel, int64_t panel_bytes,
                                          const float* __restrict__ x, int64_t K, float* __restrict__ y, int64_t ldy,
