@@ -1847,7 +1847,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rope_and_cache", &rope_and_cache, "rotary embedding of q and k, and the cache write of k and v");
     m.def("rms_norm", &rms_norm, "RMSNorm of each row");
     m.def("decoder_layer", &decoder_layer, "one Llama decoder layer of a decoding step");
-    pybind11::class_<LayerStack>(m, "LayerStack", "a model's decoder layers for decoding steps, run in one call")
+    // module-local: two builds of this file load side by side (benchmarks/kernel_ab.py) without a type clash
+    pybind11::class_<LayerStack>(m, "LayerStack", pybind11::module_local(),
+                                 "a model's decoder layers for decoding steps, run in one call")
         .def(pybind11::init<std::vector<torch::Tensor>, std::vector<int64_t>, double, double,
                             std::vector<torch::Tensor>>())
         .def("current", &LayerStack::current, "whether no watched tensor changed in place since construction")
