@@ -268,8 +268,7 @@ void for_each_block(const char* panels, int64_t panel_bytes, int64_t steps, int6
         int64_t m = 0;
         for (int64_t j = 0; m < M; ++j) {
             const int64_t left = M - m;
-            const int64_t blocks = wide ? nblocks - j : (left + max_block - 1) / max_block;
-            const int64_t mr = (left + blocks - 1) / blocks;
+            const int64_t mr = (left + nblocks - j - 1) / (nblocks - j);
             Prefetch pf;
             const int64_t lines = std::min(share, panel_lines - j * share);
             if (p + 1 < end && lines > 0) {
@@ -415,7 +414,9 @@ PROPD_AVX512 inline void micro_q512_wide(const uint8_t* __restrict__ panel, int6
         for (int r = 0; r < MR; ++r) a[p][r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < K / kQK; ++b) {
         if (next != nullptr) {
-            for (int64_t l = b * per; l < std::min(lines, (b + 1) * per); ++l) _mm_prefetch(reinterpret_cast<const char*>(next) + l * kLine, _MM_HINT_T0);
+            for (int64_t l = b * per; l < std::min(lines, (b + 1) * per); ++l) {
+                _mm_prefetch(reinterpret_cast<const char*>(next) + l * kLine, _MM_HINT_T0);
+            }
         }
         const float* xb = x + b * kQK;
         __m512 d[NP], m[NP];
@@ -556,15 +557,9 @@ Job job_q(const float* xp, const uint8_t* pp, float* yp, int64_t M, int64_t K, i
             const uint8_t* panel = pp + g * group * panel_bytes;
             float* y = yp + g * group * kPanel;
             const uint8_t* next = g + 1 < std::min(end, groups) ? panel + group * panel_bytes : nullptr;
-            if (M == 1) {
-                micro_q512_wide<1, F, group>(panel, panel_bytes, xp, K, y, O, next);
-            } else if (M == 2) {
-                micro_q512_wide<2, F, group>(panel, panel_bytes, xp, K, y, O, next);
-            } else if (M == 3) {
-                micro_q512_wide<3, F, group>(panel, panel_bytes, xp, K, y, O, next);
-            } else {
-                micro_q512_wide<4, F, group>(panel, panel_bytes, xp, K, y, O, next);
-            }
+            with_rows<4>(M, [&](auto rows) {
+                micro_q512_wide<decltype(rows)::value, F, group>(panel, panel_bytes, xp, K, y, O, next);
+            });
         }
         // units from ``groups`` on: panels done + (unit - groups)
         const int64_t b = std::max(begin, groups) - groups + done, e = end - groups + done;
@@ -909,6 +904,25 @@ inline __m256 dot_lanes(const float* q, const KV* ks, int64_t D) {
     return a;
 }
 
+// Scores of R query rows against keys [s0, s1) one key at a time (the keys after the last block of eight): dot_lanes
+// and hsum, as every score is computed.
+template <int R, typename KV>
+inline void score_keys(const float* const* q, const KV* k, int64_t sk, const bool* const* allowed, int64_t s0,
+                       int64_t s1, int64_t D, float scale, float* const* scores, float* top) {
+    for (int64_t s = s0; s < s1; ++s) {
+#pragma GCC unroll 2
+        for (int r = 0; r < R; ++r) {
+            if (!allowed[r][s]) {
+                scores[r][s] = -INFINITY;
+                continue;
+            }
+            const float x = hsum(dot_lanes(q[r], k + s * sk, D)) * scale;
+            scores[r][s] = x;
+            top[r] = std::max(top[r], x);
+        }
+    }
+}
+
 // Scores of R (1 or 2) query rows of one key head against keys [s0, s1): scale * q.k_s where the row may attend,
 // -inf elsewhere; top[r] becomes the max over row r's allowed keys. Eight dot products at a time (one row and 8 keys,
 // or two rows and 4 keys: each key chunk loaded once for both rows), eight independent chains of FMAs, reduced by
@@ -973,18 +987,7 @@ void score_rows(const float* const* q, const KV* k, int64_t sk, const bool* cons
     _mm256_store_ps(lanes, tops);
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) top[j / KB] = std::max(top[j / KB], lanes[j]);
-    for (; s < s1; ++s) {
-#pragma GCC unroll 2
-        for (int r = 0; r < R; ++r) {
-            if (!allowed[r][s]) {
-                scores[r][s] = -INFINITY;
-                continue;
-            }
-            const float x = hsum(dot_lanes(q[r], k + s * sk, D)) * scale;
-            scores[r][s] = x;
-            top[r] = std::max(top[r], x);
-        }
-    }
+    score_keys<R>(q, k, sk, allowed, s, s1, D, scale, scores, top);
 }
 
 // Two query rows against eight keys at a time on AVX-512 (chosen at run time): one 16-lane register per key holds row
@@ -1048,17 +1051,7 @@ PROPD_AVX512 void score_pair512(const float* const* q, const KV* k, int64_t sk, 
     _mm256_store_ps(lanes[1], tops1);
     for (int r = 0; r < 2; ++r)
         for (int j = 0; j < 8; ++j) top[r] = std::max(top[r], lanes[r][j]);
-    for (; s < s1; ++s) {
-        for (int r = 0; r < 2; ++r) {
-            if (!allowed[r][s]) {
-                scores[r][s] = -INFINITY;
-                continue;
-            }
-            const float x = hsum(dot_lanes(q[r], k + s * sk, D)) * scale;
-            scores[r][s] = x;
-            top[r] = std::max(top[r], x);
-        }
-    }
+    score_keys<2>(q, k, sk, allowed, s, s1, D, scale, scores, top);
 }
 
 // scores (S8 = S rounded up to 8, the tail -inf) -> exp(score - top), exact 0 where -inf (an allowed key's weight is
@@ -1513,6 +1506,12 @@ torch::Tensor dequantize_packed(const torch::Tensor& packed, int64_t O) {
     return w;
 }
 
+// Whether two packed weights can share one packed_linears call: the same dtype and panel layout (and K).
+bool packed_alike(const torch::Tensor& a, const torch::Tensor& b) {
+    return a.dim() == 3 && b.dim() == 3 && a.scalar_type() == b.scalar_type() && a.size(1) == b.size(1) &&
+           a.size(2) == b.size(2);
+}
+
 // x: (M, K) contiguous, of the packed weights' type; packed[i]: pack(w_i) for w_i of outs[i] rows, all packed alike
 // (one dtype, one panel layout). Returns x @ w_i^T, (M, outs[i]) of x's type, for each i, computed in one parallel
 // region (run_jobs); each result is the one packed_linear(x, packed[i], outs[i]) gives alone, bit for bit.
@@ -1521,8 +1520,7 @@ std::vector<torch::Tensor> packed_linears(const torch::Tensor& x, const std::vec
     TORCH_CHECK(!packed.empty() && packed.size() == outs.size(), "packed_linear: one output size per packed weight");
     const auto& p0 = packed[0];
     for (const auto& p : packed) {
-        TORCH_CHECK(p.dim() == 3 && p.is_contiguous() && p.scalar_type() == p0.scalar_type() &&
-                        p.size(2) == p0.size(2) && p.size(1) == p0.size(1),
+        TORCH_CHECK(p.is_contiguous() && packed_alike(p, p0),
                     "packed_linear: the packed weights of one call must be packed alike");
     }
     const int64_t M = x.dim() == 2 ? x.size(0) : 0, K = x.dim() == 2 ? x.size(1) : 0;
@@ -1596,12 +1594,9 @@ std::vector<torch::Tensor> packed_linears(const torch::Tensor& x, const std::vec
 // packed_linears where the weights are packed alike, else one packed_linear each (a GGUF file may mix block types).
 std::vector<torch::Tensor> packed_linears_any(const torch::Tensor& x, const std::vector<torch::Tensor>& packed,
                                               const std::vector<int64_t>& outs) {
-    bool alike = true;
-    for (const auto& p : packed) {
-        alike = alike && p.dim() == 3 && p.scalar_type() == packed[0].scalar_type() && p.size(1) == packed[0].size(1) &&
-                p.size(2) == packed[0].size(2);
+    if (std::all_of(packed.begin(), packed.end(), [&](const torch::Tensor& p) { return packed_alike(p, packed[0]); })) {
+        return packed_linears(x, packed, outs);
     }
-    if (alike) return packed_linears(x, packed, outs);
     std::vector<torch::Tensor> ys;
     for (size_t i = 0; i < packed.size(); ++i) ys.push_back(packed_linears(x, {packed[i]}, {outs[i]})[0]);
     return ys;
@@ -1622,11 +1617,7 @@ template <typename E> inline E narrow(float x) { return static_cast<E>(x); }  //
 // type E: each product rounded to E, then the sum (this file is built with -ffp-contract=off, so no FMA merges them).
 // Eight lanes at a time: the same operations on each element (float32 products and sums, each rounded to E as torch
 // rounds: bfloat16 to nearest even, NaN to 0x7FC0), so the same bits as the scalar loop that finishes the row.
-inline __m256 load8e(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8e(const at::BFloat16* p) {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
+inline __m256 load8(const at::BFloat16* p) { return load8(reinterpret_cast<const uint16_t*>(p)); }
 inline __m256i bf16_bits8(__m256 v) {  // c10's round_to_nearest_even, lane by lane: the bfloat16 bits in 32-bit lanes
     const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
@@ -1649,12 +1640,12 @@ inline void rotate(const E* x, const E* c, const E* sn, E* out, int64_t D) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     int64_t i = 0;
     for (; i + 8 <= h; i += 8) {
-        const __m256 x1 = load8e(x + i), x2 = load8e(x + i + h);
-        const __m256 a = round8(_mm256_mul_ps(x1, load8e(c + i)), E());
-        const __m256 b = round8(_mm256_mul_ps(_mm256_xor_ps(x2, sign), load8e(sn + i)), E());
+        const __m256 x1 = load8(x + i), x2 = load8(x + i + h);
+        const __m256 a = round8(_mm256_mul_ps(x1, load8(c + i)), E());
+        const __m256 b = round8(_mm256_mul_ps(_mm256_xor_ps(x2, sign), load8(sn + i)), E());
         store8e(out + i, _mm256_add_ps(a, b));
-        const __m256 a2 = round8(_mm256_mul_ps(x2, load8e(c + i + h)), E());
-        const __m256 b2 = round8(_mm256_mul_ps(x1, load8e(sn + i + h)), E());
+        const __m256 a2 = round8(_mm256_mul_ps(x2, load8(c + i + h)), E());
+        const __m256 b2 = round8(_mm256_mul_ps(x1, load8(sn + i + h)), E());
         store8e(out + i + h, _mm256_add_ps(a2, b2));
     }
     for (; i < h; ++i) {
