@@ -72,9 +72,9 @@ def auto_preset(model: Any) -> str:
 
     The rule: on a GPU, ``propd`` when the model has Medusa heads and the early head its pruner reads, else
     ``propd-dynamic-only`` with Medusa heads alone; ``ar`` without heads and on a CPU. On a CPU a tree step costs
-    well above an AR step (with the default GGUF blocks an 8-node forward pass is about 2 AR steps:
-    docs/architecture.md) and the shipped drafts accept too few tokens to repay it (README and docs/results.md give
-    the measured figures). On a GPU a 64-node step costs about 1.2 AR steps, so trees can pay.
+    well above an AR step (each token row adds its arithmetic; step cost by tree size: docs/architecture.md) and the
+    shipped drafts accept too few tokens to repay it (README and docs/results.md give the measured figures). On a GPU
+    a 64-node step costs about 1.2 AR steps, so trees can pay.
     """
     if getattr(model, "heads", None) is None or getattr(model, "device", None) is None:
         return "ar"
