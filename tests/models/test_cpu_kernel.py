@@ -58,7 +58,7 @@ def test_a_built_extension_loads_beside_a_stale_lock_file(tmp_path):
     (d / "lock").write_text("")
     code = ("import sys; from pathlib import Path; from propd.models import cpu_kernel; "
             f"m = cpu_kernel.load_or_build(Path({str(d)!r}), {so.stem!r}, lambda: sys.exit('built again')); "
-            "assert m.isa() in ('avx2', 'avx512', 'avx512bf16'), m.isa()")
+            "assert m.isa() in ('avx2', 'avx512', 'avx512bf16', 'avx512bf16-amx'), m.isa()")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
 
@@ -320,7 +320,8 @@ def test_fused_decoder_layer_equals_the_module_path_bit_for_bit(b, t, seed, dtyp
 
 
 HAS_AVX512 = X86_AVX2 and cpu_kernel.extension() is not None and cpu_kernel.extension().isa().startswith("avx512")
-HAS_BF16_PAIRS = HAS_AVX512 and cpu_kernel.extension().isa() == "avx512bf16"
+HAS_BF16_PAIRS = HAS_AVX512 and cpu_kernel.extension().isa() in ("avx512bf16", "avx512bf16-amx")
+HAS_AMX = HAS_AVX512 and cpu_kernel.extension().isa() == "avx512bf16-amx"
 
 
 def _packed_under(limit: int, w: torch.Tensor) -> torch.Tensor:
@@ -361,6 +362,29 @@ def test_avx512_paths_equal_the_avx2_path(rows, k, out, seed, dtype):
         assert torch.equal(alone, wide)
     else:
         assert torch.equal(wide, narrow)
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="this CPU has no AMX-BF16: bf16 products have no tile path")
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40), k=st.integers(1, 90), out=st.integers(1, 70), seed=st.integers(0, 1000))
+def test_amx_path_equals_the_avx512bf16_path_up_to_rounding(rows, k, out, seed):
+    """bf16 products on AMX tiles (every row count, blocks of up to 16 rows, pairs of k left over past 16 pairs in
+    their own tiles) give the vdpbf16ps path's values up to the rounding of the sums, and each row's result alone
+    equals its result among the others, bit for bit."""
+    ext = cpu_kernel.extension()
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(rows, k, generator=g).bfloat16(), torch.randn(out, k, generator=g).bfloat16()
+    packed = cpu_kernel.pack(w)  # the same pair layout serves both paths
+    tiles = cpu_kernel.linear(x, packed, out)
+    ext.set_isa_limit(2)
+    try:
+        assert ext.isa() == "avx512bf16"
+        pairs = cpu_kernel.linear(x, packed, out)
+    finally:
+        ext.set_isa_limit(0)
+    torch.testing.assert_close(tiles.float(), pairs.float(), rtol=2 ** -7, atol=1e-5)
+    alone = torch.cat([cpu_kernel.linear(x[i: i + 1].contiguous(), packed, out) for i in range(rows)])
+    assert torch.equal(alone, tiles)
 
 
 @pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512F: the kernel has one path (AVX2)")

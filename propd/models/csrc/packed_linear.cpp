@@ -21,6 +21,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -208,6 +210,75 @@ PROPD_AVX512BF16 void block_dp(int64_t mr, const uint16_t* panel, const uint16_t
     with_rows<kMaxBlock512>(mr, [&](auto rows) { micro_dp<decltype(rows)::value>(panel, x, K2, y, ldy, width, pf); });
 }
 
+// ---------------------------------------------------------------------------------------------- AMX-BF16 path
+// bfloat16 products on Intel's AMX tiles (TDPBF16PS: C (rows x 16 float32) += A (rows x 32 bf16) B (16 pairs x 16
+// outputs x 2 bf16); Intel SDM vol. 2, "TDPBF16PS"). The pair-packed panels above are AMX's B layout already: 16 pairs
+// of k of a panel are one 1 KiB B tile (rows of 64 bytes), and 32 k of up to 16 rows of x are one A tile. Two panels
+// run side by side (two independent C tiles) and the hardware prefetcher streams them, so one row to 16 cost about
+// one row's stream where vdpbf16ps becomes bound by its arithmetic at a few rows. Each row of C is computed from its
+// own row of A alone, tile by tile over k in order, whatever the number of rows: a row's result does not depend on
+// the other rows. The tile's sums round differently from vdpbf16ps's, so on a CPU with AMX every bf16 product takes
+// this path, at every row count, and bf16 results depend on whether the CPU has AMX.
+#define PROPD_AMX __attribute__((target("avx512f,amx-tile,amx-bf16")))
+
+// The tile configuration (ldtilecfg's 64-byte operand, palette 1): C tiles 0 and 1, A tile 2, B tiles 3 and 4 (16
+// pairs), and for K2 % 16 pairs left over, A tile 5 and B tiles 6 and 7 of that many pairs.
+struct alignas(64) TileConfig {
+    uint8_t palette = 1;
+    uint8_t start_row = 0;
+    uint8_t reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+
+    TileConfig(int64_t mr, int64_t tail) {
+        for (int t : {0, 1, 2}) set(t, mr, 64);
+        for (int t : {3, 4}) set(t, 16, 64);
+        if (tail) {
+            set(5, mr, 4 * tail);
+            for (int t : {6, 7}) set(t, tail, 64);
+        }
+    }
+    void set(int t, int64_t r, int64_t bytes) {
+        rows[t] = static_cast<uint8_t>(r);
+        colsb[t] = static_cast<uint16_t>(bytes);
+    }
+};
+
+// Rows m .. m + mr - 1 (mr <= 16, the loaded configuration's) of x (row stride 2 K2 bf16) times NP (1 or 2) panels
+// from ``panel`` on (K2 pairs each), into c (NP x 16 x 16 float32).
+template <int NP>
+PROPD_AMX void amx_block(const uint16_t* panel, const uint16_t* x, int64_t K2, float* c) {
+    const char* b = reinterpret_cast<const char*>(panel);
+    const int64_t panel_bytes = K2 * 64, ldx = 4 * K2, full = K2 / 16;
+    _tile_zero(0);
+    if (NP == 2) _tile_zero(1);
+    for (int64_t t = 0; t < full; ++t) {
+        _tile_loadd(2, x + 32 * t, ldx);
+        _tile_loadd(3, b + 1024 * t, 64);
+        _tile_dpbf16ps(0, 2, 3);
+        if (NP == 2) {
+            _tile_loadd(4, b + panel_bytes + 1024 * t, 64);
+            _tile_dpbf16ps(1, 2, 4);
+        }
+    }
+    if (K2 % 16) {
+        _tile_loadd(5, x + 32 * full, ldx);
+        _tile_loadd(6, b + 1024 * full, 64);
+        _tile_dpbf16ps(0, 5, 6);
+        if (NP == 2) {
+            _tile_loadd(7, b + panel_bytes + 1024 * full, 64);
+            _tile_dpbf16ps(1, 5, 7);
+        }
+    }
+    _tile_stored(0, c, 64);
+    if (NP == 2) _tile_stored(1, c + kPanel * kPanel, 64);
+}
+
+// ldtilecfg with the whole 64-byte operand declared as read (GCC 12's _tile_loadconfig declares 8 bytes, so the
+// configuration's other stores could be dropped as dead)
+PROPD_AMX void amx_load_config(const TileConfig& cfg) { asm volatile("ldtilecfg %0" : : "m"(cfg)); }
+PROPD_AMX void amx_release() { _tile_release(); }
+
 bool cpu_has_avx512() {
     static const bool has = __builtin_cpu_supports("avx512f");
     return has;
@@ -216,7 +287,7 @@ bool cpu_has_avx512() {
 // 0: the best path this CPU has; 1: AVX2 only (tests compare the paths; PROPD_CPU_ISA=avx2 sets it from Python)
 int g_isa_limit = 0;
 
-bool use_avx512() { return g_isa_limit == 0 && cpu_has_avx512(); }
+bool use_avx512() { return g_isa_limit != 1 && cpu_has_avx512(); }
 
 bool cpu_has_avx512bf16() {
     static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
@@ -224,7 +295,18 @@ bool cpu_has_avx512bf16() {
 }
 
 // bf16 weights packed from now on go to the AVX512-BF16 path (weights packed earlier keep their layout)
-bool use_bf16_pairs() { return g_isa_limit == 0 && cpu_has_avx512bf16(); }
+bool use_bf16_pairs() { return g_isa_limit != 1 && cpu_has_avx512bf16(); }
+
+// AMX-BF16 and the kernel's permission to use the tiles' state (Linux: arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA, once per process); without the permission the first tile instruction would fault.
+bool cpu_has_amx() {
+    static const bool has = cpu_has_avx512bf16() && __builtin_cpu_supports("amx-tile") &&
+                            __builtin_cpu_supports("amx-bf16") && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return has;
+}
+
+// 2: AVX-512 without AMX (tests compare the bf16 paths)
+bool use_amx() { return g_isa_limit == 0 && cpu_has_amx(); }
 
 // A product's work in units (panels, or groups of panels) that any thread may take: run(begin, end) computes units
 // [begin, end). Products that share their input (a layer's q, k and v; gate and up) go through one parallel region
@@ -295,7 +377,7 @@ struct Out {
             kernel(y + m * ldy + kPanel * p, ldy);
             return;
         }
-        alignas(64) float tile[kMaxBlock512 * kPanel];
+        alignas(64) float tile[kPanel * kPanel];  // up to 16 rows (the AMX path's blocks)
         kernel(tile, kPanel);
         for (int64_t r = 0; r < mr; ++r) {
             uint16_t* dst = yb + (m + r) * ldy + kPanel * p;
@@ -324,7 +406,44 @@ Job job_dense(const float* xp, const W* pp, Out out, int64_t M, int64_t K, int64
 }
 
 // x (M, 2 K2) bf16 (zero-padded to even K) times pair-packed bf16 panels (P, K2, 32).
+Job job_amx(const uint16_t* xp, const uint16_t* pp, Out out, int64_t M, int64_t K2, int64_t O, int64_t P) {
+    // units: pairs of panels; rows in balanced blocks of at most 16 (at most two sizes: a tile configuration each)
+    return {(P + 1) / 2, [=](int64_t begin, int64_t end) {
+        const int64_t nblocks = (M + kPanel - 1) / kPanel, tail = K2 % 16;
+        int64_t loaded = -1;
+        alignas(64) float c[2 * kPanel * kPanel];
+        for (int64_t u = begin; u < end; ++u) {
+            const int64_t p = 2 * u, np = std::min<int64_t>(2, P - p);
+            int64_t m = 0;
+            for (int64_t j = 0; j < nblocks; ++j) {
+                const int64_t mr = (M - m + nblocks - j - 1) / (nblocks - j);
+                if (mr != loaded) {
+                    amx_load_config(TileConfig(mr, tail));
+                    loaded = mr;
+                }
+                const uint16_t* panel = pp + p * K2 * 2 * kPanel;
+                if (np == 2) {
+                    amx_block<2>(panel, xp + m * 2 * K2, K2, c);
+                } else {
+                    amx_block<1>(panel, xp + m * 2 * K2, K2, c);
+                }
+                for (int64_t i = 0; i < np; ++i) {
+                    const int64_t width = std::min<int64_t>(kPanel, O - kPanel * (p + i));
+                    out.block(p + i, m, mr, width, [&](float* y, int64_t ldy) {
+                        for (int64_t r = 0; r < mr; ++r) {
+                            std::memcpy(y + r * ldy, c + (i * kPanel + r) * kPanel, width * sizeof(float));
+                        }
+                    });
+                }
+                m += mr;
+            }
+        }
+        if (loaded >= 0) amx_release();
+    }};
+}
+
 Job job_dp(const uint16_t* xp, const uint16_t* pp, Out out, int64_t M, int64_t K2, int64_t O, int64_t P) {
+    if (use_amx()) return job_amx(xp, pp, out, M, K2, O, P);
     return {P, [=](int64_t begin, int64_t end) {
         for_each_block(reinterpret_cast<const char*>(pp), K2 * 2 * kPanel * 2, K2, M, O, true, begin, end,
                        [&](int64_t p, int64_t m, int64_t mr, int64_t width, Prefetch pf) {
@@ -601,7 +720,7 @@ bool cpu_has_avx512vnni() {
     return has;
 }
 
-bool use_vnni() { return g_isa_limit == 0 && cpu_has_avx512vnni(); }
+bool use_vnni() { return g_isa_limit != 1 && cpu_has_avx512vnni(); }
 
 // x (M, K) float32 -> xq (M, K) int8; dx, sx (M, K / 32) float32 and qsum (M, K / 32) int32, as described above.
 // Serial: at most a few hundred thousand values per call, where a parallel region would cost more than the work.
@@ -1846,8 +1965,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("current", &LayerStack::current, "whether no watched tensor changed in place since construction")
         .def("run", &LayerStack::run, "run layers start..end-1 of a decoding step on x (B, T, H)");
     m.def("set_isa_limit", [](int64_t limit) { g_isa_limit = static_cast<int>(limit); },
-          "0: the best path this CPU has; 1: AVX2 only");
+          "0: the best path this CPU has; 1: AVX2 only; 2: AVX-512 without AMX");
     m.def("has_vnni", []() { return use_vnni(); }, "whether the 8-bit-activation kernel runs on AVX512-VNNI now");
-    m.def("isa", []() { return std::string(use_avx512() ? (use_bf16_pairs() ? "avx512bf16" : "avx512") : "avx2"); },
+    m.def("isa", []() {
+            return std::string(use_avx512() ? (use_bf16_pairs() ? (use_amx() ? "avx512bf16-amx" : "avx512bf16") : "avx512")
+                                            : "avx2");
+        },
           "the instruction set the linear kernel runs with now (avx512bf16: bf16 weights packed from now on use it)");
 }
