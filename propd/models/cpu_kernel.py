@@ -110,8 +110,8 @@ def extension():
                                       verbose=False)
 
         _state["ext"] = load_or_build(build_dir, name, build)
-        if os.environ.get("PROPD_CPU_ISA", "").strip().lower() == "avx2":
-            _state["ext"].set_isa_limit(1)
+        limit = {"avx2": 1, "avx512": 2}.get(os.environ.get("PROPD_CPU_ISA", "").strip().lower(), 0)
+        _state["ext"].set_isa_limit(limit)
     except Exception as exc:  # no compiler, no ninja, a failed build: MKL serves instead
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         _note(f"CPU extension unavailable, using torch's kernels ({type(exc).__name__}: {first[:200]})")
@@ -156,9 +156,10 @@ def _import_so(name: str, so: Path):
 
 
 def isa() -> str | None:
-    """The instruction set the linear kernel runs with: ``avx512bf16`` where the CPU has AVX-512F and AVX512-BF16
-    (bf16 weights packed in pairs for ``vdpbf16ps``), ``avx512`` with AVX-512F alone, else ``avx2`` (read at run
-    time); None without the extension. ``PROPD_CPU_ISA=avx2`` keeps it on AVX2."""
+    """The instruction set the linear kernel runs with: ``avx512bf16-amx`` where the CPU also has AMX-BF16 (bf16
+    products on AMX tiles), ``avx512bf16`` where it has AVX-512F and AVX512-BF16 (bf16 weights packed in pairs for
+    ``vdpbf16ps``), ``avx512`` with AVX-512F alone, else ``avx2`` (read at run time); None without the extension.
+    ``PROPD_CPU_ISA=avx2`` keeps it on AVX2, ``PROPD_CPU_ISA=avx512`` off AMX."""
     ext = extension()
     return None if ext is None else ext.isa()
 

@@ -284,7 +284,8 @@ bool cpu_has_avx512() {
     return has;
 }
 
-// 0: the best path this CPU has; 1: AVX2 only (tests compare the paths; PROPD_CPU_ISA=avx2 sets it from Python)
+// 0: the best path this CPU has; 1: AVX2 only; 2: AVX-512 without AMX (tests compare the paths; PROPD_CPU_ISA=avx2
+// or avx512 sets it from Python)
 int g_isa_limit = 0;
 
 bool use_avx512() { return g_isa_limit != 1 && cpu_has_avx512(); }
