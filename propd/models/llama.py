@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from propd.errors import PropdError
+from propd.models import cpu_kernel
 from propd.models.cache import KVCache
 from propd.models.config import ModelConfig
 
@@ -301,7 +302,7 @@ class LlamaModel(nn.Module):
     def argmax(self, h_normed: torch.Tensor) -> torch.Tensor:
         """The argmax of :meth:`logits` (..., V) as ids (...): screened where it can be, else from the full logits."""
         ids = self.screened_argmax(h_normed)
-        return self.logits(h_normed).argmax(dim=-1) if ids is None else ids
+        return cpu_kernel.argmax(self.logits(h_normed)) if ids is None else ids
 
     # a prefill group pads its rows to its longest prompt by at most this share of its real tokens
     PREFILL_WASTE = 0.125

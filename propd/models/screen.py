@@ -80,5 +80,5 @@ class ArgmaxScreen:
             out[rows] = ids[exact.argmax(dim=1)]  # first maximum: the lowest id among equals
         rest = (~ok).nonzero()[:, 0].tolist()
         if rest:
-            out[rest] = full(x[rest]).argmax(dim=1)
+            out[rest] = cpu_kernel.argmax(full(x[rest]))
         return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from propd.hookspecs import hookimpl
+from propd.models import cpu_kernel
 from propd.types import Acceptance
 
 
@@ -17,7 +18,7 @@ def full_argmax(nodes, logits) -> torch.Tensor:
     """Argmax per tree node (B, T) from logits of the live nodes (B, T', V); -1 where a node is not live."""
     B, T = logits.shape[0], nodes.num_nodes
     pred = torch.full((B, T + 1), -1, dtype=torch.long, device=logits.device)  # column T takes the padding
-    pred.scatter_(1, nodes.node_idx, torch.where(nodes.valid, logits.argmax(dim=-1), -1))
+    pred.scatter_(1, nodes.node_idx, torch.where(nodes.valid, cpu_kernel.argmax(logits), -1))
     return pred[:, :T]
 
 
@@ -42,7 +43,7 @@ class GreedyVerifier:
     def propd_verify(self, draft, nodes, logits):
         if nodes.num_nodes == 1:  # an AR step: the root is accepted, its argmax is the bonus token
             zero = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-            return Acceptance(best=zero, accept_len=zero, bonus=logits[:, 0].argmax(dim=-1))
+            return Acceptance(best=zero, accept_len=zero, bonus=cpu_kernel.argmax(logits[:, 0]))
         rows = draft.rows
         pred = full_argmax(nodes, logits)  # (B, T)
         parent_pred = pred.gather(1, rows.parents.clamp(min=0))

@@ -424,3 +424,38 @@ def test_bfloat16_presets_equal_ar(lens, seed, preset, batch):
     refs = [ar.generate_ids([p], max_new_tokens=20).token_ids[0] for p in prompts]
     got = Decoder(model, preset=preset).generate_ids(prompts, max_new_tokens=20, batch_size=batch).token_ids
     assert got == refs
+
+
+@pytest.mark.skipif(not X86_AVX2 or cpu_kernel.extension() is None, reason="the CPU kernel needs x86-64 with AVX2/FMA")
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 5), v=st.integers(1, 300), seed=st.integers(0, 1000), dtype=st.sampled_from(cpu_kernel.DTYPES),
+       ties=st.booleans(), special=st.sampled_from(["none", "nan", "-inf", "+inf"]), threads=st.sampled_from([1, 2, 3]))
+def test_argmax_equals_torch(rows, v, seed, dtype, ties, special, threads):
+    """The extension's argmax is torch.argmax(dim=-1): the first index among equal maxima (values drawn from a few
+    levels make ties), the first NaN where a row holds one, and -inf/+inf as torch orders them, however the rows
+    and their parts are split over the threads."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 2, v, generator=g)
+    if ties:
+        x = (x * 2).round()
+    if special != "none":
+        hit = torch.rand(rows, 2, v, generator=g) < 0.05
+        x[hit] = float(special.replace("none", "0"))
+    x = x.to(dtype)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_kernel.argmax(x)
+    finally:
+        torch.set_num_threads(old)
+    assert got.shape == (rows, 2) and got.dtype == torch.long
+    assert torch.equal(got, x.argmax(dim=-1))
+
+
+def test_argmax_of_a_long_row_split_over_threads():
+    x = torch.full((1, 49152), -1.0)
+    x[0, 30000] = x[0, 40000] = 2.0  # equal maxima in different parts of the row: the first wins
+    assert cpu_kernel.argmax(x).item() == (30000 if cpu_kernel.extension() is not None else x.argmax().item())
+    x[0, 45000] = float("nan")
+    assert cpu_kernel.argmax(x).item() == 45000
+    assert cpu_kernel.argmax(x[:, ::2]).item() == x[:, ::2].argmax().item()  # strided: torch's
