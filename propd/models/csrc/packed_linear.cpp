@@ -1877,6 +1877,41 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
 // norm's weight (empty: no input norm, as EAGLE's drafter layer), q, k, v and o packed, the post-attention norm's
 // weight, gate, up and down packed; outs: the output sizes of q, k, v, o, gate, up, down; mask: (B, T, S) with S the
 // keys to read.
+// y = res + y and a = a * b in place, elementwise, as torch's add and mul compute them (float32: one rounding;
+// bfloat16: both widened, the float32 result rounded to nearest even): a layer's small ops without a dispatch and an
+// allocation each.
+torch::Tensor add_residual(torch::Tensor y, const torch::Tensor& res) {
+    TORCH_CHECK(y.sizes() == res.sizes() && y.scalar_type() == res.scalar_type() && y.is_contiguous() &&
+                    res.is_contiguous(), "add_residual: same shape and type, contiguous");
+    const int64_t n = y.numel();
+    if (y.scalar_type() == at::kFloat) {
+        float* o = y.data_ptr<float>();
+        const float* r = res.data_ptr<float>();
+        for (int64_t i = 0; i < n; ++i) o[i] = r[i] + o[i];
+    } else {
+        auto* o = y.data_ptr<at::BFloat16>();
+        const auto* r = res.data_ptr<at::BFloat16>();
+        for (int64_t i = 0; i < n; ++i) o[i] = c10::BFloat16(static_cast<float>(r[i]) + static_cast<float>(o[i]));
+    }
+    return y;
+}
+
+torch::Tensor mul_into(torch::Tensor a, const torch::Tensor& b) {
+    TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() && a.is_contiguous() && b.is_contiguous(),
+                "mul_into: same shape and type, contiguous");
+    const int64_t n = a.numel();
+    if (a.scalar_type() == at::kFloat) {
+        float* o = a.data_ptr<float>();
+        const float* m = b.data_ptr<float>();
+        for (int64_t i = 0; i < n; ++i) o[i] = o[i] * m[i];
+    } else {
+        auto* o = a.data_ptr<at::BFloat16>();
+        const auto* m = b.data_ptr<at::BFloat16>();
+        for (int64_t i = 0; i < n; ++i) o[i] = c10::BFloat16(static_cast<float>(o[i]) * static_cast<float>(m[i]));
+    }
+    return a;
+}
+
 torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Tensor>& w, const std::vector<int64_t>& outs,
                             const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& k_cache,
                             torch::Tensor& v_cache, const torch::Tensor& pos, const torch::Tensor& mask, double eps,
@@ -1891,11 +1926,11 @@ torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Ten
     const auto v = qkv[2].view({B, T, outs[2]});
     const auto qr = rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, pos);
     const auto att = tree_attention(qr, k_cache.narrow(2, 0, S), v_cache.narrow(2, 0, S), mask, scale);
-    const auto x1 = x2 + packed_linear(att.view({R, outs[0]}), w[4], outs[3]);
+    const auto x1 = add_residual(packed_linear(att.view({R, outs[0]}), w[4], outs[3]), x2);
     const auto h2 = rms_norm(x1, w[5], eps);
-    const auto gate_up = packed_linears_any(h2, {w[6], w[7]}, {outs[4], outs[5]});
-    const auto a = at::silu(gate_up[0]) * gate_up[1];
-    return (x1 + packed_linear(a, w[8], outs[6])).view({B, T, H});
+    auto gate_up = packed_linears_any(h2, {w[6], w[7]}, {outs[4], outs[5]});
+    at::silu_(gate_up[0]);
+    return add_residual(packed_linear(mul_into(gate_up[0], gate_up[1]), w[8], outs[6]), x1).view({B, T, H});
 }
 
 // ---------------------------------------------------------------------------------------------- argmax
