@@ -50,10 +50,20 @@ def test_dequantize_equals_gguf_and_packing_keeps_every_weight(fmt, rows, nb, se
 @settings(max_examples=60, deadline=None)
 @given(fmt=st.sampled_from(["Q4_1", "Q8_0"]), m=st.one_of(st.integers(1, 4), st.integers(1, 64)),
        out=st.one_of(st.integers(1, 50), st.integers(64, 150)), nb=st.integers(1, 5),
-       seed=st.integers(0, 999))
-def test_block_kernel_equals_the_float32_kernel_on_every_path(fmt, m, out, nb, seed):
+       seed=st.integers(0, 999), threads=st.sampled_from([1, 2, 3]))
+def test_block_kernel_equals_the_float32_kernel_on_every_path(fmt, m, out, nb, seed, threads):
     """y = x W^T from blocks equals the float32 kernel's on the dequantized W bit for bit, on the AVX-512 and AVX2
-    paths, and each row alone equals its row in the batch."""
+    paths, and each row alone equals its row in the batch, whatever the thread count (each thread's range of panels
+    ends in a group of one to four panels side by side)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _block_kernel_equals_the_float32_kernel(fmt, m, out, nb, seed)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _block_kernel_equals_the_float32_kernel(fmt, m, out, nb, seed):
     ext = cpu_kernel.extension()
     g = torch.Generator().manual_seed(seed)
     blocks = random_blocks(fmt, out, 32 * nb, g)

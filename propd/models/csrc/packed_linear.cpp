@@ -660,29 +660,37 @@ void block_q(int64_t mr, const uint8_t* panel, const float* x, int64_t K, float*
     with_rows<kMaxBlock>(mr, [&](auto rows) { micro_q<decltype(rows)::value, F>(panel, x, K, y, ldy, width, pf); });
 }
 
-// y (M, O) float32 = x (M, K) float32 times block-packed panels (P, K / 32, bytes) of format F. A unit is a panel,
-// except for one to four rows on AVX-512: then whole groups of four panels side by side (micro_q512_wide), then the
-// last few panels one by one.
+// y (M, O) float32 = x (M, K) float32 times block-packed panels (P, K / 32, bytes) of format F. A unit is a panel;
+// for one to four rows on AVX-512 a thread's whole panels go side by side (micro_q512_wide), four at a time.
 template <int F>
 Job job_q(const float* xp, const uint8_t* pp, float* yp, int64_t M, int64_t K, int64_t O, int64_t P) {
     const bool wide = use_avx512();
     const int64_t panel_bytes = (K / kQK) * (F == kQ41 ? kQ41Bytes : kQ80Bytes);
     const int64_t steps = F == kQ41 ? K / 2 : K;
-    // one to four rows: four panels side by side (up to 16 accumulators); from five rows a panel has chains enough
+    // one to four rows: the whole panels of a thread's range four side by side (up to 16 accumulators), the last
+    // one to three together; from five rows a panel has chains enough. A unit is a panel, so that the threads' ranges
+    // differ by a panel at most (units of four panels left one thread a fifth more of a 36-panel product than the other).
     constexpr int64_t group = 4;
-    const int64_t groups = wide && M <= 4 ? O / (group * kPanel) : 0;  // groups of whole panels; the rest one by one
-    const int64_t done = groups * group;
-    return {groups + P - done, [=](int64_t begin, int64_t end) {
-        for (int64_t g = begin; g < std::min(end, groups); ++g) {
-            const uint8_t* panel = pp + g * group * panel_bytes;
-            float* y = yp + g * group * kPanel;
-            const uint8_t* next = g + 1 < std::min(end, groups) ? panel + group * panel_bytes : nullptr;
+    const int64_t whole = wide && M <= 4 ? O / kPanel : 0;  // panels grouped; the rest (a partial panel) one by one
+    return {P, [=](int64_t begin, int64_t end) {
+        const int64_t ge = std::min(end, whole);
+        for (int64_t p = begin; p < ge;) {
+            const int64_t np = std::min(group, ge - p);
+            const uint8_t* panel = pp + p * panel_bytes;
+            float* y = yp + p * kPanel;
+            const uint8_t* next = p + np < ge ? panel + np * panel_bytes : nullptr;
             with_rows<4>(M, [&](auto rows) {
-                micro_q512_wide<decltype(rows)::value, F, group>(panel, panel_bytes, xp, K, y, O, next);
+                constexpr int R = decltype(rows)::value;
+                switch (np) {
+                    case 1: micro_q512_wide<R, F, 1>(panel, panel_bytes, xp, K, y, O, next); break;
+                    case 2: micro_q512_wide<R, F, 2>(panel, panel_bytes, xp, K, y, O, next); break;
+                    case 3: micro_q512_wide<R, F, 3>(panel, panel_bytes, xp, K, y, O, next); break;
+                    default: micro_q512_wide<R, F, group>(panel, panel_bytes, xp, K, y, O, next); break;
+                }
             });
+            p += np;
         }
-        // units from ``groups`` on: panels done + (unit - groups)
-        const int64_t b = std::max(begin, groups) - groups + done, e = end - groups + done;
+        const int64_t b = std::max(begin, ge), e = end;
         if (b >= e) return;
         for_each_block(reinterpret_cast<const char*>(pp), panel_bytes, steps, M, O, wide, b, e,
                        [&](int64_t p, int64_t m, int64_t mr, int64_t width, Prefetch pf) {
