@@ -459,3 +459,38 @@ def test_argmax_of_a_long_row_split_over_threads():
     x[0, 45000] = float("nan")
     assert cpu_kernel.argmax(x).item() == 45000
     assert cpu_kernel.argmax(x[:, ::2]).item() == x[:, ::2].argmax().item()  # strided: torch's
+
+
+@pytest.mark.skipif(not X86_AVX2 or cpu_kernel.extension() is None, reason="the CPU kernel needs x86-64 with AVX2/FMA")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_layer_stack_step_that_fails_raises_and_the_next_one_runs(threads):
+    """A step's layers run in one parallel region whose other threads take their shares from thread 0: an error in
+    thread 0 (here a write position outside the cache) leaves the region as a RuntimeError, no thread waits on, and
+    the next step gives the same result as before, at any thread count."""
+    from propd.models.cpu_modules import _layer_inputs
+    from propd.testing import tiny_model
+
+    model = tiny_model(seed=5, heads=0, hidden_size=64, intermediate_size=128).model
+    model.prepare()
+    cache = model.new_cache(1, 40)
+    model.prefill(cache, [[3, 4, 5, 6, 7]])
+    layers = model.model.layers
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            T = 4
+            a = model.attention_inputs(cache, torch.arange(T).expand(1, T), torch.tril(torch.ones(T, T, dtype=torch.bool)),
+                                       torch.arange(T))
+            x = model.embed(torch.tensor([[8, 9, 10, 11]]))
+            fused = [layer._fused_weights(x, cache.layer(0)[0]) for layer in layers]
+            eps, scale = layers[0].input_layernorm.eps, layers[0].self_attn.cfg.head_dim ** -0.5
+            stack = cpu_kernel.extension().LayerStack([w for f in fused for w in f[0]], fused[0][1], eps, scale, [])
+            cos, sin, pos, msk = _layer_inputs(a)
+            before = stack.run(x.contiguous(), cos, sin, cache.k, cache.v, pos, msk, 0, len(layers))
+            with pytest.raises(RuntimeError, match="outside the cache"):
+                stack.run(x.contiguous(), cos, sin, cache.k, cache.v, pos + 1000, msk, 0, len(layers))
+            again = stack.run(x.contiguous(), cos, sin, cache.k, cache.v, pos, msk, 0, len(layers))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(before, again)
