@@ -1,6 +1,6 @@
 """The thread count of decoding steps, chosen by their measured time (robust under contention).
 
-A decoding step on a CPU is a few hundred short parallel regions (each product, attention, norm), each ending at a
+A decoding step on a CPU hands work to its threads a few hundred times (each product, attention), each ending at a
 barrier. On a shared machine a thread whose core another process holds stalls every barrier, so fewer threads than
 cores can be faster (docs/architecture.md, "Threads on a busy machine"). The step loop does what the tree sizer does
 for tree sizes: it measures, and re-checks.
@@ -11,7 +11,9 @@ within 1 .. the process's count) only when there is reason to: once at the start
 when a kind's recent steps run ``slow`` times its typical time (something else took the cores), and, while below the
 process's count, every ``probe_every`` steps to see whether the cores are free again (less often while those probes
 do not pay: up to 32x ``probe_every`` apart). It moves when the probe's median step time is below ``margin`` times
-the current count's. On a quiet machine that is one probe in all (three steps at half the threads). The process's
+the current count's; a probe step ``give_up`` times the current median ends the probe at once (a count that slow
+is not the one to move to, and its other steps would only add to the cost). On a quiet machine that is one probe
+in all (one to three steps at half the threads). The process's
 own setting is put back before each prefill and when a generate call ends. propd's CPU kernels compute every output
 on one thread in a fixed order, so the thread count never changes the output (tested).
 """
@@ -29,13 +31,14 @@ class ThreadTuner:
     ``end(kind, seconds)`` after it, and ``restore()`` at the end."""
 
     def __init__(self, fixed: int | None = None, probe_every: int = 12, probe_steps: int = 3, margin: float = 0.92,
-                 slow: float = 1.25, window: int = 6, set_threads=torch.set_num_threads,
+                 slow: float = 1.25, window: int = 6, give_up: float = 1.5, set_threads=torch.set_num_threads,
                  get_threads=torch.get_num_threads):
         self._set, self._get = set_threads, get_threads
         self.fixed = fixed  # a count for every step, never probed
         self.max_threads = fixed or max(1, get_threads())
         self.probe_every, self.probe_steps, self.margin, self.slow, self.window = (
             probe_every, probe_steps, margin, slow, window)
+        self.give_up = give_up  # a probe step this many times the current count's median ends the probe there
         self._saved = None
         self.switches = self.probes = 0
         self._reset(self.max_threads)
@@ -94,11 +97,11 @@ class ThreadTuner:
         if self._probe is not None and self._probe[0] == kind:
             _, n, times = self._probe
             times.append(seconds)
-            if len(times) < self.probe_steps:
-                return
-            self._probe = None
             now = statistics.median(self._recent[kind])
-            if statistics.median(times) < self.margin * now:
+            if len(times) < self.probe_steps and seconds < self.give_up * now:
+                return
+            self._probe = None  # its steps are in, or one was so slow that the rest would only cost more
+            if len(times) == self.probe_steps and statistics.median(times) < self.margin * now:
                 went_down = n < self.current
                 self._reset(n)
                 self.switches += 1

@@ -55,9 +55,23 @@ def test_moves_to_fewer_threads_when_they_are_faster_and_back_when_the_machine_f
 
 def test_a_quiet_machine_costs_one_probe():
     tuner, threads = make(2, probe_every=4, probe_steps=3)
-    used = run(tuner, threads, {2: 0.007, 1: 0.011}, 400)
+    used = run(tuner, threads, {2: 0.007, 1: 0.009}, 400)
     assert tuner.current == 2 and tuner.switches == 0
     assert tuner.probes == 1 and used.count(1) == 3
+
+
+def test_a_probe_step_far_slower_ends_the_probe_at_once():
+    """A probe whose first step takes ``give_up`` (1.5) times the current count's median stops there: one slow
+    step, not ``probe_steps``; the count stays, and later probes for more threads stop as early."""
+    tuner, threads = make(2, probe_every=4, probe_steps=3)
+    used = run(tuner, threads, {2: 0.007, 1: 0.011}, 400)  # half the threads: 1.57x slower
+    assert tuner.current == 2 and tuner.probes == 1 and used.count(1) == 1
+    tuner, threads = make(2, probe_every=4, probe_steps=3)
+    run(tuner, threads, {2: 0.030, 1: 0.011}, 40)  # a busy machine: 1 thread is faster
+    assert tuner.current == 1
+    used = run(tuner, threads, {2: 0.030, 1: 0.011}, 400)
+    ups = [i for i in range(1, len(used)) if used[i] == 2 and used[i - 1] == 1]
+    assert ups and all(used[i + 1] == 1 for i in ups if i + 1 < len(used))  # each probe up: a single step
 
 
 def test_contention_that_starts_later_is_noticed_and_its_end_too():
