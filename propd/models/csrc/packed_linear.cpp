@@ -1949,39 +1949,32 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
 // norm's weight (empty: no input norm, as EAGLE's drafter layer), q, k, v and o packed, the post-attention norm's
 // weight, gate, up and down packed; outs: the output sizes of q, k, v, o, gate, up, down; mask: (B, T, S) with S the
 // keys to read.
-// y = res + y and a = a * b in place, elementwise, as torch's add and mul compute them (float32: one rounding;
-// bfloat16: both widened, the float32 result rounded to nearest even): a layer's small ops without a dispatch and an
+// y = op(y, b) in place, elementwise, as torch's binary ops compute it (float32: one rounding; bfloat16: both widened,
+// the float32 result rounded to nearest even): a layer's residual adds and silu(gate) * up without a dispatch and an
 // allocation each.
-torch::Tensor add_residual(torch::Tensor y, const torch::Tensor& res) {
-    TORCH_CHECK(y.sizes() == res.sizes() && y.scalar_type() == res.scalar_type() && y.is_contiguous() &&
-                    res.is_contiguous(), "add_residual: same shape and type, contiguous");
+template <typename Op>
+torch::Tensor combine_into(torch::Tensor y, const torch::Tensor& b, Op op) {
+    TORCH_CHECK(y.sizes() == b.sizes() && y.scalar_type() == b.scalar_type() && y.is_contiguous() && b.is_contiguous(),
+                "combine_into: same shape and type, contiguous");
     const int64_t n = y.numel();
     if (y.scalar_type() == at::kFloat) {
         float* o = y.data_ptr<float>();
-        const float* r = res.data_ptr<float>();
-        for (int64_t i = 0; i < n; ++i) o[i] = r[i] + o[i];
+        const float* r = b.data_ptr<float>();
+        for (int64_t i = 0; i < n; ++i) o[i] = op(o[i], r[i]);
     } else {
         auto* o = y.data_ptr<at::BFloat16>();
-        const auto* r = res.data_ptr<at::BFloat16>();
-        for (int64_t i = 0; i < n; ++i) o[i] = c10::BFloat16(static_cast<float>(r[i]) + static_cast<float>(o[i]));
+        const auto* r = b.data_ptr<at::BFloat16>();
+        for (int64_t i = 0; i < n; ++i) o[i] = c10::BFloat16(op(static_cast<float>(o[i]), static_cast<float>(r[i])));
     }
     return y;
 }
 
+torch::Tensor add_residual(torch::Tensor y, const torch::Tensor& res) {
+    return combine_into(std::move(y), res, [](float o, float r) { return r + o; });
+}
+
 torch::Tensor mul_into(torch::Tensor a, const torch::Tensor& b) {
-    TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() && a.is_contiguous() && b.is_contiguous(),
-                "mul_into: same shape and type, contiguous");
-    const int64_t n = a.numel();
-    if (a.scalar_type() == at::kFloat) {
-        float* o = a.data_ptr<float>();
-        const float* m = b.data_ptr<float>();
-        for (int64_t i = 0; i < n; ++i) o[i] = o[i] * m[i];
-    } else {
-        auto* o = a.data_ptr<at::BFloat16>();
-        const auto* m = b.data_ptr<at::BFloat16>();
-        for (int64_t i = 0; i < n; ++i) o[i] = c10::BFloat16(static_cast<float>(o[i]) * static_cast<float>(m[i]));
-    }
-    return a;
+    return combine_into(std::move(a), b, [](float x, float m) { return x * m; });
 }
 
 torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Tensor>& w, const std::vector<int64_t>& outs,
