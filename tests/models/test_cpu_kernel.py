@@ -324,14 +324,21 @@ HAS_BF16_PAIRS = HAS_AVX512 and cpu_kernel.extension().isa() in ("avx512bf16", "
 HAS_AMX = HAS_AVX512 and cpu_kernel.extension().isa() == "avx512bf16-amx"
 
 
-def _packed_under(limit: int, w: torch.Tensor) -> torch.Tensor:
-    """``w`` packed while the kernel is limited to ``limit`` (0: the best path; 1: AVX2): the layout follows it."""
+def _under(limit: int, fn, isa: str | None = None):
+    """``fn()`` while the kernel is limited to ``limit`` (0: the best path; 1: AVX2; 2: AVX-512 without AMX), which
+    ``isa()`` then reads as ``isa`` where given."""
     ext = cpu_kernel.extension()
     ext.set_isa_limit(limit)
     try:
-        return cpu_kernel.pack(w)
+        assert isa is None or ext.isa() == isa
+        return fn()
     finally:
         ext.set_isa_limit(0)
+
+
+def _packed_under(limit: int, w: torch.Tensor) -> torch.Tensor:
+    """``w`` packed while the kernel is limited to ``limit``: the layout follows the path."""
+    return _under(limit, lambda: cpu_kernel.pack(w))
 
 
 @pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512F: the kernel has one path (AVX2)")
@@ -343,17 +350,11 @@ def test_avx512_paths_equal_the_avx2_path(rows, k, out, seed, dtype):
     path: float32 results agree bit for bit, so a machine's ISA never changes propd's float32 output. bf16 weights on
     a CPU with AVX512-BF16 take pairs of products per instruction (vdpbf16ps): the same values up to the rounding of
     the sums, and still each row independent of the others, bit for bit."""
-    ext = cpu_kernel.extension()
     g = torch.Generator().manual_seed(seed)
     x, w = torch.randn(rows, k, generator=g).to(dtype), torch.randn(out, k, generator=g).to(dtype)
     wide_w, narrow_w = _packed_under(0, w), _packed_under(1, w)
     wide = cpu_kernel.linear(x, wide_w, out)
-    ext.set_isa_limit(1)
-    try:
-        assert ext.isa() == "avx2"
-        narrow = cpu_kernel.linear(x, narrow_w, out)
-    finally:
-        ext.set_isa_limit(0)
+    narrow = _under(1, lambda: cpu_kernel.linear(x, narrow_w, out), isa="avx2")
     pairs = dtype == torch.bfloat16 and HAS_BF16_PAIRS
     assert wide_w.shape[-1] == (32 if pairs else 16)
     if pairs:
@@ -371,17 +372,11 @@ def test_amx_path_equals_the_avx512bf16_path_up_to_rounding(rows, k, out, seed):
     """bf16 products on AMX tiles (every row count, blocks of up to 16 rows, pairs of k left over past 16 pairs in
     their own tiles) give the vdpbf16ps path's values up to the rounding of the sums, and each row's result alone
     equals its result among the others, bit for bit."""
-    ext = cpu_kernel.extension()
     g = torch.Generator().manual_seed(seed)
     x, w = torch.randn(rows, k, generator=g).bfloat16(), torch.randn(out, k, generator=g).bfloat16()
     packed = cpu_kernel.pack(w)  # the same pair layout serves both paths
     tiles = cpu_kernel.linear(x, packed, out)
-    ext.set_isa_limit(2)
-    try:
-        assert ext.isa() == "avx512bf16"
-        pairs = cpu_kernel.linear(x, packed, out)
-    finally:
-        ext.set_isa_limit(0)
+    pairs = _under(2, lambda: cpu_kernel.linear(x, packed, out), isa="avx512bf16")
     torch.testing.assert_close(tiles.float(), pairs.float(), rtol=2 ** -7, atol=1e-5)
     alone = torch.cat([cpu_kernel.linear(x[i: i + 1].contiguous(), packed, out) for i in range(rows)])
     assert torch.equal(alone, tiles)

@@ -254,26 +254,23 @@ template <int NP>
 PROPD_AMX void amx_block(const uint16_t* panel, const uint16_t* x, int64_t K2, float* c) {
     const char* b = reinterpret_cast<const char*>(panel);
     const int64_t panel_bytes = K2 * 64, ldx = 4 * K2, full = K2 / 16;
+    // one A tile (tile A: x's rows at xs) times one B tile per panel (tiles B0, B1 at bs and bs + panel_bytes) into C
+    // tiles 0 and 1; a macro, since the intrinsics paste the tile numbers into their instructions' text
+#define PROPD_AMX_PAIRS(A, B0, B1, xs, bs)          \
+    do {                                             \
+        _tile_loadd(A, xs, ldx);                     \
+        _tile_loadd(B0, bs, 64);                     \
+        _tile_dpbf16ps(0, A, B0);                    \
+        if (NP == 2) {                               \
+            _tile_loadd(B1, (bs) + panel_bytes, 64); \
+            _tile_dpbf16ps(1, A, B1);                \
+        }                                            \
+    } while (0)
     _tile_zero(0);
     if (NP == 2) _tile_zero(1);
-    for (int64_t t = 0; t < full; ++t) {
-        _tile_loadd(2, x + 32 * t, ldx);
-        _tile_loadd(3, b + 1024 * t, 64);
-        _tile_dpbf16ps(0, 2, 3);
-        if (NP == 2) {
-            _tile_loadd(4, b + panel_bytes + 1024 * t, 64);
-            _tile_dpbf16ps(1, 2, 4);
-        }
-    }
-    if (K2 % 16) {
-        _tile_loadd(5, x + 32 * full, ldx);
-        _tile_loadd(6, b + 1024 * full, 64);
-        _tile_dpbf16ps(0, 5, 6);
-        if (NP == 2) {
-            _tile_loadd(7, b + panel_bytes + 1024 * full, 64);
-            _tile_dpbf16ps(1, 5, 7);
-        }
-    }
+    for (int64_t t = 0; t < full; ++t) PROPD_AMX_PAIRS(2, 3, 4, x + 32 * t, b + 1024 * t);
+    if (K2 % 16) PROPD_AMX_PAIRS(5, 6, 7, x + 32 * full, b + 1024 * full);
+#undef PROPD_AMX_PAIRS
     _tile_stored(0, c, 64);
     if (NP == 2) _tile_stored(1, c + kPanel * kPanel, 64);
 }
