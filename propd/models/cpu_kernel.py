@@ -256,7 +256,7 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """``x.argmax(dim=-1)`` for float32 or bfloat16 CPU values (the first index among equal maxima; a row's first NaN
     where it has one), by the extension where it serves, else by torch. A greedy step reads each node's argmax over
-    the vocabulary: the extension's pass runs at about the memory's pace, torch's argmax about 3x its max's time."""
+    the vocabulary: the extension's pass runs at about the memory's pace, torch's argmax several times slower."""
     if x.dim() == 0 or x.shape[-1] == 0 or not serves(x) or not x.is_contiguous():
         return x.argmax(dim=-1)
     return _state["ext"].row_argmax(x.reshape(-1, x.shape[-1])).view(x.shape[:-1])

@@ -301,9 +301,12 @@ bool use_bf16_pairs() { return g_isa_limit != 1 && cpu_has_avx512bf16(); }
 
 // AMX-BF16 and the kernel's permission to use the tiles' state (Linux: arch_prctl ARCH_REQ_XCOMP_PERM for
 // XFEATURE_XTILEDATA, once per process); without the permission the first tile instruction would fault.
+constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // from Linux's asm/prctl.h, fpu/xstate.h
+
 bool cpu_has_amx() {
     static const bool has = cpu_has_avx512bf16() && __builtin_cpu_supports("amx-tile") &&
-                            __builtin_cpu_supports("amx-bf16") && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+                            __builtin_cpu_supports("amx-bf16") &&
+                            syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
     return has;
 }
 
@@ -321,8 +324,8 @@ struct Job {
 
 // A team of threads held for a whole decoding step (LayerStack.run): thread 0 runs the step's code as it would run
 // alone, and where that code has parallel work (parallel_units) it hands each other thread its share through the
-// team, instead of opening and closing a parallel region each time (at::parallel_for: about 2-4 us per region here
-// against 0.2-0.5 us for a hand-off; a step opens about five per layer). The others wait for work spinning, then
+// team, instead of opening and closing a parallel region each time (about five per layer; a hand-off costs a
+// fraction of a region's start and end). The others wait for work spinning, then
 // yielding the core. Shares are at::parallel_for's (contiguous ranges of ceil(total / threads) units), and each
 // unit's result depends on the unit alone, so the outputs are the same bit for bit.
 struct Team {
@@ -355,9 +358,13 @@ inline void team_wait(const std::function<bool()>& ready) {
 void team_worker(Team& team, int tid) {
     int64_t seen = 0;
     while (true) {
-        team_wait([&] { return team.epoch.load(std::memory_order_acquire) != seen || team.stop.load(std::memory_order_acquire); });
-        if (team.epoch.load(std::memory_order_acquire) == seen) return;  // stopped, no work pending
-        seen = team.epoch.load(std::memory_order_acquire);
+        int64_t now = seen;
+        team_wait([&] {
+            now = team.epoch.load(std::memory_order_acquire);
+            return now != seen || team.stop.load(std::memory_order_acquire);
+        });
+        if (now == seen) return;  // stopped: thread 0 sets stop only after every hand-off is done
+        seen = now;
         team.share(tid);
         team.done.fetch_add(1, std::memory_order_acq_rel);
     }
@@ -467,9 +474,10 @@ Job job_dense(const float* xp, const W* pp, Out out, int64_t M, int64_t K, int64
     }};
 }
 
-// x (M, 2 K2) bf16 (zero-padded to even K) times pair-packed bf16 panels (P, K2, 32).
+// x (M, 2 K2) bf16 (zero-padded to even K) times pair-packed bf16 panels (P, K2, 32) on AMX tiles.
 Job job_amx(const uint16_t* xp, const uint16_t* pp, Out out, int64_t M, int64_t K2, int64_t O, int64_t P) {
-    // units: pairs of panels; rows in balanced blocks of at most 16 (at most two sizes: a tile configuration each)
+    // units: pairs of panels; rows in balanced blocks of at most 16 (at most two sizes; the tile configuration is
+    // loaded again when the size changes)
     return {(P + 1) / 2, [=](int64_t begin, int64_t end) {
         const int64_t nblocks = (M + kPanel - 1) / kPanel, tail = K2 % 16;
         int64_t loaded = -1;
@@ -504,6 +512,7 @@ Job job_amx(const uint16_t* xp, const uint16_t* pp, Out out, int64_t M, int64_t 
     }};
 }
 
+// The same product on AMX where the CPU has it, else by vdpbf16ps.
 Job job_dp(const uint16_t* xp, const uint16_t* pp, Out out, int64_t M, int64_t K2, int64_t O, int64_t P) {
     if (use_amx()) return job_amx(xp, pp, out, M, K2, O, P);
     return {P, [=](int64_t begin, int64_t end) {
@@ -1939,13 +1948,6 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
     return y;
 }
 
-// One Llama decoder layer for a decoding step, in one call: the same functions and torch ops, in the same order, as
-// propd.models.llama.DecoderLayer.forward takes when each of its parts goes to this extension, so the result is the
-// same bit for bit; only the Python between them is gone (a few dozen calls per layer), and q, k, v (and gate, up)
-// share one parallel region (packed_linears), so the weights stream without a barrier between them. x: (B, T, H); w: the input
-// norm's weight (empty: no input norm, as EAGLE's drafter layer), q, k, v and o packed, the post-attention norm's
-// weight, gate, up and down packed; outs: the output sizes of q, k, v, o, gate, up, down; mask: (B, T, S) with S the
-// keys to read.
 // y = op(y, b) in place, elementwise, as torch's binary ops compute it (float32: one rounding; bfloat16: both widened,
 // the float32 result rounded to nearest even): a layer's residual adds and silu(gate) * up without a dispatch and an
 // allocation each.
@@ -1974,6 +1976,13 @@ torch::Tensor mul_into(torch::Tensor a, const torch::Tensor& b) {
     return combine_into(std::move(a), b, [](float x, float m) { return x * m; });
 }
 
+// One Llama decoder layer for a decoding step, in one call: the same functions and arithmetic, in the same order, as
+// propd.models.llama.DecoderLayer.forward takes when each of its parts goes to this extension, so the result is the
+// same bit for bit; only the Python between them is gone (a few dozen calls per layer), and q, k, v (and gate, up)
+// share one parallel region (packed_linears), so the weights stream without a barrier between them. x: (B, T, H); w: the input
+// norm's weight (empty: no input norm, as EAGLE's drafter layer), q, k, v and o packed, the post-attention norm's
+// weight, gate, up and down packed; outs: the output sizes of q, k, v, o, gate, up, down; mask: (B, T, S) with S the
+// keys to read.
 torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Tensor>& w, const std::vector<int64_t>& outs,
                             const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& k_cache,
                             torch::Tensor& v_cache, const torch::Tensor& pos, const torch::Tensor& mask, double eps,
@@ -2000,7 +2009,7 @@ torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Ten
 // NaN (torch orders NaN above every number). Eight lanes each keep their largest value and its first index (a later
 // equal value does not replace it), then the lanes are folded; rows, and where there are fewer rows than threads
 // parts of a row, go to the threads. A greedy step reads only each node's argmax over the vocabulary, and torch's
-// argmax took about as long as 3x the max over the same values.
+// argmax is several times slower than one pass over the values.
 struct ArgBest {
     float v = 0.0f;
     int64_t i = -1;  // -1: an empty range
