@@ -307,6 +307,14 @@ class LlamaModel(nn.Module):
     # a prefill group pads its rows to its longest prompt by at most this share of its real tokens
     PREFILL_WASTE = 0.125
 
+    def rows_alone_in_prefill(self) -> bool:
+        """Whether :meth:`prefill` runs each row alone: where decoding steps are row-invariant so that a last-bit
+        difference cannot change tokens (bfloat16/float16 or 8-bit activations on the CPU extension), a row's prefill
+        must be its batch-1 prefill bit for bit, which padded groups (attention over another key length, products of
+        another row count) are not. Float32 keeps the groups."""
+        low = self.dtype in (torch.bfloat16, torch.float16) or getattr(self.lm_head, "q8", False)
+        return low and self.device.type == "cpu" and cpu_kernel.extension() is not None
+
     def prefill(self, cache: KVCache, prompts: list[list[int]], keep_hidden: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run prompts of different lengths into an empty cache; return the normed last hidden state (B, H), and with
@@ -314,11 +322,13 @@ class LlamaModel(nn.Module):
 
         Rows run in groups of similar length (``prefill_groups``), each group into a cache of its own whose keys and
         values are then copied into the batch's rows, so the work is in proportion to the real tokens, not to batch x
-        longest prompt (and attention to batch x longest^2)."""
+        longest prompt (and attention to batch x longest^2); each row is a group of its own where
+        :meth:`rows_alone_in_prefill`."""
         if max(cache.host_lengths, default=0) > 0:
             raise PropdError("prefill runs prompts into an empty cache")
         host_lens = [len(p) for p in prompts]
-        groups = prefill_groups(host_lens, self.PREFILL_WASTE)
+        groups = ([[r] for r in range(len(prompts))] if self.rows_alone_in_prefill()
+                  else prefill_groups(host_lens, self.PREFILL_WASTE))
         lens = torch.tensor(host_lens, dtype=torch.long, device=self.device)
         if len(groups) == 1:
             final, _ = self.hidden_states(cache, prompts)

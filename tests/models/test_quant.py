@@ -179,6 +179,35 @@ def test_8bit_activations_keep_every_preset_equal_to_ar(seed, lens, preset, batc
     assert_lossless(qm, random_prompts(qm, seed, lens), 16, batch_size=batch, preset=preset, entry_points=False)
 
 
+@needs_kernel
+@settings(max_examples=10, deadline=None)
+@given(kind=st.sampled_from(["q8", "bfloat16"]), seed=st.integers(0, 50),
+       lens=st.lists(st.integers(1, 40), min_size=2, max_size=4))
+def test_a_rows_prefill_is_its_batch_one_prefill_where_steps_are_row_invariant(kind, seed, lens):
+    """With 8-bit activations or in bfloat16 a last-bit difference can change tokens, so a row's prefill beside
+    others (prompts of other lengths, above the kernel attention's query count) equals its prefill alone, bit for
+    bit: last hidden state and every layer's keys and values."""
+    from propd.testing import random_prompts, tiny_model
+
+    if kind == "q8":
+        lm, _ = quantized_pair(seed, activations="q8")
+    else:
+        lm = tiny_model(seed=seed, hidden_size=64, intermediate_size=128)
+        lm.model.to(torch.bfloat16)
+    m = lm.model
+    m.prepare()
+    assert m.rows_alone_in_prefill()
+    prompts = random_prompts(lm, seed, lens)
+    cache = m.new_cache(len(prompts), max(lens) + 4)
+    last = m.prefill(cache, prompts)
+    for r, p in enumerate(prompts):
+        alone = m.new_cache(1, len(p) + 4)
+        assert torch.equal(m.prefill(alone, [p])[0], last[r])
+        for layer in range(m.num_layers):
+            assert torch.equal(alone.k[layer][0, :, :len(p)], cache.k[layer][r, :, :len(p)])
+            assert torch.equal(alone.v[layer][0, :, :len(p)], cache.v[layer][r, :, :len(p)])
+
+
 @settings(max_examples=30, deadline=None)
 @given(rows=st.integers(1, 20), nb=st.integers(1, 6), seed=st.integers(0, 1000), scale=st.sampled_from([1e-3, 1.0, 50.0]))
 def test_q8_0_quantizer_is_ggmls(rows, nb, seed, scale):
