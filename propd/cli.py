@@ -280,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "bfloat16, float16")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     g.add_argument("--threads", default="auto",
-                   help="CPU threads of decoding steps: auto (default: the fastest, measured as it runs, up to "
-                        "torch's count; fewer can win on a busy machine) or a number")
+                   help="CPU threads of decoding (steps and prefill): auto (default: the fastest, measured as it "
+                        "runs, up to torch's count; fewer can win on a busy machine) or a number")
     g.add_argument("--no-chat", action="store_true", help="send the raw text, not the chat template")
     g.add_argument("--raw-special", action="store_true",
                    help="let marker text in prompts (e.g. <|im_end|>) become the tokenizer's special tokens; by "

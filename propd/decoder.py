@@ -46,8 +46,8 @@ class Decoder:
     :mod:`propd.models.heads`). The output never depends on it, only how often guesses are right and what they cost.
     ``threads``: on a CPU, ``"auto"`` (default) lets decoding steps run at the thread count their measured time
     favours, up to the process's (:class:`propd.threads.ThreadTuner`: on a shared machine fewer threads can be
-    faster); a number fixes the steps' count; None leaves torch's setting alone. Prefill keeps the process's count,
-    and the output never depends on it.
+    faster); a number fixes the count of steps and prefill; None leaves torch's setting alone. Under ``"auto"`` a
+    prefill runs at the process's count unless the steps moved below it. The output never depends on it.
     """
 
     def __init__(self, model: LoadedModel, preset: str | None = "auto", *, sizer: ComponentArg | None = None,
@@ -292,7 +292,7 @@ class Decoder:
         cache = m.new_cache(len(prompts), longest + max_new + 66)
         tuner = self.threads
         if tuner is not None:
-            tuner.restore()  # prefill at the process's thread count
+            tuner.for_prefill()  # the process's thread count, unless the steps found fewer faster
         begin = bool(pm.hook.propd_rows_begin.get_hookimpls())
         if begin:
             last_hidden, prompt_hidden = m.prefill(cache, prompts, keep_hidden=True)  # (B, H), (B, P, H)

@@ -53,6 +53,25 @@ def test_moves_to_fewer_threads_when_they_are_faster_and_back_when_the_machine_f
     assert threads.n == 4
 
 
+def test_prefill_runs_at_the_steps_count_once_they_moved_down():
+    """Under contention a prefill's parallel regions stall as a step's do: once the steps moved below the process's
+    count, a prefill takes theirs; before that, and on a quiet machine, the process's; a fixed count always."""
+    tuner, threads = make(4, probe_every=5, probe_steps=2)
+    tuner.for_prefill()
+    assert threads.n == 4
+    run(tuner, threads, {4: 0.020, 2: 0.012, 1: 0.015}, 30)
+    assert tuner.current == 2
+    tuner.for_prefill()
+    assert threads.n == 2
+    run(tuner, threads, {4: 0.006, 2: 0.010, 1: 0.018}, 200)
+    assert tuner.current == 4
+    tuner.for_prefill()
+    assert threads.n == 4
+    fixed, fthreads = make(4, fixed=1)
+    fixed.for_prefill()
+    assert fthreads.n == 1
+
+
 def test_a_quiet_machine_costs_one_probe():
     tuner, threads = make(2, probe_every=4, probe_steps=3)
     used = run(tuner, threads, {2: 0.007, 1: 0.009}, 400)
