@@ -133,9 +133,11 @@ class DriftCostModel(_Measured):
     tree size most of a slowdown goes to the speed. An innovation is clipped at ``CLIP`` standard deviations:
     interference on a shared machine makes single steps several times slower, and one such step must not price a size
     for the rest of the run. A size's first step cannot be clipped (nothing is known to clip it against), so its second
-    step at a key only ever lowers its relative cost, to the faster of the two: interference slows steps and never
-    speeds them up, and a size priced too dear is never chosen, so never measured again, where one priced too cheap is
-    chosen and corrected.
+    step at a key only ever lowers its price, to the faster of the two: interference slows steps and never speeds them
+    up, and a size priced too dear is never chosen, so never measured again, where one priced too cheap is chosen and
+    corrected. The 1-node step is no exception: a stalled first one prices the speed too high, every tree then looks
+    cheap beside it (a tree's relative cost absorbs the difference), and 1-node steps, rarely run after that, would
+    correct it only a clipped share at a time.
 
     Sizes never measured are priced by the paper's weighted least-squares line through the measured relative costs
     exp(r_i) (sizes >= 2, weights ``W_i = exp(-lambda * o_i)``), times exp(u). Another key's estimates are a prior
@@ -181,10 +183,16 @@ class DriftCostModel(_Measured):
         vr = self.vr[size] if size != 1 else 0.0
         S = self.vu + vr + self.R
         e = math.log(max(seconds, 1e-9)) - self.u - self.r.get(size, 0.0)
-        if size != 1 and self.n.get(size) == 1:  # a tree size's second step here: keep the faster of its first two
+        if self.n.get(size) == 1:  # a size's second step here: keep the faster of its first two
             if e < 0:
-                self.r[size] += e
-            self.vr[size] *= 1 - vr / S  # as certain as an ordinary second measurement would leave it
+                if size == 1:
+                    self.u += e
+                else:
+                    self.r[size] += e
+            if size == 1:
+                self.vu *= 1 - self.vu / S  # as certain as an ordinary second measurement would leave it
+            else:
+                self.vr[size] *= 1 - vr / S
             self._count(size)
             return
         bound = self.CLIP * math.sqrt(S)

@@ -15,7 +15,7 @@ size chosen to maximize expected accepted tokens per second:
   bucket changes and every ``refresh`` steps; the 1-node tree (a plain AR step) is always a candidate.
 
 Exploration is kept cheap, since on a small model every step spent on a bad size is lost time: the first
-(batch size, bucket) measures only ``explore`` sizes (two steps per tree size, ``explore_repeat``) before trusting
+(batch size, bucket) measures only ``explore`` sizes (two steps per size, the 1-node one too, ``explore_repeat``) before trusting
 the line; a new key starts
 from the previous key's measurements as a prior instead of exploring again: it measures one 1-node step, rescales
 the prior by the ratio of that step's time to the prior's, weights the prior at most ``CostModel.PRIOR_WEIGHT``
@@ -62,7 +62,7 @@ class DynamicConfig:
     max_rank: int = 10
     max_depth: int | None = None  # deepest tree; default: as many as the Medusa heads, or DEFAULT_DEPTH without
     explore: tuple[int, ...] = (1, 2, 4, 8, 16, 64)  # sizes measured before the first choice ...
-    explore_repeat: int = 2  # ... each tree size this many times (DriftCostModel keeps the faster of its first two)
+    explore_repeat: int = 2  # ... each size this many times (DriftCostModel keeps the faster of its first two)
     probe_every: int = 32  # one step of the other regime (1 node vs a tree) this often ...
     probe_max: int = 256  # ... and, while probes keep confirming 1-node steps, up to this often (doubling)
     probe_size: int = 2  # the probe tree while at 1 node: the candidate nearest this, above 1; 0: the best tree
@@ -157,7 +157,7 @@ class DynamicSizer:
         measured first: the machine's speed drifts, and fresh tree times against a stale 1-node time pick trees that
         do not pay.
 
-        Sizes are explored smallest first, each tree size ``explore_repeat`` times in a row (one stalled step must not
+        Sizes are explored smallest first, each ``explore_repeat`` times in a row (one stalled step must not
         price a size for the rest of the run, see ``DriftCostModel``), and exploration stops early once a measured tree step takes at least
         l(largest) times a 1-node step: then no tree that large or larger can pay, even with every guess of the
         largest tree counted, and measuring one (a 64-node tree is 256 rows at batch 4) costs many AR steps. Before
@@ -166,7 +166,7 @@ class DynamicSizer:
             fresh_prior = cost.seeded and cost.n.get(1, 0) == 0
             return 1 if fresh_prior or (entering and cost.age(1, self.clock) > self.cfg.refresh) else None
         repeat = max(1, self.cfg.explore_repeat)
-        untried = [s for s in self.explore if cost.n.get(s, 0) < (1 if s == 1 else repeat)]
+        untried = [s for s in self.explore if cost.n.get(s, 0) < repeat]
         if untried and cost.n.get(1, 0) > 0:
             # a size measured fewer than ``repeat`` times is hopeless only at twice the bar: its step may have stalled
             most = self._l(max(self.sizes), values)

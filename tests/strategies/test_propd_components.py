@@ -238,14 +238,15 @@ def test_drift_cost_model_clips_a_single_stalled_step_and_fits_the_line_to_relat
 
 
 def _drive(cost_per_node, steps=120, probe_every=1000, batch=lambda step: 1, time_of=None, sizes=(1, 4, 16, 64),
-           explore=(1, 16, 64), **config):
+           explore=(1, 16, 64), heads_right=None, **config):
     """Feed the sizer synthetic step times t(i) = 10 ms + cost_per_node * i (or ``time_of(i)``) and perfect-ish
     acceptance."""
     from propd.types import Acceptance, StepStats
 
     sizer = DynamicSizer(DynamicConfig(sizes=sizes, explore=explore, refresh=4, probe_every=probe_every, **config))
     sizer.propd_setup(MODEL)
-    sizer.P = [[0.7, 0.8, 0.85, 0.9, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97]] * 4  # heads that are often right
+    sizer.P = ([[0.7, 0.8, 0.85, 0.9, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97]] * 4 if heads_right is None  # often right
+               else [[heads_right] * 10] * 4)
     per_node = cost_per_node if callable(cost_per_node) else (lambda step: cost_per_node)
     for step in range(steps):
         tree = sizer.propd_tree(_ctx(batch(step)))
@@ -264,7 +265,7 @@ def test_dynamic_sizer_picks_small_trees_when_cost_grows_fast_and_large_when_fla
     slow = _drive(cost_per_node=0.050)
     # the first key measures the explore sizes once each, smallest first, but stops once a tree step costs more
     # than l(64) 1-node steps: then no larger tree can pay, and measuring the 64-node tree would waste 3.2 s
-    assert slow.history[:3] == [1, 16, 1] and 64 not in slow.history
+    assert slow.history[:4] == [1, 1, 16, 1] and 64 not in slow.history
     assert set(slow.history[-100:]) == {1}  # a node costs 5x a base step: l(i)/T(i) is best at 1
     assert set(_drive(cost_per_node=0.00001).history[-100:]) == {64}  # nodes nearly free: the biggest tree wins
 
@@ -276,8 +277,8 @@ def test_dynamic_sizer_finds_a_cheap_size_off_the_line():
         return 0.010 if nodes <= 4 else 0.010 + 0.004 * nodes
 
     sizer = _drive(None, time_of=time_of, sizes=(1, 2, 4, 8, 16, 64), explore=(1, 2, 4, 8, 16, 64))
-    # each tree size is explored twice; 8 nodes took 4.2 AR steps, more than l(64), so 16 and 64 are never run
-    assert sizer.history[:7] == [1, 2, 2, 4, 4, 8, 8] and not {16, 64} & set(sizer.history)
+    # each size is explored twice; 8 nodes took 4.2 AR steps, more than l(64), so 16 and 64 are never run
+    assert sizer.history[:8] == [1, 1, 2, 2, 4, 4, 8, 8] and not {16, 64} & set(sizer.history)
     assert set(sizer.history[-100:]) == {4}
 
 
@@ -344,19 +345,40 @@ def test_a_stalled_first_step_does_not_price_a_size_for_the_rest_of_the_run():
     assert set(_drive(None, time_of=time_of, **sizes).history[-100:]) == {8}
 
 
+def test_a_stalled_first_one_node_step_does_not_make_every_tree_look_cheap():
+    """The 1-node speed's first measurement is as unclippable as a tree size's: seen on a shared AVX2 machine, a first
+    1-node step at 2x (15.5 ms against 7.5) priced 2-node trees (11 ms) below it, and the sizer ran them for the rest
+    of the run at 1.5x a 1-node step's time for 1.2 tokens. Exploring size 1 twice keeps the faster."""
+    cm = DriftCostModel(alpha=0.3, lam=0.05)
+    for clock, (size, t) in enumerate([(1, 0.0155), (1, 0.0075), (2, 0.011), (2, 0.011)], start=1):
+        cm.observe(size, t, now=clock)
+    assert cm.estimate(1) == pytest.approx(0.0075, rel=0.01)
+    assert cm.estimate(2) == pytest.approx(0.011, rel=0.01)
+
+    seen = {1: 0}
+
+    def time_of(nodes):
+        seen[1] += nodes == 1
+        return 0.0155 if nodes == 1 and seen[1] == 1 else {1: 0.0075, 2: 0.011}.get(nodes, 0.0075 + 0.002 * nodes)
+
+    # heads right 20% of the time: a 2-node tree accepts 1.2 tokens, not worth 1.47 AR steps
+    sizer = _drive(None, time_of=time_of, sizes=(1, 2, 4, 8), explore=(1, 2, 4, 8), heads_right=0.2)
+    assert sizer.history[:2] == [1, 1] and set(sizer.history[-100:]) == {1}
+
+
 def test_dynamic_sizer_probes_while_at_one_node_and_reuses_costs_for_a_new_batch_size():
     sizer = _drive(cost_per_node=0.050, steps=600, probe_every=32)
-    tail = sizer.history[3:]
+    tail = sizer.history[4:]
     probes = [i for i, s in enumerate(tail) if s != 1]
     assert probes and all(tail[i] == 4 for i in probes)  # the cheapest tree: the candidate nearest probe_size=2
     # each probe confirms that no tree pays, so the gap doubles: 32 (the first), 64, 128, 256 (probe_max)
     assert [b - a for a, b in zip(probes, probes[1:])] == [64, 128, 256]
-    capped = _drive(cost_per_node=0.050, steps=300, probe_every=32, probe_max=64).history[3:]
+    capped = _drive(cost_per_node=0.050, steps=300, probe_every=32, probe_max=64).history[4:]
     probes = [i for i, s in enumerate(capped) if s != 1]
     assert [b - a for a, b in zip(probes, probes[1:])] == [64] * 4
     fast = _drive(cost_per_node=0.00001, steps=200, probe_every=32).history
-    # after exploring 1 once and 16 twice: 1-node probes, no backoff
-    assert [i for i, s in enumerate(fast) if s != 64] == [0, 1, 2] + list(range(31, 200, 32))
+    # after exploring 1 and 16 twice each: 1-node probes, no backoff
+    assert [i for i, s in enumerate(fast) if s != 64] == [0, 1, 2, 3] + list(range(31, 200, 32))
     # back at a key whose 1-node time is older than `refresh` steps: one fresh 1-node step before choosing
     back = _drive(cost_per_node=0.00001, steps=130, batch=lambda step: 1 if step < 50 or step >= 100 else 2).history
     assert back[100:103] == [1, 64, 64] and back[50] == 1
@@ -545,9 +567,10 @@ def test_one_unlucky_tree_step_does_not_stop_exploration():
     sizer.propd_setup(MODEL)
     cost = CostModel(alpha=0.3, lam=0.05)
     cost.observe(1, 0.040, now=1)
-    cost.observe(2, 0.044, now=2)  # a 2-node tree, 10% dearer than a 1-node step ...
-    assert sizer._exploring(cost, best_tree(rank_probabilities(sizer.P), 8)[1]) == 2  # (each tree size twice)
-    cost.observe(2, 0.044, now=3)
+    cost.observe(1, 0.040, now=2)
+    cost.observe(2, 0.044, now=3)  # a 2-node tree, 10% dearer than a 1-node step ...
+    assert sizer._exploring(cost, best_tree(rank_probabilities(sizer.P), 8)[1]) == 2  # (each size twice)
+    cost.observe(2, 0.044, now=4)
     sizer.calibrate(measured=0.0, predicted=0.6)  # ... that accepted nothing
     assert 0.9 < sizer.calibration < 1.0
     values = best_tree(rank_probabilities(sizer.P), 8)[1]
