@@ -242,8 +242,8 @@ class DynamicSizer:
     @hookimpl
     def propd_after_step(self, draft, acceptance, stats, tree):
         cost = self.costs.get(self.key)
-        if cost is not None:  # priced by the nodes that ran: a proposer may draft fewer than the budget (a lookup that
-            cost.observe(draft.num_nodes, stats.step_time_s, now=self.clock)  # found nothing is a 1-node step)
+        if cost is not None:
+            cost.observe(tree.num_nodes, stats.step_time_s, now=self.clock)
         if draft.num_nodes <= 1:
             return  # a plain AR step (or a draft that found nothing): no guesses to learn from
         if tree.num_nodes > 1 and self._best is not None:

@@ -366,29 +366,6 @@ def test_a_stalled_first_one_node_step_does_not_make_every_tree_look_cheap():
     assert sizer.history[:2] == [1, 1] and set(sizer.history[-100:]) == {1}
 
 
-def test_a_draft_smaller_than_its_budget_is_priced_at_the_nodes_that_ran():
-    """A proposer may return fewer nodes than the budget (a lookup that matched nothing: one node). That step is a
-    1-node step's time, not a tree's: pricing it as the budget's size made trees look as cheap as AR steps, and an
-    exploration spent on such steps measured no tree at all (its size stays unexplored until a draft of it runs)."""
-    from propd.types import Acceptance, StepStats
-
-    sizer = DynamicSizer(DynamicConfig(sizes=(1, 2, 4), explore=(1, 2, 4)))
-    sizer.propd_setup(MODEL)
-    one = Draft(tokens=torch.zeros(1, 1, dtype=torch.long), tree=DraftTree.from_paths(()))
-    acc = Acceptance(best=torch.zeros(1, dtype=torch.long), accept_len=torch.zeros(1, dtype=torch.long),
-                     bonus=torch.zeros(1, dtype=torch.long))
-    budgets = []
-    for step in range(6):
-        tree = sizer.propd_tree(_ctx(1))
-        budgets.append(tree.num_nodes)
-        stats = StepStats(step=step, batch_size=1, row_ids=(0,), context_len=0, tree_nodes=1, nodes_after_pruning=1,
-                          accepted=(1,), step_time_s=0.010)
-        sizer.propd_after_step(draft=one, acceptance=acc, stats=stats, tree=tree)
-    cost = sizer.costs[sizer.key]
-    assert budgets == [1, 1, 2, 2, 2, 2]  # size 2 is asked for until a 2-node draft runs
-    assert cost.n == {1: 6}
-
-
 def test_dynamic_sizer_probes_while_at_one_node_and_reuses_costs_for_a_new_batch_size():
     sizer = _drive(cost_per_node=0.050, steps=600, probe_every=32)
     tail = sizer.history[4:]
