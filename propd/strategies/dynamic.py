@@ -242,8 +242,8 @@ class DynamicSizer:
     @hookimpl
     def propd_after_step(self, draft, acceptance, stats, tree):
         cost = self.costs.get(self.key)
-        if cost is not None:
-            cost.observe(tree.num_nodes, stats.step_time_s, now=self.clock)
+        if cost is not None:  # a budget is priced by what choosing it costs: where a proposer drafts fewer nodes (a
+            cost.observe(tree.num_nodes, stats.step_time_s, now=self.clock)  # lookup without a match), that step too
         if draft.num_nodes <= 1:
             return  # a plain AR step (or a draft that found nothing): no guesses to learn from
         if tree.num_nodes > 1 and self._best is not None:
