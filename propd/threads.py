@@ -13,10 +13,9 @@ process's count, every ``probe_every`` steps to see whether the cores are free a
 do not pay: up to 32x ``probe_every`` apart). It moves when the probe's median step time is below ``margin`` times
 the current count's; a probe step ``give_up`` times the current median ends the probe at once (a count that slow
 is not the one to move to, and its other steps would only add to the cost). On a quiet machine that is one probe
-in all (one to three steps at half the threads). A prefill runs at
-the steps' count where they moved below the process's (:meth:`for_prefill`), and the process's own setting is put
-back when a generate call ends. propd's CPU kernels compute every output
-on one thread in a fixed order, so the thread count never changes the output (tested).
+in all (one to three steps at half the threads). A prefill runs at the steps' count where they moved below the
+process's (:meth:`for_prefill`), and the process's own setting is put back when a generate call ends. propd's CPU
+kernels compute every output on one thread in a fixed order, so the thread count never changes the output (tested).
 """
 
 from __future__ import annotations
@@ -119,16 +118,16 @@ class ThreadTuner:
         if kind not in self._typical and len(recent) == self.window:
             self._typical[kind] = statistics.median(recent)
         self._since_up += 1
+
     def for_prefill(self) -> None:
         """Set the count for a prefill: a fixed count, or the current one where the steps moved below the process's
         count (the cores are busy: a prefill's parallel regions wait for a thread that lost its core as a step's
-        do), else the process's count."""
-        n = self.fixed or (self.current if self._saved is not None and self.current < self.max_threads else None)
-        n = n or self._saved
+        do), else the process's count (noted by :meth:`start`)."""
+        n = self.fixed or (self.current if self.current < self.max_threads else self._saved)
         if n is not None and self._get() != n:
             self._set(n)
 
     def restore(self) -> None:
-        """Put the process's thread count back (before a prefill, and when a generate call ends)."""
+        """Put the process's thread count back (when a generate call ends)."""
         if self._saved is not None and self._get() != self._saved:
             self._set(self._saved)

@@ -183,15 +183,12 @@ class DriftCostModel(_Measured):
         vr = self.vr[size] if size != 1 else 0.0
         S = self.vu + vr + self.R
         e = math.log(max(seconds, 1e-9)) - self.u - self.r.get(size, 0.0)
-        if self.n.get(size) == 1:  # a size's second step here: keep the faster of its first two
-            if e < 0:
-                if size == 1:
-                    self.u += e
-                else:
-                    self.r[size] += e
-            if size == 1:
-                self.vu *= 1 - self.vu / S  # as certain as an ordinary second measurement would leave it
+        if self.n.get(size) == 1:  # a size's second step here: keep the faster of its first two, as certain as an
+            if size == 1:  # ordinary second measurement would leave it
+                self.u += min(e, 0.0)
+                self.vu *= 1 - self.vu / S
             else:
+                self.r[size] += min(e, 0.0)
                 self.vr[size] *= 1 - vr / S
             self._count(size)
             return

@@ -14,22 +14,22 @@ size chosen to maximize expected accepted tokens per second:
 * the size in S maximizing ``l(i) / T_est(i)`` is chosen, again whenever the live batch size or the context-length
   bucket changes and every ``refresh`` steps; the 1-node tree (a plain AR step) is always a candidate.
 
-Exploration is kept cheap, since on a small model every step spent on a bad size is lost time: the first
-(batch size, bucket) measures only ``explore`` sizes (two steps per size, the 1-node one too, ``explore_repeat``) before trusting
-the line; a new key starts
-from the previous key's measurements as a prior instead of exploring again: it measures one 1-node step, rescales
-the prior by the ratio of that step's time to the prior's, weights the prior at most ``CostModel.PRIOR_WEIGHT``
-in the line, and replaces each size's prior with its first fresh measurement. While the choice is the 1-node tree
-the heads are not run at all (their cost would otherwise be hidden outside T(1)); every ``probe_every`` steps one
-step of the other regime (a ``probe_size`` tree while at 1 node, by default the cheapest tree; a 1-node step while at
-a tree) keeps both estimates fresh, and the choice is made again right after it. While probes keep confirming the
-1-node choice, the gap between them doubles (up to ``probe_max`` steps): where no tree pays, as for a small model at
-batch >= 2 on a CPU, every probe is a loss. Estimates age: a size's old time counts ``(1 - time_alpha) *
-exp(-lambda * age)`` against a new measurement (the paper's regression weight applied to T_perf^i itself), with age
-in steps of the whole sizer, since the machine's speed drifts while other keys run; and on returning to a key whose
-1-node time is older than ``refresh`` steps, one 1-node step is measured before choosing. The line is fitted over
-tree sizes >= 2 only, and it prices only sizes not yet measured at this key: a measured size's own time T_perf^i
-stands for it, since on CPUs step time is far from linear in the tree size (see ``CostModel.estimate``).
+Exploration is kept cheap, since on a small model every step spent on a bad size is lost time: the first (batch
+size, bucket) measures only ``explore`` sizes (two steps per size, the 1-node one too, ``explore_repeat``) before
+trusting the line; a new key starts from the previous key's measurements as a prior instead of exploring again: it
+measures one 1-node step, rescales the prior by the ratio of that step's time to the prior's, weights the prior at
+most ``CostModel.PRIOR_WEIGHT`` in the line, and replaces each size's prior with its first fresh measurement. While
+the choice is the 1-node tree the heads are not run at all (their cost would otherwise be hidden outside T(1));
+every ``probe_every`` steps one step of the other regime (a ``probe_size`` tree while at 1 node, by default the
+cheapest tree; a 1-node step while at a tree) keeps both estimates fresh, and the choice is made again right after
+it. While probes keep confirming the 1-node choice, the gap between them doubles (up to ``probe_max`` steps): where
+no tree pays, as for a small model at batch >= 2 on a CPU, every probe is a loss. Estimates age: a size's old time
+counts ``(1 - time_alpha) * exp(-lambda * age)`` against a new measurement (the paper's regression weight applied to
+T_perf^i itself), with age in steps of the whole sizer, since the machine's speed drifts while other keys run; and
+on returning to a key whose 1-node time is older than ``refresh`` steps, one 1-node step is measured before
+choosing. The line is fitted over tree sizes >= 2 only, and it prices only sizes not yet measured at this key: a
+measured size's own time T_perf^i stands for it, since on CPUs step time is far from linear in the tree size (see
+``CostModel.estimate``).
 
 Step times are the decoder's wall-clock times of whole steps, pruning included, so the two ProPD techniques compose.
 
@@ -157,11 +157,11 @@ class DynamicSizer:
         measured first: the machine's speed drifts, and fresh tree times against a stale 1-node time pick trees that
         do not pay.
 
-        Sizes are explored smallest first, each ``explore_repeat`` times in a row (one stalled step must not
-        price a size for the rest of the run, see ``DriftCostModel``), and exploration stops early once a measured tree step takes at least
-        l(largest) times a 1-node step: then no tree that large or larger can pay, even with every guess of the
-        largest tree counted, and measuring one (a 64-node tree is 256 rows at batch 4) costs many AR steps. Before
-        its last exploration step a size must take twice that to stop exploration."""
+        Sizes are explored smallest first, each ``explore_repeat`` times in a row (one stalled step must not price a
+        size for the rest of the run, see ``DriftCostModel``), and exploration stops early once a measured tree step
+        takes at least l(largest) times a 1-node step: then no tree that large or larger can pay, even with every
+        guess of the largest tree counted, and measuring one (a 64-node tree is 256 rows at batch 4) costs many AR
+        steps. Before its last exploration step a size must take twice that to stop exploration."""
         if len(self.costs) > 1 or cost.seeded:  # a later key: it has a prior, rescaled by one fresh 1-node step
             fresh_prior = cost.seeded and cost.n.get(1, 0) == 0
             return 1 if fresh_prior or (entering and cost.age(1, self.clock) > self.cfg.refresh) else None
@@ -242,8 +242,10 @@ class DynamicSizer:
     @hookimpl
     def propd_after_step(self, draft, acceptance, stats, tree):
         cost = self.costs.get(self.key)
-        if cost is not None:  # a budget is priced by what choosing it costs: where a proposer drafts fewer nodes (a
-            cost.observe(tree.num_nodes, stats.step_time_s, now=self.clock)  # lookup without a match), that step too
+        # a budget is priced by what choosing it costs: a step whose proposer drafted fewer nodes (a lookup without a
+        # match) counts at the budget's size too
+        if cost is not None:
+            cost.observe(tree.num_nodes, stats.step_time_s, now=self.clock)
         if draft.num_nodes <= 1:
             return  # a plain AR step (or a draft that found nothing): no guesses to learn from
         if tree.num_nodes > 1 and self._best is not None:
