@@ -201,12 +201,17 @@ ATTENTION_MAX_QUERIES = 16
 EXACT_MAX_QUERIES = 256
 
 
+def rounds_to_tokens(dtype: torch.dtype, q8: bool = False) -> bool:
+    """Whether a model in ``dtype`` (``q8``: its products take 8-bit activations) turns a last-bit difference into
+    other tokens often enough that its decoding steps must be row-invariant (bfloat16/float16, 8-bit activations)."""
+    return q8 or dtype in (torch.bfloat16, torch.float16)
+
+
 def attention_limit(dtype: torch.dtype, decoding: bool, exact: bool = False) -> int:
     """The most queries per row :func:`attention` takes for a call in ``dtype`` (``decoding``: a decoding step, not a
-    prefill; ``exact``: the model's products round their inputs (8-bit activations), which turns any difference in
-    the last bit into different tokens, so every decoding step takes the kernel, as in bf16)."""
-    exact = exact or dtype in (torch.bfloat16, torch.float16)
-    return EXACT_MAX_QUERIES if decoding and exact else ATTENTION_MAX_QUERIES
+    prefill; ``exact``: the model's products take 8-bit activations). Where :func:`rounds_to_tokens`, every decoding
+    step takes the kernel, whose rows are invariant to the others."""
+    return EXACT_MAX_QUERIES if decoding and rounds_to_tokens(dtype, exact) else ATTENTION_MAX_QUERIES
 
 
 def serves(x: torch.Tensor, *others: torch.Tensor) -> bool:

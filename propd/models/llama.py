@@ -309,11 +309,11 @@ class LlamaModel(nn.Module):
 
     def rows_alone_in_prefill(self) -> bool:
         """Whether :meth:`prefill` runs each row alone: where decoding steps are row-invariant so that a last-bit
-        difference cannot change tokens (bfloat16/float16 or 8-bit activations on the CPU extension), a row's prefill
-        must be its batch-1 prefill bit for bit, which padded groups (attention over another key length, products of
+        difference cannot change tokens (``cpu_kernel.rounds_to_tokens`` on the CPU extension), a row's prefill must
+        be its batch-1 prefill bit for bit, which padded groups (attention over another key length, products of
         another row count) are not. Float32 keeps the groups."""
-        low = self.dtype in (torch.bfloat16, torch.float16) or getattr(self.lm_head, "q8", False)
-        return low and self.device.type == "cpu" and cpu_kernel.extension() is not None
+        return (cpu_kernel.rounds_to_tokens(self.dtype, getattr(self.lm_head, "q8", False))
+                and self.device.type == "cpu" and cpu_kernel.extension() is not None)
 
     def prefill(self, cache: KVCache, prompts: list[list[int]], keep_hidden: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
