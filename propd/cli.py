@@ -172,6 +172,8 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
         raise PropdError("--follow-ups is for --kind eagle")
     if args.kind != "eagle" and args.tasks:
         raise PropdError("--tasks is for --kind eagle")
+    if args.kind != "eagle" and args.self_prompts:
+        raise PropdError("--self-prompts is for --kind eagle")
     if args.kind != "eagle" and args.ttt_steps is not None:
         raise PropdError("--ttt-steps is for --kind eagle")
     if args.kind == "eagle":
@@ -202,8 +204,8 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
 def _train_eagle(args: argparse.Namespace) -> int:
     from propd.training.eagle import EagleTrainConfig, train_eagle
 
-    given = {k: getattr(args, k) for k in ("max_prompts", "max_new_tokens", "epochs", "follow_ups", "tasks", "ttt_steps")
-             if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("max_prompts", "max_new_tokens", "epochs", "follow_ups", "tasks", "ttt_steps",
+                                          "self_prompts") if getattr(args, k) is not None}
     cfg = EagleTrainConfig(model=args.model, out=args.out, device=args.device, seed=args.seed, data=args.data, **given)
     report = train_eagle(cfg)
     v = report["validation"]
@@ -361,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tasks", type=int, default=None, metavar="K",
                    help="eagle: also train on K requests per prompt that hand the model its first answer as a text to "
                         "summarize, translate, answer questions about, ... (0-8, default 0)")
+    t.add_argument("--self-prompts", type=int, default=None, metavar="N",
+                   help="eagle: also train on N user requests the model writes itself (sampled after its chat "
+                        "template's user-turn start, as Magpie), with its answers (default 0)")
     t.add_argument("--ttt-steps", type=int, default=None, metavar="S",
                    help="eagle: draft steps unrolled in training (EAGLE-3's training-time test: step s reads the "
                         "drafter's own step s-1 feature; 1-4, default 1)")

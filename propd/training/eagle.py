@@ -18,7 +18,12 @@ the model's voice without more prompts (docs/heads.md, "More text from the same 
 also yields K single-turn requests that hand the model its own first answer as a text to work on (``data.TASKS``:
 summarize, extract, answer a question about the passage, translate, rewrite, the k-th for prompt i being number
 (i + k) mod 8), and the model's answers to them: outputs that copy from or condense a long user-given text, which
-plain prompts never ask for. A held-out prompt's conversations are held out with it.
+plain prompts never ask for. A held-out prompt's conversations are held out with it. With ``self_prompts`` N > 0
+the model also writes N user requests itself (Magpie, Xu et al. 2024, arXiv 2406.08464): sampled, at temperature 1,
+after its chat template's text up to a user turn's content, kept when the turn ends within ``max_new_tokens`` and
+is new; then answered greedily like a training prompt. An instruction-tuned model's own requests come from the
+distribution it was tuned on, so they add prompts, not only text, at the cost of generation alone; they are never
+held out (validation stays on the given prompts).
 
 With ``ttt_steps`` S > 1 the drafter is also trained as it drafts (EAGLE-3's "training-time test", Li et al. 2025,
 arXiv 2503.01840; HASS, Zhang et al. 2024, arXiv 2408.15766): step s reads, at position t, the drafter's own step
@@ -82,6 +87,7 @@ class EagleTrainConfig:
     tasks: int = 0  # single-turn task requests around each prompt's first answer (module docstring), <= len(TASKS)
     ttt_steps: int = 1  # draft steps unrolled in training (module docstring); 1: EAGLE-1's teacher forcing alone
     ttt_decay: float = 0.8  # loss weight of step s: ttt_decay ** (s - 1)
+    self_prompts: int = 0  # user requests written by the model itself (module docstring)
 
 
 def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dict:
@@ -103,8 +109,12 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg.model, device=cfg.device, dtype="float32", heads="none")
+    if cfg.self_prompts < 0:
+        raise PropdError(f"--self-prompts must be 0 or more, got {cfg.self_prompts}")
     if cfg.follow_ups and not getattr(model.tokenizer, "chat_template", None):
         raise PropdError(f"--follow-ups needs a chat template to write second turns; {model.name}'s tokenizer has none")
+    if cfg.self_prompts and not getattr(model.tokenizer, "chat_template", None):
+        raise PropdError(f"--self-prompts needs a chat template to start a user turn; {model.name}'s tokenizer has none")
     decoder, prompt_ids = training_prompt_ids(model, cfg)
 
     answers = _answers(decoder, prompt_ids, cfg, work, log)  # (1)
@@ -114,6 +124,8 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
     for kind, count in (("follow_ups", cfg.follow_ups), ("tasks", cfg.tasks)):
         if count:
             extras.append((kind, *_extra_conversations(kind, decoder, prompt_ids, answers, cfg, work, log)))
+    if cfg.self_prompts:
+        extras.append(("self_prompts", *_self_prompt_conversations(decoder, cfg, work, log)))
     stage_s = {"answers": time.perf_counter() - t_start}
     feats = _features(model, prompt_ids, answers, cfg, work / "eagle_features", log)  # (2)
     owners: dict[str, list[int]] = {}
@@ -191,6 +203,7 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
     report.update({"model": model.name, "kind": "eagle", "config": attrs.asdict(cfg), "history": history,
                    "follow_up_sequences": len(owners.get("follow_ups", [])),
                    "task_sequences": len(owners.get("tasks", [])),
+                   "self_prompt_sequences": len(owners.get("self_prompts", [])),
                    "train_sequences": len(train_seqs), "val_sequences": len(val_seqs),
                    "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "wall_time_s": round(time.perf_counter() - t_start, 1),
@@ -277,7 +290,15 @@ def _extra_conversations(kind: str, decoder, prompt_ids, answers, cfg: EagleTrai
             ids[i, k] = decoder.encode([conversation([texts[i], turn], [first])])[0][-cap:]
         else:
             ids[i, k] = decoder.encode([turn.format(text=first)])[0][-cap:]
-    path = work / ("follow_up_answers.jsonl" if kind == "follow_ups" else "task_answers.jsonl")
+    what = "follow-up turns" if kind == "follow_ups" else "task requests"
+    done = _cached_answers(decoder, pairs, ids, cfg, work / f"{kind[:-1]}_answers.jsonl", what, log)
+    return ([ids[p] for p in pairs], [done[p] for p in pairs], [i for i, _ in pairs], [k for _, k in pairs])
+
+
+def _cached_answers(decoder, pairs: list[tuple[int, int]], ids: dict, cfg: EagleTrainConfig, path: Path, what: str,
+                    log) -> dict:
+    """The model's greedy answers to prompts ``ids[p]`` for each key p of ``pairs``, cached in ``path`` by key and
+    prompt (a key whose prompt changed is answered again)."""
     done = {}
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -285,17 +306,68 @@ def _extra_conversations(kind: str, decoder, prompt_ids, answers, cfg: EagleTrai
             done[r["i"], r["k"]] = r
     todo = [p for p in pairs if p not in done or done[p]["prompt"] != ids[p]]
     if todo:
-        what = "follow-up turns" if kind == "follow_ups" else "task requests"
         log(f"[1/4] generating answers to {len(todo)} {what} ({len(pairs) - len(todo)} cached)")
         with path.open("a") as f:
-            for rows, outs in generate_in_batches(decoder, [ids[p] for p in todo], cfg, kind.replace("_", "-")):
+            for rows, outs in generate_in_batches(decoder, [ids[p] for p in todo], cfg, what.replace(" ", "-")):
                 for r, out in zip(rows, outs):
                     i, k = todo[r]
                     done[i, k] = {"i": i, "k": k, "prompt": ids[i, k], "answer": out}
                     f.write(json.dumps(done[i, k]) + "\n")
                 f.flush()
-    return ([ids[p] for p in pairs], [done[p]["answer"] for p in pairs], [i for i, _ in pairs],
-            [k for _, k in pairs])
+    return {p: done[p]["answer"] for p in pairs}
+
+
+_SELF_PROMPT_GROUP = 256  # self-written requests per cached feature group
+
+
+def _self_prompt_conversations(decoder, cfg: EagleTrainConfig, work: Path, log) -> tuple:
+    """``cfg.self_prompts`` user requests written by the model (module docstring), through the chat template, with
+    its greedy answers; as :func:`_extra_conversations` returns, owned by no training prompt (-1).
+
+    The samples are drawn in batches of ``gen_batch_size`` (batch b seeded ``(seed, b)``) and cached raw in
+    ``work/self_prompts.jsonl``, so a rerun or a larger N keeps the requests it has; a sample is kept when it ends the
+    user turn (one of the model's end-of-sequence tokens) within ``max_new_tokens``, has 16 characters or more, and is not
+    a copy of an earlier one. Up to 4N samples are drawn; fewer kept requests are logged, not an error."""
+    from propd.chat import _template_pieces
+
+    tok = decoder.model.tokenizer
+    pieces, _ = _template_pieces(tok, [{"role": "user", "content": "x"}])
+    pre = tok(pieces[0], add_special_tokens=False)["input_ids"]
+    stops = set(decoder.model.eos_token_ids)
+    path = work / "self_prompts.jsonl"
+    batches = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    batches = [b for b in batches if b["pre"] == pre and b["max_new_tokens"] == cfg.max_new_tokens]
+    texts: list[str] = []
+
+    def keep(batch) -> None:
+        for ids in batch["samples"]:
+            text = tok.decode(ids, skip_special_tokens=True).strip()
+            if ids and ids[-1] in stops and len(text) >= 16 and text not in seen:
+                seen.add(text)
+                texts.append(text)
+
+    seen: set[str] = set()
+    for b in batches:
+        keep(b)
+    if len(texts) < cfg.self_prompts:
+        log(f"[1/4] the model writes {cfg.self_prompts - len(texts)} more user requests (sampled, temperature 1)")
+    with path.open("a") as f:
+        while len(texts) < cfg.self_prompts and len(batches) * cfg.gen_batch_size < 4 * cfg.self_prompts:
+            b = len(batches)
+            out = decoder.generate_ids([pre] * cfg.gen_batch_size, max_new_tokens=cfg.max_new_tokens,
+                                       temperature=1.0, seed=cfg.seed * 1_000_003 + b).token_ids
+            batches.append({"pre": pre, "max_new_tokens": cfg.max_new_tokens, "samples": out})
+            f.write(json.dumps(batches[-1]) + "\n")
+            f.flush()
+            keep(batches[-1])
+    texts = texts[: cfg.self_prompts]
+    if len(texts) < cfg.self_prompts:
+        log(f"only {len(texts)} of {cfg.self_prompts} self-written requests kept from {len(batches)} batches")
+    cap = decoder.model.config.max_position_embeddings - cfg.max_new_tokens
+    pairs = [(j, j // _SELF_PROMPT_GROUP) for j in range(len(texts))]
+    ids = {p: x[-cap:] for p, x in zip(pairs, decoder.encode(texts))}
+    done = _cached_answers(decoder, pairs, ids, cfg, work / "self_prompt_answers.jsonl", "self-written requests", log)
+    return [ids[p] for p in pairs], [done[p] for p in pairs], [-1] * len(pairs), [k for _, k in pairs]
 
 
 def draft_projection(m, vocab) -> tuple[torch.Tensor, torch.Tensor]:

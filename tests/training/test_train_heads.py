@@ -227,6 +227,51 @@ def test_train_eagle_with_task_requests(tiny_dir, train_dir, tmp_path):
     assert not any("computing hidden states" in m for m in logs)
 
 
+def test_train_eagle_with_self_written_requests(tiny_dir, train_dir, tmp_path, monkeypatch):
+    """--self-prompts N: the model's sampled user turns (after the template's text up to a user turn's content, batch
+    b seeded (seed, b)) are kept when they end the turn, have 16+ characters and are new; answered greedily through
+    the template; trained on and never held out; cached, so a rerun samples only what a larger N needs."""
+    from types import SimpleNamespace
+
+    from propd.training.eagle import EagleTrainConfig, train_eagle
+
+    real, calls = Decoder.generate_ids, []
+
+    def sampled(self, prompt_ids, max_new_tokens=128, temperature=0.0, seed=0, **kw):
+        if temperature == 0:
+            return real(self, prompt_ids, max_new_tokens=max_new_tokens, **kw)
+        calls.append((list(prompt_ids[0]), seed, temperature))
+        tok, eos = self.model.tokenizer, min(self.model.eos_token_ids)
+        enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+        rows = [(enc(f"request {seed} {r} please"), enc("tiny"), enc(f"request {seed} {r - 2} please"))[r % 4 // 2]
+                + [eos] if r % 4 != 1 else enc(f"unfinished request {seed} {r}") for r in range(len(prompt_ids))]
+        return SimpleNamespace(token_ids=rows)  # per 4 rows: kept, unfinished, too short (r % 4 == 2), a copy
+
+    monkeypatch.setattr(Decoder, "generate_ids", sampled)
+    common = dict(model=str(tiny_dir), max_new_tokens=12, epochs=1, data=str(train_dir), batch_tokens=128,
+                  draft_vocab=64, val_fraction=0.2, gen_batch_size=8)
+    plain = train_eagle(EagleTrainConfig(out=str(tmp_path / "plain"), **common), log=lambda m: None)
+    assert not calls
+    out = tmp_path / "self"
+    report = train_eagle(EagleTrainConfig(out=str(out), self_prompts=3, **common), log=lambda m: None)
+    assert [c[1:] for c in calls] == [(0, 1.0), (1, 1.0)]  # 2 kept per batch of 8
+    tok = load_model(str(tiny_dir), heads="none").tokenizer
+    start = tok.decode(calls[0][0])
+    assert start.endswith(tok.apply_chat_template([{"role": "user", "content": "Q"}], tokenize=False,
+                                                  add_generation_prompt=True).split("Q")[0][-12:])
+    rows = [json.loads(line) for line in (out / "work" / "self_prompt_answers.jsonl").read_text().splitlines()]
+    asked = [tok.decode(r["prompt"]) for r in rows]
+    assert [next(w for w in ("request 0 0 ", "request 0 4 ", "request 1 0 ") if w in a) for a in asked] == [
+        "request 0 0 ", "request 0 4 ", "request 1 0 "]
+    assert all(a.startswith(start) for a in asked)  # the same template, then the assistant's turn
+    assert report["self_prompt_sequences"] == 3 and report["train_sequences"] == plain["train_sequences"] + 3
+    assert report["validation"]["positions"] == plain["validation"]["positions"]
+    logs = []
+    again = train_eagle(EagleTrainConfig(out=str(out), self_prompts=5, **common), log=logs.append)
+    assert [c[1] for c in calls] == [0, 1, 2] and again["self_prompt_sequences"] == 5  # one more batch
+    assert any("answers to 2 self-written requests (3 cached)" in m for m in logs)
+
+
 def test_follow_ups_need_a_chat_template(tiny_dir, train_dir, tmp_path):
     import shutil
 
@@ -260,7 +305,9 @@ def test_train_eagle_recomputes_a_feature_chunk_left_by_a_smaller_run(tiny_dir, 
                                            (["--ttt-steps", "2"], "is for --kind eagle"),
                                            (["--tasks", "1"], "is for --kind eagle"),
                                            (["--kind", "eagle", "--tasks", "9"], "--tasks must be 0-8"),
-                                           (["--kind", "eagle", "--ttt-steps", "0"], "--ttt-steps must be 1-4")])
+                                           (["--kind", "eagle", "--ttt-steps", "0"], "--ttt-steps must be 1-4"),
+                                           (["--self-prompts", "4"], "is for --kind eagle"),
+                                           (["--kind", "eagle", "--self-prompts", "-1"], "must be 0 or more")])
 def test_train_heads_cli_rejects_bad_follow_ups(tiny_dir, train_dir, tmp_path, capsys, argv, message):
     code = main(["train-heads", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--data", str(train_dir)]
                 + argv)
