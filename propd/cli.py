@@ -204,8 +204,8 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
 def _train_eagle(args: argparse.Namespace) -> int:
     from propd.training.eagle import EagleTrainConfig, train_eagle
 
-    given = {k: getattr(args, k) for k in ("max_prompts", "max_new_tokens", "epochs", "follow_ups", "tasks", "ttt_steps",
-                                          "self_prompts") if getattr(args, k) is not None}
+    names = ("max_prompts", "max_new_tokens", "epochs", "follow_ups", "tasks", "ttt_steps", "self_prompts")
+    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     cfg = EagleTrainConfig(model=args.model, out=args.out, device=args.device, seed=args.seed, data=args.data, **given)
     report = train_eagle(cfg)
     v = report["validation"]

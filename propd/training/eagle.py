@@ -114,7 +114,8 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
     if cfg.follow_ups and not getattr(model.tokenizer, "chat_template", None):
         raise PropdError(f"--follow-ups needs a chat template to write second turns; {model.name}'s tokenizer has none")
     if cfg.self_prompts and not getattr(model.tokenizer, "chat_template", None):
-        raise PropdError(f"--self-prompts needs a chat template to start a user turn; {model.name}'s tokenizer has none")
+        raise PropdError(f"--self-prompts needs a chat template to start a user turn; {model.name}'s tokenizer has "
+                         "none")
     decoder, prompt_ids = training_prompt_ids(model, cfg)
 
     answers = _answers(decoder, prompt_ids, cfg, work, log)  # (1)
@@ -325,9 +326,9 @@ def _self_prompt_conversations(decoder, cfg: EagleTrainConfig, work: Path, log) 
     its greedy answers; as :func:`_extra_conversations` returns, owned by no training prompt (-1).
 
     The samples are drawn in batches of ``gen_batch_size`` (batch b seeded ``(seed, b)``) and cached raw in
-    ``work/self_prompts.jsonl``, so a rerun or a larger N keeps the requests it has; a sample is kept when it ends the
-    user turn (one of the model's end-of-sequence tokens) within ``max_new_tokens``, has 16 characters or more, and is not
-    a copy of an earlier one. Up to 4N samples are drawn; fewer kept requests are logged, not an error."""
+    ``work/self_prompts.jsonl``, so a rerun or a larger N keeps the requests it has; a sample is kept when it ends
+    the user turn (one of the model's end-of-sequence tokens) within ``max_new_tokens``, has 16 characters or more,
+    and is not a copy of an earlier one. Up to 4N samples are drawn; fewer kept requests are logged, not an error."""
     from propd.chat import _template_pieces
 
     tok = decoder.model.tokenizer
