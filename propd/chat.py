@@ -56,6 +56,13 @@ def encode_chat(tok: Any, messages: Sequence[Message], raw_special: bool = False
     return ids
 
 
+def user_turn_start(tok: Any) -> list[int]:
+    """Token ids of the chat template's text before a first user message's content (its default system turn, if any,
+    and the user's role marker): what a model continues to write a user request itself (Magpie)."""
+    pieces, _ = _template_pieces(tok, [{"role": "user", "content": "x"}])
+    return list(tok(pieces[0], add_special_tokens=False)["input_ids"])
+
+
 def encode_plain(tok: Any, text: str, raw_special: bool = False) -> list[int]:
     """Token ids of raw text (no template), with the tokenizer's own BOS/EOS framing; marker-like text stays text
     unless ``raw_special``."""

@@ -329,11 +329,12 @@ def _self_prompt_conversations(decoder, cfg: EagleTrainConfig, work: Path, log) 
     ``work/self_prompts.jsonl``, so a rerun or a larger N keeps the requests it has; a sample is kept when it ends
     the user turn (one of the model's end-of-sequence tokens) within ``max_new_tokens``, has 16 characters or more,
     and is not a copy of an earlier one. Up to 4N samples are drawn; fewer kept requests are logged, not an error."""
-    from propd.chat import _template_pieces
+    from tqdm import tqdm
+
+    from propd.chat import user_turn_start
 
     tok = decoder.model.tokenizer
-    pieces, _ = _template_pieces(tok, [{"role": "user", "content": "x"}])
-    pre = tok(pieces[0], add_special_tokens=False)["input_ids"]
+    pre = user_turn_start(tok)
     stops = set(decoder.model.eos_token_ids)
     path = work / "self_prompts.jsonl"
     batches = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
@@ -352,15 +353,20 @@ def _self_prompt_conversations(decoder, cfg: EagleTrainConfig, work: Path, log) 
         keep(b)
     if len(texts) < cfg.self_prompts:
         log(f"[1/4] the model writes {cfg.self_prompts - len(texts)} more user requests (sampled, temperature 1)")
-    with path.open("a") as f:
-        while len(texts) < cfg.self_prompts and len(batches) * cfg.gen_batch_size < 4 * cfg.self_prompts:
-            b = len(batches)
-            out = decoder.generate_ids([pre] * cfg.gen_batch_size, max_new_tokens=cfg.max_new_tokens,
-                                       temperature=1.0, seed=cfg.seed * 1_000_003 + b).token_ids
-            batches.append({"pre": pre, "max_new_tokens": cfg.max_new_tokens, "samples": out})
-            f.write(json.dumps(batches[-1]) + "\n")
-            f.flush()
-            keep(batches[-1])
+        bar = tqdm(total=cfg.self_prompts, initial=len(texts), desc="self-written requests", unit="request",
+                   file=sys.stderr)
+        with path.open("a") as f:
+            while len(texts) < cfg.self_prompts and len(batches) * cfg.gen_batch_size < 4 * cfg.self_prompts:
+                b = len(batches)
+                out = decoder.generate_ids([pre] * cfg.gen_batch_size, max_new_tokens=cfg.max_new_tokens,
+                                           temperature=1.0, seed=cfg.seed * 1_000_003 + b).token_ids
+                batches.append({"pre": pre, "max_new_tokens": cfg.max_new_tokens, "samples": out})
+                f.write(json.dumps(batches[-1]) + "\n")
+                f.flush()
+                kept = len(texts)
+                keep(batches[-1])
+                bar.update(min(len(texts), cfg.self_prompts) - min(kept, cfg.self_prompts))
+        bar.close()
     texts = texts[: cfg.self_prompts]
     if len(texts) < cfg.self_prompts:
         log(f"only {len(texts)} of {cfg.self_prompts} self-written requests kept from {len(batches)} batches")
