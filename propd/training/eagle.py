@@ -103,19 +103,18 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
         raise PropdError(f"--tasks must be 0-{len(TASKS)}, got {cfg.tasks}")
     if not 1 <= cfg.ttt_steps <= MAX_TTT_STEPS:
         raise PropdError(f"--ttt-steps must be 1-{MAX_TTT_STEPS}, got {cfg.ttt_steps}")
+    if cfg.self_prompts < 0:
+        raise PropdError(f"--self-prompts must be 0 or more, got {cfg.self_prompts}")
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg.model, device=cfg.device, dtype="float32", heads="none")
-    if cfg.self_prompts < 0:
-        raise PropdError(f"--self-prompts must be 0 or more, got {cfg.self_prompts}")
-    if cfg.follow_ups and not getattr(model.tokenizer, "chat_template", None):
-        raise PropdError(f"--follow-ups needs a chat template to write second turns; {model.name}'s tokenizer has none")
-    if cfg.self_prompts and not getattr(model.tokenizer, "chat_template", None):
-        raise PropdError(f"--self-prompts needs a chat template to start a user turn; {model.name}'s tokenizer has "
-                         "none")
+    for flag, count, why in (("--follow-ups", cfg.follow_ups, "write second turns"),
+                             ("--self-prompts", cfg.self_prompts, "start a user turn")):
+        if count and not getattr(model.tokenizer, "chat_template", None):
+            raise PropdError(f"{flag} needs a chat template to {why}; {model.name}'s tokenizer has none")
     decoder, prompt_ids = training_prompt_ids(model, cfg)
 
     answers = _answers(decoder, prompt_ids, cfg, work, log)  # (1)
@@ -291,8 +290,10 @@ def _extra_conversations(kind: str, decoder, prompt_ids, answers, cfg: EagleTrai
             ids[i, k] = decoder.encode([conversation([texts[i], turn], [first])])[0][-cap:]
         else:
             ids[i, k] = decoder.encode([turn.format(text=first)])[0][-cap:]
-    what = "follow-up turns" if kind == "follow_ups" else "task requests"
-    done = _cached_answers(decoder, pairs, ids, cfg, work / f"{kind[:-1]}_answers.jsonl", what, log)
+    if kind == "follow_ups":
+        done = _cached_answers(decoder, pairs, ids, cfg, work / "follow_up_answers.jsonl", "follow-up turns", log)
+    else:
+        done = _cached_answers(decoder, pairs, ids, cfg, work / "task_answers.jsonl", "task requests", log)
     return ([ids[p] for p in pairs], [done[p] for p in pairs], [i for i, _ in pairs], [k for _, k in pairs])
 
 
@@ -340,6 +341,7 @@ def _self_prompt_conversations(decoder, cfg: EagleTrainConfig, work: Path, log) 
     batches = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
     batches = [b for b in batches if b["pre"] == pre and b["max_new_tokens"] == cfg.max_new_tokens]
     texts: list[str] = []
+    seen: set[str] = set()
 
     def keep(batch) -> None:
         for ids in batch["samples"]:
@@ -348,7 +350,6 @@ def _self_prompt_conversations(decoder, cfg: EagleTrainConfig, work: Path, log) 
                 seen.add(text)
                 texts.append(text)
 
-    seen: set[str] = set()
     for b in batches:
         keep(b)
     if len(texts) < cfg.self_prompts:
