@@ -12,20 +12,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from propd.decoder import Decoder
-from propd.models.loading import load_model
-from propd.strategies.eagle import EagleConfig, EagleProposer
-from propd.training.data import TASKS, training_prompts
-from propd.training.eagle import EagleTrainConfig
-from propd.training.trainer import _val_seqs, training_prompt_texts
+import attrs
+
+sys.path.insert(0, str(Path(__file__).parent))
+from eagle_data_ab import accepted_per_step  # noqa: E402
+
+from propd.decoder import Decoder  # noqa: E402
+from propd.models.loading import load_model  # noqa: E402
+from propd.training.data import TASKS  # noqa: E402
+from propd.training.eagle import EagleTrainConfig  # noqa: E402
+from propd.training.trainer import _val_seqs, training_prompt_texts  # noqa: E402
 
 
-def trained_on(run: Path) -> set[str]:
-    """The training prompts (text) a drafter's run trained on, from its ``report.json``."""
-    saved = json.loads((run / "report.json").read_text())["config"]
-    cfg = EagleTrainConfig(**saved)
+def run_config(run: Path) -> EagleTrainConfig:
+    """The training config in a drafter's ``report.json``."""
+    return EagleTrainConfig(**json.loads((run / "report.json").read_text())["config"])
+
+
+def trained_on(cfg: EagleTrainConfig) -> set[str]:
+    """The training prompts (text) a run with config ``cfg`` trained on."""
     prompts = training_prompt_texts(cfg)
     val = _val_seqs(len(prompts), cfg)
     return {p for i, p in enumerate(prompts) if i not in val}
@@ -38,30 +46,20 @@ def main() -> None:
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--trees", default="3,4", help="tree sizes N (root included), depth N - 1, top-k 4")
     args = ap.parse_args()
-    seen = set().union(*(trained_on(Path(d)) for d in args.drafters))
-    prompts = [p for p in training_prompts(json.loads((Path(args.drafters[0]) / "report.json").read_text())
-                                           ["config"].get("data") or _default_data())
-               if p not in seen][: args.prompts]
+    configs = [run_config(Path(d)) for d in args.drafters]
+    seen = set().union(*(trained_on(c) for c in configs))
+    every = training_prompt_texts(attrs.evolve(configs[0], max_prompts=None))  # the first run's data, in its order
+    prompts = [p for p in every if p not in seen][: args.prompts]
     lm = load_model("smollm2-135m-instruct", dtype="float32")
     answers = Decoder(lm, preset="ar").generate(prompts, max_new_tokens=128).texts
     tasks = [TASKS[i % len(TASKS)].format(text=a.strip() or "...") for i, a in enumerate(answers)]
     print(f"{len(prompts)} prompts held out of every run; accepted tokens per step (plain | task requests)")
     for d in args.drafters:
         lm.load_drafter(d)
-        cells = []
-        for kind, ps in (("plain", prompts), ("tasks", tasks)):
-            for n in (int(x) for x in args.trees.split(",")):
-                dec = Decoder(lm, preset=None, sizer=f"static:tree=budget:{n}:{n - 1}",
-                              proposer=EagleProposer(EagleConfig(top_k=4, depth=4)))
-                acc = [s.accepted[0] for p in ps for s in dec.generate([p], max_new_tokens=args.max_new).stats]
-                cells.append(f"{kind} N={n}: {sum(acc) / len(acc):.3f}")
+        sizes = [int(x) for x in args.trees.split(",")]
+        cells = [f"{kind} N={n}: {accepted_per_step(lm, ps, n, args.max_new)[0]:.3f}"
+                 for kind, ps in (("plain", prompts), ("tasks", tasks)) for n in sizes]
         print(f"{d}: {', '.join(cells)}", flush=True)
-
-
-def _default_data() -> str:
-    from propd.training.data import find_train_dir
-
-    return str(find_train_dir())
 
 
 if __name__ == "__main__":

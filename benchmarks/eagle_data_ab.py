@@ -48,6 +48,15 @@ def unseen_prompts() -> list[str]:
     return prompts
 
 
+def accepted_per_step(lm, prompts: list[str], n: int, max_new: int) -> tuple[float, int]:
+    """Mean accepted tokens per step of an ``n``-node ``eagle`` tree (depth n - 1, top-k 4) with ``lm``'s drafter,
+    over ``prompts`` at batch 1, and the number of steps."""
+    dec = Decoder(lm, preset=None, sizer=f"static:tree=budget:{n}:{n - 1}",
+                  proposer=EagleProposer(EagleConfig(top_k=4, depth=4)))
+    acc = [s.accepted[0] for p in prompts for s in dec.generate([p], max_new_tokens=max_new).stats]
+    return sum(acc) / len(acc), len(acc)
+
+
 def start_from(root: Path, base: str, name: str) -> None:
     """Give run ``name`` the answers and hidden states of run ``base`` (both in ``root``) to resume from."""
     work = root / name / "work"
@@ -86,10 +95,8 @@ def main() -> None:
     lm = load_model("smollm2-135m-instruct", dtype="float32")
     for name in ("A", "F", "C"):
         lm.load_drafter(root / name)
-        dec = Decoder(lm, preset=None, sizer="static:tree=budget:4:3",
-                      proposer=EagleProposer(EagleConfig(top_k=4, depth=4)))
-        acc = [s.accepted[0] for p in prompts for s in dec.generate([p], max_new_tokens=64).stats]
-        print(f"{name}: {sum(acc) / len(acc):.3f} accepted tokens per step over {len(acc)} steps", flush=True)
+        rate, steps = accepted_per_step(lm, prompts, 4, 64)
+        print(f"{name}: {rate:.3f} accepted tokens per step over {steps} steps", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from eagle_data_ab import awesome_only, start_from, unseen_prompts  # noqa: E402
+from eagle_data_ab import accepted_per_step, awesome_only, start_from, unseen_prompts  # noqa: E402
 
-from propd.decoder import Decoder  # noqa: E402
 from propd.models.loading import load_model  # noqa: E402
-from propd.strategies.eagle import EagleConfig, EagleProposer  # noqa: E402
 from propd.training.eagle import EagleTrainConfig, train_eagle  # noqa: E402
 
 
@@ -55,12 +53,7 @@ def main() -> None:
         report = json.loads((root / name / "report.json").read_text())
         v = report["validation"]
         lm.load_drafter(root / name)
-        rates = []
-        for n in (3, 4):
-            dec = Decoder(lm, preset=None, sizer=f"static:tree=budget:{n}:{n - 1}",
-                          proposer=EagleProposer(EagleConfig(top_k=4, depth=4)))
-            acc = [s.accepted[0] for p in prompts for s in dec.generate([p], max_new_tokens=64).stats]
-            rates.append(f"N={n}: {sum(acc) / len(acc):.3f}")
+        rates = [f"N={n}: {accepted_per_step(lm, prompts, n, 64)[0]:.3f}" for n in (3, 4)]
         print(f"{name}: {report['train_sequences']} training sequences; accepted tokens per step {', '.join(rates)}; "
               f"validation top-1 {v['top1']:.3f}, second step {v.get('step2_top1', float('nan')):.3f}", flush=True)
 
