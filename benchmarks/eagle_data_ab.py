@@ -61,7 +61,7 @@ def start_from(root: Path, base: str, name: str) -> None:
     """Give run ``name`` the answers and hidden states of run ``base`` (both in ``root``) to resume from."""
     work = root / name / "work"
     if not (work / "answers.jsonl").exists():
-        shutil.copytree(root / base / "work" / "eagle_features", work / "eagle_features")
+        shutil.copytree(root / base / "work" / "hidden", work / "hidden")
         shutil.copy(root / base / "work" / "answers.jsonl", work / "answers.jsonl")
 
 
@@ -72,8 +72,8 @@ def main() -> None:
     first = [json.loads(line) for line in (root / "A" / "work" / "answers.jsonl").read_text().splitlines()]
 
 
-    def with_follow_ups(model, cfg, base=te.training_prompt_ids):
-        decoder, ids = base(model, cfg)
+    def with_follow_ups(model, cfg, observers=(), base=te.training_prompt_ids):
+        decoder, ids = base(model, cfg, observers)
         tok = model.tokenizer
         end = tok.convert_tokens_to_ids("<|im_end|>")
         extra = []
@@ -88,7 +88,7 @@ def main() -> None:
         start_from(root, "A", name)
     te.training_prompt_ids = with_follow_ups
     train_eagle(EagleTrainConfig(out=str(root / "F"), max_prompts=320, **common))
-    te.training_prompt_ids = with_follow_ups.__defaults__[0]
+    te.training_prompt_ids = with_follow_ups.__defaults__[-1]
     train_eagle(EagleTrainConfig(out=str(root / "C"), max_prompts=640, **common))
 
     prompts = unseen_prompts()

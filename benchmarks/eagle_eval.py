@@ -20,6 +20,7 @@ import torch
 from propd.models.eagle import EagleDrafter
 from propd.models.loading import load_model
 from propd.training.eagle import EagleTrainConfig, _features, draft_projection, evaluate
+from propd.training.hidden import FeatureStore
 from propd.training.trainer import _answers, _val_seqs, training_prompt_ids
 
 
@@ -34,7 +35,7 @@ def main() -> None:
     quiet = lambda m: None  # noqa: E731 (everything below is read from RUN's cache)
     decoder, prompt_ids = training_prompt_ids(model, cfg)
     answers = _answers(decoder, prompt_ids, cfg, run / "work", quiet)
-    feats = _features(model, prompt_ids, answers, cfg, run / "work" / "eagle_features", quiet)
+    feats = _features(model, prompt_ids, answers, FeatureStore(run / "work" / "hidden"), quiet)
     val = sorted(i for i in _val_seqs(len(prompt_ids), cfg) if len(answers[i]) > 1)
     m = model.model
     for d in args.drafters:

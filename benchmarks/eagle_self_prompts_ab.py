@@ -39,9 +39,9 @@ def main() -> None:
         runs["M4"] = {"max_prompts": 320, "self_prompts": 1280}
     common = dict(model="smollm2-135m-instruct", data=str(awesome_only(root)), max_new_tokens=64, epochs=6, seed=0)
     for name, extra in runs.items():
-        if name != "A":
-            start_from(root, "A", name)
-        if name == "M4":  # and M's self-written requests, answers and hidden states
+        if name != "A":  # M4 from M: A's answers, and the hidden states of both
+            start_from(root, "M" if name == "M4" else "A", name)
+        if name == "M4":  # and M's self-written requests and answers
             for f in (root / "M" / "work").glob("*self_prompt*"):
                 if not (root / name / "work" / f.name).exists():
                     (shutil.copytree if f.is_dir() else shutil.copy)(f, root / name / "work" / f.name)

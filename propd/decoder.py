@@ -48,12 +48,16 @@ class Decoder:
     favours, up to the process's (:class:`propd.threads.ThreadTuner`: on a shared machine fewer threads can be
     faster); a number fixes the count of steps and prefill; None leaves torch's setting alone. Under ``"auto"`` a
     prefill runs at the process's count unless the steps moved below it. The output never depends on it.
+    ``observers``: objects in no role that implement lifecycle hooks only (``propd_setup``, ``propd_rows_begin``,
+    ``propd_rows_leave``, ``propd_after_step``), to watch the decoding without changing it, e.g. to record hidden
+    states (:class:`propd.training.hidden.HiddenRecorder`).
     """
 
     def __init__(self, model: LoadedModel, preset: str | None = "auto", *, sizer: ComponentArg | None = None,
                  proposer: ComponentArg | None = None, pruners: Sequence[ComponentArg] | None = None,
                  verifier: ComponentArg | None = None, plugins: Iterable[Any] = (), entry_points: bool = True,
-                 draft_vocab: int | None = None, static_shapes: bool = False, threads: str | int | None = "auto"):
+                 draft_vocab: int | None = None, static_shapes: bool = False, threads: str | int | None = "auto",
+                 observers: Iterable[Any] = ()):
         self.model = model
         self.static_shapes = static_shapes
         self.threads = self._thread_tuner(threads, model)
@@ -78,9 +82,12 @@ class Decoder:
         for arg in (pruners if pruners is not None else (p.pruners if p else ())):
             chosen.append(("pruner", self._build("pruner", arg)))
         self.components = chosen
+        self.observers = list(observers)
+        for obs in self.observers:
+            check_observer(obs)
         self._role_label = {role: self._labels[id(obj)] for role, obj in chosen}  # of the manager running now
         self._greedy_role_label = self._role_label
-        self.pm = step_manager(chosen)
+        self.pm = step_manager(chosen, self.observers)
         self.has_proposer = any(role == "proposer" for role, _ in chosen)
         self.pm.hook.propd_setup(model=model)
         # greedy steps of a verifier that reads only each node's argmax take it through the lm_head's argmax screen
@@ -224,7 +231,7 @@ class Decoder:
                     obj = SamplingVerifier()
                     self._labels[id(obj)] = "verifier 'sampling'"
                 chosen.append((role, obj))
-            self._sampling_pm = step_manager(chosen)
+            self._sampling_pm = step_manager(chosen, self.observers)
             self._sampling_role_label = {role: self._labels[id(obj)] for role, obj in chosen}
         return self._sampling_pm
 
@@ -457,7 +464,8 @@ class Decoder:
             stats.append(st)
             if tuner is not None:
                 tuner.end(kind, st.step_time_s)
-            pm.hook.propd_after_step(ctx=ctx, draft=draft, acceptance=acc, stats=st, tree=budget, tokens=tokens)
+            pm.hook.propd_after_step(ctx=ctx, draft=draft, acceptance=acc, stats=st, tree=budget, tokens=tokens,
+                                     path_hidden=acc_hidden)
             step += 1
 
     @staticmethod
@@ -476,6 +484,17 @@ class Decoder:
         if key not in self._single_trees:
             self._single_trees[key] = DraftTree.from_paths((), device=device)
         return self._single_trees[key]
+
+
+LIFECYCLE_HOOKS = ("propd_setup", "propd_rows_begin", "propd_rows_leave", "propd_after_step")
+
+
+def check_observer(obj: Any) -> None:
+    """An observer implements one or more lifecycle hooks and no role's hooks (it must not change the decoding)."""
+    hooks = {n for n in dir(obj) if n.startswith("propd_") and hasattr(getattr(obj, n, None), "propd_impl")}
+    if not hooks & set(LIFECYCLE_HOOKS) or hooks - set(LIFECYCLE_HOOKS):
+        raise PropdError(f"observer {type(obj).__name__} must implement one or more of {', '.join(LIFECYCLE_HOOKS)} "
+                         f"(with @propd.hookimpl) and no other hook; it has {', '.join(sorted(hooks)) or 'none'}")
 
 
 def fill_holes(n: int, done: set[int]) -> list[int]:

@@ -139,8 +139,10 @@ def propd_verify(ctx: "StepContext", draft: "Draft", nodes: "LiveNodes", logits:
 
 @hookspec
 def propd_after_step(ctx: "StepContext", draft: "Draft", acceptance: "Acceptance", stats: "StepStats",
-                     tree: Any, tokens: "torch.Tensor") -> None:
+                     tree: Any, tokens: "torch.Tensor", path_hidden: "torch.Tensor") -> None:
     """Learn from a finished step: the ``draft`` (a 1-node draft of the roots when the sizer chose a plain AR step and
     no proposer ran), what was accepted, how many nodes ran, how
     long the step took (``stats.step_time_s``, wall clock, pruning included). ``tree`` is the sizer's budget for this
-    step and ``tokens`` the draft's tokens (the root alone for a 1-node step)."""
+    step and ``tokens`` the draft's tokens (the root alone for a 1-node step). ``path_hidden`` (B, D+1, H) are the
+    final normed hidden states of this step's accepted path, root .. best node, padded with the best node's
+    (``acceptance.accept_len + 1`` real per row): what the next step's ``ctx.accepted_hidden`` holds."""

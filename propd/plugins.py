@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import types
 import typing
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import attrs
 import pluggy
@@ -150,8 +150,9 @@ class Registry:
         return [self._components[k] for k in sorted(self._components, key=lambda k: (ROLES.index(k[0]), k[1]))]
 
 
-def step_manager(chosen: list[tuple[str, Any]]) -> pluggy.PluginManager:
-    """A fresh manager holding exactly the chosen (role, instance) pairs, checked for a well-formed pipeline."""
+def step_manager(chosen: list[tuple[str, Any]], observers: Sequence[Any] = ()) -> pluggy.PluginManager:
+    """A fresh manager holding exactly the chosen (role, instance) pairs, checked for a well-formed pipeline, and the
+    ``observers`` (lifecycle hooks only: ``propd.decoder.check_observer``)."""
     pm = new_manager()
     counts = {role: 0 for role in ROLES}
     from propd.roles import missing_hooks
@@ -168,4 +169,6 @@ def step_manager(chosen: list[tuple[str, Any]]) -> pluggy.PluginManager:
             raise PropdError(f"a decoder needs exactly one {role}, got {counts[role]}")
     if counts["proposer"] > 1:
         raise PropdError(f"a decoder takes at most one proposer, got {counts['proposer']}")
+    for obs in observers:
+        pm.register(obs)
     return pm

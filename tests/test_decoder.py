@@ -209,12 +209,52 @@ def test_history_accepted_states_and_row_lifecycle(preset):
     stop = refs[2][4]
     model = tiny_loaded(seed=3, heads=4, eos=frozenset({stop}))
     rec = Recorder(prompts, model)
-    dec = Decoder(model, preset=preset)
-    dec.pm.register(rec)
+    dec = Decoder(model, preset=preset, observers=[rec])
     res = dec.generate_ids(prompts, max_new_tokens=16, batch_size=3)  # two batches; rows leave on EOS and budget
     assert rec.checked == len(res.stats) and sorted(rec.begun) == sorted(rec.left) == [0, 1, 2, 3]
     # the generated history matches the output: check the final history of a row through the verifier's eyes
     assert res.token_ids[2][-1] == stop or len(res.token_ids[2]) == 16
+
+
+@pytest.mark.parametrize("preset", ["ar", "medusa"])
+def test_an_observer_records_every_state_a_forward_pass_gives(preset):
+    """``HiddenRecorder`` (an observer) keeps each row's final normed hidden states as the rows decode, prompt then
+    accepted paths: for P + N ids, the first P + N - 1 positions of a forward pass over them, at any batch and tree."""
+    from propd.training.hidden import HiddenRecorder
+
+    prompts = prompts_from(5, [3, 9, 5, 12])
+    rec = HiddenRecorder(dtype=torch.float32)
+    dec = Decoder(MODEL, preset=preset, observers=[rec])
+    with rec.recording():
+        out = dec.generate_ids(prompts, max_new_tokens=10, batch_size=3).token_ids
+        states = [rec.take(r, len(p) + len(o) - 1) for r, (p, o) in enumerate(zip(prompts, out))]
+    m = MODEL.model
+    for p, o, h in zip(prompts, out, states):
+        ref, _ = m.hidden_states(m.new_cache(1, len(p + o) + 2), [p + o])
+        torch.testing.assert_close(h, ref[0, : len(p + o) - 1], atol=1e-5, rtol=1e-5)
+    if preset == "ar":  # one step per token: no state past the output's
+        with pytest.raises(RuntimeError, match="hidden states"):
+            with rec.recording():
+                dec.generate_ids(prompts[:1], max_new_tokens=4)
+                rec.take(0, len(prompts[0]) + 4)
+    assert dec.generate_ids(prompts, max_new_tokens=10, batch_size=3).token_ids == out  # not recording: no effect
+
+
+def test_an_observer_takes_no_role():
+    class Watcher:
+        @hookimpl
+        def propd_after_step(self, stats):
+            pass
+
+    class Meddler(Watcher):
+        @hookimpl
+        def propd_verify(self, ctx):
+            return None
+
+    Decoder(MODEL, preset="ar", observers=[Watcher()])
+    for bad in (Meddler(), object()):
+        with pytest.raises(PropdError, match="observer .* must implement one or more of propd_setup"):
+            Decoder(MODEL, preset="ar", observers=[bad])
 
 
 def test_pruners_run_only_at_their_layer_and_must_declare_one():

@@ -85,8 +85,9 @@ class CompositeProposer:
                 part.propd_rows_leave(keep=keep, left=left)
 
     @hookimpl
-    def propd_after_step(self, ctx, draft, acceptance, stats, tree, tokens):
-        kw = dict(ctx=ctx, draft=draft, acceptance=acceptance, stats=stats, tree=tree, tokens=tokens)
+    def propd_after_step(self, ctx, draft, acceptance, stats, tree, tokens, path_hidden):
+        kw = dict(ctx=ctx, draft=draft, acceptance=acceptance, stats=stats, tree=tree, tokens=tokens,
+                  path_hidden=path_hidden)
         for part in self.parts:  # stateful parts (eagle) read what each step committed
             hook = getattr(part, "propd_after_step", None)
             if hook is not None:  # with the arguments it takes, as pluggy would call it

@@ -33,14 +33,15 @@ t-s+1 and to its own chain above it, and is scored against the same targets; the
 Drafting at depth s >= 2 reads predicted features only, so training on teacher-forced features alone leaves a gap.
 
 Stages, each cached in ``OUT/work`` so a rerun resumes: (1) answers (shared with the Medusa trainer's format), then
-the follow-up answers; (2) features, in chunks; (3) epochs (a checkpoint per epoch); (4) validation: top-k accuracy
+the follow-up answers; (2) features: the final normed hidden states of prompt + answer, kept while each answer is
+generated (:mod:`propd.training.hidden`; the ``ar`` decoder computes them anyway), computed only for answers cached
+by an earlier run without them; (3) epochs (a checkpoint per epoch); (4) validation: top-k accuracy
 of the drafter's first guess against the base model's next token on the held-out prompts' first answers, written to
 ``OUT/report.json``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -54,11 +55,12 @@ import torch.nn.functional as F
 from propd.errors import PropdError
 from propd.models.heads import DRAFT_VOCAB_FILE
 from propd.training.data import FOLLOW_UPS, TASKS
-from propd.training.trainer import (_answers, _log, _save, _val_seqs, generate_in_batches, training_prompt_ids,
-                                   training_prompt_texts)
+from propd.training.hidden import FeatureStore
+from propd.training.trainer import (_answers, _log, _save, _val_seqs, generate_in_batches, one_cycle,
+                                   training_prompt_ids, training_prompt_texts)
 
 EVAL_TOPK = (1, 3, 5, 10)
-_FEATURE_CHUNK = 64  # sequences per cached feature file
+_FEATURE_CHUNK = 64  # computed sequences per saved feature file
 _FEATURE_BATCH = 8  # sequences per base-model forward
 MAX_TTT_STEPS = 4  # a step-S batch is an S x longer tree: attention grows as S^2
 
@@ -115,35 +117,25 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
                              ("--self-prompts", cfg.self_prompts, "start a user turn")):
         if count and not getattr(model.tokenizer, "chat_template", None):
             raise PropdError(f"{flag} needs a chat template to {why}; {model.name}'s tokenizer has none")
-    decoder, prompt_ids = training_prompt_ids(model, cfg)
+    store = FeatureStore(work / "hidden")  # hidden states kept while the answers are generated
+    decoder, prompt_ids = training_prompt_ids(model, cfg, observers=[store.recorder])
 
-    answers = _answers(decoder, prompt_ids, cfg, work, log)  # (1)
+    answers = _answers(decoder, prompt_ids, cfg, work, log, store)  # (1)
     n0 = len(prompt_ids)
     val = _val_seqs(n0, cfg)
     extras = []  # (kind, ids, answers, owning training prompt, turn number k) of the extra conversations
     for kind, count in (("follow_ups", cfg.follow_ups), ("tasks", cfg.tasks)):
         if count:
-            extras.append((kind, *_extra_conversations(kind, decoder, prompt_ids, answers, cfg, work, log)))
+            extras.append((kind, *_extra_conversations(kind, decoder, prompt_ids, answers, cfg, work, log, store)))
     if cfg.self_prompts:
-        extras.append(("self_prompts", *_self_prompt_conversations(decoder, cfg, work, log)))
+        extras.append(("self_prompts", *_self_prompt_conversations(decoder, cfg, work, log, store)))
     stage_s = {"answers": time.perf_counter() - t_start}
-    feats = _features(model, prompt_ids, answers, cfg, work / "eagle_features", log)  # (2)
     owners: dict[str, list[int]] = {}
     for kind, x_ids, x_answers, x_owners, x_ks in extras:
-        # features cached per turn number k, so that another K reuses the conversations it shares
-        more = {name: [None] * len(x_ids) for name in feats}
-        for k in sorted(set(x_ks)):
-            sel = [j for j, kk in enumerate(x_ks) if kk == k]
-            sub = [x_ids[j] for j in sel], [x_answers[j] for j in sel]
-            key = hashlib.sha256(json.dumps(list(sub)).encode()).hexdigest()[:12]
-            part = _features(model, *sub, cfg, work / f"eagle_features_{kind}_{key}", log)
-            for name in more:
-                for j, x in zip(sel, part[name]):
-                    more[name][j] = x
-        feats = {name: feats[name] + more[name] for name in feats}
         val |= {len(prompt_ids) + j for j, i in enumerate(x_owners) if i in val}  # held out with their prompt
         prompt_ids, answers = prompt_ids + x_ids, answers + x_answers
         owners[kind] = x_owners
+    feats = _features(model, prompt_ids, answers, store, log)  # (2)
     stage_s["features"] = time.perf_counter() - t_start - sum(stage_s.values())
     n = len(prompt_ids)
     train_seqs = [i for i in range(n) if i not in val and len(answers[i]) > 1]
@@ -158,7 +150,7 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
     batches = _batches(train_seqs, feats, cfg)
     steps = len(batches) * cfg.epochs
     opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.05)
+    sched = one_cycle(opt, cfg.lr, steps)
     ckpt = work / "eagle_checkpoint.pt"
     first_epoch, history = 0, []
     if ckpt.is_file():
@@ -230,45 +222,36 @@ def _draft_vocab(out: Path, answers, prompt_ids, train_seqs, size: int, vocab: i
     return ids
 
 
-def _features(model, prompt_ids, answers, cfg: EagleTrainConfig, d: Path, log) -> dict:
-    """Final normed hidden states (bf16) of every position of prompt + answer, computed once in fp32 and cached in
-    ``d`` in chunks of ``_FEATURE_CHUNK`` sequences (a chunk left by a run with fewer sequences, or of other lengths,
-    is computed again). Returns ``{"f": [(N_i, H)], "tokens": [[N_i ids]], "prompt": [P_i]}``."""
+def _features(model, prompt_ids, answers, store: FeatureStore, log) -> dict:
+    """Final normed hidden states (bf16) of every position of each prompt + answer: those kept in ``store`` while the
+    answers were generated, the others computed now in fp32 (sequences of similar length batched) and added to it.
+    Returns ``{"f": [(N_i, H)], "tokens": [[N_i ids]], "prompt": [P_i]}``."""
     from tqdm import tqdm
 
-    d.mkdir(exist_ok=True)
-    n = len(answers)
-    chunks = range(0, n, _FEATURE_CHUNK)
-    cached = {}
-    for s in chunks:
-        f = d / f"{s:06d}.pt"
-        part = torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
-        lens = [len(prompt_ids[i]) + len(answers[i]) for i in range(s, min(s + _FEATURE_CHUNK, n))]
-        if part is not None and [x.shape[0] for x in part] == lens:
-            cached[s] = part
-    todo = [s for s in chunks if s not in cached]
+    seqs = [p + a for p, a in zip(prompt_ids, answers)]
+    f = [store.get(s) for s in seqs]
+    todo = sorted((i for i, x in enumerate(f) if x is None), key=lambda i: (len(seqs[i]), i))  # little padding
     if todo:
-        log(f"[2/4] computing hidden states for {sum(min(_FEATURE_CHUNK, n - s) for s in todo)} sequences "
-            f"(once; {n - sum(min(_FEATURE_CHUNK, n - s) for s in todo)} cached)")
+        log(f"[2/4] computing hidden states for {len(todo)} of {len(seqs)} sequences (the others were kept while "
+            "their answers were generated)")
     m = model.model
+    done = []
     with torch.inference_mode():
-        for s in tqdm(todo, desc="features", unit="chunk", file=sys.stderr):
-            chunk = range(s, min(s + _FEATURE_CHUNK, n))
-            by_len = sorted(chunk, key=lambda i: (len(prompt_ids[i]) + len(answers[i]), i))  # little padding
-            part = {}
-            for b in range(0, len(by_len), _FEATURE_BATCH):
-                rows = by_len[b: b + _FEATURE_BATCH]
-                seqs = [prompt_ids[i] + answers[i] for i in rows]
-                h, _ = m.hidden_states(m.new_cache(len(rows), max(len(x) for x in seqs) + 2), seqs)
-                for j, i in enumerate(rows):
-                    part[i] = h[j, : len(seqs[j])].to(device="cpu", dtype=torch.bfloat16).clone()
-            cached[s] = [part[i] for i in chunk]
-            _save(d / f"{s:06d}.pt", cached[s])
-    f = [x for s in chunks for x in cached[s]]
-    return {"f": f, "tokens": [prompt_ids[i] + answers[i] for i in range(n)], "prompt": [len(p) for p in prompt_ids]}
+        for b in tqdm(range(0, len(todo), _FEATURE_BATCH), desc="features", unit="batch", file=sys.stderr,
+                      disable=not todo):
+            rows = todo[b: b + _FEATURE_BATCH]
+            h, _ = m.hidden_states(m.new_cache(len(rows), max(len(seqs[i]) for i in rows) + 2), [seqs[i] for i in rows])
+            for j, i in enumerate(rows):
+                f[i] = h[j, : len(seqs[i])].to(device="cpu", dtype=torch.bfloat16).clone()
+                done.append((seqs[i], f[i]))
+            if len(done) >= _FEATURE_CHUNK or b + _FEATURE_BATCH >= len(todo):
+                store.add(done)
+                done = []
+    return {"f": f, "tokens": seqs, "prompt": [len(p) for p in prompt_ids]}
 
 
-def _extra_conversations(kind: str, decoder, prompt_ids, answers, cfg: EagleTrainConfig, work: Path, log) -> tuple:
+def _extra_conversations(kind: str, decoder, prompt_ids, answers, cfg: EagleTrainConfig, work: Path, log,
+                         store: FeatureStore | None = None) -> tuple:
     """The extra conversations built on each training prompt's first answer (module docstring), with the model's
     greedy answers: ``kind`` "follow_ups", the prompt, the first answer and a second request (``FOLLOW_UPS``);
     "tasks", one user turn wrapping the first answer (``TASKS``). The k-th for prompt i takes request (i + k) mod 8.
@@ -291,16 +274,17 @@ def _extra_conversations(kind: str, decoder, prompt_ids, answers, cfg: EagleTrai
         else:
             ids[i, k] = decoder.encode([turn.format(text=first)])[0][-cap:]
     if kind == "follow_ups":
-        done = _cached_answers(decoder, pairs, ids, cfg, work / "follow_up_answers.jsonl", "follow-up turns", log)
+        done = _cached_answers(decoder, pairs, ids, cfg, work / "follow_up_answers.jsonl", "follow-up turns", log,
+                               store)
     else:
-        done = _cached_answers(decoder, pairs, ids, cfg, work / "task_answers.jsonl", "task requests", log)
+        done = _cached_answers(decoder, pairs, ids, cfg, work / "task_answers.jsonl", "task requests", log, store)
     return ([ids[p] for p in pairs], [done[p] for p in pairs], [i for i, _ in pairs], [k for _, k in pairs])
 
 
 def _cached_answers(decoder, pairs: list[tuple[int, int]], ids: dict, cfg: EagleTrainConfig, path: Path, what: str,
-                    log) -> dict:
+                    log, store: FeatureStore | None = None) -> dict:
     """The model's greedy answers to prompts ``ids[p]`` for each key p of ``pairs``, cached in ``path`` by key and
-    prompt (a key whose prompt changed is answered again)."""
+    prompt (a key whose prompt changed is answered again); their hidden states kept in ``store``."""
     done = {}
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -310,7 +294,8 @@ def _cached_answers(decoder, pairs: list[tuple[int, int]], ids: dict, cfg: Eagle
     if todo:
         log(f"[1/4] generating answers to {len(todo)} {what} ({len(pairs) - len(todo)} cached)")
         with path.open("a") as f:
-            for rows, outs in generate_in_batches(decoder, [ids[p] for p in todo], cfg, what.replace(" ", "-")):
+            for rows, outs in generate_in_batches(decoder, [ids[p] for p in todo], cfg, what.replace(" ", "-"),
+                                                  store):
                 for r, out in zip(rows, outs):
                     i, k = todo[r]
                     done[i, k] = {"i": i, "k": k, "prompt": ids[i, k], "answer": out}
@@ -322,7 +307,8 @@ def _cached_answers(decoder, pairs: list[tuple[int, int]], ids: dict, cfg: Eagle
 _SELF_PROMPT_GROUP = 256  # self-written requests per cached feature group
 
 
-def _self_prompt_conversations(decoder, cfg: EagleTrainConfig, work: Path, log) -> tuple:
+def _self_prompt_conversations(decoder, cfg: EagleTrainConfig, work: Path, log,
+                               store: FeatureStore | None = None) -> tuple:
     """``cfg.self_prompts`` user requests written by the model (module docstring), through the chat template, with
     its greedy answers; as :func:`_extra_conversations` returns, owned by no training prompt (-1).
 
@@ -374,7 +360,8 @@ def _self_prompt_conversations(decoder, cfg: EagleTrainConfig, work: Path, log) 
     cap = decoder.model.config.max_position_embeddings - cfg.max_new_tokens
     pairs = [(j, j // _SELF_PROMPT_GROUP) for j in range(len(texts))]
     ids = {p: x[-cap:] for p, x in zip(pairs, decoder.encode(texts))}
-    done = _cached_answers(decoder, pairs, ids, cfg, work / "self_prompt_answers.jsonl", "self-written requests", log)
+    done = _cached_answers(decoder, pairs, ids, cfg, work / "self_prompt_answers.jsonl", "self-written requests", log,
+                           store)
     return [ids[p] for p in pairs], [done[p] for p in pairs], [-1] * len(pairs), [k for _, k in pairs]
 
 

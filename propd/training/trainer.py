@@ -108,8 +108,7 @@ def train_heads(cfg: TrainConfig, log: Callable[[str], None] = _log, draft_vocab
     params = list(medusa.parameters()) + list(early.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     steps_per_epoch = -(-len(train_idx) // cfg.train_batch_tokens)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps_per_epoch * cfg.epochs,
-                                                pct_start=0.05)
+    sched = one_cycle(opt, cfg.lr, steps_per_epoch * cfg.epochs)
     ckpt = work / "checkpoint.pt"
     first_epoch, history = 0, []
     if ckpt.is_file():
@@ -166,13 +165,14 @@ def train_heads(cfg: TrainConfig, log: Callable[[str], None] = _log, draft_vocab
     return report
 
 
-def training_prompt_ids(model, cfg) -> tuple:
-    """An ``ar`` decoder for ``model`` and the token ids of ``cfg``'s training prompts (``data``, ``max_prompts``,
-    ``seed``) through the chat template, each cut to its last tokens so that ``max_new_tokens`` more fit the context."""
+def training_prompt_ids(model, cfg, observers=()) -> tuple:
+    """An ``ar`` decoder for ``model`` (with ``observers``) and the token ids of ``cfg``'s training prompts (``data``,
+    ``max_prompts``, ``seed``) through the chat template, each cut to its last tokens so that ``max_new_tokens`` more
+    fit the context."""
     from propd.decoder import Decoder
 
     prompts = training_prompt_texts(cfg)
-    decoder = Decoder(model, preset="ar")
+    decoder = Decoder(model, preset="ar", observers=observers)
     cap = model.config.max_position_embeddings - cfg.max_new_tokens
     return decoder, [p[-cap:] for p in decoder.encode(prompts)]
 
@@ -185,7 +185,8 @@ def training_prompt_texts(cfg) -> list[str]:
     return training_prompts(find_train_dir(cfg.data), cfg.max_prompts, cfg.seed)
 
 
-def _answers(decoder, prompt_ids: list[list[int]], cfg: TrainConfig, work: Path, log) -> list[list[int]]:
+def _answers(decoder, prompt_ids: list[list[int]], cfg: TrainConfig, work: Path, log, store=None
+             ) -> list[list[int]]:
     ans_file = work / "answers.jsonl"
     answers = [json.loads(x) for x in ans_file.read_text().splitlines()] if ans_file.is_file() else []
     answers = answers[: len(prompt_ids)]
@@ -193,7 +194,7 @@ def _answers(decoder, prompt_ids: list[list[int]], cfg: TrainConfig, work: Path,
     if todo:
         log(f"[1/4] generating answers for {len(todo)} of {len(prompt_ids)} training prompts (greedy, batched)")
         with ans_file.open("a") as f:
-            for _, outs in generate_in_batches(decoder, [prompt_ids[i] for i in todo], cfg, "answers"):
+            for _, outs in generate_in_batches(decoder, [prompt_ids[i] for i in todo], cfg, "answers", store):
                 for ids in outs:
                     f.write(json.dumps(ids) + "\n")
                     answers.append(ids)
@@ -201,14 +202,23 @@ def _answers(decoder, prompt_ids: list[list[int]], cfg: TrainConfig, work: Path,
     return answers
 
 
-def generate_in_batches(decoder, prompts: list[list[int]], cfg, desc: str):
+def generate_in_batches(decoder, prompts: list[list[int]], cfg, desc: str, store=None):
     """Greedy answers (``cfg.max_new_tokens``) to ``prompts`` in batches of ``cfg.gen_batch_size`` with a progress
-    bar, yielded batch by batch as (indices into ``prompts``, answers), so that callers cache each batch."""
+    bar, yielded batch by batch as (indices into ``prompts``, answers), so that callers cache each batch. With a
+    ``store`` (:class:`propd.training.hidden.FeatureStore`, whose recorder observes ``decoder``), each batch's
+    hidden states of prompt + answer are kept there as they are computed."""
     from tqdm import tqdm
 
     for s in tqdm(range(0, len(prompts), cfg.gen_batch_size), desc=desc, unit="batch", file=sys.stderr):
         rows = list(range(s, min(s + cfg.gen_batch_size, len(prompts))))
-        yield rows, decoder.generate_ids([prompts[i] for i in rows], max_new_tokens=cfg.max_new_tokens).token_ids
+        batch = [prompts[i] for i in rows]
+        if store is None:
+            yield rows, decoder.generate_ids(batch, max_new_tokens=cfg.max_new_tokens).token_ids
+            continue
+        with store.recorder.recording():
+            outs = decoder.generate_ids(batch, max_new_tokens=cfg.max_new_tokens).token_ids
+            store.add_recorded(batch, outs)
+        yield rows, outs
 
 
 def _val_seqs(n_seq: int, cfg: TrainConfig) -> set[int]:
@@ -286,6 +296,13 @@ def _features(model, prompt_ids, answers, cfg: TrainConfig, work: Path, log) -> 
              "targets": torch.cat(targets), "seq": torch.cat(seq)}
     _save(path, feats)
     return feats
+
+
+def one_cycle(opt, lr: float, steps: int):
+    """The one-cycle learning-rate schedule over ``steps`` optimizer steps, warming up over 5% of them, at least 2
+    (torch's schedule divides by zero when the warm-up ends at step 0: 20 or 21 steps at 5%)."""
+    warm = 0.05 if steps >= 40 else min(0.99, 2 / steps)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=warm)
 
 
 def _save(path: Path, obj) -> None:

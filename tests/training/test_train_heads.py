@@ -288,16 +288,42 @@ def test_follow_ups_need_a_chat_template(tiny_dir, train_dir, tmp_path):
                     log=lambda m: None)
 
 
-def test_train_eagle_recomputes_a_feature_chunk_left_by_a_smaller_run(tiny_dir, train_dir, tmp_path):
-    from propd.training.eagle import EagleTrainConfig, train_eagle
+def test_train_eagle_keeps_the_hidden_states_of_its_answers(tiny_dir, train_dir, tmp_path):
+    """Generating the answers keeps the hidden states the features need (a forward pass over prompt + answer gives
+    the same, the last position aside); a larger run keeps its new answers' too; answers cached without them (a
+    lost store, an older run) have theirs computed, to nearly the same drafter."""
+    import shutil
 
-    common = dict(model=str(tiny_dir), out=str(tmp_path / "e"), max_new_tokens=8, epochs=1, data=str(train_dir),
+    from propd.training.eagle import EagleTrainConfig, train_eagle
+    from propd.training.hidden import FeatureStore
+    from propd.training.trainer import training_prompt_ids
+
+    common = dict(model=str(tiny_dir), out=str(tmp_path / "e"), max_new_tokens=8, epochs=2, data=str(train_dir),
                   batch_tokens=128, draft_vocab=64, val_fraction=0.2)
-    train_eagle(EagleTrainConfig(max_prompts=16, **common), log=lambda m: None)  # caches a chunk of 16 sequences
     logs = []
-    report = train_eagle(EagleTrainConfig(**common), log=logs.append)  # 25: that chunk must be computed again
+    train_eagle(EagleTrainConfig(max_prompts=16, **common), log=logs.append)
+    report = train_eagle(EagleTrainConfig(**common), log=logs.append)  # 9 more prompts, answered and kept
     assert report["train_sequences"] + report["val_sequences"] == 25
-    assert any("computing hidden states for 25 sequences" in m for m in logs)
+    assert not any("computing hidden states" in m for m in logs)
+    work = tmp_path / "e" / "work"
+    store = FeatureStore(work / "hidden")
+    assert len(store) == 25
+    model = load_model(str(tiny_dir), heads="none")
+    _, prompt_ids = training_prompt_ids(model, EagleTrainConfig(**common))
+    answers = [json.loads(x) for x in (work / "answers.jsonl").read_text().splitlines()]
+    m = model.model
+    for p, a in zip(prompt_ids, answers):
+        kept = store.get(p + a)
+        ref, _ = m.hidden_states(m.new_cache(1, len(p + a) + 2), [p + a])
+        assert kept.dtype == torch.bfloat16 and not kept[-1].any()
+        torch.testing.assert_close(kept[:-1].float(), ref[0, :-1].to(torch.bfloat16).float(), atol=2e-2, rtol=2e-2)
+    shutil.rmtree(work / "hidden")
+    (work / "eagle_checkpoint.pt").unlink()
+    logs = []
+    again = train_eagle(EagleTrainConfig(**common), log=logs.append)
+    assert any("computing hidden states for 25 of 25 sequences" in m for m in logs)
+    assert abs(again["validation"]["top1"] - report["validation"]["top1"]) < 0.05
+    assert len(FeatureStore(work / "hidden")) == 25
 
 
 @pytest.mark.parametrize("argv, message", [(["--follow-ups", "1"], "is for --kind eagle"),
