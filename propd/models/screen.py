@@ -6,11 +6,16 @@ as Q8_0 blocks (ggml's: 32 weights share a float16 scale; :mod:`propd.models.qua
 1. approximate logits z'_v = W'_v x' with the 8-bit weights W' and x rounded to 8 bits per block of 32 as the
    kernel rounds it (x'; integer products, float32 scales and sums), in one pass over a quarter of W's bytes;
 2. a bound |z'_v - z_v| <= e_v on the distance to the float32 kernel's logits z_v: per block b,
-   |w x - w' x'| <= |w - w'| |x| + |w'| |x - x'|, so e_v = sum_b (E[v, b] + 2e-4 A[v, b]) |x_b|_1 +
+   |w x - w' x'| <= |w - w'| |x| + |w'| |x - x'|, so |z'_v - z_v| <= sum_b (E[v, b] + 2e-4 A[v, b]) |x_b|_1 +
    (1 + 2e-4) |w'_vb|_2 |x_b - x'_b|_2 (Cauchy-Schwarz), with E the largest weight rounding error and A the largest
    weight magnitude of row v's block b (measured once); 2e-4 A |x_b|_1 covers both products' float32 rounding
-   (sums of K = 576 terms: about 4e-5 relative) several times over;
-3. candidates: every v with z'_v + e_v >= max_u (z'_u - e_u), a set that holds every maximum of z;
+   (sums of K = 576 terms: about 4e-5 relative) several times over: e_v;
+3. candidates: every v with z'_v + e_v >= max_u (z'_u - e_u), a set that holds every maximum of z. Found in two
+   passes: first with a coarser bound c_v >= e_v from each row of W's largest block coefficients,
+   c_v = max_b (E[v, b] + 2e-4 A[v, b]) |x|_1 + (1 + 2e-4) max_b |w'_vb|_2 sum_b |x_b - x'_b|_2 (two vectors of V
+   instead of a (V, 2 K / 32) matrix: about 1.4x e_v on the default model), then e_v for the few survivors. The
+   survivors hold the maximiser u* of z'_u - e_u (z'_u* + c_u* >= z'_u* - e_u* >= z'_w - e_w >= z'_w - c_w) and
+   every candidate (z'_v + c_v >= z'_v + e_v >= z'_u* - e_u* >= max_w (z'_w - c_w)), so the candidates are the same;
 4. the candidates' exact logits, by the same packed float32 kernel as the full ``lm_head`` (each output one chain of
    fused multiply-adds over k in order, whatever rows sit beside it), and their argmax, the lowest index among equal
    maxima, as ``torch.argmax``.
@@ -41,7 +46,9 @@ class ArgmaxScreen:
         wq = self.q8.dequantized().reshape(V, K // QK, QK)
         mag = torch.maximum(w.abs(), wq.abs()).amax(dim=2)  # (V, nb): A
         err = (w - wq).abs().amax(dim=2) + ROUNDING * mag  # E + 2e-4 A
-        self.coef = torch.cat([err, wq.norm(dim=2) * (1 + ROUNDING)], dim=1).T.contiguous()  # (2 nb, V)
+        norm = wq.norm(dim=2) * (1 + ROUNDING)  # (1 + 2e-4) |w'_vb|_2
+        self.coef = torch.cat([err, norm], dim=1).contiguous()  # (V, 2 nb): e_v's coefficients, read per survivor
+        self.err_max, self.norm_max = err.amax(dim=1), norm.amax(dim=1)  # (V,) each: c_v's
         self.max_candidates = max_candidates
 
     @staticmethod
@@ -49,35 +56,42 @@ class ArgmaxScreen:
         return (weight.dim() == 2 and weight.dtype == torch.float32 and weight.device.type == "cpu"
                 and weight.shape[1] % QK == 0 and cpu_kernel.extension() is not None)
 
-    def _candidates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Candidates (N, V) bool for rows ``x`` (N, K) contiguous float32, and whether each row's bound is finite."""
+    def _candidates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For rows ``x`` (N, K) contiguous float32: the ids (C,) that are a candidate of some row, ascending, which
+        of them are each row's (N, C) bool, and whether each row's bound is finite."""
         N, K = x.shape
         approx = self.q8(x)  # (N, V)
         xq, dx, _, _ = cpu_kernel.quantize_rows_q8(x)  # the activations as the kernel rounds them
         xb = x.view(N, K // QK, QK)
-        err = xb - xq.view(N, K // QK, QK).float() * dx[..., None]
-        bound = torch.cat([xb.abs().sum(dim=2), err.norm(dim=2)], dim=1) @ self.coef  # (N, V)
-        floor = (approx - bound).amax(dim=1, keepdim=True)
-        return (approx + bound) >= floor, torch.isfinite(floor[:, 0]) & torch.isfinite(x).all(dim=1)
+        l1 = xb.abs().sum(dim=2)  # (N, nb) |x_b|_1
+        l2 = (xb - xq.view(N, K // QK, QK).float() * dx[..., None]).norm(dim=2)  # (N, nb) |x_b - x'_b|_2
+        coarse = l1.sum(dim=1, keepdim=True) * self.err_max  # (N, V): c
+        coarse += l2.sum(dim=1, keepdim=True) * self.norm_max
+        ids = ((approx + coarse) >= (approx - coarse).amax(dim=1, keepdim=True)).any(dim=0).nonzero()[:, 0]
+        fine = torch.cat([l1, l2], dim=1) @ self.coef.index_select(0, ids).T  # (N, C): e of the survivors
+        z = approx.index_select(1, ids)
+        floor = (z - fine).amax(dim=1, keepdim=True) if ids.numel() else torch.full((N, 1), float("nan"))
+        return ids, (z + fine) >= floor, torch.isfinite(floor[:, 0]) & torch.isfinite(x).all(dim=1)
 
     def candidates(self, x: torch.Tensor) -> torch.Tensor:
         """How many ids (N,) each row of ``x`` (N, K) leaves to the exact check."""
-        return self._candidates(x.contiguous())[0].sum(dim=1)
+        return self._candidates(x.contiguous())[1].sum(dim=1)
 
     def argmax(self, x: torch.Tensor, full) -> torch.Tensor:
         """Argmax ids (N,) of ``x`` (N, K) float32 times the weight; ``full(x)`` gives the full logits (N, V) for the
         rows the screen cannot settle."""
         x = x.contiguous()
-        cand, finite = self._candidates(x)
+        ids, cand, finite = self._candidates(x)
         ok = (cand.sum(dim=1) <= self.max_candidates) & finite
         out = torch.empty(x.shape[0], dtype=torch.long)
         rows = ok.nonzero()[:, 0].tolist()
         if rows:
-            settled = cand[rows]  # (R, V)
-            ids = settled.any(dim=0).nonzero()[:, 0]  # the union of the settled rows' candidates, ascending
-            exact = cpu_kernel.linear(x[rows], cpu_kernel.pack(self.weight.index_select(0, ids)), ids.numel())
-            exact = exact.masked_fill(~settled[:, ids], float("-inf"))  # (R, C): each row's own candidates
-            out[rows] = ids[exact.argmax(dim=1)]  # first maximum: the lowest id among equals
+            settled = cand[rows]  # (R, C)
+            cols = settled.any(dim=0).nonzero()[:, 0]  # the union of the settled rows' candidates
+            sub = ids[cols]  # ascending
+            exact = cpu_kernel.linear(x[rows], cpu_kernel.pack(self.weight.index_select(0, sub)), sub.numel())
+            exact = exact.masked_fill(~settled[:, cols], float("-inf"))  # (R, C'): each row's own candidates
+            out[rows] = sub[exact.argmax(dim=1)]  # first maximum: the lowest id among equals
         rest = (~ok).nonzero()[:, 0].tolist()
         if rest:
             out[rest] = cpu_kernel.argmax(full(x[rest]))

@@ -36,6 +36,30 @@ def test_screen_equals_the_full_argmax(seed, V, K, rows, ties, scale, cap, clust
     assert screen.argmax(x, full).tolist() == full_argmax(w, x).tolist()
 
 
+@settings(deadline=None, max_examples=30, derandomize=True)
+@given(seed=st.integers(0, 10_000), V=st.integers(1, 300), rows=st.integers(1, 5), cluster=st.booleans())
+def test_two_pass_candidates_are_the_per_block_bounds(seed, V, rows, cluster):
+    """The coarse pass keeps every candidate of the per-block bound e_v (module docstring), and the second pass
+    leaves exactly those: the set computed from the definition over the whole vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    K = 96
+    w = torch.randn(V, K, generator=g)
+    if cluster:
+        w = w[:1] + 1e-3 * w
+    x = torch.randn(rows, K, generator=g) * 3
+    screen = ArgmaxScreen(w)
+    approx = screen.q8(x)
+    xq, dx, _, _ = cpu_kernel.quantize_rows_q8(x)
+    xb = x.view(rows, K // 32, 32)
+    l2 = (xb - xq.view(rows, K // 32, 32).float() * dx[..., None]).norm(dim=2)
+    e = torch.cat([xb.abs().sum(dim=2), l2], dim=1) @ screen.coef.T  # (N, V), every id
+    want = (approx + e) >= (approx - e).amax(dim=1, keepdim=True)
+    ids, cand, finite = screen._candidates(x)
+    got = torch.zeros(rows, V, dtype=torch.bool)
+    got[:, ids] = cand
+    assert finite.all() and torch.equal(got, want)
+
+
 def test_screen_on_ties_takes_the_lowest_id_and_skips_non_finite_rows():
     w = torch.randn(50, 64)
     w[7] = w[31] = w[3] * 4  # equal rows: equal logits
