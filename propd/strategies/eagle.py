@@ -138,10 +138,17 @@ class EagleProposer:
         d, cache = self.drafter, self.cache if cache is None else cache
         cache.reserve(max(cache.host_lengths) + W + 2)
         ar = torch.arange(W, device=node_idx.device)
-        a = d.attention_inputs(cache, node_idx, torch.ones(W, W, dtype=torch.bool, device=ar.device).tril(), ar)
+        a = d.attention_inputs(cache, node_idx, self._causal(W, ar.device), ar)
         g = d(features, next_tokens, cache, a)
         cache.advance(n, n.tolist())
         return g
+
+    def _causal(self, W: int, device: torch.device) -> torch.Tensor:
+        """The (W, W) lower-triangular mask of a chain of W reads, kept per (W, device)."""
+        masks = self.__dict__.setdefault("_causal_masks", {})
+        if (W, device) not in masks:
+            masks[W, device] = torch.ones(W, W, dtype=torch.bool, device=device).tril()
+        return masks[W, device]
 
     def _catch_up(self, ctx) -> torch.Tensor:
         """Read every committed token the drafter has not seen; the drafter's prediction (B, H) of the root's
@@ -150,13 +157,16 @@ class EagleProposer:
         cache = self.cache
         n_host = [a - b for a, b in zip(ctx.host_lengths, cache.host_lengths)]
         W = max(n_host)
-        feats = torch.cat([f for f, _ in self._pending], dim=1)  # (B, sum A, H)
-        valid = torch.cat([torch.arange(f.shape[1], device=f.device)[None, :] < c[:, None]
-                           for f, c in self._pending], dim=1)  # (B, sum A)
+        if len(self._pending) == 1:  # one step's features (drafting every step): already each row's first ones
+            feats = self._pending[0][0][:, :W]
+        else:
+            feats = torch.cat([f for f, _ in self._pending], dim=1)  # (B, sum A, H)
+            valid = torch.cat([torch.arange(f.shape[1], device=f.device)[None, :] < c[:, None]
+                               for f, c in self._pending], dim=1)  # (B, sum A)
+            # compact each row's real features to the left, in order
+            order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :W]
+            feats = feats.gather(1, order[..., None].expand(-1, -1, feats.shape[-1]))  # (B, W, H)
         self._pending = []
-        # compact each row's real features to the left, in order
-        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :W]
-        feats = feats.gather(1, order[..., None].expand(-1, -1, feats.shape[-1]))  # (B, W, H)
         n = ctx.lengths - cache.lengths  # (B,)
         ar = torch.arange(W, device=n.device)
         node_idx = torch.where(ar[None, :] < n[:, None], ar[None, :], torch.full_like(ar, W)[None, :])
@@ -171,10 +181,9 @@ class EagleProposer:
     def _guesses(self, g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k best guesses after predicted features g (.., H): token ids (.., k) and log-probabilities (.., k)."""
         logits, ids = self.drafter.draft_logits(g)
-        logits = logits.float()
-        top = logits.topk(min(k, logits.shape[-1]), dim=-1)  # log-softmax keeps the order: the top-k of the logits
+        top = torch.log_softmax(logits.float(), dim=-1).topk(min(k, logits.shape[-1]), dim=-1)
         tokens = top.indices if ids is None else ids[top.indices]
-        return tokens, top.values - logits.logsumexp(dim=-1, keepdim=True)
+        return tokens, top.values
 
     @hookimpl
     def propd_propose(self, ctx, tree):
