@@ -224,7 +224,12 @@ class DynamicSizer:
                 confirmed = not entering and was == self.size == 1
                 self.gap = min(2 * self.gap, self.cfg.probe_max) if confirmed else self.cfg.probe_every
             self.probed = False
-            if first is not None or cost.age(self.size, self.clock) > self.cfg.refresh:
+            if first is None and self.size > 1 and self.size not in cost.n:
+                # a size never measured, here or at the key a prior came from, chosen from the line's price: run it
+                # ``explore_repeat`` steps before choosing again, as exploration does (one first step that stalled
+                # would otherwise price it out for good: ``DriftCostModel``)
+                self.since = self.cfg.refresh - max(1, self.cfg.explore_repeat)
+            elif first is not None or cost.age(self.size, self.clock) > self.cfg.refresh:
                 self.since = self.cfg.refresh - 1  # a first (or stale) measurement of this size: choose again next
         self.since += 1
         size = self.size
