@@ -82,9 +82,7 @@ class Decoder:
         for arg in (pruners if pruners is not None else (p.pruners if p else ())):
             chosen.append(("pruner", self._build("pruner", arg)))
         self.components = chosen
-        self.observers = list(observers)
-        for obs in self.observers:
-            check_observer(obs)
+        self.observers = list(observers)  # checked by step_manager
         self._role_label = {role: self._labels[id(obj)] for role, obj in chosen}  # of the manager running now
         self._greedy_role_label = self._role_label
         self.pm = step_manager(chosen, self.observers)
@@ -484,17 +482,6 @@ class Decoder:
         if key not in self._single_trees:
             self._single_trees[key] = DraftTree.from_paths((), device=device)
         return self._single_trees[key]
-
-
-LIFECYCLE_HOOKS = ("propd_setup", "propd_rows_begin", "propd_rows_leave", "propd_after_step")
-
-
-def check_observer(obj: Any) -> None:
-    """An observer implements one or more lifecycle hooks and no role's hooks (it must not change the decoding)."""
-    hooks = {n for n in dir(obj) if n.startswith("propd_") and hasattr(getattr(obj, n, None), "propd_impl")}
-    if not hooks & set(LIFECYCLE_HOOKS) or hooks - set(LIFECYCLE_HOOKS):
-        raise PropdError(f"observer {type(obj).__name__} must implement one or more of {', '.join(LIFECYCLE_HOOKS)} "
-                         f"(with @propd.hookimpl) and no other hook; it has {', '.join(sorted(hooks)) or 'none'}")
 
 
 def fill_holes(n: int, done: set[int]) -> list[int]:

@@ -152,10 +152,10 @@ class Registry:
 
 def step_manager(chosen: list[tuple[str, Any]], observers: Sequence[Any] = ()) -> pluggy.PluginManager:
     """A fresh manager holding exactly the chosen (role, instance) pairs, checked for a well-formed pipeline, and the
-    ``observers`` (lifecycle hooks only: ``propd.decoder.check_observer``)."""
+    ``observers`` (lifecycle hooks only: ``propd.roles.observer_problem``)."""
     pm = new_manager()
     counts = {role: 0 for role in ROLES}
-    from propd.roles import missing_hooks
+    from propd.roles import missing_hooks, observer_problem
 
     for role, obj in chosen:
         missing = missing_hooks(role, obj)
@@ -170,5 +170,8 @@ def step_manager(chosen: list[tuple[str, Any]], observers: Sequence[Any] = ()) -
     if counts["proposer"] > 1:
         raise PropdError(f"a decoder takes at most one proposer, got {counts['proposer']}")
     for obs in observers:
+        problem = observer_problem(obs)
+        if problem:
+            raise PropdError(problem)
         pm.register(obs)
     return pm

@@ -58,3 +58,16 @@ def missing_hooks(role: str, obj: object) -> list[str]:
         return []
     names = [n for n in vars(proto) if n.startswith("propd_")]
     return [n for n in names if not callable(getattr(obj, n, None))]
+
+
+LIFECYCLE_HOOKS = ("propd_setup", "propd_rows_begin", "propd_rows_leave", "propd_after_step")
+
+
+def observer_problem(obj: object) -> str | None:
+    """Why ``obj`` cannot be an observer (``Decoder(observers=...)``), or None: an observer implements one or more
+    lifecycle hooks and no role's hooks (it must not change the decoding)."""
+    hooks = {n for n in dir(obj) if n.startswith("propd_") and hasattr(getattr(obj, n, None), "propd_impl")}
+    if not hooks & set(LIFECYCLE_HOOKS) or hooks - set(LIFECYCLE_HOOKS):
+        return (f"observer {type(obj).__name__} must implement one or more of {', '.join(LIFECYCLE_HOOKS)} "
+                f"(with @propd.hookimpl) and no other hook; it has {', '.join(sorted(hooks)) or 'none'}")
+    return None
