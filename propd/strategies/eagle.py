@@ -54,6 +54,7 @@ class EagleProposer:
         self.cache = None
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (features (B, A, H), counts (B,)) not yet read
         self._absorbed = -1  # the last step whose accepted features went into _pending
+        self._causal_masks: dict[tuple[int, torch.device], torch.Tensor] = {}  # W -> (W, W) lower-triangular
 
     @hookimpl
     def propd_setup(self, model):
@@ -145,10 +146,9 @@ class EagleProposer:
 
     def _causal(self, W: int, device: torch.device) -> torch.Tensor:
         """The (W, W) lower-triangular mask of a chain of W reads, kept per (W, device)."""
-        masks = self.__dict__.setdefault("_causal_masks", {})
-        if (W, device) not in masks:
-            masks[W, device] = torch.ones(W, W, dtype=torch.bool, device=device).tril()
-        return masks[W, device]
+        if (W, device) not in self._causal_masks:
+            self._causal_masks[W, device] = torch.ones(W, W, dtype=torch.bool, device=device).tril()
+        return self._causal_masks[W, device]
 
     def _catch_up(self, ctx) -> torch.Tensor:
         """Read every committed token the drafter has not seen; the drafter's prediction (B, H) of the root's

@@ -123,7 +123,7 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
     answers = _answers(decoder, prompt_ids, cfg, work, log, store)  # (1)
     n0 = len(prompt_ids)
     val = _val_seqs(n0, cfg)
-    extras = []  # (kind, ids, answers, owning training prompt, turn number k) of the extra conversations
+    extras = []  # (kind, ids, answers, owning training prompt) of the extra conversations
     for kind, count in (("follow_ups", cfg.follow_ups), ("tasks", cfg.tasks)):
         if count:
             extras.append((kind, *_extra_conversations(kind, decoder, prompt_ids, answers, cfg, work, log, store)))
@@ -131,7 +131,7 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
         extras.append(("self_prompts", *_self_prompt_conversations(decoder, cfg, work, log, store)))
     stage_s = {"answers": time.perf_counter() - t_start}
     owners: dict[str, list[int]] = {}
-    for kind, x_ids, x_answers, x_owners, x_ks in extras:
+    for kind, x_ids, x_answers, x_owners in extras:
         val |= {len(prompt_ids) + j for j, i in enumerate(x_owners) if i in val}  # held out with their prompt
         prompt_ids, answers = prompt_ids + x_ids, answers + x_answers
         owners[kind] = x_owners
@@ -257,13 +257,16 @@ def _extra_conversations(kind: str, decoder, prompt_ids, answers, cfg: EagleTrai
     "tasks", one user turn wrapping the first answer (``TASKS``). The k-th for prompt i takes request (i + k) mod 8.
     Answers are cached in ``work/follow_up_answers.jsonl`` or ``work/task_answers.jsonl`` by (prompt, k), so that
     another ``--max-prompts`` or K reuses them. Returns the ids, the answers, and for each the training prompt it
-    belongs to and its turn number k."""
+    belongs to."""
     from propd.chat import conversation
 
     tok = decoder.model.tokenizer
     texts = training_prompt_texts(cfg)
     cap = decoder.model.config.max_position_embeddings - cfg.max_new_tokens
-    count, turns = (cfg.follow_ups, FOLLOW_UPS) if kind == "follow_ups" else (cfg.tasks, TASKS)
+    if kind == "follow_ups":
+        count, turns, cached, what = cfg.follow_ups, FOLLOW_UPS, "follow_up_answers.jsonl", "follow-up turns"
+    else:
+        count, turns, cached, what = cfg.tasks, TASKS, "task_answers.jsonl", "task requests"
     pairs = [(i, k) for i in range(len(prompt_ids)) for k in range(count) if len(answers[i]) > 1]
     ids = {}
     for i, k in pairs:
@@ -273,12 +276,8 @@ def _extra_conversations(kind: str, decoder, prompt_ids, answers, cfg: EagleTrai
             ids[i, k] = decoder.encode([conversation([texts[i], turn], [first])])[0][-cap:]
         else:
             ids[i, k] = decoder.encode([turn.format(text=first)])[0][-cap:]
-    if kind == "follow_ups":
-        done = _cached_answers(decoder, pairs, ids, cfg, work / "follow_up_answers.jsonl", "follow-up turns", log,
-                               store)
-    else:
-        done = _cached_answers(decoder, pairs, ids, cfg, work / "task_answers.jsonl", "task requests", log, store)
-    return ([ids[p] for p in pairs], [done[p] for p in pairs], [i for i, _ in pairs], [k for _, k in pairs])
+    done = _cached_answers(decoder, pairs, ids, cfg, work / cached, what, log, store)
+    return [ids[p] for p in pairs], [done[p] for p in pairs], [i for i, _ in pairs]
 
 
 def _cached_answers(decoder, pairs: list[tuple[int, int]], ids: dict, cfg: EagleTrainConfig, path: Path, what: str,
@@ -304,7 +303,7 @@ def _cached_answers(decoder, pairs: list[tuple[int, int]], ids: dict, cfg: Eagle
     return {p: done[p]["answer"] for p in pairs}
 
 
-_SELF_PROMPT_GROUP = 256  # self-written requests per cached feature group
+_SELF_PROMPT_GROUP = 256  # request j's answer is cached under the key (j, j // this)
 
 
 def _self_prompt_conversations(decoder, cfg: EagleTrainConfig, work: Path, log,
@@ -362,7 +361,7 @@ def _self_prompt_conversations(decoder, cfg: EagleTrainConfig, work: Path, log,
     ids = {p: x[-cap:] for p, x in zip(pairs, decoder.encode(texts))}
     done = _cached_answers(decoder, pairs, ids, cfg, work / "self_prompt_answers.jsonl", "self-written requests", log,
                            store)
-    return [ids[p] for p in pairs], [done[p] for p in pairs], [-1] * len(pairs), [k for _, k in pairs]
+    return [ids[p] for p in pairs], [done[p] for p in pairs], [-1] * len(pairs)
 
 
 def draft_projection(m, vocab) -> tuple[torch.Tensor, torch.Tensor]:

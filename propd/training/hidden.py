@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from propd.hookspecs import hookimpl
+from propd.training.trainer import _save
 
 
 class HiddenRecorder:
@@ -91,8 +92,6 @@ class FeatureStore:
 
     def add(self, items: list[tuple[list[int], torch.Tensor]]) -> None:
         """Keep and save states (L, H) for each sequence of ids (L)."""
-        from propd.training.trainer import _save
-
         batch = {sequence_key(ids): h for ids, h in items}
         if not batch:
             return
