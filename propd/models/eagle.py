@@ -127,6 +127,7 @@ class EagleDrafter(nn.Module):
             ids = ids.to(self.device)
         self.draft_ids = ids
         self._proj = None
+        self.__dict__.pop("_copies", None)  # copies in other dtypes (in_dtype) were made with the old vocabulary
 
     # ------------------------------------------------------------------------------------------ forward
 

@@ -196,6 +196,19 @@ def test_q8_drafter_keeps_float_products_where_rows_are_not_whole_blocks():
         assert_lossless(m, prompts, 16, preset=preset, entry_points=False)
 
 
+def test_a_new_draft_vocabulary_reaches_the_drafters_copies_in_other_dtypes():
+    """``set_draft_vocab`` after ``in_dtype`` made a copy: the copy asked for again guesses among the new tokens."""
+    m = tiny_model(seed=4, heads=2, early=(1, 2), drafter=True)
+    d = m.drafter
+    d.set_draft_vocab(list(range(10)))
+    g = torch.randn(1, 2, d.cfg.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert d.in_dtype(torch.bfloat16).draft_logits(g)[0].shape[-1] == 10
+        d.set_draft_vocab([3, 5, 7])
+        logits, ids = d.in_dtype(torch.bfloat16).draft_logits(g)
+    assert logits.shape[-1] == 3 and ids.tolist() == [3, 5, 7]
+
+
 def test_eagle_needs_a_drafter():
     with pytest.raises(PropdError, match="EAGLE drafter"):
         Decoder(tiny_model(seed=0), preset="eagle", entry_points=False)
