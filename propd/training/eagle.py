@@ -401,7 +401,8 @@ def _batch_loss(drafter, feats: dict, rows: list[int], w_draft, to_draft, cfg: E
     (default ``cfg.ttt_steps``) unrolled draft steps (module docstring).
 
     Position t reads (f_t, x_{t+1}) and is scored at the answer's positions: x_{t+2} is a generated token. Returns
-    the weighted ``vloss`` and ``ploss``, step 1's ``acc``, and per step ``logits`` (B, W, N) and ``target`` (B, W)."""
+    the weighted ``vloss`` and ``ploss``, step 1's ``acc``, and per step the ``logits`` (M_s, N) and ``target`` (M_s)
+    of its M_s scored positions (``target`` -100 outside the draft vocabulary)."""
     dev = drafter.device
     S = cfg.ttt_steps if steps is None else steps
     W = max(min(len(feats["tokens"][i]), cfg.max_len) for i in rows) - 1
@@ -437,9 +438,9 @@ def _batch_loss(drafter, feats: dict, rows: list[int], w_draft, to_draft, cfg: E
         scored[:, :s] = False  # step s + 1 at position t has its root at t - s
         mask = scored.float()
         v = (F.smooth_l1_loss(g, f[:, 1:], reduction="none").mean(-1) * mask).sum() / mask.sum().clamp(min=1)
-        logits = F.linear(g, w_draft)  # (B, W, N)
-        tgt = torch.where(scored, target_tok, torch.full_like(target_tok, -100))
-        p = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
+        logits = F.linear(g[scored], w_draft)  # (M, N): only the scored (answer) positions need the vocabulary
+        tgt = target_tok[scored]
+        p = F.cross_entropy(logits.float(), tgt, ignore_index=-100)
         if not bool((tgt != -100).any()):
             p = logits.sum() * 0.0
         w = cfg.ttt_decay ** s  # a sum, as EAGLE-3: step 1 keeps the gradient it has without the later steps

@@ -386,6 +386,45 @@ def test_unrolled_training_steps_see_what_drafting_sees(tiny_dir, seed):
                     assert torch.allclose(feat[0, 0], outs[depth - 1][b, pos], rtol=1e-4, atol=1e-4), (b, root, depth)
 
 
+def test_eagle_token_loss_is_taken_at_answer_positions_only(tiny_dir):
+    """The token loss and the logits :func:`propd.training.eagle._batch_loss` returns are those of the positions t
+    whose target x_{t+2} is an answer token (the prompt's positions are read, never scored), over the draft
+    vocabulary, with tokens outside it ignored: checked against the full product at every position."""
+    import torch.nn.functional as F
+
+    from propd.models.eagle import EagleDrafter
+    from propd.training.eagle import EagleTrainConfig, _batch_loss, _unrolled, draft_projection
+
+    torch.manual_seed(0)
+    m = load_model(str(tiny_dir), heads="none").model
+    drafter = EagleDrafter(attrs.evolve(m.cfg, num_layers=1), bias=False).attach(m)
+    H, V = m.cfg.hidden_size, m.cfg.vocab_size
+    lens, prompts = [11, 7], [4, 5]
+    feats = {"f": [torch.randn(n, H) for n in lens], "tokens": [torch.randint(0, V, (n,)).tolist() for n in lens],
+             "prompt": prompts}
+    vocab = list(range(0, V, 2))  # odd tokens fall outside the draft vocabulary
+    w_draft, to_draft = draft_projection(m, vocab)
+    cfg = EagleTrainConfig(model=str(tiny_dir), out="unused")
+    with torch.no_grad():
+        parts = _batch_loss(drafter, feats, [0, 1], w_draft, to_draft, cfg, noise=False, steps=1)
+        W = max(lens) - 1
+        f = torch.zeros(2, W + 1, H)
+        tok = torch.zeros(2, W + 1, dtype=torch.long)
+        for b, n in enumerate(lens):
+            f[b, :n], tok[b, :n] = feats["f"][b], torch.tensor(feats["tokens"][b])
+        g = _unrolled(drafter, [f[:, :-1]], tok[:, 1:], torch.tensor(lens) - 1)[0]
+    want_logits, want_tgt = [], []
+    for b, n in enumerate(lens):
+        for t in range(n - 2):
+            if t + 2 >= prompts[b]:  # x_{t+2} is an answer token
+                want_logits.append(g[b, t] @ w_draft.T)
+                want_tgt.append(int(to_draft[feats["tokens"][b][t + 2]]))
+    want_logits, want_tgt = torch.stack(want_logits), torch.tensor(want_tgt)
+    assert parts["target"][0].tolist() == want_tgt.tolist() and (want_tgt == -100).any() and (want_tgt >= 0).any()
+    assert torch.allclose(parts["logits"][0], want_logits, atol=1e-5)
+    assert torch.allclose(parts["ploss"], F.cross_entropy(want_logits, want_tgt, ignore_index=-100), atol=1e-5)
+
+
 def test_train_eagle_unrolled_and_a_checkpoint_from_before_the_option(tiny_dir, train_dir, tmp_path):
     """--ttt-steps 2 trains (the loss falls, the report has the second step's accuracy); a checkpoint written before
     the ttt fields existed resumes as ttt_steps=1, and not as another config."""
