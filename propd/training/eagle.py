@@ -182,7 +182,8 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
                 sums[k] += parts[k].item()
             sums["acc"] += parts["acc"]
             bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", acc=f"{sums['acc'] / count:.3f}")
-        history.append({"epoch": epoch + 1, **{f"train_{k}": round(v / max(len(order), 1), 4) for k, v in sums.items()}})
+        means = {f"train_{k}": round(v / max(len(order), 1), 4) for k, v in sums.items()}
+        history.append({"epoch": epoch + 1, **means})
         _save(ckpt, {"config": attrs.asdict(cfg), "drafter": drafter.state_dict(), "opt": opt.state_dict(),
                      "sched": sched.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch + 1,
                      "history": history})
@@ -500,6 +501,7 @@ def evaluate(drafter, feats: dict, seqs: list[int], w_draft, to_draft, cfg: Eagl
         tgt = two["target"][1]
         hits2 += int(((two["logits"][1].argmax(-1) == tgt) & (tgt != -100)).sum())
         total2 += int(two["scored"][:, 1:].sum())
-    return {"positions": total, **{f"top{k}": round(float(hits[j]) / max(total, 1), 4) for j, k in enumerate(EVAL_TOPK)},
+    tops = {f"top{k}": round(float(hits[j]) / max(total, 1), 4) for j, k in enumerate(EVAL_TOPK)}
+    return {"positions": total, **tops,
             "step2_top1": round(hits2 / max(total2, 1), 4),
             "vloss": round(vloss / max(nb, 1), 4), "ploss": round(ploss / max(nb, 1), 4)}
