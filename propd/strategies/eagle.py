@@ -54,7 +54,7 @@ class EagleProposer:
         self.cache = None
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (features (B, A, H), counts (B,)) not yet read
         self._absorbed = -1  # the last step whose accepted features went into _pending
-        self._causal_masks: dict[tuple[int, torch.device], torch.Tensor] = {}  # W -> (W, W) lower-triangular
+        self._causal_masks: dict[tuple[int, torch.device], torch.Tensor] = {}  # (W, device) -> (W, W) tril
 
     @hookimpl
     def propd_setup(self, model):
