@@ -3,7 +3,9 @@ task requests over long documents built from held-out training prompts (nothing 
 
 Each document joins the model's greedy answers to ``--join`` held-out prompts (``eagle_steps.held_out_prompts``),
 wrapped in a task request (summarize, extract, translate, ...: ``propd.training.data.TASKS``), so contexts run to
-several hundred tokens as in summarization and retrieval-augmented answering. Methods take turns request by request:
+several hundred tokens as in summarization and retrieval-augmented answering. ``--documents awesome`` takes
+human-written documents instead: awesome-chatgpt-prompts TEXT rows of at least ``--doc-chars`` characters, cut there
+(the model copies less from them than from its own answers). Methods take turns request by request:
 ``ar``; ``prompt-lookup`` with each option set in ``--variants``, in a chain of its ``max_tokens`` nodes;
 ``propd-lookup``. Needs the lookup plugin: ``pip install -e plugins/propd-lookup``.
 
@@ -51,20 +53,41 @@ def task_requests(lm, n: int, join: int, skip: int = 0) -> list[str]:
     return [TASKS[i % len(TASKS)].format(text=d) for i, d in enumerate(docs)]
 
 
+def awesome_requests(n: int, chars: int, skip: int = 0) -> list[str]:
+    """``n`` task requests over human-written documents: the awesome-chatgpt-prompts TEXT rows of at least ``chars``
+    characters, in file order after the first ``skip``, each cut to ``chars`` characters."""
+    import csv
+
+    from propd.training.data import find_train_dir
+
+    csv.field_size_limit(sys.maxsize)
+    with (find_train_dir() / "awesome_chatgpt_prompts" / "prompts.csv").open(newline="", encoding="utf-8") as f:
+        docs = [r["prompt"].strip()[:chars] for r in csv.DictReader(f)
+                if r.get("type") == "TEXT" and len(r["prompt"].strip()) >= chars][skip:skip + n]
+    return [TASKS[(skip + i) % len(TASKS)].format(text=d) for i, d in enumerate(docs)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--join", type=int, default=3, help="answers joined into each request's document")
     ap.add_argument("--skip", type=int, default=0, help="start after this many requests' prompts (another sample)")
     ap.add_argument("--max-new", type=int, default=128)
+    ap.add_argument("--documents", choices=("answers", "awesome"), default="answers",
+                    help="the documents: the model's answers to held-out prompts, or human-written prompt texts")
+    ap.add_argument("--doc-chars", type=int, default=2500, help="--documents awesome: characters per document")
     ap.add_argument("--variants", default=";".join(VARIANTS),
                     help="';'-separated prompt-lookup options to compare, each in a chain of max_tokens nodes")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--sizers", default="",
+                    help="';'-separated propd-dynamic options, each run with prompt-lookup's defaults beside "
+                         "propd-lookup (e.g. 'max_depth=10,sizes=[1,3,5,8,11]')")
     ap.add_argument("--batch", type=int, default=1, help="requests decoded together (batches taking turns)")
     ap.add_argument("--max-rows", default="0", help="comma-separated static:max_rows caps, each variant run under each")
     args = ap.parse_args()
     lm = load_model("smollm2-135m-instruct", dtype=args.dtype)
-    requests = task_requests(lm, args.requests, args.join, args.skip)
+    requests = (task_requests(lm, args.requests, args.join, args.skip) if args.documents == "answers" else
+                awesome_requests(args.requests, args.doc_chars, args.skip))
     runs = {"ar": Decoder(lm, preset="ar")}
     caps = [int(c) for c in args.max_rows.split(",")]
     for opts in args.variants.split(";"):
@@ -73,13 +96,15 @@ def main() -> None:
             runs[opts + (f" rows<={cap}" if cap else "")] = Decoder(
                 lm, preset=None, sizer=f"static:tree=chain:{L},max_rows={cap}", proposer=f"prompt-lookup:{opts}")
     runs["propd-lookup"] = Decoder(lm, preset="propd-lookup")
+    for opts in filter(None, args.sizers.split(";")):
+        runs[f"propd-dynamic:{opts}"] = Decoder(lm, preset=None, sizer=f"propd-dynamic:{opts}", proposer="prompt-lookup")
     rows = take_turns(runs, requests, args.max_new, args.batch)
     context = [len(ids) for ids in runs["ar"].encode(requests)]
     print(f"{len(requests)} requests, prompts of {min(context)}-{max(context)} tokens (median "
           f"{statistics.median(context):.0f}), {args.max_new} new tokens, {args.dtype}, batches of {args.batch}")
     print_turns(rows)
     for name in runs if args.batch == 1 else ():
-        if name in ("ar", "propd-lookup"):
+        if name == "ar" or name.startswith("propd-"):
             continue
         drafted = [a - 1 for a, n in zip(rows[name]["accepted"], rows[name]["nodes"]) if n > 1]
         hist = collections.Counter(drafted)
