@@ -97,7 +97,8 @@ def main() -> None:
                 lm, preset=None, sizer=f"static:tree=chain:{L},max_rows={cap}", proposer=f"prompt-lookup:{opts}")
     runs["propd-lookup"] = Decoder(lm, preset="propd-lookup")
     for opts in filter(None, args.sizers.split(";")):
-        runs[f"propd-dynamic:{opts}"] = Decoder(lm, preset=None, sizer=f"propd-dynamic:{opts}", proposer="prompt-lookup")
+        runs[f"propd-dynamic:{opts}"] = Decoder(lm, preset=None, sizer=f"propd-dynamic:{opts}",
+                                                proposer="prompt-lookup")
     rows = take_turns(runs, requests, args.max_new, args.batch)
     context = [len(ids) for ids in runs["ar"].encode(requests)]
     print(f"{len(requests)} requests, prompts of {min(context)}-{max(context)} tokens (median "
