@@ -18,6 +18,7 @@ From the paths we derive, once per shape and on the target device:
 from __future__ import annotations
 
 import heapq
+import sys
 from typing import Iterable, Sequence
 
 import attrs
@@ -398,18 +399,51 @@ def tree_paths(spec: str | list | tuple) -> tuple[tuple[int, ...], ...]:
 
 def best_tree(p: Sequence[Sequence[float]], size: int) -> tuple[list[tuple[int, ...]], list[float]]:
     """The ``size - 1`` most valuable paths (the root is free) and their values, in the order they were chosen."""
-    depth, ranks = len(p), len(p[0]) if p else 0
-    paths, values = [], []
-    heap = [(-p[0][r], (r,)) for r in range(ranks)] if depth else []
-    heapq.heapify(heap)
-    while heap and len(paths) < size - 1:
-        neg, path = heapq.heappop(heap)
-        paths.append(path)
-        values.append(-neg)
-        if len(path) < depth:
-            for r in range(ranks):
-                heapq.heappush(heap, (neg * p[len(path)][r], path + (r,)))
-    return paths, values
+    search = BestTrees(p)
+    return search.paths[: size - 1], search.values[: size - 1]
+
+
+class BestTrees:
+    """:func:`best_tree`'s search, run only as far as it is read: ``paths[:n]`` and ``values[:n]`` (slices from 0)
+    continue the search to n paths, which are ``best_tree(p, n + 1)``'s. A best-first search pops nodes in a fixed
+    order, so a longer search begins with a shorter one's paths. A sizer that prices a few small sizes every step
+    then pays for those, not for its largest candidate."""
+
+    def __init__(self, p: Sequence[Sequence[float]]):
+        self._p = p
+        self._found: tuple[list[tuple[int, ...]], list[float]] = ([], [])
+        self._heap = [(-p[0][r], (r,)) for r in range(len(p[0]))] if p else []
+        heapq.heapify(self._heap)
+        self.paths = _SearchedPrefix(self, 0)
+        self.values = _SearchedPrefix(self, 1)
+
+    def extend(self, n: int) -> None:
+        """Pop nodes until ``n`` paths are found or the tree is whole."""
+        p, heap = self._p, self._heap
+        paths, values = self._found
+        depth, ranks = len(p), len(p[0]) if p else 0
+        while heap and len(paths) < n:
+            neg, path = heapq.heappop(heap)
+            paths.append(path)
+            values.append(-neg)
+            if len(path) < depth:
+                row = p[len(path)]
+                for r in range(ranks):
+                    heapq.heappush(heap, (neg * row[r], path + (r,)))
+
+
+class _SearchedPrefix:
+    """``BestTrees.paths`` or ``.values``: sliced from 0 (``[:n]``), a list of the first n, searched on demand."""
+
+    def __init__(self, search: BestTrees, which: int):
+        self._search, self._which = search, which
+
+    def __getitem__(self, key: slice) -> list:
+        if not isinstance(key, slice) or key.start not in (None, 0) or key.step not in (None, 1):
+            raise TypeError("read a best-tree search as [:n]")
+        n = key.stop if key.stop is not None else sys.maxsize
+        self._search.extend(n)
+        return self._search._found[self._which][:max(n, 0)]
 
 
 def rank_probabilities(topk_curve: Sequence[Sequence[float]]) -> list[list[float]]:

@@ -42,13 +42,15 @@ than the differences between small trees, and the paper's T_perf^i kept such sta
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import attrs
 import torch
 
 from propd.errors import PropdError
 from propd.hookspecs import hookimpl
 from propd.strategies.costs import CostModel, DriftCostModel, weighted_line  # noqa: F401 (re-exported)
-from propd.tree import TreeCache, best_tree, rank_probabilities
+from propd.tree import BestTrees, TreeCache, rank_probabilities
 
 
 @attrs.frozen
@@ -97,7 +99,7 @@ class DynamicSizer:
         self.clock = 0  # steps decoded by this sizer, over all keys
         self.cache = TreeCache()
         self.history: list[int] = []  # tree size used at each step (for analysis)
-        self._best: tuple[list, list] | None = None  # best_tree() of the current acceptance estimates
+        self._best: BestTrees | None = None  # the best-tree search of the current acceptance estimates
         # EMAs of measured and predicted accepted guesses per tree step, starting from a prior of c = 1: one pair for
         # whole trees and one for the sizes a pruner cuts (``pruned``), whose acceptance also pays for the pruning
         self._gain = {False: [self.CALIBRATION_PRIOR] * 2, True: [self.CALIBRATION_PRIOR] * 2}
@@ -127,8 +129,9 @@ class DynamicSizer:
         a, g = self.cfg.alpha, self._gain[pruned]
         self._gain[pruned] = [(1 - a) * g[0] + a * measured, (1 - a) * g[1] + a * predicted]
 
-    def _l(self, size: int, values: list[float]) -> float:
-        """l(size): 1 + the calibrated sum of the best ``size``-node tree's node values."""
+    def _l(self, size: int, values: Sequence[float]) -> float:
+        """l(size): 1 + the calibrated sum of the best ``size``-node tree's node values (``values``: in the order the
+        search found them, a list or a ``BestTrees.values``, read as ``[:n]``)."""
         return 1.0 + self.calibration_for(size in self.pruned) * sum(values[: size - 1])
 
     @hookimpl
@@ -150,7 +153,8 @@ class DynamicSizer:
 
     DEFAULT_DEPTH = 6  # tree depth without Medusa heads to bound it (max_depth sets it)
 
-    def _exploring(self, cost: CostModel | DriftCostModel, values: list[float], entering: bool = False) -> int | None:
+    def _exploring(self, cost: CostModel | DriftCostModel, values: Sequence[float], entering: bool = False
+                   ) -> int | None:
         """The next size to measure before the first choice at this key, or None.
 
         On ``entering`` a key seen before whose 1-node time is older than ``refresh`` steps, one 1-node step is
@@ -176,7 +180,7 @@ class DynamicSizer:
                 untried = [s for s in untried if s < min(hopeless)]
         return untried[0] if untried else None
 
-    def choose(self, cost: CostModel, values: list[float], trees_only: bool = False) -> int:
+    def choose(self, cost: CostModel, values: Sequence[float], trees_only: bool = False) -> int:
         """The size maximizing l(i) / T_est(i); ``values`` are the node values of the largest best tree. The caller
         has checked that nothing is left to explore at this key. With ``trees_only``, the best size above 1.
 
@@ -211,10 +215,10 @@ class DynamicSizer:
                 cost.foreign = self.key[0] != key[0]  # inherited from another batch size (see ``choose``)
             self.costs[key] = cost
         # best-first search pops nodes in a fixed order, so the best tree of size s is the first s-1 paths of the
-        # largest one: one search serves both the choice and the tree
+        # largest one: one search serves both the choice and the tree, run as far as the sizes priced need
         if self._best is None:  # searched again only after the acceptance estimates moved
-            self._best = best_tree(rank_probabilities(self.curves()), max(self.sizes))
-        paths, values = self._best
+            self._best = BestTrees(rank_probabilities(self.curves()))
+        paths, values = self._best.paths, self._best.values
         if key != self.key or self.since >= self.cfg.refresh or self.probed:
             entering, was = key != self.key, self.size
             self.key, self.since = key, 0
@@ -257,7 +261,7 @@ class DynamicSizer:
             present = draft.num_nodes if draft.present is None else float(draft.present.sum(1).float().mean())
             if stats.nodes_after_pruning < present:
                 self.pruned.add(tree.num_nodes)
-            predicted = sum(self._best[1][: tree.num_nodes - 1])
+            predicted = sum(self._best.values[: tree.num_nodes - 1])
             self.calibrate(sum(stats.accepted) / len(stats.accepted) - 1.0, predicted, tree.num_nodes in self.pruned)
         self.learn(draft, acceptance)
         self._best = None

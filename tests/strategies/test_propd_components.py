@@ -14,7 +14,7 @@ from propd.strategies.dynamic import (CostModel, DriftCostModel, DynamicConfig, 
                                      weighted_line)
 from propd.strategies.early_prune import EarlyProbConfig, EarlyProbPruner, EarlyTopKConfig, EarlyTopKPruner
 from propd.testing import random_prompts
-from propd.tree import RowTrees, best_tree, rank_probabilities
+from propd.tree import BestTrees, RowTrees, best_tree, rank_probabilities
 from propd.types import Draft
 from strategies_ht import tree_paths
 
@@ -142,6 +142,21 @@ def test_best_tree_is_connected_and_greedy():
         small, small_values = best_tree(p, size)
         big, big_values = best_tree(p, 40)
         assert small == big[: size - 1] and small_values == big_values[: size - 1]
+
+
+@given(st.lists(st.lists(st.floats(0.0, 1.0), min_size=4, max_size=4), min_size=1, max_size=5),
+       st.lists(st.integers(-1, 70), min_size=1, max_size=6))
+def test_a_best_tree_search_read_in_steps_equals_one_search(curves, reads):
+    """The sizer reads its search a few sizes at a time (``BestTrees``), in any order: every read must be the prefix
+    of the whole search, ties included."""
+    p = rank_probabilities([monotone(c) for c in curves])
+    whole, whole_values = best_tree(p, 2000)  # every node of a tree 5 deep, 4 wide: 1,364
+    search = BestTrees(p)
+    for n in reads:
+        assert search.paths[:n] == whole[:max(n, 0)] and search.values[:n] == whole_values[:max(n, 0)]
+    assert search.values[:] == whole_values  # read whole
+    with pytest.raises(TypeError):
+        search.values[3]
 
 
 def test_weighted_regression_fits_known_lines():
