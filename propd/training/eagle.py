@@ -90,6 +90,8 @@ class EagleTrainConfig:
     ttt_steps: int = 1  # draft steps unrolled in training (module docstring); 1: EAGLE-1's teacher forcing alone
     ttt_decay: float = 0.8  # loss weight of step s: ttt_decay ** (s - 1)
     self_prompts: int = 0  # user requests written by the model itself (module docstring)
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    val_each_epoch: bool = False  # validation top-1 after every epoch, in the report's history (about 1 min each)
 
 
 def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dict:
@@ -149,7 +151,7 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
     w_draft, to_draft = draft_projection(m, vocab)
     batches = _batches(train_seqs, feats, cfg)
     steps = len(batches) * cfg.epochs
-    opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     sched = one_cycle(opt, cfg.lr, steps)
     ckpt = work / "eagle_checkpoint.pt"
     first_epoch, history = 0, []
@@ -183,6 +185,10 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
             sums["acc"] += parts["acc"]
             bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", acc=f"{sums['acc'] / count:.3f}")
         means = {f"train_{k}": round(v / max(len(order), 1), 4) for k, v in sums.items()}
+        if cfg.val_each_epoch:
+            v = evaluate(drafter, feats, val_seqs, w_draft, to_draft, cfg)
+            means |= {"val_top1": round(v["top1"], 4), "val_step2_top1": round(v["step2_top1"], 4)}
+            log(f"epoch {epoch + 1}: validation top-1 {v['top1']:.4f}, second step {v['step2_top1']:.4f}")
         history.append({"epoch": epoch + 1, **means})
         _save(ckpt, {"config": attrs.asdict(cfg), "drafter": drafter.state_dict(), "opt": opt.state_dict(),
                      "sched": sched.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch + 1,

@@ -170,6 +170,27 @@ def test_train_eagle_on_tiny_model(tiny_dir, train_dir, tmp_path):
     assert res.token_ids == ref
 
 
+def test_eagle_validation_after_every_epoch_and_weight_decay(tiny_dir, train_dir, tmp_path):
+    """``val_each_epoch`` records each epoch's validation, the last one the report's own; ``weight_decay`` reaches
+    the optimizer (its checkpointed state)."""
+    import torch
+
+    from propd.training.eagle import EagleTrainConfig, train_eagle
+
+    out = tmp_path / "eagle"
+    cfg = EagleTrainConfig(model=str(tiny_dir), out=str(out), max_new_tokens=24, epochs=2, data=str(train_dir),
+                           batch_tokens=128, draft_vocab=64, lr=3e-3, val_fraction=0.2, val_each_epoch=True,
+                           weight_decay=0.25)
+    logs = []
+    report = train_eagle(cfg, log=logs.append)
+    hist, val = report["history"], report["validation"]
+    assert [h["epoch"] for h in hist] == [1, 2] and all(0 <= h["val_top1"] <= 1 for h in hist)
+    assert (hist[-1]["val_top1"], hist[-1]["val_step2_top1"]) == (val["top1"], val["step2_top1"])
+    assert sum("validation top-1" in m for m in logs) == 2
+    state = torch.load(out / "work" / "eagle_checkpoint.pt", map_location="cpu", weights_only=False)
+    assert {g["weight_decay"] for g in state["opt"]["param_groups"]} == {0.25}
+
+
 def test_train_eagle_with_follow_up_turns(tiny_dir, train_dir, tmp_path):
     """--follow-ups K adds K second-turn conversations per training prompt (the first answer, a generic request,
     the model's answer to it): held out with their prompt, cached by (prompt, k) so that another K reuses them, and
