@@ -176,6 +176,10 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
         raise PropdError("--self-prompts is for --kind eagle")
     if args.kind != "eagle" and args.ttt_steps is not None:
         raise PropdError("--ttt-steps is for --kind eagle")
+    if args.kind != "eagle" and args.weight_decay is not None:
+        raise PropdError("--weight-decay is for --kind eagle")
+    if args.kind != "eagle" and args.val_each_epoch:
+        raise PropdError("--val-each-epoch is for --kind eagle")
     if args.kind == "eagle":
         if args.draft_vocab_only:
             raise PropdError("--draft-vocab-only is for Medusa heads; an EAGLE run writes its draft_vocab.json itself")
@@ -204,8 +208,10 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
 def _train_eagle(args: argparse.Namespace) -> int:
     from propd.training.eagle import EagleTrainConfig, train_eagle
 
-    names = ("max_prompts", "max_new_tokens", "epochs", "follow_ups", "tasks", "ttt_steps", "self_prompts")
+    names = ("max_prompts", "max_new_tokens", "epochs", "follow_ups", "tasks", "ttt_steps", "self_prompts",
+             "weight_decay")
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    given["val_each_epoch"] = args.val_each_epoch
     cfg = EagleTrainConfig(model=args.model, out=args.out, device=args.device, seed=args.seed, data=args.data, **given)
     report = train_eagle(cfg)
     v = report["validation"]
@@ -369,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ttt-steps", type=int, default=None, metavar="S",
                    help="eagle: draft steps unrolled in training (EAGLE-3's training-time test: step s reads the "
                         "drafter's own step s-1 feature; 1-4, default 1)")
+    t.add_argument("--weight-decay", type=float, default=None, metavar="W",
+                   help="eagle: AdamW's weight decay (default 0)")
+    t.add_argument("--val-each-epoch", action="store_true",
+                   help="eagle: measure the validation accuracy after every epoch (printed, and in report.json's "
+                        "history; about a minute each on 2 CPU cores)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--data", default=None, help="training prompts folder (default: $PROPD_TRAIN_DATA, else the nearest "

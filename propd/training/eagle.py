@@ -109,6 +109,8 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
         raise PropdError(f"--ttt-steps must be 1-{MAX_TTT_STEPS}, got {cfg.ttt_steps}")
     if cfg.self_prompts < 0:
         raise PropdError(f"--self-prompts must be 0 or more, got {cfg.self_prompts}")
+    if cfg.weight_decay < 0:
+        raise PropdError(f"--weight-decay must be 0 or more, got {cfg.weight_decay}")
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)

@@ -191,6 +191,22 @@ def test_eagle_validation_after_every_epoch_and_weight_decay(tiny_dir, train_dir
     assert {g["weight_decay"] for g in state["opt"]["param_groups"]} == {0.25}
 
 
+def test_train_heads_cli_passes_weight_decay_and_epoch_validation(tiny_dir, train_dir, tmp_path, monkeypatch, capsys):
+    import propd.training.eagle as eagle
+
+    seen = []
+
+    def fake(cfg):
+        seen.append(cfg)
+        return {"validation": {"top1": 0.5, "top3": 0.6, "top10": 0.7, "positions": 3}, "wall_time_s": 1.0}
+
+    monkeypatch.setattr(eagle, "train_eagle", fake)
+    argv = ["train-heads", "--kind", "eagle", "--model", str(tiny_dir), "--out", str(tmp_path / "o")]
+    assert main(argv + ["--weight-decay", "0.1", "--val-each-epoch"]) == 0
+    assert main(argv) == 0
+    assert [(c.weight_decay, c.val_each_epoch) for c in seen] == [(0.1, True), (0.0, False)]
+
+
 def test_train_eagle_with_follow_up_turns(tiny_dir, train_dir, tmp_path):
     """--follow-ups K adds K second-turn conversations per training prompt (the first answer, a generic request,
     the model's answer to it): held out with their prompt, cached by (prompt, k) so that another K reuses them, and
@@ -354,7 +370,10 @@ def test_train_eagle_keeps_the_hidden_states_of_its_answers(tiny_dir, train_dir,
                                            (["--kind", "eagle", "--tasks", "9"], "--tasks must be 0-8"),
                                            (["--kind", "eagle", "--ttt-steps", "0"], "--ttt-steps must be 1-4"),
                                            (["--self-prompts", "4"], "is for --kind eagle"),
-                                           (["--kind", "eagle", "--self-prompts", "-1"], "must be 0 or more")])
+                                           (["--kind", "eagle", "--self-prompts", "-1"], "must be 0 or more"),
+                                           (["--weight-decay", "0.1"], "is for --kind eagle"),
+                                           (["--val-each-epoch"], "is for --kind eagle"),
+                                           (["--kind", "eagle", "--weight-decay", "-1"], "--weight-decay must be 0")])
 def test_train_heads_cli_rejects_bad_follow_ups(tiny_dir, train_dir, tmp_path, capsys, argv, message):
     code = main(["train-heads", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--data", str(train_dir)]
                 + argv)
