@@ -31,7 +31,7 @@ from eagle_steps import held_out_prompts, print_turns, take_turns  # noqa: E402
 from propd.decoder import Decoder  # noqa: E402
 from propd.models.loading import load_model, shipped_heads  # noqa: E402
 from propd.presets import parse_component  # noqa: E402
-from propd.training.data import TASKS  # noqa: E402
+from propd.training.data import TASKS, awesome_texts, find_train_dir  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "propd-lookup"))
 from propd_lookup import LookupConfig  # noqa: E402
@@ -56,14 +56,7 @@ def task_requests(lm, n: int, join: int, skip: int = 0) -> list[str]:
 def awesome_requests(n: int, chars: int, skip: int = 0) -> list[str]:
     """``n`` task requests over human-written documents: the awesome-chatgpt-prompts TEXT rows of at least ``chars``
     characters, in file order after the first ``skip``, each cut to ``chars`` characters."""
-    import csv
-
-    from propd.training.data import find_train_dir
-
-    csv.field_size_limit(sys.maxsize)
-    with (find_train_dir() / "awesome_chatgpt_prompts" / "prompts.csv").open(newline="", encoding="utf-8") as f:
-        docs = [r["prompt"].strip()[:chars] for r in csv.DictReader(f)
-                if r.get("type") == "TEXT" and len(r["prompt"].strip()) >= chars][skip:skip + n]
+    docs = [t[:chars] for t in awesome_texts(find_train_dir()) if len(t) >= chars][skip:skip + n]
     return [TASKS[(skip + i) % len(TASKS)].format(text=d) for i, d in enumerate(docs)]
 
 

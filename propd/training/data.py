@@ -55,19 +55,24 @@ def find_train_dir(explicit: str | Path | None = None) -> Path:
                      "or set PROPD_TRAIN_DATA")
 
 
+def awesome_texts(data_dir: str | Path) -> list[str]:
+    """The awesome-chatgpt-prompts TEXT rows of ``data_dir`` (none if the file is absent), stripped, whole, in file
+    order."""
+    awesome = Path(data_dir) / "awesome_chatgpt_prompts" / "prompts.csv"
+    if not awesome.is_file():
+        return []
+    csv.field_size_limit(sys.maxsize)  # some rows run to 144k characters
+    with awesome.open(newline="", encoding="utf-8") as f:
+        return [row["prompt"].strip() for row in csv.DictReader(f)
+                if row.get("type") == "TEXT" and row.get("prompt", "").strip()]
+
+
 def training_examples(data_dir: str | Path, seed: int = 0) -> list[tuple[str, str]]:
     """Every training prompt as ``(source, text)`` in the seeded shuffled order that ``train-heads`` consumes."""
     d = Path(data_dir)
     if "bench" in d.resolve().parts:
         raise PropdError(f"refusing to train on {d}: benchmark data is never used for training")
-    examples: list[tuple[str, str]] = []
-    awesome = d / "awesome_chatgpt_prompts" / "prompts.csv"
-    if awesome.is_file():
-        csv.field_size_limit(sys.maxsize)
-        with awesome.open(newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                if row.get("type") == "TEXT" and row.get("prompt", "").strip():
-                    examples.append(("awesome_chatgpt_prompts", row["prompt"].strip()[:MAX_PROMPT_CHARS]))
+    examples = [("awesome_chatgpt_prompts", text[:MAX_PROMPT_CHARS]) for text in awesome_texts(d)]
     for name in ("eagle_alpaca", "vicuna_bench"):
         q = d / name / "question.jsonl"
         if q.is_file():
