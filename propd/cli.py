@@ -168,18 +168,12 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
     from propd.training.data import DEFAULT_MAX_PROMPTS
     from propd.training.trainer import TrainConfig, train_heads
 
-    if args.kind != "eagle" and args.follow_ups:
-        raise PropdError("--follow-ups is for --kind eagle")
-    if args.kind != "eagle" and args.tasks:
-        raise PropdError("--tasks is for --kind eagle")
-    if args.kind != "eagle" and args.self_prompts:
-        raise PropdError("--self-prompts is for --kind eagle")
-    if args.kind != "eagle" and args.ttt_steps is not None:
-        raise PropdError("--ttt-steps is for --kind eagle")
-    if args.kind != "eagle" and args.weight_decay is not None:
-        raise PropdError("--weight-decay is for --kind eagle")
-    if args.kind != "eagle" and args.val_each_epoch:
-        raise PropdError("--val-each-epoch is for --kind eagle")
+    eagle_only = {"--follow-ups": args.follow_ups, "--tasks": args.tasks, "--self-prompts": args.self_prompts,
+                  "--ttt-steps": args.ttt_steps is not None, "--weight-decay": args.weight_decay is not None,
+                  "--val-each-epoch": args.val_each_epoch}
+    for flag, given in eagle_only.items():
+        if args.kind != "eagle" and given:
+            raise PropdError(f"{flag} is for --kind eagle")
     if args.kind == "eagle":
         if args.draft_vocab_only:
             raise PropdError("--draft-vocab-only is for Medusa heads; an EAGLE run writes its draft_vocab.json itself")
