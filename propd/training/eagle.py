@@ -156,7 +156,7 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
     opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     sched = one_cycle(opt, cfg.lr, steps)
     ckpt = work / "eagle_checkpoint.pt"
-    first_epoch, history = 0, []
+    first_epoch, history, last_val = 0, [], None  # last_val: the last epoch's validation, with val_each_epoch
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         if _same_config(state.get("config"), cfg):
@@ -188,7 +188,7 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
             bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", acc=f"{sums['acc'] / count:.3f}")
         means = {f"train_{k}": round(v / max(len(order), 1), 4) for k, v in sums.items()}
         if cfg.val_each_epoch:
-            v = evaluate(drafter, feats, val_seqs, w_draft, to_draft, cfg)
+            v = last_val = evaluate(drafter, feats, val_seqs, w_draft, to_draft, cfg)
             means |= {"val_top1": round(v["top1"], 4), "val_step2_top1": round(v["step2_top1"], 4)}
             log(f"epoch {epoch + 1}: validation top-1 {v['top1']:.4f}, second step {v['step2_top1']:.4f}")
         history.append({"epoch": epoch + 1, **means})
@@ -199,7 +199,7 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
 
     # (4) validation and the shipped files
     log("[4/4] measuring validation accuracy")
-    report = {"validation": evaluate(drafter, feats, val_seqs, w_draft, to_draft, cfg)}
+    report = {"validation": last_val or evaluate(drafter, feats, val_seqs, w_draft, to_draft, cfg)}
     drafter.save(out, dtype=torch.bfloat16, base_model=model.name, trained_by="propd train-heads --kind eagle")
     report.update({"model": model.name, "kind": "eagle", "config": attrs.asdict(cfg), "history": history,
                    "follow_up_sequences": len(owners.get("follow_ups", [])),
