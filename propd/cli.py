@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eagle: AdamW's weight decay (default 0)")
     t.add_argument("--val-each-epoch", action="store_true",
                    help="eagle: measure the validation accuracy after every epoch (printed, and in report.json's "
-                        "history; about a minute each on 2 CPU cores)")
+                        "history; seconds each on the shipped recipe's data)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--data", default=None, help="training prompts folder (default: $PROPD_TRAIN_DATA, else the nearest "

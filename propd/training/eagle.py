@@ -91,7 +91,7 @@ class EagleTrainConfig:
     ttt_decay: float = 0.8  # loss weight of step s: ttt_decay ** (s - 1)
     self_prompts: int = 0  # user requests written by the model itself (module docstring)
     weight_decay: float = 0.0  # AdamW's decoupled weight decay
-    val_each_epoch: bool = False  # validation top-1 after every epoch, in the report's history (about 1 min each)
+    val_each_epoch: bool = False  # validation top-1 after every epoch, in the report's history
 
 
 def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dict:
