@@ -9,8 +9,9 @@ a 1-token match is a weak guess (2 tokens drafted), a match of 7 or more tokens 
 A row without a match drafts nothing (its root alone); when no row matches the step is a plain AR step. Summaries,
 retrieval-augmented answers and code edits copy long spans of their input, which is where this pays.
 
-The search runs on the device over the whole history at once, (B, C) ids against (B, max_ngram) suffixes; one small
-transfer per step brings the candidates to the host to build the tries. The defaults (``max_ngram`` 8,
+On a GPU the search runs on the device over the whole history at once, (B, C) ids against (B, max_ngram) suffixes,
+and one small transfer per step brings the candidates to the host to build the tries; on a CPU it runs on the host
+from the occurrences of the row's last id only (``host_continuations``, the same matches). The defaults (``max_ngram`` 8,
 ``length_factor`` 1.5) were chosen on task requests over held-out training prompts (``benchmarks/lookup_length.py``);
 ``max_ngram=3,length_factor=0`` drafts as transformers' ``prompt_lookup_num_tokens=10`` does.
 
@@ -23,7 +24,10 @@ the ``eagle`` preset's 3-node tree) and ``propd-eagle+lookup`` (those drafts in 
 
 from __future__ import annotations
 
+import math
+
 import attrs
+import numpy as np
 import torch
 
 import propd
@@ -85,7 +89,40 @@ def find_matches(history: torch.Tensor, lengths: torch.Tensor, cfg: LookupConfig
     return tokens, real
 
 
+def host_continuations(history: torch.Tensor, lengths: torch.Tensor, cfg: LookupConfig) -> list[list[list[int]]]:
+    """:func:`find_matches`' continuations (each cut to its real ids, best match first) per row, searched on the host:
+    ``history`` (B, C) a CPU tensor. Only the starts after an occurrence of the row's last id are extended, one id
+    at a time, where the device search compares every start with every suffix length."""
+    hist = history.numpy()
+    out = []
+    for b, L in enumerate(lengths.tolist()):
+        h = hist[b, :L]
+        p = np.flatnonzero(h[: max(L - 1, 0)] == h[L - 1]) + 1 if L >= 2 else np.zeros(0, dtype=np.int64)
+        n = np.ones(len(p), dtype=np.int64)  # ids matched before start p
+        alive = np.ones(len(p), dtype=bool)
+        for k in range(2, min(cfg.max_ngram, L) + 1):
+            ok = alive & (p >= k)
+            ok[ok] = h[p[ok] - k] == h[L - k]
+            alive = ok
+            n += alive
+            if not alive.any():
+                break
+        keep = n >= cfg.min_ngram
+        p, n = p[keep], n[keep]
+        rows = []
+        for i in np.lexsort((-p, -n))[: cfg.max_matches]:  # longer match first, then the latest start
+            q, m = int(p[i]), int(n[i])
+            length = min(cfg.max_tokens, L - q)
+            if cfg.length_factor > 0:
+                length = min(length, math.ceil(cfg.length_factor * m))
+            rows.append(h[q:q + length].tolist())
+        out.append(rows)
+    return out
+
+
 class PromptLookupProposer:
+    host_search = True  # a CPU history is searched by host_continuations (False: by find_matches, as on a GPU)
+
     def __init__(self, config: LookupConfig):
         self.cfg = config
 
@@ -93,12 +130,17 @@ class PromptLookupProposer:
     def propd_propose(self, ctx, tree):
         if ctx.history is None:
             raise PropdError("prompt-lookup needs the token history in the step context (propd >= 0.2)")
-        tokens, real = find_matches(ctx.history, ctx.history_lengths, self.cfg)
-        tokens, real = tokens.tolist(), real.tolist()  # the step's one transfer
+        if self.host_search and ctx.history.device.type == "cpu":
+            seqs = host_continuations(ctx.history, ctx.history_lengths, self.cfg)
+        else:
+            tokens, real = find_matches(ctx.history, ctx.history_lengths, self.cfg)
+            tokens, real = tokens.tolist(), real.tolist()  # the step's one transfer
+            seqs = [[[t for t, r in zip(seq, oks) if r] for seq, oks in zip(tokens[b], real[b])]
+                    for b in range(len(tokens))]
         trie = TrieRows(ctx.roots.tolist(), tree.num_nodes)
-        for b in range(len(tokens)):
-            for seq, ok in zip(tokens[b], real[b]):
-                trie.add_sequence(b, [t for t, r in zip(seq, ok) if r])
+        for b, row in enumerate(seqs):
+            for seq in row:
+                trie.add_sequence(b, seq)
         return trie.draft(ctx.device)
 
 

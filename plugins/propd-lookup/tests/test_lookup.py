@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the plugin, importable without installing it
 import propd_lookup  # noqa: E402
 from propd.testing import assert_lossless, random_prompts, tiny_model  # noqa: E402
-from propd_lookup import LookupConfig, PromptLookupProposer, find_matches  # noqa: E402
+from propd_lookup import LookupConfig, PromptLookupProposer, find_matches, host_continuations  # noqa: E402
 
 MODEL = tiny_model(seed=3, heads=4)
 TREE_MODEL = tiny_model(seed=4, heads=4, early=(1, 2), drafter=True)
@@ -135,3 +135,20 @@ def test_find_matches_equals_a_plain_search(rows, max_ngram, min_ngram, max_toke
         got = [[t for t, ok in zip(seq, oks) if ok] for seq, oks in zip(tokens[b].tolist(), real[b].tolist())]
         want = _expected(r, cfg)
         assert [g for g in got if g] == want
+    assert host_continuations(history, torch.tensor([len(r) for r in rows]), cfg) == [_expected(r, cfg) for r in rows]
+
+
+@settings(deadline=None, max_examples=10, derandomize=True)
+@given(lens=st.lists(st.integers(1, 16), min_size=1, max_size=4), seed=st.integers(0, 10_000),
+       max_new=st.integers(1, 24))
+def test_the_host_and_device_searches_draft_the_same(lens, seed, max_new):
+    """On a CPU the proposer searches on the host; the device search (a GPU's) gives the same steps."""
+    prompts = looping(seed, lens)
+    runs = []
+    for host in (True, False):
+        proposer = PromptLookupProposer(LookupConfig())
+        proposer.host_search = host
+        res = assert_lossless(MODEL, prompts, max_new, sizer=("static", {"tree": "chain:10"}), proposer=proposer,
+                              plugins=[propd_lookup])
+        runs.append([(s.tree_nodes, s.row_ids) for s in res.stats] + [res.accept_lengths])
+    assert runs[0] == runs[1]
