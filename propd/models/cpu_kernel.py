@@ -267,6 +267,14 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     return _state["ext"].row_argmax(x.reshape(-1, x.shape[-1])).view(x.shape[:-1])
 
 
+def screen_survivors(approx: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor, err: torch.Tensor,
+                     norm: torch.Tensor) -> torch.Tensor:
+    """The ids (ascending) that some row of ``approx`` (N, V) cannot rule out under the bounds
+    c = l1 (N,) x err (V,) + l2 (N,) x norm (V,): ``((approx + c) >= (approx - c).amax(1, keepdim=True)).any(0)``'s
+    nonzero entries, with the same float32 operations, in two passes (:mod:`propd.models.screen`)."""
+    return _state["ext"].screen_survivors(approx, l1, l2, err, norm)
+
+
 def rms_norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`rms_norm` serves this input and weight."""
     return x.shape[-1] % 8 == 0 and serves(x, weight)

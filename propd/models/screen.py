@@ -65,9 +65,7 @@ class ArgmaxScreen:
         xb = x.view(N, K // QK, QK)
         l1 = xb.abs().sum(dim=2)  # (N, nb) |x_b|_1
         l2 = (xb - xq.view(N, K // QK, QK).float() * dx[..., None]).norm(dim=2)  # (N, nb) |x_b - x'_b|_2
-        coarse = l1.sum(dim=1, keepdim=True) * self.err_max  # (N, V): c
-        coarse += l2.sum(dim=1, keepdim=True) * self.norm_max
-        ids = ((approx + coarse) >= (approx - coarse).amax(dim=1, keepdim=True)).any(dim=0).nonzero()[:, 0]
+        ids = cpu_kernel.screen_survivors(approx, l1.sum(dim=1), l2.sum(dim=1), self.err_max, self.norm_max)  # c
         fine = torch.cat([l1, l2], dim=1) @ self.coef.index_select(0, ids).T  # (N, C): e of the survivors
         z = approx.index_select(1, ids)
         floor = (z - fine).amax(dim=1, keepdim=True) if ids.numel() else torch.full((N, 1), float("nan"))

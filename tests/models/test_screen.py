@@ -90,3 +90,21 @@ def test_model_argmax_uses_the_screen_and_equals_the_logits():
         m.lm_head.weight.mul_(-1)  # changed in place: the screen is stale and must not serve
     assert m.screened_argmax(h) is None
     torch.testing.assert_close(m.argmax(h), m.logits(h).argmax(dim=-1), rtol=0, atol=0)
+
+
+@settings(deadline=None, max_examples=60, derandomize=True)
+@given(seed=st.integers(0, 10_000), N=st.integers(1, 6), V=st.integers(1, 70), special=st.integers(0, 4))
+def test_the_coarse_pass_is_the_torch_expression(seed, N, V, special):
+    """``cpu_kernel.screen_survivors`` keeps the ids of the torch expression it replaces, bit for bit: ties at the
+    floor, infinities, and NaNs (a row whose floor is NaN admits no id) included; V not a multiple of 8 too."""
+    g = torch.Generator().manual_seed(seed)
+    approx = torch.randn(N, V, generator=g) * 3
+    l1, l2 = torch.rand(N, generator=g), torch.rand(N, generator=g)
+    err, norm = torch.rand(V, generator=g) * 0.1, torch.rand(V, generator=g) * 0.1
+    for i in range(special):
+        n, v = torch.randint(N, (1,), generator=g).item(), torch.randint(V, (1,), generator=g).item()
+        approx[n, v] = [float("nan"), float("inf"), float("-inf"), approx[n].max().item()][i % 4]
+    coarse = l1[:, None] * err
+    coarse += l2[:, None] * norm
+    want = ((approx + coarse) >= (approx - coarse).amax(dim=1, keepdim=True)).any(dim=0).nonzero()[:, 0]
+    assert torch.equal(cpu_kernel.screen_survivors(approx, l1, l2, err, norm), want)

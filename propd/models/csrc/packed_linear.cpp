@@ -2087,6 +2087,79 @@ torch::Tensor row_argmax(const torch::Tensor& x) {
     return out;
 }
 
+// The argmax screen's coarse pass (propd.models.screen): with bounds c[n, v] = l1[n] * e[v] + l2[n] * m[v], the ids v
+// (ascending) where some row n has approx[n, v] + c[n, v] >= max_u (approx[n, u] - c[n, u]). The float32 operations
+// are torch's for the same expression (products, then their sum; no fused multiply-add), and a row whose floor is NaN
+// (a NaN in approx - c) admits no id, as torch's amax and >= do; one pass for the floors and one for the ids, instead
+// of seven (N, V) tensors.
+torch::Tensor screen_survivors(const torch::Tensor& approx, const torch::Tensor& l1, const torch::Tensor& l2,
+                               const torch::Tensor& e, const torch::Tensor& m) {
+    TORCH_CHECK(approx.dim() == 2 && approx.is_contiguous() && approx.scalar_type() == at::kFloat &&
+                    approx.device().is_cpu(),
+                "screen_survivors: approx must be a contiguous (N, V) float32 CPU tensor");
+    const int64_t N = approx.size(0), V = approx.size(1);
+    for (const auto* t : {&l1, &l2, &e, &m}) {
+        TORCH_CHECK(t->dim() == 1 && t->is_contiguous() && t->scalar_type() == at::kFloat && t->device().is_cpu(),
+                    "screen_survivors: bounds must be contiguous float32 CPU vectors");
+    }
+    TORCH_CHECK(l1.size(0) == N && l2.size(0) == N && e.size(0) == V && m.size(0) == V,
+                "screen_survivors: l1, l2 of N entries, e, m of V");
+    const float* a = approx.data_ptr<float>();
+    const float *pl1 = l1.data_ptr<float>(), *pl2 = l2.data_ptr<float>(), *pe = e.data_ptr<float>(),
+                *pm = m.data_ptr<float>();
+    std::vector<float> floor(N);
+    for (int64_t n = 0; n < N; ++n) {
+        const float* an = a + n * V;
+        const __m256 b1 = _mm256_set1_ps(pl1[n]), b2 = _mm256_set1_ps(pl2[n]);
+        __m256 top = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+        int64_t v = 0;
+        for (; v + 8 <= V; v += 8) {
+            const __m256 c =
+                _mm256_add_ps(_mm256_mul_ps(b1, _mm256_loadu_ps(pe + v)), _mm256_mul_ps(b2, _mm256_loadu_ps(pm + v)));
+            const __m256 lo = _mm256_sub_ps(_mm256_loadu_ps(an + v), c);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(lo, lo, _CMP_UNORD_Q));
+            top = _mm256_max_ps(top, lo);
+        }
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, top);
+        float f = -INFINITY;
+        bool has_nan = _mm256_movemask_ps(nan) != 0;
+        for (int j = 0; j < 8; ++j) f = std::max(f, lanes[j]);
+        for (; v < V; ++v) {
+            const float c = pl1[n] * pe[v] + pl2[n] * pm[v];
+            const float lo = an[v] - c;
+            has_nan = has_nan || std::isnan(lo);
+            f = std::max(f, lo);
+        }
+        floor[n] = has_nan ? NAN : f;
+    }
+    std::vector<int64_t> ids;
+    int64_t v = 0;
+    for (; v + 8 <= V; v += 8) {
+        const __m256 ev = _mm256_loadu_ps(pe + v), mv = _mm256_loadu_ps(pm + v);
+        __m256 any = _mm256_setzero_ps();
+        for (int64_t n = 0; n < N; ++n) {
+            const __m256 c = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(pl1[n]), ev),
+                                           _mm256_mul_ps(_mm256_set1_ps(pl2[n]), mv));
+            const __m256 hi = _mm256_add_ps(_mm256_loadu_ps(a + n * V + v), c);
+            any = _mm256_or_ps(any, _mm256_cmp_ps(hi, _mm256_set1_ps(floor[n]), _CMP_GE_OQ));
+        }
+        for (int bits = _mm256_movemask_ps(any); bits; bits &= bits - 1) ids.push_back(v + __builtin_ctz(bits));
+    }
+    for (; v < V; ++v) {
+        for (int64_t n = 0; n < N; ++n) {
+            const float c = pl1[n] * pe[v] + pl2[n] * pm[v];
+            if (a[n * V + v] + c >= floor[n]) {
+                ids.push_back(v);
+                break;
+            }
+        }
+    }
+    auto out = torch::empty({static_cast<int64_t>(ids.size())}, approx.options().dtype(at::kLong));
+    std::copy(ids.begin(), ids.end(), out.data_ptr<int64_t>());
+    return out;
+}
+
 // A model's decoder layers for decoding steps, run in one call: decoder_layer for each layer in turn, with the weights
 // held here (9 per layer, as decoder_layer takes them) so that a step passes only its activations and inputs. k_all and
 // v_all: the cache's (L, B, Hk, capacity, D) buffers; layer i uses k_all[i] and v_all[i].
@@ -2172,6 +2245,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rope_and_cache", &rope_and_cache, "rotary embedding of q and k, and the cache write of k and v");
     m.def("rms_norm", &rms_norm, "RMSNorm of each row");
     m.def("row_argmax", &row_argmax, "torch.argmax(x, dim=-1) of (N, V) rows");
+    m.def("screen_survivors", &screen_survivors, "the argmax screen's coarse pass: the ids some row cannot rule out");
     m.def("decoder_layer", &decoder_layer, "one Llama decoder layer of a decoding step");
     // module-local: two builds of this file load side by side (benchmarks/kernel_ab.py) without a type clash
     pybind11::class_<LayerStack>(m, "LayerStack", pybind11::module_local(),
