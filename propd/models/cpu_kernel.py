@@ -275,6 +275,14 @@ def screen_survivors(approx: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor, e
     return _state["ext"].screen_survivors(approx, l1, l2, err, norm)
 
 
+def screen_argmax(x: torch.Tensor, approx: torch.Tensor, err: torch.Tensor, norm: torch.Tensor, coef: torch.Tensor,
+                  weight: torch.Tensor, max_candidates: int) -> tuple[torch.Tensor, ...]:
+    """The argmax screen (:mod:`propd.models.screen`) after its 8-bit product ``approx`` (N, V) of rows ``x`` (N, K),
+    in one call: (argmax (N,), settled (N,) bool, candidate ids (C,), each row's candidates (N, C), finite (N,)).
+    The settled rows' argmax is the full float32 product's, bit for bit; the others' is left for the caller."""
+    return _state["ext"].screen_argmax(x, approx, err, norm, coef, weight, max_candidates)
+
+
 def rms_norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`rms_norm` serves this input and weight."""
     return x.shape[-1] % 8 == 0 and serves(x, weight)

@@ -40,7 +40,7 @@ class ArgmaxScreen:
         from propd.models.quant import QuantLinear
 
         V, K = weight.shape
-        self.weight = weight  # the float32 (V, K) weight, read for the candidates' rows
+        self.weight = weight.detach().contiguous()  # the float32 (V, K) weight, read for the candidates' rows
         self.q8 = QuantLinear.q8_from_float(weight)  # Q8_0 blocks, 8-bit activations
         w = weight.detach().float().reshape(V, K // QK, QK)
         wq = self.q8.dequantized().reshape(V, K // QK, QK)
@@ -56,41 +56,29 @@ class ArgmaxScreen:
         return (weight.dim() == 2 and weight.dtype == torch.float32 and weight.device.type == "cpu"
                 and weight.shape[1] % QK == 0 and cpu_kernel.extension() is not None)
 
+    def _screen(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Steps 1-4 for rows ``x`` (N, K) contiguous float32, the 8-bit product here and the rest in one extension
+        call (``screen_argmax``): the argmax (N,) of the rows it settles, which rows those are (N,) bool, the ids
+        (C,) that are a candidate of some row, ascending, which of them are each row's (N, C) bool, and whether each
+        row's bound is finite (N,)."""
+        return cpu_kernel.screen_argmax(x, self.q8(x), self.err_max, self.norm_max, self.coef, self.weight,
+                                        self.max_candidates)
+
     def _candidates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For rows ``x`` (N, K) contiguous float32: the ids (C,) that are a candidate of some row, ascending, which
-        of them are each row's (N, C) bool, and whether each row's bound is finite."""
-        N, K = x.shape
-        approx = self.q8(x)  # (N, V)
-        xq, dx, _, _ = cpu_kernel.quantize_rows_q8(x)  # the activations as the kernel rounds them
-        xb = x.view(N, K // QK, QK)
-        l1 = xb.abs().sum(dim=2)  # (N, nb) |x_b|_1
-        l2 = (xb - xq.view(N, K // QK, QK).float() * dx[..., None]).norm(dim=2)  # (N, nb) |x_b - x'_b|_2
-        ids = cpu_kernel.screen_survivors(approx, l1.sum(dim=1), l2.sum(dim=1), self.err_max, self.norm_max)  # c
-        fine = torch.cat([l1, l2], dim=1) @ self.coef.index_select(0, ids).T  # (N, C): e of the survivors
-        z = approx.index_select(1, ids)
-        floor = (z - fine).amax(dim=1, keepdim=True) if ids.numel() else torch.full((N, 1), float("nan"))
-        return ids, (z + fine) >= floor, torch.isfinite(floor[:, 0]) & torch.isfinite(x).all(dim=1)
+        """The ids (C,) that are a candidate of some row of ``x`` (N, K), which of them are each row's (N, C) bool,
+        and whether each row's bound is finite (N,)."""
+        return self._screen(x.contiguous())[2:]
 
     def candidates(self, x: torch.Tensor) -> torch.Tensor:
         """How many ids (N,) each row of ``x`` (N, K) leaves to the exact check."""
-        return self._candidates(x.contiguous())[1].sum(dim=1)
+        return self._candidates(x)[1].sum(dim=1)
 
     def argmax(self, x: torch.Tensor, full) -> torch.Tensor:
         """Argmax ids (N,) of ``x`` (N, K) float32 times the weight; ``full(x)`` gives the full logits (N, V) for the
         rows the screen cannot settle."""
         x = x.contiguous()
-        ids, cand, finite = self._candidates(x)
-        ok = (cand.sum(dim=1) <= self.max_candidates) & finite
-        out = torch.empty(x.shape[0], dtype=torch.long)
-        rows = ok.nonzero()[:, 0].tolist()
-        if rows:
-            settled = cand[rows]  # (R, C)
-            cols = settled.any(dim=0).nonzero()[:, 0]  # the union of the settled rows' candidates
-            sub = ids[cols]  # ascending
-            exact = cpu_kernel.linear(x[rows], cpu_kernel.pack(self.weight.index_select(0, sub)), sub.numel())
-            exact = exact.masked_fill(~settled[:, cols], float("-inf"))  # (R, C'): each row's own candidates
-            out[rows] = sub[exact.argmax(dim=1)]  # first maximum: the lowest id among equals
-        rest = (~ok).nonzero()[:, 0].tolist()
-        if rest:
+        out, settled, _, _, _ = self._screen(x)
+        if not bool(settled.all()):
+            rest = (~settled).nonzero()[:, 0]
             out[rest] = cpu_kernel.argmax(full(x[rest]))
         return out

@@ -2088,25 +2088,11 @@ torch::Tensor row_argmax(const torch::Tensor& x) {
 }
 
 // The argmax screen's coarse pass (propd.models.screen): with bounds c[n, v] = l1[n] * e[v] + l2[n] * m[v], the ids v
-// (ascending) where some row n has approx[n, v] + c[n, v] >= max_u (approx[n, u] - c[n, u]). The float32 operations
-// are torch's for the same expression (products, then their sum; no fused multiply-add), and a row whose floor is NaN
-// (a NaN in approx - c) admits no id, as torch's amax and >= do; one pass for the floors and one for the ids, instead
-// of seven (N, V) tensors.
-torch::Tensor screen_survivors(const torch::Tensor& approx, const torch::Tensor& l1, const torch::Tensor& l2,
-                               const torch::Tensor& e, const torch::Tensor& m) {
-    TORCH_CHECK(approx.dim() == 2 && approx.is_contiguous() && approx.scalar_type() == at::kFloat &&
-                    approx.device().is_cpu(),
-                "screen_survivors: approx must be a contiguous (N, V) float32 CPU tensor");
-    const int64_t N = approx.size(0), V = approx.size(1);
-    for (const auto* t : {&l1, &l2, &e, &m}) {
-        TORCH_CHECK(t->dim() == 1 && t->is_contiguous() && t->scalar_type() == at::kFloat && t->device().is_cpu(),
-                    "screen_survivors: bounds must be contiguous float32 CPU vectors");
-    }
-    TORCH_CHECK(l1.size(0) == N && l2.size(0) == N && e.size(0) == V && m.size(0) == V,
-                "screen_survivors: l1, l2 of N entries, e, m of V");
-    const float* a = approx.data_ptr<float>();
-    const float *pl1 = l1.data_ptr<float>(), *pl2 = l2.data_ptr<float>(), *pe = e.data_ptr<float>(),
-                *pm = m.data_ptr<float>();
+// (ascending) where some row n has a[n, v] + c[n, v] >= max_u (a[n, u] - c[n, u]). The float32 operations are
+// torch's for the same expression (products, then their sum; no fused multiply-add), and a row whose floor is NaN
+// (a NaN in a - c) admits no id, as torch's amax and >= do; one pass for the floors and one for the ids.
+std::vector<int64_t> survivor_ids(const float* a, int64_t N, int64_t V, const float* pl1, const float* pl2,
+                                  const float* pe, const float* pm) {
     std::vector<float> floor(N);
     for (int64_t n = 0; n < N; ++n) {
         const float* an = a + n * V;
@@ -2155,9 +2141,138 @@ torch::Tensor screen_survivors(const torch::Tensor& approx, const torch::Tensor&
             }
         }
     }
+    return ids;
+}
+
+torch::Tensor screen_survivors(const torch::Tensor& approx, const torch::Tensor& l1, const torch::Tensor& l2,
+                               const torch::Tensor& e, const torch::Tensor& m) {
+    TORCH_CHECK(approx.dim() == 2 && approx.is_contiguous() && approx.scalar_type() == at::kFloat &&
+                    approx.device().is_cpu(),
+                "screen_survivors: approx must be a contiguous (N, V) float32 CPU tensor");
+    const int64_t N = approx.size(0), V = approx.size(1);
+    for (const auto* t : {&l1, &l2, &e, &m}) {
+        TORCH_CHECK(t->dim() == 1 && t->is_contiguous() && t->scalar_type() == at::kFloat && t->device().is_cpu(),
+                    "screen_survivors: bounds must be contiguous float32 CPU vectors");
+    }
+    TORCH_CHECK(l1.size(0) == N && l2.size(0) == N && e.size(0) == V && m.size(0) == V,
+                "screen_survivors: l1, l2 of N entries, e, m of V");
+    const auto ids = survivor_ids(approx.data_ptr<float>(), N, V, l1.data_ptr<float>(), l2.data_ptr<float>(),
+                                  e.data_ptr<float>(), m.data_ptr<float>());
     auto out = torch::empty({static_cast<int64_t>(ids.size())}, approx.options().dtype(at::kLong));
     std::copy(ids.begin(), ids.end(), out.data_ptr<int64_t>());
     return out;
+}
+
+// The whole argmax screen after its 8-bit product (propd.models.screen, steps 2-4) in one call: x (N, K) float32,
+// approx (N, V) = the 8-bit product, err and norm (V,) the coarse bound's coefficients, coef (V, 2 K / 32) the
+// per-block ones, weight (V, K) float32. The activations are rounded as the 8-bit kernel rounds them; per row and
+// block, |x_b|_1 and |x_b - x'_b|_2; the coarse pass (survivor_ids); the per-block bound e of the survivors and each
+// row's candidates (z + e >= max (z - e)); the union of the settled rows' candidates multiplied out exactly by the
+// packed float32 kernel (pack, packed_linear: the full lm_head's bits) and each settled row's argmax among its own
+// candidates, the lowest id among equal maxima. Returns (argmax (N,), settled (N,): at most max_candidates
+// candidates and finite bounds and x; the others' argmax is left 0 for the caller's full product, survivor ids (C,),
+// candidates (N, C) bool, finite (N,)).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> screen_argmax(
+        const torch::Tensor& x, const torch::Tensor& approx, const torch::Tensor& err, const torch::Tensor& norm,
+        const torch::Tensor& coef, const torch::Tensor& weight, int64_t max_candidates) {
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.device().is_cpu() &&
+                    x.size(1) % kQK == 0, "screen_argmax: x must be a contiguous (N, K) float32 CPU tensor, K % 32 == 0");
+    const int64_t N = x.size(0), K = x.size(1), nb = K / kQK, V = weight.size(0);
+    for (const auto* t : {&approx, &err, &norm, &coef, &weight}) {
+        TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat && t->device().is_cpu(),
+                    "screen_argmax: contiguous float32 CPU tensors");
+    }
+    TORCH_CHECK(approx.dim() == 2 && approx.size(0) == N && approx.size(1) == V && err.numel() == V &&
+                    norm.numel() == V && coef.dim() == 2 && coef.size(0) == V && coef.size(1) == 2 * nb &&
+                    weight.dim() == 2 && weight.size(1) == K, "screen_argmax: shapes do not fit");
+    const float* xp = x.data_ptr<float>();
+    const float* a = approx.data_ptr<float>();
+    std::vector<int8_t> xq(N * K);
+    std::vector<float> dx(N * nb), sx(N * nb);
+    std::vector<int32_t> qsum(N * nb);
+    quantize_rows_q8(xp, N, K, xq.data(), dx.data(), sx.data(), qsum.data());
+    std::vector<float> blocks(N * 2 * nb), l1(N, 0.0f), l2(N, 0.0f);  // per row: |x_b|_1 for each b, then |x_b - x'_b|_2
+    std::vector<char> finite(N, 1);
+    for (int64_t n = 0; n < N; ++n) {
+        for (int64_t b = 0; b < nb; ++b) {
+            float s1 = 0.0f, s2 = 0.0f;
+            for (int64_t i = b * kQK; i < (b + 1) * kQK; ++i) {
+                const float v = xp[n * K + i], d = v - static_cast<float>(xq[n * K + i]) * dx[n * nb + b];
+                finite[n] &= std::isfinite(v);
+                s1 += std::fabs(v);
+                s2 += d * d;
+            }
+            blocks[n * 2 * nb + b] = s1;
+            blocks[n * 2 * nb + nb + b] = std::sqrt(s2);
+            l1[n] += s1;
+            l2[n] += blocks[n * 2 * nb + nb + b];
+        }
+    }
+    const auto ids = survivor_ids(a, N, V, l1.data(), l2.data(), err.data_ptr<float>(), norm.data_ptr<float>());
+    const int64_t C = static_cast<int64_t>(ids.size());
+    auto cand = torch::zeros({N, C}, x.options().dtype(at::kBool));
+    auto fin = torch::zeros({N}, x.options().dtype(at::kBool));
+    auto ok = torch::zeros({N}, x.options().dtype(at::kBool));
+    auto out = torch::zeros({N}, x.options().dtype(at::kLong));
+    bool* pc = cand.data_ptr<bool>();
+    const float* cf = coef.data_ptr<float>();
+    std::vector<float> hi(N * C);
+    std::vector<char> col_used(C, 0);
+    for (int64_t n = 0; n < N; ++n) {
+        float floor = -INFINITY;
+        bool nan = C == 0;
+        std::vector<float> lo(C);
+        for (int64_t c = 0; c < C; ++c) {
+            float e = 0.0f;
+            const float* row = cf + ids[c] * 2 * nb;
+            for (int64_t j = 0; j < 2 * nb; ++j) e += blocks[n * 2 * nb + j] * row[j];
+            const float z = a[n * V + ids[c]];
+            lo[c] = z - e;
+            hi[n * C + c] = z + e;
+            nan = nan || std::isnan(lo[c]);
+            floor = std::max(floor, lo[c]);
+        }
+        if (nan) floor = NAN;
+        int64_t count = 0;
+        for (int64_t c = 0; c < C; ++c) count += pc[n * C + c] = hi[n * C + c] >= floor;
+        const bool good = std::isfinite(floor) && finite[n];
+        fin.data_ptr<bool>()[n] = good;
+        ok.data_ptr<bool>()[n] = good && count <= max_candidates;
+        if (ok.data_ptr<bool>()[n]) {
+            for (int64_t c = 0; c < C; ++c) col_used[c] |= pc[n * C + c];
+        }
+    }
+    std::vector<int64_t> cols;
+    for (int64_t c = 0; c < C; ++c) {
+        if (col_used[c]) cols.push_back(c);
+    }
+    if (!cols.empty()) {
+        auto sub = torch::empty({static_cast<int64_t>(cols.size()), K}, weight.options());
+        const float* w = weight.data_ptr<float>();
+        for (size_t j = 0; j < cols.size(); ++j) {
+            std::copy(w + ids[cols[j]] * K, w + (ids[cols[j]] + 1) * K, sub.data_ptr<float>() + j * K);
+        }
+        const auto exact = packed_linear(x, pack(sub), static_cast<int64_t>(cols.size()));  // (N, C')
+        const float* ex = exact.data_ptr<float>();
+        int64_t* po = out.data_ptr<int64_t>();
+        for (int64_t n = 0; n < N; ++n) {
+            if (!ok.data_ptr<bool>()[n]) continue;
+            int64_t best = -1;
+            float top = 0.0f;
+            for (size_t j = 0; j < cols.size(); ++j) {
+                if (!pc[n * C + cols[j]]) continue;
+                const float v = ex[n * cols.size() + j];
+                if (best < 0 || v > top || (std::isnan(v) && !std::isnan(top))) {  // torch.argmax: NaN is the maximum
+                    best = static_cast<int64_t>(j);
+                    top = v;
+                }
+            }
+            po[n] = ids[cols[best]];
+        }
+    }
+    auto ids_t = torch::empty({C}, x.options().dtype(at::kLong));
+    std::copy(ids.begin(), ids.end(), ids_t.data_ptr<int64_t>());
+    return std::make_tuple(out, ok, ids_t, cand, fin);
 }
 
 // A model's decoder layers for decoding steps, run in one call: decoder_layer for each layer in turn, with the weights
@@ -2246,6 +2361,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rms_norm", &rms_norm, "RMSNorm of each row");
     m.def("row_argmax", &row_argmax, "torch.argmax(x, dim=-1) of (N, V) rows");
     m.def("screen_survivors", &screen_survivors, "the argmax screen's coarse pass: the ids some row cannot rule out");
+    m.def("screen_argmax", &screen_argmax, "the argmax screen after its 8-bit product: bounds, candidates, exact rows");
     m.def("decoder_layer", &decoder_layer, "one Llama decoder layer of a decoding step");
     // module-local: two builds of this file load side by side (benchmarks/kernel_ab.py) without a type clash
     pybind11::class_<LayerStack>(m, "LayerStack", pybind11::module_local(),
