@@ -63,6 +63,7 @@ def load_part() -> None:
     print(f"dequantize {len(layers)} block matrices: extension {ext:.0f} ms, torch ops {ref:.0f} ms")
 
 
+@torch.inference_mode()  # as the Decoder runs: the fused layer stack serves only without autograd
 def breakdown(dtype: str, context: int) -> None:
     lm = load_model(MODEL, dtype=dtype)
     m = lm.model
@@ -89,6 +90,7 @@ def breakdown(dtype: str, context: int) -> None:
     print(f"{dtype}, {context}-token context: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()) + " (ms)")
 
 
+@torch.inference_mode()
 def by_nodes(dtypes: list[str], context: int, sizes=(1, 2, 4, 8, 16, 32)) -> None:
     """One forward pass of a T-node chain tree at a ``context``-token context, batch 1, per dtype (medians of 30, ms):
     embed, layers, norm and ``lm_head``, as a decoding step of T nodes runs them (the drafting and bookkeeping
