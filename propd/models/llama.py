@@ -285,7 +285,7 @@ class LlamaModel(nn.Module):
     def logits(self, h_normed: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h_normed)
 
-    SCREEN_ROWS = 12  # the argmax screen serves steps of up to this many rows (above, the full product is as cheap)
+    SCREEN_ROWS = 32  # the argmax screen serves steps of up to this many rows (benchmarks/argmax_screen.py)
 
     def screened_argmax(self, h_normed: torch.Tensor) -> torch.Tensor | None:
         """The argmax ids (...) of :meth:`logits` of ``h_normed`` (..., H) through the Q8 screen

@@ -83,7 +83,9 @@ def test_model_argmax_uses_the_screen_and_equals_the_logits():
     m.prepare()
     m.prepare_screen()
     h = torch.randn(2, 3, 64)
-    assert m.screened_argmax(torch.randn(5, 4, 64)) is None  # 20 rows: above SCREEN_ROWS
+    most = torch.randn(4, m.SCREEN_ROWS // 4, 64)  # as many rows as the screen serves
+    torch.testing.assert_close(m.screened_argmax(most), m.logits(most).argmax(dim=-1), rtol=0, atol=0)
+    assert m.screened_argmax(torch.randn(4, m.SCREEN_ROWS // 4 + 1, 64)) is None  # above SCREEN_ROWS
     torch.testing.assert_close(m.screened_argmax(h), m.logits(h).argmax(dim=-1), rtol=0, atol=0)
     torch.testing.assert_close(m.argmax(h), m.logits(h).argmax(dim=-1), rtol=0, atol=0)
     with torch.no_grad():
