@@ -2267,6 +2267,10 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Te
                     top = v;
                 }
             }
+            if (best < 0) {  // no candidate of its own (cannot happen with finite bounds): the full product decides
+                ok.data_ptr<bool>()[n] = false;
+                continue;
+            }
             po[n] = ids[cols[best]];
         }
     }
