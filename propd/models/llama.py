@@ -64,6 +64,9 @@ class AttentionInputs:
     mask: torch.Tensor  # (B, 1, T, S) bool, True = may attend
     key_len: int  # S: cache positions [0, S) are read
     decoding: bool = True  # a decoding step (False: a prefill), for the CPU kernels' choice
+    # the queries are positions 0 .. T-1 of every row, with nothing cached before them and no padding: the mask is
+    # the causal one over keys [0, T), which SDPA's is_causal computes without the masked half
+    causal: bool = False
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -98,8 +101,12 @@ class Attention(nn.Module):
         """Attention of q (B, Hq, T, D) over the cache's keys and values, then the output projection (B, T, H)."""
         B, _, T, _ = q.shape
         c = self.cfg
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=a.mask,
-                                             enable_gqa=c.num_heads != c.num_kv_heads)  # (B, Hq, T, D)
+        if a.causal:
+            out = F.scaled_dot_product_attention(q, keys[:, :, :T], values[:, :, :T], is_causal=True,
+                                                 enable_gqa=c.num_heads != c.num_kv_heads)  # (B, Hq, T, D)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=a.mask,
+                                                 enable_gqa=c.num_heads != c.num_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, c.num_heads * c.head_dim))
 
 
@@ -352,9 +359,10 @@ class LlamaModel(nn.Module):
 
     # a prefill runs its prompts in chunks of this many positions: a chunk attends only to the chunks before it and to
     # itself, so attention computes about P^2 / 2 + P * C / 2 scores where one P x P masked call computes P^2 (the
-    # masked half too), and the mask is (C, S) instead of (P, P). Above KernelLinear's skinny range (256 rows), the
-    # products stay plain matrix products.
-    PREFILL_CHUNK = 512
+    # masked half too), and the mask is (C, S) instead of (P, P). The first chunk of rows without padding needs no mask
+    # (``AttentionInputs.causal``: SDPA skips the masked half), so prompts up to this length are one causal call.
+    # Above KernelLinear's skinny range (256 rows), the products stay plain matrix products.
+    PREFILL_CHUNK = 1024
 
     def hidden_states(self, cache: KVCache, seqs: list[list[int]], capture: tuple[int, ...] = ()
                       ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -380,6 +388,8 @@ class LlamaModel(nn.Module):
         for start, T, real, node_idx in prefill_chunks(lens, longest, self.PREFILL_CHUNK):
             causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=dev))
             a = self.attention_inputs(cache, node_idx, causal, torch.arange(T, device=dev), decoding=False)
+            if start == 0 and min(host_lens) >= T:  # no cache before the chunk, no padding in it
+                a = attrs.evolve(a, causal=True)
             h, at = self.embed(tokens[:, start:start + T]), 0
             for layer in layers:
                 h = self.run_layers(h, at, layer, cache, a)
