@@ -11,9 +11,10 @@ retrieval-augmented answers and code edits copy long spans of their input, which
 
 On a GPU the search runs on the device over the whole history at once, (B, C) ids against (B, max_ngram) suffixes,
 and one small transfer per step brings the candidates to the host to build the tries; on a CPU it runs on the host
-from the occurrences of the row's last id only (``host_continuations``, the same matches). The defaults (``max_ngram`` 8,
-``length_factor`` 1.5) were chosen on task requests over held-out training prompts (``benchmarks/lookup_length.py``);
-``max_ngram=3,length_factor=0`` drafts as transformers' ``prompt_lookup_num_tokens=10`` does.
+from the occurrences of the row's last id only (``host_continuations``, the same matches). The defaults
+(``max_ngram`` 8, ``length_factor`` 1.5) were chosen on task requests over held-out training prompts
+(``benchmarks/lookup_length.py``); ``max_ngram=3,length_factor=0`` drafts as transformers'
+``prompt_lookup_num_tokens=10`` does.
 
 Presets ``lookup`` (a budget of ``max_tokens`` + 1 nodes), ``propd-lookup`` (the budget chosen online by ProPD's
 ``propd-dynamic`` sizer), ``medusa+lookup`` (a lookup match first, Medusa's mc_sim_7b_63 guesses in the rest of a
