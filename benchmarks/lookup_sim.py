@@ -37,6 +37,7 @@ from lookup_length import awesome_requests, task_requests  # noqa: E402
 from propd.decoder import Decoder  # noqa: E402
 from propd.models.loading import load_model  # noqa: E402
 from propd.presets import parse_component  # noqa: E402
+from propd.tree import TrieRows  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "propd-lookup"))
 from propd_lookup import LookupConfig, host_continuations  # noqa: E402
@@ -63,32 +64,28 @@ def answers(path: Path, n: int, join: int, max_new: int) -> list[dict]:
     return rows
 
 
-def trie_nodes(seqs: list[list[int]], budget: int) -> list[tuple[int, ...]]:
-    """The trie's nodes below the root (as token paths), in ``propd.tree.TrieRows``' insertion order and budget."""
-    nodes: dict[tuple[int, ...], None] = {}
-    for seq in seqs:
-        for j in range(1, len(seq) + 1):
-            path = tuple(seq[:j])
-            if path not in nodes:
-                if len(nodes) + 1 >= budget:
-                    return list(nodes)
-                nodes[path] = None
-    return list(nodes)
-
-
 def replay(rows: list[dict], cfg: LookupConfig) -> tuple[list[int], list[int]]:
-    """Accepted tokens and nodes of every step a ``lookup`` decoder with ``cfg`` takes on ``rows``' answers."""
+    """Accepted tokens and nodes of every step a ``lookup`` decoder with ``cfg`` takes on ``rows``' answers: the
+    plugin's matches in the proposer's ``TrieRows`` (budget ``max_tokens`` + 1), verified greedily against the
+    answer."""
     accepted, nodes = [], []
     for r in rows:
         full, P, ans = r["prompt"] + r["answer"], len(r["prompt"]), r["answer"]
         i = 0  # the step's root is ans[i]
         while i < len(ans) - 1:
-            history = torch.tensor([full[: P + i + 1]])
-            paths = trie_nodes(host_continuations(history, torch.tensor([P + i + 1]), cfg)[0], cfg.max_tokens + 1)
-            truth = tuple(ans[i + 1:])
-            a = min(max((len(p) for p in paths if truth[: len(p)] == p), default=0) + 1, len(truth))
-            accepted.append(a)  # the bonus token too, within the answer's length
-            nodes.append(len(paths) + 1)
+            trie = TrieRows([ans[i]], cfg.max_tokens + 1)
+            for seq in host_continuations(torch.tensor([full[: P + i + 1]]), torch.tensor([P + i + 1]), cfg)[0]:
+                trie.add_sequence(0, seq)
+            tokens, parents = trie.tokens[0], trie.parents[0]
+            truth, node, a = ans[i + 1:], 0, 0
+            while a < len(truth):  # the child of the last accepted node that guessed the next token
+                node = next((j for j in range(1, len(tokens)) if parents[j] == node and tokens[j] == truth[a]), None)
+                if node is None:
+                    break
+                a += 1
+            a = min(a + 1, len(truth))  # the bonus token too, within the answer's length
+            accepted.append(a)
+            nodes.append(len(tokens))
             i += a
     return accepted, nodes
 
