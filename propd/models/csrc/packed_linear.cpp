@@ -2216,25 +2216,23 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Te
     auto out = torch::zeros({N}, x.options().dtype(at::kLong));
     bool* pc = cand.data_ptr<bool>();
     const float* cf = coef.data_ptr<float>();
-    std::vector<float> hi(N * C);
+    std::vector<float> hi(C);  // the row's z + e per survivor
     std::vector<char> col_used(C, 0);
     for (int64_t n = 0; n < N; ++n) {
         float floor = -INFINITY;
         bool nan = C == 0;
-        std::vector<float> lo(C);
         for (int64_t c = 0; c < C; ++c) {
             float e = 0.0f;
             const float* row = cf + ids[c] * 2 * nb;
             for (int64_t j = 0; j < 2 * nb; ++j) e += blocks[n * 2 * nb + j] * row[j];
-            const float z = a[n * V + ids[c]];
-            lo[c] = z - e;
-            hi[n * C + c] = z + e;
-            nan = nan || std::isnan(lo[c]);
-            floor = std::max(floor, lo[c]);
+            const float z = a[n * V + ids[c]], lo = z - e;
+            hi[c] = z + e;
+            nan = nan || std::isnan(lo);
+            floor = std::max(floor, lo);
         }
         if (nan) floor = NAN;
         int64_t count = 0;
-        for (int64_t c = 0; c < C; ++c) count += pc[n * C + c] = hi[n * C + c] >= floor;
+        for (int64_t c = 0; c < C; ++c) count += pc[n * C + c] = hi[c] >= floor;
         const bool good = std::isfinite(floor) && finite[n];
         fin.data_ptr<bool>()[n] = good;
         ok.data_ptr<bool>()[n] = good && count <= max_candidates;
