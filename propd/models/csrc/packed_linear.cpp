@@ -1094,6 +1094,24 @@ inline __m256 allowed8(const bool* a0, const bool* a1) {
     return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(bytes), _mm256_setzero_si256()));
 }
 
+// hsum of four vectors: lane i of the result is hsum(v[i]) bit for bit (hsum8's pairs of lanes, in 128-bit halves).
+inline __m128 hsum4(const __m256* v) {
+    __m128 s[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) s[i] = _mm_add_ps(_mm256_castps256_ps128(v[i]), _mm256_extractf128_ps(v[i], 1));
+    const __m128 t01 = _mm_add_ps(_mm_shuffle_ps(s[0], s[1], 0x44), _mm_shuffle_ps(s[0], s[1], 0xEE));
+    const __m128 t23 = _mm_add_ps(_mm_shuffle_ps(s[2], s[3], 0x44), _mm_shuffle_ps(s[2], s[3], 0xEE));
+    return _mm_add_ps(_mm_shuffle_ps(t01, t23, 0x88), _mm_shuffle_ps(t01, t23, 0xDD));
+}
+
+// Lane mask (all ones where true) of four bools.
+inline __m128 allowed4(const bool* a) {
+    uint32_t w;
+    std::memcpy(&w, a, 4);
+    const __m128i bytes = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(static_cast<int>(w)));
+    return _mm_castsi128_ps(_mm_cmpgt_epi32(bytes, _mm_setzero_si128()));
+}
+
 // One query row against one key: q_0 * k_0, then FMAs over d in order, 8 lanes; hsum then gives its score.
 template <typename KV>
 inline __m256 dot_lanes(const float* q, const KV* ks, int64_t D) {
@@ -1121,70 +1139,74 @@ inline void score_keys(const float* const* q, const KV* k, int64_t sk, const boo
     }
 }
 
-// Scores of R (1 or 2) query rows of one key head against keys [s0, s1): scale * q.k_s where the row may attend,
-// -inf elsewhere; top[r] becomes the max over row r's allowed keys. Eight dot products at a time (one row and 8 keys,
-// or two rows and 4 keys: each key chunk loaded once for both rows), eight independent chains of FMAs, reduced by
-// hsum8. Every (row, key) score is the same sequence of operations (dot_lanes, then hsum) however they are grouped.
+// Scores of R (1-3) query rows of one key head against keys [s0, s1): scale * q.k_s where the row may attend,
+// -inf elsewhere; top[r] becomes the max over row r's allowed keys. R x KB dot products at a time (one row and 8 keys,
+// or two or three rows and 4 keys: each key chunk loaded once for every row), as many independent chains of FMAs,
+// reduced by hsum8 (and hsum4 for a third row). Every (row, key) score is the same sequence of operations (dot_lanes,
+// then hsum) however they are grouped.
 template <int R, typename KV>
 void score_rows(const float* const* q, const KV* k, int64_t sk, const bool* const* allowed, int64_t s0, int64_t s1,
                 int64_t D, float scale, float* const* scores, float* top) {
-    static_assert(R == 1 || R == 2, "one or two rows");
-    constexpr int KB = 8 / R;  // keys per block
+    static_assert(R >= 1 && R <= 3, "one to three rows");
+    constexpr int KB = R == 1 ? 8 : 4;  // keys per block
     const __m256 ninf = _mm256_set1_ps(-INFINITY), sc = _mm256_set1_ps(scale);
+    const __m128 ninf4 = _mm_set1_ps(-INFINITY), sc4 = _mm_set1_ps(scale);
     __m256 tops = ninf;  // max is exact in any order: lanes are folded at the end
+    __m128 tops2 = ninf4;
     int64_t s = s0;
     for (; s + KB <= s1; s += KB) {
-        const __m256 ok = R == 2 ? allowed8(allowed[0] + s, allowed[1] + s) : allowed8(allowed[0] + s, allowed[0] + s + 4);
-        if (_mm256_movemask_ps(ok) == 0) {
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; ++j) scores[j / KB][s + j % KB] = -INFINITY;
+        __m256 ok;  // lanes: row 0's keys (all 8 for one row), then row 1's; a third row's in ok2
+        __m128 ok2 = _mm_setzero_ps();
+        if constexpr (R == 1) {
+            ok = allowed8(allowed[0] + s, allowed[0] + s + 4);
+        } else {
+            ok = allowed8(allowed[0] + s, allowed[1] + s);
+        }
+        if constexpr (R == 3) ok2 = allowed4(allowed[2] + s);
+        if (_mm256_movemask_ps(ok) == 0 && (R < 3 || _mm_movemask_ps(ok2) == 0)) {
+#pragma GCC unroll 12
+            for (int j = 0; j < R * KB; ++j) scores[j / KB][s + j % KB] = -INFINITY;
             continue;
         }
         const KV* k0 = k + s * sk;
-        __m256 a[8];
-        if constexpr (R == 2) {
-            __m256 kv[4];
-#pragma GCC unroll 4
-            for (int j = 0; j < 4; ++j) kv[j] = load8(k0 + j * sk);
-            const __m256 q0 = _mm256_loadu_ps(q[0]), q1 = _mm256_loadu_ps(q[1]);
-#pragma GCC unroll 4
-            for (int j = 0; j < 4; ++j) {
-                a[j] = _mm256_mul_ps(q0, kv[j]);
-                a[4 + j] = _mm256_mul_ps(q1, kv[j]);
-            }
-            for (int64_t d = 8; d < D; d += 8) {
-#pragma GCC unroll 4
-                for (int j = 0; j < 4; ++j) kv[j] = load8(k0 + j * sk + d);
-                const __m256 p0 = _mm256_loadu_ps(q[0] + d), p1 = _mm256_loadu_ps(q[1] + d);
-#pragma GCC unroll 4
-                for (int j = 0; j < 4; ++j) {
-                    a[j] = _mm256_fmadd_ps(p0, kv[j], a[j]);
-                    a[4 + j] = _mm256_fmadd_ps(p1, kv[j], a[4 + j]);
-                }
-            }
-        } else {
-            const __m256 q0 = _mm256_loadu_ps(q[0]);
+        __m256 a[R * KB], qr[R];
+#pragma GCC unroll 3
+        for (int r = 0; r < R; ++r) qr[r] = _mm256_loadu_ps(q[r]);
 #pragma GCC unroll 8
-            for (int j = 0; j < 8; ++j) a[j] = _mm256_mul_ps(q0, load8(k0 + j * sk));
-            for (int64_t d = 8; d < D; d += 8) {
-                const __m256 p0 = _mm256_loadu_ps(q[0] + d);
+        for (int j = 0; j < KB; ++j) {
+            const __m256 kj = load8(k0 + j * sk);
+#pragma GCC unroll 3
+            for (int r = 0; r < R; ++r) a[r * KB + j] = _mm256_mul_ps(qr[r], kj);
+        }
+        for (int64_t d = 8; d < D; d += 8) {
+#pragma GCC unroll 3
+            for (int r = 0; r < R; ++r) qr[r] = _mm256_loadu_ps(q[r] + d);
 #pragma GCC unroll 8
-                for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(p0, load8(k0 + j * sk + d), a[j]);
+            for (int j = 0; j < KB; ++j) {
+                const __m256 kj = load8(k0 + j * sk + d);
+#pragma GCC unroll 3
+                for (int r = 0; r < R; ++r) a[r * KB + j] = _mm256_fmadd_ps(qr[r], kj, a[r * KB + j]);
             }
         }
         const __m256 x = _mm256_blendv_ps(ninf, _mm256_mul_ps(hsum8(a), sc), ok);
-        if constexpr (R == 2) {
+        if constexpr (R == 1) {
+            _mm256_storeu_ps(scores[0] + s, x);
+        } else {
             _mm_storeu_ps(scores[0] + s, _mm256_castps256_ps128(x));
             _mm_storeu_ps(scores[1] + s, _mm256_extractf128_ps(x, 1));
-        } else {
-            _mm256_storeu_ps(scores[0] + s, x);
         }
         tops = _mm256_max_ps(x, tops);
+        if constexpr (R == 3) {
+            const __m128 x2 = _mm_blendv_ps(ninf4, _mm_mul_ps(hsum4(a + 8), sc4), ok2);
+            _mm_storeu_ps(scores[2] + s, x2);
+            tops2 = _mm_max_ps(x2, tops2);
+        }
     }
-    alignas(32) float lanes[8];
+    alignas(32) float lanes[12];
     _mm256_store_ps(lanes, tops);
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) top[j / KB] = std::max(top[j / KB], lanes[j]);
+    _mm_store_ps(lanes + 8, tops2);
+#pragma GCC unroll 12
+    for (int j = 0; j < R * KB; ++j) top[j / KB] = std::max(top[j / KB], lanes[j]);
     score_keys<R>(q, k, sk, allowed, s, s1, D, scale, scores, top);
 }
 
@@ -1417,11 +1439,28 @@ PROPD_AVX512 void value_rows512(float* const* out, const float* const* p, const 
 }
 
 constexpr int64_t kKeyTile = 64;  // keys per tile: a tile's keys (or values) stay in L1 while every row of a block uses them
-constexpr int64_t kRowBlock = 8;  // query rows (of one key head) per work item of the thread pool
-constexpr int kRowGroup = 2;      // rows per register block of the score and value loops
+constexpr int64_t kRowBlock = 12;  // query rows (of one key head) per work item of the thread pool
+constexpr int kRowGroup = 3;      // rows per register block of the score and value loops (AVX2; 2 on AVX-512)
 
-// Query rows that share one key head (the heads of its group times the T tokens, GQA): in blocks of kRowBlock, each
-// block walks the keys tile by tile. A row's result is the same as it would be alone: its sums run over s in order.
+// Rows per work item for ``rows`` query rows on each of ``heads`` key heads: at most kRowBlock, whole register groups
+// of ``grp`` rows where rows allow, and a count of items that splits evenly over ``threads`` where one more block per
+// head gives that (one query token on 3 key heads: two blocks per head, so that no thread idles a third of the time).
+inline int64_t rows_per_block(int64_t rows, int64_t heads, int64_t grp, int64_t threads) {
+    if (rows <= grp) {  // one register group per head: split it where heads alone would leave threads idle
+        const int64_t items_per_head = (2 * threads + heads - 1) / heads;
+        const int64_t n = std::max<int64_t>(1, std::min(rows, items_per_head));
+        return (rows + n - 1) / n;
+    }
+    const int64_t units = (rows + grp - 1) / grp;
+    auto block = [&](int64_t n) { return (units + n - 1) / n * grp; };
+    int64_t n = (rows + kRowBlock - 1) / kRowBlock;
+    if ((heads * n) % threads != 0 && n + 1 <= units && block(n + 1) <= kRowBlock) n += 1;
+    return std::min(block(n), kRowBlock);
+}
+
+// Query rows that share one key head (the heads of its group times the T tokens, GQA), a token's heads side by side:
+// in blocks (rows_per_block), each block walks the keys tile by tile. A row's result is the same as it would be alone:
+// its sums run over s in order.
 // q and out are of the cache's type KV (bfloat16 as its bits: each q row is widened to float32 on the stack, and each
 // output row rounded to bfloat16 as torch rounds once it is done).
 template <typename KV>
@@ -1430,11 +1469,8 @@ void attend(const KV* q, const KV* k, const KV* v, const bool* mask, KV* out, in
     constexpr bool float_kv = std::is_same_v<KV, float>;
     const bool wide_isa = use_avx512();
     const int64_t group = Hq / Hk, S8 = (S + 7) / 8 * 8, rows = group * T;
-    // blocks of at most kRowBlock rows, balanced, and at least two work items per thread where there are rows enough
-    // (one query token: B * Hk items of `group` rows would leave a thread idle a third of the time for Hk = 3)
-    const int64_t items_per_head = (2 * at::get_num_threads() + B * Hk - 1) / (B * Hk);
-    const int64_t per_head = std::max((rows + kRowBlock - 1) / kRowBlock, std::min(rows, items_per_head));
-    const int64_t block_rows = (rows + per_head - 1) / per_head;
+    const int64_t grp = wide_isa ? 2 : kRowGroup;  // AVX-512 scores take rows in pairs (score_pair512)
+    const int64_t block_rows = rows_per_block(rows, B * Hk, grp, at::get_num_threads());
     const int64_t blocks = (rows + block_rows - 1) / block_rows;
     parallel_units(B * Hk * blocks, [&](int64_t begin, int64_t end) {
         std::vector<float> buf(kRowBlock * S8), rows_f(float_kv ? 0 : 2 * kRowBlock * D);
@@ -1448,8 +1484,8 @@ void attend(const KV* q, const KV* k, const KV* v, const bool* mask, KV* out, in
             const int64_t R = std::min(block_rows, rows - r0);
             const KV* kb = k + b * ks[0] + g * ks[1];
             const KV* vb = v + b * vs[0] + g * vs[1];
-            for (int64_t r = 0; r < R; ++r) {  // row r0 + r: query head g * group + (r0 + r) / T, token (r0 + r) % T
-                const int64_t h = g * group + (r0 + r) / T, t = (r0 + r) % T;
+            for (int64_t r = 0; r < R; ++r) {  // row r0 + r: token (r0 + r) / group, head g * group + (r0 + r) % group
+                const int64_t h = g * group + (r0 + r) % group, t = (r0 + r) / group;
                 const KV* qs = q + ((b * Hq + h) * T + t) * D;
                 dst[r] = out + ((b * T + t) * Hq + h) * D;
                 if constexpr (float_kv) {
@@ -1469,10 +1505,10 @@ void attend(const KV* q, const KV* k, const KV* v, const bool* mask, KV* out, in
             float* sr[kRowBlock];
             const float* pr[kRowBlock];
             for (int64_t r = 0; r < R; ++r) pr[r] = sr[r] = &buf[r * S8];
-            for (int64_t s0 = 0; s0 < S; s0 += kKeyTile) {  // rows in pairs (registers), each tile in L1
+            for (int64_t s0 = 0; s0 < S; s0 += kKeyTile) {  // rows in register groups, each tile in L1
                 const int64_t s1 = std::min(S, s0 + kKeyTile);
-                for (int64_t r = 0; r < R; r += kRowGroup)
-                    with_rows<kRowGroup>(std::min<int64_t>(kRowGroup, R - r), [&](auto n) {
+                for (int64_t r = 0; r < R; r += grp)
+                    with_rows<kRowGroup>(std::min<int64_t>(grp, R - r), [&](auto n) {
                         if (decltype(n)::value == 2 && wide_isa && D <= kPairMaxD) {
                             score_pair512(qr + r, kb, ks[2], mr + r, s0, s1, D, scale, sr + r, top + r);
                         } else {
@@ -1483,8 +1519,8 @@ void attend(const KV* q, const KV* k, const KV* v, const bool* mask, KV* out, in
             for (int64_t r = 0; r < R; ++r) inv[r] = softmax_weights(&buf[r * S8], S8, top[r]);
             for (int64_t s0 = 0; s0 < S; s0 += kKeyTile) {
                 const int64_t s1 = std::min(S, s0 + kKeyTile);
-                for (int64_t r = 0; r < R; r += kRowGroup)
-                    with_rows<kRowGroup>(std::min<int64_t>(kRowGroup, R - r), [&](auto n) {
+                for (int64_t r = 0; r < R; r += grp)
+                    with_rows<kRowGroup>(std::min<int64_t>(grp, R - r), [&](auto n) {
                         if (wide_isa) {
                             value_rows512<decltype(n)::value>(orow + r, pr + r, mr + r, vb, vs[2], s0, s1, D);
                         } else {
