@@ -1169,23 +1169,55 @@ void score_rows(const float* const* q, const KV* k, int64_t sk, const bool* cons
             continue;
         }
         const KV* k0 = k + s * sk;
-        __m256 a[R * KB], qr[R];
-#pragma GCC unroll 3
-        for (int r = 0; r < R; ++r) qr[r] = _mm256_loadu_ps(q[r]);
+        __m256 a[R * KB];
+        if constexpr (R == 2) {
+            __m256 kv[4];
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) kv[j] = load8(k0 + j * sk);
+            const __m256 q0 = _mm256_loadu_ps(q[0]), q1 = _mm256_loadu_ps(q[1]);
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) {
+                a[j] = _mm256_mul_ps(q0, kv[j]);
+                a[4 + j] = _mm256_mul_ps(q1, kv[j]);
+            }
+            for (int64_t d = 8; d < D; d += 8) {
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; ++j) kv[j] = load8(k0 + j * sk + d);
+                const __m256 p0 = _mm256_loadu_ps(q[0] + d), p1 = _mm256_loadu_ps(q[1] + d);
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; ++j) {
+                    a[j] = _mm256_fmadd_ps(p0, kv[j], a[j]);
+                    a[4 + j] = _mm256_fmadd_ps(p1, kv[j], a[4 + j]);
+                }
+            }
+        } else if constexpr (R == 1) {
+            const __m256 q0 = _mm256_loadu_ps(q[0]);
 #pragma GCC unroll 8
-        for (int j = 0; j < KB; ++j) {
-            const __m256 kj = load8(k0 + j * sk);
-#pragma GCC unroll 3
-            for (int r = 0; r < R; ++r) a[r * KB + j] = _mm256_mul_ps(qr[r], kj);
-        }
-        for (int64_t d = 8; d < D; d += 8) {
-#pragma GCC unroll 3
-            for (int r = 0; r < R; ++r) qr[r] = _mm256_loadu_ps(q[r] + d);
+            for (int j = 0; j < 8; ++j) a[j] = _mm256_mul_ps(q0, load8(k0 + j * sk));
+            for (int64_t d = 8; d < D; d += 8) {
+                const __m256 p0 = _mm256_loadu_ps(q[0] + d);
 #pragma GCC unroll 8
-            for (int j = 0; j < KB; ++j) {
-                const __m256 kj = load8(k0 + j * sk + d);
+                for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(p0, load8(k0 + j * sk + d), a[j]);
+            }
+        } else {  // three rows: each key chunk loaded once for the three
+            __m256 qr[3];
 #pragma GCC unroll 3
-                for (int r = 0; r < R; ++r) a[r * KB + j] = _mm256_fmadd_ps(qr[r], kj, a[r * KB + j]);
+            for (int r = 0; r < 3; ++r) qr[r] = _mm256_loadu_ps(q[r]);
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) {
+                const __m256 kj = load8(k0 + j * sk);
+#pragma GCC unroll 3
+                for (int r = 0; r < 3; ++r) a[r * 4 + j] = _mm256_mul_ps(qr[r], kj);
+            }
+            for (int64_t d = 8; d < D; d += 8) {
+#pragma GCC unroll 3
+                for (int r = 0; r < 3; ++r) qr[r] = _mm256_loadu_ps(q[r] + d);
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; ++j) {
+                    const __m256 kj = load8(k0 + j * sk + d);
+#pragma GCC unroll 3
+                    for (int r = 0; r < 3; ++r) a[r * 4 + j] = _mm256_fmadd_ps(qr[r], kj, a[r * 4 + j]);
+                }
             }
         }
         const __m256 x = _mm256_blendv_ps(ninf, _mm256_mul_ps(hsum8(a), sc), ok);
