@@ -42,7 +42,8 @@ for B, T, S in ((1, 1, 200), (1, 4, 200), (1, 8, 200), (1, 16, 300), (1, 32, 250
     m[..., 0] = True
 
     def sdpa():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=m[:, None], enable_gqa=True).transpose(1, 2).reshape(B, T, 576)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=m[:, None], enable_gqa=True)
+        return out.transpose(1, 2).reshape(B, T, 576)
 
     def kern():
         return cpu_kernel.attention(q, k, v, m, 0.125)
