@@ -2212,6 +2212,13 @@ std::vector<int64_t> survivor_ids(const float* a, int64_t N, int64_t V, const fl
     return ids;
 }
 
+// ids as a (len,) int64 CPU tensor
+torch::Tensor long_tensor(const std::vector<int64_t>& ids) {
+    auto out = torch::empty({static_cast<int64_t>(ids.size())}, torch::dtype(torch::kLong));
+    std::copy(ids.begin(), ids.end(), out.data_ptr<int64_t>());
+    return out;
+}
+
 torch::Tensor screen_survivors(const torch::Tensor& approx, const torch::Tensor& l1, const torch::Tensor& l2,
                                const torch::Tensor& e, const torch::Tensor& m) {
     TORCH_CHECK(approx.dim() == 2 && approx.is_contiguous() && approx.scalar_type() == at::kFloat &&
@@ -2224,11 +2231,8 @@ torch::Tensor screen_survivors(const torch::Tensor& approx, const torch::Tensor&
     }
     TORCH_CHECK(l1.size(0) == N && l2.size(0) == N && e.size(0) == V && m.size(0) == V,
                 "screen_survivors: l1, l2 of N entries, e, m of V");
-    const auto ids = survivor_ids(approx.data_ptr<float>(), N, V, l1.data_ptr<float>(), l2.data_ptr<float>(),
-                                  e.data_ptr<float>(), m.data_ptr<float>());
-    auto out = torch::empty({static_cast<int64_t>(ids.size())}, approx.options().dtype(at::kLong));
-    std::copy(ids.begin(), ids.end(), out.data_ptr<int64_t>());
-    return out;
+    return long_tensor(survivor_ids(approx.data_ptr<float>(), N, V, l1.data_ptr<float>(), l2.data_ptr<float>(),
+                                    e.data_ptr<float>(), m.data_ptr<float>()));
 }
 
 // The whole argmax screen after its 8-bit product (propd.models.screen, steps 2-4) in one call: x (N, K) float32,
@@ -2283,6 +2287,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Te
     auto ok = torch::zeros({N}, x.options().dtype(at::kBool));
     auto out = torch::zeros({N}, x.options().dtype(at::kLong));
     bool* pc = cand.data_ptr<bool>();
+    bool* pok = ok.data_ptr<bool>();
     const float* cf = coef.data_ptr<float>();
     std::vector<float> hi(C);  // the row's z + e per survivor
     std::vector<char> col_used(C, 0);
@@ -2303,8 +2308,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Te
         for (int64_t c = 0; c < C; ++c) count += pc[n * C + c] = hi[c] >= floor;
         const bool good = std::isfinite(floor) && finite[n];
         fin.data_ptr<bool>()[n] = good;
-        ok.data_ptr<bool>()[n] = good && count <= max_candidates;
-        if (ok.data_ptr<bool>()[n]) {
+        pok[n] = good && count <= max_candidates;
+        if (pok[n]) {
             for (int64_t c = 0; c < C; ++c) col_used[c] |= pc[n * C + c];
         }
     }
@@ -2322,7 +2327,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Te
         const float* ex = exact.data_ptr<float>();
         int64_t* po = out.data_ptr<int64_t>();
         for (int64_t n = 0; n < N; ++n) {
-            if (!ok.data_ptr<bool>()[n]) continue;
+            if (!pok[n]) continue;
             int64_t best = -1;
             float top = 0.0f;
             for (size_t j = 0; j < cols.size(); ++j) {
@@ -2334,15 +2339,13 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Te
                 }
             }
             if (best < 0) {  // no candidate of its own (cannot happen with finite bounds): the full product decides
-                ok.data_ptr<bool>()[n] = false;
+                pok[n] = false;
                 continue;
             }
             po[n] = ids[cols[best]];
         }
     }
-    auto ids_t = torch::empty({C}, x.options().dtype(at::kLong));
-    std::copy(ids.begin(), ids.end(), ids_t.data_ptr<int64_t>());
-    return std::make_tuple(out, ok, ids_t, cand, fin);
+    return std::make_tuple(out, ok, long_tensor(ids), cand, fin);
 }
 
 // A model's decoder layers for decoding steps, run in one call: decoder_layer for each layer in turn, with the weights
