@@ -9,6 +9,7 @@ kernel, ``(W @ x^T)^T``, ``F.linear``), and prints the medians.
 
     python benchmarks/linear_kernel.py            # about 1 minute on 2 CPU cores
     python benchmarks/linear_kernel.py bfloat16   # part 1 only, bf16 weights, up to 1024 rows (about 5 minutes)
+    python benchmarks/linear_kernel.py rows 96,128,192   # part 1 only, float32, at these row counts
 """
 
 import sys
@@ -92,6 +93,8 @@ if __name__ == "__main__":
     with torch.inference_mode():
         if sys.argv[1:] == ["bfloat16"]:
             streamed_matmuls(torch.bfloat16, SIZES + (256, 1024))
+        elif sys.argv[1:2] == ["rows"]:  # part 1 only, float32, at the given row counts
+            streamed_matmuls(torch.float32, tuple(int(r) for r in sys.argv[2].split(",")))
         else:
             streamed_matmuls()
             forward_passes()

@@ -1,7 +1,7 @@
 """Step time of fixed small trees with and without propd's packed CPU kernel (docs/propd.md, "Goals").
 
 Decodes the first 4 held-out training prompts (out/ho800/question.jsonl, made as docs/heads.md says) with `ar` and
-Medusa trees of 2 to 32 nodes (`medusa-heuristic:size=N`), twice, the packed product kernel (1-64 rows) and MKL's
+Medusa trees of 2 to 32 nodes (`medusa-heuristic:size=N`), twice, the packed product kernel (1-128 rows) and MKL's
 products taking turns prompt by prompt (with MKL, the layers run module by module; the extension's other ops stay on),
 and prints the median step time and mean accepted tokens per step of each. fp32, batch 1.
 

@@ -1,6 +1,6 @@
 """propd's CPU extension for decoding steps (float32 and bfloat16, x86-64 with AVX2 and FMA; AVX-512F where present).
 
-* :func:`linear`: ``x @ W^T`` for 1-64 rows of ``x`` in float32, any number in bf16 (below);
+* :func:`linear`: ``x @ W^T`` for 1-128 rows of ``x`` in float32, any number in bf16 (below);
 * :func:`attention`: softmax attention of up to 16 query tokens per row over the KV cache, each query row computed on
   its own (the same bits whatever the tree size or batch);
 * :func:`rope_and_cache` and :func:`rms_norm`: a layer's rotary embedding plus cache write, and RMSNorm, each in one
@@ -53,7 +53,9 @@ SOURCE = Path(__file__).with_name("csrc") / "packed_linear.cpp"
 DTYPES = (torch.float32, torch.bfloat16)  # weight types the kernel packs
 # no contraction of a * b + c into an FMA where the source does not ask for one: rope_and_cache must round as torch does
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
-MAX_ROWS = 64  # float32: faster than MKL and oneDNN at 1-64 rows on the default model (benchmarks/linear_kernel.py)
+# float32 (and GGUF blocks): faster than MKL and oneDNN at 1-128 rows on the default model's matrices, streamed or in
+# whole steps and prefills (benchmarks/linear_kernel.py); from about 192 rows MKL's blocking wins
+MAX_ROWS = 128
 # bfloat16: torch's products on CPUs without bf16 arithmetic were 6x slower than the kernel at 64, 256 and 1024 rows
 # alike (benchmarks/linear_kernel.py bfloat16), so the kernel serves every row count, prefill included
 MAX_ROWS_BF16 = 1 << 62

@@ -21,10 +21,10 @@ from propd.models.quant import QuantLinear
 class KernelLinear(nn.Linear):
     """``nn.Linear`` with CPU kernel choices for the few rows of a decoding step.
 
-    A tree step multiplies every weight matrix by 2-64 rows (one per tree node and row of the batch), and an AR step
+    A tree step multiplies every weight matrix by 2-128 rows (one per tree node and row of the batch), and an AR step
     by one per row; MKL's general matrix product runs these far below the memory bandwidth. In float32 on CPU:
 
-    * 1-64 rows (``cpu_kernel.MAX_ROWS``) go to propd's packed kernel (:mod:`propd.models.cpu_kernel`; AVX2, or
+    * 1-128 rows (``cpu_kernel.MAX_ROWS``) go to propd's packed kernel (:mod:`propd.models.cpu_kernel`; AVX2, or
       AVX-512 where the CPU has it) where it is available: the weight is packed once into 16-row panels and streamed
       once per call. bfloat16 weights go to it at any row count.
       ``python benchmarks/linear_kernel.py`` compares it with the MKL forms below on the default model's matrices.

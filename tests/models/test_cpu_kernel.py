@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from propd.models import cpu_kernel
 from propd.models.cpu_modules import KernelLinear as Linear
+from propd.models.cpu_modules import torch_linear
 
 X86_AVX2 = cpu_kernel.supported()
 
@@ -64,7 +65,7 @@ def test_a_built_extension_loads_beside_a_stale_lock_file(tmp_path):
 
 
 @settings(max_examples=60, deadline=None)
-@given(rows=st.integers(1, 70), k=st.integers(1, 70), out=st.integers(1, 70), seed=st.integers(0, 1000),
+@given(rows=st.integers(1, 140), k=st.integers(1, 70), out=st.integers(1, 70), seed=st.integers(0, 1000),
        dtype=st.sampled_from(cpu_kernel.DTYPES))
 def test_packed_product_equals_matmul_and_each_row_alone(rows, k, out, seed, dtype):
     if not X86_AVX2:  # test_the_kernel_builds_where_it_can_run checks that it is refused
@@ -109,6 +110,10 @@ def test_linear_uses_the_kernel_for_few_rows_and_repacks_after_a_weight_change()
         proj.weight.mul_(2)  # in-place change (as load_state_dict does): the packed copy is stale
         torch.testing.assert_close(proj(x) - proj.bias, 2 * (first - proj.bias), rtol=1e-5, atol=1e-5)
         assert proj.packed() is not p
+        # float32: the kernel up to cpu_kernel.MAX_ROWS rows, torch's products above
+        most = torch.randn(cpu_kernel.MAX_ROWS + 1, 40)
+        assert torch.equal(proj(most[:-1]), cpu_kernel.linear(most[:-1], proj.packed(), 70) + proj.bias)
+        assert torch.equal(proj(most), torch_linear(most, proj.weight, proj.bias, most.shape[0]))
 
 
 def test_linear_keeps_autograd_and_falls_back_when_turned_off(monkeypatch):
@@ -265,11 +270,12 @@ def test_rms_norm_matches_the_module_and_each_row_alone(rows, n, seed, dtype):
 
 
 @settings(max_examples=20, deadline=None)
-@given(b=st.integers(1, 3), t=st.integers(1, 16), seed=st.integers(0, 1000), dtype=st.sampled_from(cpu_kernel.DTYPES))
+@given(b=st.integers(1, 8), t=st.integers(1, 16), seed=st.integers(0, 1000), dtype=st.sampled_from(cpu_kernel.DTYPES))
 def test_fused_decoder_layer_equals_the_module_path_bit_for_bit(b, t, seed, dtype):
     """A decoding step through the model's ``LayerStack`` (all layers in one call, here split in two calls at a
     random layer), through ``cpu_kernel.decoder_layer`` (one call per layer) and through the modules gives the same
-    hidden states and the same cache, bit for bit; a weight changed in place reaches every path."""
+    hidden states and the same cache, bit for bit; a weight changed in place reaches every path. Up to 8 x 16 rows:
+    steps of up to ``cpu_kernel.MAX_ROWS`` rows take the fused path."""
     if not X86_AVX2:
         pytest.skip("the CPU kernel needs x86-64 with AVX2/FMA; this machine lacks them")
 
