@@ -53,8 +53,8 @@ SOURCE = Path(__file__).with_name("csrc") / "packed_linear.cpp"
 DTYPES = (torch.float32, torch.bfloat16)  # weight types the kernel packs
 # no contraction of a * b + c into an FMA where the source does not ask for one: rope_and_cache must round as torch does
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
-# float32 (and GGUF blocks): faster than MKL and oneDNN at 1-128 rows on the default model's matrices, streamed or in
-# whole steps and prefills (benchmarks/linear_kernel.py); from about 192 rows MKL's blocking wins
+# float32 (and GGUF blocks): faster than MKL and oneDNN at 1-128 rows on the default model's matrices, streamed, in
+# decoding steps and in prefills (benchmarks/linear_kernel.py, benchmarks/row_bound.py); above, prefills gain nothing
 MAX_ROWS = 128
 # bfloat16: torch's products on CPUs without bf16 arithmetic were 6x slower than the kernel at 64, 256 and 1024 rows
 # alike (benchmarks/linear_kernel.py bfloat16), so the kernel serves every row count, prefill included

@@ -1476,9 +1476,9 @@ constexpr int kRowGroup = 3;      // rows per register block of the score and va
 
 // Rows per work item for ``rows`` query rows on each of ``heads`` key heads: at most kRowBlock, whole register groups
 // of ``grp`` rows where rows allow, and a count of items that splits evenly over ``threads`` where one more block per
-// head gives that (8 tokens on 3 key heads: 6 blocks of 12 rows, not 9 of 8). One register group per head (a query
-// token) stays one block while there are at least as many heads as threads: each block reads all of its head's keys
-// and values, which at long contexts come from memory, so splitting it would read them twice.
+// head gives that (8 tokens on 3 key heads: 6 blocks of 12 rows, not 9 of 8). Rows that fit one register group per
+// head (a query token's 3 on AVX2) stay one block while there are at least as many heads as threads: each block reads
+// all of its head's keys and values, which at long contexts come from memory, so splitting it would read them twice.
 inline int64_t rows_per_block(int64_t rows, int64_t heads, int64_t grp, int64_t threads) {
     if (rows <= grp) {  // one register group per head: split it only where heads alone would leave a thread no work
         if (heads >= threads) return rows;
