@@ -1,6 +1,6 @@
 """propd's CPU extension for decoding steps (float32 and bfloat16, x86-64 with AVX2 and FMA; AVX-512F where present).
 
-* :func:`linear`: ``x @ W^T`` for 1-128 rows of ``x`` in float32, any number in bf16 (below);
+* :func:`linear`: ``x @ W^T`` for 1-128 rows of ``x`` in float32 (1-1024 on AVX-512), any number in bf16 (below);
 * :func:`attention`: softmax attention of up to 16 query tokens per row over the KV cache, each query row computed on
   its own (the same bits whatever the tree size or batch);
 * :func:`rope_and_cache` and :func:`rms_norm`: a layer's rotary embedding plus cache write, and RMSNorm, each in one
@@ -53,19 +53,27 @@ SOURCE = Path(__file__).with_name("csrc") / "packed_linear.cpp"
 DTYPES = (torch.float32, torch.bfloat16)  # weight types the kernel packs
 # no contraction of a * b + c into an FMA where the source does not ask for one: rope_and_cache must round as torch does
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
-# float32 (and GGUF blocks): faster than MKL and oneDNN at 1-128 rows on the default model's matrices, streamed, in
-# decoding steps and in prefills (benchmarks/linear_kernel.py, benchmarks/row_bound.py); above, prefills gain nothing
-MAX_ROWS = 128
+# The most rows of a float32 product (and of one on GGUF blocks) the kernel takes, by the ISA it runs on; above, MKL
+# (on the blocks dequantized for the call) was as fast. Measured on the default model's matrices, streamed, in decoding
+# steps and prefills (benchmarks/linear_kernel.py, benchmarks/row_bound.py): up to 128 rows on AVX2 (prefills of
+# 192-256 rows gained nothing or lost), up to 1024 on AVX-512 (steps and prefills of 129-512 rows gained, 1024 level).
+# One bound for both kinds, so that GGUF blocks give the float32 model's bits at every row count.
+ROW_BOUNDS = {"avx2": 128, "avx512": 1024}
+MAX_ROWS: int | None = None  # an int: this bound on every ISA (benchmarks that compare bounds)
 # bfloat16: torch's products on CPUs without bf16 arithmetic were 6x slower than the kernel at 64, 256 and 1024 rows
 # alike (benchmarks/linear_kernel.py bfloat16), so the kernel serves every row count, prefill included
 MAX_ROWS_BF16 = 1 << 62
 
 
 def max_rows(dtype: torch.dtype) -> int:
-    """The most rows of ``x`` that ``Linear`` sends to the kernel for weights of ``dtype``."""
-    return MAX_ROWS_BF16 if dtype == torch.bfloat16 else MAX_ROWS
+    """The most rows of ``x`` that ``Linear`` sends to the kernel for weights of ``dtype``, on the ISA the loaded
+    extension runs (``ROW_BOUNDS``; AVX2's before it is loaded)."""
+    if dtype == torch.bfloat16:
+        return MAX_ROWS_BF16
+    return _state["bounds"] if MAX_ROWS is None else MAX_ROWS
 
-_state: dict = {"ext": None, "tried": False, "packed_bytes": 0}
+
+_state: dict = {"ext": None, "tried": False, "packed_bytes": 0, "bounds": ROW_BOUNDS["avx2"]}
 
 
 def _note(msg: str) -> None:
@@ -114,6 +122,7 @@ def extension():
         _state["ext"] = load_or_build(build_dir, name, build)
         limit = {"avx2": 1, "avx512": 2}.get(os.environ.get("PROPD_CPU_ISA", "").strip().lower(), 0)
         _state["ext"].set_isa_limit(limit)
+        _state["bounds"] = ROW_BOUNDS["avx512" if _state["ext"].isa().startswith("avx512") else "avx2"]
     except Exception as exc:  # no compiler, no ninja, a failed build: MKL serves instead
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         _note(f"CPU extension unavailable, using torch's kernels ({type(exc).__name__}: {first[:200]})")

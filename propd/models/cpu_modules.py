@@ -21,12 +21,13 @@ from propd.models.quant import QuantLinear
 class KernelLinear(nn.Linear):
     """``nn.Linear`` with CPU kernel choices for the few rows of a decoding step.
 
-    A tree step multiplies every weight matrix by 2-128 rows (one per tree node and row of the batch), and an AR step
-    by one per row; MKL's general matrix product runs these far below the memory bandwidth. In float32 on CPU:
+    A tree step multiplies every weight matrix by a few to a few hundred rows (one per tree node and row of the
+    batch), and an AR step by one per row; MKL's general matrix product runs these far below the memory bandwidth. In
+    float32 on CPU:
 
-    * 1-128 rows (``cpu_kernel.MAX_ROWS``) go to propd's packed kernel (:mod:`propd.models.cpu_kernel`; AVX2, or
-      AVX-512 where the CPU has it) where it is available: the weight is packed once into 16-row panels and streamed
-      once per call. bfloat16 weights go to it at any row count.
+    * 1-128 rows, 1-1024 on AVX-512 (``cpu_kernel.max_rows``), go to propd's packed kernel
+      (:mod:`propd.models.cpu_kernel`; AVX2, or AVX-512 where the CPU has it) where it is available: the weight is
+      packed once into 16-row panels and streamed once per call. bfloat16 weights go to it at any row count.
       ``python benchmarks/linear_kernel.py`` compares it with the MKL forms below on the default model's matrices.
     * Otherwise 1-256 rows compute ``(W @ x^T)^T`` instead of ``x @ W^T``: on CPU builds of torch with MKL,
       ``F.linear`` for 2 <= M <= 256 rows runs 1.1-2.9x slower than that (equal from M = 192;

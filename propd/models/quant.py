@@ -205,7 +205,7 @@ class QuantLinear(nn.Module):
     """A bias-free linear layer whose weight stays in GGUF blocks (Q4_1 or Q8_0), for float32 inputs on a CPU with
     propd's extension.
 
-    Calls of 1-``cpu_kernel.MAX_ROWS`` rows go to the block kernel; larger ones (prefill) multiply the weight
+    Calls within ``cpu_kernel.max_rows`` go to the block kernel; larger ones (prefill) multiply the weight
     dequantized for the call, by the same torch path the float32 ``KernelLinear`` takes at that row count, so every
     call gives the float32 model's bits. With 8-bit activations (panels from ``activations="q8"``, :attr:`q8`) every
     call goes to that kernel, whatever its row count (:func:`q8_linear_reference` without the extension).

@@ -110,8 +110,10 @@ def test_linear_uses_the_kernel_for_few_rows_and_repacks_after_a_weight_change()
         proj.weight.mul_(2)  # in-place change (as load_state_dict does): the packed copy is stale
         torch.testing.assert_close(proj(x) - proj.bias, 2 * (first - proj.bias), rtol=1e-5, atol=1e-5)
         assert proj.packed() is not p
-        # float32: the kernel up to cpu_kernel.MAX_ROWS rows, torch's products above
-        most = torch.randn(cpu_kernel.MAX_ROWS + 1, 40)
+        # float32: the kernel up to its row bound on this machine's ISA, torch's products above
+        bound = cpu_kernel.max_rows(torch.float32)
+        assert bound == cpu_kernel.ROW_BOUNDS["avx512" if cpu_kernel.isa().startswith("avx512") else "avx2"]
+        most = torch.randn(bound + 1, 40)
         assert torch.equal(proj(most[:-1]), cpu_kernel.linear(most[:-1], proj.packed(), 70) + proj.bias)
         assert torch.equal(proj(most), torch_linear(most, proj.weight, proj.bias, most.shape[0]))
 
@@ -275,7 +277,7 @@ def test_fused_decoder_layer_equals_the_module_path_bit_for_bit(b, t, seed, dtyp
     """A decoding step through the model's ``LayerStack`` (all layers in one call, here split in two calls at a
     random layer), through ``cpu_kernel.decoder_layer`` (one call per layer) and through the modules gives the same
     hidden states and the same cache, bit for bit; a weight changed in place reaches every path. Up to 8 x 16 rows:
-    steps of up to ``cpu_kernel.MAX_ROWS`` rows take the fused path."""
+    steps within ``cpu_kernel.max_rows`` take the fused path."""
     if not X86_AVX2:
         pytest.skip("the CPU kernel needs x86-64 with AVX2/FMA; this machine lacks them")
 
