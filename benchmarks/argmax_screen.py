@@ -2,6 +2,7 @@
 the default model's own hidden states: equal ids at every position, time per call, candidates per row.
 
     python benchmarks/argmax_screen.py          # about 40 seconds on 2 CPU cores
+    python benchmarks/argmax_screen.py gguf     # the GGUF blocks' lm_head (Q8_0) as the full product
 
 The hidden states are the final normed states of a few chat prompts and the model's greedy answers to them (every
 position, one row at a time, as a batch-1 decoding step sees them).
@@ -30,12 +31,13 @@ PROMPTS = ["Explain how photosynthesis works, step by step.", "Write a short poe
 
 @torch.inference_mode()
 def main() -> None:
-    lm = load_model("smollm2-135m-instruct", dtype="float32")
+    dtype = sys.argv[1] if len(sys.argv) > 1 else "float32"
+    lm = load_model("smollm2-135m-instruct", dtype=dtype)
     lm.prepare()
     m = lm.model
     t = time.perf_counter()
     screen = ArgmaxScreen(m.lm_head.weight.detach())
-    print(f"screen built in {time.perf_counter() - t:.2f} s")
+    print(f"{dtype}: screen built in {time.perf_counter() - t:.2f} s")
     dec = Decoder(lm, preset="ar")
     res = dec.generate(PROMPTS, max_new_tokens=64)
     states = []

@@ -166,6 +166,45 @@ def test_quantized_model_decodes_as_the_float32_model(seed, lens, preset, batch)
 
 
 @needs_kernel
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 50), lens=st.lists(st.integers(1, 24), min_size=1, max_size=4))
+def test_block_lm_head_argmax_screen(seed, lens):
+    """A Q8_0 ``lm_head`` whose dense float32 matrix is held (a tied embedding) gets the argmax screen where the CPU
+    has AVX512-VNNI, and its screened argmax is the block kernel's, bit for bit; without the dense matrix, with 8-bit
+    activations or without VNNI, no screen, and nothing is dequantized for one."""
+    from propd import Decoder
+    from propd.testing import random_prompts
+
+    qm, fp = quantized_pair(seed)
+    m = qm.model
+    m.prepare()
+    m.prepare_screen()
+    assert m.__dict__["_screen"] is None and m.lm_head._dense is None  # no dense matrix held: none built for it
+    m.lm_head._dense = fp.model.lm_head.weight.detach().clone()  # as a tied embedding holds it
+    m.prepare_screen()
+    assert (m.__dict__["_screen"] is not None) == cpu_kernel.has_vnni()
+    x = torch.randn(4, m.SCREEN_ROWS // 4, 64, generator=torch.Generator().manual_seed(seed)) * 3
+    if cpu_kernel.has_vnni():
+        assert torch.equal(m.screened_argmax(x), m.logits(x).argmax(dim=-1))
+    assert torch.equal(m.argmax(x), m.logits(x).argmax(dim=-1))
+    prompts = random_prompts(fp, seed, lens)
+    refs = Decoder(fp, preset="ar", entry_points=False).generate_ids(prompts, max_new_tokens=12).token_ids
+    assert Decoder(qm, preset="ar", entry_points=False).generate_ids(prompts, max_new_tokens=12).token_ids == refs
+    # a decoder builds it once its calls have asked for SCREEN_BLOCKS_AFTER new tokens, not before
+    m.__dict__["_screen"] = None
+    dec = Decoder(qm, preset="ar", entry_points=False)
+    dec.SCREEN_BLOCKS_AFTER = 12 * len(prompts) + 1
+    assert dec.generate_ids(prompts, max_new_tokens=12).token_ids == refs and m.__dict__["_screen"] is None
+    assert dec.generate_ids(prompts[:1], max_new_tokens=1).token_ids == [refs[0][:1]]
+    assert (m.__dict__["_screen"] is not None) == cpu_kernel.has_vnni()
+    assert dec.generate_ids(prompts, max_new_tokens=12).token_ids == refs
+    q8, _ = quantized_pair(seed, activations="q8")
+    q8.model.lm_head._dense = m.lm_head._dense
+    q8.model.prepare_screen()
+    assert q8.model.__dict__["_screen"] is None  # 8-bit activations: the output is that arithmetic's own
+
+
+@needs_kernel
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 50), lens=st.lists(st.integers(1, 24), min_size=1, max_size=5),
        preset=st.sampled_from(["bpd", "medusa", "propd", "eagle", "propd-eagle"]), batch=st.sampled_from([1, 2, 5]))
