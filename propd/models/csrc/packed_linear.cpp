@@ -143,6 +143,9 @@ void block(int64_t mr, const W* panel, const float* x, int64_t K, float* y, int6
 // Each y[m, o] is the same chain of fused multiply-adds over k in order as in the AVX2 path: results are equal bit
 // for bit, whichever path runs.
 constexpr int64_t kMaxBlock512 = 12;
+// AVX-512 products take their panels in pairs (micro512x2, micro_dp2) for one block of rows (up to kMaxBlock512) and
+// from kPairPanelRows rows on; between, two blocks of rows read each pair and the single-panel path was as fast
+constexpr int64_t kPairPanelRows = 24;
 
 #define PROPD_AVX512 __attribute__((target("avx512f")))
 
@@ -175,6 +178,40 @@ template <typename W>
 PROPD_AVX512 void block512(int64_t mr, const W* panel, const float* x, int64_t K, float* y, int64_t ldy,
                            int64_t width, Prefetch pf) {
     with_rows<kMaxBlock512>(mr, [&](auto rows) { micro512<decltype(rows)::value>(panel, x, K, y, ldy, width, pf); });
+}
+
+// Two panels side by side. Few rows: two streams and two chains per row at once, where one panel's stream with the
+// software prefetch of the next ran below the memory rate; many rows (prefill, large batched trees), where the
+// arithmetic bounds the product: per k two weight loads and MR broadcasts feed 2 MR FMAs, where one panel needs
+// MR + 1 loads for MR. Each output is micro512's chain of FMAs, op for op. The second panel's first ``width1`` outputs
+// are real.
+template <int MR>
+PROPD_AVX512 inline void micro512x2(const float* __restrict__ p0, const float* __restrict__ p1,
+                                    const float* __restrict__ x, int64_t K, float* __restrict__ y, int64_t ldy,
+                                    int64_t width1) {
+    __m512 a[MR], b[MR];
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) a[r] = b[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+        const __m512 w0 = _mm512_loadu_ps(p0 + kPanel * k), w1 = _mm512_loadu_ps(p1 + kPanel * k);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) {
+            const __m512 xs = _mm512_set1_ps(x[r * K + k]);
+            a[r] = _mm512_fmadd_ps(w0, xs, a[r]);
+            b[r] = _mm512_fmadd_ps(w1, xs, b[r]);
+        }
+    }
+    const auto keep = static_cast<__mmask16>(width1 == kPanel ? 0xFFFFu : (1u << width1) - 1);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+        _mm512_storeu_ps(y + r * ldy, a[r]);
+        _mm512_mask_storeu_ps(y + r * ldy + kPanel, keep, b[r]);
+    }
+}
+
+PROPD_AVX512 void block512x2(int64_t mr, const float* p0, const float* p1, const float* x, int64_t K, float* y,
+                             int64_t ldy, int64_t width1) {
+    with_rows<kMaxBlock512>(mr, [&](auto rows) { micro512x2<decltype(rows)::value>(p0, p1, x, K, y, ldy, width1); });
 }
 
 // ---------------------------------------------------------------------------------------------- AVX512-BF16 path
@@ -212,6 +249,38 @@ PROPD_AVX512BF16 inline void micro_dp(const uint16_t* __restrict__ panel, const 
 PROPD_AVX512BF16 void block_dp(int64_t mr, const uint16_t* panel, const uint16_t* x, int64_t K2, float* y,
                                int64_t ldy, int64_t width, Prefetch pf) {
     with_rows<kMaxBlock512>(mr, [&](auto rows) { micro_dp<decltype(rows)::value>(panel, x, K2, y, ldy, width, pf); });
+}
+
+// Two pair-packed panels side by side (as micro512x2): each output is micro_dp's sequence of vdpbf16ps, op for op.
+template <int MR>
+PROPD_AVX512BF16 inline void micro_dp2(const uint16_t* __restrict__ p0, const uint16_t* __restrict__ p1,
+                                       const uint16_t* __restrict__ x, int64_t K2, float* __restrict__ y, int64_t ldy,
+                                       int64_t width1) {
+    __m512 a[MR], b[MR];
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) a[r] = b[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K2; ++k) {
+        const __m512i w0 = _mm512_loadu_si512(p0 + 2 * kPanel * k), w1 = _mm512_loadu_si512(p1 + 2 * kPanel * k);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) {
+            uint32_t pair;
+            std::memcpy(&pair, x + r * 2 * K2 + 2 * k, sizeof(pair));
+            const __m512bh xs = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+            a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)w0, xs);
+            b[r] = _mm512_dpbf16_ps(b[r], (__m512bh)w1, xs);
+        }
+    }
+    const auto keep = static_cast<__mmask16>(width1 == kPanel ? 0xFFFFu : (1u << width1) - 1);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+        _mm512_storeu_ps(y + r * ldy, a[r]);
+        _mm512_mask_storeu_ps(y + r * ldy + kPanel, keep, b[r]);
+    }
+}
+
+PROPD_AVX512BF16 void block_dp2(int64_t mr, const uint16_t* p0, const uint16_t* p1, const uint16_t* x, int64_t K2,
+                                float* y, int64_t ldy, int64_t width1) {
+    with_rows<kMaxBlock512>(mr, [&](auto rows) { micro_dp2<decltype(rows)::value>(p0, p1, x, K2, y, ldy, width1); });
 }
 
 // ---------------------------------------------------------------------------------------------- AMX-BF16 path
@@ -459,6 +528,27 @@ struct Out {
 template <typename W>
 Job job_dense(const float* xp, const W* pp, Out out, int64_t M, int64_t K, int64_t O, int64_t P) {
     const bool wide = use_avx512();
+    if constexpr (std::is_same_v<W, float>) {
+        if (wide && (M <= kMaxBlock512 || M >= kPairPanelRows) && out.yb == nullptr) {  // pairs, a last one alone
+            return {P, [=](int64_t begin, int64_t end) {
+                const int64_t nblocks = (M + kMaxBlock512 - 1) / kMaxBlock512;
+                for (int64_t p = begin; p < end; p += 2) {
+                    const int64_t width = std::min<int64_t>(kPanel, O - kPanel * p);
+                    for (int64_t j = 0, m = 0; m < M; ++j) {
+                        const int64_t mr = (M - m + nblocks - j - 1) / (nblocks - j);
+                        float* y = out.y + m * out.ldy + kPanel * p;
+                        if (p + 1 < end) {
+                            block512x2(mr, pp + p * K * kPanel, pp + (p + 1) * K * kPanel, xp + m * K, K, y, out.ldy,
+                                       std::min<int64_t>(kPanel, O - kPanel * (p + 1)));
+                        } else {
+                            block512(mr, pp + p * K * kPanel, xp + m * K, K, y, out.ldy, width, Prefetch{});
+                        }
+                        m += mr;
+                    }
+                }
+            }};
+        }
+    }
     return {P, [=](int64_t begin, int64_t end) {
         for_each_block(reinterpret_cast<const char*>(pp), K * kPanel * static_cast<int64_t>(sizeof(W)), K, M, O, wide,
                        begin, end, [&](int64_t p, int64_t m, int64_t mr, int64_t width, Prefetch pf) {
@@ -515,6 +605,38 @@ Job job_amx(const uint16_t* xp, const uint16_t* pp, Out out, int64_t M, int64_t 
 // The same product on AMX where the CPU has it, else by vdpbf16ps.
 Job job_dp(const uint16_t* xp, const uint16_t* pp, Out out, int64_t M, int64_t K2, int64_t O, int64_t P) {
     if (use_amx()) return job_amx(xp, pp, out, M, K2, O, P);
+    if (M <= kMaxBlock512 || M >= kPairPanelRows) {  // pairs of panels (micro_dp2), a last one alone
+        return {P, [=](int64_t begin, int64_t end) {
+            const int64_t nblocks = (M + kMaxBlock512 - 1) / kMaxBlock512, step = K2 * 2 * kPanel;
+            for (int64_t p = begin; p < end; p += 2) {
+                const int64_t width = std::min<int64_t>(kPanel, O - kPanel * p);
+                for (int64_t j = 0, m = 0; m < M; ++j) {
+                    const int64_t mr = (M - m + nblocks - j - 1) / (nblocks - j);
+                    if (p + 1 >= end) {
+                        out.block(p, m, mr, width, [&](float* y, int64_t ldy) {
+                            block_dp(mr, pp + p * step, xp + m * 2 * K2, K2, y, ldy, width, Prefetch{});
+                        });
+                    } else {
+                        const int64_t width1 = std::min<int64_t>(kPanel, O - kPanel * (p + 1));
+                        if (out.yb == nullptr) {
+                            block_dp2(mr, pp + p * step, pp + (p + 1) * step, xp + m * 2 * K2, K2,
+                                      out.y + m * out.ldy + kPanel * p, out.ldy, width1);
+                        } else {  // float32 sums to a tile, rounded to bfloat16 as Out::block rounds them
+                            alignas(64) float tile[kMaxBlock512 * 2 * kPanel];
+                            block_dp2(mr, pp + p * step, pp + (p + 1) * step, xp + m * 2 * K2, K2, tile, 2 * kPanel,
+                                      width1);
+                            for (int64_t r = 0; r < mr; ++r) {
+                                uint16_t* dst = out.yb + (m + r) * out.ldy + kPanel * p;
+                                for (int64_t c = 0; c < kPanel + width1; ++c)
+                                    dst[c] = c10::BFloat16(tile[r * 2 * kPanel + c]).x;
+                            }
+                        }
+                    }
+                    m += mr;
+                }
+            }
+        }};
+    }
     return {P, [=](int64_t begin, int64_t end) {
         for_each_block(reinterpret_cast<const char*>(pp), K2 * 2 * kPanel * 2, K2, M, O, true, begin, end,
                        [&](int64_t p, int64_t m, int64_t mr, int64_t width, Prefetch pf) {
