@@ -508,44 +508,57 @@ struct Out {
     float* y = nullptr;
     uint16_t* yb = nullptr;
     int64_t ldy = 0;
-    // runs kernel(dst, ld) for rows m .. m + mr - 1, outputs [16 p, 16 p + width)
+    // runs kernel(dst, ld) for rows m .. m + mr - 1 of ``panels`` (1 or 2) panels from p, outputs [16 p, 16 p + width)
     template <typename Kernel>
-    void block(int64_t p, int64_t m, int64_t mr, int64_t width, Kernel&& kernel) const {
+    void block(int64_t p, int64_t m, int64_t mr, int64_t width, Kernel&& kernel, int64_t panels = 1) const {
         if (yb == nullptr) {
             kernel(y + m * ldy + kPanel * p, ldy);
             return;
         }
-        alignas(64) float tile[kPanel * kPanel];  // up to 16 rows (the AMX path's blocks)
-        kernel(tile, kPanel);
+        alignas(64) float tile[2 * kPanel * kPanel];  // up to 16 rows of one panel (AMX) or 12 of two (pairs)
+        const int64_t ld = panels * kPanel;
+        kernel(tile, ld);
         for (int64_t r = 0; r < mr; ++r) {
             uint16_t* dst = yb + (m + r) * ldy + kPanel * p;
-            for (int64_t j = 0; j < width; ++j) dst[j] = c10::BFloat16(tile[r * kPanel + j]).x;
+            for (int64_t j = 0; j < width; ++j) dst[j] = c10::BFloat16(tile[r * ld + j]).x;
         }
     }
 };
+
+// Whether an AVX-512 product of M rows takes its panels in pairs (see kPairPanelRows).
+inline bool pairs_pay(int64_t M) { return M <= kMaxBlock512 || M >= kPairPanelRows; }
+
+// The paired paths' loop over panels [begin, end): two at a time (a last one alone), each pair's M rows in balanced
+// blocks of at most kMaxBlock512; f(p, m, mr, two) runs rows m .. m + mr - 1 of panel p, and of p + 1 where two.
+template <typename F>
+void for_each_pair_block(int64_t M, int64_t begin, int64_t end, F&& f) {
+    const int64_t nblocks = (M + kMaxBlock512 - 1) / kMaxBlock512;
+    for (int64_t p = begin; p < end; p += 2) {
+        for (int64_t j = 0, m = 0; m < M; ++j) {
+            const int64_t mr = (M - m + nblocks - j - 1) / (nblocks - j);
+            f(p, m, mr, p + 1 < end);
+            m += mr;
+        }
+    }
+}
 
 // x (M, K) float32 times the packed weight (P, K, 16) of element type W; a unit is a panel.
 template <typename W>
 Job job_dense(const float* xp, const W* pp, Out out, int64_t M, int64_t K, int64_t O, int64_t P) {
     const bool wide = use_avx512();
     if constexpr (std::is_same_v<W, float>) {
-        if (wide && (M <= kMaxBlock512 || M >= kPairPanelRows) && out.yb == nullptr) {  // pairs, a last one alone
+        if (wide && pairs_pay(M) && out.yb == nullptr) {
             return {P, [=](int64_t begin, int64_t end) {
-                const int64_t nblocks = (M + kMaxBlock512 - 1) / kMaxBlock512;
-                for (int64_t p = begin; p < end; p += 2) {
-                    const int64_t width = std::min<int64_t>(kPanel, O - kPanel * p);
-                    for (int64_t j = 0, m = 0; m < M; ++j) {
-                        const int64_t mr = (M - m + nblocks - j - 1) / (nblocks - j);
-                        float* y = out.y + m * out.ldy + kPanel * p;
-                        if (p + 1 < end) {
-                            block512x2(mr, pp + p * K * kPanel, pp + (p + 1) * K * kPanel, xp + m * K, K, y, out.ldy,
-                                       std::min<int64_t>(kPanel, O - kPanel * (p + 1)));
-                        } else {
-                            block512(mr, pp + p * K * kPanel, xp + m * K, K, y, out.ldy, width, Prefetch{});
-                        }
-                        m += mr;
+                for_each_pair_block(M, begin, end, [&](int64_t p, int64_t m, int64_t mr, bool two) {
+                    const float* panel = pp + p * K * kPanel;
+                    float* y = out.y + m * out.ldy + kPanel * p;
+                    const int64_t width = std::min<int64_t>(kPanel, O - kPanel * (p + two));
+                    if (two) {
+                        block512x2(mr, panel, panel + K * kPanel, xp + m * K, K, y, out.ldy, width);
+                    } else {
+                        block512(mr, panel, xp + m * K, K, y, out.ldy, width, Prefetch{});
                     }
-                }
+                });
             }};
         }
     }
@@ -605,36 +618,19 @@ Job job_amx(const uint16_t* xp, const uint16_t* pp, Out out, int64_t M, int64_t 
 // The same product on AMX where the CPU has it, else by vdpbf16ps.
 Job job_dp(const uint16_t* xp, const uint16_t* pp, Out out, int64_t M, int64_t K2, int64_t O, int64_t P) {
     if (use_amx()) return job_amx(xp, pp, out, M, K2, O, P);
-    if (M <= kMaxBlock512 || M >= kPairPanelRows) {  // pairs of panels (micro_dp2), a last one alone
+    if (pairs_pay(M)) {
         return {P, [=](int64_t begin, int64_t end) {
-            const int64_t nblocks = (M + kMaxBlock512 - 1) / kMaxBlock512, step = K2 * 2 * kPanel;
-            for (int64_t p = begin; p < end; p += 2) {
-                const int64_t width = std::min<int64_t>(kPanel, O - kPanel * p);
-                for (int64_t j = 0, m = 0; m < M; ++j) {
-                    const int64_t mr = (M - m + nblocks - j - 1) / (nblocks - j);
-                    if (p + 1 >= end) {
-                        out.block(p, m, mr, width, [&](float* y, int64_t ldy) {
-                            block_dp(mr, pp + p * step, xp + m * 2 * K2, K2, y, ldy, width, Prefetch{});
-                        });
+            for_each_pair_block(M, begin, end, [&](int64_t p, int64_t m, int64_t mr, bool two) {
+                const uint16_t* panel = pp + p * K2 * 2 * kPanel;
+                const int64_t width = std::min<int64_t>(kPanel, O - kPanel * (p + two));  // of the last panel
+                out.block(p, m, mr, two * kPanel + width, [&](float* y, int64_t ldy) {
+                    if (two) {
+                        block_dp2(mr, panel, panel + K2 * 2 * kPanel, xp + m * 2 * K2, K2, y, ldy, width);
                     } else {
-                        const int64_t width1 = std::min<int64_t>(kPanel, O - kPanel * (p + 1));
-                        if (out.yb == nullptr) {
-                            block_dp2(mr, pp + p * step, pp + (p + 1) * step, xp + m * 2 * K2, K2,
-                                      out.y + m * out.ldy + kPanel * p, out.ldy, width1);
-                        } else {  // float32 sums to a tile, rounded to bfloat16 as Out::block rounds them
-                            alignas(64) float tile[kMaxBlock512 * 2 * kPanel];
-                            block_dp2(mr, pp + p * step, pp + (p + 1) * step, xp + m * 2 * K2, K2, tile, 2 * kPanel,
-                                      width1);
-                            for (int64_t r = 0; r < mr; ++r) {
-                                uint16_t* dst = out.yb + (m + r) * out.ldy + kPanel * p;
-                                for (int64_t c = 0; c < kPanel + width1; ++c)
-                                    dst[c] = c10::BFloat16(tile[r * 2 * kPanel + c]).x;
-                            }
-                        }
+                        block_dp(mr, panel, xp + m * 2 * K2, K2, y, ldy, width, Prefetch{});
                     }
-                    m += mr;
-                }
-            }
+                }, 1 + two);
+            });
         }};
     }
     return {P, [=](int64_t begin, int64_t end) {
