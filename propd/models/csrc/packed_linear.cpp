@@ -58,6 +58,16 @@ struct Prefetch {
     }
 };
 
+// The paired panel kernels (micro512x2, micro_dp2) read one cache line of each panel per step over k and ask for the
+// line kStreamAhead steps on into L2: with a few rows per step the hardware prefetcher keeps too few lines in flight
+// to overlap the weights' stream with the multiply-adds (benchmarks/kernel_ab.py). Past a panel's end the line is the
+// next panel's (or, past the weight's end, unused: a prefetch never faults).
+// float32 panels of fewer rows stream as fast without it.
+constexpr int64_t kStreamAhead = 48;
+constexpr int kStreamAheadRows32 = 6;
+
+inline void stream_ahead(const void* line) { _mm_prefetch(static_cast<const char*>(line), _MM_HINT_T1); }
+
 // Calls f(std::integral_constant<int, R>{}) with R = mr, for 1 <= mr <= Max: the micro-kernels take their row count as
 // a template argument so that every loop over rows unrolls; this is the one switch from a run-time count to it.
 template <int Max, typename Fn>
@@ -143,9 +153,7 @@ void block(int64_t mr, const W* panel, const float* x, int64_t K, float* y, int6
 // Each y[m, o] is the same chain of fused multiply-adds over k in order as in the AVX2 path: results are equal bit
 // for bit, whichever path runs.
 constexpr int64_t kMaxBlock512 = 12;
-// AVX-512 products take their panels in pairs (micro512x2, micro_dp2) for one block of rows (up to kMaxBlock512) and
-// from kPairPanelRows rows on; between, two blocks of rows read each pair and the single-panel path was as fast
-constexpr int64_t kPairPanelRows = 24;
+// AVX-512 products take their panels in pairs (micro512x2, micro_dp2; a last odd panel alone) at every row count.
 
 #define PROPD_AVX512 __attribute__((target("avx512f")))
 
@@ -194,6 +202,10 @@ PROPD_AVX512 inline void micro512x2(const float* __restrict__ p0, const float* _
     for (int r = 0; r < MR; ++r) a[r] = b[r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; ++k) {
         const __m512 w0 = _mm512_loadu_ps(p0 + kPanel * k), w1 = _mm512_loadu_ps(p1 + kPanel * k);
+        if constexpr (MR >= kStreamAheadRows32) {
+            stream_ahead(p0 + kPanel * (k + kStreamAhead));
+            stream_ahead(p1 + kPanel * (k + kStreamAhead));
+        }
 #pragma GCC unroll 16
         for (int r = 0; r < MR; ++r) {
             const __m512 xs = _mm512_set1_ps(x[r * K + k]);
@@ -226,14 +238,12 @@ PROPD_AVX512 void block512x2(int64_t mr, const float* p0, const float* p1, const
 
 template <int MR>
 PROPD_AVX512BF16 inline void micro_dp(const uint16_t* __restrict__ panel, const uint16_t* __restrict__ x, int64_t K2,
-                                      float* __restrict__ y, int64_t ldy, int64_t width, Prefetch pf) {
+                                      float* __restrict__ y, int64_t ldy, int64_t width) {
     __m512 a[MR];
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) a[r] = _mm512_setzero_ps();
-    int64_t count = 0;
     for (int64_t k = 0; k < K2; ++k) {
         const __m512i w = _mm512_loadu_si512(panel + 2 * kPanel * k);
-        pf.step(count);
 #pragma GCC unroll 16
         for (int r = 0; r < MR; ++r) {
             uint32_t pair;
@@ -247,8 +257,8 @@ PROPD_AVX512BF16 inline void micro_dp(const uint16_t* __restrict__ panel, const 
 }
 
 PROPD_AVX512BF16 void block_dp(int64_t mr, const uint16_t* panel, const uint16_t* x, int64_t K2, float* y,
-                               int64_t ldy, int64_t width, Prefetch pf) {
-    with_rows<kMaxBlock512>(mr, [&](auto rows) { micro_dp<decltype(rows)::value>(panel, x, K2, y, ldy, width, pf); });
+                               int64_t ldy, int64_t width) {
+    with_rows<kMaxBlock512>(mr, [&](auto rows) { micro_dp<decltype(rows)::value>(panel, x, K2, y, ldy, width); });
 }
 
 // Two pair-packed panels side by side (as micro512x2): each output is micro_dp's sequence of vdpbf16ps, op for op.
@@ -261,6 +271,8 @@ PROPD_AVX512BF16 inline void micro_dp2(const uint16_t* __restrict__ p0, const ui
     for (int r = 0; r < MR; ++r) a[r] = b[r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K2; ++k) {
         const __m512i w0 = _mm512_loadu_si512(p0 + 2 * kPanel * k), w1 = _mm512_loadu_si512(p1 + 2 * kPanel * k);
+        stream_ahead(p0 + 2 * kPanel * (k + kStreamAhead));
+        stream_ahead(p1 + 2 * kPanel * (k + kStreamAhead));
 #pragma GCC unroll 16
         for (int r = 0; r < MR; ++r) {
             uint32_t pair;
@@ -525,9 +537,6 @@ struct Out {
     }
 };
 
-// Whether an AVX-512 product of M rows takes its panels in pairs (see kPairPanelRows).
-inline bool pairs_pay(int64_t M) { return M <= kMaxBlock512 || M >= kPairPanelRows; }
-
 // The paired paths' loop over panels [begin, end): two at a time (a last one alone), each pair's M rows in balanced
 // blocks of at most kMaxBlock512; f(p, m, mr, two) runs rows m .. m + mr - 1 of panel p, and of p + 1 where two.
 template <typename F>
@@ -547,7 +556,7 @@ template <typename W>
 Job job_dense(const float* xp, const W* pp, Out out, int64_t M, int64_t K, int64_t O, int64_t P) {
     const bool wide = use_avx512();
     if constexpr (std::is_same_v<W, float>) {
-        if (wide && pairs_pay(M) && out.yb == nullptr) {
+        if (wide && out.yb == nullptr) {
             return {P, [=](int64_t begin, int64_t end) {
                 for_each_pair_block(M, begin, end, [&](int64_t p, int64_t m, int64_t mr, bool two) {
                     const float* panel = pp + p * K * kPanel;
@@ -618,28 +627,18 @@ Job job_amx(const uint16_t* xp, const uint16_t* pp, Out out, int64_t M, int64_t 
 // The same product on AMX where the CPU has it, else by vdpbf16ps.
 Job job_dp(const uint16_t* xp, const uint16_t* pp, Out out, int64_t M, int64_t K2, int64_t O, int64_t P) {
     if (use_amx()) return job_amx(xp, pp, out, M, K2, O, P);
-    if (pairs_pay(M)) {
-        return {P, [=](int64_t begin, int64_t end) {
-            for_each_pair_block(M, begin, end, [&](int64_t p, int64_t m, int64_t mr, bool two) {
-                const uint16_t* panel = pp + p * K2 * 2 * kPanel;
-                const int64_t width = std::min<int64_t>(kPanel, O - kPanel * (p + two));  // of the last panel
-                out.block(p, m, mr, two * kPanel + width, [&](float* y, int64_t ldy) {
-                    if (two) {
-                        block_dp2(mr, panel, panel + K2 * 2 * kPanel, xp + m * 2 * K2, K2, y, ldy, width);
-                    } else {
-                        block_dp(mr, panel, xp + m * 2 * K2, K2, y, ldy, width, Prefetch{});
-                    }
-                }, 1 + two);
-            });
-        }};
-    }
     return {P, [=](int64_t begin, int64_t end) {
-        for_each_block(reinterpret_cast<const char*>(pp), K2 * 2 * kPanel * 2, K2, M, O, true, begin, end,
-                       [&](int64_t p, int64_t m, int64_t mr, int64_t width, Prefetch pf) {
-                           out.block(p, m, mr, width, [&](float* y, int64_t ldy) {
-                               block_dp(mr, pp + p * K2 * 2 * kPanel, xp + m * 2 * K2, K2, y, ldy, width, pf);
-                           });
-                       });
+        for_each_pair_block(M, begin, end, [&](int64_t p, int64_t m, int64_t mr, bool two) {
+            const uint16_t* panel = pp + p * K2 * 2 * kPanel;
+            const int64_t width = std::min<int64_t>(kPanel, O - kPanel * (p + two));  // of the last panel
+            out.block(p, m, mr, two * kPanel + width, [&](float* y, int64_t ldy) {
+                if (two) {
+                    block_dp2(mr, panel, panel + K2 * 2 * kPanel, xp + m * 2 * K2, K2, y, ldy, width);
+                } else {
+                    block_dp(mr, panel, xp + m * 2 * K2, K2, y, ldy, width);
+                }
+            }, 1 + two);
+        });
     }};
 }
 
