@@ -6,6 +6,12 @@ prompts and of longer documents); each time is the mean of 100 calls after 10 un
 with the output in the (B, T, Hq * D) layout the output projection takes. Also checks that the two agree.
 
     python benchmarks/attention.py [float32|bfloat16]     # a few seconds
+
+``causal`` times a prefill's causal self-attention instead (float32, AVX-512): ``cpu_kernel.causal_attention``
+against SDPA's ``is_causal`` over a whole prompt of T tokens (and a second chunk of T / 2 tokens after T), best of 7
+rounds of 5 calls, in milliseconds per layer:
+
+    python benchmarks/attention.py causal
 """
 
 import sys
@@ -16,9 +22,50 @@ import torch.nn.functional as F
 
 from propd.models import cpu_kernel
 
-dtype = getattr(torch, sys.argv[1] if len(sys.argv) > 1 else "float32")
 if cpu_kernel.extension() is None:
     sys.exit("the CPU kernel is unavailable here")
+
+
+def causal() -> None:
+    if not cpu_kernel.isa().startswith("avx512"):
+        sys.exit("the causal prefill kernel runs on AVX-512 only; this CPU has " + cpu_kernel.isa())
+
+    def best_ms(f):
+        ts = []
+        for _ in range(7):
+            t = time.perf_counter()
+            for _ in range(5):
+                f()
+            ts.append((time.perf_counter() - t) / 5)
+        return min(ts) * 1e3
+
+    torch.manual_seed(0)
+    print(f"{'T':>5} {'before':>6}  {'SDPA ms':>8} {'kernel ms':>9}  ratio")
+    for T, before in ((300, 0), (700, 0), (1000, 0), (1400, 0), (2000, 0), (500, 1000)):
+        S = before + T
+        k, v = torch.randn(1, 3, S + 20, 64)[:, :, :S], torch.randn(1, 3, S + 20, 64)[:, :, :S]
+        q = torch.randn(1, 9, T, 64)
+        mask = torch.arange(S)[None, :] <= before + torch.arange(T)[:, None]
+
+        def sdpa():
+            if before == 0:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            return out.transpose(1, 2).reshape(1, T, 576)
+
+        def kern():
+            return cpu_kernel.causal_attention(q, k, v, 0.125)
+
+        torch.testing.assert_close(kern(), sdpa(), rtol=1e-5, atol=1e-5)
+        a, b = best_ms(sdpa), best_ms(kern)
+        print(f"{T:>5} {before:>6}  {a:8.2f} {b:9.2f}  {b / a:5.2f}")
+
+
+if len(sys.argv) > 1 and sys.argv[1] == "causal":
+    causal()
+    sys.exit(0)
+dtype = getattr(torch, sys.argv[1] if len(sys.argv) > 1 else "float32")
 
 
 def mean_us(f, n=100):

@@ -131,6 +131,10 @@ class KernelAttention(Attention):
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
         if cpu_kernel.attention_fits(q, keys, a.decoding, _exact(self)):  # decoding steps (cpu_kernel.attention)
             return self.o_proj(cpu_kernel.attention(q, keys, values, a.mask[:, 0], self.cfg.head_dim ** -0.5))
+        if a.causal and cpu_kernel.causal_fits(q, keys):  # a prefill chunk without padding
+            S = a.key_len - 1
+            return self.o_proj(cpu_kernel.causal_attention(q, keys[:, :, :S], values[:, :, :S],
+                                                           self.cfg.head_dim ** -0.5))
         return super().attend(q, keys, values, a)
 
 

@@ -64,8 +64,9 @@ class AttentionInputs:
     mask: torch.Tensor  # (B, 1, T, S) bool, True = may attend
     key_len: int  # S: cache positions [0, S) are read
     decoding: bool = True  # a decoding step (False: a prefill), for the CPU kernels' choice
-    # the queries are positions 0 .. T-1 of every row, with nothing cached before them and no padding: the mask is
-    # the causal one over keys [0, T), which SDPA's is_causal computes without the masked half
+    # the queries are positions S - T .. S - 1 of every row (S = key_len - 1: the last key is the padding's scratch
+    # slot), with only earlier positions of the same prompt cached and no padding: the mask is the causal one over
+    # keys [0, S), which a causal kernel computes without the masked part (SDPA's is_causal where S == T)
     causal: bool = False
 
 
@@ -101,7 +102,7 @@ class Attention(nn.Module):
         """Attention of q (B, Hq, T, D) over the cache's keys and values, then the output projection (B, T, H)."""
         B, _, T, _ = q.shape
         c = self.cfg
-        if a.causal:
+        if a.causal and a.key_len - 1 == T:
             out = F.scaled_dot_product_attention(q, keys[:, :, :T], values[:, :, :T], is_causal=True,
                                                  enable_gqa=c.num_heads != c.num_kv_heads)  # (B, Hq, T, D)
         else:
@@ -370,8 +371,9 @@ class LlamaModel(nn.Module):
 
     # a prefill runs its prompts in chunks of this many positions: a chunk attends only to the chunks before it and to
     # itself, so attention computes about P^2 / 2 + P * C / 2 scores where one P x P masked call computes P^2 (the
-    # masked half too), and the mask is (C, S) instead of (P, P). The first chunk of rows without padding needs no mask
-    # (``AttentionInputs.causal``: SDPA skips the masked half), so prompts up to this length are one causal call.
+    # masked half too), and the mask is (C, S) instead of (P, P). A chunk of rows without padding needs no mask
+    # (``AttentionInputs.causal``: the CPU extension's causal kernel, or SDPA's is_causal for a first chunk, skips the
+    # masked part), so prompts up to this length are one causal call.
     # Above KernelLinear's skinny range (256 rows), the products stay plain matrix products.
     PREFILL_CHUNK = 1024
 
@@ -399,7 +401,7 @@ class LlamaModel(nn.Module):
         for start, T, real, node_idx in prefill_chunks(lens, longest, self.PREFILL_CHUNK):
             causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=dev))
             a = self.attention_inputs(cache, node_idx, causal, torch.arange(T, device=dev), decoding=False)
-            if start == 0 and min(host_lens) >= T:  # no cache before the chunk, no padding in it
+            if min(host_lens) >= start + T:  # no padding in the chunk or before it
                 a = attrs.evolve(a, causal=True)
             h, at = self.embed(tokens[:, start:start + T]), 0
             for layer in layers:

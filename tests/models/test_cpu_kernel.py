@@ -332,6 +332,52 @@ HAS_BF16_PAIRS = HAS_AVX512 and cpu_kernel.extension().isa() in ("avx512bf16", "
 HAS_AMX = HAS_AVX512 and cpu_kernel.extension().isa() == "avx512bf16-amx"
 
 
+@pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512F: prefill attention stays on SDPA")
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 2), hk=st.integers(1, 3), group=st.integers(1, 3), t=st.integers(1, 45),
+       before=st.sampled_from([0, 0, 1, 17, 64]), d=st.sampled_from([64, 128]), seed=st.integers(0, 1000))
+def test_causal_attention_equals_sdpa_and_each_row_alone(b, hk, group, t, before, d, seed):
+    """A prefill chunk's causal attention (positions ``before`` .. ``before + t - 1`` over keys [0, S)): SDPA's
+    result with the causal mask, a batch row's result its own alone, and nothing read past the keys."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    S = before + t
+    kc, vc = torch.randn(b, hk, S + 5, d, generator=g), torch.randn(b, hk, S + 5, d, generator=g)
+    kc[:, :, S:] = vc[:, :, S:] = float("nan")  # the cache past the chunk: must never leak into the result
+    q = torch.randn(b, hk * group, t, d, generator=g)
+    k, v = kc[:, :, :S], vc[:, :, :S]
+    assert cpu_kernel.causal_fits(q, k)
+    out = cpu_kernel.causal_attention(q, k, v, d ** -0.5)
+    mask = torch.arange(S)[None, :] <= before + torch.arange(t)[:, None]  # (t, S)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                         enable_gqa=True).transpose(1, 2).reshape(b, t, -1)
+    assert out.shape == (b, t, hk * group * d) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(cpu_kernel.causal_attention(q[-1:], k[-1:], v[-1:], d ** -0.5), out[-1:])
+    assert not _under(1, lambda: cpu_kernel.causal_fits(q, k))  # the AVX2 path leaves it to SDPA
+
+
+def test_a_long_prefill_takes_the_causal_kernel_in_every_chunk(monkeypatch):
+    """Prompts longer than a prefill chunk: every chunk of rows without padding is causal (the kernel's on AVX-512,
+    above the decoding kernel's query count), and the prefill's last hidden states match the masked SDPA path's."""
+    from propd.models.llama import LlamaModel
+    from propd.testing import tiny_model
+
+    model = tiny_model(seed=3, hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=64).model
+    model.prepare()
+    monkeypatch.setattr(LlamaModel, "PREFILL_CHUNK", 24)
+    calls = []
+    real = cpu_kernel.causal_attention
+    monkeypatch.setattr(cpu_kernel, "causal_attention", lambda *a: calls.append(a[0].shape[2]) or real(*a))
+    prompts = [[(7 * i + 3) % 120 + 5 for i in range(60)], [(5 * i + 1) % 120 + 5 for i in range(60)]]
+    last = model.prefill(model.new_cache(2, 64), prompts)
+    assert calls == ([24, 24] * model.num_layers if HAS_AVX512 else [])  # (12: the decoding kernel's)
+    monkeypatch.setattr(cpu_kernel, "causal_fits", lambda *a: False)
+    ref_cache = model.new_cache(2, 64)
+    torch.testing.assert_close(model.prefill(ref_cache, prompts), last, rtol=1e-4, atol=1e-5)
+
+
 def _under(limit: int, fn, isa: str | None = None):
     """``fn()`` while the kernel is limited to ``limit`` (0: the best path; 1: AVX2; 2: AVX-512 without AMX), which
     ``isa()`` then reads as ``isa`` where given."""

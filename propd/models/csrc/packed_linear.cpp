@@ -1726,6 +1726,237 @@ torch::Tensor tree_attention(const torch::Tensor& q, const torch::Tensor& k, con
     return out;
 }
 
+// ---------------------------------------------------------------------------------------------- prefill attention
+// Causal self-attention of a prompt's chunk (a prefill's T positions S - T .. S - 1 over keys [0, S)), float32 on
+// AVX-512: flash attention (Dao et al., "FlashAttention", 2022) with the online softmax (Milakov and Gimelshein, 2018). The keys of each key head are
+// first transposed into blocks of 16 (D, 16), so that a tile of 12 query rows scores 16 keys per register with one
+// load of keys and 12 broadcasts of queries per d, as a product's micro-kernel; each 64 keys update the rows' running
+// max, sum and output (O <- O exp(m_old - m_new) + P V). Rows are independent of each other and of the batch.
+namespace causal {
+
+constexpr int64_t kRows = 12;  // query rows (tokens of one head) per tile
+constexpr int64_t kKeys = 64;  // keys per online-softmax update
+
+PROPD_AVX512 inline __m512 exp16(__m512 x) {  // exp8's polynomial on 16 lanes
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+PROPD_AVX512 inline void transpose16(__m512* r) {  // r[i][j] -> r[j][i], a 16 x 16 block of float32
+    __m512 t[16];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+        const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+        const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+    }
+}
+
+// kt (nb, D, 16): block j holds keys 16 j .. 16 j + 15 of one key head, transposed; keys past T are 0.
+template <int64_t D>
+PROPD_AVX512 void transpose_keys(const float* k, int64_t sk, int64_t T, int64_t j, float* kt) {
+    float* dst = kt + j * D * 16;
+    const int64_t n = std::min<int64_t>(16, T - 16 * j);
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        __m512 r[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i)
+            r[i] = i < n ? _mm512_loadu_ps(k + (16 * j + i) * sk + d0) : _mm512_setzero_ps();
+        transpose16(r);
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) _mm512_store_ps(dst + (d0 + i) * 16, r[i]);
+    }
+}
+
+// Scores of MR rows (q rows at stride qs) against the 16 keys from s (a block of kt): rows x 16, scaled, -inf past
+// each row's own position (row r is at position p0 + r).
+template <int MR, int64_t D>
+PROPD_AVX512 inline void score16(const float* q, int64_t qs, const float* ktj, int64_t p0, int64_t s, float scale,
+                                 float* S, int64_t ldS) {
+    __m512 a[MR];
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) a[r] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+        const __m512 kv = _mm512_load_ps(ktj + d * 16);
+#pragma GCC unroll 12
+        for (int r = 0; r < MR; ++r) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * qs + d]), kv, a[r]);
+    }
+    const __m512 sc = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
+    const __m512i keys = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(s)),
+                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+        const __mmask16 ok = _mm512_cmple_epi32_mask(keys, _mm512_set1_epi32(static_cast<int>(p0 + r)));
+        _mm512_storeu_ps(S + r * ldS, _mm512_mask_blend_ps(ok, ninf, _mm512_mul_ps(a[r], sc)));
+    }
+}
+
+// O[r] += sum over s in [0, n) of P[r][s] v_s for MR rows, D = 16 NC values each.
+template <int MR, int NC>
+PROPD_AVX512 inline void add_values(const float* P, int64_t ldP, const float* v, int64_t sv, int64_t n, float* O) {
+    __m512 acc[MR][NC];
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+        for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_loadu_ps(O + r * 16 * NC + 16 * c);
+    for (int64_t s = 0; s < n; ++s) {
+        __m512 vv[NC];
+#pragma GCC unroll 8
+        for (int c = 0; c < NC; ++c) vv[c] = _mm512_loadu_ps(v + s * sv + 16 * c);
+#pragma GCC unroll 6
+        for (int r = 0; r < MR; ++r) {
+            const __m512 w = _mm512_set1_ps(P[r * ldP + s]);
+#pragma GCC unroll 8
+            for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_fmadd_ps(w, vv[c], acc[r][c]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+        for (int c = 0; c < NC; ++c) _mm512_storeu_ps(O + r * 16 * NC + 16 * c, acc[r][c]);
+}
+
+// One tile: rows at positions p0 .. p0 + MR - 1 of one head, q rows at stride qs, out rows at stride os.
+template <int MR, int64_t D>
+PROPD_AVX512 void tile(const float* q, int64_t qs, const float* kt, const float* v, int64_t sv, int64_t p0,
+                       float scale, float* out, int64_t os) {
+    constexpr int NC = static_cast<int>(D / 16), RG = NC <= 4 ? 24 / NC : 2;  // rows per value pass
+    alignas(64) float S[kRows * kKeys];
+    alignas(64) float O[kRows * D];
+    float m[kRows], l[kRows];
+    std::fill(O, O + MR * D, 0.0f);
+    std::fill(m, m + MR, -INFINITY);
+    std::fill(l, l + MR, 0.0f);
+    const int64_t last = p0 + MR;  // keys [0, last) matter
+    for (int64_t s0 = 0; s0 < last; s0 += kKeys) {
+        const int64_t n = std::min(kKeys, last - s0);
+        for (int64_t j = 0; j < n; j += 16)
+            score16<MR, D>(q, qs, kt + (s0 + j) / 16 * D * 16, p0, s0 + j, scale, S + j, kKeys);
+        const int64_t n16 = (n + 15) / 16 * 16;
+        for (int r = 0; r < MR; ++r) {
+            float* Sr = S + r * kKeys;
+            __m512 mx = _mm512_set1_ps(-INFINITY);
+            for (int64_t j = 0; j < n16; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(Sr + j));
+            const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
+            if (m_new == -INFINITY) continue;  // nothing seen yet (not reached: key 0 is every row's)
+            const __m512 mm = _mm512_set1_ps(m_new), ninf = _mm512_set1_ps(-INFINITY);
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t j = 0; j < n16; j += 16) {
+                const __m512 x = _mm512_loadu_ps(Sr + j);
+                const __m512 p = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ),
+                                                     exp16(_mm512_sub_ps(x, mm)));
+                _mm512_storeu_ps(Sr + j, p);
+                sum = _mm512_add_ps(sum, p);
+            }
+            const float corr = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - m_new);
+            l[r] = l[r] * corr + _mm512_reduce_add_ps(sum);
+            m[r] = m_new;
+            if (corr != 1.0f) {
+                const __m512 c = _mm512_set1_ps(corr);
+                for (int64_t d = 0; d < D; d += 16)
+                    _mm512_storeu_ps(O + r * D + d, _mm512_mul_ps(_mm512_loadu_ps(O + r * D + d), c));
+            }
+        }
+        const float* vs0 = v + s0 * sv;
+        for (int r = 0; r < MR; r += RG)
+            with_rows<RG>(std::min<int64_t>(RG, MR - r), [&](auto g) {
+                add_values<decltype(g)::value, NC>(S + r * kKeys, kKeys, vs0, sv, n, O + r * D);
+            });
+    }
+    for (int r = 0; r < MR; ++r) {
+        const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
+        for (int64_t d = 0; d < D; d += 16)
+            _mm512_storeu_ps(out + r * os + d, _mm512_mul_ps(_mm512_loadu_ps(O + r * D + d), inv));
+    }
+}
+
+template <int64_t D>
+void run(const float* q, const int64_t* qst, const float* k, const int64_t* kst, const float* v, const int64_t* vst,
+         float* out, int64_t B, int64_t Hq, int64_t Hk, int64_t T, int64_t S, float scale) {
+    const int64_t nb = (S + 15) / 16, group = Hq / Hk, tiles = (T + kRows - 1) / kRows;
+    auto kt_buf = torch::empty({B * Hk * nb * D * 16 + 16}, torch::kFloat32);
+    float* kt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(kt_buf.data_ptr<float>()) + 63) & ~uintptr_t(63));
+    parallel_units(B * Hk * nb, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const int64_t bg = i / nb, j = i % nb;
+            transpose_keys<D>(k + (bg / Hk) * kst[0] + (bg % Hk) * kst[1], kst[2], S, j, kt + bg * nb * D * 16);
+        }
+    });
+    // units: (row b, head h, tile); tiles taken from both ends in turn, so that contiguous ranges of units hold as
+    // many long tiles (late tokens see more keys) as short ones
+    parallel_units(B * Hq * tiles, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const int64_t u = i % tiles, bh = i / tiles, b = bh / Hq, h = bh % Hq, g = h / group;
+            const int64_t t = u % 2 == 0 ? u / 2 : tiles - 1 - u / 2, t0 = t * kRows;
+            const int64_t rows = std::min(kRows, T - t0);
+            const float* qh = q + b * qst[0] + h * qst[1] + t0 * qst[2];
+            const float* kth = kt + (b * Hk + g) * nb * D * 16;
+            const float* vh = v + b * vst[0] + g * vst[1];
+            float* o = out + (b * T + t0) * Hq * D + h * D;
+            with_rows<kRows>(rows, [&](auto n) {
+                tile<decltype(n)::value, D>(qh, qst[2], kth, vh, vst[2], S - T + t0, scale, o, Hq * D);
+            });
+        }
+    });
+}
+
+}  // namespace causal
+
+// Causal self-attention of a prefill chunk: q (B, Hq, T, D) at positions S - T .. S - 1, keys and values (B, Hk, S, D)
+// with unit stride in D (views of the cache), each query seeing keys [0, its position]; float32, D of 64 or 128, on
+// AVX-512. Returns (B, T, Hq * D).
+torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale) {
+    TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "causal_attention: bad ranks");
+    const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hk = k.size(1), S = k.size(2);
+    TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
+                q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+                "causal_attention: float32 CPU tensors");
+    TORCH_CHECK((D == 64 || D == 128) && Hk > 0 && Hq % Hk == 0 && k.size(0) == B && v.size(0) == B &&
+                v.size(1) == Hk && S >= T && v.size(2) == S && k.size(3) == D && v.size(3) == D &&
+                q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "causal_attention: shapes do not fit");
+    TORCH_CHECK(use_avx512(), "causal_attention: needs AVX-512");
+    auto out = torch::empty({B, T, Hq * D}, q.options());
+    if (B * T * Hq == 0) return out;
+    const int64_t qst[3] = {q.stride(0), q.stride(1), q.stride(2)}, kst[3] = {k.stride(0), k.stride(1), k.stride(2)},
+                  vst[3] = {v.stride(0), v.stride(1), v.stride(2)};
+    const auto f = D == 64 ? &causal::run<64> : &causal::run<128>;
+    f(q.data_ptr<float>(), qst, k.data_ptr<float>(), kst, v.data_ptr<float>(), vst, out.data_ptr<float>(), B, Hq, Hk,
+      T, S, static_cast<float>(scale));
+    return out;
+}
+
 // (O, K) float32 or bfloat16 -> (ceil(O/16), K, 16) of the same type, zero-padded.
 torch::Tensor pack(const torch::Tensor& w) {
     TORCH_CHECK(w.dim() == 2 && kernel_dtype(w.scalar_type()) && w.device().is_cpu(),
@@ -2550,6 +2781,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     }, "x rounded to int8 per block of 32 (xq, dx, sx, qsum), as the 8-bit-activation kernel rounds it");
     m.def("dequantize_packed", &dequantize_packed, "the (O, K) float32 matrix of GGUF blocks packed by propd.models.quant");
     m.def("tree_attention", &tree_attention, "attention of a few query tokens per row over cached keys");
+    m.def("causal_attention", &causal_attention, "causal self-attention of a prefill chunk");
     m.def("rope_and_cache", &rope_and_cache, "rotary embedding of q and k, and the cache write of k and v");
     m.def("rms_norm", &rms_norm, "RMSNorm of each row");
     m.def("row_argmax", &row_argmax, "torch.argmax(x, dim=-1) of (N, V) rows");
