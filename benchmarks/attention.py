@@ -3,7 +3,9 @@
 Shapes of the default model's layers (9 query heads, 3 key heads, head size 64) for B rows of T query tokens over S
 cached keys (a random mask, 70% allowed; 800 and 1,430 keys are the contexts of Spec-Bench's summarization and RAG
 prompts and of longer documents); each time is the mean of 100 calls after 10 untimed ones, in microseconds,
-with the output in the (B, T, Hq * D) layout the output projection takes. Also checks that the two agree.
+with the output in the (B, T, Hq * D) layout the output projection takes. Also checks that the two agree. In float32
+on AVX-512 a last column times the kernel without row invariance (``invariant=False``, as float32 steps call it: from
+4 query tokens the causal kernel's tiles).
 
     python benchmarks/attention.py [float32|bfloat16]     # a few seconds
 
@@ -78,7 +80,8 @@ def mean_us(f, n=100):
 
 
 torch.manual_seed(0)
-print(f"{'B':>3} {'T':>3} {'S':>4}  {'SDPA us':>8} {'kernel us':>9}  ratio")
+tiles = dtype == torch.float32 and cpu_kernel.isa().startswith("avx512")
+print(f"{'B':>3} {'T':>3} {'S':>4}  {'SDPA us':>8} {'kernel us':>9}  ratio" + ("  tiles us  ratio" if tiles else ""))
 for B, T, S in ((1, 1, 200), (1, 4, 200), (1, 8, 200), (1, 16, 300), (1, 32, 250), (1, 64, 250), (4, 1, 300),
                 (4, 8, 300), (4, 16, 300), (16, 1, 300), (16, 4, 300),
                 (1, 1, 800), (1, 4, 800), (1, 8, 800), (1, 16, 800), (1, 1, 1430), (1, 5, 1430), (1, 8, 1430)):
@@ -98,4 +101,12 @@ for B, T, S in ((1, 1, 200), (1, 4, 200), (1, 8, 200), (1, 16, 300), (1, 32, 250
     torch.testing.assert_close(kern().float(), sdpa().float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
                                atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
     a, b = mean_us(sdpa), mean_us(kern)
-    print(f"{B:>3} {T:>3} {S:>4}  {a:8.0f} {b:9.0f}  {b / a:5.2f}")
+    line = f"{B:>3} {T:>3} {S:>4}  {a:8.0f} {b:9.0f}  {b / a:5.2f}"
+    if tiles:
+        def tiled():
+            return cpu_kernel.attention(q, k, v, m, 0.125, invariant=False)
+
+        torch.testing.assert_close(tiled(), sdpa(), rtol=1e-5, atol=1e-5)
+        c = mean_us(tiled)
+        line += f"  {c:8.0f}  {c / a:5.2f}"
+    print(line)

@@ -241,7 +241,7 @@ def attention_fits(q: torch.Tensor, keys: torch.Tensor, decoding: bool = True, e
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-              scale: float) -> torch.Tensor:
+              scale: float, invariant: bool = True) -> torch.Tensor:
     """Softmax attention of few queries over cached keys: q (B, Hq, T, D), keys and values (B, Hk, S, D) (views of the
     cache, Hq a multiple of Hk), mask (B, T, S) bool, true where a query may attend. Returns (B, T, Hq * D).
 
@@ -250,8 +250,13 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
     bit for bit. The rows that share a key head are taken in blocks that walk the keys in tiles of 64, so a tile is
     read from memory once per block. Scores and sums are float32 (bfloat16 inputs are widened, the output rounded
     once); the softmax's exp is a polynomial within about 2 ulp of ``expf``. ``python benchmarks/attention.py``
-    compares it with ``F.scaled_dot_product_attention``."""
-    return _state["ext"].tree_attention(q, keys, values, mask, scale)
+    compares it with ``F.scaled_dot_product_attention``.
+
+    Without ``invariant`` (float32 steps, where a last-bit difference does not change tokens: :func:`rounds_to_tokens`),
+    a step of at least 4 query tokens per row on an AVX-512 CPU (head size 64 or 128) runs on the tiles of
+    :func:`causal_attention` instead, over its keys transposed for the call: 0.7-0.97x the time at 3-16 tokens
+    (``python benchmarks/attention.py``), each row then depending on the others in its last bits."""
+    return _state["ext"].step_attention(q, keys, values, mask, scale, invariant)
 
 
 def causal_fits(q: torch.Tensor, keys: torch.Tensor) -> bool:
@@ -326,14 +331,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def decoder_layer(x: torch.Tensor, weights: list[torch.Tensor], outs: list[int], cos: torch.Tensor, sin: torch.Tensor,
                   cache_k: torch.Tensor, cache_v: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, eps: float,
-                  scale: float) -> torch.Tensor:
+                  scale: float, invariant: bool = True) -> torch.Tensor:
     """A whole Llama decoder layer of a decoding step in one call: :func:`rms_norm`, the q/k/v products,
     :func:`rope_and_cache`, :func:`attention`, the output product and residual, :func:`rms_norm`, gate and up,
     ``silu(gate) * up`` (torch's ops), down and residual, in ``DecoderLayer.forward``'s order and with its functions,
     so the result is the same bit for bit; what goes is the Python between the parts (see
     ``DecoderLayer._fused_weights`` for when it is used)."""
     return _state["ext"].decoder_layer(x, weights, outs, cos.contiguous(), sin.contiguous(), cache_k, cache_v,
-                                       pos.contiguous(), mask.contiguous(), eps, scale)
+                                       pos.contiguous(), mask.contiguous(), eps, scale, invariant)
 
 
 def pack_blocks(blocks: torch.Tensor, block_bytes: int) -> torch.Tensor:

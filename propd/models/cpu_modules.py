@@ -130,12 +130,19 @@ class KernelAttention(Attention):
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
         if cpu_kernel.attention_fits(q, keys, a.decoding, _exact(self)):  # decoding steps (cpu_kernel.attention)
-            return self.o_proj(cpu_kernel.attention(q, keys, values, a.mask[:, 0], self.cfg.head_dim ** -0.5))
+            return self.o_proj(cpu_kernel.attention(q, keys, values, a.mask[:, 0], self.cfg.head_dim ** -0.5,
+                                                    _invariant(self, q.dtype)))
         if a.causal and cpu_kernel.causal_fits(q, keys):  # a prefill chunk without padding
             S = a.key_len - 1
             return self.o_proj(cpu_kernel.causal_attention(q, keys[:, :, :S], values[:, :, :S],
                                                            self.cfg.head_dim ** -0.5))
         return super().attend(q, keys, values, a)
+
+
+def _invariant(attn: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether a decoding step's attention must keep each row's bits whatever the rows beside it
+    (``cpu_kernel.rounds_to_tokens``; see ``cpu_kernel.attention``)."""
+    return cpu_kernel.rounds_to_tokens(dtype, _exact(attn))
 
 
 def _exact(attn: nn.Module) -> bool:
@@ -159,7 +166,8 @@ class KernelDecoderLayer(DecoderLayer):
             weights, outs = fused
             cos, sin, pos, mask = _layer_inputs(a)
             return cpu_kernel.decoder_layer(x, weights, outs, cos, sin, cache_k, cache_v, pos, mask,
-                                            self.input_layernorm.eps, self.self_attn.cfg.head_dim ** -0.5)
+                                            self.input_layernorm.eps, self.self_attn.cfg.head_dim ** -0.5,
+                                            _invariant(self.self_attn, x.dtype))
         return super().forward(x, layer, cache, a)
 
     def _fused_weights(self, x: torch.Tensor, cache_k: torch.Tensor, decoding: bool = True
@@ -256,7 +264,8 @@ def run_layers_fused(model, h: torch.Tensor, start: int, end: int, cache: KVCach
             if all(f is not None and f[1] == fused[0][1] for f in fused) and all(
                     layer.input_layernorm.eps == eps and layer.post_attention_layernorm.eps == eps for layer in layers):
                 stack = cpu_kernel.extension().LayerStack([w for f in fused for w in f[0]], fused[0][1], eps, scale,
-                                                          [t for _, _, t, _ in stamps if t is not None])
+                                                          [t for _, _, t, _ in stamps if t is not None],
+                                                          _invariant(first.self_attn, h.dtype))
         hit = stacks[key] = (key, stack, stamps)
     if hit[1] is None:
         return None

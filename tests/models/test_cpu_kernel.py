@@ -378,6 +378,56 @@ def test_a_long_prefill_takes_the_causal_kernel_in_every_chunk(monkeypatch):
     torch.testing.assert_close(model.prefill(ref_cache, prompts), last, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512F: every step takes the row-invariant kernel")
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 2), hk=st.integers(1, 3), group=st.integers(1, 3), t=st.integers(1, 16),
+       s=st.integers(1, 90), d=st.sampled_from([64, 128]), pad=st.booleans(), seed=st.integers(0, 1000))
+def test_a_float32_step_without_invariance_takes_the_tiles_and_equals_sdpa(b, hk, group, t, s, d, pad, seed):
+    """``cpu_kernel.attention(..., invariant=False)`` (float32 steps of 4+ tokens: the causal kernel's tiles over a
+    tree mask): SDPA's result, never reading the slots no query sees (left NaN here: unwritten cache, a shorter row's
+    tail, the padding slot), and the row-invariant kernel's result below 4 tokens, bit for bit."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    S = s + t + 1  # prefix, tree, padding slot
+    kc, vc = torch.randn(b, hk, S + 5, d, generator=g), torch.randn(b, hk, S + 5, d, generator=g)
+    mask = torch.zeros(b, t, S, dtype=torch.bool)
+    for i in range(b):
+        n = s - i % 2 * min(s - 1, 3)  # the second row is shorter: its last prefix slots are unwritten
+        mask[i, :, :n] = True
+        mask[i, :, s:s + t] = (torch.rand(t, t, generator=g) < 0.5) | torch.eye(t, dtype=torch.bool)
+        kc[i, :, n:s] = vc[i, :, n:s] = float("nan")
+    if pad:  # the last query of the first row is padding: it sees its slot only
+        mask[0, -1] = False
+        mask[0, -1, -1] = True
+    unseen = ~mask.any(1)  # (b, S)
+    for i in range(b):
+        kc[i, :, :S][:, unseen[i]] = vc[i, :, :S][:, unseen[i]] = float("nan")
+    kc[:, :, S:] = vc[:, :, S:] = float("nan")
+    q = torch.randn(b, hk * group, t, d, generator=g)
+    k, v = kc[:, :, :S], vc[:, :, :S]
+    out = cpu_kernel.attention(q, k, v, mask, d ** -0.5, invariant=False)
+    ref = F.scaled_dot_product_attention(q.double(), k.nan_to_num().double(), v.nan_to_num().double(),
+                                         attn_mask=mask[:, None], enable_gqa=True).transpose(1, 2).reshape(b, t, -1)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    if t < 4:
+        assert torch.equal(out, cpu_kernel.attention(q, k, v, mask, d ** -0.5))
+
+
+@pytest.mark.skipif(not X86_AVX2 or cpu_kernel.extension() is None, reason="the CPU kernel needs x86-64 with AVX2/FMA")
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 1000), batch=st.integers(1, 3), preset=st.sampled_from(["bpd", "medusa", "propd"]))
+def test_presets_on_64_wide_heads_equal_ar(seed, batch, preset):
+    """On heads of 64 values (the default model's) float32 tree steps of 4+ nodes take the tiled attention on AVX-512
+    CPUs: every preset still gives greedy AR's tokens, row by row."""
+    from propd.testing import assert_lossless, random_prompts, tiny_model
+
+    model = tiny_model(seed=seed % 7, heads=4, early=(1, 2), hidden_size=128, num_heads=4, num_kv_heads=2,
+                       head_dim=64)
+    prompts = random_prompts(model, seed, [5 + 7 * i for i in range(batch)])
+    assert_lossless(model, prompts, 24, preset=preset, entry_points=False)
+
+
 def _under(limit: int, fn, isa: str | None = None):
     """``fn()`` while the kernel is limited to ``limit`` (0: the best path; 1: AVX2; 2: AVX-512 without AMX), which
     ``isa()`` then reads as ``isa`` where given."""

@@ -1800,10 +1800,41 @@ PROPD_AVX512 void transpose_keys(const float* k, int64_t sk, int64_t T, int64_t 
     }
 }
 
-// Scores of MR rows (q rows at stride qs) against the 16 keys from s (a block of kt): rows x 16, scaled, -inf past
-// each row's own position (row r is at position p0 + r).
-template <int MR, int64_t D>
-PROPD_AVX512 inline void score16(const float* q, int64_t qs, const float* ktj, int64_t p0, int64_t s, float scale,
+PROPD_AVX512 inline __mmask16 allowed16(const bool* a) {  // 16 bools as a lane mask
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a));
+    return _mm512_test_epi32_mask(_mm512_cvtepu8_epi32(bytes), _mm512_set1_epi32(0xFF));
+}
+
+// Which of 16 keys from s each row sees. Causal: row r at position p0 + r sees keys [0, p0 + r]. Masked: a (T, S)
+// bool row per query row (a decoding step's tree), keys [0, dense) seen by every row.
+struct CausalRows {
+    int64_t p0;
+    int64_t end(int rows) const { return p0 + rows; }  // keys [0, end) matter
+    static constexpr bool garbage = false;            // every key below end holds a written value
+    PROPD_AVX512 __mmask16 ok(int r, int64_t s) const {
+        const __m512i keys = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(s)),
+                                              _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+        return _mm512_cmple_epi32_mask(keys, _mm512_set1_epi32(static_cast<int>(p0 + r)));
+    }
+};
+
+struct MaskRows {
+    const bool* const* rows;
+    int64_t S, dense;
+    int64_t end(int) const { return S; }
+    static constexpr bool garbage = true;  // a key no row of a tile sees may hold anything (a padding slot)
+    PROPD_AVX512 __mmask16 ok(int r, int64_t s) const {
+        if (s + 16 <= dense) return 0xFFFF;
+        if (s + 16 <= S) return allowed16(rows[r] + s);
+        __mmask16 m = 0;
+        for (int64_t j = 0; s + j < S; ++j) m |= static_cast<__mmask16>(rows[r][s + j] ? 1u << j : 0u);
+        return m;
+    }
+};
+
+// Scores of MR rows (q[r]) against the 16 keys from s (a block of kt): rows x 16, scaled, -inf where not seen.
+template <int MR, int64_t D, typename M>
+PROPD_AVX512 inline void score16(const float* const* q, const float* ktj, const M& mask, int64_t s, float scale,
                                  float* S, int64_t ldS) {
     __m512 a[MR];
 #pragma GCC unroll 12
@@ -1811,20 +1842,17 @@ PROPD_AVX512 inline void score16(const float* q, int64_t qs, const float* ktj, i
     for (int64_t d = 0; d < D; ++d) {
         const __m512 kv = _mm512_load_ps(ktj + d * 16);
 #pragma GCC unroll 12
-        for (int r = 0; r < MR; ++r) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * qs + d]), kv, a[r]);
+        for (int r = 0; r < MR; ++r) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][d]), kv, a[r]);
     }
     const __m512 sc = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
-    const __m512i keys = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(s)),
-                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
 #pragma GCC unroll 12
-    for (int r = 0; r < MR; ++r) {
-        const __mmask16 ok = _mm512_cmple_epi32_mask(keys, _mm512_set1_epi32(static_cast<int>(p0 + r)));
-        _mm512_storeu_ps(S + r * ldS, _mm512_mask_blend_ps(ok, ninf, _mm512_mul_ps(a[r], sc)));
-    }
+    for (int r = 0; r < MR; ++r)
+        _mm512_storeu_ps(S + r * ldS, _mm512_mask_blend_ps(mask.ok(r, s), ninf, _mm512_mul_ps(a[r], sc)));
 }
 
-// O[r] += sum over s in [0, n) of P[r][s] v_s for MR rows, D = 16 NC values each.
-template <int MR, int NC>
+// O[r] += sum over s in [0, n) of P[r][s] v_s for MR rows, D = 16 NC values each; with ``skip``, a key whose weight is
+// 0 in every row is left out (its value row may hold anything).
+template <int MR, int NC, bool skip>
 PROPD_AVX512 inline void add_values(const float* P, int64_t ldP, const float* v, int64_t sv, int64_t n, float* O) {
     __m512 acc[MR][NC];
 #pragma GCC unroll 6
@@ -1832,6 +1860,12 @@ PROPD_AVX512 inline void add_values(const float* P, int64_t ldP, const float* v,
 #pragma GCC unroll 8
         for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_loadu_ps(O + r * 16 * NC + 16 * c);
     for (int64_t s = 0; s < n; ++s) {
+        if constexpr (skip) {
+            bool any = false;
+#pragma GCC unroll 6
+            for (int r = 0; r < MR; ++r) any = any || P[r * ldP + s] != 0.0f;
+            if (!any) continue;
+        }
         __m512 vv[NC];
 #pragma GCC unroll 8
         for (int c = 0; c < NC; ++c) vv[c] = _mm512_loadu_ps(v + s * sv + 16 * c);
@@ -1848,10 +1882,10 @@ PROPD_AVX512 inline void add_values(const float* P, int64_t ldP, const float* v,
         for (int c = 0; c < NC; ++c) _mm512_storeu_ps(O + r * 16 * NC + 16 * c, acc[r][c]);
 }
 
-// One tile: rows at positions p0 .. p0 + MR - 1 of one head, q rows at stride qs, out rows at stride os.
-template <int MR, int64_t D>
-PROPD_AVX512 void tile(const float* q, int64_t qs, const float* kt, const float* v, int64_t sv, int64_t p0,
-                       float scale, float* out, int64_t os) {
+// One tile of MR query rows of one key head: q[r] in, out[r] out (D values each), keys as ``mask`` says.
+template <int MR, int64_t D, typename M>
+PROPD_AVX512 void tile(const float* const* q, const float* kt, const float* v, int64_t sv, const M& mask,
+                       float scale, float* const* out) {
     constexpr int NC = static_cast<int>(D / 16), RG = NC <= 4 ? 24 / NC : 2;  // rows per value pass
     alignas(64) float S[kRows * kKeys];
     alignas(64) float O[kRows * D];
@@ -1859,18 +1893,21 @@ PROPD_AVX512 void tile(const float* q, int64_t qs, const float* kt, const float*
     std::fill(O, O + MR * D, 0.0f);
     std::fill(m, m + MR, -INFINITY);
     std::fill(l, l + MR, 0.0f);
-    const int64_t last = p0 + MR;  // keys [0, last) matter
+    const int64_t last = mask.end(MR);
     for (int64_t s0 = 0; s0 < last; s0 += kKeys) {
         const int64_t n = std::min(kKeys, last - s0);
         for (int64_t j = 0; j < n; j += 16)
-            score16<MR, D>(q, qs, kt + (s0 + j) / 16 * D * 16, p0, s0 + j, scale, S + j, kKeys);
+            score16<MR, D>(q, kt + (s0 + j) / 16 * D * 16, mask, s0 + j, scale, S + j, kKeys);
         const int64_t n16 = (n + 15) / 16 * 16;
         for (int r = 0; r < MR; ++r) {
             float* Sr = S + r * kKeys;
             __m512 mx = _mm512_set1_ps(-INFINITY);
             for (int64_t j = 0; j < n16; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(Sr + j));
             const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
-            if (m_new == -INFINITY) continue;  // nothing seen yet (not reached: key 0 is every row's)
+            if (m_new == -INFINITY) {  // no key seen yet (a padding row before its slot): weights 0
+                std::fill(Sr, Sr + n16, 0.0f);
+                continue;
+            }
             const __m512 mm = _mm512_set1_ps(m_new), ninf = _mm512_set1_ps(-INFINITY);
             __m512 sum = _mm512_setzero_ps();
             for (int64_t j = 0; j < n16; j += 16) {
@@ -1892,28 +1929,39 @@ PROPD_AVX512 void tile(const float* q, int64_t qs, const float* kt, const float*
         const float* vs0 = v + s0 * sv;
         for (int r = 0; r < MR; r += RG)
             with_rows<RG>(std::min<int64_t>(RG, MR - r), [&](auto g) {
-                add_values<decltype(g)::value, NC>(S + r * kKeys, kKeys, vs0, sv, n, O + r * D);
+                add_values<decltype(g)::value, NC, M::garbage>(S + r * kKeys, kKeys, vs0, sv, n, O + r * D);
             });
     }
     for (int r = 0; r < MR; ++r) {
         const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
         for (int64_t d = 0; d < D; d += 16)
-            _mm512_storeu_ps(out + r * os + d, _mm512_mul_ps(_mm512_loadu_ps(O + r * D + d), inv));
+            _mm512_storeu_ps(out[r] + d, _mm512_mul_ps(_mm512_loadu_ps(O + r * D + d), inv));
     }
+}
+
+// Keys of every (row, key head) transposed into (B Hk, nb, D, 16), nb = ceil(S / 16), in the calling thread's buffer
+// (kept between calls: a fresh one of this size would be mapped and zeroed by the OS on every call).
+template <int64_t D>
+float* transposed_keys(const float* k, const int64_t* kst, int64_t B, int64_t Hk, int64_t S) {
+    const int64_t nb = (S + 15) / 16;
+    thread_local std::vector<float> buf;
+    const size_t need = static_cast<size_t>(B * Hk * nb * D * 16 + 16);
+    if (buf.size() < need) buf.resize(need);
+    float* p = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+    parallel_units(B * Hk * nb, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const int64_t bg = i / nb, j = i % nb;
+            transpose_keys<D>(k + (bg / Hk) * kst[0] + (bg % Hk) * kst[1], kst[2], S, j, p + bg * nb * D * 16);
+        }
+    });
+    return p;
 }
 
 template <int64_t D>
 void run(const float* q, const int64_t* qst, const float* k, const int64_t* kst, const float* v, const int64_t* vst,
          float* out, int64_t B, int64_t Hq, int64_t Hk, int64_t T, int64_t S, float scale) {
     const int64_t nb = (S + 15) / 16, group = Hq / Hk, tiles = (T + kRows - 1) / kRows;
-    auto kt_buf = torch::empty({B * Hk * nb * D * 16 + 16}, torch::kFloat32);
-    float* kt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(kt_buf.data_ptr<float>()) + 63) & ~uintptr_t(63));
-    parallel_units(B * Hk * nb, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-            const int64_t bg = i / nb, j = i % nb;
-            transpose_keys<D>(k + (bg / Hk) * kst[0] + (bg % Hk) * kst[1], kst[2], S, j, kt + bg * nb * D * 16);
-        }
-    });
+    const float* kt = transposed_keys<D>(k, kst, B, Hk, S);
     // units: (row b, head h, tile); tiles taken from both ends in turn, so that contiguous ranges of units hold as
     // many long tiles (late tokens see more keys) as short ones
     parallel_units(B * Hq * tiles, [&](int64_t begin, int64_t end) {
@@ -1921,12 +1969,49 @@ void run(const float* q, const int64_t* qst, const float* k, const int64_t* kst,
             const int64_t u = i % tiles, bh = i / tiles, b = bh / Hq, h = bh % Hq, g = h / group;
             const int64_t t = u % 2 == 0 ? u / 2 : tiles - 1 - u / 2, t0 = t * kRows;
             const int64_t rows = std::min(kRows, T - t0);
-            const float* qh = q + b * qst[0] + h * qst[1] + t0 * qst[2];
+            const float* qr[kRows];
+            float* orow[kRows];
+            for (int64_t r = 0; r < rows; ++r) {
+                qr[r] = q + b * qst[0] + h * qst[1] + (t0 + r) * qst[2];
+                orow[r] = out + ((b * T + t0 + r) * Hq + h) * D;
+            }
             const float* kth = kt + (b * Hk + g) * nb * D * 16;
             const float* vh = v + b * vst[0] + g * vst[1];
-            float* o = out + (b * T + t0) * Hq * D + h * D;
             with_rows<kRows>(rows, [&](auto n) {
-                tile<decltype(n)::value, D>(qh, qst[2], kth, vh, vst[2], S - T + t0, scale, o, Hq * D);
+                tile<decltype(n)::value, D>(qr, kth, vh, vst[2], CausalRows{S - T + t0}, scale, orow);
+            });
+        }
+    });
+}
+
+// A decoding step's attention with a mask: the rows of one key head (its group's heads times the T tokens) in tiles
+// of up to kRows, as many tiles per head as split evenly over the threads where rows allow.
+template <int64_t D>
+void run_masked(const float* q, const int64_t* qst, const float* k, const int64_t* kst, const float* v,
+                const int64_t* vst, const bool* mask, int64_t dense, float* out, int64_t B, int64_t Hq, int64_t Hk,
+                int64_t T, int64_t S, float scale) {
+    const int64_t nb = (S + 15) / 16, group = Hq / Hk, rows = group * T;
+    int64_t tiles = (rows + kRows - 1) / kRows;
+    const int64_t threads = at::get_num_threads();
+    if ((B * Hk * tiles) % threads != 0 && rows >= 4 * (tiles + 1)) tiles += 1;
+    const float* kt = transposed_keys<D>(k, kst, B, Hk, S);
+    parallel_units(B * Hk * tiles, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const int64_t b = i / (Hk * tiles), g = (i / tiles) % Hk, u = i % tiles;
+            const int64_t r0 = rows * u / tiles, n = rows * (u + 1) / tiles - r0;
+            const float* qr[kRows];
+            const bool* mr[kRows];
+            float* orow[kRows];
+            for (int64_t r = 0; r < n; ++r) {  // row r0 + r: token (r0 + r) / group, head g group + (r0 + r) % group
+                const int64_t h = g * group + (r0 + r) % group, t = (r0 + r) / group;
+                qr[r] = q + b * qst[0] + h * qst[1] + t * qst[2];
+                mr[r] = mask + (b * T + t) * S;
+                orow[r] = out + ((b * T + t) * Hq + h) * D;
+            }
+            const float* kth = kt + (b * Hk + g) * nb * D * 16;
+            const float* vh = v + b * vst[0] + g * vst[1];
+            with_rows<kRows>(n, [&](auto c) {
+                tile<decltype(c)::value, D>(qr, kth, vh, vst[2], MaskRows{mr, S, dense}, scale, orow);
             });
         }
     });
@@ -1955,6 +2040,53 @@ torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k, c
     f(q.data_ptr<float>(), qst, k.data_ptr<float>(), kst, v.data_ptr<float>(), vst, out.data_ptr<float>(), B, Hq, Hk,
       T, S, static_cast<float>(scale));
     return out;
+}
+
+// A decoding step's attention (few query tokens per row over cached keys) on the causal kernel's tiles, for float32
+// steps where row invariance is not asked (cpu_kernel.masked_attention): q (B, Hq, T, D), keys and values (B, Hk, S,
+// D) with unit stride in D, mask (B, T, S) bool; D of 64 or 128, AVX-512. Returns (B, T, Hq * D).
+torch::Tensor masked_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& mask, double scale) {
+    TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 3, "masked_attention: bad ranks");
+    const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hk = k.size(1), S = k.size(2);
+    TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
+                q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && mask.device().is_cpu(),
+                "masked_attention: float32 CPU tensors");
+    TORCH_CHECK((D == 64 || D == 128) && Hk > 0 && Hq % Hk == 0 && k.size(0) == B && v.size(0) == B &&
+                v.size(1) == Hk && v.size(2) == S && k.size(3) == D && v.size(3) == D && q.stride(3) == 1 &&
+                k.stride(3) == 1 && v.stride(3) == 1, "masked_attention: shapes do not fit");
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.size(0) == B && mask.size(1) == T && mask.size(2) == S,
+                "masked_attention: mask must be (B, T, S) bool");
+    TORCH_CHECK(use_avx512(), "masked_attention: needs AVX-512");
+    const auto m = mask.contiguous();
+    auto out = torch::empty({B, T, Hq * D}, q.options());
+    if (B * T * Hq == 0 || S == 0) return out;
+    const bool* mp = m.data_ptr<bool>();
+    int64_t dense = S;  // keys every query sees: the shortest row's prefix
+    for (int64_t i = 0; i < B * T; ++i) {
+        const void* hole = std::memchr(mp + i * S, 0, static_cast<size_t>(dense));
+        if (hole != nullptr) dense = static_cast<const bool*>(hole) - (mp + i * S);
+    }
+    const int64_t qst[3] = {q.stride(0), q.stride(1), q.stride(2)}, kst[3] = {k.stride(0), k.stride(1), k.stride(2)},
+                  vst[3] = {v.stride(0), v.stride(1), v.stride(2)};
+    const auto f = D == 64 ? &causal::run_masked<64> : &causal::run_masked<128>;
+    f(q.data_ptr<float>(), qst, k.data_ptr<float>(), kst, v.data_ptr<float>(), vst, mp, dense, out.data_ptr<float>(),
+      B, Hq, Hk, T, S, static_cast<float>(scale));
+    return out;
+}
+
+// A decoding step's attention: tree_attention, whose rows are invariant to the tree and batch around them, where
+// ``invariant`` (bfloat16, 8-bit activations: cpu_kernel.rounds_to_tokens) or where the tiles of masked_attention do
+// not pay (fewer than kTileMinQueries query tokens: its keys are transposed per call; no AVX-512; other head sizes);
+// else masked_attention.
+constexpr int64_t kTileMinQueries = 4;
+
+torch::Tensor step_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                             const torch::Tensor& mask, double scale, bool invariant) {
+    if (!invariant && q.scalar_type() == at::kFloat && q.dim() == 4 && q.size(2) >= kTileMinQueries &&
+        (q.size(3) == 64 || q.size(3) == 128) && q.stride(3) == 1 && use_avx512())
+        return masked_attention(q, k, v, mask, scale);
+    return tree_attention(q, k, v, mask, scale);
 }
 
 // (O, K) float32 or bfloat16 -> (ceil(O/16), K, 16) of the same type, zero-padded.
@@ -2405,7 +2537,7 @@ torch::Tensor mul_into(torch::Tensor a, const torch::Tensor& b) {
 torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Tensor>& w, const std::vector<int64_t>& outs,
                             const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& k_cache,
                             torch::Tensor& v_cache, const torch::Tensor& pos, const torch::Tensor& mask, double eps,
-                            double scale) {
+                            double scale, bool invariant = true) {
     TORCH_CHECK(x.dim() == 3 && w.size() == 9 && outs.size() == 7, "decoder_layer: bad arguments");
     const int64_t B = x.size(0), T = x.size(1), H = x.size(2), R = B * T, S = mask.size(2);
     const auto x2 = x.reshape({R, H}).contiguous();
@@ -2415,7 +2547,7 @@ torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Ten
     const auto k = qkv[1].view({B, T, outs[1]});
     const auto v = qkv[2].view({B, T, outs[2]});
     const auto qr = rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, pos);
-    const auto att = tree_attention(qr, k_cache.narrow(2, 0, S), v_cache.narrow(2, 0, S), mask, scale);
+    const auto att = step_attention(qr, k_cache.narrow(2, 0, S), v_cache.narrow(2, 0, S), mask, scale, invariant);
     const auto x1 = add_residual(packed_linear(att.view({R, outs[0]}), w[4], outs[3]), x2);
     const auto h2 = rms_norm(x1, w[5], eps);
     auto gate_up = packed_linears_any(h2, {w[6], w[7]}, {outs[4], outs[5]});
@@ -2708,9 +2840,11 @@ struct LayerStack {
     std::vector<torch::Tensor> w, watched;
     std::vector<int64_t> outs, versions;
     double eps, scale;
+    bool invariant;  // step_attention's
     LayerStack(std::vector<torch::Tensor> weights, std::vector<int64_t> out_sizes, double eps_, double scale_,
-               std::vector<torch::Tensor> watch)
-        : w(std::move(weights)), watched(std::move(watch)), outs(std::move(out_sizes)), eps(eps_), scale(scale_) {
+               std::vector<torch::Tensor> watch, bool invariant_ = true)
+        : w(std::move(weights)), watched(std::move(watch)), outs(std::move(out_sizes)), eps(eps_), scale(scale_),
+          invariant(invariant_) {
         TORCH_CHECK(w.size() % 9 == 0 && outs.size() == 7, "LayerStack: 9 weights per layer and 7 output sizes");
         for (const auto& t : watched) versions.push_back(t.is_inference() ? -1 : static_cast<int64_t>(t._version()));
     }
@@ -2732,7 +2866,7 @@ struct LayerStack {
                 for (int j = 0; j < 9; ++j) lw[j] = w[9 * i + j];
                 auto kc = k_all.select(0, i);
                 auto vc = v_all.select(0, i);
-                h = decoder_layer(h, lw, outs, cos, sin, kc, vc, pos, mask, eps, scale);
+                h = decoder_layer(h, lw, outs, cos, sin, kc, vc, pos, mask, eps, scale, invariant);
             }
             return h;
         };
@@ -2782,17 +2916,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("dequantize_packed", &dequantize_packed, "the (O, K) float32 matrix of GGUF blocks packed by propd.models.quant");
     m.def("tree_attention", &tree_attention, "attention of a few query tokens per row over cached keys");
     m.def("causal_attention", &causal_attention, "causal self-attention of a prefill chunk");
+    m.def("masked_attention", &masked_attention, "a float32 decoding step's attention on the causal kernel's tiles");
     m.def("rope_and_cache", &rope_and_cache, "rotary embedding of q and k, and the cache write of k and v");
     m.def("rms_norm", &rms_norm, "RMSNorm of each row");
     m.def("row_argmax", &row_argmax, "torch.argmax(x, dim=-1) of (N, V) rows");
     m.def("screen_survivors", &screen_survivors, "the argmax screen's coarse pass: the ids some row cannot rule out");
     m.def("screen_argmax", &screen_argmax, "the argmax screen after its 8-bit product: bounds, candidates, exact rows");
-    m.def("decoder_layer", &decoder_layer, "one Llama decoder layer of a decoding step");
+    m.def("decoder_layer", &decoder_layer, "one Llama decoder layer of a decoding step", pybind11::arg("x"),
+          pybind11::arg("w"), pybind11::arg("outs"), pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("k_cache"),
+          pybind11::arg("v_cache"), pybind11::arg("pos"), pybind11::arg("mask"), pybind11::arg("eps"),
+          pybind11::arg("scale"), pybind11::arg("invariant") = true);
+    m.def("step_attention", &step_attention, "a decoding step's attention (tree_attention or masked_attention)");
     // module-local: two builds of this file load side by side (benchmarks/kernel_ab.py) without a type clash
     pybind11::class_<LayerStack>(m, "LayerStack", pybind11::module_local(),
                                  "a model's decoder layers for decoding steps, run in one call")
         .def(pybind11::init<std::vector<torch::Tensor>, std::vector<int64_t>, double, double,
-                            std::vector<torch::Tensor>>())
+                            std::vector<torch::Tensor>, bool>(),
+             pybind11::arg("weights"), pybind11::arg("out_sizes"), pybind11::arg("eps"), pybind11::arg("scale"),
+             pybind11::arg("watch"), pybind11::arg("invariant") = true)
         .def("current", &LayerStack::current, "whether no watched tensor changed in place since construction")
         .def("run", &LayerStack::run, "run layers start..end-1 of a decoding step on x (B, T, H)");
     m.def("set_isa_limit", [](int64_t limit) { g_isa_limit = static_cast<int>(limit); },
