@@ -9,7 +9,7 @@ on AVX-512 a last column times the kernel without row invariance (``invariant=Fa
 
     python benchmarks/attention.py [float32|bfloat16]     # a few seconds
 
-``causal`` times a prefill's causal self-attention instead (float32, AVX-512): ``cpu_kernel.causal_attention``
+``causal`` times a prefill's causal self-attention instead (float32): ``cpu_kernel.causal_attention``
 against SDPA's ``is_causal`` over a whole prompt of T tokens (and a second chunk of T / 2 tokens after T), best of 7
 rounds of 5 calls, in milliseconds per layer:
 
@@ -29,9 +29,6 @@ if cpu_kernel.extension() is None:
 
 
 def causal() -> None:
-    if not cpu_kernel.isa().startswith("avx512"):
-        sys.exit("the causal prefill kernel runs on AVX-512 only; this CPU has " + cpu_kernel.isa())
-
     def best_ms(f):
         ts = []
         for _ in range(7):

@@ -73,7 +73,7 @@ def max_rows(dtype: torch.dtype) -> int:
     return _state["bounds"] if MAX_ROWS is None else MAX_ROWS
 
 
-_state: dict = {"ext": None, "tried": False, "packed_bytes": 0, "bounds": ROW_BOUNDS["avx2"]}
+_state: dict = {"ext": None, "tried": False, "packed_bytes": 0, "bounds": ROW_BOUNDS["avx2"], "attention_wide": True}
 
 
 def _note(msg: str) -> None:
@@ -123,11 +123,38 @@ def extension():
         limit = {"avx2": 1, "avx512": 2}.get(os.environ.get("PROPD_CPU_ISA", "").strip().lower(), 0)
         _state["ext"].set_isa_limit(limit)
         _state["bounds"] = ROW_BOUNDS["avx512" if _state["ext"].isa().startswith("avx512") else "avx2"]
+        if _state["ext"].isa().startswith("avx512"):
+            _state["attention_wide"] = _attention_wide_pays(_state["ext"])
+            _state["ext"].set_attention_wide(_state["attention_wide"])
     except Exception as exc:  # no compiler, no ninja, a failed build: MKL serves instead
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         _note(f"CPU extension unavailable, using torch's kernels ({type(exc).__name__}: {first[:200]})")
         _state["ext"] = None
     return _state["ext"]
+
+
+def _attention_wide_pays(ext) -> bool:
+    """Whether the decoding attention kernel's AVX-512 path beats its AVX2 path on this CPU (the same bits either
+    way): timed once, taking turns, on a 4-token step of the default model's shapes over 512 keys (a few ms). On
+    CPUs that split 512-bit operations in two (AMD Zen 4) the 8-lane path measured 0.77-0.94x the 16-lane one's time
+    (``python benchmarks/attention.py``)."""
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, n, 64, generator=g) for h, n in ((9, 4), (3, 516), (3, 516)))
+    mask = torch.ones(1, 4, 516, dtype=torch.bool)
+    best = {}
+    try:
+        for _ in range(3):
+            for wide in (True, False):
+                ext.set_attention_wide(wide)
+                t = time.perf_counter()
+                for _ in range(10):
+                    ext.tree_attention(q, k, v, mask, 0.125)
+                best[wide] = min(best.get(wide, float("inf")), time.perf_counter() - t)
+    finally:
+        ext.set_attention_wide(True)
+    return best[True] <= best[False]
 
 
 def load_or_build(build_dir: Path, name: str, build):
@@ -261,9 +288,9 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
 
 def causal_fits(q: torch.Tensor, keys: torch.Tensor) -> bool:
     """Whether :func:`causal_attention` serves these (B, Hq, T, D) queries and (B, Hk, S, D) keys: float32, D of 64
-    or 128, Hq a multiple of Hk, unit stride in D, on a CPU with AVX-512 (``isa()``)."""
+    or 128, Hq a multiple of Hk, unit stride in D."""
     return (q.dtype == torch.float32 and q.shape[-1] in (64, 128) and q.shape[1] % keys.shape[1] == 0
-            and q.stride(-1) == 1 and keys.stride(-1) == 1 and serves(q, keys) and isa().startswith("avx512"))
+            and q.stride(-1) == 1 and keys.stride(-1) == 1 and serves(q, keys))
 
 
 def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
@@ -271,8 +298,8 @@ def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     values (B, Hk, S, D) (views of the cache), each query seeing keys up to its own position. Returns (B, T, Hq * D).
 
     Flash attention (Dao et al. 2022; online softmax, Milakov and Gimelshein 2018) on keys transposed into blocks of
-    16, so that scores run as a product's micro-kernel: about 1.7-3x ``F.scaled_dot_product_attention``'s speed at
-    300-2,000 tokens (``python benchmarks/attention.py causal``). Rows are independent of each other."""
+    16 (8 on AVX2), so that scores run as a product's micro-kernel: about 1.4-3x ``F.scaled_dot_product_attention``'s
+    speed at 300-2,000 tokens (``python benchmarks/attention.py causal``). Rows are independent of each other."""
     return _state["ext"].causal_attention(q, keys, values, scale)
 
 

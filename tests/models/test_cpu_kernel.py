@@ -201,12 +201,16 @@ def test_attention_equals_sdpa_and_each_query_alone(b, hk, group, t, s, d, seed,
     if dtype == torch.bfloat16:  # bf16 is the float32 computation on the widened values, rounded once as torch rounds
         wide = cpu_kernel.attention(q.float(), k.float(), v.float(), mask, d ** -0.5)
         assert torch.equal(out, wide.to(torch.bfloat16))
-    ext = cpu_kernel.extension()  # the AVX2 path (where the CPU has AVX-512, scores and values run 16 lanes wide)
+    ext = cpu_kernel.extension()  # both paths (where the CPU has AVX-512, scores and values can run 16 lanes wide)
+    ext.set_attention_wide(True)
     ext.set_isa_limit(1)
     try:
         assert torch.equal(cpu_kernel.attention(q, k, v, mask, d ** -0.5), out)
+        ext.set_isa_limit(0)
+        assert torch.equal(cpu_kernel.attention(q, k, v, mask, d ** -0.5), out)
     finally:
         ext.set_isa_limit(0)
+        ext.set_attention_wide(cpu_kernel._state["attention_wide"])
     # bit for bit: a query alone, a row alone, and more keys that are all masked give the same result
     for i in range(t):
         alone = cpu_kernel.attention(q[:, :, i:i + 1].contiguous(), k, v, mask[:, i:i + 1], d ** -0.5)
@@ -332,13 +336,14 @@ HAS_BF16_PAIRS = HAS_AVX512 and cpu_kernel.extension().isa() in ("avx512bf16", "
 HAS_AMX = HAS_AVX512 and cpu_kernel.extension().isa() == "avx512bf16-amx"
 
 
-@pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512F: prefill attention stays on SDPA")
+@pytest.mark.skipif(not X86_AVX2 or cpu_kernel.extension() is None, reason="the CPU kernel needs x86-64 with AVX2/FMA")
 @settings(max_examples=40, deadline=None)
 @given(b=st.integers(1, 2), hk=st.integers(1, 3), group=st.integers(1, 3), t=st.integers(1, 45),
        before=st.sampled_from([0, 0, 1, 17, 64]), d=st.sampled_from([64, 128]), seed=st.integers(0, 1000))
 def test_causal_attention_equals_sdpa_and_each_row_alone(b, hk, group, t, before, d, seed):
-    """A prefill chunk's causal attention (positions ``before`` .. ``before + t - 1`` over keys [0, S)): SDPA's
-    result with the causal mask, a batch row's result its own alone, and nothing read past the keys."""
+    """A prefill chunk's causal attention (positions ``before`` .. ``before + t - 1`` over keys [0, S)), on the AVX2
+    path and (where the CPU has it) the AVX-512 one: SDPA's result with the causal mask, a batch row's result its own
+    alone, and nothing read past the keys."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(seed)
@@ -348,19 +353,21 @@ def test_causal_attention_equals_sdpa_and_each_row_alone(b, hk, group, t, before
     q = torch.randn(b, hk * group, t, d, generator=g)
     k, v = kc[:, :, :S], vc[:, :, :S]
     assert cpu_kernel.causal_fits(q, k)
-    out = cpu_kernel.causal_attention(q, k, v, d ** -0.5)
     mask = torch.arange(S)[None, :] <= before + torch.arange(t)[:, None]  # (t, S)
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
                                          enable_gqa=True).transpose(1, 2).reshape(b, t, -1)
-    assert out.shape == (b, t, hk * group * d) and out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
-    assert torch.equal(cpu_kernel.causal_attention(q[-1:], k[-1:], v[-1:], d ** -0.5), out[-1:])
-    assert not _under(1, lambda: cpu_kernel.causal_fits(q, k))  # the AVX2 path leaves it to SDPA
+    for limit in (1, 0) if HAS_AVX512 else (1,):
+        out = _under(limit, lambda: cpu_kernel.causal_attention(q, k, v, d ** -0.5))
+        assert out.shape == (b, t, hk * group * d) and out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+        alone = _under(limit, lambda: cpu_kernel.causal_attention(q[-1:], k[-1:], v[-1:], d ** -0.5))
+        assert torch.equal(alone, out[-1:])
 
 
+@pytest.mark.skipif(not X86_AVX2 or cpu_kernel.extension() is None, reason="the CPU kernel needs x86-64 with AVX2/FMA")
 def test_a_long_prefill_takes_the_causal_kernel_in_every_chunk(monkeypatch):
-    """Prompts longer than a prefill chunk: every chunk of rows without padding is causal (the kernel's on AVX-512,
-    above the decoding kernel's query count), and the prefill's last hidden states match the masked SDPA path's."""
+    """Prompts longer than a prefill chunk: every chunk of rows without padding is causal (the extension's causal
+    kernel above the decoding kernel's query count), and the prefill's last hidden states match the SDPA path's."""
     from propd.models.llama import LlamaModel
     from propd.testing import tiny_model
 
@@ -372,7 +379,7 @@ def test_a_long_prefill_takes_the_causal_kernel_in_every_chunk(monkeypatch):
     monkeypatch.setattr(cpu_kernel, "causal_attention", lambda *a: calls.append(a[0].shape[2]) or real(*a))
     prompts = [[(7 * i + 3) % 120 + 5 for i in range(60)], [(5 * i + 1) % 120 + 5 for i in range(60)]]
     last = model.prefill(model.new_cache(2, 64), prompts)
-    assert calls == ([24, 24] * model.num_layers if HAS_AVX512 else [])  # (12: the decoding kernel's)
+    assert calls == [24, 24] * model.num_layers  # (12: the decoding kernel's)
     monkeypatch.setattr(cpu_kernel, "causal_fits", lambda *a: False)
     ref_cache = model.new_cache(2, 64)
     torch.testing.assert_close(model.prefill(ref_cache, prompts), last, rtol=1e-4, atol=1e-5)

@@ -371,6 +371,10 @@ bool cpu_has_avx512() {
 int g_isa_limit = 0;
 
 bool use_avx512() { return g_isa_limit != 1 && cpu_has_avx512(); }
+// The decoding attention kernel's 16-lane path (score_pair512, value_rows512) where the CPU has AVX-512F; its bits
+// equal the 8-lane path's, so this is a choice of speed alone, made by cpu_kernel at load (benchmarks/attention.py).
+bool g_attention_wide = true;
+bool attention_wide() { return g_attention_wide && use_avx512(); }
 
 bool cpu_has_avx512bf16() {
     static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
@@ -1619,7 +1623,7 @@ template <typename KV>
 void attend(const KV* q, const KV* k, const KV* v, const bool* mask, KV* out, int64_t B, int64_t Hq,
             int64_t Hk, int64_t T, int64_t S, int64_t D, const int64_t* ks, const int64_t* vs, float scale) {
     constexpr bool float_kv = std::is_same_v<KV, float>;
-    const bool wide_isa = use_avx512();
+    const bool wide_isa = attention_wide();
     const int64_t group = Hq / Hk, S8 = (S + 7) / 8 * 8, rows = group * T;
     const int64_t grp = wide_isa ? 2 : kRowGroup;  // AVX-512 scores take rows in pairs (score_pair512)
     const int64_t block_rows = rows_per_block(rows, B * Hk, grp, at::get_num_threads());
@@ -1727,8 +1731,8 @@ torch::Tensor tree_attention(const torch::Tensor& q, const torch::Tensor& k, con
 }
 
 // ---------------------------------------------------------------------------------------------- prefill attention
-// Causal self-attention of a prompt's chunk (a prefill's T positions S - T .. S - 1 over keys [0, S)), float32 on
-// AVX-512: flash attention (Dao et al., "FlashAttention", 2022) with the online softmax (Milakov and Gimelshein, 2018). The keys of each key head are
+// Causal self-attention of a prompt's chunk (a prefill's T positions S - T .. S - 1 over keys [0, S)), float32:
+// flash attention (Dao et al., "FlashAttention", 2022) with the online softmax (Milakov and Gimelshein, 2018). The keys of each key head are
 // first transposed into blocks of 16 (D, 16), so that a tile of 12 query rows scores 16 keys per register with one
 // load of keys and 12 broadcasts of queries per d, as a product's micro-kernel; each 64 keys update the rows' running
 // max, sum and output (O <- O exp(m_old - m_new) + P V). Rows are independent of each other and of the batch.
@@ -1815,6 +1819,10 @@ struct CausalRows {
         const __m512i keys = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(s)),
                                               _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
         return _mm512_cmple_epi32_mask(keys, _mm512_set1_epi32(static_cast<int>(p0 + r)));
+    }
+    __m256 ok8(int r, int64_t s) const {  // lanes of 8 keys from s, all ones where seen
+        const __m256i keys = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(s)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(p0 + r + 1)), keys));
     }
 };
 
@@ -1939,11 +1947,157 @@ PROPD_AVX512 void tile(const float* const* q, const float* kt, const float* v, i
     }
 }
 
+// The causal tiles on AVX2 (8 keys per register): keys transposed in blocks of 8 (nb, D, 8), 12 rows scoring 8 keys
+// with one load and 12 broadcasts per step of d, value passes of 3 rows x 32 values. (Decoding steps stay on the
+// decoding kernel there: these tiles measured 1.04-1.4x its time.)
+inline void transpose8(__m256* r) {  // r[i][j] -> r[j][i], an 8 x 8 block of float32
+    __m256 t[8], u[8];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; ++i) {
+        u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+
+template <int64_t D>
+void transpose_keys8(const float* k, int64_t sk, int64_t T, int64_t j, float* kt) {
+    float* dst = kt + j * D * 8;
+    const int64_t n = std::min<int64_t>(8, T - 8 * j);
+    for (int64_t d0 = 0; d0 < D; d0 += 8) {
+        __m256 r[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) r[i] = i < n ? _mm256_loadu_ps(k + (8 * j + i) * sk + d0) : _mm256_setzero_ps();
+        transpose8(r);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) _mm256_store_ps(dst + (d0 + i) * 8, r[i]);
+    }
+}
+
+template <int MR, int64_t D, typename M>
+inline void score8(const float* const* q, const float* ktj, const M& mask, int64_t s, float scale, float* S,
+                   int64_t ldS) {
+    __m256 a[MR];
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) a[r] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+        const __m256 kv = _mm256_load_ps(ktj + d * 8);
+#pragma GCC unroll 12
+        for (int r = 0; r < MR; ++r) a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(q[r] + d), kv, a[r]);
+    }
+    const __m256 sc = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(-INFINITY);
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r)
+        _mm256_storeu_ps(S + r * ldS, _mm256_blendv_ps(ninf, _mm256_mul_ps(a[r], sc), mask.ok8(r, s)));
+}
+
+template <int MR, bool skip>
+inline void add_values8(const float* P, int64_t ldP, const float* v, int64_t sv, int64_t n, float* O, int64_t D) {
+    for (int64_t d0 = 0; d0 < D; d0 += 32) {
+        __m256 acc[MR][4];
+#pragma GCC unroll 3
+        for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_loadu_ps(O + r * D + d0 + 8 * c);
+        for (int64_t s = 0; s < n; ++s) {
+            if constexpr (skip) {
+                bool any = false;
+#pragma GCC unroll 3
+                for (int r = 0; r < MR; ++r) any = any || P[r * ldP + s] != 0.0f;
+                if (!any) continue;
+            }
+            __m256 w[MR];
+#pragma GCC unroll 3
+            for (int r = 0; r < MR; ++r) w[r] = _mm256_set1_ps(P[r * ldP + s]);
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; ++c) {
+                const __m256 x = _mm256_loadu_ps(v + s * sv + d0 + 8 * c);
+#pragma GCC unroll 3
+                for (int r = 0; r < MR; ++r) acc[r][c] = _mm256_fmadd_ps(w[r], x, acc[r][c]);
+            }
+        }
+#pragma GCC unroll 3
+        for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; ++c) _mm256_storeu_ps(O + r * D + d0 + 8 * c, acc[r][c]);
+    }
+}
+
+inline float hmax8(__m256 v) {
+    const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+}
+
+template <int MR, int64_t D, typename M>
+void tile8(const float* const* q, const float* kt, const float* v, int64_t sv, const M& mask, float scale,
+           float* const* out) {
+    alignas(32) float S[kRows * kKeys];
+    alignas(32) float O[kRows * D];
+    float m[kRows], l[kRows];
+    std::fill(O, O + MR * D, 0.0f);
+    std::fill(m, m + MR, -INFINITY);
+    std::fill(l, l + MR, 0.0f);
+    const int64_t last = mask.end(MR);
+    for (int64_t s0 = 0; s0 < last; s0 += kKeys) {
+        const int64_t n = std::min(kKeys, last - s0);
+        for (int64_t j = 0; j < n; j += 8) score8<MR, D>(q, kt + (s0 + j) / 8 * D * 8, mask, s0 + j, scale, S + j, kKeys);
+        const int64_t n8 = (n + 7) / 8 * 8;
+        for (int r = 0; r < MR; ++r) {
+            float* Sr = S + r * kKeys;
+            __m256 mx = _mm256_set1_ps(-INFINITY);
+            for (int64_t j = 0; j < n8; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(Sr + j));
+            const float m_new = std::max(m[r], hmax8(mx));
+            if (m_new == -INFINITY) {
+                std::fill(Sr, Sr + n8, 0.0f);
+                continue;
+            }
+            const __m256 mm = _mm256_set1_ps(m_new), ninf = _mm256_set1_ps(-INFINITY);
+            __m256 sum = _mm256_setzero_ps();
+            for (int64_t j = 0; j < n8; j += 8) {
+                const __m256 x = _mm256_loadu_ps(Sr + j);
+                const __m256 p = _mm256_andnot_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ), exp8(_mm256_sub_ps(x, mm)));
+                _mm256_storeu_ps(Sr + j, p);
+                sum = _mm256_add_ps(sum, p);
+            }
+            const float corr = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - m_new);
+            l[r] = l[r] * corr + hsum(sum);
+            m[r] = m_new;
+            if (corr != 1.0f) {
+                const __m256 c = _mm256_set1_ps(corr);
+                for (int64_t d = 0; d < D; d += 8)
+                    _mm256_storeu_ps(O + r * D + d, _mm256_mul_ps(_mm256_loadu_ps(O + r * D + d), c));
+            }
+        }
+        const float* vs0 = v + s0 * sv;
+        for (int r = 0; r < MR; r += 3)
+            with_rows<3>(std::min<int64_t>(3, MR - r), [&](auto g) {
+                add_values8<decltype(g)::value, M::garbage>(S + r * kKeys, kKeys, vs0, sv, n, O + r * D, D);
+            });
+    }
+    for (int r = 0; r < MR; ++r) {
+        const __m256 inv = _mm256_set1_ps(1.0f / l[r]);
+        for (int64_t d = 0; d < D; d += 8)
+            _mm256_storeu_ps(out[r] + d, _mm256_mul_ps(_mm256_loadu_ps(O + r * D + d), inv));
+    }
+}
+
 // Keys of every (row, key head) transposed into (B Hk, nb, D, 16), nb = ceil(S / 16), in the calling thread's buffer
 // (kept between calls: a fresh one of this size would be mapped and zeroed by the OS on every call).
 template <int64_t D>
-float* transposed_keys(const float* k, const int64_t* kst, int64_t B, int64_t Hk, int64_t S) {
-    const int64_t nb = (S + 15) / 16;
+float* transposed_keys(const float* k, const int64_t* kst, int64_t B, int64_t Hk, int64_t S, bool wide) {
+    const int64_t nb = (S + 15) / 16;  // units of 16 keys (AVX2: two blocks of 8)
     thread_local std::vector<float> buf;
     const size_t need = static_cast<size_t>(B * Hk * nb * D * 16 + 16);
     if (buf.size() < need) buf.resize(need);
@@ -1951,7 +2105,13 @@ float* transposed_keys(const float* k, const int64_t* kst, int64_t B, int64_t Hk
     parallel_units(B * Hk * nb, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
             const int64_t bg = i / nb, j = i % nb;
-            transpose_keys<D>(k + (bg / Hk) * kst[0] + (bg % Hk) * kst[1], kst[2], S, j, p + bg * nb * D * 16);
+            const float* kh = k + (bg / Hk) * kst[0] + (bg % Hk) * kst[1];
+            float* dst = p + bg * nb * D * 16;
+            if (wide) {
+                transpose_keys<D>(kh, kst[2], S, j, dst);
+            } else {
+                for (int64_t h = 2 * j; h < 2 * j + 2 && 8 * h < S; ++h) transpose_keys8<D>(kh, kst[2], S, h, dst);
+            }
         }
     });
     return p;
@@ -1961,7 +2121,8 @@ template <int64_t D>
 void run(const float* q, const int64_t* qst, const float* k, const int64_t* kst, const float* v, const int64_t* vst,
          float* out, int64_t B, int64_t Hq, int64_t Hk, int64_t T, int64_t S, float scale) {
     const int64_t nb = (S + 15) / 16, group = Hq / Hk, tiles = (T + kRows - 1) / kRows;
-    const float* kt = transposed_keys<D>(k, kst, B, Hk, S);
+    const bool wide = use_avx512();
+    const float* kt = transposed_keys<D>(k, kst, B, Hk, S, wide);
     // units: (row b, head h, tile); tiles taken from both ends in turn, so that contiguous ranges of units hold as
     // many long tiles (late tokens see more keys) as short ones
     parallel_units(B * Hq * tiles, [&](int64_t begin, int64_t end) {
@@ -1978,7 +2139,11 @@ void run(const float* q, const int64_t* qst, const float* k, const int64_t* kst,
             const float* kth = kt + (b * Hk + g) * nb * D * 16;
             const float* vh = v + b * vst[0] + g * vst[1];
             with_rows<kRows>(rows, [&](auto n) {
-                tile<decltype(n)::value, D>(qr, kth, vh, vst[2], CausalRows{S - T + t0}, scale, orow);
+                if (wide) {
+                    tile<decltype(n)::value, D>(qr, kth, vh, vst[2], CausalRows{S - T + t0}, scale, orow);
+                } else {
+                    tile8<decltype(n)::value, D>(qr, kth, vh, vst[2], CausalRows{S - T + t0}, scale, orow);
+                }
             });
         }
     });
@@ -1994,7 +2159,7 @@ void run_masked(const float* q, const int64_t* qst, const float* k, const int64_
     int64_t tiles = (rows + kRows - 1) / kRows;
     const int64_t threads = at::get_num_threads();
     if ((B * Hk * tiles) % threads != 0 && rows >= 4 * (tiles + 1)) tiles += 1;
-    const float* kt = transposed_keys<D>(k, kst, B, Hk, S);
+    const float* kt = transposed_keys<D>(k, kst, B, Hk, S, true);
     parallel_units(B * Hk * tiles, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
             const int64_t b = i / (Hk * tiles), g = (i / tiles) % Hk, u = i % tiles;
@@ -2020,8 +2185,8 @@ void run_masked(const float* q, const int64_t* qst, const float* k, const int64_
 }  // namespace causal
 
 // Causal self-attention of a prefill chunk: q (B, Hq, T, D) at positions S - T .. S - 1, keys and values (B, Hk, S, D)
-// with unit stride in D (views of the cache), each query seeing keys [0, its position]; float32, D of 64 or 128, on
-// AVX-512. Returns (B, T, Hq * D).
+// with unit stride in D (views of the cache), each query seeing keys [0, its position]; float32, D of 64 or 128.
+// Returns (B, T, Hq * D).
 torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale) {
     TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "causal_attention: bad ranks");
     const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hk = k.size(1), S = k.size(2);
@@ -2031,7 +2196,6 @@ torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k, c
     TORCH_CHECK((D == 64 || D == 128) && Hk > 0 && Hq % Hk == 0 && k.size(0) == B && v.size(0) == B &&
                 v.size(1) == Hk && S >= T && v.size(2) == S && k.size(3) == D && v.size(3) == D &&
                 q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "causal_attention: shapes do not fit");
-    TORCH_CHECK(use_avx512(), "causal_attention: needs AVX-512");
     auto out = torch::empty({B, T, Hq * D}, q.options());
     if (B * T * Hq == 0) return out;
     const int64_t qst[3] = {q.stride(0), q.stride(1), q.stride(2)}, kst[3] = {k.stride(0), k.stride(1), k.stride(2)},
@@ -2057,7 +2221,7 @@ torch::Tensor masked_attention(const torch::Tensor& q, const torch::Tensor& k, c
                 k.stride(3) == 1 && v.stride(3) == 1, "masked_attention: shapes do not fit");
     TORCH_CHECK(mask.scalar_type() == at::kBool && mask.size(0) == B && mask.size(1) == T && mask.size(2) == S,
                 "masked_attention: mask must be (B, T, S) bool");
-    TORCH_CHECK(use_avx512(), "masked_attention: needs AVX-512");
+    TORCH_CHECK(use_avx512(), "masked_attention: needs AVX-512 (on AVX2 the decoding kernel is faster)");
     const auto m = mask.contiguous();
     auto out = torch::empty({B, T, Hq * D}, q.options());
     if (B * T * Hq == 0 || S == 0) return out;
@@ -2939,6 +3103,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("set_isa_limit", [](int64_t limit) { g_isa_limit = static_cast<int>(limit); },
           "0: the best path this CPU has; 1: AVX2 only; 2: AVX-512 without AMX");
     m.def("has_vnni", []() { return use_vnni(); }, "whether the 8-bit-activation kernel runs on AVX512-VNNI now");
+    m.def("set_attention_wide", [](bool wide) { g_attention_wide = wide; },
+          "whether tree_attention may take its AVX-512 path (the same bits as its AVX2 path)");
     m.def("isa", []() {
             return std::string(use_avx512() ? (use_bf16_pairs() ? (use_amx() ? "avx512bf16-amx" : "avx512bf16") : "avx512")
                                             : "avx2");
