@@ -2,7 +2,9 @@
 
 * :func:`linear`: ``x @ W^T`` for 1-128 rows of ``x`` in float32 (1-1024 on AVX-512), any number in bf16 (below);
 * :func:`attention`: softmax attention of up to 16 query tokens per row over the KV cache, each query row computed on
-  its own (the same bits whatever the tree size or batch);
+  its own (the same bits whatever the tree size or batch), or where that is not asked (float32) from 4 tokens on
+  AVX-512 on :func:`causal_attention`'s tiles;
+* :func:`causal_attention`: a prefill chunk's causal self-attention (flash attention, float32);
 * :func:`rope_and_cache` and :func:`rms_norm`: a layer's rotary embedding plus cache write, and RMSNorm, each in one
   call instead of about twenty and eight small torch ops;
 * GGUF blocks (``propd.models.quant``, ``--dtype gguf``): :func:`linear` also takes Q4_1 and Q8_0 weights packed by
@@ -282,7 +284,7 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
     Without ``invariant`` (float32 steps, where a last-bit difference does not change tokens: :func:`rounds_to_tokens`),
     a step of at least 4 query tokens per row on an AVX-512 CPU (head size 64 or 128) runs on the tiles of
     :func:`causal_attention` instead, over its keys transposed for the call: 0.7-0.97x the time at 3-16 tokens
-    (``python benchmarks/attention.py``), each row then depending on the others in its last bits."""
+    (``python benchmarks/attention.py``): a token's last bits then depend on whether its step had 4 tokens or more."""
     return _state["ext"].step_attention(q, keys, values, mask, scale, invariant)
 
 

@@ -1741,23 +1741,6 @@ namespace causal {
 constexpr int64_t kRows = 12;  // query rows (tokens of one head) per tile
 constexpr int64_t kKeys = 64;  // keys per online-softmax update
 
-PROPD_AVX512 inline __m512 exp16(__m512 x) {  // exp8's polynomial on 16 lanes
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
-}
-
 PROPD_AVX512 inline void transpose16(__m512* r) {  // r[i][j] -> r[j][i], a 16 x 16 block of float32
     __m512 t[16];
 #pragma GCC unroll 8
@@ -1807,6 +1790,41 @@ PROPD_AVX512 void transpose_keys(const float* k, int64_t sk, int64_t T, int64_t 
 PROPD_AVX512 inline __mmask16 allowed16(const bool* a) {  // 16 bools as a lane mask
     const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a));
     return _mm512_test_epi32_mask(_mm512_cvtepu8_epi32(bytes), _mm512_set1_epi32(0xFF));
+}
+
+// The online softmax's update of one row after a block of its scores Sr[0, n) (-inf where unseen, n a multiple of 8):
+// Sr becomes the weights exp(s - m_new) (0 where unseen), the row's max m and sum l follow, and its output O (D values)
+// is rescaled by exp(m - m_new) (Milakov and Gimelshein, 2018). 8 lanes for both ISAs: a small part of a tile's work.
+inline float hmax8(__m256 v) {
+    const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+}
+
+inline void softmax_update(float* Sr, int64_t n, float& m, float& l, float* O, int64_t D) {
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    __m256 mx = ninf;
+    for (int64_t j = 0; j < n; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(Sr + j));
+    const float m_new = std::max(m, hmax8(mx));
+    if (m_new == -INFINITY) {  // no key seen yet (a padding row before its slot): weights 0
+        std::fill(Sr, Sr + n, 0.0f);
+        return;
+    }
+    const __m256 mm = _mm256_set1_ps(m_new);
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; j += 8) {
+        const __m256 x = _mm256_loadu_ps(Sr + j);
+        const __m256 p = _mm256_andnot_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ), exp8(_mm256_sub_ps(x, mm)));
+        _mm256_storeu_ps(Sr + j, p);
+        sum = _mm256_add_ps(sum, p);
+    }
+    const float corr = m == -INFINITY ? 0.0f : std::exp(m - m_new);
+    l = l * corr + hsum(sum);
+    m = m_new;
+    if (corr != 1.0f) {
+        const __m256 c = _mm256_set1_ps(corr);
+        for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(O + d, _mm256_mul_ps(_mm256_loadu_ps(O + d), c));
+    }
 }
 
 // Which of 16 keys from s each row sees. Causal: row r at position p0 + r sees keys [0, p0 + r]. Masked: a (T, S)
@@ -1907,33 +1925,7 @@ PROPD_AVX512 void tile(const float* const* q, const float* kt, const float* v, i
         for (int64_t j = 0; j < n; j += 16)
             score16<MR, D>(q, kt + (s0 + j) / 16 * D * 16, mask, s0 + j, scale, S + j, kKeys);
         const int64_t n16 = (n + 15) / 16 * 16;
-        for (int r = 0; r < MR; ++r) {
-            float* Sr = S + r * kKeys;
-            __m512 mx = _mm512_set1_ps(-INFINITY);
-            for (int64_t j = 0; j < n16; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(Sr + j));
-            const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
-            if (m_new == -INFINITY) {  // no key seen yet (a padding row before its slot): weights 0
-                std::fill(Sr, Sr + n16, 0.0f);
-                continue;
-            }
-            const __m512 mm = _mm512_set1_ps(m_new), ninf = _mm512_set1_ps(-INFINITY);
-            __m512 sum = _mm512_setzero_ps();
-            for (int64_t j = 0; j < n16; j += 16) {
-                const __m512 x = _mm512_loadu_ps(Sr + j);
-                const __m512 p = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ),
-                                                     exp16(_mm512_sub_ps(x, mm)));
-                _mm512_storeu_ps(Sr + j, p);
-                sum = _mm512_add_ps(sum, p);
-            }
-            const float corr = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - m_new);
-            l[r] = l[r] * corr + _mm512_reduce_add_ps(sum);
-            m[r] = m_new;
-            if (corr != 1.0f) {
-                const __m512 c = _mm512_set1_ps(corr);
-                for (int64_t d = 0; d < D; d += 16)
-                    _mm512_storeu_ps(O + r * D + d, _mm512_mul_ps(_mm512_loadu_ps(O + r * D + d), c));
-            }
-        }
+        for (int r = 0; r < MR; ++r) softmax_update(S + r * kKeys, n16, m[r], l[r], O + r * D, D);
         const float* vs0 = v + s0 * sv;
         for (int r = 0; r < MR; r += RG)
             with_rows<RG>(std::min<int64_t>(RG, MR - r), [&](auto g) {
@@ -2034,12 +2026,6 @@ inline void add_values8(const float* P, int64_t ldP, const float* v, int64_t sv,
     }
 }
 
-inline float hmax8(__m256 v) {
-    const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
-}
-
 template <int MR, int64_t D, typename M>
 void tile8(const float* const* q, const float* kt, const float* v, int64_t sv, const M& mask, float scale,
            float* const* out) {
@@ -2054,32 +2040,7 @@ void tile8(const float* const* q, const float* kt, const float* v, int64_t sv, c
         const int64_t n = std::min(kKeys, last - s0);
         for (int64_t j = 0; j < n; j += 8) score8<MR, D>(q, kt + (s0 + j) / 8 * D * 8, mask, s0 + j, scale, S + j, kKeys);
         const int64_t n8 = (n + 7) / 8 * 8;
-        for (int r = 0; r < MR; ++r) {
-            float* Sr = S + r * kKeys;
-            __m256 mx = _mm256_set1_ps(-INFINITY);
-            for (int64_t j = 0; j < n8; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(Sr + j));
-            const float m_new = std::max(m[r], hmax8(mx));
-            if (m_new == -INFINITY) {
-                std::fill(Sr, Sr + n8, 0.0f);
-                continue;
-            }
-            const __m256 mm = _mm256_set1_ps(m_new), ninf = _mm256_set1_ps(-INFINITY);
-            __m256 sum = _mm256_setzero_ps();
-            for (int64_t j = 0; j < n8; j += 8) {
-                const __m256 x = _mm256_loadu_ps(Sr + j);
-                const __m256 p = _mm256_andnot_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ), exp8(_mm256_sub_ps(x, mm)));
-                _mm256_storeu_ps(Sr + j, p);
-                sum = _mm256_add_ps(sum, p);
-            }
-            const float corr = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - m_new);
-            l[r] = l[r] * corr + hsum(sum);
-            m[r] = m_new;
-            if (corr != 1.0f) {
-                const __m256 c = _mm256_set1_ps(corr);
-                for (int64_t d = 0; d < D; d += 8)
-                    _mm256_storeu_ps(O + r * D + d, _mm256_mul_ps(_mm256_loadu_ps(O + r * D + d), c));
-            }
-        }
+        for (int r = 0; r < MR; ++r) softmax_update(S + r * kKeys, n8, m[r], l[r], O + r * D, D);
         const float* vs0 = v + s0 * sv;
         for (int r = 0; r < MR; r += 3)
             with_rows<3>(std::min<int64_t>(3, MR - r), [&](auto g) {
