@@ -1732,10 +1732,11 @@ torch::Tensor tree_attention(const torch::Tensor& q, const torch::Tensor& k, con
 
 // ---------------------------------------------------------------------------------------------- prefill attention
 // Causal self-attention of a prompt's chunk (a prefill's T positions S - T .. S - 1 over keys [0, S)), float32:
-// flash attention (Dao et al., "FlashAttention", 2022) with the online softmax (Milakov and Gimelshein, 2018). The keys of each key head are
-// first transposed into blocks of 16 (D, 16), so that a tile of 12 query rows scores 16 keys per register with one
-// load of keys and 12 broadcasts of queries per d, as a product's micro-kernel; each 64 keys update the rows' running
-// max, sum and output (O <- O exp(m_old - m_new) + P V). Rows are independent of each other and of the batch.
+// flash attention (Dao et al., "FlashAttention", 2022) with the online softmax (Milakov and Gimelshein, 2018). The
+// keys of each key head are first transposed into blocks of 16 (D, 16; 8 on AVX2), so that a tile of 12 query rows
+// scores 16 keys per register with one load of keys and 12 broadcasts of queries per d, as a product's micro-kernel;
+// each 64 keys update the rows' running max, sum and output (O <- O exp(m_old - m_new) + P V). A row's result depends
+// only on its query, what it sees and the key count, not on the rows beside it or the batch.
 namespace causal {
 
 constexpr int64_t kRows = 12;  // query rows (tokens of one head) per tile
@@ -1827,6 +1828,21 @@ inline void softmax_update(float* Sr, int64_t n, float& m, float& l, float* O, i
     }
 }
 
+// A tile's start and end: rows' outputs O (rows x D) 0, maxima -inf, sums 0; then out[r] = O[r] / l[r].
+inline void start_rows(float* O, float* m, float* l, int rows, int64_t D) {
+    std::fill(O, O + rows * D, 0.0f);
+    std::fill(m, m + rows, -INFINITY);
+    std::fill(l, l + rows, 0.0f);
+}
+
+inline void finish_rows(const float* O, const float* l, int rows, int64_t D, float* const* out) {
+    for (int r = 0; r < rows; ++r) {
+        const __m256 inv = _mm256_set1_ps(1.0f / l[r]);
+        for (int64_t d = 0; d < D; d += 8)
+            _mm256_storeu_ps(out[r] + d, _mm256_mul_ps(_mm256_loadu_ps(O + r * D + d), inv));
+    }
+}
+
 // Which of 16 keys from s each row sees. Causal: row r at position p0 + r sees keys [0, p0 + r]. Masked: a (T, S)
 // bool row per query row (a decoding step's tree), keys [0, dense) seen by every row.
 struct CausalRows {
@@ -1839,7 +1855,8 @@ struct CausalRows {
         return _mm512_cmple_epi32_mask(keys, _mm512_set1_epi32(static_cast<int>(p0 + r)));
     }
     __m256 ok8(int r, int64_t s) const {  // lanes of 8 keys from s, all ones where seen
-        const __m256i keys = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(s)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256i keys =
+            _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(s)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(p0 + r + 1)), keys));
     }
 };
@@ -1916,9 +1933,7 @@ PROPD_AVX512 void tile(const float* const* q, const float* kt, const float* v, i
     alignas(64) float S[kRows * kKeys];
     alignas(64) float O[kRows * D];
     float m[kRows], l[kRows];
-    std::fill(O, O + MR * D, 0.0f);
-    std::fill(m, m + MR, -INFINITY);
-    std::fill(l, l + MR, 0.0f);
+    start_rows(O, m, l, MR, D);
     const int64_t last = mask.end(MR);
     for (int64_t s0 = 0; s0 < last; s0 += kKeys) {
         const int64_t n = std::min(kKeys, last - s0);
@@ -1932,11 +1947,7 @@ PROPD_AVX512 void tile(const float* const* q, const float* kt, const float* v, i
                 add_values<decltype(g)::value, NC, M::garbage>(S + r * kKeys, kKeys, vs0, sv, n, O + r * D);
             });
     }
-    for (int r = 0; r < MR; ++r) {
-        const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
-        for (int64_t d = 0; d < D; d += 16)
-            _mm512_storeu_ps(out[r] + d, _mm512_mul_ps(_mm512_loadu_ps(O + r * D + d), inv));
-    }
+    finish_rows(O, l, MR, D, out);
 }
 
 // The causal tiles on AVX2 (8 keys per register): keys transposed in blocks of 8 (nb, D, 8), 12 rows scoring 8 keys
@@ -1994,7 +2005,7 @@ inline void score8(const float* const* q, const float* ktj, const M& mask, int64
         _mm256_storeu_ps(S + r * ldS, _mm256_blendv_ps(ninf, _mm256_mul_ps(a[r], sc), mask.ok8(r, s)));
 }
 
-template <int MR, bool skip>
+template <int MR>  // add_values' sums (every key below n written: only causal tiles run on AVX2)
 inline void add_values8(const float* P, int64_t ldP, const float* v, int64_t sv, int64_t n, float* O, int64_t D) {
     for (int64_t d0 = 0; d0 < D; d0 += 32) {
         __m256 acc[MR][4];
@@ -2003,12 +2014,6 @@ inline void add_values8(const float* P, int64_t ldP, const float* v, int64_t sv,
 #pragma GCC unroll 4
             for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_loadu_ps(O + r * D + d0 + 8 * c);
         for (int64_t s = 0; s < n; ++s) {
-            if constexpr (skip) {
-                bool any = false;
-#pragma GCC unroll 3
-                for (int r = 0; r < MR; ++r) any = any || P[r * ldP + s] != 0.0f;
-                if (!any) continue;
-            }
             __m256 w[MR];
 #pragma GCC unroll 3
             for (int r = 0; r < MR; ++r) w[r] = _mm256_set1_ps(P[r * ldP + s]);
@@ -2032,26 +2037,22 @@ void tile8(const float* const* q, const float* kt, const float* v, int64_t sv, c
     alignas(32) float S[kRows * kKeys];
     alignas(32) float O[kRows * D];
     float m[kRows], l[kRows];
-    std::fill(O, O + MR * D, 0.0f);
-    std::fill(m, m + MR, -INFINITY);
-    std::fill(l, l + MR, 0.0f);
+    start_rows(O, m, l, MR, D);
     const int64_t last = mask.end(MR);
     for (int64_t s0 = 0; s0 < last; s0 += kKeys) {
         const int64_t n = std::min(kKeys, last - s0);
-        for (int64_t j = 0; j < n; j += 8) score8<MR, D>(q, kt + (s0 + j) / 8 * D * 8, mask, s0 + j, scale, S + j, kKeys);
+        for (int64_t j = 0; j < n; j += 8)
+            score8<MR, D>(q, kt + (s0 + j) / 8 * D * 8, mask, s0 + j, scale, S + j, kKeys);
         const int64_t n8 = (n + 7) / 8 * 8;
         for (int r = 0; r < MR; ++r) softmax_update(S + r * kKeys, n8, m[r], l[r], O + r * D, D);
         const float* vs0 = v + s0 * sv;
         for (int r = 0; r < MR; r += 3)
             with_rows<3>(std::min<int64_t>(3, MR - r), [&](auto g) {
-                add_values8<decltype(g)::value, M::garbage>(S + r * kKeys, kKeys, vs0, sv, n, O + r * D, D);
+                static_assert(!M::garbage, "AVX2 tiles run causal prefill chunks only");
+                add_values8<decltype(g)::value>(S + r * kKeys, kKeys, vs0, sv, n, O + r * D, D);
             });
     }
-    for (int r = 0; r < MR; ++r) {
-        const __m256 inv = _mm256_set1_ps(1.0f / l[r]);
-        for (int64_t d = 0; d < D; d += 8)
-            _mm256_storeu_ps(out[r] + d, _mm256_mul_ps(_mm256_loadu_ps(O + r * D + d), inv));
-    }
+    finish_rows(O, l, MR, D, out);
 }
 
 // Keys of every (row, key head) transposed into (B Hk, nb, D, 16), nb = ceil(S / 16), in the calling thread's buffer
@@ -3048,9 +3049,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("screen_survivors", &screen_survivors, "the argmax screen's coarse pass: the ids some row cannot rule out");
     m.def("screen_argmax", &screen_argmax, "the argmax screen after its 8-bit product: bounds, candidates, exact rows");
     m.def("decoder_layer", &decoder_layer, "one Llama decoder layer of a decoding step", pybind11::arg("x"),
-          pybind11::arg("w"), pybind11::arg("outs"), pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("k_cache"),
-          pybind11::arg("v_cache"), pybind11::arg("pos"), pybind11::arg("mask"), pybind11::arg("eps"),
-          pybind11::arg("scale"), pybind11::arg("invariant") = true);
+          pybind11::arg("w"), pybind11::arg("outs"), pybind11::arg("cos"), pybind11::arg("sin"),
+          pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("pos"), pybind11::arg("mask"),
+          pybind11::arg("eps"), pybind11::arg("scale"), pybind11::arg("invariant") = true);
     m.def("step_attention", &step_attention, "a decoding step's attention (tree_attention or masked_attention)");
     // module-local: two builds of this file load side by side (benchmarks/kernel_ab.py) without a type clash
     pybind11::class_<LayerStack>(m, "LayerStack", pybind11::module_local(),
