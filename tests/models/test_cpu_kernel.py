@@ -362,6 +362,13 @@ def test_causal_attention_equals_sdpa_and_each_row_alone(b, hk, group, t, before
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
         alone = _under(limit, lambda: cpu_kernel.causal_attention(q[-1:], k[-1:], v[-1:], d ** -0.5))
         assert torch.equal(alone, out[-1:])
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()  # bfloat16: widened, the result rounded once
+    assert cpu_kernel.causal_fits(qb, kb)
+    outb = cpu_kernel.causal_attention(qb, kb, vb, d ** -0.5)
+    refb = F.scaled_dot_product_attention(qb.double(), kb.double(), vb.double(), attn_mask=mask,
+                                          enable_gqa=True).transpose(1, 2).reshape(b, t, -1)
+    assert outb.dtype == torch.bfloat16
+    torch.testing.assert_close(outb.double(), refb, rtol=2 ** -7, atol=1e-2)
 
 
 @pytest.mark.skipif(not X86_AVX2 or cpu_kernel.extension() is None, reason="the CPU kernel needs x86-64 with AVX2/FMA")
