@@ -75,7 +75,7 @@ def max_rows(dtype: torch.dtype) -> int:
     return _state["bounds"] if MAX_ROWS is None else MAX_ROWS
 
 
-_state: dict = {"ext": None, "tried": False, "packed_bytes": 0, "bounds": ROW_BOUNDS["avx2"], "attention_wide": True}
+_state: dict = {"ext": None, "tried": False, "packed_bytes": 0, "bounds": ROW_BOUNDS["avx2"]}
 
 
 def _note(msg: str) -> None:
@@ -126,8 +126,7 @@ def extension():
         _state["ext"].set_isa_limit(limit)
         _state["bounds"] = ROW_BOUNDS["avx512" if _state["ext"].isa().startswith("avx512") else "avx2"]
         if _state["ext"].isa().startswith("avx512"):
-            _state["attention_wide"] = _attention_wide_pays(_state["ext"])
-            _state["ext"].set_attention_wide(_state["attention_wide"])
+            _state["ext"].set_attention_wide(_attention_wide_pays(_state["ext"]))
     except Exception as exc:  # no compiler, no ninja, a failed build: MKL serves instead
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         _note(f"CPU extension unavailable, using torch's kernels ({type(exc).__name__}: {first[:200]})")
@@ -137,9 +136,8 @@ def extension():
 
 def _attention_wide_pays(ext) -> bool:
     """Whether the decoding attention kernel's AVX-512 path beats its AVX2 path on this CPU (the same bits either
-    way): timed once, taking turns, on a 4-token step of the default model's shapes over 512 keys (a few ms). On
-    CPUs that split 512-bit operations in two (AMD Zen 4) the 8-lane path measured 0.77-0.94x the 16-lane one's time
-    (``python benchmarks/attention.py``)."""
+    way): timed once, taking turns, on a 4-token step of the default model's shapes over 512 keys (a few ms). CPUs
+    that split 512-bit operations in two (AMD Zen 4) run the 8-lane path faster (docs/architecture.md)."""
     import time
 
     g = torch.Generator().manual_seed(0)
@@ -283,8 +281,8 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
 
     Without ``invariant`` (float32 steps, where a last-bit difference does not change tokens: :func:`rounds_to_tokens`),
     a step of at least 4 query tokens per row on an AVX-512 CPU (head size 64 or 128) runs on the tiles of
-    :func:`causal_attention` instead, over its keys transposed for the call: 0.7-0.97x the time at 3-16 tokens
-    (``python benchmarks/attention.py``): a token's last bits then depend on whether its step had 4 tokens or more."""
+    :func:`causal_attention` instead, over its keys transposed for the call (``python benchmarks/attention.py``
+    compares them; docs/architecture.md): a token's last bits then depend on whether its step had 4 tokens or more."""
     return _state["ext"].step_attention(q, keys, values, mask, scale, invariant)
 
 
@@ -302,8 +300,7 @@ def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     Flash attention (Dao et al. 2022; online softmax, Milakov and Gimelshein 2018) on keys transposed into blocks of
     16 (8 on AVX2), so that scores run as a product's micro-kernel: about 1.4-3x ``F.scaled_dot_product_attention``'s
     speed at 300-2,000 tokens (``python benchmarks/attention.py causal``). Rows are independent of each other.
-    bfloat16 inputs are widened to float32 and the result rounded once (1.7-2.5x SDPA's bfloat16 speed at 300-1,000
-    tokens: the widening is a few percent of the call)."""
+    bfloat16 inputs are widened to float32 and the result rounded once (the widening is a small part of the call)."""
     if q.dtype == torch.bfloat16:
         return _state["ext"].causal_attention(q.float(), keys.float(), values.float(), scale).bfloat16()
     return _state["ext"].causal_attention(q, keys, values, scale)

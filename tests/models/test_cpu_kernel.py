@@ -202,6 +202,7 @@ def test_attention_equals_sdpa_and_each_query_alone(b, hk, group, t, s, d, seed,
         wide = cpu_kernel.attention(q.float(), k.float(), v.float(), mask, d ** -0.5)
         assert torch.equal(out, wide.to(torch.bfloat16))
     ext = cpu_kernel.extension()  # both paths (where the CPU has AVX-512, scores and values can run 16 lanes wide)
+    chosen = ext.attention_wide()
     ext.set_attention_wide(True)
     ext.set_isa_limit(1)
     try:
@@ -210,7 +211,7 @@ def test_attention_equals_sdpa_and_each_query_alone(b, hk, group, t, s, d, seed,
         assert torch.equal(cpu_kernel.attention(q, k, v, mask, d ** -0.5), out)
     finally:
         ext.set_isa_limit(0)
-        ext.set_attention_wide(cpu_kernel._state["attention_wide"])
+        ext.set_attention_wide(chosen)
     # bit for bit: a query alone, a row alone, and more keys that are all masked give the same result
     for i in range(t):
         alone = cpu_kernel.attention(q[:, :, i:i + 1].contiguous(), k, v, mask[:, i:i + 1], d ** -0.5)

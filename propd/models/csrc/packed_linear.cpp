@@ -1952,7 +1952,7 @@ PROPD_AVX512 void tile(const float* const* q, const float* kt, const float* v, i
 
 // The causal tiles on AVX2 (8 keys per register): keys transposed in blocks of 8 (nb, D, 8), 12 rows scoring 8 keys
 // with one load and 12 broadcasts per step of d, value passes of 3 rows x 32 values. (Decoding steps stay on the
-// decoding kernel there: these tiles measured 1.04-1.4x its time.)
+// decoding kernel there, which is faster on AVX2.)
 inline void transpose8(__m256* r) {  // r[i][j] -> r[j][i], an 8 x 8 block of float32
     __m256 t[8], u[8];
 #pragma GCC unroll 4
@@ -3065,6 +3065,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("set_isa_limit", [](int64_t limit) { g_isa_limit = static_cast<int>(limit); },
           "0: the best path this CPU has; 1: AVX2 only; 2: AVX-512 without AMX");
     m.def("has_vnni", []() { return use_vnni(); }, "whether the 8-bit-activation kernel runs on AVX512-VNNI now");
+    m.def("attention_wide", []() { return g_attention_wide; },
+          "whether tree_attention may take its AVX-512 path (set_attention_wide)");
     m.def("set_attention_wide", [](bool wide) { g_attention_wide = wide; },
           "whether tree_attention may take its AVX-512 path (the same bits as its AVX2 path)");
     m.def("isa", []() {
