@@ -170,7 +170,8 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
 
     eagle_only = {"--follow-ups": args.follow_ups, "--tasks": args.tasks, "--self-prompts": args.self_prompts,
                   "--ttt-steps": args.ttt_steps is not None, "--weight-decay": args.weight_decay is not None,
-                  "--val-each-epoch": args.val_each_epoch}
+                  "--val-each-epoch": args.val_each_epoch, "--gen-dtype": args.gen_dtype is not None,
+                  "--train-dtype": args.train_dtype is not None}
     for flag, given in eagle_only.items():
         if args.kind != "eagle" and given:
             raise PropdError(f"{flag} is for --kind eagle")
@@ -203,7 +204,7 @@ def _train_eagle(args: argparse.Namespace) -> int:
     from propd.training.eagle import EagleTrainConfig, train_eagle
 
     names = ("max_prompts", "max_new_tokens", "epochs", "follow_ups", "tasks", "ttt_steps", "self_prompts",
-             "weight_decay")
+             "weight_decay", "gen_dtype", "train_dtype")
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     given["val_each_epoch"] = args.val_each_epoch
     cfg = EagleTrainConfig(model=args.model, out=args.out, device=args.device, seed=args.seed, data=args.data, **given)
@@ -374,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-each-epoch", action="store_true",
                    help="eagle: measure the validation accuracy after every epoch (printed, and in report.json's "
                         "history; seconds each on the shipped recipe's data)")
+    t.add_argument("--gen-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="eagle: the base model's dtype for the training answers and their features (default "
+                        "float32; bfloat16 is about 1.9x faster on CPUs with AVX512-BF16 or AMX)")
+    t.add_argument("--train-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="eagle: bfloat16 autocasts the drafter's products in training, weights kept in float32 "
+                        "(default float32; about 1.6x faster on CPUs with AVX512-BF16 or AMX)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--data", default=None, help="training prompts folder (default: $PROPD_TRAIN_DATA, else the nearest "

@@ -34,10 +34,11 @@ class KVCache:
         self.v = torch.nn.functional.pad(self.v, (0, 0, 0, pad))
 
     def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write (B, H, T, D) keys/values at cache positions ``pos`` (B, T)."""
+        """Write (B, H, T, D) keys/values at cache positions ``pos`` (B, T), in the cache's dtype (under autocast a
+        projection's output may be narrower)."""
         idx = pos[:, None, :, None].expand_as(k)  # (B, H, T, D)
-        self.k[layer].scatter_(2, idx, k)
-        self.v[layer].scatter_(2, idx, v)
+        self.k[layer].scatter_(2, idx, k.to(self.k.dtype))
+        self.v[layer].scatter_(2, idx, v.to(self.v.dtype))
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's whole (B, H, capacity, D) key and value buffers, for writers that index them themselves."""

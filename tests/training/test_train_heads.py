@@ -363,7 +363,45 @@ def test_train_eagle_keeps_the_hidden_states_of_its_answers(tiny_dir, train_dir,
     assert len(FeatureStore(work / "hidden")) == 25
 
 
+def test_train_eagle_in_bfloat16(tiny_dir, train_dir, tmp_path):
+    """``gen_dtype`` bfloat16 answers with the model in bf16 and keeps that model's hidden states; ``train_dtype``
+    bfloat16 autocasts training and still learns; a fresh run gives the same drafter bit for bit; a rerun asking for
+    float32 answers from the bf16 cache is refused."""
+    import torch
+    from safetensors.torch import load_file
+
+    from propd.training.eagle import EagleTrainConfig, train_eagle
+    from propd.training.hidden import FeatureStore
+    from propd.training.trainer import training_prompt_ids
+
+    common = dict(model=str(tiny_dir), max_new_tokens=16, epochs=4, data=str(train_dir), batch_tokens=128,
+                  draft_vocab=64, lr=3e-3, val_fraction=0.2, gen_dtype="bfloat16", train_dtype="bfloat16")
+    reports = [train_eagle(EagleTrainConfig(out=str(tmp_path / d), **common), log=lambda m: None) for d in "ab"]
+    hist = reports[0]["history"]
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"] * 0.8 and reports[0]["validation"]["top1"] > 0.05
+    assert reports[0]["validation"] == reports[1]["validation"]
+    wa, wb = (load_file(tmp_path / d / "model.safetensors") for d in "ab")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    work = tmp_path / "a" / "work"
+    model = load_model(str(tiny_dir), dtype="bfloat16", heads="none")
+    _, prompt_ids = training_prompt_ids(model, EagleTrainConfig(out=str(tmp_path / "a"), **common))
+    answers = [json.loads(x) for x in (work / "answers.jsonl").read_text().splitlines()]
+    ref = Decoder(model, preset="ar").generate_ids(prompt_ids[:4], max_new_tokens=16).token_ids
+    assert answers[:4] == ref
+    store = FeatureStore(work / "hidden")
+    p, a = prompt_ids[0], answers[0]
+    h, _ = model.model.hidden_states(model.model.new_cache(1, len(p + a) + 2), [p + a])
+    kept, h = store.get(p + a)[:-1].float(), h[0, :-1].float()  # bf16 sums of a step and a prefill: 1-2 ulps apart
+    torch.testing.assert_close(kept, h, atol=0.1, rtol=0.05)
+    assert (kept - h).abs().mean() < 0.01
+    with pytest.raises(PropdError, match="generated in bfloat16"):
+        train_eagle(EagleTrainConfig(out=str(tmp_path / "a"), **(common | {"gen_dtype": "float32"})),
+                    log=lambda m: None)
+
+
 @pytest.mark.parametrize("argv, message", [(["--follow-ups", "1"], "is for --kind eagle"),
+                                           (["--gen-dtype", "bfloat16"], "is for --kind eagle"),
+                                           (["--train-dtype", "bfloat16"], "is for --kind eagle"),
                                            (["--kind", "eagle", "--follow-ups", "9"], "--follow-ups must be 0-8"),
                                            (["--ttt-steps", "2"], "is for --kind eagle"),
                                            (["--tasks", "1"], "is for --kind eagle"),
