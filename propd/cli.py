@@ -168,7 +168,8 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
     from propd.training.data import DEFAULT_MAX_PROMPTS
     from propd.training.trainer import TrainConfig, train_heads
 
-    eagle_only = {"--follow-ups": args.follow_ups, "--tasks": args.tasks, "--self-prompts": args.self_prompts,
+    eagle_only = {"--follow-ups": args.follow_ups, "--tasks": args.tasks, "--passages": args.passages,
+                  "--self-prompts": args.self_prompts,
                   "--ttt-steps": args.ttt_steps is not None, "--weight-decay": args.weight_decay is not None,
                   "--val-each-epoch": args.val_each_epoch, "--gen-dtype": args.gen_dtype is not None,
                   "--train-dtype": args.train_dtype is not None}
@@ -203,7 +204,7 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
 def _train_eagle(args: argparse.Namespace) -> int:
     from propd.training.eagle import EagleTrainConfig, train_eagle
 
-    names = ("max_prompts", "max_new_tokens", "epochs", "follow_ups", "tasks", "ttt_steps", "self_prompts",
+    names = ("max_prompts", "max_new_tokens", "epochs", "follow_ups", "tasks", "passages", "ttt_steps", "self_prompts",
              "weight_decay", "gen_dtype", "train_dtype")
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     given["val_each_epoch"] = args.val_each_epoch
@@ -364,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tasks", type=int, default=None, metavar="K",
                    help="eagle: also train on K requests per prompt that hand the model its first answer as a text to "
                         "summarize, translate, answer questions about, ... (0-8, default 0)")
+    t.add_argument("--passages", type=int, default=None, metavar="K",
+                   help="eagle: also train on K requests per prompt to summarize, translate, ... a passage of other "
+                        "training prompts' (human-written) text, with the model's answers (0-8, default 0)")
     t.add_argument("--self-prompts", type=int, default=None, metavar="N",
                    help="eagle: also train on N user requests the model writes itself (sampled after its chat "
                         "template's user-turn start, as Magpie), with its answers (default 0)")

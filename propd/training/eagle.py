@@ -18,7 +18,9 @@ the model's voice without more prompts (docs/heads.md, "More text from the same 
 also yields K single-turn requests that hand the model its own first answer as a text to work on (``data.TASKS``:
 summarize, extract, answer a question about the passage, translate, rewrite, the k-th for prompt i being number
 (i + k) mod 8), and the model's answers to them: outputs that copy from or condense a long user-given text, which
-plain prompts never ask for. A held-out prompt's conversations are held out with it. With ``self_prompts`` N > 0
+plain prompts never ask for. With ``passages`` K > 0, each also yields K such requests around a passage of
+other training prompts' text (:func:`_passage`; never a held-out prompt's): text people wrote, which the model
+copies and condenses unlike its own. A held-out prompt's conversations are held out with it. With ``self_prompts`` N > 0
 the model also writes N user requests itself (Magpie, Xu et al. 2024, arXiv 2406.08464): sampled, at temperature 1,
 after its chat template's text up to a user turn's content, kept when the turn ends within ``max_new_tokens`` and
 is new; then answered greedily like a training prompt. An instruction-tuned model's own requests come from the
@@ -97,6 +99,7 @@ class EagleTrainConfig:
     ttt_steps: int = 1  # draft steps unrolled in training (module docstring); 1: EAGLE-1's teacher forcing alone
     ttt_decay: float = 0.8  # loss weight of step s: ttt_decay ** (s - 1)
     self_prompts: int = 0  # user requests written by the model itself (module docstring)
+    passages: int = 0  # task requests per training prompt around passages of other prompts' text (module docstring)
     weight_decay: float = 0.0  # AdamW's decoupled weight decay
     val_each_epoch: bool = False  # validation top-1 after every epoch, in the report's history
     gen_dtype: str = "float32"  # the base model's dtype for the answers and their features (module docstring)
@@ -112,8 +115,9 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
         raise PropdError("--epochs, --max-new-tokens and the batch, length and vocabulary sizes must be positive")
     if not 0 <= cfg.follow_ups <= len(FOLLOW_UPS):
         raise PropdError(f"--follow-ups must be 0-{len(FOLLOW_UPS)}, got {cfg.follow_ups}")
-    if not 0 <= cfg.tasks <= len(TASKS):
-        raise PropdError(f"--tasks must be 0-{len(TASKS)}, got {cfg.tasks}")
+    for flag, count in (("--tasks", cfg.tasks), ("--passages", cfg.passages)):
+        if not 0 <= count <= len(TASKS):
+            raise PropdError(f"{flag} must be 0-{len(TASKS)}, got {count}")
     if not 1 <= cfg.ttt_steps <= MAX_TTT_STEPS:
         raise PropdError(f"--ttt-steps must be 1-{MAX_TTT_STEPS}, got {cfg.ttt_steps}")
     if cfg.self_prompts < 0:
@@ -143,7 +147,7 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
     n0 = len(prompt_ids)
     val = _val_seqs(n0, cfg)
     extras = []  # (kind, ids, answers, owning training prompt) of the extra conversations
-    for kind, count in (("follow_ups", cfg.follow_ups), ("tasks", cfg.tasks)):
+    for kind, count in (("follow_ups", cfg.follow_ups), ("tasks", cfg.tasks), ("passages", cfg.passages)):
         if count:
             extras.append((kind, *_extra_conversations(kind, decoder, prompt_ids, answers, cfg, work, log, store)))
     if cfg.self_prompts:
@@ -221,6 +225,7 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
     report.update({"model": model.name, "kind": "eagle", "config": attrs.asdict(cfg), "history": history,
                    "follow_up_sequences": len(owners.get("follow_ups", [])),
                    "task_sequences": len(owners.get("tasks", [])),
+                   "passage_sequences": len(owners.get("passages", [])),
                    "self_prompt_sequences": len(owners.get("self_prompts", [])),
                    "train_sequences": len(train_seqs), "val_sequences": len(val_seqs),
                    "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -299,7 +304,8 @@ def _extra_conversations(kind: str, decoder, prompt_ids, answers, cfg: EagleTrai
                          store: FeatureStore | None = None) -> tuple:
     """The extra conversations built on each training prompt's first answer (module docstring), with the model's
     greedy answers: ``kind`` "follow_ups", the prompt, the first answer and a second request (``FOLLOW_UPS``);
-    "tasks", one user turn wrapping the first answer (``TASKS``). The k-th for prompt i takes request (i + k) mod 8.
+    "tasks", one user turn wrapping the first answer (``TASKS``); "passages", one wrapping a passage of other
+    training prompts' text (:func:`_passage`). The k-th for prompt i takes request (i + k) mod 8.
     Answers are cached in ``work/follow_up_answers.jsonl`` or ``work/task_answers.jsonl`` by (prompt, k), so that
     another ``--max-prompts`` or K reuses them. Returns the ids, the answers, and for each the training prompt it
     belongs to."""
@@ -310,13 +316,23 @@ def _extra_conversations(kind: str, decoder, prompt_ids, answers, cfg: EagleTrai
     cap = decoder.model.config.max_position_embeddings - cfg.max_new_tokens
     if kind == "follow_ups":
         count, turns, cached, what = cfg.follow_ups, FOLLOW_UPS, "follow_up_answers.jsonl", "follow-up turns"
-    else:
+    elif kind == "tasks":
         count, turns, cached, what = cfg.tasks, TASKS, "task_answers.jsonl", "task requests"
+    else:
+        count, turns, cached, what = cfg.passages, TASKS, "passage_answers.jsonl", "passage requests"
     pairs = [(i, k) for i in range(len(prompt_ids)) for k in range(count) if len(answers[i]) > 1]
     ids = {}
     for i, k in pairs:
-        first = tok.decode(answers[i], skip_special_tokens=True).strip() or "..."
         turn = turns[(i + k) % len(turns)]
+        if kind == "passages":  # whole parts are dropped until the request fits the context
+            parts = _passage(texts, i, k, cfg).split("\n\n")
+            ids[i, k] = decoder.encode([turn.format(text="\n\n".join(parts))])[0]
+            while len(ids[i, k]) > cap and len(parts) > 1:
+                parts.pop()
+                ids[i, k] = decoder.encode([turn.format(text="\n\n".join(parts))])[0]
+            ids[i, k] = ids[i, k][-cap:]
+            continue
+        first = tok.decode(answers[i], skip_special_tokens=True).strip() or "..."
         if kind == "follow_ups":
             ids[i, k] = decoder.encode([conversation([texts[i], turn], [first])])[0][-cap:]
         else:
@@ -346,6 +362,26 @@ def _cached_answers(decoder, pairs: list[tuple[int, int]], ids: dict, cfg: Eagle
                     f.write(json.dumps(done[i, k]) + "\n")
                 f.flush()
     return {p: done[p]["answer"] for p in pairs}
+
+
+PASSAGE_CHARS = 3000  # a passage's length: about 700 tokens of English
+_PASSAGE_PART_CHARS = 1500  # at most this much of one prompt's text
+
+
+def _passage(texts: list[str], i: int, k: int, cfg: EagleTrainConfig) -> str:
+    """Passage k of training prompt i: the texts of other training prompts (never a held-out one), drawn in a
+    seeded order, each cut to its first ``_PASSAGE_PART_CHARS`` characters, joined until ``PASSAGE_CHARS``."""
+    val = _val_seqs(len(texts), cfg)
+    pool = [j for j in range(len(texts)) if j not in val and j != i]
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + i * 16 + k))
+    parts, size = [], 0
+    for j in order.tolist():
+        part = texts[pool[j]].strip()[:_PASSAGE_PART_CHARS]
+        parts.append(part)
+        size += len(part)
+        if size >= PASSAGE_CHARS:
+            break
+    return "\n\n".join(parts)
 
 
 _SELF_PROMPT_GROUP = 256  # request j's answer is cached under the key (j, j // this)

@@ -264,6 +264,35 @@ def test_train_eagle_with_task_requests(tiny_dir, train_dir, tmp_path):
     assert not any("computing hidden states" in m for m in logs)
 
 
+def test_train_eagle_with_passage_requests(tiny_dir, train_dir, tmp_path):
+    """--passages K adds K task requests per training prompt around a passage of other training prompts' text, never
+    a held-out prompt's; the passages are seeded; a held-out prompt's requests stay out of training."""
+    from propd.training.data import TASKS
+    from propd.training.eagle import EagleTrainConfig, _passage, train_eagle
+    from propd.training.trainer import _val_seqs, training_prompt_texts
+
+    common = dict(model=str(tiny_dir), max_new_tokens=12, epochs=1, data=str(train_dir), batch_tokens=128,
+                  draft_vocab=64, val_fraction=0.2)
+    plain = train_eagle(EagleTrainConfig(out=str(tmp_path / "plain"), **common), log=lambda m: None)
+    out = tmp_path / "passages"
+    cfg = EagleTrainConfig(out=str(out), passages=2, **common)
+    report = train_eagle(cfg, log=lambda m: None)
+    rows = [json.loads(line) for line in (out / "work" / "passage_answers.jsonl").read_text().splitlines()]
+    assert report["passage_sequences"] == len(rows) == 2 * 25
+    assert report["train_sequences"] == 3 * plain["train_sequences"]
+    texts = training_prompt_texts(cfg)
+    val = _val_seqs(len(texts), cfg)
+    for i, k in ((0, 0), (3, 1), (7, 1)):
+        passage = _passage(texts, i, k, cfg)
+        parts = passage.split("\n\n")
+        assert parts and all(p in {texts[j].strip() for j in range(len(texts)) if j not in val and j != i}
+                             for p in parts)
+        assert passage == _passage(texts, i, k, cfg) and passage != _passage(texts, i, 1 - k, cfg)
+    tok = load_model(str(tiny_dir), heads="none").tokenizer
+    row = next(r for r in rows if (r["i"], r["k"]) == (3, 1))
+    assert TASKS[4].split("{text}")[0].strip() in tok.decode(row["prompt"])
+
+
 def test_train_eagle_with_self_written_requests(tiny_dir, train_dir, tmp_path, monkeypatch):
     """--self-prompts N: the model's sampled user turns (after the template's text up to a user turn's content, batch
     b seeded (seed, b)) are kept when they end the turn, have 16+ characters and are new; answered greedily through
@@ -406,6 +435,8 @@ def test_train_eagle_in_bfloat16(tiny_dir, train_dir, tmp_path):
                                            (["--ttt-steps", "2"], "is for --kind eagle"),
                                            (["--tasks", "1"], "is for --kind eagle"),
                                            (["--kind", "eagle", "--tasks", "9"], "--tasks must be 0-8"),
+                                           (["--passages", "1"], "is for --kind eagle"),
+                                           (["--kind", "eagle", "--passages", "9"], "--passages must be 0-8"),
                                            (["--kind", "eagle", "--ttt-steps", "0"], "--ttt-steps must be 1-4"),
                                            (["--self-prompts", "4"], "is for --kind eagle"),
                                            (["--kind", "eagle", "--self-prompts", "-1"], "must be 0 or more"),
