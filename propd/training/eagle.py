@@ -240,19 +240,14 @@ def _check_generation(work: Path, cfg: EagleTrainConfig, model_name: str) -> Non
     """Record in ``work/generation.json`` the dtype the cached answers and features are generated in; a rerun with
     another ``gen_dtype`` would mix two models' outputs, so it is refused."""
     path = work / "generation.json"
-    want = {"model": model_name, "gen_dtype": cfg.gen_dtype}
     if path.is_file():
-        have = json.loads(path.read_text())
-        if have.get("gen_dtype", "float32") != cfg.gen_dtype:
-            raise PropdError(f"{work} holds answers generated in {have.get('gen_dtype')}; rerun with --gen-dtype "
-                             f"{have.get('gen_dtype')} or another --out")
-        return
-    if any(work.glob("*.jsonl")):  # answers or samples cached before this record existed: float32's
-        want["gen_dtype"] = "float32"
-        if cfg.gen_dtype != "float32":
-            raise PropdError(f"{work} holds answers generated in float32; rerun with --gen-dtype float32 or another "
-                             "--out")
-    path.write_text(json.dumps(want) + "\n")
+        have = json.loads(path.read_text()).get("gen_dtype", "float32")
+    else:  # answers or samples cached before this record existed are float32's
+        have = "float32" if any(work.glob("*.jsonl")) else cfg.gen_dtype
+    if have != cfg.gen_dtype:
+        raise PropdError(f"{work} holds answers generated in {have}; rerun with --gen-dtype {have} or another --out")
+    if not path.is_file():
+        path.write_text(json.dumps({"model": model_name, "gen_dtype": have}) + "\n")
 
 
 def _draft_vocab(out: Path, answers, prompt_ids, train_seqs, size: int, vocab: int, name: str) -> list[int]:
@@ -306,9 +301,9 @@ def _extra_conversations(kind: str, decoder, prompt_ids, answers, cfg: EagleTrai
     greedy answers: ``kind`` "follow_ups", the prompt, the first answer and a second request (``FOLLOW_UPS``);
     "tasks", one user turn wrapping the first answer (``TASKS``); "passages", one wrapping a passage of other
     training prompts' text (:func:`_passage`). The k-th for prompt i takes request (i + k) mod 8.
-    Answers are cached in ``work/follow_up_answers.jsonl`` or ``work/task_answers.jsonl`` by (prompt, k), so that
-    another ``--max-prompts`` or K reuses them. Returns the ids, the answers, and for each the training prompt it
-    belongs to."""
+    Answers are cached in ``work/follow_up_answers.jsonl``, ``work/task_answers.jsonl`` or
+    ``work/passage_answers.jsonl`` by (prompt, k), so that another ``--max-prompts`` or K reuses them. Returns the
+    ids, the answers, and for each the training prompt it belongs to."""
     from propd.chat import conversation
 
     tok = decoder.model.tokenizer
@@ -321,11 +316,12 @@ def _extra_conversations(kind: str, decoder, prompt_ids, answers, cfg: EagleTrai
     else:
         count, turns, cached, what = cfg.passages, TASKS, "passage_answers.jsonl", "passage requests"
     pairs = [(i, k) for i in range(len(prompt_ids)) for k in range(count) if len(answers[i]) > 1]
+    held_out = _val_seqs(len(texts), cfg)
     ids = {}
     for i, k in pairs:
         turn = turns[(i + k) % len(turns)]
         if kind == "passages":  # whole parts are dropped until the request fits the context
-            parts = _passage(texts, i, k, cfg).split("\n\n")
+            parts = _passage(texts, held_out, i, k, cfg.seed)
             ids[i, k] = decoder.encode([turn.format(text="\n\n".join(parts))])[0]
             while len(ids[i, k]) > cap and len(parts) > 1:
                 parts.pop()
@@ -368,12 +364,12 @@ PASSAGE_CHARS = 3000  # a passage's length: about 700 tokens of English
 _PASSAGE_PART_CHARS = 1500  # at most this much of one prompt's text
 
 
-def _passage(texts: list[str], i: int, k: int, cfg: EagleTrainConfig) -> str:
-    """Passage k of training prompt i: the texts of other training prompts (never a held-out one), drawn in a
-    seeded order, each cut to its first ``_PASSAGE_PART_CHARS`` characters, joined until ``PASSAGE_CHARS``."""
-    val = _val_seqs(len(texts), cfg)
-    pool = [j for j in range(len(texts)) if j not in val and j != i]
-    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + i * 16 + k))
+def _passage(texts: list[str], held_out: set[int], i: int, k: int, seed: int) -> list[str]:
+    """The parts of passage k of training prompt i (joined by blank lines): the texts of other prompts, none in
+    ``held_out``, drawn in a seeded order, each cut to its first ``_PASSAGE_PART_CHARS`` characters, until they
+    reach ``PASSAGE_CHARS`` together."""
+    pool = [j for j in range(len(texts)) if j not in held_out and j != i]
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed * 1_000_003 + i * 16 + k))
     parts, size = [], 0
     for j in order.tolist():
         part = texts[pool[j]].strip()[:_PASSAGE_PART_CHARS]
@@ -381,7 +377,7 @@ def _passage(texts: list[str], i: int, k: int, cfg: EagleTrainConfig) -> str:
         size += len(part)
         if size >= PASSAGE_CHARS:
             break
-    return "\n\n".join(parts)
+    return parts
 
 
 _SELF_PROMPT_GROUP = 256  # request j's answer is cached under the key (j, j // this)

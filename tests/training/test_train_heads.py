@@ -283,11 +283,10 @@ def test_train_eagle_with_passage_requests(tiny_dir, train_dir, tmp_path):
     texts = training_prompt_texts(cfg)
     val = _val_seqs(len(texts), cfg)
     for i, k in ((0, 0), (3, 1), (7, 1)):
-        passage = _passage(texts, i, k, cfg)
-        parts = passage.split("\n\n")
+        parts = _passage(texts, val, i, k, cfg.seed)
         assert parts and all(p in {texts[j].strip() for j in range(len(texts)) if j not in val and j != i}
                              for p in parts)
-        assert passage == _passage(texts, i, k, cfg) and passage != _passage(texts, i, 1 - k, cfg)
+        assert parts == _passage(texts, val, i, k, cfg.seed) and parts != _passage(texts, val, i, 1 - k, cfg.seed)
     tok = load_model(str(tiny_dir), heads="none").tokenizer
     row = next(r for r in rows if (r["i"], r["k"]) == (3, 1))
     assert TASKS[4].split("{text}")[0].strip() in tok.decode(row["prompt"])
