@@ -6,12 +6,15 @@ layer and choosing the tree size online is ProPD (Zhong et al. 2024, arXiv 2402.
 decided only by which components are registered in this decoder's plugin manager.
 
 Batches: B prompts of different lengths share every forward pass; each row accepts its own number of tokens per
-step and stops on its own EOS or token budget; finished rows leave the batch (their cache rows are dropped).
+step and stops on its own EOS or token budget; finished rows leave the batch (their cache rows are dropped), and
+prompts waiting for a place take theirs (continuous batching: the newcomers' prefill runs on its own, then they
+decode beside the others).
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any, Iterable, Sequence
 
 import attrs
@@ -49,8 +52,11 @@ class Decoder:
     faster); a number fixes the count of steps and prefill; None leaves torch's setting alone. Under ``"auto"`` a
     prefill runs at the process's count unless the steps moved below it. The output never depends on it.
     ``observers``: objects in no role that implement lifecycle hooks only (``propd_setup``, ``propd_rows_begin``,
-    ``propd_rows_leave``, ``propd_after_step``), to watch the decoding without changing it, e.g. to record hidden
-    states (:class:`propd.training.hidden.HiddenRecorder`).
+    ``propd_rows_join``, ``propd_rows_leave``, ``propd_after_step``), to watch the decoding without changing it, e.g.
+    to record hidden states (:class:`propd.training.hidden.HiddenRecorder`).
+    ``continuous``: with more prompts than ``batch_size``, a waiting prompt joins the batch as soon as a row finishes
+    (default), so the batch stays full; it needs every component with per-row state to take rows joining
+    (``propd_rows_join``), else, or with False, prompts go in fixed batches of ``batch_size``. The output is the same.
     """
 
     SCREEN_BLOCKS_AFTER = 1024  # new tokens asked of this decoder before a GGUF lm_head's argmax screen is built
@@ -59,7 +65,7 @@ class Decoder:
                  proposer: ComponentArg | None = None, pruners: Sequence[ComponentArg] | None = None,
                  verifier: ComponentArg | None = None, plugins: Iterable[Any] = (), entry_points: bool = True,
                  draft_vocab: int | None = None, static_shapes: bool = False, threads: str | int | None = "auto",
-                 observers: Iterable[Any] = ()):
+                 observers: Iterable[Any] = (), continuous: bool = True):
         self.model = model
         self.static_shapes = static_shapes
         self.threads = self._thread_tuner(threads, model)
@@ -88,6 +94,7 @@ class Decoder:
         self._role_label = {role: self._labels[id(obj)] for role, obj in chosen}  # of the manager running now
         self._greedy_role_label = self._role_label
         self.pm = step_manager(chosen, self.observers)
+        self.continuous = continuous and all(rows_can_join(obj) for obj in [o for _, o in chosen] + self.observers)
         self.has_proposer = any(role == "proposer" for role, _ in chosen)
         self.pm.hook.propd_setup(model=model)
         # greedy steps of a verifier that reads only each node's argmax take it through the lm_head's argmax screen
@@ -203,26 +210,25 @@ class Decoder:
         gens = [] if params.greedy else row_generators(params.seed, range(n), self.model.model.device)
         pm = self.pm if params.greedy else self._sampling_manager()
         self._role_label = self._greedy_role_label if params.greedy else self._sampling_role_label  # names in errors
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        accepts: list[list[int]] = [[] for _ in range(n)]
-        row_time = [0.0] * n
-        stats: list[StepStats] = []
+        run = _Run(prompt_ids=prompt_ids, max_new=max_new_tokens, params=params, gens=gens,
+                   tokens=[[] for _ in range(n)], accepts=[[] for _ in range(n)], row_time=[0.0] * n, stats=[],
+                   waiting=deque(range(n)), joins=self.continuous and n > bs)
         t0 = time.perf_counter()
-        starts = range(0, n, bs)
-        if progress and len(starts) > 1:
+        if progress and n > bs:
             from tqdm import tqdm
 
-            starts = tqdm(starts, desc="batches", unit="batch")
+            run.bar = tqdm(total=n, desc="prompts", unit="prompt")
         if self.threads is not None:
             self.threads.start()
         try:
-            for s in starts:
-                rows = list(range(s, min(s + bs, n)))
-                self._decode_batch(pm, [prompt_ids[r] for r in rows], rows, max_new_tokens, tokens, accepts,
-                                   row_time, stats, params, [gens[r] for r in rows] if gens else [])
+            while run.waiting:
+                self._decode_batch(pm, run, [run.waiting.popleft() for _ in range(min(bs, len(run.waiting)))], bs)
         finally:
             if self.threads is not None:
                 self.threads.restore()
+            if run.bar is not None:
+                run.bar.close()
+        tokens, accepts, row_time, stats = run.tokens, run.accepts, run.row_time, run.stats
         return GenerationResult(texts=[""] * n, token_ids=tokens, steps=[len(a) for a in accepts],
                                 wall_time_s=time.perf_counter() - t0, stats=stats, row_wall_time_s=row_time,
                                 accept_lengths=accepts)
@@ -296,52 +302,68 @@ class Decoder:
 
     # ------------------------------------------------------------------------------------------ the loop
 
-    @torch.inference_mode()
-    def _decode_batch(self, pm, prompts: list[list[int]], row_ids: list[int], max_new: int, out: list[list[int]],
-                      accepts: list[list[int]], row_time: list[float], stats: list[StepStats], params: SamplingParams,
-                      gens: list[torch.Generator]) -> None:
-        model, m = self.model, self.model.model
-        eos = self.model.eos_token_ids
-        dev = m.device
-        t_start = time.perf_counter()
+    def _start_rows(self, run: "_Run", rows: list[int], keep_hidden: bool) -> tuple:
+        """Prefill prompts ``rows`` into a cache of their own and choose each one's first token (a root).
+
+        Returns the cache, the last prompt position's hidden state (k, H), the roots (k,), the token histories
+        (k, capacity + 1): prompt, then the root at index ``lengths[b]``), and their :class:`RowsBegin` (with every
+        prompt position's hidden state (k, P, H) if ``keep_hidden``)."""
+        m, dev = self.model.model, self.model.model.device
+        prompts = [run.prompt_ids[r] for r in rows]
         longest = max(len(p) for p in prompts)
-        cache = m.new_cache(len(prompts), longest + max_new + 66)
-        tuner = self.threads
-        if tuner is not None:
-            tuner.for_prefill()  # the process's thread count, unless the steps found fewer faster
-        begin = bool(pm.hook.propd_rows_begin.get_hookimpls())
-        if begin:
-            last_hidden, prompt_hidden = m.prefill(cache, prompts, keep_hidden=True)  # (B, H), (B, P, H)
+        if self.threads is not None:
+            self.threads.for_prefill()  # the process's thread count, unless the steps found fewer faster
+        now = time.perf_counter()
+        for r in rows:
+            run.started[r] = now
+        cache = m.new_cache(len(prompts), longest + run.max_new + 66)
+        if keep_hidden:
+            last_hidden, prompt_hidden = m.prefill(cache, prompts, keep_hidden=True)  # (k, H), (k, P, H)
         else:
-            last_hidden = m.prefill(cache, prompts)  # (B, H)
-        if params.greedy:
-            roots = m.argmax(last_hidden)  # (B,)
+            last_hidden, prompt_hidden = m.prefill(cache, prompts), None  # (k, H)
+        if run.params.greedy:
+            roots = m.argmax(last_hidden)  # (k,)
         else:
-            p0 = probabilities(m.logits(last_hidden), params)
-            roots = torch.tensor([draw(p0[b], g) for b, g in enumerate(gens)], dtype=torch.long, device=dev)
-        # token history: the prompt, then every generated token; the root sits at index lengths[b]
+            p0 = probabilities(m.logits(last_hidden), run.params)
+            roots = torch.tensor([draw(p0[b], run.gens[r]) for b, r in enumerate(rows)], dtype=torch.long, device=dev)
         history = torch.zeros(len(prompts), cache.capacity + 1, dtype=torch.long)
         for b, p in enumerate(prompts):
             history[b, : len(p)] = torch.tensor(p, dtype=torch.long)
         history = history.to(dev)
         history.scatter_(1, cache.lengths[:, None], roots[:, None])
+        for r, t in zip(rows, roots.tolist()):
+            run.tokens[r].append(t)
+            run.accepts[r].append(1)
+        info = RowsBegin(row_ids=tuple(rows), prompt_ids=history[:, :longest], prompt_lengths=cache.lengths.clone(),
+                         hidden=prompt_hidden, roots=roots)
+        return cache, last_hidden, roots, history, info
+
+    @torch.inference_mode()
+    def _decode_batch(self, pm, run: "_Run", rows: list[int], bs: int) -> None:
+        """Decode prompts ``rows`` as one batch until every row has finished; with ``run.joins``, waiting prompts
+        take the places of rows that finish, up to ``bs`` rows."""
+        model, m = self.model, self.model.model
+        eos = self.model.eos_token_ids
+        dev = m.device
+        out, max_new, params = run.tokens, run.max_new, run.params
+        tuner = self.threads
+        begin = bool(pm.hook.propd_rows_begin.get_hookimpls())
+        join = bool(pm.hook.propd_rows_join.get_hookimpls())
+        cache, last_hidden, roots, history, info = self._start_rows(run, rows, keep_hidden=begin)
         if begin:
-            pm.hook.propd_rows_begin(rows=RowsBegin(
-                row_ids=tuple(row_ids), prompt_ids=history[:, :longest], prompt_lengths=cache.lengths.clone(),
-                hidden=prompt_hidden, roots=roots))
-        acc_hidden, acc_counts = last_hidden[:, None], torch.ones(len(prompts), dtype=torch.long, device=dev)
-        first = roots.tolist()
-        live = list(row_ids)
-        for b, r in enumerate(live):
-            out[r].append(first[b])
-            accepts[r].append(1)
+            pm.hook.propd_rows_begin(rows=info)
+        acc_hidden, acc_counts = last_hidden[:, None], torch.ones(len(rows), dtype=torch.long, device=dev)
+        gens = [run.gens[r] for r in rows] if run.gens else []
+        live = list(rows)
         step = 0
         while True:
             done = {b for b, r in enumerate(live) if len(out[r]) >= max_new or out[r][-1] in eos}
             if done:
-                now = time.perf_counter() - t_start
+                now = time.perf_counter()
                 for b in done:
-                    row_time[live[b]] = now
+                    run.row_time[live[b]] = now - run.started[live[b]]
+                if run.bar is not None:
+                    run.bar.update(len(done))
                 keep = fill_holes(len(live), done)
                 pm.hook.propd_rows_leave(keep=keep, left=tuple(live[b] for b in sorted(done)))
                 if not keep:
@@ -352,6 +374,21 @@ class Decoder:
                 gens = [gens[b] for b in keep] if gens else gens
                 acc_hidden, acc_counts = acc_hidden[idx], acc_counts[idx]
                 live = [live[b] for b in keep]
+                if run.joins and run.waiting:  # waiting prompts take the free places, after the rows that stay
+                    new = [run.waiting.popleft() for _ in range(min(bs - len(live), len(run.waiting)))]
+                    part, h_new, r_new, hist_new, info = self._start_rows(run, new, keep_hidden=join)
+                    cache.add_rows(part)
+                    width = max(history.shape[1], hist_new.shape[1])
+                    history = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1]))
+                                         for x in (history, hist_new)])
+                    roots, last_hidden = torch.cat([roots, r_new]), torch.cat([last_hidden, h_new])
+                    acc_hidden = torch.cat([acc_hidden, h_new[:, None].expand(-1, acc_hidden.shape[1], -1)])
+                    acc_counts = torch.cat([acc_counts, torch.ones_like(r_new)])
+                    gens = gens + [run.gens[r] for r in new] if run.gens else gens
+                    live = live + new
+                    if join:
+                        pm.hook.propd_rows_join(rows=info)
+                    continue  # a newcomer's first token may already end it
             t_step = time.perf_counter()
             ctx_len = max(cache.host_lengths)
             ctx = StepContext(step=step, row_ids=tuple(live), lengths=cache.lengths.clone(),
@@ -464,13 +501,13 @@ class Decoder:
                     out[r].append(t)
                     if t in eos:
                         break
-                accepts[r].append(len(out[r]) - before)
+                run.accepts[r].append(len(out[r]) - before)
                 gained.append(a + 1)
             st = StepStats(step=step, batch_size=B, row_ids=tuple(live), context_len=ctx_len, tree_nodes=T_real,
                            nodes_after_pruning=sum(row[1] for row in info) / B, accepted=tuple(gained),
                            step_time_s=time.perf_counter() - t_step, draft_time_s=draft_s,
                            threads=torch.get_num_threads() if dev.type == "cpu" else 0)
-            stats.append(st)
+            run.stats.append(st)
             if tuner is not None:
                 tuner.end(kind, st.step_time_s)
             pm.hook.propd_after_step(ctx=ctx, draft=draft, acceptance=acc, stats=st, tree=budget, tokens=tokens,
@@ -493,6 +530,35 @@ class Decoder:
         if key not in self._single_trees:
             self._single_trees[key] = DraftTree.from_paths((), device=device)
         return self._single_trees[key]
+
+
+@attrs.define(eq=False)
+class _Run:
+    """One ``generate_ids`` call's prompts, settings and results, shared by its batches."""
+
+    prompt_ids: list[list[int]]
+    max_new: int
+    params: SamplingParams
+    gens: list  # one torch.Generator per prompt (sampling), or empty (greedy)
+    tokens: list[list[int]]  # per prompt, its new tokens
+    accepts: list[list[int]]  # per prompt, tokens gained per step (the prefill's first)
+    row_time: list[float]  # per prompt, seconds from its start to its end
+    stats: list[StepStats]
+    waiting: deque  # prompt indices not started yet
+    joins: bool  # whether waiting prompts join running batches
+    started: dict = attrs.Factory(dict)  # prompt index -> when its prefill began
+    bar: Any = None  # a tqdm progress bar over prompts, or None
+
+
+def rows_can_join(obj: Any) -> bool:
+    """Whether component ``obj`` takes rows joining a running batch: its ``rows_can_join`` if it says, else yes when
+    it implements ``propd_rows_join`` or keeps no per-row state (neither ``propd_rows_begin`` nor
+    ``propd_rows_leave``)."""
+    said = getattr(obj, "rows_can_join", None)
+    if said is not None:
+        return bool(said)
+    has = [callable(getattr(obj, name, None)) for name in ("propd_rows_join", "propd_rows_begin", "propd_rows_leave")]
+    return has[0] or not (has[1] or has[2])
 
 
 def fill_holes(n: int, done: set[int]) -> list[int]:

@@ -65,6 +65,15 @@ def propd_rows_begin(rows: "RowsBegin") -> None:
 
 
 @hookspec
+def propd_rows_join(rows: "RowsBegin") -> None:
+    """Rows join a running batch (continuous batching: a prompt waiting takes the place of a row that finished):
+    as in ``propd_rows_begin``, their prefill is done and their first token chosen, and they are appended after the
+    rows already decoding, in ``rows.row_ids`` order. A component with per-row state (one that implements
+    ``propd_rows_begin`` or ``propd_rows_leave``) implements this too, or sets ``rows_can_join = False``; while any
+    such component lacks it, the decoder decodes waiting prompts in fixed batches instead."""
+
+
+@hookspec
 def propd_rows_leave(keep: list[int], left: tuple[int, ...]) -> None:
     """Rows leave the batch (finished): ``keep`` lists the batch positions that stay, in their new order; ``left``
     the prompt indices of the rows that left. Called before the next step (and with ``keep == []`` when the batch

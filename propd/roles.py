@@ -2,9 +2,9 @@
 
 B live rows, T draft nodes, T' live nodes, H hidden size, V vocabulary. Each method is a pluggy hook implementation
 (decorate it with ``@propd.hookimpl``) and may take any subset of the arguments named here (see
-:mod:`propd.hookspecs`). Every role may also implement ``propd_setup``, ``propd_rows_begin``, ``propd_rows_leave``
-and ``propd_after_step``. :func:`propd.plugins.step_manager` checks a component against its role's protocol when a
-Decoder is built.
+:mod:`propd.hookspecs`). Every role may also implement ``propd_setup``, ``propd_rows_begin``, ``propd_rows_join``,
+``propd_rows_leave`` and ``propd_after_step``. :func:`propd.plugins.step_manager` checks a component against its
+role's protocol when a Decoder is built.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def missing_hooks(role: str, obj: object) -> list[str]:
     return [n for n in names if not callable(getattr(obj, n, None))]
 
 
-LIFECYCLE_HOOKS = ("propd_setup", "propd_rows_begin", "propd_rows_leave", "propd_after_step")
+LIFECYCLE_HOOKS = ("propd_setup", "propd_rows_begin", "propd_rows_join", "propd_rows_leave", "propd_after_step")
 
 
 def observer_problem(obj: object) -> str | None:

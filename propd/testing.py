@@ -129,3 +129,14 @@ def assert_lossless(model: LoadedModel, prompts: Sequence[Sequence[int]], max_ne
     for i, (want, got) in enumerate(zip(refs, res.token_ids)):
         assert got == want, f"row {i}: {got} differs from greedy AR decoding {want}"
     return res
+
+
+def joined_steps(stats: Sequence) -> int:
+    """How many of a result's steps (``GenerationResult.stats``) ran a row beside one that started at another step:
+    rows that joined a running batch (``Decoder(continuous=True)``, more prompts than ``batch_size``). A stateful
+    plugin's tests assert it is above 0, so that its ``propd_rows_join`` was exercised."""
+    first: dict[int, int] = {}
+    for i, s in enumerate(stats):
+        for r in s.row_ids:
+            first.setdefault(r, i)
+    return sum(len({first[r] for r in s.row_ids}) > 1 for s in stats)

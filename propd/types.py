@@ -170,7 +170,7 @@ class GenerationResult:
     steps: list[int]  # forward passes per prompt, the prefill included (it yields the first token)
     wall_time_s: float
     stats: list[StepStats]
-    row_wall_time_s: list[float] = attrs.Factory(list)  # per prompt: from its batch's start until it finished
+    row_wall_time_s: list[float] = attrs.Factory(list)  # per prompt: from its prefill's start to its end
     accept_lengths: list[list[int]] = attrs.Factory(list)  # per prompt: tokens kept per forward pass (prefill first)
 
     @property

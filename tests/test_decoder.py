@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from conftest import tiny_hf, tiny_loaded
 from propd import Decoder, PropdError, hookimpl
 from propd.strategies.dynamic import DynamicConfig, DynamicSizer
-from propd.testing import ar_reference, random_prompts
+from propd.testing import ar_reference, joined_steps, random_prompts
 from propd_oracle import OracleConfig, OracleProposer, RandomPruneConfig, RandomPruner
 from strategies_ht import tree_paths
 
@@ -70,6 +70,61 @@ def test_batch_size_chunks_and_progress_give_same_tokens():
     a = dec.generate_ids(prompts, max_new_tokens=12)
     b = dec.generate_ids(prompts, max_new_tokens=12, batch_size=2, progress=True)
     assert a.token_ids == b.token_ids
+
+
+@given(lens=st.lists(st.integers(1, 14), min_size=2, max_size=9), seed=st.integers(0, 10_000),
+       batch=st.integers(1, 4), max_new=st.integers(1, 20), preset=st.sampled_from(["ar", "bpd", "medusa"]),
+       stops=st.integers(0, 3))
+def test_waiting_prompts_join_as_rows_finish(lens, seed, batch, max_new, preset, stops):
+    """With more prompts than ``batch_size``, a waiting prompt takes the place of each row that finishes (on its EOS
+    or its budget): the batch never exceeds ``batch_size``, every row equals its greedy AR decoding alone, and fixed
+    batches (``continuous=False``) give the same tokens."""
+    model = tiny_loaded(seed=3, heads=4, eos=frozenset(range(5, 128, 128 // stops)) if stops else frozenset())
+    prompts = random_prompts(model, seed, lens)
+    refs = ar_reference(model, prompts, max_new)
+    res = Decoder(model, preset=preset).generate_ids(prompts, max_new_tokens=max_new, batch_size=batch)
+    assert res.token_ids == refs
+    assert max((s.batch_size for s in res.stats), default=0) <= batch
+    assert all(len(a) == n for a, n in zip(res.accept_lengths, res.steps)) and all(t >= 0 for t in res.row_wall_time_s)
+    fixed = Decoder(model, preset=preset, continuous=False).generate_ids(prompts, max_new_tokens=max_new,
+                                                                         batch_size=batch)
+    assert fixed.token_ids == refs and joined_steps(fixed.stats) == 0
+
+
+def test_a_row_that_ends_makes_room_for_the_next_prompt():
+    """Rows of different lengths: with two places and five prompts, later prompts run beside earlier ones, and the
+    batch stays full while prompts wait (its size drops only when none is left)."""
+    prompts = prompts_from(7, [3, 9, 5, 2, 6])
+    budgets = [ar_alone(MODEL, p, 24) for p in prompts]
+    stop = budgets[0][3]  # the first row ends early on this token
+    model = tiny_loaded(seed=3, heads=4, eos=frozenset({stop}))
+    dec = Decoder(model, preset="medusa")
+    res = dec.generate_ids(prompts, max_new_tokens=24, batch_size=2)
+    assert res.token_ids == [ar_alone(model, p, 24) for p in prompts]
+    assert joined_steps(res.stats) > 0
+    last_start = next(i for i, s in enumerate(res.stats) if 4 in s.row_ids)
+    assert last_start > 0 and all(s.batch_size == 2 for s in res.stats[:last_start])
+
+
+def test_a_component_with_row_state_but_no_join_gets_fixed_batches():
+    """A component that keeps per-row state (``propd_rows_begin``) but does not implement ``propd_rows_join`` turns
+    joining off: its rows always start together, and the tokens are the same."""
+
+    class Counter:
+        def __init__(self):
+            self.begun = []
+
+        @hookimpl
+        def propd_rows_begin(self, rows):
+            self.begun.append(rows.row_ids)
+
+    prompts = prompts_from(3, [4, 2, 7, 5, 3])
+    watcher = Counter()
+    dec = Decoder(MODEL, preset="medusa", observers=[watcher])
+    assert not dec.continuous
+    res = dec.generate_ids(prompts, max_new_tokens=10, batch_size=2)
+    assert res.token_ids == [ar_alone(MODEL, p, 10) for p in prompts]
+    assert watcher.begun == [(0, 1), (2, 3), (4,)] and joined_steps(res.stats) == 0
 
 
 def test_rows_stop_on_their_own_eos_and_leave_the_batch():
@@ -381,3 +436,19 @@ def test_rows_leaving_move_one_row_per_hole_and_keep_every_rows_cache(n, data):
         torch.testing.assert_close(cache.v[:, i, :, :lengths[b]], v0[:, b, :, :lengths[b]], rtol=0, atol=0)
     with pytest.raises(ValueError, match="distinct"):
         cache.select_rows([0, 0] if m else [1])
+    # rows joining: appended after the staying rows, into the freed rows' buffer or a larger one
+    k = data.draw(st.integers(1, 4))
+    capacity = data.draw(st.sampled_from([4, 8, 12]))
+    part = KVCache(2, k, 2, capacity, 3, torch.float32, "cpu")
+    part.k.copy_(torch.randn(part.k.shape))
+    part.v.copy_(torch.randn(part.v.shape))
+    new_lengths = data.draw(st.lists(st.integers(0, capacity - 1), min_size=k, max_size=k))
+    part.advance(torch.tensor(new_lengths), new_lengths)
+    cache.add_rows(part)
+    assert cache.k.shape[1] == m + k and cache.capacity >= capacity
+    assert cache.host_lengths == [lengths[b] for b in order] + new_lengths == cache.lengths.tolist()
+    for i, b in enumerate(order):
+        torch.testing.assert_close(cache.k[:, i, :, :lengths[b]], k0[:, b, :, :lengths[b]], rtol=0, atol=0)
+    for j, length in enumerate(new_lengths):
+        torch.testing.assert_close(cache.k[:, m + j, :, :length], part.k[:, j, :, :length], rtol=0, atol=0)
+        torch.testing.assert_close(cache.v[:, m + j, :, :length], part.v[:, j, :, :length], rtol=0, atol=0)

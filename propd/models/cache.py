@@ -20,6 +20,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.host_lengths = [0] * batch  # mirror of ``lengths`` kept on the host, so shapes need no sync
+        self._store = (self.k, self.v)  # the whole buffers ``k``, ``v`` view the first rows of (select_rows, add_rows)
 
     @property
     def capacity(self) -> int:
@@ -32,6 +33,7 @@ class KVCache:
         pad = capacity + 64 - self.capacity
         self.k = torch.nn.functional.pad(self.k, (0, 0, 0, pad))
         self.v = torch.nn.functional.pad(self.v, (0, 0, 0, pad))
+        self._store = (self.k, self.v)
 
     def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write (B, H, T, D) keys/values at cache positions ``pos`` (B, T), in the cache's dtype (under autocast a
@@ -74,6 +76,26 @@ class KVCache:
         by one prefill group) into batch rows ``rows``; lengths are left to the caller's :meth:`advance`."""
         self.k[:, rows, :, :length] = part.k[:, :, :, :length]
         self.v[:, rows, :, :length] = part.v[:, :, :, :length]
+
+    def add_rows(self, part: "KVCache") -> None:
+        """Append ``part``'s rows (filled apart, e.g. the prefill of prompts joining a running batch) after this
+        cache's rows, with their lengths. The buffers grow to ``part``'s capacity if it is larger; rows freed by
+        :meth:`select_rows` are reused, so a row that joins after one left costs a copy of its own positions only."""
+        n, k = len(self.host_lengths), len(part.host_lengths)
+        self.reserve(part.capacity)
+        L, _, H, S, D = self.k.shape
+        store = self._store
+        if store[0].shape[1] < n + k or store[0].shape[3] != S or store[0].data_ptr() != self.k.data_ptr():
+            store = tuple(torch.zeros(L, n + k, H, S, D, dtype=buf.dtype, device=buf.device)
+                          for buf in (self.k, self.v))
+            store[0][:, :n], store[1][:, :n] = self.k, self.v
+            self._store = store
+        length = max(part.host_lengths, default=0)
+        store[0][:, n:n + k, :, :length] = part.k[:, :, :, :length]
+        store[1][:, n:n + k, :, :length] = part.v[:, :, :, :length]
+        self.k, self.v = store[0][:, :n + k], store[1][:, :n + k]
+        self.lengths = torch.cat([self.lengths, part.lengths.to(self.lengths.device)])
+        self.host_lengths = self.host_lengths + list(part.host_lengths)
 
     def advance(self, counts: torch.Tensor, host_counts: list[int]) -> None:
         self.lengths += counts

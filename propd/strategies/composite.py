@@ -79,6 +79,19 @@ class CompositeProposer:
                 part.propd_rows_begin(rows=rows)
 
     @hookimpl
+    def propd_rows_join(self, rows):
+        for part in self.parts:
+            if hasattr(part, "propd_rows_join"):
+                part.propd_rows_join(rows=rows)
+
+    @property
+    def rows_can_join(self) -> bool:
+        """Whether every part takes rows joining a running batch (``propd.decoder.rows_can_join``)."""
+        from propd.decoder import rows_can_join
+
+        return all(rows_can_join(part) for part in self.parts)
+
+    @hookimpl
     def propd_rows_leave(self, keep, left):
         for part in self.parts:
             if hasattr(part, "propd_rows_leave"):

@@ -79,19 +79,33 @@ class EagleProposer:
     @hookimpl
     def propd_rows_begin(self, rows):
         """Read each prompt's pairs (f_t, x_{t+1}), t = 0 .. P-2; the pair of the last prompt token and the first
-        generated token comes with step 0's accepted features. Rows are read in the base model's prefill groups
+        generated token comes with step 0's accepted features."""
+        self.cache = self._prompt_cache(rows)
+        self._pending, self._absorbed = [], -1
+
+    @hookimpl
+    def propd_rows_join(self, rows):
+        """Rows joining the batch: their prompts are read as at the batch's start into a cache of their own, whose
+        rows are appended; the features pending for the other rows get empty rows for them."""
+        part = self._prompt_cache(rows)
+        self.cache.add_rows(part)
+        k = len(rows.row_ids)
+        self._pending = [(torch.cat([f, f.new_zeros(k, *f.shape[1:])]), torch.cat([c, c.new_zeros(k)]))
+                         for f, c in self._pending]
+
+    def _prompt_cache(self, rows):
+        """A drafter cache holding ``rows``' prompt pairs. Rows are read in the base model's prefill groups
         (``prefill_groups``: rows of similar length, each group into a cache of its own copied into the batch's rows),
         so that the work follows the real pairs, not batch x longest prompt."""
         d = self.drafter
         B, P = rows.prompt_ids.shape
-        self.cache = d.new_cache(B, P + 128)
-        self._pending, self._absorbed = [], -1
+        cache = d.new_cache(B, P + 128)
         n = rows.prompt_lengths - 1  # (B,) pairs per row
         host_n = n.tolist()
         groups = prefill_groups([x + 1 for x in host_n], LlamaModel.PREFILL_WASTE)
         if len(groups) == 1:
-            self._read_prompts(self.cache, rows.hidden, rows.prompt_ids, n, P - 1)
-            return
+            self._read_prompts(cache, rows.hidden, rows.prompt_ids, n, P - 1)
+            return cache
         for g in groups:
             W = max(host_n[i] for i in g)
             if W < 1:
@@ -99,8 +113,9 @@ class EagleProposer:
             idx = torch.tensor(g, device=n.device)
             part = d.new_cache(len(g), W + 2)  # + the padding's scratch slot
             self._read_prompts(part, rows.hidden[idx, :W], rows.prompt_ids[idx, :W + 1], n[idx], W)
-            self.cache.put_rows(idx, part, W)
-        self.cache.advance(n, host_n)
+            cache.put_rows(idx, part, W)
+        cache.advance(n, host_n)
+        return cache
 
     def _read_prompts(self, cache, hidden: torch.Tensor, prompt_ids: torch.Tensor, n: torch.Tensor, W: int) -> None:
         """Read ``n`` (B,) pairs per row from ``hidden`` (B, >= W, H) and ``prompt_ids`` (B, >= W + 1) into an empty

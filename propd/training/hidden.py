@@ -55,6 +55,10 @@ class HiddenRecorder:
             self._rows[r] = [hidden[b, : lengths[b]].clone()]
 
     @hookimpl
+    def propd_rows_join(self, rows):
+        self.propd_rows_begin(rows=rows)  # kept by row id: the same for rows that join a running batch
+
+    @hookimpl
     def propd_after_step(self, ctx, acceptance, path_hidden):
         if self._rows is None:
             return

@@ -16,7 +16,7 @@ from propd.hookspecs import hookimpl
 from propd.models.eagle import EagleDrafter, is_eagle_checkpoint
 from propd.models.llama import LlamaModel
 from propd.strategies.eagle import EagleConfig, EagleProposer
-from propd.testing import assert_lossless, random_prompts, tiny_model
+from propd.testing import assert_lossless, joined_steps, random_prompts, tiny_model
 from propd.tree import DraftTree, RowTrees, tree_paths
 from propd.types import Draft, StepContext
 
@@ -25,13 +25,15 @@ MODEL = tiny_model(seed=1, heads=3, early=(1, 2), drafter=True)
 
 @given(lens=st.lists(st.integers(1, 14), min_size=1, max_size=6), seed=st.integers(0, 10_000),
        preset=st.sampled_from(["eagle", "propd-eagle", "propd-eagle-prune-only", "propd-eagle-dynamic-only"]),
-       top_k=st.integers(1, 5), depth=st.integers(1, 5), max_new=st.integers(1, 24))
+       top_k=st.integers(1, 5), depth=st.integers(1, 5), max_new=st.integers(1, 24),
+       batch_size=st.sampled_from([None, 1, 2, 4]))
 @settings(max_examples=25)
-def test_eagle_presets_are_lossless(lens, seed, preset, top_k, depth, max_new):
+def test_eagle_presets_are_lossless(lens, seed, preset, top_k, depth, max_new, batch_size):
+    """Lossless at any batch, with prompts waiting for a place joining as rows finish (``batch_size``)."""
     prompts = random_prompts(MODEL, seed, lens)
     pruners = [("early-topk", {"layer": 2, "k": 4, "min_nodes": 2})] if "prune" in preset or preset == "propd-eagle" \
         else None
-    assert_lossless(MODEL, prompts, max_new, preset=preset, pruners=pruners,
+    assert_lossless(MODEL, prompts, max_new, batch_size=batch_size, preset=preset, pruners=pruners,
                     proposer=("eagle", {"top_k": top_k, "depth": depth}), entry_points=False)
 
 
@@ -71,22 +73,26 @@ class Alternate:
         return DraftTree.from_paths(tree_paths(spec), device=ctx.device)
 
 
-@pytest.mark.parametrize("sizer, catch_up, chunk", [("static:tree=budget:8:3", 8, None), ("alternate", 8, None),
-                                                    ("alternate", 1, None), ("alternate", 0, None),
-                                                    ("alternate", 8, 2)])
-def test_drafter_reads_every_committed_token_once_in_order(sizer, catch_up, chunk, monkeypatch):
-    """After any mix of tree and 1-node steps and rows leaving, the drafter's prediction for each row's root equals a
-    fresh drafter's pass over that row's prompt and generated tokens, whether the steps without a draft are read at
-    the next draft (catch_up 0, or 8 with 2 such steps in a row) or between steps (catch_up 1), and whether the
-    prompts are read in one call or in chunks (``chunk``: the prefill's chunk size)."""
+@pytest.mark.parametrize("sizer, catch_up, chunk, batch", [
+    ("static:tree=budget:8:3", 8, None, None), ("alternate", 8, None, None), ("alternate", 1, None, None),
+    ("alternate", 0, None, None), ("alternate", 8, 2, None), ("static:tree=budget:8:3", 8, None, 3),
+    ("alternate", 8, None, 2), ("alternate", 0, None, 3), ("alternate", 1, 2, 2)])
+def test_drafter_reads_every_committed_token_once_in_order(sizer, catch_up, chunk, batch, monkeypatch):
+    """After any mix of tree and 1-node steps, rows leaving and rows joining (``batch``: prompts wait for a place),
+    the drafter's prediction for each row's root equals a fresh drafter's pass over that row's prompt and generated
+    tokens, whether the steps without a draft are read at the next draft (catch_up 0, or 8 with 2 such steps in a
+    row) or between steps (catch_up 1), and whether the prompts are read in one call or in chunks (``chunk``: the
+    prefill's chunk size)."""
     if chunk is not None:
         monkeypatch.setattr(LlamaModel, "PREFILL_CHUNK", chunk)
     model = tiny_model(seed=1, drafter=True, eos=frozenset(range(3, 128, 31)))  # rows leave at different steps
     spy = Spy(EagleConfig(top_k=3, depth=3, dtype="float32", catch_up=catch_up))
     prompts = random_prompts(model, 4, [5, 2, 9, 1, 3, 7])
-    res = Decoder(model, preset=None, sizer=Alternate() if sizer == "alternate" else sizer, proposer=spy, entry_points=False).generate_ids(
-        prompts, max_new_tokens=40)
+    res = Decoder(model, preset=None, sizer=Alternate() if sizer == "alternate" else sizer, proposer=spy,
+                  entry_points=False).generate_ids(prompts, max_new_tokens=40, batch_size=batch)
     assert len(spy.seen) >= 3 and len(set(res.new_tokens)) > 1
+    if batch is not None:  # rows joined: a step ran rows that started at different steps
+        assert max(s.batch_size for s in res.stats) <= batch and joined_steps(res.stats)
     with torch.inference_mode():
         for row_ids, history, lengths, g0 in spy.seen:
             for b in range(len(row_ids)):

@@ -142,6 +142,20 @@ def test_temperature_zero_is_greedy_and_seeds_repeat():
     assert together == alone and together[0] != together[1]  # copies of one prompt: independent samples
 
 
+@pytest.mark.parametrize("preset", ["ar", "medusa", "eagle"])
+def test_samples_do_not_depend_on_when_a_prompt_joins(preset):
+    """Prompt i draws from its own generator whether it waits for a place and joins a running batch (continuous
+    batching) or starts in a fixed batch."""
+    from propd.testing import joined_steps
+
+    prompts = [PROMPT, [1, 2], [7, 7, 3], PROMPT, [4, 9, 9, 2, 11]]
+    runs = [Decoder(MODEL, preset=preset, continuous=c).generate_ids(prompts, max_new_tokens=14, seed=2, batch_size=2,
+                                                                     **SETTINGS) for c in (True, False)]
+    assert runs[0].token_ids == runs[1].token_ids
+    lengths = {len(t) for t in runs[0].token_ids}
+    assert joined_steps(runs[1].stats) == 0 and (joined_steps(runs[0].stats) > 0 or lengths == {14})
+
+
 @settings(deadline=None, max_examples=40, derandomize=True)
 @given(logits=st.lists(st.floats(-5, 5), min_size=2, max_size=12), temperature=st.floats(0.1, 3),
        top_k=st.integers(0, 12), top_p=st.floats(0.05, 1.0))
