@@ -306,7 +306,7 @@ class Decoder:
         """Prefill prompts ``rows`` into a cache of their own and choose each one's first token (a root).
 
         Returns the cache, the last prompt position's hidden state (k, H), the roots (k,), the token histories
-        (k, capacity + 1): prompt, then the root at index ``lengths[b]``), and their :class:`RowsBegin` (with every
+        (k, capacity + 1: the prompt, then the root at index ``lengths[b]``) and their :class:`RowsBegin` (with every
         prompt position's hidden state (k, P, H) if ``keep_hidden``)."""
         m, dev = self.model.model, self.model.model.device
         prompts = [run.prompt_ids[r] for r in rows]
