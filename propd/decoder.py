@@ -557,8 +557,8 @@ def rows_can_join(obj: Any) -> bool:
     said = getattr(obj, "rows_can_join", None)
     if said is not None:
         return bool(said)
-    has = [callable(getattr(obj, name, None)) for name in ("propd_rows_join", "propd_rows_begin", "propd_rows_leave")]
-    return has[0] or not (has[1] or has[2])
+    joins, begins, leaves = (callable(getattr(obj, f"propd_rows_{hook}", None)) for hook in ("join", "begin", "leave"))
+    return joins or not (begins or leaves)
 
 
 def fill_holes(n: int, done: set[int]) -> list[int]:
