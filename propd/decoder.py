@@ -59,8 +59,6 @@ class Decoder:
     (``propd_rows_join``), else, or with False, prompts go in fixed batches of ``batch_size``. The output is the same.
     """
 
-    SCREEN_BLOCKS_AFTER = 1024  # new tokens asked of this decoder before a GGUF lm_head's argmax screen is built
-
     def __init__(self, model: LoadedModel, preset: str | None = "auto", *, sizer: ComponentArg | None = None,
                  proposer: ComponentArg | None = None, pruners: Sequence[ComponentArg] | None = None,
                  verifier: ComponentArg | None = None, plugins: Iterable[Any] = (), entry_points: bool = True,
@@ -101,11 +99,7 @@ class Decoder:
         verifiers = [impl.plugin for impl in self.pm.hook.propd_verify.get_hookimpls()]
         self._argmax_only = bool(verifiers) and all(getattr(v, "argmax_only", False) for v in verifiers)
         if self._argmax_only and hasattr(model.model, "prepare_screen"):
-            model.model.prepare_screen(blocks=False)
-        # a GGUF lm_head's screen saves about half a millisecond per step and takes about half a second to build:
-        # built once this decoder's calls have asked for SCREEN_BLOCKS_AFTER new tokens in all
-        self._screen_blocks_due = self._argmax_only and hasattr(model.model, "prepare_screen")
-        self._tokens_asked = 0
+            model.model.prepare_screen()
         L = model.config.num_layers
         declared = {id(impl.plugin): impl.function() for impl in self.pm.hook.propd_prune_layer.get_hookimpls()}
         self._pruners_at: dict[int, list] = {}
@@ -202,11 +196,6 @@ class Decoder:
                              f"got {batch_size!r}")
         bs = batch_size or len(prompt_ids)
         n = len(prompt_ids)
-        if self._screen_blocks_due:
-            self._tokens_asked += n * max_new_tokens
-            if self._tokens_asked >= self.SCREEN_BLOCKS_AFTER:
-                self.model.model.prepare_screen()
-                self._screen_blocks_due = False
         gens = [] if params.greedy else row_generators(params.seed, range(n), self.model.model.device)
         pm = self.pm if params.greedy else self._sampling_manager()
         self._role_label = self._greedy_role_label if params.greedy else self._sampling_role_label  # names in errors

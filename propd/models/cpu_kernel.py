@@ -338,6 +338,12 @@ def screen_survivors(approx: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor, e
     return _state["ext"].screen_survivors(approx, l1, l2, err, norm)
 
 
+def screen_tables(weight: torch.Tensor, rounding: float) -> tuple[torch.Tensor, ...]:
+    """The argmax screen's tables of a contiguous float32 (V, K) ``weight``
+    (:func:`propd.models.screen.reference_tables` defines them): Q8_0 blocks (V, K / 32 * 34) uint8, coef (V, 2 K / 32), and each row's largest coefficients (V,)."""
+    return _state["ext"].screen_tables(weight, rounding)
+
+
 def screen_argmax(x: torch.Tensor, approx: torch.Tensor, err: torch.Tensor, norm: torch.Tensor, coef: torch.Tensor,
                   weight: torch.Tensor, max_candidates: int) -> tuple[torch.Tensor, ...]:
     """The argmax screen (:mod:`propd.models.screen`) after its 8-bit product ``approx`` (N, V) of rows ``x`` (N, K),

@@ -250,20 +250,17 @@ class LlamaModel(nn.Module):
             cpu_modules.swap_in(self)
             self.__dict__["fused_layers"] = cpu_modules.run_layers_fused
 
-    def prepare_screen(self, blocks: bool = True) -> None:
+    def prepare_screen(self) -> None:
         """Build the argmax screen of the ``lm_head`` (:mod:`propd.models.screen`) where it applies: float32
-        weights on a CPU with propd's extension, served by the packed kernel; or, with ``blocks``, GGUF blocks
-        (float32 activations) whose dense float32 matrix is in memory anyway (a tied embedding), on a CPU with
-        AVX512-VNNI, where the screen's 8-bit products cost less than the blocks' float32 arithmetic
-        (``cpu_kernel.has_vnni``). Without ``blocks`` a block ``lm_head``'s screen is left as it is. Idempotent."""
+        weights on a CPU with propd's extension, served by the packed kernel; or GGUF blocks (float32 activations)
+        whose dense float32 matrix is in memory anyway (a tied embedding), on a CPU with AVX512-VNNI, where the
+        screen's 8-bit products cost less than the blocks' float32 arithmetic (``cpu_kernel.has_vnni``). Idempotent."""
         from propd.models.cpu_modules import KernelLinear
         from propd.models.quant import QuantLinear
         from propd.models.screen import ArgmaxScreen
 
         head = self.lm_head
         if isinstance(head, QuantLinear):
-            if not blocks:
-                return
             w = head._dense if not head.q8 and cpu_kernel.has_vnni() else None
         else:
             w = head.weight if isinstance(head, KernelLinear) else None

@@ -41,14 +41,8 @@ class ArgmaxScreen:
 
         V, K = weight.shape
         self.weight = weight.detach().contiguous()  # the float32 (V, K) weight, read for the candidates' rows
-        self.q8 = QuantLinear.q8_from_float(weight)  # Q8_0 blocks, 8-bit activations
-        w = weight.detach().float().reshape(V, K // QK, QK)
-        wq = self.q8.dequantized().reshape(V, K // QK, QK)
-        mag = torch.maximum(w.abs(), wq.abs()).amax(dim=2)  # (V, nb): A
-        err = (w - wq).abs().amax(dim=2) + ROUNDING * mag  # E + 2e-4 A
-        norm = wq.norm(dim=2) * (1 + ROUNDING)  # (1 + 2e-4) |w'_vb|_2
-        self.coef = torch.cat([err, norm], dim=1).contiguous()  # (V, 2 nb): e_v's coefficients, read per survivor
-        self.err_max, self.norm_max = err.amax(dim=1), norm.amax(dim=1)  # (V,) each: c_v's
+        blocks, self.coef, self.err_max, self.norm_max = cpu_kernel.screen_tables(self.weight, ROUNDING)
+        self.q8 = QuantLinear.from_blocks(blocks, "Q8_0", K, V, activations="q8")  # Q8_0 blocks, 8-bit activations
         self.max_candidates = max_candidates
 
     @staticmethod
@@ -82,3 +76,19 @@ class ArgmaxScreen:
             rest = (~settled).nonzero()[:, 0]
             out[rest] = cpu_kernel.argmax(full(x[rest]))
         return out
+
+
+def reference_tables(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:class:`ArgmaxScreen`'s tables by torch ops, the definitions ``cpu_kernel.screen_tables`` computes in one pass:
+    the Q8_0 blocks (V, K / 32 * 34), coef (V, 2 K / 32) = [E + 2e-4 A, (1 + 2e-4) |w'_vb|_2] per block, and each
+    row's largest of both (V,)."""
+    from propd.models.quant import dequantize_blocks, quantize_q8_0
+
+    V, K = weight.shape
+    blocks = quantize_q8_0(weight)
+    w = weight.detach().float().reshape(V, K // QK, QK)
+    wq = dequantize_blocks(blocks, "Q8_0", V, K).reshape(V, K // QK, QK)
+    mag = torch.maximum(w.abs(), wq.abs()).amax(dim=2)  # (V, nb): A
+    err = (w - wq).abs().amax(dim=2) + ROUNDING * mag  # E + 2e-4 A
+    norm = wq.norm(dim=2) * (1 + ROUNDING)  # (1 + 2e-4) |w'_vb|_2
+    return blocks, torch.cat([err, norm], dim=1), err.amax(dim=1), norm.amax(dim=1)

@@ -110,3 +110,24 @@ def test_the_coarse_pass_is_the_torch_expression(seed, N, V, special):
     coarse += l2[:, None] * norm
     want = ((approx + coarse) >= (approx - coarse).amax(dim=1, keepdim=True)).any(dim=0).nonzero()[:, 0]
     assert torch.equal(cpu_kernel.screen_survivors(approx, l1, l2, err, norm), want)
+
+
+@settings(deadline=None, max_examples=40, derandomize=True)
+@given(seed=st.integers(0, 10_000), V=st.integers(1, 200), K=st.sampled_from([32, 64, 576]),
+       scale=st.sampled_from([1e-3, 1.0, 40.0]), zeros=st.integers(0, 3))
+def test_screen_tables_are_the_torch_definitions(seed, V, K, scale, zeros):
+    """``cpu_kernel.screen_tables`` (one pass) gives the torch reference's Q8_0 blocks and weight errors bit for
+    bit (quantize_q8_0's rounding, blocks of zeros included) and its block norms to float32 rounding (another
+    summation order; the bound's 2e-4 slack covers it)."""
+    from propd.models.screen import ROUNDING, reference_tables
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(V, K, generator=g) * scale
+    w[: min(zeros, V), :32] = 0  # all-zero blocks: d = 0
+    blocks, coef, err_max, norm_max = cpu_kernel.screen_tables(w, ROUNDING)
+    ref_blocks, ref_coef, ref_err, ref_norm = reference_tables(w)
+    nb = K // 32
+    assert torch.equal(blocks, ref_blocks)
+    assert torch.equal(coef[:, :nb], ref_coef[:, :nb]) and torch.equal(err_max, ref_err)
+    torch.testing.assert_close(coef[:, nb:], ref_coef[:, nb:], rtol=1e-6, atol=0)
+    torch.testing.assert_close(norm_max, ref_norm, rtol=1e-6, atol=0)

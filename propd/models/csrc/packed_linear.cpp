@@ -2844,6 +2844,59 @@ torch::Tensor screen_survivors(const torch::Tensor& approx, const torch::Tensor&
                                     e.data_ptr<float>(), m.data_ptr<float>()));
 }
 
+// The argmax screen's tables from its float32 (V, K) weight w in one parallel pass (propd.models.screen's
+// definitions, as its torch reference computes them): ggml Q8_0 blocks (V, K / 32 * 34) uint8 (d = max|w| / 127 kept
+// as fp16, q = round(w / d) half away from zero, as quantize_q8_0), per block b of row v E[v, b] + rounding A[v, b]
+// and (1 + rounding) |w'_vb|_2 as coef (V, 2 K / 32), and each row's largest of both (V,) (the coarse bound's).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> screen_tables(const torch::Tensor& w,
+                                                                                     double rounding) {
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kFloat && w.device().is_cpu() &&
+                    w.size(1) % kQK == 0,
+                "screen_tables: w must be a contiguous (V, K) float32 CPU tensor, K % 32 == 0");
+    const int64_t V = w.size(0), K = w.size(1), nb = K / kQK;
+    auto blocks = torch::empty({V, nb * 34}, w.options().dtype(at::kByte));
+    auto coef = torch::empty({V, 2 * nb}, w.options());
+    auto err_max = torch::empty({V}, w.options()), norm_max = torch::empty({V}, w.options());
+    const float* wp = w.data_ptr<float>();
+    uint8_t* bp = blocks.data_ptr<uint8_t>();
+    float *cp = coef.data_ptr<float>(), *ep = err_max.data_ptr<float>(), *np = norm_max.data_ptr<float>();
+    const float r = static_cast<float>(rounding), grow = static_cast<float>(1.0 + rounding);
+    at::parallel_for(0, V, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t v = begin; v < end; ++v) {
+            float emax = 0.0f, nmax = 0.0f;
+            for (int64_t b = 0; b < nb; ++b) {
+                const float* x = wp + v * K + b * kQK;
+                uint8_t* blk = bp + (v * nb + b) * 34;
+                float amax = 0.0f;
+                for (int64_t i = 0; i < kQK; ++i) amax = std::max(amax, std::fabs(x[i]));
+                const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+                const uint16_t h = c10::detail::fp16_ieee_from_fp32_value(d);
+                std::memcpy(blk, &h, 2);
+                const float dh = c10::detail::fp16_ieee_to_fp32_value(h);
+                float err = 0.0f, mag = 0.0f, sq = 0.0f;
+                for (int64_t i = 0; i < kQK; ++i) {
+                    const float y = x[i] * inv, a = std::floor(std::fabs(y) + 0.5f);
+                    const float q = std::min(127.0f, y < 0.0f ? -a : a);
+                    const float qc = std::max(-127.0f, q);
+                    blk[2 + i] = static_cast<uint8_t>(static_cast<int8_t>(qc));
+                    const float wq = qc * dh;
+                    err = std::max(err, std::fabs(x[i] - wq));
+                    mag = std::max(mag, std::max(std::fabs(x[i]), std::fabs(wq)));
+                    sq += wq * wq;
+                }
+                const float e = err + r * mag, n = std::sqrt(sq) * grow;
+                cp[v * 2 * nb + b] = e;
+                cp[v * 2 * nb + nb + b] = n;
+                emax = std::max(emax, e);
+                nmax = std::max(nmax, n);
+            }
+            ep[v] = emax;
+            np[v] = nmax;
+        }
+    });
+    return {blocks, coef, err_max, norm_max};
+}
+
 // The whole argmax screen after its 8-bit product (propd.models.screen, steps 2-4) in one call: x (N, K) float32,
 // approx (N, V) = the 8-bit product, err and norm (V,) the coarse bound's coefficients, coef (V, 2 K / 32) the
 // per-block ones, weight (V, K) float32. The activations are rounded as the 8-bit kernel rounds them; per row and
@@ -3047,6 +3100,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rms_norm", &rms_norm, "RMSNorm of each row");
     m.def("row_argmax", &row_argmax, "torch.argmax(x, dim=-1) of (N, V) rows");
     m.def("screen_survivors", &screen_survivors, "the argmax screen's coarse pass: the ids some row cannot rule out");
+    m.def("screen_tables", &screen_tables, "the argmax screen's Q8_0 blocks and bounds of a float32 weight");
     m.def("screen_argmax", &screen_argmax, "the argmax screen after its 8-bit product: bounds, candidates, exact rows");
     m.def("decoder_layer", &decoder_layer, "one Llama decoder layer of a decoding step", pybind11::arg("x"),
           pybind11::arg("w"), pybind11::arg("outs"), pybind11::arg("cos"), pybind11::arg("sin"),
