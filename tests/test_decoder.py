@@ -449,6 +449,7 @@ def test_rows_leaving_move_one_row_per_hole_and_keep_every_rows_cache(n, data):
     assert cache.host_lengths == [lengths[b] for b in order] + new_lengths == cache.lengths.tolist()
     for i, b in enumerate(order):
         torch.testing.assert_close(cache.k[:, i, :, :lengths[b]], k0[:, b, :, :lengths[b]], rtol=0, atol=0)
+        torch.testing.assert_close(cache.v[:, i, :, :lengths[b]], v0[:, b, :, :lengths[b]], rtol=0, atol=0)
     for j, length in enumerate(new_lengths):
         torch.testing.assert_close(cache.k[:, m + j, :, :length], part.k[:, j, :, :length], rtol=0, atol=0)
         torch.testing.assert_close(cache.v[:, m + j, :, :length], part.v[:, j, :, :length], rtol=0, atol=0)

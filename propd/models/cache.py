@@ -82,13 +82,16 @@ class KVCache:
         cache's rows, with their lengths. The buffers grow to ``part``'s capacity if it is larger; rows freed by
         :meth:`select_rows` are reused, so a row that joins after one left costs a copy of its own positions only."""
         n, k = len(self.host_lengths), len(part.host_lengths)
-        self.reserve(part.capacity)
         L, _, H, S, D = self.k.shape
         store = self._store
-        if store[0].shape[1] < n + k or store[0].shape[3] != S or store[0].data_ptr() != self.k.data_ptr():
-            store = tuple(torch.zeros(L, n + k, H, S, D, dtype=buf.dtype, device=buf.device)
+        if (part.capacity > S or store[0].shape[1] < n + k or store[0].shape[3] != S
+                or store[0].data_ptr() != self.k.data_ptr()):
+            # new buffers: only this cache's committed positions are copied (the rest is scratch), once
+            cap = S if part.capacity <= S else part.capacity + 64  # as reserve() grows
+            used = max(self.host_lengths, default=0)
+            store = tuple(torch.zeros(L, n + k, H, cap, D, dtype=buf.dtype, device=buf.device)
                           for buf in (self.k, self.v))
-            store[0][:, :n], store[1][:, :n] = self.k, self.v
+            store[0][:, :n, :, :used], store[1][:, :n, :, :used] = self.k[:, :, :, :used], self.v[:, :, :, :used]
             self._store = store
         length = max(part.host_lengths, default=0)
         store[0][:, n:n + k, :, :length] = part.k[:, :, :, :length]
