@@ -1,8 +1,9 @@
-"""The float32 ``lm_head``'s argmax through the Q8 screen (:mod:`propd.models.screen`) against the full product, on
+"""The ``lm_head``'s argmax through the Q8 screen (:mod:`propd.models.screen`) against the full product, on
 the default model's own hidden states: equal ids at every position, time per call, candidates per row.
 
     python benchmarks/argmax_screen.py          # about 40 seconds on 2 CPU cores
     python benchmarks/argmax_screen.py gguf     # the GGUF blocks' lm_head (Q8_0) as the full product
+    python benchmarks/argmax_screen.py bfloat16  # a bfloat16 lm_head (its logits rounded to bfloat16)
 
 The hidden states are the final normed states of a few chat prompts and the model's greedy answers to them (every
 position, one row at a time, as a batch-1 decoding step sees them).

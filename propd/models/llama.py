@@ -251,8 +251,8 @@ class LlamaModel(nn.Module):
             self.__dict__["fused_layers"] = cpu_modules.run_layers_fused
 
     def prepare_screen(self) -> None:
-        """Build the argmax screen of the ``lm_head`` (:mod:`propd.models.screen`) where it applies: float32
-        weights on a CPU with propd's extension, served by the packed kernel; or GGUF blocks (float32 activations)
+        """Build the argmax screen of the ``lm_head`` (:mod:`propd.models.screen`) where it applies: float32 or
+        bfloat16 weights on a CPU with propd's extension, served by the packed kernel; or GGUF blocks (float32 activations)
         whose dense float32 matrix is in memory anyway (a tied embedding), on a CPU with AVX512-VNNI, where the
         screen's 8-bit products cost less than the blocks' float32 arithmetic (``cpu_kernel.has_vnni``). Idempotent."""
         from propd.models.cpu_modules import KernelLinear
@@ -306,10 +306,11 @@ class LlamaModel(nn.Module):
     def screened_argmax(self, h_normed: torch.Tensor) -> torch.Tensor | None:
         """The argmax ids (...) of :meth:`logits` of ``h_normed`` (..., H) through the Q8 screen
         (:mod:`propd.models.screen`), the same bit for bit; None where it does not serve: no screen built
-        (:meth:`prepare_screen`), not float32, more than ``SCREEN_ROWS`` rows, or the weights changed since."""
+        (:meth:`prepare_screen`), not the weight's dtype, more than ``SCREEN_ROWS`` rows, or the weights changed
+        since."""
         cached = self.__dict__.get("_screen")
         rows = h_normed.numel() // h_normed.shape[-1]
-        if (cached is None or not 1 <= rows <= self.SCREEN_ROWS or h_normed.dtype != torch.float32
+        if (cached is None or not 1 <= rows <= self.SCREEN_ROWS or h_normed.dtype != cached[1].weight.dtype
                 or cached[0] != weight_key(self.lm_head.weight)):
             return None
         x = h_normed.reshape(rows, h_normed.shape[-1])

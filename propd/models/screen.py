@@ -1,4 +1,4 @@
-"""The exact argmax of a float32 ``lm_head`` for about a quarter of its bytes (CPU, propd's extension).
+"""The exact argmax of a float32 or bfloat16 ``lm_head`` for a quarter or half of its bytes (CPU, propd's extension).
 
 Greedy decoding needs each position's argmax, not its logits. :class:`ArgmaxScreen` keeps the (V, K) weight W also
 as Q8_0 blocks (ggml's: 32 weights share a float16 scale; :mod:`propd.models.quant`) and, per row x:
@@ -16,9 +16,14 @@ as Q8_0 blocks (ggml's: 32 weights share a float16 scale; :mod:`propd.models.qua
    instead of a (V, 2 K / 32) matrix: about 1.4x e_v on the default model), then e_v for the few survivors. The
    survivors hold the maximiser u* of z'_u - e_u (z'_u* + c_u* >= z'_u* - e_u* >= z'_w - e_w >= z'_w - c_w) and
    every candidate (z'_v + c_v >= z'_v + e_v >= z'_u* - e_u* >= max_w (z'_w - c_w)), so the candidates are the same;
-4. the candidates' exact logits, by the same packed float32 kernel as the full ``lm_head`` (each output one chain of
+4. the candidates' exact logits, by the same packed kernel as the full ``lm_head`` (each output one chain of
    fused multiply-adds over k in order, whatever rows sit beside it), and their argmax, the lowest index among equal
    maxima, as ``torch.argmax``.
+
+A bfloat16 weight's logits are its float32 sums rounded to bfloat16, where distinct sums can round to one maximum:
+the floor max_u (z'_u - e_u) is lowered to the least float32 that rounds to its bfloat16 value or above (the
+midpoint to the bfloat16 below), so every id whose rounded logit can tie the maximum stays a candidate, and the
+candidates' exact logits are the bfloat16 kernel's.
 
 So the result is the full ``lm_head``'s argmax bit for bit (tested against it on random weights with near-ties, and
 on the default model's states: ``benchmarks/argmax_screen.py``, where a row leaves a few candidates). A row with more
@@ -40,14 +45,14 @@ class ArgmaxScreen:
         from propd.models.quant import QuantLinear
 
         V, K = weight.shape
-        self.weight = weight.detach().contiguous()  # the float32 (V, K) weight, read for the candidates' rows
+        self.weight = weight.detach().contiguous()  # the (V, K) weight, read for the candidates' rows
         blocks, self.coef, self.err_max, self.norm_max = cpu_kernel.screen_tables(self.weight, ROUNDING)
         self.q8 = QuantLinear.from_blocks(blocks, "Q8_0", K, V, activations="q8")  # Q8_0 blocks, 8-bit activations
         self.max_candidates = max_candidates
 
     @staticmethod
     def available(weight: torch.Tensor) -> bool:
-        return (weight.dim() == 2 and weight.dtype == torch.float32 and weight.device.type == "cpu"
+        return (weight.dim() == 2 and weight.dtype in (torch.float32, torch.bfloat16) and weight.device.type == "cpu"
                 and weight.shape[1] % QK == 0 and cpu_kernel.extension() is not None)
 
     def _screen(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -55,6 +60,7 @@ class ArgmaxScreen:
         call (``screen_argmax``): the argmax (N,) of the rows it settles, which rows those are (N,) bool, the ids
         (C,) that are a candidate of some row, ascending, which of them are each row's (N, C) bool, and whether each
         row's bound is finite (N,)."""
+        x = x.float()  # bfloat16 rows (a bfloat16 weight's) exactly
         return cpu_kernel.screen_argmax(x, self.q8(x), self.err_max, self.norm_max, self.coef, self.weight,
                                         self.max_candidates)
 
@@ -68,8 +74,8 @@ class ArgmaxScreen:
         return self._candidates(x)[1].sum(dim=1)
 
     def argmax(self, x: torch.Tensor, full) -> torch.Tensor:
-        """Argmax ids (N,) of ``x`` (N, K) float32 times the weight; ``full(x)`` gives the full logits (N, V) for the
-        rows the screen cannot settle."""
+        """Argmax ids (N,) of ``x`` (N, K) (the weight's dtype) times the weight; ``full(x)`` gives the full logits
+        (N, V) for the rows the screen cannot settle."""
         x = x.contiguous()
         out, settled, _, _, _ = self._screen(x)
         if not bool(settled.all()):

@@ -36,6 +36,25 @@ def test_screen_equals_the_full_argmax(seed, V, K, rows, ties, scale, cap, clust
     assert screen.argmax(x, full).tolist() == full_argmax(w, x).tolist()
 
 
+@settings(deadline=None, max_examples=60, derandomize=True)
+@given(seed=st.integers(0, 10_000), V=st.integers(1, 300), K=st.sampled_from([32, 64, 576]),
+       rows=st.integers(1, 6), spread=st.sampled_from([0.0, 1e-4, 3e-3, 1.0]), scale=st.sampled_from([0.01, 1.0, 30.0]),
+       cap=st.sampled_from([4, 1024]))
+def test_bfloat16_screen_equals_the_full_argmax(seed, V, K, rows, spread, scale, cap):
+    """A bfloat16 weight: its logits are float32 sums rounded to bfloat16, so ids whose sums differ round to one
+    maximum (rows of a cluster ``spread`` apart, below and around a bfloat16 ulp); the screen keeps every id that
+    can tie and returns the full bfloat16 product's argmax, the lowest id among equal maxima."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(V, K, generator=g)
+    w = ((base[:1] + spread * base) if spread < 1 else base).mul(scale).to(torch.bfloat16)
+    x = (torch.randn(rows, K, generator=g) * torch.rand(rows, 1, generator=g) * 5).to(torch.bfloat16)
+    screen = ArgmaxScreen(w, max_candidates=cap)
+    full = lambda xs: cpu_kernel.linear(xs.contiguous(), cpu_kernel.pack(w), V)  # noqa: E731
+    logits = full(x)
+    assert logits.dtype == torch.bfloat16
+    assert screen.argmax(x, full).tolist() == logits.argmax(dim=1).tolist()
+
+
 @settings(deadline=None, max_examples=30, derandomize=True)
 @given(seed=st.integers(0, 10_000), V=st.integers(1, 300), rows=st.integers(1, 5), cluster=st.booleans())
 def test_two_pass_candidates_are_the_per_block_bounds(seed, V, rows, cluster):

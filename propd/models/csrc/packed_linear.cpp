@@ -2764,12 +2764,32 @@ torch::Tensor row_argmax(const torch::Tensor& x) {
     return out;
 }
 
+// Where the exact logits are rounded to bfloat16 before the argmax, an id can share the rounded maximum without its
+// float32 logit reaching the floor F (the maximum's lower bound): it needs only z >= the least float32 that rounds
+// (to nearest even) to bfloat16(F) or above, the midpoint between bfloat16(F) and the bfloat16 below it. The floor
+// lowered so, and by 1e-30 on both sides for products whose denormals the bfloat16 instructions flush; monotone in F,
+// so a coarser floor stays below a finer one. Without bf16, F as is.
+inline float rounding_floor(float f, bool bf16) {
+    if (!bf16 || !std::isfinite(f)) return f;
+    const uint16_t q = c10::BFloat16(static_cast<float>(static_cast<double>(f) - 1e-30)).x;
+    const uint16_t below = (q & 0x7fff) == 0 ? 0x8001 : (q & 0x8000) ? q + 1 : q - 1;  // the next bfloat16 down
+    auto widen16 = [](uint16_t h) {
+        const uint32_t u = static_cast<uint32_t>(h) << 16;
+        float v;
+        std::memcpy(&v, &u, 4);
+        return static_cast<double>(v);
+    };
+    const double mid = 0.5 * (widen16(q) + widen16(below)) - 1e-30;
+    return std::nextafter(static_cast<float>(mid), -INFINITY);
+}
+
 // The argmax screen's coarse pass (propd.models.screen): with bounds c[n, v] = l1[n] * e[v] + l2[n] * m[v], the ids v
 // (ascending) where some row n has a[n, v] + c[n, v] >= max_u (a[n, u] - c[n, u]). The float32 operations are
 // torch's for the same expression (products, then their sum; no fused multiply-add), and a row whose floor is NaN
-// (a NaN in a - c) admits no id, as torch's amax and >= do; one pass for the floors and one for the ids.
+// (a NaN in a - c) admits no id, as torch's amax and >= do; one pass for the floors and one for the ids. With
+// ``bf16`` the exact logits are rounded to bfloat16, and each floor is lowered by rounding_floor first.
 std::vector<int64_t> survivor_ids(const float* a, int64_t N, int64_t V, const float* pl1, const float* pl2,
-                                  const float* pe, const float* pm) {
+                                  const float* pe, const float* pm, bool bf16) {
     std::vector<float> floor(N);
     for (int64_t n = 0; n < N; ++n) {
         const float* an = a + n * V;
@@ -2794,7 +2814,7 @@ std::vector<int64_t> survivor_ids(const float* a, int64_t N, int64_t V, const fl
             has_nan = has_nan || std::isnan(lo);
             f = std::max(f, lo);
         }
-        floor[n] = has_nan ? NAN : f;
+        floor[n] = has_nan ? NAN : rounding_floor(f, bf16);
     }
     std::vector<int64_t> ids;
     int64_t v = 0;
@@ -2841,31 +2861,24 @@ torch::Tensor screen_survivors(const torch::Tensor& approx, const torch::Tensor&
     TORCH_CHECK(l1.size(0) == N && l2.size(0) == N && e.size(0) == V && m.size(0) == V,
                 "screen_survivors: l1, l2 of N entries, e, m of V");
     return long_tensor(survivor_ids(approx.data_ptr<float>(), N, V, l1.data_ptr<float>(), l2.data_ptr<float>(),
-                                    e.data_ptr<float>(), m.data_ptr<float>()));
+                                    e.data_ptr<float>(), m.data_ptr<float>(), false));
 }
 
-// The argmax screen's tables from its float32 (V, K) weight w in one parallel pass (propd.models.screen's
-// definitions, as its torch reference computes them): ggml Q8_0 blocks (V, K / 32 * 34) uint8 (d = max|w| / 127 kept
-// as fp16, q = round(w / d) half away from zero, as quantize_q8_0), per block b of row v E[v, b] + rounding A[v, b]
-// and (1 + rounding) |w'_vb|_2 as coef (V, 2 K / 32), and each row's largest of both (V,) (the coarse bound's).
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> screen_tables(const torch::Tensor& w,
-                                                                                     double rounding) {
-    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kFloat && w.device().is_cpu() &&
-                    w.size(1) % kQK == 0,
-                "screen_tables: w must be a contiguous (V, K) float32 CPU tensor, K % 32 == 0");
-    const int64_t V = w.size(0), K = w.size(1), nb = K / kQK;
-    auto blocks = torch::empty({V, nb * 34}, w.options().dtype(at::kByte));
-    auto coef = torch::empty({V, 2 * nb}, w.options());
-    auto err_max = torch::empty({V}, w.options()), norm_max = torch::empty({V}, w.options());
-    const float* wp = w.data_ptr<float>();
-    uint8_t* bp = blocks.data_ptr<uint8_t>();
-    float *cp = coef.data_ptr<float>(), *ep = err_max.data_ptr<float>(), *np = norm_max.data_ptr<float>();
-    const float r = static_cast<float>(rounding), grow = static_cast<float>(1.0 + rounding);
+// The argmax screen's tables from its float32 or bfloat16 (V, K) weight w in one parallel pass (propd.models.screen's
+// definitions, as its torch reference computes them on w in float32): ggml Q8_0 blocks (V, K / 32 * 34) uint8 (d =
+// max|w| / 127 kept as fp16, q = round(w / d) half away from zero, as quantize_q8_0), per block b of row v E[v, b] +
+// rounding A[v, b] and (1 + rounding) |w'_vb|_2 as coef (V, 2 K / 32), and each row's largest of both (V,) (the
+// coarse bound's).
+template <typename E>
+void screen_tables_rows(const E* wp, int64_t V, int64_t K, float r, float grow, uint8_t* bp, float* cp, float* ep,
+                        float* np) {
+    const int64_t nb = K / kQK;
     at::parallel_for(0, V, 64, [&](int64_t begin, int64_t end) {
+        float x[kQK];
         for (int64_t v = begin; v < end; ++v) {
             float emax = 0.0f, nmax = 0.0f;
             for (int64_t b = 0; b < nb; ++b) {
-                const float* x = wp + v * K + b * kQK;
+                for (int64_t i = 0; i < kQK; ++i) x[i] = static_cast<float>(wp[v * K + b * kQK + i]);
                 uint8_t* blk = bp + (v * nb + b) * 34;
                 float amax = 0.0f;
                 for (int64_t i = 0; i < kQK; ++i) amax = std::max(amax, std::fabs(x[i]));
@@ -2876,10 +2889,9 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> screen_ta
                 float err = 0.0f, mag = 0.0f, sq = 0.0f;
                 for (int64_t i = 0; i < kQK; ++i) {
                     const float y = x[i] * inv, a = std::floor(std::fabs(y) + 0.5f);
-                    const float q = std::min(127.0f, y < 0.0f ? -a : a);
-                    const float qc = std::max(-127.0f, q);
-                    blk[2 + i] = static_cast<uint8_t>(static_cast<int8_t>(qc));
-                    const float wq = qc * dh;
+                    const float q = std::max(-127.0f, std::min(127.0f, y < 0.0f ? -a : a));
+                    blk[2 + i] = static_cast<uint8_t>(static_cast<int8_t>(q));
+                    const float wq = q * dh;
                     err = std::max(err, std::fabs(x[i] - wq));
                     mag = std::max(mag, std::max(std::fabs(x[i]), std::fabs(wq)));
                     sq += wq * wq;
@@ -2894,6 +2906,26 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> screen_ta
             np[v] = nmax;
         }
     });
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> screen_tables(const torch::Tensor& w,
+                                                                                     double rounding) {
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && kernel_dtype(w.scalar_type()) && w.device().is_cpu() &&
+                    w.size(1) % kQK == 0,
+                "screen_tables: w must be a contiguous (V, K) float32 or bfloat16 CPU tensor, K % 32 == 0");
+    const int64_t V = w.size(0), K = w.size(1), nb = K / kQK;
+    const auto f = w.options().dtype(at::kFloat);
+    auto blocks = torch::empty({V, nb * 34}, w.options().dtype(at::kByte));
+    auto coef = torch::empty({V, 2 * nb}, f);
+    auto err_max = torch::empty({V}, f), norm_max = torch::empty({V}, f);
+    const float r = static_cast<float>(rounding), grow = static_cast<float>(1.0 + rounding);
+    uint8_t* bp = blocks.data_ptr<uint8_t>();
+    float *cp = coef.data_ptr<float>(), *ep = err_max.data_ptr<float>(), *np = norm_max.data_ptr<float>();
+    if (w.scalar_type() == at::kBFloat16) {
+        screen_tables_rows(w.data_ptr<at::BFloat16>(), V, K, r, grow, bp, cp, ep, np);
+    } else {
+        screen_tables_rows(w.data_ptr<float>(), V, K, r, grow, bp, cp, ep, np);
+    }
     return {blocks, coef, err_max, norm_max};
 }
 
@@ -2912,10 +2944,13 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Te
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.device().is_cpu() &&
                     x.size(1) % kQK == 0, "screen_argmax: x must be a contiguous (N, K) float32 CPU tensor, K % 32 == 0");
     const int64_t N = x.size(0), K = x.size(1), nb = K / kQK, V = weight.size(0);
-    for (const auto* t : {&approx, &err, &norm, &coef, &weight}) {
+    for (const auto* t : {&approx, &err, &norm, &coef}) {
         TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat && t->device().is_cpu(),
                     "screen_argmax: contiguous float32 CPU tensors");
     }
+    const bool bf16 = weight.scalar_type() == at::kBFloat16;  // logits rounded to bfloat16 (8 significant bits)
+    TORCH_CHECK(weight.is_contiguous() && (bf16 || weight.scalar_type() == at::kFloat) && weight.device().is_cpu(),
+                "screen_argmax: weight must be a contiguous float32 or bfloat16 CPU tensor");
     TORCH_CHECK(approx.dim() == 2 && approx.size(0) == N && approx.size(1) == V && err.numel() == V &&
                     norm.numel() == V && coef.dim() == 2 && coef.size(0) == V && coef.size(1) == 2 * nb &&
                     weight.dim() == 2 && weight.size(1) == K, "screen_argmax: shapes do not fit");
@@ -2942,7 +2977,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Te
             l2[n] += blocks[n * 2 * nb + nb + b];
         }
     }
-    const auto ids = survivor_ids(a, N, V, l1.data(), l2.data(), err.data_ptr<float>(), norm.data_ptr<float>());
+    const auto ids =
+        survivor_ids(a, N, V, l1.data(), l2.data(), err.data_ptr<float>(), norm.data_ptr<float>(), bf16);
     const int64_t C = static_cast<int64_t>(ids.size());
     auto cand = torch::zeros({N, C}, x.options().dtype(at::kBool));
     auto fin = torch::zeros({N}, x.options().dtype(at::kBool));
@@ -2965,7 +3001,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Te
             nan = nan || std::isnan(lo);
             floor = std::max(floor, lo);
         }
-        if (nan) floor = NAN;
+        floor = nan ? NAN : rounding_floor(floor, bf16);
         int64_t count = 0;
         for (int64_t c = 0; c < C; ++c) count += pc[n * C + c] = hi[c] >= floor;
         const bool good = std::isfinite(floor) && finite[n];
@@ -2980,12 +3016,12 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Te
         if (col_used[c]) cols.push_back(c);
     }
     if (!cols.empty()) {
-        auto sub = torch::empty({static_cast<int64_t>(cols.size()), K}, weight.options());
-        const float* w = weight.data_ptr<float>();
-        for (size_t j = 0; j < cols.size(); ++j) {
-            std::copy(w + ids[cols[j]] * K, w + (ids[cols[j]] + 1) * K, sub.data_ptr<float>() + j * K);
-        }
-        const auto exact = packed_linear(x, pack(sub), static_cast<int64_t>(cols.size()));  // (N, C')
+        auto rows = torch::empty({static_cast<int64_t>(cols.size())}, x.options().dtype(at::kLong));
+        for (size_t j = 0; j < cols.size(); ++j) rows.data_ptr<int64_t>()[j] = ids[cols[j]];
+        const auto sub = weight.index_select(0, rows);
+        // (N, C'): bfloat16 logits from x's bfloat16 values (x holds them exactly), read as float32
+        const auto exact = packed_linear(bf16 ? x.to(at::kBFloat16) : x, pack(sub), static_cast<int64_t>(cols.size()))
+                               .to(at::kFloat).contiguous();
         const float* ex = exact.data_ptr<float>();
         int64_t* po = out.data_ptr<int64_t>();
         for (int64_t n = 0; n < N; ++n) {
