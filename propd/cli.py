@@ -72,12 +72,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     last: dict[int, tuple] = {}  # prompt -> (result, row) of its last turn
     total = steps = 0
     wall = 0.0
+    stream = len(prompts) == 1 and not args.json  # one prompt: its text is printed as it is generated
+
+    def show(_: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
     for j in range(max(len(p) for p in prompts)):  # turn j of every prompt that has one, asked as one conversation
         active = [i for i, p in enumerate(prompts) if len(p) > j]
         msgs = [conversation(prompts[i][: j + 1], answers[i]) if j else prompts[i][0] for i in active]
+        if stream and len(prompts[0]) > 1:
+            print(f"--- [0] turn {j + 1} {prompts[0][j][:60]}", flush=True)
         res = decoder.generate(msgs, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                chat=not args.no_chat, progress=not args.json, raw_special=args.raw_special,
-                               **attrs.asdict(sampling))
+                               on_text=show if stream else None, **attrs.asdict(sampling))
+        if stream:
+            print(flush=True)
         for k, i in enumerate(active):
             answers[i].append(res.texts[k])
             last[i] = (res, k)
@@ -93,7 +103,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if len(prompts[i]) > 1:
                 row["turns"] = answers[i]  # every answer; the other fields describe the last turn
             print(json.dumps(row, ensure_ascii=False))
-    else:
+    elif not stream:
         for i, turns in enumerate(prompts):
             for j, text in enumerate(answers[i]):
                 if len(prompts) > 1 or len(turns) > 1:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import attrs
 import torch
@@ -170,23 +170,32 @@ class Decoder:
     def generate(self, prompts: Sequence[str | Sequence[dict]] | str, max_new_tokens: int = 128,
                  batch_size: int | None = None, chat: bool = True, progress: bool = False,
                  raw_special: bool = False, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int = 0) -> GenerationResult:
+                 seed: int = 0, on_text: Callable[[int, str], Any] | None = None) -> GenerationResult:
         """Generate a continuation for each prompt; prompts as in :meth:`encode`.
 
         ``temperature`` 0 (the default) is greedy decoding. Above 0, tokens are sampled from the base model's
         distribution processed by temperature, ``top_k`` (0: all) and ``top_p`` (1: all), exactly as AR sampling
         would (:mod:`propd.strategies.sampling`); prompt i draws from a generator seeded by (``seed``, i).
+        ``on_text(i, piece)``, if given, streams: it is called with each new piece of prompt i's text as its tokens
+        are accepted (several tokens per step where a tree pays), and the pieces of prompt i add up to ``texts[i]``.
         """
         ids = self.encode(prompts, chat=chat, raw_special=raw_special)
+        deltas = TextDeltas(self.model.tokenizer, on_text) if on_text is not None else None
         res = self.generate_ids(ids, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
-                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, on_tokens=deltas)
         texts = [self.model.tokenizer.decode(t, skip_special_tokens=True) for t in res.token_ids]
+        if deltas is not None:
+            for i, text in enumerate(texts):
+                deltas.finish(i, text)
         return attrs.evolve(res, texts=texts)
 
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 128,
                      batch_size: int | None = None, progress: bool = False, temperature: float = 0.0,
-                     top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> GenerationResult:
-        """:meth:`generate` for prompts given as token ids."""
+                     top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                     on_tokens: Callable[[int, list[int]], Any] | None = None) -> GenerationResult:
+        """:meth:`generate` for prompts given as token ids. ``on_tokens(i, ids)``, if given, is called after each
+        step (and after the prefill) with the token ids prompt i gained, in order: they add up to ``token_ids[i]``.
+        Its time is not part of the steps' times."""
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         prompt_ids = [list(p) for p in prompt_ids]
         self._check(prompt_ids, max_new_tokens)
@@ -201,7 +210,7 @@ class Decoder:
         self._role_label = self._greedy_role_label if params.greedy else self._sampling_role_label  # names in errors
         run = _Run(prompt_ids=prompt_ids, max_new=max_new_tokens, params=params, gens=gens,
                    tokens=[[] for _ in range(n)], accepts=[[] for _ in range(n)], row_time=[0.0] * n, stats=[],
-                   waiting=deque(range(n)), joins=self.continuous and n > bs)
+                   waiting=deque(range(n)), joins=self.continuous and n > bs, on_tokens=on_tokens)
         t0 = time.perf_counter()
         if progress and n > bs:
             from tqdm import tqdm
@@ -323,6 +332,8 @@ class Decoder:
         for r, t in zip(rows, roots.tolist()):
             run.tokens[r].append(t)
             run.accepts[r].append(1)
+            if run.on_tokens is not None:
+                run.on_tokens(r, [t])
         info = RowsBegin(row_ids=tuple(rows), prompt_ids=history[:, :longest], prompt_lengths=cache.lengths.clone(),
                          hidden=prompt_hidden, roots=roots)
         return cache, last_hidden, roots, history, info
@@ -480,10 +491,11 @@ class Decoder:
             acc_counts = acc.accept_len + 1
             last_hidden = acc_hidden.gather(1, acc.accept_len[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
             roots = acc.bonus
-            gained = []
+            gained, starts = [], []
             for b, r in enumerate(live):
                 a = accepted[b]
                 before = len(out[r])
+                starts.append(before)
                 for t in info[b][2: 2 + a] + [info[b][-1]]:
                     if len(out[r]) >= max_new:
                         break
@@ -501,6 +513,10 @@ class Decoder:
                 tuner.end(kind, st.step_time_s)
             pm.hook.propd_after_step(ctx=ctx, draft=draft, acceptance=acc, stats=st, tree=budget, tokens=tokens,
                                      path_hidden=acc_hidden)
+            if run.on_tokens is not None:
+                for r, before in zip(live, starts):
+                    if len(out[r]) > before:
+                        run.on_tokens(r, out[r][before:])
             step += 1
 
     @staticmethod
@@ -537,6 +553,7 @@ class _Run:
     joins: bool  # whether waiting prompts join running batches
     started: dict = attrs.Factory(dict)  # prompt index -> when its prefill began
     bar: Any = None  # a tqdm progress bar over prompts, or None
+    on_tokens: Any = None  # the caller's on_tokens(i, ids), or None
 
 
 def rows_can_join(obj: Any) -> bool:
@@ -645,3 +662,40 @@ def _pad_draft(draft: Draft, width: int) -> Draft:
 
 def _kind(obj: Any) -> str:
     return "None" if obj is None else f"a {type(obj).__name__}"
+
+
+class TextDeltas:
+    """Streaming text: ``on_tokens(i, ids)`` for :meth:`Decoder.generate_ids` that calls ``on_text(i, piece)`` with
+    the new text of prompt i. Each call decodes the tokens from one piece back (``prefix``) on, so that tokenizers
+    whose decoding depends on the token before (SentencePiece's leading spaces) give the same text as decoding all,
+    and holds text back while it ends in U+FFFD (a character whose bytes are split across tokens): the incremental
+    detokenization of serving engines (vLLM's), in O(piece) per call. :meth:`finish` sends what decoding all of
+    them adds, so the pieces add up to the final text."""
+
+    def __init__(self, tokenizer: Any, on_text: Callable[[int, str], Any]):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids: dict[int, list[int]] = {}
+        self.offsets: dict[int, tuple[int, int]] = {}  # prompt -> (prefix, read): decode from prefix, sent to read
+        self.sent: dict[int, list[str]] = {}
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _send(self, i: int, piece: str) -> None:
+        self.sent.setdefault(i, []).append(piece)
+        self.on_text(i, piece)
+
+    def __call__(self, i: int, tokens: list[int]) -> None:
+        ids = self.ids.setdefault(i, [])
+        ids.extend(tokens)
+        prefix, read = self.offsets.get(i, (0, 0))
+        before, now = self._decode(ids[prefix:read]), self._decode(ids[prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd") and now.startswith(before):
+            self._send(i, now[len(before):])
+            self.offsets[i] = (read, len(ids))
+
+    def finish(self, i: int, text: str) -> None:
+        """Send the rest of prompt i's final ``text`` (its whole decoding)."""
+        sent = "".join(self.sent.get(i, []))
+        if len(text) > len(sent) and text.startswith(sent):
+            self._send(i, text[len(sent):])

@@ -29,6 +29,14 @@ def test_generate_json(capsys, tiny_dir):
     assert "tok/s" in err
 
 
+def test_one_prompt_streams_the_text_json_gives(capsys, tiny_dir):
+    args = ["generate", "--model", str(tiny_dir), "--max-new-tokens", "12", "--no-chat", "hello there"]
+    code, out, err = run(capsys, *args)
+    assert code == 0 and "tok/s" in err
+    _, js, _ = run(capsys, *args, "--json")
+    assert out == json.loads(js)["text"] + "\n"
+
+
 def test_medusa_preset_with_heads_matches_ar(capsys, tiny_dir, tiny_heads_dir):
     base = ["generate", "--model", str(tiny_dir), "--json", "--max-new-tokens", "12", "--no-chat", "abc", "xyz!"]
     _, ar, _ = run(capsys, *base)

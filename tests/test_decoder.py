@@ -91,6 +91,24 @@ def test_waiting_prompts_join_as_rows_finish(lens, seed, batch, max_new, preset,
     assert fixed.token_ids == refs and joined_steps(fixed.stats) == 0
 
 
+@given(lens=st.lists(st.integers(1, 14), min_size=1, max_size=6), seed=st.integers(0, 10_000),
+       batch=st.integers(1, 3), max_new=st.integers(1, 16), preset=st.sampled_from(["ar", "bpd", "medusa"]),
+       stops=st.integers(0, 3))
+def test_streamed_tokens_add_up_to_each_prompts_tokens(lens, seed, batch, max_new, preset, stops):
+    """``on_tokens(i, ids)`` streams each prompt's tokens in order as steps accept them (several per step from a
+    tree, rows joining and leaving on EOS): per prompt they add up to its ``token_ids``, and no call is empty."""
+    model = tiny_loaded(seed=3, heads=4, eos=frozenset(range(5, 128, 128 // stops)) if stops else frozenset())
+    prompts = random_prompts(model, seed, lens)
+    calls = []
+    res = Decoder(model, preset=preset).generate_ids(prompts, max_new_tokens=max_new, batch_size=batch,
+                                                     on_tokens=lambda i, ids: calls.append((i, list(ids))))
+    assert res.token_ids == ar_reference(model, prompts, max_new)
+    assert all(ids for _, ids in calls)
+    assert [sum((ids for j, ids in calls if j == i), []) for i in range(len(prompts))] == res.token_ids
+    if preset != "ar":
+        assert max(len(ids) for _, ids in calls) <= 4 + 1  # a step gives at most the tree's depth + the bonus
+
+
 def test_a_row_that_ends_makes_room_for_the_next_prompt():
     """Rows of different lengths: with two places and five prompts, later prompts run beside earlier ones, and the
     batch stays full while prompts wait (its size drops only when none is left)."""

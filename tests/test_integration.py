@@ -67,6 +67,30 @@ def test_presets_with_shipped_heads_equal_ar_and_accept_more_than_one(model, pre
         assert sum(res.new_tokens) / sum(res.steps) > 1.0  # the trained heads are right some of the time
 
 
+@pytest.mark.parametrize("chunks", [1, 2, 3])
+def test_streamed_text_adds_up_to_the_decoded_text(model, chunks):
+    """``TextDeltas`` on the default model's tokenizer: tokens fed a few at a time (multi-byte characters split
+    across tokens, spaces, newlines, a special token) give pieces that never end in a split character and add up to
+    decoding them all; and ``generate(on_text=...)`` streams each prompt's text."""
+    from propd.decoder import TextDeltas
+
+    tok = model.tokenizer
+    text = "Café ☕ and 東京 — naïve façade 🎉🎉!\n\n  Indented code:\n\tx = 1  # ok<|im_end|> done"
+    ids = tok.encode(text, add_special_tokens=False)
+    pieces = []
+    deltas = TextDeltas(tok, lambda i, piece: pieces.append(piece))
+    for start in range(0, len(ids), chunks):
+        deltas(0, ids[start:start + chunks])
+    assert not any(p.endswith("\ufffd") for p in pieces)
+    whole = tok.decode(ids, skip_special_tokens=True)
+    deltas.finish(0, whole)
+    assert "".join(pieces) == whole and len(pieces) > 5
+    streamed = {}
+    res = Decoder(model, preset="ar").generate(PROMPTS[:2], max_new_tokens=20, batch_size=1,
+                                               on_text=lambda i, p: streamed.setdefault(i, []).append(p))
+    assert ["".join(streamed[i]) for i in range(2)] == res.texts
+
+
 def test_cli_json_on_default_model(capsys):
     assert main(["generate", "--json", "--max-new-tokens", "8", "Hello!"]) == 0
     row = json.loads(capsys.readouterr().out.splitlines()[0])
