@@ -339,8 +339,9 @@ def screen_survivors(approx: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor, e
 
 
 def screen_tables(weight: torch.Tensor, rounding: float) -> tuple[torch.Tensor, ...]:
-    """The argmax screen's tables of a contiguous float32 (V, K) ``weight``
-    (:func:`propd.models.screen.reference_tables` defines them): Q8_0 blocks (V, K / 32 * 34) uint8, coef (V, 2 K / 32), and each row's largest coefficients (V,)."""
+    """The argmax screen's tables of a contiguous float32 or bfloat16 (V, K) ``weight``
+    (:func:`propd.models.screen.reference_tables` defines them): Q8_0 blocks (V, K / 32 * 34) uint8, coef
+    (V, 2 K / 32), and each row's largest coefficients (V,)."""
     return _state["ext"].screen_tables(weight, rounding)
 
 
