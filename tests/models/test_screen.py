@@ -113,6 +113,28 @@ def test_model_argmax_uses_the_screen_and_equals_the_logits():
     torch.testing.assert_close(m.argmax(h), m.logits(h).argmax(dim=-1), rtol=0, atol=0)
 
 
+def test_a_bfloat16_model_screens_its_lm_head():
+    """A bfloat16 model's decoder builds the screen; its argmax equals the bfloat16 logits' at up to SCREEN_ROWS
+    rows, and greedy decoding gives the same tokens with and without it."""
+    from propd import Decoder
+    from propd.testing import random_prompts, tiny_model
+
+    lm = tiny_model(seed=5, hidden_size=64, head_dim=16)
+    lm.model.to(torch.bfloat16)
+    m = lm.model
+    m.prepare()
+    m.__dict__.pop("_screen", None)
+    dec = Decoder(lm, preset="ar", entry_points=False)
+    assert m.__dict__["_screen"] is not None and m.__dict__["_screen"][1].weight.dtype == torch.bfloat16
+    h = torch.randn(4, m.SCREEN_ROWS // 4, 64).to(torch.bfloat16)
+    assert torch.equal(m.screened_argmax(h), m.logits(h).argmax(dim=-1))
+    assert m.screened_argmax(h.float()) is None  # not the weight's dtype
+    prompts = random_prompts(lm, 5, [3, 9, 5])
+    screened = dec.generate_ids(prompts, max_new_tokens=16).token_ids
+    m.__dict__["_screen"] = None
+    assert dec.generate_ids(prompts, max_new_tokens=16).token_ids == screened
+
+
 @settings(deadline=None, max_examples=60, derandomize=True)
 @given(seed=st.integers(0, 10_000), N=st.integers(1, 6), V=st.integers(1, 70), special=st.integers(0, 4))
 def test_the_coarse_pass_is_the_torch_expression(seed, N, V, special):
