@@ -338,6 +338,13 @@ def screen_survivors(approx: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor, e
     return _state["ext"].screen_survivors(approx, l1, l2, err, norm)
 
 
+def tree_mask(lengths: torch.Tensor, S: int, node_idx: torch.Tensor, tree_mask: torch.Tensor,
+              depths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A tree step's (B, 1, Tq, S) attention mask, query positions (B, Tq) and cache write positions (B, Tq), as
+    :func:`propd.models.llama.tree_attention_inputs` defines them, in one call (CPU tensors)."""
+    return _state["ext"].tree_mask(lengths, S, node_idx, tree_mask, depths)
+
+
 def screen_tables(weight: torch.Tensor, rounding: float) -> tuple[torch.Tensor, ...]:
     """The argmax screen's tables of a contiguous float32 or bfloat16 (V, K) ``weight``
     (:func:`propd.models.screen.reference_tables` defines them): Q8_0 blocks (V, K / 32 * 34) uint8, coef

@@ -179,14 +179,26 @@ def tree_attention_inputs(cfg: ModelConfig, inv_freq: torch.Tensor, dtype: torch
     tree per row (``propd.tree.RowTrees``). Key length S = longest row + T + 1.
     """
     dev = node_idx.device
-    B = node_idx.shape[0]
     T = tree_mask.shape[-1]
     lengths = cache.lengths
     S = max(cache.host_lengths) + T + 1
-    rel = torch.arange(S, device=dev)[None, :] - lengths[:, None]  # (B, S) key pos relative to row length
     if T == 1 and node_idx.shape[1] == 1:  # an AR step: the root (never padding) sees the prefix and itself
+        rel = torch.arange(S, device=dev)[None, :] - lengths[:, None]  # (B, S) key pos relative to row length
         return _attention_inputs(cfg, inv_freq, dtype, lengths[:, None], (rel <= 0)[:, None, None, :], lengths[:, None],
                                  S, decoding)
+    if dev.type == "cpu" and cpu_kernel.extension() is not None:  # the same in one extension call
+        mask, positions, write_pos = cpu_kernel.tree_mask(lengths, S, node_idx, tree_mask, depths)
+    else:
+        mask, positions, write_pos = tree_mask_torch(lengths, S, node_idx, tree_mask, depths)
+    return _attention_inputs(cfg, inv_freq, dtype, positions, mask, write_pos, S, decoding)
+
+
+def tree_mask_torch(lengths: torch.Tensor, S: int, node_idx: torch.Tensor, tree_mask: torch.Tensor,
+                    depths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`tree_attention_inputs`' (B, 1, Tq, S) mask, query positions (B, Tq) and write positions (B, Tq) by torch
+    ops (any device; ``cpu_kernel.tree_mask`` computes the same in one call)."""
+    dev, B, T = node_idx.device, node_idx.shape[0], tree_mask.shape[-1]
+    rel = torch.arange(S, device=dev)[None, :] - lengths[:, None]  # (B, S) key pos relative to row length
     if tree_mask.dim() == 2:
         mask_ext = torch.zeros(T + 1, T + 1, dtype=torch.bool, device=dev)
         mask_ext[:T, :T] = tree_mask
@@ -203,8 +215,7 @@ def tree_attention_inputs(cfg: ModelConfig, inv_freq: torch.Tensor, dtype: torch
     in_tree = (rel >= 0) & (rel <= T)
     tree_part = rows.gather(2, rel.clamp(0, T)[:, None, :].expand(-1, node_idx.shape[1], -1))  # (B, Tq, S)
     mask = (tree_part & in_tree[:, None, :]) | (rel < 0)[:, None, :]
-    return _attention_inputs(cfg, inv_freq, dtype, lengths[:, None] + node_depth, mask[:, None],
-                             lengths[:, None] + node_idx, S, decoding)
+    return mask[:, None], lengths[:, None] + node_depth, lengths[:, None] + node_idx
 
 
 def _attention_inputs(cfg: ModelConfig, inv_freq: torch.Tensor, dtype: torch.dtype, positions: torch.Tensor,

@@ -608,3 +608,25 @@ def test_a_layer_stack_step_that_fails_raises_and_the_next_one_runs(threads):
     finally:
         torch.set_num_threads(old)
     assert torch.equal(before, again)
+
+
+@pytest.mark.skipif(not X86_AVX2, reason="needs propd's CPU extension (x86-64 with AVX2)")
+@settings(deadline=None, max_examples=80, derandomize=True)
+@given(seed=st.integers(0, 10_000), B=st.integers(1, 4), T=st.integers(1, 9), Tq=st.integers(1, 9),
+       per_row=st.booleans(), pad=st.booleans(), extra=st.integers(0, 3))
+def test_tree_mask_is_the_torch_definition(seed, B, T, Tq, per_row, pad, extra):
+    """``cpu_kernel.tree_mask`` (one call) gives ``tree_mask_torch``'s mask, query positions and write positions
+    exactly: shared and per-row trees, padding nodes (index T), rows of different lengths, keys past the tree."""
+    from propd.models.llama import tree_mask_torch
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 12, (B,), generator=g)
+    S = int(lengths.max()) + T + 1 + extra
+    node_idx = torch.randint(0, T + 1 if pad else T, (B, Tq), generator=g)
+    shape = (B, T, T) if per_row else (T, T)
+    mask = torch.rand(*shape, generator=g) < 0.5
+    depths = torch.randint(0, T, shape[:-1], generator=g)
+    got = cpu_kernel.tree_mask(lengths, S, node_idx, mask, depths)
+    want = tree_mask_torch(lengths, S, node_idx, mask, depths)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)

@@ -2736,6 +2736,61 @@ ArgBest argmax_range(const T* x, int64_t b, int64_t e) {
     return best;
 }
 
+// A decoding step's attention mask and positions for query nodes node_idx (B, Tq) of a tree of T nodes (entries equal
+// to T: padding), as propd.models.llama.tree_attention_inputs builds them with torch ops: key s of row b is seen by
+// node i when it is in the row's prefix (s < lengths[b]), or s = lengths[b] + j for a tree node j that tree_mask
+// (T, T), or (B, T, T) per row, lets i see; a padding node sees only the spare slot lengths[b] + T. Returns mask
+// (B, 1, Tq, S) bool, positions lengths + depth(i) (B, Tq) and write positions lengths + i (B, Tq), depths (T,) or
+// (B, T) int64; one call instead of about fifteen small ops.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> tree_mask(const torch::Tensor& lengths, int64_t S,
+                                                                  const torch::Tensor& node_idx,
+                                                                  const torch::Tensor& tree_mask,
+                                                                  const torch::Tensor& depths) {
+    TORCH_CHECK(lengths.dim() == 1 && node_idx.dim() == 2 && node_idx.size(0) == lengths.size(0) &&
+                    lengths.scalar_type() == at::kLong && node_idx.scalar_type() == at::kLong &&
+                    tree_mask.scalar_type() == at::kBool && depths.scalar_type() == at::kLong &&
+                    (tree_mask.dim() == 2 || tree_mask.dim() == 3) && depths.dim() == tree_mask.dim() - 1 &&
+                    lengths.device().is_cpu() && node_idx.device().is_cpu() && tree_mask.device().is_cpu() &&
+                    depths.device().is_cpu(),
+                "tree_mask: CPU lengths (B,) and node_idx (B, Tq) int64, tree_mask (T, T) or (B, T, T) bool, "
+                "depths (T,) or (B, T) int64");
+    const int64_t B = node_idx.size(0), Tq = node_idx.size(1), T = tree_mask.size(-1);
+    const bool per_row = tree_mask.dim() == 3;
+    TORCH_CHECK(tree_mask.size(-2) == T && depths.size(-1) == T && (!per_row || (tree_mask.size(0) == B &&
+                                                                               depths.size(0) == B)),
+                "tree_mask: tree_mask and depths do not fit");
+    const auto L = lengths.contiguous(), idx = node_idx.contiguous(), tm = tree_mask.contiguous(),
+               dp = depths.contiguous();
+    const int64_t* lp = L.data_ptr<int64_t>();
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    const bool* tp = tm.data_ptr<bool>();
+    const int64_t* dptr = dp.data_ptr<int64_t>();
+    auto mask = torch::empty({B, 1, Tq, S}, lengths.options().dtype(at::kBool));
+    auto pos = torch::empty({B, Tq}, lengths.options()), wpos = torch::empty({B, Tq}, lengths.options());
+    bool* mp = mask.data_ptr<bool>();
+    int64_t *pp = pos.data_ptr<int64_t>(), *wp = wpos.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+        const int64_t len = lp[b];
+        const bool* trow = tp + (per_row ? b * T * T : 0);
+        const int64_t* drow = dptr + (per_row ? b * T : 0);
+        for (int64_t q = 0; q < Tq; ++q) {
+            const int64_t i = ip[b * Tq + q];
+            TORCH_CHECK(0 <= i && i <= T, "tree_mask: node index ", i, " outside 0..", T);
+            bool* m = mp + (b * Tq + q) * S;
+            const int64_t prefix = std::clamp<int64_t>(len, 0, S);
+            std::fill(m, m + prefix, true);  // rel < 0
+            std::fill(m + prefix, m + S, false);
+            for (int64_t j = 0; j <= T && len + j < S; ++j) {
+                if (len + j < 0) continue;
+                m[len + j] = i < T ? (j < T && trow[i * T + j]) : j == T;
+            }
+            pp[b * Tq + q] = len + (i < T ? drow[i] : 0);
+            wp[b * Tq + q] = len + i;
+        }
+    }
+    return {mask, pos, wpos};
+}
+
 torch::Tensor row_argmax(const torch::Tensor& x) {
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() && kernel_dtype(x.scalar_type()) &&
                     x.size(1) > 0 && x.size(1) < (int64_t(1) << 31),
@@ -3134,6 +3189,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("masked_attention", &masked_attention, "a float32 decoding step's attention on the causal kernel's tiles");
     m.def("rope_and_cache", &rope_and_cache, "rotary embedding of q and k, and the cache write of k and v");
     m.def("rms_norm", &rms_norm, "RMSNorm of each row");
+    m.def("tree_mask", &tree_mask, "a decoding step's tree attention mask and positions");
     m.def("row_argmax", &row_argmax, "torch.argmax(x, dim=-1) of (N, V) rows");
     m.def("screen_survivors", &screen_survivors, "the argmax screen's coarse pass: the ids some row cannot rule out");
     m.def("screen_tables", &screen_tables, "the argmax screen's Q8_0 blocks and bounds of a float32 weight");
