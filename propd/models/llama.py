@@ -263,9 +263,10 @@ class LlamaModel(nn.Module):
 
     def prepare_screen(self) -> None:
         """Build the argmax screen of the ``lm_head`` (:mod:`propd.models.screen`) where it applies: float32 or
-        bfloat16 weights on a CPU with propd's extension, served by the packed kernel; or GGUF blocks (float32 activations)
-        whose dense float32 matrix is in memory anyway (a tied embedding), on a CPU with AVX512-VNNI, where the
-        screen's 8-bit products cost less than the blocks' float32 arithmetic (``cpu_kernel.has_vnni``). Idempotent."""
+        bfloat16 weights on a CPU with propd's extension, served by the packed kernel; or GGUF blocks (float32
+        activations) whose dense float32 matrix is in memory anyway (a tied embedding), on a CPU with AVX512-VNNI,
+        where the screen's 8-bit products cost less than the blocks' float32 arithmetic (``cpu_kernel.has_vnni``).
+        Idempotent."""
         from propd.models.cpu_modules import KernelLinear
         from propd.models.quant import QuantLinear
         from propd.models.screen import ArgmaxScreen
