@@ -2828,13 +2828,7 @@ inline float rounding_floor(float f, bool bf16) {
     if (!bf16 || !std::isfinite(f)) return f;
     const uint16_t q = c10::BFloat16(static_cast<float>(static_cast<double>(f) - 1e-30)).x;
     const uint16_t below = (q & 0x7fff) == 0 ? 0x8001 : (q & 0x8000) ? q + 1 : q - 1;  // the next bfloat16 down
-    auto widen16 = [](uint16_t h) {
-        const uint32_t u = static_cast<uint32_t>(h) << 16;
-        float v;
-        std::memcpy(&v, &u, 4);
-        return static_cast<double>(v);
-    };
-    const double mid = 0.5 * (widen16(q) + widen16(below)) - 1e-30;
+    const double mid = 0.5 * (static_cast<double>(widen_bits(q)) + widen_bits(below)) - 1e-30;
     return std::nextafter(static_cast<float>(mid), -INFINITY);
 }
 
@@ -3192,7 +3186,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("tree_mask", &tree_mask, "a decoding step's tree attention mask and positions");
     m.def("row_argmax", &row_argmax, "torch.argmax(x, dim=-1) of (N, V) rows");
     m.def("screen_survivors", &screen_survivors, "the argmax screen's coarse pass: the ids some row cannot rule out");
-    m.def("screen_tables", &screen_tables, "the argmax screen's Q8_0 blocks and bounds of a float32 weight");
+    m.def("screen_tables", &screen_tables, "the argmax screen's Q8_0 blocks and bounds of a weight");
     m.def("screen_argmax", &screen_argmax, "the argmax screen after its 8-bit product: bounds, candidates, exact rows");
     m.def("decoder_layer", &decoder_layer, "one Llama decoder layer of a decoding step", pybind11::arg("x"),
           pybind11::arg("w"), pybind11::arg("outs"), pybind11::arg("cos"), pybind11::arg("sin"),
