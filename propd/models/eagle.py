@@ -118,6 +118,11 @@ class EagleDrafter(nn.Module):
             raise PropdError("the EAGLE drafter has no base model attached (EagleDrafter.attach)")
         return self._base[0]
 
+    @property
+    def draft_size(self) -> int:
+        """How many token ids its guesses choose from (the draft vocabulary's, else the whole vocabulary's)."""
+        return self.cfg.vocab_size if self.draft_ids is None else self.draft_ids.numel()
+
     def set_draft_vocab(self, ids: list[int] | torch.Tensor | None) -> None:
         """Guess only among these token ids (None: the whole vocabulary)."""
         if ids is not None:

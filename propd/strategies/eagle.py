@@ -15,15 +15,21 @@ prompt), and before drafting it reads the pairs of the tokens committed since (t
 ``catch_up`` of them wait: a sizer times its steps, and a draft after a long run of plain steps would otherwise
 carry all of their reading and look slower than drafting is. Tree nodes sit in the cache's scratch past each row's
 length and are overwritten by the next read, as in the base model's cache.
+
+On a CPU with propd's extension a draft (the read, the expansion, the reranking) is one call of it
+(``eagle_draft``: the same ATen ops and kernels in the same order, so the same draft bit for bit, tested); what goes
+is the Python between a draft's hundred and fifty small tensor calls.
 """
 
 from __future__ import annotations
 
 import attrs
 import torch
+from torch import nn
 
 from propd.errors import PropdError
 from propd.hookspecs import hookimpl
+from propd.models import cpu_kernel
 from propd.models.llama import LlamaModel, prefill_chunks, prefill_groups
 from propd.tree import RowTrees
 from propd.types import Draft
@@ -45,6 +51,9 @@ class EagleConfig:
     # dtype; or "q8", "float32", "bfloat16", "float16"
     dtype: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "q8", "float32", "bfloat16",
                                                                                "float16")))
+    # on a CPU with propd's extension, each draft (read, expansion, reranking) in one call: the same draft with about
+    # 150 fewer small calls from Python (False: the torch ops one by one)
+    native: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
 
 class EagleProposer:
@@ -62,8 +71,6 @@ class EagleProposer:
         if drafter is None:
             raise PropdError("this preset needs an EAGLE drafter: pass --heads DIR (an EAGLE checkpoint, or heads "
                              "with an eagle/ folder), or use --preset ar")
-        from propd.models import cpu_kernel
-
         on_cpu_kernel = drafter.device.type == "cpu" and cpu_kernel.extension() is not None
         if self.cfg.dtype == "q8" and not on_cpu_kernel:
             raise PropdError("eagle:dtype=q8 needs a CPU with propd's extension (docs/architecture.md); use "
@@ -148,7 +155,7 @@ class EagleProposer:
             self._catch_up(ctx)
 
     def _read(self, features: torch.Tensor, next_tokens: torch.Tensor, node_idx: torch.Tensor, n: torch.Tensor,
-              W: int, cache=None) -> torch.Tensor:
+              W: int, cache=None, host_n: list[int] | None = None) -> torch.Tensor:
         """Run pairs into the drafter's cache (or ``cache``) after each row's length: features (B, W, H), next tokens
         (B, W), ``node_idx`` (B, W) (W = padding), ``n`` (B,) real pairs. Returns the outputs g (B, W, H)."""
         d, cache = self.drafter, self.cache if cache is None else cache
@@ -156,7 +163,7 @@ class EagleProposer:
         ar = torch.arange(W, device=node_idx.device)
         a = d.attention_inputs(cache, node_idx, self._causal(W, ar.device), ar)
         g = d(features, next_tokens, cache, a)
-        cache.advance(n, n.tolist())
+        cache.advance(n, n.tolist() if host_n is None else host_n)
         return g
 
     def _causal(self, W: int, device: torch.device) -> torch.Tensor:
@@ -168,9 +175,21 @@ class EagleProposer:
     def _catch_up(self, ctx) -> torch.Tensor:
         """Read every committed token the drafter has not seen; the drafter's prediction (B, H) of the root's
         feature, from which the root's children are guessed."""
-        self._absorb(ctx)
+        feats, n, n_host, W = self._take_pending(ctx)
         cache = self.cache
-        n_host = [a - b for a, b in zip(ctx.host_lengths, cache.host_lengths)]
+        ar = torch.arange(W, device=n.device)
+        node_idx = torch.where(ar[None, :] < n[:, None], ar[None, :], torch.full_like(ar, W)[None, :])
+        # the token after each read position t is history[t + 1], t = cache length .. ctx length - 1
+        tok_pos = (cache.lengths[:, None] + 1 + ar[None, :]).clamp(max=ctx.history.shape[1] - 1)
+        next_tokens = ctx.history.gather(1, tok_pos)
+        g = self._read(feats, next_tokens, node_idx, n, W, host_n=n_host)  # (B, W, H)
+        return g.gather(1, (n - 1).clamp(min=0)[:, None, None].expand(-1, 1, g.shape[-1]))[:, 0]
+
+    def _take_pending(self, ctx) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
+        """The features of the committed tokens not read yet, compacted to the left of each row (B, W, H), how many
+        each row has (B,) and on the host, and W; the pending list emptied."""
+        self._absorb(ctx)
+        n_host = [a - b for a, b in zip(ctx.host_lengths, self.cache.host_lengths)]
         W = max(n_host)
         if len(self._pending) == 1:  # one step's features (drafting every step): already each row's first ones
             feats = self._pending[0][0][:, :W]
@@ -182,14 +201,7 @@ class EagleProposer:
             order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :W]
             feats = feats.gather(1, order[..., None].expand(-1, -1, feats.shape[-1]))  # (B, W, H)
         self._pending = []
-        n = ctx.lengths - cache.lengths  # (B,)
-        ar = torch.arange(W, device=n.device)
-        node_idx = torch.where(ar[None, :] < n[:, None], ar[None, :], torch.full_like(ar, W)[None, :])
-        # the token after each read position t is history[t + 1], t = cache length .. ctx length - 1
-        tok_pos = (cache.lengths[:, None] + 1 + ar[None, :]).clamp(max=ctx.history.shape[1] - 1)
-        next_tokens = ctx.history.gather(1, tok_pos)
-        g = self._read(feats, next_tokens, node_idx, n, W)  # (B, W, H)
-        return g.gather(1, (n - 1).clamp(min=0)[:, None, None].expand(-1, 1, g.shape[-1]))[:, 0]
+        return feats, ctx.lengths - self.cache.lengths, n_host, W
 
     # ------------------------------------------------------------------------------------------ drafting
 
@@ -202,16 +214,42 @@ class EagleProposer:
 
     @hookimpl
     def propd_propose(self, ctx, tree):
-        d, cfg = self.drafter, self.cfg
-        g0 = self._catch_up(ctx)  # (B, H)
+        cfg, cache = self.cfg, self.cache
         B, dev = ctx.batch_size, ctx.device
         budget = tree.num_nodes - 1  # guessed nodes per row
         # the N - 1 chosen nodes are closed under ancestors, so none lies deeper than N - 1 and each level's chosen
         # nodes are among its N - 1 best: expanding more levels, or more than N - 1 nodes per level, is wasted work
         depth = min(cfg.depth, tree.max_depth, budget)
-        if depth < 1 or budget < 1:
-            return Draft(tokens=ctx.roots[:, None], tree=RowTrees.from_parents(
-                torch.full((B, 1), -1, dtype=torch.long, device=dev), max_depth=0))
+        k = min(cfg.top_k, budget, self.drafter.draft_size)  # children per expanded node
+        native = self._native_args(B, k, max(a - b for a, b in zip(ctx.host_lengths, cache.host_lengths))) \
+            if depth >= 1 and budget >= 1 else None
+        if native is not None:  # the same steps in one extension call
+            feats, n, n_host, W = self._take_pending(ctx)
+            before = max(cache.host_lengths)
+            after = max(a + b for a, b in zip(cache.host_lengths, n_host))
+            cache.reserve(max(before + W, after + (depth - 1) * k) + 2)
+            cache_k, cache_v = cache.layer(0)
+            tokens, parents, probs, conf = cpu_kernel.extension().eagle_draft(
+                feats, n, ctx.history, self._causal(W, dev), _EMPTY, ctx.roots, cache.lengths, before, after,
+                cache_k, cache_v, *native, cfg.top_k, depth, budget)
+            cache.advance(n, n_host)
+        else:
+            g0 = self._catch_up(ctx)  # (B, H)
+            if depth < 1 or budget < 1:
+                return Draft(tokens=ctx.roots[:, None], tree=RowTrees.from_parents(
+                    torch.full((B, 1), -1, dtype=torch.long, device=dev), max_depth=0))
+            cache.reserve(max(cache.host_lengths) + (depth - 1) * k + 2)  # the frontiers' slots past each row
+            tokens, parents, probs, conf = self._expand_torch(g0, ctx.roots, depth, budget)
+        return Draft(tokens=tokens, tree=RowTrees.from_parents(parents, max_depth=depth), probs=probs,
+                     confidence=conf)
+
+    def _expand_torch(self, g0: torch.Tensor, roots: torch.Tensor, depth: int, budget: int
+                      ) -> tuple[torch.Tensor, ...]:
+        """EAGLE-2's expansion (``depth`` levels from the roots' children) and reranking (the ``budget`` best nodes)
+        after predicted features g0 (B, H): tokens and parents (B, N) int64, path probabilities and confidences
+        (B, N) float32, N = 1 + min(budget, pool). The cache must hold (depth - 1) * k + 2 free slots per row."""
+        d, cfg = self.drafter, self.cfg
+        B, dev = g0.shape[0], g0.device
         tok, lp = self._guesses(g0, min(cfg.top_k, budget))  # (B, k) the root's children
         k = tok.shape[1]
         pool_tok, pool_score, pool_parent, pool_lp = [tok], [lp - _SCORE_TIE], [tok.new_full((B, k), -1)], [lp]
@@ -220,7 +258,6 @@ class EagleProposer:
         front_slot = None  # (B, k) the frontier's parents' slots in the drafter's tree scratch
         cache = self.cache
         n_fed = (depth - 1) * k
-        cache.reserve(max(cache.host_lengths) + n_fed + 2)
         fed_mask = torch.zeros(B, max(n_fed, 1), max(n_fed, 1), dtype=torch.bool, device=dev)
         fed_depth = torch.arange(max(n_fed, 1), device=dev) // k  # (Nf,) level - 1: position = length + level - 1
         offset = k
@@ -254,11 +291,67 @@ class EagleProposer:
         parent_pool = pool_parent_t.gather(1, chosen)
         parents = torch.where(parent_pool < 0, 0, where.gather(1, parent_pool.clamp(min=0)))
         parents = torch.cat([parents.new_full((B, 1), -1), parents], dim=1)
-        tokens = torch.cat([ctx.roots[:, None], torch.cat(pool_tok, dim=1).gather(1, chosen)], dim=1)
+        tokens = torch.cat([roots[:, None], torch.cat(pool_tok, dim=1).gather(1, chosen)], dim=1)
         probs = torch.cat([torch.ones(B, 1, device=dev), torch.cat(pool_lp, dim=1).gather(1, chosen).exp()], dim=1)
         conf = torch.cat([torch.ones(B, 1, device=dev), (scores.gather(1, chosen)).exp()], dim=1)
-        return Draft(tokens=tokens, tree=RowTrees.from_parents(parents, max_depth=depth), probs=probs,
-                     confidence=conf)
+        return tokens, parents, probs, conf
+
+    def _native_args(self, B: int, k: int, W: int) -> tuple | None:
+        """The drafter's arguments to the extension's ``eagle_draft`` (after its cache's buffers) for a draft of B
+        rows that reads W pairs per row and expands k nodes per level, where each part of :meth:`_catch_up` and
+        :meth:`_expand_torch` would take the kernels' path anyway (a CPU drafter, packed products within their row
+        bounds, its layer's fused call, the base model's plain embedding and ``lm_head``); else None. The draft is
+        the same either way (tested)."""
+        d = self.drafter
+        if not self.cfg.native or d.device.type != "cpu" or torch.is_grad_enabled() or cpu_kernel.extension() is None:
+            return None
+        from propd.models.cpu_modules import KernelDecoderLayer, _invariant
+
+        emb, layer = d.base.model.embed_tokens, d.layers[0]
+        if (type(emb) is not nn.Embedding or emb.max_norm is not None or type(d.base).embed is not LlamaModel.embed
+                or type(layer) is not KernelDecoderLayer):
+            return None
+        H, T = d.cfg.hidden_size, max(k, W)
+        x = torch.empty(B, T, H, dtype=d.dtype)
+        fc = _packed_args(d.fc, x.new_empty(B, T, 2 * H), B * T)
+        if d.draft_ids is None:  # guesses over the whole vocabulary: the base model's lm_head (draft_logits)
+            if type(d.base).logits is not LlamaModel.logits:
+                return None
+            like = x.new_empty(0, dtype=d.base.dtype)
+            proj = _packed_args(d.base.lm_head, like.new_empty(B, k, H), B * k)
+        else:
+            like = x.new_empty(0)
+            proj = _packed_args(d._projection(), x, B * k)
+        cache_k = self.cache.layer(0)[0]
+        # the read's and the expansion's calls of the layer (W and k queries) both fused
+        fused = [layer._fused_weights(x[:, :t], cache_k, True) for t in {W, k}] if W >= 1 else [None]
+        if fc is None or proj is None or proj[1] is not None or any(f is None for f in fused):
+            return None
+        weights, outs = fused[-1]
+        return (emb.weight, fc[0], _EMPTY if fc[1] is None else fc[1], d.fc.out_features, proj[0],
+                d.draft_size, like, _EMPTY_IDS if d.draft_ids is None else d.draft_ids, weights, outs, layer.input_layernorm.eps,
+                layer.self_attn.cfg.head_dim ** -0.5, _invariant(layer.self_attn, x.dtype), d.inv_freq,
+                d.cfg.rope_attention_scaling)
+
+
+_EMPTY, _EMPTY_IDS = torch.empty(0), torch.empty(0, dtype=torch.long)
+
+
+def _packed_args(mod: nn.Module, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(packed weight, bias or None) of a linear module whose ``forward(x)`` of ``rows`` rows is the extension's
+    ``packed_linear`` (plus its bias), else None."""
+    from propd.models.cpu_modules import KernelLinear
+    from propd.models.quant import QuantLinear
+
+    if isinstance(mod, QuantLinear):
+        if mod.q8:  # 8-bit activations at every row count, from float32 inputs
+            return (mod.packed, None) if x.dtype == torch.float32 else None
+        packed = mod._kernel_weight(x, rows)
+        return None if packed is None else (packed, None)
+    if type(mod) is KernelLinear:
+        packed = mod._kernel_weight(x, rows)
+        return None if packed is None else (packed, mod.bias)
+    return None
 
 
 @hookimpl

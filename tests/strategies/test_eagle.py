@@ -86,7 +86,8 @@ def test_drafter_reads_every_committed_token_once_in_order(sizer, catch_up, chun
     if chunk is not None:
         monkeypatch.setattr(LlamaModel, "PREFILL_CHUNK", chunk)
     model = tiny_model(seed=1, drafter=True, eos=frozenset(range(3, 128, 31)))  # rows leave at different steps
-    spy = Spy(EagleConfig(top_k=3, depth=3, dtype="float32", catch_up=catch_up))
+    # the torch steps, where the spy sees the read (the one-call draft equals them: test below)
+    spy = Spy(EagleConfig(top_k=3, depth=3, dtype="float32", catch_up=catch_up, native=False))
     prompts = random_prompts(model, 4, [5, 2, 9, 1, 3, 7])
     res = Decoder(model, preset=None, sizer=Alternate() if sizer == "alternate" else sizer, proposer=spy,
                   entry_points=False).generate_ids(prompts, max_new_tokens=40, batch_size=batch)
@@ -142,6 +143,61 @@ def test_tree_nodes_are_guessed_as_a_fresh_drafter_would():
             assert tokens[i] in top
             checked += 1
         assert checked >= 1
+
+
+class Record(EagleProposer):
+    """Records every draft, and how many went through the extension's one-call path."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.drafts, self.native_calls = [], 0
+
+    def _native_args(self, *args):
+        out = super()._native_args(*args)
+        self.native_calls += out is not None
+        return out
+
+    @hookimpl
+    def propd_propose(self, ctx, tree):
+        draft = EagleProposer.propd_propose(self, ctx, tree)
+        self.drafts.append(draft)
+        return draft
+
+
+@given(lens=st.lists(st.integers(1, 12), min_size=1, max_size=4), seed=st.integers(0, 10_000),
+       dtype=st.sampled_from(["float32", "q8", "bfloat16"]), vocab=st.sampled_from([None, 1, 40]),
+       top_k=st.integers(1, 4), depth=st.integers(1, 4), nodes=st.integers(2, 12),
+       sizer=st.sampled_from(["static", "alternate"]), catch_up=st.sampled_from([0, 1, 8]),
+       batch_size=st.sampled_from([None, 2]))
+@settings(max_examples=20, deadline=None)
+def test_one_call_drafts_equal_the_torch_steps(lens, seed, dtype, vocab, top_k, depth, nodes, sizer, catch_up,
+                                               batch_size):
+    """On a CPU with the extension a draft (the read of the committed tokens, the expansion, the reranking) is one
+    call (``eagle_draft``); its tokens, parents, probabilities and confidences equal the torch steps' bit for bit,
+    over a draft vocabulary or the whole one, in every drafter dtype, with reads of several steps' tokens and rows
+    joining."""
+    from propd.models import cpu_kernel
+
+    if cpu_kernel.extension() is None:
+        pytest.skip("the one-call draft needs propd's CPU extension")
+    model = tiny_model(seed=2, drafter=True)
+    if vocab is not None:
+        model.drafter.set_draft_vocab(list(range(seed % 7, 128, 3))[:vocab])
+    prompts = random_prompts(model, seed, lens)
+    runs = []
+    for native in (True, False):
+        rec = Record(EagleConfig(top_k=top_k, depth=depth, dtype=dtype, catch_up=catch_up, native=native))
+        tree = f"static:tree=budget:{nodes}:{min(depth, nodes - 1)}"
+        res = Decoder(model, preset=None, sizer=Alternate() if sizer == "alternate" else tree, proposer=rec,
+                      entry_points=False).generate_ids(prompts, max_new_tokens=16, batch_size=batch_size)
+        runs.append((rec, res))
+    (one, res_one), (steps, res_steps) = runs
+    assert one.native_calls == len(one.drafts) >= 1 and steps.native_calls == 0
+    assert res_one.token_ids == res_steps.token_ids and len(one.drafts) == len(steps.drafts)
+    for a, b in zip(one.drafts, steps.drafts):
+        for x, y in ((a.tokens, b.tokens), (a.rows.parents, b.rows.parents), (a.probs, b.probs),
+                     (a.confidence, b.confidence)):
+            assert x.dtype == y.dtype and torch.equal(x, y)
 
 
 def test_fused_drafter_layer_equals_its_modules_and_q8_drafts_stay_close():

@@ -3160,6 +3160,162 @@ struct LayerStack {
     }
 };
 
+// ---------------------------------------------------------------------------------------------- EAGLE-2 drafting
+// propd.strategies.eagle.EagleProposer's draft (EAGLE-2, Li et al. 2024, arXiv 2406.16858) in one call: the read of
+// the tokens committed since the last draft (``_catch_up``), the expansion and the reranking (``_expand_torch``),
+// with the same ATen ops and extension functions in the same order as its Python, so the draft is the same bit for
+// bit; what goes is the Python between them (about a hundred and fifty small calls per draft).
+namespace eagle {
+
+struct Drafter {
+    torch::Tensor k_cache, v_cache, embed, fc_packed, fc_bias, proj_packed, draft_ids, inv_freq;
+    int64_t fc_out, proj_out;
+    at::ScalarType proj_dtype;
+    std::vector<torch::Tensor> layer_w;
+    std::vector<int64_t> layer_outs;
+    double eps, attn_scale, rope_scale;
+    bool invariant;
+
+    // KernelLinear / QuantLinear forward: the rows of x through the packed kernel (plus the bias), shaped back
+    static torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& bias,
+                                int64_t out) {
+        const int64_t K = x.size(-1), rows = x.numel() / K;
+        auto y = packed_linear(x.reshape({rows, K}).contiguous(), packed, out);
+        if (bias.numel() > 0) y += bias;
+        std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+        shape.push_back(out);
+        return y.view(shape);
+    }
+
+    // EagleDrafter.forward of features (B, T, H) and next tokens (B, T) at query nodes node_idx (B, T) of a tree
+    // (tmask, depths: shared (T', T') and (T',), or per row), after each row's ``lengths``, with
+    // propd.models.llama.tree_attention_inputs' mask, positions and rotary tables (its AR form for one node)
+    torch::Tensor forward(const torch::Tensor& features, const torch::Tensor& tokens, const torch::Tensor& lengths,
+                          int64_t S, const torch::Tensor& node_idx, const torch::Tensor& tmask,
+                          const torch::Tensor& depths) const {
+        const auto dt = layer_w[5].scalar_type();  // the drafter's activations: its post-attention norm's type
+        const auto x = at::cat({at::embedding(embed, tokens).to(dt), features.to(dt)}, -1);
+        const auto h = linear(x, fc_packed, fc_bias, fc_out);
+        torch::Tensor mask, pos, wpos;
+        if (tmask.size(-1) == 1 && node_idx.size(1) == 1) {
+            const auto rel = at::arange(S, lengths.options()).unsqueeze(0) - lengths.unsqueeze(1);  // (B, S)
+            mask = (rel <= 0).unsqueeze(1);  // (B, 1, S)
+            pos = wpos = lengths.unsqueeze(1);
+        } else {
+            auto m = tree_mask(lengths, S, node_idx, tmask, depths);
+            mask = std::get<0>(m).select(1, 0);
+            pos = std::get<1>(m);
+            wpos = std::get<2>(m);
+        }
+        const auto freqs = pos.unsqueeze(-1).to(at::kFloat) * inv_freq;
+        const auto emb = at::cat({freqs, freqs}, -1).unsqueeze(1);
+        const auto cos = (emb.cos() * rope_scale).to(dt).contiguous(), sin = (emb.sin() * rope_scale).to(dt).contiguous();
+        auto kc = k_cache, vc = v_cache;
+        return decoder_layer(h, layer_w, layer_outs, cos, sin, kc, vc, wpos.contiguous(), mask.contiguous(), eps,
+                             attn_scale, invariant);
+    }
+
+    // EagleDrafter.draft_logits and EagleProposer._guesses: the k best guesses (ids, log-probabilities) after g, over
+    // the draft vocabulary (draft_ids) or the whole one (draft_ids empty: proj is the base model's lm_head)
+    std::pair<torch::Tensor, torch::Tensor> guesses(const torch::Tensor& g, int64_t k) const {
+        const auto logits = linear(g.to(proj_dtype), proj_packed, torch::Tensor(), proj_out);
+        const auto top = at::log_softmax(logits.to(at::kFloat), -1).topk(std::min(k, logits.size(-1)), -1);
+        const auto& idx = std::get<1>(top);
+        return {draft_ids.numel() > 0 ? draft_ids.index({idx}) : idx, std::get<0>(top)};
+    }
+};
+
+}  // namespace eagle
+
+// feats (B, W, H), n (B,), history (B, L), causal (W, W): the read (W = 0: none, then g0 (B, H) is given); lengths
+// (B,) and max_len, max_len_after: the drafter cache's lengths before the read and their maximum before and after it
+// (its buffers k_cache, v_cache (B, Hkv, C, D) reserved for both); embed (V, H): the base model's embeddings; fc and
+// proj: packed weights (fc_bias empty: none) and output sizes, proj taking inputs of proj_like's type, over the
+// draft vocabulary draft_ids (n,) (empty: the whole vocabulary);
+// layer_w, layer_outs, eps, attn_scale, invariant: decoder_layer's arguments; inv_freq (D / 2,), rope_scale: the
+// rotary tables. Returns tokens, parents (B, N) int64 and path probabilities, confidences (B, N) float32,
+// N = 1 + min(budget, pool).
+std::vector<torch::Tensor> eagle_draft(const torch::Tensor& feats, const torch::Tensor& n,
+                                       const torch::Tensor& history, const torch::Tensor& causal, torch::Tensor g0,
+                                       const torch::Tensor& roots, const torch::Tensor& lengths, int64_t max_len,
+                                       int64_t max_len_after, const torch::Tensor& k_cache,
+                                       const torch::Tensor& v_cache, const torch::Tensor& embed,
+                                       const torch::Tensor& fc_packed, const torch::Tensor& fc_bias, int64_t fc_out,
+                                       const torch::Tensor& proj_packed, int64_t proj_out,
+                                       const torch::Tensor& proj_like, const torch::Tensor& draft_ids, const std::vector<torch::Tensor>& layer_w,
+                                       const std::vector<int64_t>& layer_outs, double eps, double attn_scale,
+                                       bool invariant, const torch::Tensor& inv_freq, double rope_scale,
+                                       int64_t top_k, int64_t depth, int64_t budget) {
+    using torch::indexing::Slice;
+    TORCH_CHECK(roots.dim() == 1 && lengths.dim() == 1 && lengths.size(0) == roots.size(0) && layer_w.size() == 9 &&
+                    layer_outs.size() == 7 && top_k >= 1 && depth >= 1 && budget >= 1,
+                "eagle_draft: bad arguments");
+    constexpr double kScoreTie = 1e-4;  // as propd.strategies.eagle._SCORE_TIE
+    const eagle::Drafter d{k_cache, v_cache, embed, fc_packed, fc_bias, proj_packed, draft_ids, inv_freq, fc_out,
+                           proj_out, proj_like.scalar_type(), layer_w, layer_outs, eps, attn_scale, rope_scale,
+                           invariant};
+    const int64_t B = roots.size(0);
+    const auto lopt = roots.options();
+    auto after = lengths;
+    if (feats.numel() > 0) {  // _catch_up: the pairs (f_t, x_{t+1}) of the tokens committed since the last read
+        const int64_t W = feats.size(1);
+        const auto ar = at::arange(W, lopt);
+        const auto node_idx = at::where(ar.unsqueeze(0) < n.unsqueeze(1), ar.unsqueeze(0),
+                                        at::full_like(ar, W).unsqueeze(0));
+        const auto tok_pos = (lengths.unsqueeze(1) + 1 + ar.unsqueeze(0)).clamp_max(history.size(1) - 1);
+        const auto g = d.forward(feats, history.gather(1, tok_pos), lengths, max_len + W + 1, node_idx, causal, ar);
+        g0 = g.gather(1, (n - 1).clamp_min(0).view({B, 1, 1}).expand({-1, 1, g.size(-1)})).select(1, 0);
+        after = lengths + n;
+    }
+    const int64_t H = g0.size(1);
+    auto [tok, lp] = d.guesses(g0, std::min(top_k, budget));  // (B, k) the roots' children
+    const int64_t k = tok.size(1), n_fed = (depth - 1) * k, Nf = std::max<int64_t>(n_fed, 1);
+    const int64_t S = max_len_after + Nf + 1;
+    std::vector<torch::Tensor> pool_tok{tok}, pool_score{lp - kScoreTie}, pool_parent{at::full({B, k}, -1, lopt)},
+        pool_lp{lp};
+    torch::Tensor front_tok = tok, front_score = pool_score[0], front_pool = at::arange(k, lopt).expand({B, k});
+    torch::Tensor front_in = g0.unsqueeze(1).expand({B, k, H}), front_slot;
+    auto fed_mask = at::zeros({B, Nf, Nf}, lopt.dtype(at::kBool));
+    const auto fed_depth = at::arange(Nf, lopt).floor_divide(k);  // a fed node's level - 1
+    int64_t offset = k;
+    for (int64_t level = 1; level < depth; ++level) {
+        const auto slots = at::arange((level - 1) * k, level * k, lopt);
+        if (front_slot.defined()) {
+            fed_mask.index_put_({Slice(), slots}, fed_mask.gather(1, front_slot.unsqueeze(-1).expand({-1, -1, Nf})));
+        }
+        fed_mask.index_put_({Slice(), slots, slots}, true);
+        const auto g = d.forward(front_in, front_tok, after, S, slots.expand({B, k}), fed_mask,
+                                 fed_depth.expand({B, -1}));  // (B, k, H)
+        auto [ctok, clp] = d.guesses(g, k);  // (B, k, k)
+        const auto score = (front_score.unsqueeze(-1) + clp - kScoreTie).flatten(1);  // (B, k * k)
+        pool_tok.push_back(ctok.flatten(1));
+        pool_score.push_back(score);
+        pool_parent.push_back(front_pool.unsqueeze(-1).expand({B, k, k}).flatten(1));
+        pool_lp.push_back(clp.flatten(1));
+        const auto best = std::get<1>(score.topk(k, 1));  // the next frontier, by path score
+        const auto parent_of = best.floor_divide(k);
+        front_tok = ctok.flatten(1).gather(1, best);
+        front_score = score.gather(1, best);
+        front_pool = best + offset;
+        front_in = g.gather(1, parent_of.unsqueeze(-1).expand({-1, -1, g.size(-1)}));
+        front_slot = slots.index({parent_of});
+        offset += k * k;
+    }
+    const auto scores = at::cat(pool_score, 1);  // (B, pool)
+    const int64_t N = std::min(budget, scores.size(1));
+    const auto chosen = std::get<0>(std::get<1>(scores.topk(N, 1)).sort(1));  // pool order: parents first
+    auto where = at::zeros({B, scores.size(1)}, lopt);  // pool index -> tree node
+    where.scatter_(1, chosen, at::arange(1, N + 1, lopt).expand({B, N}));
+    const auto parent_pool = at::cat(pool_parent, 1).gather(1, chosen);
+    auto parents = at::where(parent_pool < 0, at::Scalar(0), where.gather(1, parent_pool.clamp_min(0)));
+    parents = at::cat({at::full({B, 1}, -1, lopt), parents}, 1);
+    const auto tokens = at::cat({roots.unsqueeze(1), at::cat(pool_tok, 1).gather(1, chosen)}, 1);
+    const auto ones = at::ones({B, 1}, g0.options().dtype(at::kFloat));
+    const auto probs = at::cat({ones, at::cat(pool_lp, 1).gather(1, chosen).exp()}, 1);
+    const auto conf = at::cat({ones, scores.gather(1, chosen).exp()}, 1);
+    return {tokens, parents, probs, conf};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("pack", &pack, "pack a (O, K) float32 or bfloat16 weight into 16-row panels");
     m.def("packed_linears", &packed_linears, "packed_linear of one x by several weights packed alike, in one parallel region");
@@ -3192,6 +3348,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           pybind11::arg("w"), pybind11::arg("outs"), pybind11::arg("cos"), pybind11::arg("sin"),
           pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("pos"), pybind11::arg("mask"),
           pybind11::arg("eps"), pybind11::arg("scale"), pybind11::arg("invariant") = true);
+    m.def("eagle_draft", &eagle_draft, "an EAGLE-2 draft (read, expansion, reranking) in one call");
     m.def("step_attention", &step_attention, "a decoding step's attention (tree_attention or masked_attention)");
     // module-local: two builds of this file load side by side (benchmarks/kernel_ab.py) without a type clash
     pybind11::class_<LayerStack>(m, "LayerStack", pybind11::module_local(),
