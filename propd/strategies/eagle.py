@@ -30,7 +30,7 @@ from torch import nn
 from propd.errors import PropdError
 from propd.hookspecs import hookimpl
 from propd.models import cpu_kernel
-from propd.models.llama import LlamaModel, prefill_chunks, prefill_groups
+from propd.models.llama import LlamaModel, prefill_chunks, prefill_groups, tensor_version
 from propd.tree import RowTrees
 from propd.types import Draft
 
@@ -64,6 +64,7 @@ class EagleProposer:
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (features (B, A, H), counts (B,)) not yet read
         self._absorbed = -1  # the last step whose accepted features went into _pending
         self._causal_masks: dict[tuple[int, torch.device], torch.Tensor] = {}  # (W, device) -> (W, W) tril
+        self._native_memo: tuple | None = None  # (drafter, base, weights' stamps, {shape key: _native_args})
 
     @hookimpl
     def propd_setup(self, model):
@@ -297,6 +298,25 @@ class EagleProposer:
         return tokens, parents, probs, conf
 
     def _native_args(self, B: int, k: int, W: int) -> tuple | None:
+        """:meth:`_find_native_args`, kept between drafts of the same shape while every tensor of the modules it read
+        (the drafter's, the base model's embedding and ``lm_head``) is the same one, unchanged in place: its checks
+        walk a few dozen module attributes, a noticeable share of a draft."""
+        d = self.drafter
+        memo = self._native_memo
+        if memo is None or memo[0] is not d or memo[1] is not d.base or not all(
+                store.get(name) is t and tensor_version(t) == v for store, name, t, v in memo[2]):
+            mods = [*d.modules(), d.base.model.embed_tokens, d.base.lm_head]
+            stamps = [(store, name, t, tensor_version(t)) for m in mods for store in (m._parameters, m._buffers)
+                      for name, t in store.items() if t is not None]
+            memo = self._native_memo = (d, d.base, stamps, {})
+        key = (B, k, W, torch.is_grad_enabled())
+        if key not in memo[3]:
+            if len(memo[3]) >= 256:  # shapes seen long ago
+                memo[3].clear()
+            memo[3][key] = self._find_native_args(B, k, W)
+        return memo[3][key]
+
+    def _find_native_args(self, B: int, k: int, W: int) -> tuple | None:
         """The drafter's arguments to the extension's ``eagle_draft`` (after its cache's buffers) for a draft of B
         rows that reads W pairs per row and expands k nodes per level, where each part of :meth:`_catch_up` and
         :meth:`_expand_torch` would take the kernels' path anyway (a CPU drafter, packed products within their row

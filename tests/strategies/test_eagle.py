@@ -200,6 +200,36 @@ def test_one_call_drafts_equal_the_torch_steps(lens, seed, dtype, vocab, top_k, 
             assert x.dtype == y.dtype and torch.equal(x, y)
 
 
+def test_one_call_drafts_follow_a_changed_drafter():
+    """The one-call path keeps its arguments between drafts only while the drafter's and the base model's tensors
+    are the same ones, unchanged: after a new draft vocabulary and weights changed in place, the same decoders'
+    drafts still equal the torch steps'."""
+    from propd.models import cpu_kernel
+
+    if cpu_kernel.extension() is None:
+        pytest.skip("the one-call draft needs propd's CPU extension")
+    model = tiny_model(seed=3, drafter=True)
+    model.drafter.set_draft_vocab(list(range(0, 128, 2)))
+    prompts = random_prompts(model, 11, [5, 8])
+    recs = [Record(EagleConfig(top_k=3, depth=3, dtype="float32", native=native)) for native in (True, False)]
+    decs = [Decoder(model, preset=None, sizer="static:tree=budget:6:3", proposer=r, entry_points=False) for r in recs]
+
+    def drafts_equal():
+        for r in recs:
+            r.drafts.clear()
+        outs = [dec.generate_ids(prompts, max_new_tokens=12).token_ids for dec in decs]
+        assert outs[0] == outs[1] and recs[0].drafts and len(recs[0].drafts) == len(recs[1].drafts)
+        return all(torch.equal(a.tokens, b.tokens) and torch.equal(a.probs, b.probs)
+                   for a, b in zip(recs[0].drafts, recs[1].drafts))
+
+    assert drafts_equal()
+    model.drafter.set_draft_vocab(list(range(1, 128, 5)))  # a new draft_ids buffer
+    assert drafts_equal() and all(int(t) % 5 == 1 for d in recs[0].drafts for t in d.tokens[:, 1:].flatten())
+    with torch.no_grad():
+        model.drafter.fc.weight.mul_(-1.5)  # the same tensor, changed in place
+    assert drafts_equal()
+
+
 def test_fused_drafter_layer_equals_its_modules_and_q8_drafts_stay_close():
     """On a CPU with the extension the drafter's layer runs as one fused call that skips the input norm EAGLE's layer
     lacks: the same bits as its modules one by one. Its ``"q8"`` copy (Q8_0 weights, 8-bit activations) predicts
