@@ -219,12 +219,19 @@ class RowTrees:
 
     # small trees on the CPU: the same tensors from a walk down each row's parents, cheaper than a dozen tensor ops
     HOST_CELLS = 2048  # B * T * T
+    NATIVE = True  # the walk by the CPU extension where it is loaded (False: in Python)
 
     @classmethod
     def _from_host_parents(cls, parents: torch.Tensor, D: int) -> "RowTrees | None":
-        """:meth:`from_parents` with ``max_depth`` D for a CPU ``parents`` (B, T), in Python: each node's ancestors
-        and path from its parent's (node 0 the root). None if some node does not come after its parent (then the
-        tensor path gives its answer)."""
+        """:meth:`from_parents` with ``max_depth`` D for a CPU ``parents`` (B, T), by a walk: each node's ancestors
+        and path from its parent's (node 0 the root), in the CPU extension (``row_trees``) where it is loaded, else in
+        Python. None if some node does not come after its parent (then the tensor path gives its answer)."""
+        from propd.models import cpu_kernel
+
+        ext = cpu_kernel.loaded()
+        if ext is not None and cls.NATIVE:  # the same walk in the CPU extension, where it is loaded anyway
+            out = ext.row_trees(parents, D)
+            return cls(parents=parents, depths=out[0], mask=out[1], paths_to=out[2], max_depth=D) if out else None
         T = parents.shape[1]
         masks, depths, paths = [], [], []
         for row in parents.tolist():

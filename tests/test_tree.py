@@ -83,22 +83,32 @@ def test_budget_trees_have_their_size_and_depth():
 @given(rows=st.lists(st.lists(st.integers(0, 10**6), min_size=0, max_size=14), min_size=1, max_size=5),
        extra_depth=st.integers(-1, 3))
 def test_row_trees_from_host_parents_equal_the_tensor_path(rows, extra_depth):
-    """Small CPU trees are built by a walk in Python; every tensor equals the repeated-squaring path's, also when the
-    given depth is one below or above the deepest node's."""
+    """Small CPU trees are built by a walk, in the CPU extension where it is loaded and in Python; every tensor
+    equals the repeated-squaring path's, also when the given depth is one below or above the deepest node's, and a
+    node before its parent sends both walks to the tensor path."""
+    from propd.models import cpu_kernel
     from propd.tree import RowTrees
 
+    cpu_kernel.extension()  # loaded where it can be, so that the walk in the extension is compared too
     T = max(len(r) for r in rows) + 1
     parents = torch.tensor([[-1] + [c % (i + 1) for i, c in enumerate(r + [0] * (T - 1 - len(r)))] for r in rows])
     deepest = int(RowTrees.from_parents(parents).max_depth)
     D = max(0, deepest + extra_depth)
-    fast = RowTrees.from_parents(parents, max_depth=D)
-    big = RowTrees.HOST_CELLS
+    big, native = RowTrees.HOST_CELLS, RowTrees.NATIVE
     try:
+        walks = []
+        for RowTrees.NATIVE in ([True, False] if cpu_kernel.loaded() is not None else [False]):
+            walks.append(RowTrees.from_parents(parents, max_depth=D))
+            if T > 1:
+                bad = parents.clone()
+                bad[-1, -1] = T - 1  # its own parent
+                assert RowTrees._from_host_parents(bad, D) is None
         RowTrees.HOST_CELLS = 0  # the tensor path
         slow = RowTrees.from_parents(parents, max_depth=D)
     finally:
-        RowTrees.HOST_CELLS = big
-    for name in ("parents", "depths", "mask", "paths_to"):
-        a, b = getattr(fast, name), getattr(slow, name)
-        assert a.dtype == b.dtype and torch.equal(a, b), name
-    assert fast.max_depth == slow.max_depth == D
+        RowTrees.HOST_CELLS, RowTrees.NATIVE = big, native
+    for fast in walks:
+        for name in ("parents", "depths", "mask", "paths_to"):
+            a, b = getattr(fast, name), getattr(slow, name)
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+        assert fast.max_depth == slow.max_depth == D

@@ -97,6 +97,11 @@ def enabled() -> bool:
     return os.environ.get("PROPD_CPU_KERNEL", "1").strip() not in ("0", "false", "no", "off") and supported()
 
 
+def loaded():
+    """The extension if it is loaded already (None otherwise): for callers that use it only where it is there anyway."""
+    return _state["ext"] if _state["tried"] else None
+
+
 def extension():
     """The compiled extension module, or None where it cannot be used (see the module docstring)."""
     if _state["tried"]:

@@ -2791,6 +2791,40 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> tree_mask(const torch::T
     return {mask, pos, wpos};
 }
 
+// propd.tree.RowTrees.from_parents with a given depth D for CPU parents (B, T) int64 (node 0 each row's root): each
+// node's depth, ancestor row and path from its parent's, as RowTrees._from_host_parents walks them. Returns depths
+// (B, T) int64, mask (B, T, T) bool (i sees j: j is i or an ancestor) and paths_to (B, T, D + 1) int64 (the path's
+// depth-d node, padded with the node itself), or nothing when some node does not come after its parent.
+std::vector<torch::Tensor> row_trees(const torch::Tensor& parents, int64_t D) {
+    TORCH_CHECK(parents.dim() == 2 && parents.scalar_type() == at::kLong && parents.device().is_cpu() && D >= 0,
+                "row_trees: CPU parents (B, T) int64 and a depth >= 0");
+    const auto p = parents.contiguous();
+    const int64_t B = p.size(0), T = p.size(1), W = D + 1;
+    auto depths = torch::zeros({B, T}, p.options()), paths = torch::zeros({B, T, W}, p.options());
+    auto mask = torch::zeros({B, T, T}, p.options().dtype(at::kBool));
+    const int64_t* pp = p.data_ptr<int64_t>();
+    int64_t *dp = depths.data_ptr<int64_t>(), *tp = paths.data_ptr<int64_t>();
+    bool* mp = mask.data_ptr<bool>();
+    for (int64_t b = 0; b < B; ++b) {
+        const int64_t *par = pp + b * T;
+        int64_t *dep = dp + b * T, *path = tp + b * T * W;
+        bool* m = mp + b * T * T;
+        for (int64_t i = 0; i < T; ++i) {
+            if (i == 0) {  // the root: its own path, padded with itself (0)
+                m[0] = true;
+                continue;
+            }
+            const int64_t q = par[i];
+            if (q < 0 || q >= i) return {};
+            dep[i] = dep[q] + 1;
+            std::copy(m + q * T, m + q * T + T, m + i * T);
+            m[i * T + i] = true;
+            for (int64_t d = 0; d < W; ++d) path[i * W + d] = d <= dep[q] ? path[q * W + d] : i;
+        }
+    }
+    return {depths, mask, paths};
+}
+
 torch::Tensor row_argmax(const torch::Tensor& x) {
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() && kernel_dtype(x.scalar_type()) &&
                     x.size(1) > 0 && x.size(1) < (int64_t(1) << 31),
@@ -3340,6 +3374,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rope_and_cache", &rope_and_cache, "rotary embedding of q and k, and the cache write of k and v");
     m.def("rms_norm", &rms_norm, "RMSNorm of each row");
     m.def("tree_mask", &tree_mask, "a decoding step's tree attention mask and positions");
+    m.def("row_trees", &row_trees, "per-row trees' depths, ancestor masks and paths from their parents");
     m.def("row_argmax", &row_argmax, "torch.argmax(x, dim=-1) of (N, V) rows");
     m.def("screen_survivors", &screen_survivors, "the argmax screen's coarse pass: the ids some row cannot rule out");
     m.def("screen_tables", &screen_tables, "the argmax screen's Q8_0 blocks and bounds of a weight");
