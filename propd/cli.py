@@ -52,7 +52,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size <= 0:
         raise PropdError(f"--batch-size must be positive, got {args.batch_size}")
     threads = _threads_arg(args.threads)
-    from propd.decoder import Decoder
+    from propd.decoder import Decoder, stop_strings
+
+    if args.stop is not None:
+        stop_strings(args.stop)  # fail fast, before loading anything
     from propd.models.loading import load_model
     from propd.presets import check_preset, parse_component
     from propd.sampling import SamplingParams
@@ -85,7 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"--- [0] turn {j + 1} {prompts[0][j][:60]}", flush=True)
         res = decoder.generate(msgs, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                chat=not args.no_chat, progress=not args.json, raw_special=args.raw_special,
-                               on_text=show if stream else None, **attrs.asdict(sampling))
+                               on_text=show if stream else None, stop=args.stop or (), **attrs.asdict(sampling))
         if stream:
             print(flush=True)
         for k, i in enumerate(active):
@@ -285,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "the fastest lossless one the model supports; ar: plain "
                                                     "greedy decoding)")
     g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end a prompt's answer where its text first contains TEXT, cut before it (repeat for several)")
     _sampling_args(g)
     g.add_argument("--batch-size", type=int, default=None, help="prompts decoded together (default: all)")
     g.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES),

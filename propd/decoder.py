@@ -170,7 +170,8 @@ class Decoder:
     def generate(self, prompts: Sequence[str | Sequence[dict]] | str, max_new_tokens: int = 128,
                  batch_size: int | None = None, chat: bool = True, progress: bool = False,
                  raw_special: bool = False, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int = 0, on_text: Callable[[int, str], Any] | None = None) -> GenerationResult:
+                 seed: int = 0, on_text: Callable[[int, str], Any] | None = None,
+                 stop: str | Sequence[str] = ()) -> GenerationResult:
         """Generate a continuation for each prompt; prompts as in :meth:`encode`.
 
         ``temperature`` 0 (the default) is greedy decoding. Above 0, tokens are sampled from the base model's
@@ -178,24 +179,36 @@ class Decoder:
         would (:mod:`propd.strategies.sampling`); prompt i draws from a generator seeded by (``seed``, i).
         ``on_text(i, piece)``, if given, streams: it is called with each new piece of prompt i's text as its tokens
         are accepted (several tokens per step where a tree pays), and the pieces of prompt i add up to ``texts[i]``.
+        ``stop``: a string or strings that end a prompt's generation where its text first contains one, as OpenAI's
+        and vLLM's ``stop``: its text ends before it, its token ids with the token that completed it
+        (:class:`StopStrings`); every method stops at the same token, since all generate the same tokens.
         """
+        stops = stop_strings(stop)
         ids = self.encode(prompts, chat=chat, raw_special=raw_special)
-        deltas = TextDeltas(self.model.tokenizer, on_text) if on_text is not None else None
+        tok = self.model.tokenizer
+        stopper = StopStrings(tok, stops, on_text) if stops else None
+        deltas = TextDeltas(tok, on_text) if on_text is not None and stopper is None else None
         res = self.generate_ids(ids, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
-                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, on_tokens=deltas)
-        texts = [self.model.tokenizer.decode(t, skip_special_tokens=True) for t in res.token_ids]
-        if deltas is not None:
-            for i, text in enumerate(texts):
+                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, on_tokens=deltas,
+                                stop_at=stopper)
+        texts = [tok.decode(t, skip_special_tokens=True) for t in res.token_ids]
+        for i, text in enumerate(texts):
+            if stopper is not None:
+                texts[i] = stopper.finish(i, text)
+            elif deltas is not None:
                 deltas.finish(i, text)
         return attrs.evolve(res, texts=texts)
 
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 128,
                      batch_size: int | None = None, progress: bool = False, temperature: float = 0.0,
                      top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                     on_tokens: Callable[[int, list[int]], Any] | None = None) -> GenerationResult:
+                     on_tokens: Callable[[int, list[int]], Any] | None = None,
+                     stop_at: Callable[[int, list[int]], int | None] | None = None) -> GenerationResult:
         """:meth:`generate` for prompts given as token ids. ``on_tokens(i, ids)``, if given, is called after each
         step (and after the prefill) with the token ids prompt i gained, in order: they add up to ``token_ids[i]``.
-        Its time is not part of the steps' times."""
+        ``stop_at(i, ids)``, if given, is called before it with all of prompt i's new token ids so far; a number n
+        ends the prompt there, with its first n new tokens (n at least the count before the step). Neither call's
+        time is part of the steps' times."""
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         prompt_ids = [list(p) for p in prompt_ids]
         self._check(prompt_ids, max_new_tokens)
@@ -210,7 +223,8 @@ class Decoder:
         self._role_label = self._greedy_role_label if params.greedy else self._sampling_role_label  # names in errors
         run = _Run(prompt_ids=prompt_ids, max_new=max_new_tokens, params=params, gens=gens,
                    tokens=[[] for _ in range(n)], accepts=[[] for _ in range(n)], row_time=[0.0] * n, stats=[],
-                   waiting=deque(range(n)), joins=self.continuous and n > bs, on_tokens=on_tokens)
+                   waiting=deque(range(n)), joins=self.continuous and n > bs, on_tokens=on_tokens,
+                   stop_at=stop_at)
         t0 = time.perf_counter()
         if progress and n > bs:
             from tqdm import tqdm
@@ -332,8 +346,7 @@ class Decoder:
         for r, t in zip(rows, roots.tolist()):
             run.tokens[r].append(t)
             run.accepts[r].append(1)
-            if run.on_tokens is not None:
-                run.on_tokens(r, [t])
+            run.gained(r, 0)
         info = RowsBegin(row_ids=tuple(rows), prompt_ids=history[:, :longest], prompt_lengths=cache.lengths.clone(),
                          hidden=prompt_hidden, roots=roots)
         return cache, last_hidden, roots, history, info
@@ -357,7 +370,8 @@ class Decoder:
         live = list(rows)
         step = 0
         while True:
-            done = {b for b, r in enumerate(live) if len(out[r]) >= max_new or out[r][-1] in eos}
+            done = {b for b, r in enumerate(live)
+                    if len(out[r]) >= max_new or out[r][-1] in eos or r in run.stopped}
             if done:
                 now = time.perf_counter()
                 for b in done:
@@ -513,10 +527,8 @@ class Decoder:
                 tuner.end(kind, st.step_time_s)
             pm.hook.propd_after_step(ctx=ctx, draft=draft, acceptance=acc, stats=st, tree=budget, tokens=tokens,
                                      path_hidden=acc_hidden)
-            if run.on_tokens is not None:
-                for r, before in zip(live, starts):
-                    if len(out[r]) > before:
-                        run.on_tokens(r, out[r][before:])
+            for r, before in zip(live, starts):
+                run.gained(r, before)
             step += 1
 
     @staticmethod
@@ -554,6 +566,25 @@ class _Run:
     started: dict = attrs.Factory(dict)  # prompt index -> when its prefill began
     bar: Any = None  # a tqdm progress bar over prompts, or None
     on_tokens: Any = None  # the caller's on_tokens(i, ids), or None
+    stop_at: Any = None  # the caller's stop_at(i, ids), or None
+    stopped: set = attrs.Factory(set)  # prompts that stop_at ended
+
+    def gained(self, r: int, before: int) -> None:
+        """Prompt r's tokens from index ``before`` on are new: ``stop_at`` may end it (its tokens cut, the step's
+        count with them), then ``on_tokens`` gets what is left of them."""
+        out = self.tokens[r]
+        if len(out) <= before:
+            return
+        if self.stop_at is not None:
+            n = self.stop_at(r, out)
+            if n is not None:
+                if not before <= n <= len(out):
+                    raise PropdError(f"stop_at returned {n!r} for prompt {r}; expected {before}..{len(out)}")
+                self.accepts[r][-1] -= len(out) - n
+                del out[n:]
+                self.stopped.add(r)
+        if self.on_tokens is not None and len(out) > before:
+            self.on_tokens(r, out[before:])
 
 
 def rows_can_join(obj: Any) -> bool:
@@ -699,3 +730,60 @@ class TextDeltas:
         sent = "".join(self.sent.get(i, []))
         if len(text) > len(sent) and text.startswith(sent):
             self._send(i, text[len(sent):])
+
+
+def stop_strings(stop: Any) -> list[str]:
+    """``generate``'s ``stop`` as a list of strings: one string, or a sequence of them, none empty."""
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+        raise PropdError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return list(stops)
+
+
+class StopStrings:
+    """Stop strings for :meth:`Decoder.generate`: ``stop_at(i, ids)`` for :meth:`Decoder.generate_ids`. Prompt i's
+    text is followed token by token (:class:`TextDeltas`); at the first token after which it contains a stop string,
+    the prompt ends with the tokens so far, and its text is cut before the string (the earliest, where several
+    match). With ``on_text`` it streams, holding back the last len(longest stop) - 1 characters, which could begin a
+    stop string, so that the pieces add up to the cut text."""
+
+    def __init__(self, tokenizer: Any, stops: list[str], on_text: Callable[[int, str], Any] | None = None):
+        self.stops, self.on_text = stops, on_text
+        self.hold = max(len(s) for s in stops) - 1
+        self.text: dict[int, str] = {}  # per prompt, its text as followed so far
+        self.fed: dict[int, int] = {}  # per prompt, how many of its tokens were followed
+        self.sent: dict[int, int] = {}  # per prompt, how many characters went to on_text
+        self.cut: dict[int, str] = {}  # prompts that stopped: their text, cut
+        self._deltas = TextDeltas(tokenizer, self._follow)
+
+    def _follow(self, i: int, piece: str) -> None:
+        self.text[i] = self.text.get(i, "") + piece
+
+    def _stream(self, i: int, upto: int) -> None:
+        sent = self.sent.get(i, 0)
+        if self.on_text is not None and upto > sent:
+            self.on_text(i, self.text[i][sent:upto])
+            self.sent[i] = upto
+
+    def __call__(self, i: int, ids: list[int]) -> int | None:
+        for j in range(self.fed.get(i, 0), len(ids)):
+            before = len(self.text.get(i, ""))
+            self._deltas(i, [ids[j]])
+            self.fed[i] = j + 1
+            text = self.text.get(i, "")
+            # an occurrence new with this token ends within the new text, so it starts at most hold chars before it
+            hits = [p for p in (text.find(s, max(0, before - self.hold)) for s in self.stops) if p >= 0]
+            if hits:
+                self.cut[i] = text[:min(hits)]
+                self.text[i] = self.cut[i]
+                self._stream(i, len(self.cut[i]))
+                return j + 1
+        self._stream(i, max(0, len(self.text.get(i, "")) - self.hold))
+        return None
+
+    def finish(self, i: int, text: str) -> str:
+        """Prompt i's final text: cut where it stopped, else ``text`` (its whole decoding), whose rest is streamed."""
+        if i not in self.cut:
+            self.text[i] = text
+        self._stream(i, len(self.text[i]))
+        return self.text[i]

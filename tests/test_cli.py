@@ -37,6 +37,19 @@ def test_one_prompt_streams_the_text_json_gives(capsys, tiny_dir):
     assert out == json.loads(js)["text"] + "\n"
 
 
+def test_stop_cuts_the_answer_before_it_streamed_or_not(capsys, tiny_dir):
+    args = ["generate", "--model", str(tiny_dir), "--max-new-tokens", "24", "--no-chat", "hello there"]
+    _, js, _ = run(capsys, *args, "--json")
+    full = json.loads(js)["text"]
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert len(stop) == 2 and stop in full
+    code, out, _ = run(capsys, *args, "--stop", stop)
+    _, js, _ = run(capsys, *args, "--stop", "never seen", "--stop", stop, "--json")
+    cut = json.loads(js)
+    assert code == 0 and cut["text"] == full[:full.find(stop)] and out == cut["text"] + "\n"
+    assert cut["new_tokens"] < json.loads(run(capsys, *args, "--json")[1])["new_tokens"]
+
+
 def test_medusa_preset_with_heads_matches_ar(capsys, tiny_dir, tiny_heads_dir):
     base = ["generate", "--model", str(tiny_dir), "--json", "--max-new-tokens", "12", "--no-chat", "abc", "xyz!"]
     _, ar, _ = run(capsys, *base)
@@ -107,6 +120,7 @@ def test_listings(capsys):
     (["generate", "--temperature", "-1", "hi"], "temperature must be >= 0"),
     (["generate", "--temperature", "0.7", "--top-p", "0", "hi"], "top_p must be in (0, 1]"),
     (["generate", "--temperature", "0.7", "--top-k", "-2", "hi"], "top_k must be"),
+    (["generate", "--stop", "", "hi"], "stop must be a non-empty string"),
 ])
 def test_bad_input_one_line_exit_2(capsys, tiny_dir, args, message):
     if "--model" not in args and args[0] == "generate":

@@ -109,6 +109,40 @@ def test_streamed_tokens_add_up_to_each_prompts_tokens(lens, seed, batch, max_ne
         assert max(len(ids) for _, ids in calls) <= 4 + 1  # a step gives at most the tree's depth + the bonus
 
 
+@given(lens=st.lists(st.integers(1, 14), min_size=1, max_size=5), seed=st.integers(0, 10_000),
+       batch=st.integers(1, 3), preset=st.sampled_from(["ar", "bpd", "medusa"]), pattern=st.integers(1, 2),
+       at=st.integers(0, 12))
+def test_stop_at_ends_each_prompt_where_ar_would(lens, seed, batch, preset, pattern, at):
+    """``stop_at`` ends a prompt at the first token after which its tokens end in a pattern (here: the pair of
+    tokens at an index of prompt 0's AR answer, so that some prompts stop and others run on), with steps that
+    accept several tokens, rows joining and leaving: every prompt's tokens are its AR answer cut there, the streamed
+    tokens and the per-step counts add up to them."""
+    model = tiny_loaded(seed=3, heads=4)
+    prompts = random_prompts(model, seed, lens)
+    refs = ar_reference(model, prompts, 16)
+    target = refs[0][at:at + pattern] if len(refs[0]) >= at + pattern else refs[0][-pattern:]
+
+    def ends(ids: list[int]) -> int | None:
+        return next((n for n in range(pattern, len(ids) + 1) if ids[n - pattern:n] == target), None)
+
+    calls = []
+    res = Decoder(model, preset=preset).generate_ids(
+        prompts, max_new_tokens=16, batch_size=batch, on_tokens=lambda i, ids: calls.append((i, list(ids))),
+        stop_at=lambda i, ids: ends(ids))
+    want = [ref[:ends(ref)] if ends(ref) is not None else ref for ref in refs]
+    assert res.token_ids == want and ends(res.token_ids[0]) == len(res.token_ids[0])
+    assert [sum((ids for j, ids in calls if j == i), []) for i in range(len(prompts))] == want
+    assert [sum(a) for a in res.accept_lengths] == res.new_tokens
+
+
+def test_stop_at_outside_the_new_tokens_is_refused():
+    model = tiny_loaded(seed=3)
+    with pytest.raises(PropdError, match="stop_at returned 5"):
+        Decoder(model, preset="ar").generate_ids([[1, 2, 3]], max_new_tokens=4, stop_at=lambda i, ids: 5)
+    with pytest.raises(PropdError, match="stop must be"):
+        Decoder(model, preset="ar").generate(["hi"], stop=[""])
+
+
 def test_a_row_that_ends_makes_room_for_the_next_prompt():
     """Rows of different lengths: with two places and five prompts, later prompts run beside earlier ones, and the
     batch stays full while prompts wait (its size drops only when none is left)."""

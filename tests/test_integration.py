@@ -91,6 +91,37 @@ def test_streamed_text_adds_up_to_the_decoded_text(model, chunks):
     assert ["".join(streamed[i]) for i in range(2)] == res.texts
 
 
+def test_stop_strings_cut_every_method_at_the_same_token(model):
+    """Stop strings on the default tokenizer: fed token by token, a prompt stops at the first token whose text
+    holds one (a stop split across tokens, multi-byte, the earliest of several), its text cut before it and the
+    streamed pieces adding up to the cut text; ``generate(stop=...)`` ends ``ar`` and a tree method at the same
+    token with the same text."""
+    from propd.decoder import StopStrings
+
+    tok = model.tokenizer
+    text = "Café ☕ and 東京 — naïve façade 🎉🎉!\n\n  Indented code:\n\tx = 1  # ok done"
+    ids = tok.encode(text, add_special_tokens=False)
+    for stops in (["東京"], ["🎉!", "naïve"], ["\n\n"], ["not in it"]):
+        pieces = []
+        stopper = StopStrings(tok, stops, lambda i, piece: pieces.append(piece))
+        n = next((m for m in (stopper(0, ids[:k]) for k in range(1, len(ids) + 1)) if m is not None), None)
+        first = min((text.find(s) for s in stops if s in text), default=-1)
+        final = stopper.finish(0, tok.decode(ids if n is None else ids[:n], skip_special_tokens=True))
+        assert "".join(pieces) == final
+        if first < 0:
+            assert n is None and final == text
+            continue
+        assert final == text[:first]
+        assert any(s in tok.decode(ids[:n]) for s in stops) and not any(s in tok.decode(ids[:n - 1]) for s in stops)
+    prompt = ["Count from 1 to 30, separated by commas."]
+    outs = {p: Decoder(model, preset=p).generate(prompt, max_new_tokens=96, stop=["12.", "zzz"])
+            for p in ("ar", "eagle")}
+    assert outs["ar"].texts == outs["eagle"].texts and outs["ar"].token_ids == outs["eagle"].token_ids
+    full = Decoder(model, preset="ar").generate(prompt, max_new_tokens=96)
+    assert full.texts[0].startswith(outs["ar"].texts[0]) and len(full.texts[0]) > len(outs["ar"].texts[0])
+    assert "12." in tok.decode(outs["ar"].token_ids[0]) and "12." not in outs["ar"].texts[0]
+
+
 def test_cli_json_on_default_model(capsys):
     assert main(["generate", "--json", "--max-new-tokens", "8", "Hello!"]) == 0
     row = json.loads(capsys.readouterr().out.splitlines()[0])
