@@ -348,10 +348,10 @@ class EagleProposer:
         if fc is None or proj is None or proj[1] is not None or any(f is None for f in fused):
             return None
         weights, outs = fused[-1]
-        return (emb.weight, fc[0], _EMPTY if fc[1] is None else fc[1], d.fc.out_features, proj[0],
-                d.draft_size, like, _EMPTY_IDS if d.draft_ids is None else d.draft_ids, weights, outs, layer.input_layernorm.eps,
-                layer.self_attn.cfg.head_dim ** -0.5, _invariant(layer.self_attn, x.dtype), d.inv_freq,
-                d.cfg.rope_attention_scaling)
+        ids = _EMPTY_IDS if d.draft_ids is None else d.draft_ids
+        return (emb.weight, fc[0], _EMPTY if fc[1] is None else fc[1], d.fc.out_features, proj[0], d.draft_size, like,
+                ids, weights, outs, layer.input_layernorm.eps, layer.self_attn.cfg.head_dim ** -0.5,
+                _invariant(layer.self_attn, x.dtype), d.inv_freq, d.cfg.rope_attention_scaling)
 
 
 _EMPTY, _EMPTY_IDS = torch.empty(0), torch.empty(0, dtype=torch.long)
