@@ -231,7 +231,7 @@ class EagleProposer:
             cache.reserve(max(before + W, after + (depth - 1) * k) + 2)
             cache_k, cache_v = cache.layer(0)
             tokens, parents, probs, conf = cpu_kernel.extension().eagle_draft(
-                feats, n, ctx.history, self._causal(W, dev), _EMPTY, ctx.roots, cache.lengths, before, after,
+                feats, n, ctx.history, self._causal(W, dev), ctx.roots, cache.lengths, before, after,
                 cache_k, cache_v, *native, cfg.top_k, depth, budget)
             cache.advance(n, n_host)
         else:

@@ -3243,7 +3243,8 @@ struct Drafter {
         }
         const auto freqs = pos.unsqueeze(-1).to(at::kFloat) * inv_freq;
         const auto emb = at::cat({freqs, freqs}, -1).unsqueeze(1);
-        const auto cos = (emb.cos() * rope_scale).to(dt).contiguous(), sin = (emb.sin() * rope_scale).to(dt).contiguous();
+        const auto cos = (emb.cos() * rope_scale).to(dt).contiguous();
+        const auto sin = (emb.sin() * rope_scale).to(dt).contiguous();
         auto kc = k_cache, vc = v_cache;
         return decoder_layer(h, layer_w, layer_outs, cos, sin, kc, vc, wpos.contiguous(), mask.contiguous(), eps,
                              attn_scale, invariant);
@@ -3261,27 +3262,28 @@ struct Drafter {
 
 }  // namespace eagle
 
-// feats (B, W, H), n (B,), history (B, L), causal (W, W): the read (W = 0: none, then g0 (B, H) is given); lengths
-// (B,) and max_len, max_len_after: the drafter cache's lengths before the read and their maximum before and after it
-// (its buffers k_cache, v_cache (B, Hkv, C, D) reserved for both); embed (V, H): the base model's embeddings; fc and
-// proj: packed weights (fc_bias empty: none) and output sizes, proj taking inputs of proj_like's type, over the
-// draft vocabulary draft_ids (n,) (empty: the whole vocabulary);
-// layer_w, layer_outs, eps, attn_scale, invariant: decoder_layer's arguments; inv_freq (D / 2,), rope_scale: the
-// rotary tables. Returns tokens, parents (B, N) int64 and path probabilities, confidences (B, N) float32,
-// N = 1 + min(budget, pool).
+// feats (B, W, H), n (B,), history (B, L), causal (W, W): the read, W >= 1; lengths (B,) and max_len,
+// max_len_after: the drafter cache's lengths before the read and their maximum before and after it (its buffers
+// k_cache, v_cache (B, Hkv, C, D) reserved for both); embed (V, H): the base model's embeddings; fc and proj: packed
+// weights (fc_bias empty: none) and output sizes, proj taking inputs of proj_like's type, over the draft vocabulary
+// draft_ids (n,) (empty: the whole vocabulary); layer_w, layer_outs, eps, attn_scale, invariant: decoder_layer's
+// arguments; inv_freq (D / 2,), rope_scale: the rotary tables. Returns tokens, parents (B, N) int64 and path
+// probabilities, confidences (B, N) float32, N = 1 + min(budget, pool).
 std::vector<torch::Tensor> eagle_draft(const torch::Tensor& feats, const torch::Tensor& n,
-                                       const torch::Tensor& history, const torch::Tensor& causal, torch::Tensor g0,
+                                       const torch::Tensor& history, const torch::Tensor& causal,
                                        const torch::Tensor& roots, const torch::Tensor& lengths, int64_t max_len,
                                        int64_t max_len_after, const torch::Tensor& k_cache,
                                        const torch::Tensor& v_cache, const torch::Tensor& embed,
                                        const torch::Tensor& fc_packed, const torch::Tensor& fc_bias, int64_t fc_out,
                                        const torch::Tensor& proj_packed, int64_t proj_out,
-                                       const torch::Tensor& proj_like, const torch::Tensor& draft_ids, const std::vector<torch::Tensor>& layer_w,
+                                       const torch::Tensor& proj_like, const torch::Tensor& draft_ids,
+                                       const std::vector<torch::Tensor>& layer_w,
                                        const std::vector<int64_t>& layer_outs, double eps, double attn_scale,
                                        bool invariant, const torch::Tensor& inv_freq, double rope_scale,
                                        int64_t top_k, int64_t depth, int64_t budget) {
     using torch::indexing::Slice;
-    TORCH_CHECK(roots.dim() == 1 && lengths.dim() == 1 && lengths.size(0) == roots.size(0) && layer_w.size() == 9 &&
+    TORCH_CHECK(roots.dim() == 1 && lengths.dim() == 1 && lengths.size(0) == roots.size(0) && feats.dim() == 3 &&
+                    feats.size(0) == roots.size(0) && feats.size(1) >= 1 && layer_w.size() == 9 &&
                     layer_outs.size() == 7 && top_k >= 1 && depth >= 1 && budget >= 1,
                 "eagle_draft: bad arguments");
     constexpr double kScoreTie = 1e-4;  // as propd.strategies.eagle._SCORE_TIE
@@ -3290,17 +3292,16 @@ std::vector<torch::Tensor> eagle_draft(const torch::Tensor& feats, const torch::
                            invariant};
     const int64_t B = roots.size(0);
     const auto lopt = roots.options();
-    auto after = lengths;
-    if (feats.numel() > 0) {  // _catch_up: the pairs (f_t, x_{t+1}) of the tokens committed since the last read
-        const int64_t W = feats.size(1);
-        const auto ar = at::arange(W, lopt);
-        const auto node_idx = at::where(ar.unsqueeze(0) < n.unsqueeze(1), ar.unsqueeze(0),
-                                        at::full_like(ar, W).unsqueeze(0));
-        const auto tok_pos = (lengths.unsqueeze(1) + 1 + ar.unsqueeze(0)).clamp_max(history.size(1) - 1);
-        const auto g = d.forward(feats, history.gather(1, tok_pos), lengths, max_len + W + 1, node_idx, causal, ar);
-        g0 = g.gather(1, (n - 1).clamp_min(0).view({B, 1, 1}).expand({-1, 1, g.size(-1)})).select(1, 0);
-        after = lengths + n;
-    }
+    // _catch_up: the pairs (f_t, x_{t+1}) of the tokens committed since the last read; g0 (B, H) the last one's output
+    const int64_t W = feats.size(1);
+    const auto ar = at::arange(W, lopt);
+    const auto node_idx = at::where(ar.unsqueeze(0) < n.unsqueeze(1), ar.unsqueeze(0),
+                                    at::full_like(ar, W).unsqueeze(0));
+    const auto tok_pos = (lengths.unsqueeze(1) + 1 + ar.unsqueeze(0)).clamp_max(history.size(1) - 1);
+    const auto g_read = d.forward(feats, history.gather(1, tok_pos), lengths, max_len + W + 1, node_idx, causal, ar);
+    const auto last = (n - 1).clamp_min(0).view({B, 1, 1}).expand({-1, 1, g_read.size(-1)});
+    const auto g0 = g_read.gather(1, last).select(1, 0);
+    const auto after = lengths + n;
     const int64_t H = g0.size(1);
     auto [tok, lp] = d.guesses(g0, std::min(top_k, budget));  // (B, k) the roots' children
     const int64_t k = tok.size(1), n_fed = (depth - 1) * k, Nf = std::max<int64_t>(n_fed, 1);
