@@ -42,6 +42,7 @@ than the differences between small trees, and the paper's T_perf^i kept such sta
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import attrs
@@ -75,6 +76,10 @@ class DynamicConfig:
     # drafter, whose later guesses read its earlier ones, stays about as accurate: under the falling prior its trees
     # stay too shallow for the deeper depths ever to be observed)
     unseen: str = attrs.field(default="prior", validator=attrs.validators.in_(("prior", "inherit")))
+    # per step of the sizer's clock, the rate at which the calibration's evidence fades back to its prior (c = 1): a
+    # calibration learned in a stretch of poor drafts otherwise stays with the sizer while it runs 1-node steps, which
+    # bring no evidence, and only rare probes could lift it (0: it never fades, ProPD's EMA)
+    calib_lam: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
 
 
 
@@ -103,6 +108,7 @@ class DynamicSizer:
         # EMAs of measured and predicted accepted guesses per tree step, starting from a prior of c = 1: one pair for
         # whole trees and one for the sizes a pruner cuts (``pruned``), whose acceptance also pays for the pruning
         self._gain = {False: [self.CALIBRATION_PRIOR] * 2, True: [self.CALIBRATION_PRIOR] * 2}
+        self._gain_clock = {False: 0, True: 0}  # the clock of each pair's last update (``calib_lam``)
         self.pruned: set[int] = set()  # tree sizes whose steps a pruner has cut
 
     # The calibration's EMAs start at this many accepted guesses each (c = 1, the paper's l(i)), so that the first
@@ -121,13 +127,24 @@ class DynamicSizer:
         """The calibration of whole trees, or (``pruned``) of the sizes a pruner cuts. Kept apart because a pruned
         tree accepts less than its whole self: in the ``propd`` preset only trees of 16+ nodes are pruned, and one
         shared ratio let the pruned trees' losses mark the unpruned small trees down too (docs/lab)."""
-        measured, predicted = self._gain[pruned]
+        measured, predicted = self._faded(pruned)
         return measured / predicted if predicted > 0 else 1.0
+
+    def _faded(self, pruned: bool) -> list[float]:
+        """The calibration's two EMAs, each moved back towards the prior by exp(-calib_lam * steps since the last
+        tree step that updated them)."""
+        g = self._gain[pruned]
+        if not self.cfg.calib_lam:
+            return g
+        keep = math.exp(-self.cfg.calib_lam * (self.clock - self._gain_clock[pruned]))
+        prior = self.CALIBRATION_PRIOR
+        return [prior + keep * (v - prior) for v in g]
 
     def calibrate(self, measured: float, predicted: float, pruned: bool = False) -> None:
         """One tree step's accepted guesses (mean over rows) and what the estimates predicted for its whole tree."""
-        a, g = self.cfg.alpha, self._gain[pruned]
+        a, g = self.cfg.alpha, self._faded(pruned)
         self._gain[pruned] = [(1 - a) * g[0] + a * measured, (1 - a) * g[1] + a * predicted]
+        self._gain_clock[pruned] = self.clock
 
     def _l(self, size: int, values: Sequence[float]) -> float:
         """l(size): 1 + the calibrated sum of the best ``size``-node tree's node values (``values``: in the order the

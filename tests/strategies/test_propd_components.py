@@ -611,6 +611,32 @@ def test_one_unlucky_tree_step_does_not_stop_exploration():
     assert sizer.calibration == pytest.approx(1 / 3, rel=0.01)
 
 
+def test_calibration_fades_back_to_its_prior_while_no_tree_runs():
+    """With ``calib_lam``, a calibration learned from poor drafts fades towards c = 1 as the sizer's clock runs on
+    without tree steps, so that trees are chosen again; without it (ProPD's EMA) it stays, and with it the sizer
+    kept 1-node steps for good after one stretch of poor drafts on the default model."""
+    def after(calib_lam: float, idle_steps: int) -> tuple[float, int]:
+        sizer = DynamicSizer(DynamicConfig(sizes=(1, 2, 4), explore=(1, 2, 4), calib_lam=calib_lam))
+        sizer.propd_setup(MODEL)
+        values = best_tree(rank_probabilities(sizer.P), 4)[1]
+        cost = CostModel(alpha=0.3, lam=0.0)
+        for clock, (size, t) in enumerate([(1, 0.040), (2, 0.044), (4, 0.046)]):
+            cost.observe(size, t, now=clock + 1)
+        for _ in range(200):  # a stretch of drafts that deliver a fifth of what the estimates promise
+            sizer.calibrate(measured=0.1 * sum(values[:3]), predicted=0.5 * sum(values[:3]))
+        sizer.clock += idle_steps  # 1-node steps: no evidence
+        return sizer.calibration, sizer.choose(cost, values)
+
+    assert after(0.0, 0) == (pytest.approx(0.2, rel=0.01), 1)
+    assert after(0.0, 1000) == (pytest.approx(0.2, rel=0.01), 1)
+    faded, size = after(0.01, 0)
+    assert faded == pytest.approx(0.2, rel=0.01) and size == 1
+    halfway, _ = after(0.01, 70)
+    assert 0.3 < halfway < 0.9
+    faded, size = after(0.01, 1000)
+    assert faded == pytest.approx(1.0, abs=0.01) and size > 1
+
+
 def test_pruned_trees_do_not_mark_whole_trees_down():
     """Pruning costs a tree some accepted guesses. The calibration of the sizes a pruner cuts is kept apart from that of
     whole trees: with one shared ratio the pruned 64-node tree's losses made every small tree look worthless."""
