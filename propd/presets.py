@@ -35,9 +35,8 @@ PROPD_PRUNER: Spec = ("early-topk", {"layer": 2, "k": 50, "min_nodes": 16})
 EAGLE_BUDGET = "budget:3:2"
 EAGLE_PROPOSER: Spec = ("eagle", {"top_k": 4})
 # ``calib_lam``: a calibration learned in a stretch of poor drafts fades back towards the prior while the sizer runs
-# 1-node steps (half-life about 70 steps), so that trees come back on the next prompts that suit them. Chosen on
-# held-out training prompts: after four translation requests, 12 plain prompts ran at 1.24x / 1.11x `ar`
-# in bfloat16 / `gguf` with the calibration kept (60-69% 1-node steps), 1.38x / 1.23x with it fading (docs/lab).
+# 1-node steps (half-life about 70 steps), so that trees come back on the next prompts that suit them; without it the
+# sizer kept 1-node steps for the rest of a run (chosen on held-out training prompts: docs/propd.md, refinement 4).
 EAGLE_DYNAMIC: Spec = ("propd-dynamic", {"max_depth": 6, "sizes": (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
                                          "unseen": "inherit", "calib_lam": 0.01})
 
