@@ -185,7 +185,7 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
                   "--self-prompts": args.self_prompts,
                   "--ttt-steps": args.ttt_steps is not None, "--weight-decay": args.weight_decay is not None,
                   "--val-each-epoch": args.val_each_epoch, "--gen-dtype": args.gen_dtype is not None,
-                  "--train-dtype": args.train_dtype is not None}
+                  "--train-dtype": args.train_dtype is not None, "--p-target": args.p_target is not None}
     for flag, given in eagle_only.items():
         if args.kind != "eagle" and given:
             raise PropdError(f"{flag} is for --kind eagle")
@@ -218,7 +218,7 @@ def _train_eagle(args: argparse.Namespace) -> int:
     from propd.training.eagle import EagleTrainConfig, train_eagle
 
     names = ("max_prompts", "max_new_tokens", "epochs", "follow_ups", "tasks", "passages", "ttt_steps", "self_prompts",
-             "weight_decay", "gen_dtype", "train_dtype")
+             "weight_decay", "gen_dtype", "train_dtype", "p_target")
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     given["val_each_epoch"] = args.val_each_epoch
     cfg = EagleTrainConfig(model=args.model, out=args.out, device=args.device, seed=args.seed, data=args.data, **given)
@@ -391,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "drafter's own step s-1 feature; 1-4, default 1)")
     t.add_argument("--weight-decay", type=float, default=None, metavar="W",
                    help="eagle: AdamW's weight decay (default 0)")
+    t.add_argument("--p-target", choices=("greedy", "soft"), default=None,
+                   help="eagle: the token loss's target: the base model's greedy token (default) or its whole "
+                        "next-token distribution (soft, as EAGLE's training)")
     t.add_argument("--val-each-epoch", action="store_true",
                    help="eagle: measure the validation accuracy after every epoch (printed, and in report.json's "
                         "history; seconds each on the shipped recipe's data)")

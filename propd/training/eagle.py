@@ -9,7 +9,10 @@ drafter reads (f_t + noise, x_{t+1}) and predicts g_{t+1}; the loss at answer po
 with f the base model's final normed hidden states, x_{t+2} the base model's greedy token, and EAGLE's uniform input
 noise ``(U(0, 1) - 0.5) * noise * 512 / sequence length`` added to the features read. The token loss is taken over
 the draft vocabulary (the ``draft_vocab`` most frequent tokens of the training answers), the only tokens the shipped
-drafter guesses.
+drafter guesses. With ``p_target="soft"`` the token loss is EAGLE's own (``eagle/train/main.py``): the cross-entropy
+against the base model's whole next-token distribution, ``-sum_v softmax(lm_head(f_{t+1}))_v log
+softmax(lm_head(g_{t+1}))_v`` (both over the draft vocabulary), which also teaches the ranks below the first that
+tree drafts use.
 
 With ``follow_ups`` K > 0, each training prompt also yields K two-turn conversations: its first answer, then a
 generic second request (``data.FOLLOW_UPS``, the k-th for prompt i being number (i + k) mod 8), then the model's own
@@ -71,6 +74,7 @@ EVAL_TOPK = (1, 3, 5, 10)
 _FEATURE_CHUNK = 64  # computed sequences per saved feature file
 _FEATURE_BATCH = 8  # sequences per base-model forward
 TRAIN_DTYPES = ("float32", "bfloat16")
+P_TARGETS = ("greedy", "soft")
 MAX_TTT_STEPS = 4  # a step-S batch is an S x longer tree: attention grows as S^2
 
 
@@ -104,6 +108,7 @@ class EagleTrainConfig:
     val_each_epoch: bool = False  # validation top-1 after every epoch, in the report's history
     gen_dtype: str = "float32"  # the base model's dtype for the answers and their features (module docstring)
     train_dtype: str = "float32"  # "bfloat16": the drafter's products autocast to bf16 in training (fp32 weights)
+    p_target: str = "greedy"  # the token loss's target: "greedy" (x_{t+2}) or "soft" (module docstring)
 
 
 def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dict:
@@ -124,6 +129,8 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
         raise PropdError(f"--self-prompts must be 0 or more, got {cfg.self_prompts}")
     if cfg.weight_decay < 0:
         raise PropdError(f"--weight-decay must be 0 or more, got {cfg.weight_decay}")
+    if cfg.p_target not in P_TARGETS:
+        raise PropdError(f"--p-target must be one of {', '.join(P_TARGETS)}, got {cfg.p_target!r}")
     for flag, value in (("--gen-dtype", cfg.gen_dtype), ("--train-dtype", cfg.train_dtype)):
         if value not in TRAIN_DTYPES:
             raise PropdError(f"{flag} must be one of {', '.join(TRAIN_DTYPES)}, got {value!r}")
@@ -510,6 +517,7 @@ def _batch_loss(drafter, feats: dict, rows: list[int], w_draft, to_draft, cfg: E
     target_tok = to_draft[torch.cat([tok[:, 2:], tok.new_zeros(B, 1)], dim=1)]  # (B, W), -100 outside the vocabulary
     vloss = ploss = 0.0
     logits_s, target_s = [], []
+    soft = None
     for s, g in enumerate(outs):
         scored = score.clone()
         scored[:, :s] = False  # step s + 1 at position t has its root at t - s
@@ -517,9 +525,17 @@ def _batch_loss(drafter, feats: dict, rows: list[int], w_draft, to_draft, cfg: E
         v = (F.smooth_l1_loss(g, f[:, 1:], reduction="none").mean(-1) * mask).sum() / mask.sum().clamp(min=1)
         logits = F.linear(g[scored], w_draft)  # (M, N): only the scored (answer) positions need the vocabulary
         tgt = target_tok[scored]
-        p = F.cross_entropy(logits.float(), tgt, ignore_index=-100)
-        if not bool((tgt != -100).any()):
-            p = logits.sum() * 0.0
+        if cfg.p_target == "soft":  # the base model's distribution at f_{t+1}, over the draft vocabulary
+            if soft is None:
+                with torch.no_grad():
+                    soft = torch.softmax(F.linear(f[:, 1:][score], w_draft).float(), dim=-1)  # (M_1, N)
+            p_soft = soft[scored[score]]  # step s scores a subset of step 1's positions
+            p = -(p_soft * torch.log_softmax(logits.float(), dim=-1)).sum(-1).mean() if len(p_soft) \
+                else logits.sum() * 0.0
+        else:
+            p = F.cross_entropy(logits.float(), tgt, ignore_index=-100)
+            if not bool((tgt != -100).any()):
+                p = logits.sum() * 0.0
         w = cfg.ttt_decay ** s  # a sum, as EAGLE-3: step 1 keeps the gradient it has without the later steps
         vloss, ploss = vloss + w * v, ploss + w * p
         logits_s.append(logits.detach())

@@ -441,6 +441,7 @@ def test_train_eagle_in_bfloat16(tiny_dir, train_dir, tmp_path):
                                            (["--kind", "eagle", "--self-prompts", "-1"], "must be 0 or more"),
                                            (["--weight-decay", "0.1"], "is for --kind eagle"),
                                            (["--val-each-epoch"], "is for --kind eagle"),
+                                           (["--p-target", "soft"], "is for --kind eagle"),
                                            (["--kind", "eagle", "--weight-decay", "-1"], "--weight-decay must be 0")])
 def test_train_heads_cli_rejects_bad_follow_ups(tiny_dir, train_dir, tmp_path, capsys, argv, message):
     code = main(["train-heads", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--data", str(train_dir)]
@@ -531,6 +532,46 @@ def test_eagle_token_loss_is_taken_at_answer_positions_only(tiny_dir):
     assert parts["target"][0].tolist() == want_tgt.tolist() and (want_tgt == -100).any() and (want_tgt >= 0).any()
     assert torch.allclose(parts["logits"][0], want_logits, atol=1e-5)
     assert torch.allclose(parts["ploss"], F.cross_entropy(want_logits, want_tgt, ignore_index=-100), atol=1e-5)
+
+
+def test_eagle_soft_token_loss_is_the_cross_entropy_against_the_base_distribution(tiny_dir):
+    """With ``p_target="soft"`` the token loss at each scored position is -sum_v p_v log q_v, p the softmax of the
+    base model's draft-vocabulary logits at the true next feature f_{t+1}, q the drafter's (EAGLE's own loss); an
+    unrolled second step is scored on its own positions against the same targets."""
+    import torch.nn.functional as F
+
+    from propd.models.eagle import EagleDrafter
+    from propd.training.eagle import EagleTrainConfig, _batch_loss, draft_projection
+
+    torch.manual_seed(1)
+    m = load_model(str(tiny_dir), heads="none").model
+    drafter = EagleDrafter(attrs.evolve(m.cfg, num_layers=1), bias=False).attach(m)
+    H, V = m.cfg.hidden_size, m.cfg.vocab_size
+    lens, prompts = [10, 8], [2, 5]  # row 0 scores position 0, which an unrolled second step cannot
+    feats = {"f": [torch.randn(n, H) for n in lens], "tokens": [torch.randint(0, V, (n,)).tolist() for n in lens],
+             "prompt": prompts}
+    w_draft, to_draft = draft_projection(m, list(range(0, V, 3)))
+    cfg = EagleTrainConfig(model=str(tiny_dir), out="unused", p_target="soft", ttt_steps=2)
+    with torch.no_grad():
+        one = _batch_loss(drafter, feats, [0, 1], w_draft, to_draft, cfg, noise=False, steps=1)
+        two = _batch_loss(drafter, feats, [0, 1], w_draft, to_draft, cfg, noise=False, steps=2)
+    W = max(lens) - 1
+    f = torch.zeros(2, W + 1, H)
+    for b, n in enumerate(lens):
+        f[b, :n] = feats["f"][b]
+    target = torch.softmax(f[:, 1:] @ w_draft.T, dim=-1)  # (2, W, N)
+
+    def soft_ce(logits, scored):
+        return -(target[scored] * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+    want = soft_ce(one["logits"][0], one["scored"])
+    assert torch.allclose(one["ploss"], want, atol=1e-5)
+    assert not torch.allclose(want, F.cross_entropy(one["logits"][0], one["target"][0], ignore_index=-100))
+    second = two["scored"].clone()
+    second[:, :1] = False  # step 2 at position t drafts from root t - 1
+    assert len(two["logits"][1]) == int(second.sum()) < len(two["logits"][0])
+    want2 = want + cfg.ttt_decay * soft_ce(two["logits"][1], second)
+    assert torch.allclose(two["ploss"], want2, atol=1e-5)
 
 
 def test_train_eagle_unrolled_and_a_checkpoint_from_before_the_option(tiny_dir, train_dir, tmp_path):
