@@ -115,6 +115,14 @@ inline __attribute__((always_inline)) void store_rows(const __m256* a0, const __
     }
 }
 
+// From this many rows the AVX2 micro-kernel asks each step for its panel's line kStreamAheadAvx2 float32 steps on
+// (the same bytes for bfloat16 panels) into L2, as the paired AVX-512 kernels do, rather than for the next panel a
+// share per block: the weights' stream then overlaps the rows' multiply-adds, which it followed before (one row,
+// whose arithmetic is short, keeps the next-panel prefetch). Farther than the AVX-512 pairs' distance: one stream
+// per thread here, and more arithmetic per line at 8-wide FMAs.
+constexpr int kStreamAheadRowsAvx2 = 2;
+constexpr int64_t kStreamAheadAvx2 = 96;
+
 // Every loop over r is fully unrolled so that the accumulators live in registers; a rolled loop makes GCC keep them in
 // a stack array and store all 12 each k, which halves the speed.
 template <int MR, typename W>
@@ -130,7 +138,11 @@ inline void micro(const W* __restrict__ panel, const float* __restrict__ x, int6
     for (int64_t k = 0; k < K; ++k) {
         __m256 w0, w1;
         load16(panel + kPanel * k, w0, w1);
-        pf.step(count);
+        if constexpr (MR >= kStreamAheadRowsAvx2) {
+            stream_ahead(panel + kPanel * (k + kStreamAheadAvx2 * int64_t(sizeof(float) / sizeof(W))));
+        } else {
+            pf.step(count);
+        }
 #pragma GCC unroll 8
         for (int r = 0; r < MR; ++r) {
             const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
