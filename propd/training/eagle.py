@@ -129,11 +129,11 @@ def train_eagle(cfg: EagleTrainConfig, log: Callable[[str], None] = _log) -> dic
         raise PropdError(f"--self-prompts must be 0 or more, got {cfg.self_prompts}")
     if cfg.weight_decay < 0:
         raise PropdError(f"--weight-decay must be 0 or more, got {cfg.weight_decay}")
-    if cfg.p_target not in P_TARGETS:
-        raise PropdError(f"--p-target must be one of {', '.join(P_TARGETS)}, got {cfg.p_target!r}")
-    for flag, value in (("--gen-dtype", cfg.gen_dtype), ("--train-dtype", cfg.train_dtype)):
-        if value not in TRAIN_DTYPES:
-            raise PropdError(f"{flag} must be one of {', '.join(TRAIN_DTYPES)}, got {value!r}")
+    for flag, value, allowed in (("--gen-dtype", cfg.gen_dtype, TRAIN_DTYPES),
+                                 ("--train-dtype", cfg.train_dtype, TRAIN_DTYPES),
+                                 ("--p-target", cfg.p_target, P_TARGETS)):
+        if value not in allowed:
+            raise PropdError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
