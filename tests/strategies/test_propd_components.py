@@ -613,8 +613,8 @@ def test_one_unlucky_tree_step_does_not_stop_exploration():
 
 def test_calibration_fades_back_to_its_prior_while_no_tree_runs():
     """With ``calib_lam``, a calibration learned from poor drafts fades towards c = 1 as the sizer's clock runs on
-    without tree steps, so that trees are chosen again; without it (ProPD's EMA) it stays, and with it the sizer
-    kept 1-node steps for good after one stretch of poor drafts on the default model."""
+    without tree steps, so that trees are chosen again; without it (ProPD's EMA) it stays, and the sizer keeps
+    1-node steps for good after one stretch of poor drafts."""
     def after(calib_lam: float, idle_steps: int) -> tuple[float, int]:
         sizer = DynamicSizer(DynamicConfig(sizes=(1, 2, 4), explore=(1, 2, 4), calib_lam=calib_lam))
         sizer.propd_setup(MODEL)

@@ -501,9 +501,10 @@ void run_jobs(const std::vector<Job>& jobs) {
 // The panel loop shared by every path, over panels [begin, end): each panel's M rows in balanced blocks of at most
 // 6 (AVX2) or 12 (``wide``, the AVX-512 paths) rows, 8 rows as 4 + 4 rather than 6 + 2; block j of n prefetches
 // lines [j * share, (j + 1) * share) of the next panel of the range while it computes (one block: all of it), so the
-// memory stream runs one panel ahead of the arithmetic and a few rows cost about one row's stream. ``steps`` is
-// the micro-kernel's trip count over a panel (K, or K/2 for bf16 pairs); ``f(p, m, mr, width, pf)`` runs rows
-// m .. m + mr - 1 of panel p, whose ``width`` outputs are real.
+// memory stream runs one panel ahead of the arithmetic and a few rows cost about one row's stream (kernels that
+// stream ahead within their panel instead, the AVX2 one from kStreamAheadRowsAvx2 rows, leave ``pf`` unused).
+// ``steps`` is the micro-kernel's trip count over a panel (K, or K/2 for bf16 pairs); ``f(p, m, mr, width, pf)``
+// runs rows m .. m + mr - 1 of panel p, whose ``width`` outputs are real.
 template <typename F>
 void for_each_block(const char* panels, int64_t panel_bytes, int64_t steps, int64_t M, int64_t O, bool wide,
                     int64_t begin, int64_t end, F&& f, int64_t wide_block = kMaxBlock512) {
